@@ -1,0 +1,67 @@
+"""ctypes mirrors of the kernel parameter structs in kernels_src/params.cuh.
+
+`layout_asserts()` renders a static_assert for the size and every field offset of each struct; the
+compiler appends it to every program, so a drift between the two definitions fails compilation,
+also in CPU-only CI.
+"""
+from __future__ import annotations
+
+import ctypes
+
+# Fields of one row of tile_scheduler_metadata; must match enum MetadataField in params.cuh.
+META_BEGIN_REQUEST = 0
+META_BEGIN_PAGE = 1
+META_END_REQUEST = 2
+META_END_PAGE = 3
+META_BEGIN_PIECE = 4
+METADATA_FIELDS = 8
+
+_p = ctypes.c_void_p
+_i32 = ctypes.c_int32
+_i64 = ctypes.c_int64
+_f32 = ctypes.c_float
+
+
+class SchedulerParams(ctypes.Structure):
+    _fields_ = [
+        ("seqlens", _p), ("metadata", _p), ("num_splits", _p),
+        ("batch", _i32), ("num_parts", _i32), ("page_size", _i32), ("overhead_pages", _i32),
+    ]
+
+
+class DecodeParams(ctypes.Structure):
+    _fields_ = [
+        ("q", _p), ("block_table", _p), ("seqlens", _p), ("metadata", _p), ("num_splits", _p),
+        ("out", _p), ("lse", _p), ("out_partial", _p), ("lse_partial", _p),
+        ("q_batch_stride", _i64), ("q_seq_stride", _i64), ("q_head_stride", _i64),
+        ("block_table_stride", _i64),
+        ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
+        ("heads_per_group", _i32), ("rows", _i32), ("num_parts", _i32), ("causal", _i32),
+        ("scale_log2", _f32), ("reserved", _i32),
+    ]
+
+
+class CombineParams(ctypes.Structure):
+    _fields_ = [
+        ("out_partial", _p), ("lse_partial", _p), ("num_splits", _p), ("out", _p), ("lse", _p),
+        ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
+        ("heads_per_group", _i32), ("rows", _i32),
+    ]
+
+
+ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)
+
+
+def layout_asserts(structs=ALL_STRUCTS) -> str:
+    """C++ static_asserts pinning the size and field offsets of each struct to the ctypes layout."""
+    lines = []
+    for cls in structs:
+        c = f"flashmla::{cls.__name__}"
+        lines.append(f'static_assert(sizeof({c}) == {ctypes.sizeof(cls)}, "{cls.__name__} size differs from params.py");')
+        for name, _ in cls._fields_:
+            off = getattr(cls, name).offset
+            lines.append(
+                f'static_assert(__builtin_offsetof({c}, {name}) == {off}, '
+                f'"{cls.__name__}.{name} offset differs from params.py");'
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,74 @@
+// Parameter structs shared by the host (flashmla_cupy/params.py mirrors them with ctypes) and the kernels.
+// The Python side appends static_asserts on every field offset to each compiled program, so the two
+// definitions cannot drift apart without a compile error.
+#pragma once
+#ifndef __CUDACC_RTC__
+#include <cstdint>
+#endif
+
+namespace flashmla {
+
+// get_mla_metadata's device planner (scheduler.cu).
+struct SchedulerParams {
+  const int* seqlens;   // [batch]
+  int* metadata;        // [num_parts, kMetadataFields]
+  int* num_splits;      // [batch + 1]
+  int batch;
+  int num_parts;
+  int page_size;        // tokens per KV page (64)
+  int overhead_pages;   // fixed cost of one piece, in pages of work
+};
+
+// The split-KV decode kernel (decode.cu). Strides are in elements.
+struct DecodeParams {
+  const void* q;            // [batch, seqlen_q, heads_q, 576]
+  const int* block_table;   // [batch, >= pages of the longest request]
+  const int* seqlens;       // [batch]
+  const int* metadata;      // [num_parts, kMetadataFields]
+  const int* num_splits;    // [batch + 1]
+  void* out;                // [batch, seqlen_q, heads_q, 512], contiguous
+  float* lse;               // [batch, heads_q, seqlen_q], contiguous
+  float* out_partial;       // [batch + num_parts, heads_kv, rows, 512]
+  float* lse_partial;       // [batch + num_parts, heads_kv, rows], log2 domain
+  int64_t q_batch_stride;
+  int64_t q_seq_stride;
+  int64_t q_head_stride;
+  int64_t block_table_stride;
+  int batch;
+  int seqlen_q;
+  int heads_q;
+  int heads_kv;
+  int heads_per_group;      // heads_q / heads_kv
+  int rows;                 // seqlen_q * heads_per_group: query rows per KV head
+  int num_parts;
+  int causal;
+  float scale_log2;         // softmax_scale * log2(e)
+  int reserved;
+};
+
+// The combine kernel (combine.cu): merges the pieces of split requests.
+struct CombineParams {
+  const float* out_partial;  // as DecodeParams
+  const float* lse_partial;  // as DecodeParams
+  const int* num_splits;     // [batch + 1]
+  void* out;                 // as DecodeParams
+  float* lse;                // as DecodeParams
+  int batch;
+  int seqlen_q;
+  int heads_q;
+  int heads_kv;
+  int heads_per_group;
+  int rows;
+};
+
+// Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.
+enum MetadataField : int {
+  kBeginRequest = 0,   // first request this part touches; >= batch marks an empty part
+  kBeginPage = 1,      // first page of kBeginRequest it processes
+  kEndRequest = 2,     // last request it touches (inclusive)
+  kEndPage = 3,        // one past the last page of kEndRequest it processes
+  kBeginPiece = 4,     // index of its piece of kBeginRequest among that request's pieces
+  kMetadataFields = 8  // fields 5..7 are zero
+};
+
+}  // namespace flashmla

@@ -1,0 +1,35 @@
+"""Shared pytest setup: GPU tests skip with a clear reason on machines without a Hopper GPU."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_skip_reason() -> str | None:
+    """None when a CUDA device of compute capability 9.0 is usable, else why GPU tests skip."""
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no CuPy, no device
+        return f"no CUDA GPU here ({type(exc).__name__}: {exc}); GPU tests run via scripts/gpu_check.sh"
+    if count == 0:
+        return "no CUDA GPU here; GPU tests run via scripts/gpu_check.sh"
+    major = cupy.cuda.Device(0).compute_capability
+    if major != "90":
+        return f"GPU 0 has compute capability {major}; these kernels need sm_90 (Hopper)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = gpu_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an sm_90 CUDA GPU; skipped elsewhere with the reason")
