@@ -2,11 +2,11 @@
 // The Python side appends static_asserts on every field offset to each compiled program, so the two
 // definitions cannot drift apart without a compile error.
 #pragma once
-#ifndef __CUDACC_RTC__
-#include <cstdint>
-#endif
+#include <cuda/std/cstdint>  // NVRTC predefines no int64_t
 
 namespace flashmla {
+
+using cuda::std::int64_t;
 
 // get_mla_metadata's device planner (scheduler.cu).
 struct SchedulerParams {

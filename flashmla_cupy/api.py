@@ -1,0 +1,128 @@
+"""The two public functions. Their docstrings are the contract; the bodies only orchestrate.
+
+The driver-facing modules (launch, kernels) are imported only once the inputs are checked, so that
+importing the package, and rejecting a bad call, needs no GPU and no CUDA library.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import inputs, plan, tensors
+from .errors import UnsupportedDeviceError
+from .params import METADATA_FIELDS
+
+HOPPER = (9, 0)  # the kernels are compiled for sm_90a, which runs only on compute capability 9.0
+
+
+def _require_hopper(device_id: int):
+    """The device's info; raises UnsupportedDeviceError unless it is a Hopper GPU."""
+    from . import launch
+    info = launch.device_info(device_id)
+    if tuple(info.cc) != HOPPER:
+        major, minor = info.cc
+        raise UnsupportedDeviceError(
+            f"cuda:{device_id} is a {info.name} (compute capability {major}.{minor}); flashmla_cupy's "
+            "kernels are built for sm_90a and need a Hopper GPU (compute capability 9.0: H100, H200, "
+            "H800, H20)")
+    return info
+
+
+def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads_k: int, *,
+                     stream: Any = None) -> tuple[Any, Any]:
+    """Plan the split-KV work of one decode step; reuse the plan for every layer of that step.
+
+    Args:
+        cache_seqlens: int32 `[b]` CUDA array (torch, JAX, CuPy or any DLPack producer): the tokens
+            in the cache of each request, including the `s_q` new ones. 0 is allowed.
+        num_q_tokens_per_head_k: `s_q * h_q // h_kv`, the query rows per KV head.
+        num_heads_k: `h_kv`, the number of KV heads.
+        stream: optional CUDA stream (int handle, torch or CuPy stream); by default the caller's
+            current stream (torch's for torch inputs, CuPy's otherwise).
+
+    Returns:
+        `(tile_scheduler_metadata, num_splits)` in the framework of `cache_seqlens`:
+        `tile_scheduler_metadata` int32 `[num_sm_parts, 8]`, an opaque plan, and `num_splits` int32
+        `[b + 1]`, the prefix sum of the pieces each request is cut into (`num_splits[0] = 0`).
+        They depend only on the seqlens and the shapes.
+
+    The plan is computed by a kernel on the stream, with no host synchronisation, so a whole decode
+    step can be captured in a CUDA graph. Invalid arguments raise `errors.InvalidInputError` (a
+    ValueError and TypeError) listing every problem; a non-Hopper GPU raises
+    `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
+    """
+    handle = tensors.caller_stream([cache_seqlens], stream)
+    views = tensors.take_all({"cache_seqlens": cache_seqlens}, handle, "get_mla_metadata")
+    problem = inputs.check_metadata_args(views["cache_seqlens"], num_q_tokens_per_head_k, num_heads_k)
+    info = _require_hopper(problem.device_id)
+    from . import kernels
+
+    num_parts = plan.num_sm_parts(info.sm_count, problem.heads_kv, problem.rows)
+    framework, device_id = views["cache_seqlens"].framework, problem.device_id
+    metadata, metadata_view = tensors.empty(
+        framework, (num_parts, METADATA_FIELDS), np.int32, device_id, handle)
+    num_splits, num_splits_view = tensors.empty(
+        framework, (problem.batch + 1,), np.int32, device_id, handle)
+    kernels.run_scheduler(problem.cache_seqlens, metadata_view, num_splits_view, num_parts, handle)
+    return (tensors.to_framework(framework, metadata, handle),
+            tensors.to_framework(framework, num_splits, handle))
+
+
+def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
+                           head_dim_v: int, tile_scheduler_metadata: Any, num_splits: Any,
+                           softmax_scale: float | None = None, causal: bool = False, *,
+                           stream: Any = None) -> tuple[Any, Any]:
+    """MLA decode attention over a paged KV cache (FlashMLA's dense-decode API).
+
+    Args (CUDA arrays from torch, JAX, CuPy or any DLPack producer, all on one Hopper GPU):
+        q: `[b, s_q, h_q, 576]` bf16 or fp16; last dim contiguous, other strides free.
+        k_cache: `[num_blocks, 64, h_kv, 576]`, q's dtype; last dim contiguous, 16-byte aligned
+            base and outer byte strides (it is read through TMA). V is `k_cache[..., :512]`.
+        block_table: int32 `[b, max_blocks_per_seq]`, row stride free: token `t` of request `i`
+            is row `t % 64` of page `block_table[i, t // 64]`. Entries past a request's last page
+            are never read.
+        cache_seqlens: int32 `[b]`, cached tokens per request including the `s_q` new ones.
+        head_dim_v: 512.
+        tile_scheduler_metadata, num_splits: what `get_mla_metadata` returned for these seqlens.
+        softmax_scale: scale of the scores; default `576 ** -0.5`.
+        causal: mask bottom-right aligned: query token `s` sees keys `t < n - (s_q - 1 - s)`.
+            Changes nothing when `s_q == 1`.
+        stream: optional CUDA stream (int handle, torch or CuPy stream); by default the caller's
+            current stream (torch's for torch inputs, CuPy's otherwise).
+
+    Returns:
+        `(out, lse)` in q's framework: `out` `[b, s_q, h_q, 512]` in q's dtype, the softmax-weighted
+        sum of the visible values; `lse` float32 `[b, h_q, s_q]`, the natural-log log-sum-exp of the
+        scaled scores. A row that sees no key gets `out = 0`, `lse = +inf`.
+
+    Query head `h` uses KV head `h // (h_q // h_kv)`. Scores and accumulation are fp32. Cache
+    contents past a request's length may be NaN/Inf and do not affect the result. Both kernels run
+    on the stream with no host synchronisation (CUDA-graph capturable). Invalid arguments raise
+    `errors.InvalidInputError` (a ValueError and TypeError) listing every problem; a non-Hopper GPU
+    raises `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
+    """
+    arrays = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
+              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
+    handle = tensors.caller_stream(arrays.values(), stream)
+    views = tensors.take_all(arrays, handle, "flash_mla_with_kvcache")
+    p = inputs.check_decode_args(
+        views["q"], views["k_cache"], views["block_table"], views["cache_seqlens"], head_dim_v,
+        views["tile_scheduler_metadata"], views["num_splits"], softmax_scale, causal)
+    _require_hopper(p.device_id)
+    from . import kernels
+
+    framework, dv = views["q"].framework, inputs.HEAD_DIM_V
+    slots = plan.partial_slots(p.batch, p.num_parts)
+
+    def alloc(shape, dtype):
+        return tensors.empty(framework, shape, dtype, p.device_id, handle)
+
+    out, out_view = alloc((p.batch, p.seqlen_q, p.heads_q, dv), p.q.dtype)
+    lse, lse_view = alloc((p.batch, p.heads_q, p.seqlen_q), np.float32)
+    # Split-KV workspace; the framework's stream-ordered allocator recycles it after the kernels.
+    _, out_partial_view = alloc((slots, p.heads_kv, p.rows, dv), np.float32)
+    _, lse_partial_view = alloc((slots, p.heads_kv, p.rows), np.float32)
+    kernels.run_decode(p, out_view, lse_view, out_partial_view, lse_partial_view, handle)
+    kernels.run_combine(p, out_view, lse_view, out_partial_view, lse_partial_view, handle)
+    return tensors.to_framework(framework, out, handle), tensors.to_framework(framework, lse, handle)

@@ -1,0 +1,257 @@
+"""The persistent on-disk cubin cache: `get_or_compile(variant) -> CompiledKernel`.
+
+Layout: <root>/v<package version>/<arch>/<variant>-<key16>.cubin, and next to it a .json manifest
+(size and sha256 of the cubin, ptxas's register/spill/smem report, the compile log). The key hashes
+everything that changes the binary: every file under kernels_src, the program source with its layout
+asserts, the options, the NVRTC and header versions and the package version.
+
+Process safety without locks: every file is written to a temp file in the same directory and moved into
+place with os.replace, the manifest last, so a reader sees either no entry or a whole one. An entry whose
+manifest is missing, unreadable or disagrees with its cubin is a miss and is rebuilt, never an error;
+that also covers a crash between the two renames. Processes racing on one key write identical bytes.
+No GPU is needed anywhere in this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+from . import compiler, env, errors
+from .compiler import CompiledKernel
+from .variants import Variant
+
+MANIFEST_FORMAT = 1
+REPORT_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "smem_static")
+# Suffixes of every file this module creates; clear() deletes these and nothing else.
+_OWN_SUFFIXES = (".cubin", ".json", ".tmp")
+
+# In-process memo: after the first call per variant, get_or_compile touches no file.
+_memory: dict[Variant, CompiledKernel] = {}
+# Serialises misses within a process: NVRTC gains nothing from threads and a double compile is waste.
+_lock = threading.Lock()
+_warned_unwritable = False
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def cache_dir() -> pathlib.Path:
+    """Where this package version's cubins for this arch live (it may not exist yet)."""
+    return env.cache_root() / f"v{package_version()}" / compiler.ARCH
+
+
+def cache_key(variant: Variant) -> str:
+    """sha256 over everything that can change the compiled binary of `variant`."""
+    digest = hashlib.sha256()
+
+    def put(label: str, data: bytes) -> None:
+        # Length-prefixed fields, so that no two different inputs hash the same byte stream.
+        digest.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+    kernels = compiler.kernels_dir()
+    for path in sorted(p for p in kernels.rglob("*") if p.is_file()):
+        put("file:" + path.relative_to(kernels).as_posix(), path.read_bytes())
+    put("source", compiler.program_source(variant).encode())
+    put("options", "\0".join(compiler.compile_options(variant)).encode())
+    put("nvrtc", compiler.nvrtc_version().encode())
+    for name, version in sorted(compiler.header_versions().items()):
+        put(f"headers:{name}", version.encode())
+    put("package", package_version().encode())
+    put("arch", compiler.ARCH.encode())
+    return digest.hexdigest()
+
+
+def _entry_paths(variant: Variant, key: str) -> tuple[pathlib.Path, pathlib.Path]:
+    stem = cache_dir() / f"{variant.name}-{key[:16]}"
+    return stem.with_name(stem.name + ".cubin"), stem.with_name(stem.name + ".json")
+
+
+def _say(message: str) -> None:
+    if env.verbose():
+        print(f"flashmla_cupy: {message}", file=sys.stderr, flush=True)
+
+
+def _read_entry(variant: Variant, key: str) -> CompiledKernel | None:
+    """The cached kernel, or None when the entry is absent or damaged in any way."""
+    cubin_path, manifest_path = _entry_paths(variant, key)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        cubin = cubin_path.read_bytes()
+        if (
+            manifest["format"] != MANIFEST_FORMAT
+            or manifest["key"] != key
+            or manifest["cubin_size"] != len(cubin)
+            or manifest["cubin_sha256"] != hashlib.sha256(cubin).hexdigest()
+        ):
+            _say(f"cache entry {manifest_path.name} does not match its cubin: rebuilding")
+            return None
+        report = {field: int(manifest["report"][field]) for field in REPORT_FIELDS}
+        return CompiledKernel(variant, cubin, str(manifest["log"]), **report)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _say(f"cache entry {manifest_path.name} is unreadable ({type(exc).__name__}): rebuilding")
+        return None
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader ever sees a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); a cache warmed by one user is read by others.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_entry(kernel: CompiledKernel, key: str, seconds: float) -> None:
+    """Store a compiled kernel; an unwritable cache only costs a warning (the memo still holds it)."""
+    global _warned_unwritable
+    cubin_path, manifest_path = _entry_paths(kernel.variant, key)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "variant": kernel.variant.name,
+        "key": key,
+        "cubin_size": len(kernel.cubin),
+        "cubin_sha256": hashlib.sha256(kernel.cubin).hexdigest(),
+        "report": {field: getattr(kernel, field) for field in REPORT_FIELDS},
+        "compile_seconds": round(seconds, 3),
+        "options": compiler.compile_options(kernel.variant),
+        "nvrtc": compiler.nvrtc_version(),
+        "headers": compiler.header_versions(),
+        "log": kernel.log,
+    }
+    try:
+        cubin_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cubin_path, kernel.cubin)
+        _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())  # last: commits the entry
+    except OSError as exc:
+        if not _warned_unwritable:
+            _warned_unwritable = True
+            warnings.warn(
+                f"flashmla_cupy: cannot write the kernel cache in {cubin_path.parent} ({exc}); compiled "
+                f"kernels are kept in memory for this process only. Point {env.CACHE_DIR} at a "
+                "writable directory to keep them.",
+                stacklevel=3,
+            )
+        return
+    _say(f"cached {kernel.variant.name} in {cubin_path}")
+
+
+def load(variant: Variant) -> CompiledKernel | None:
+    """The kernel from the in-process memo or the disk cache, or None; never compiles."""
+    kernel = _memory.get(variant)
+    if kernel is None:
+        kernel = _read_entry(variant, cache_key(variant))
+        if kernel is not None:
+            _memory[variant] = kernel
+    return kernel
+
+
+def get_or_compile(variant: Variant) -> CompiledKernel:
+    """The compiled kernel of `variant`: from memory, else from disk, else compiled and stored.
+
+    With FLASHMLA_CUPY_NO_COMPILE=1 a miss raises errors.KernelCacheMissError instead of compiling.
+    """
+    kernel = _memory.get(variant)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        if variant in _memory:  # another thread filled it while we waited
+            return _memory[variant]
+        key = cache_key(variant)
+        kernel = _read_entry(variant, key)
+        if kernel is not None:
+            _say(f"loaded {variant.name} from the cache (key {key[:16]})")
+            _memory[variant] = kernel
+            return kernel
+        if env.no_compile():
+            raise errors.KernelCacheMissError(
+                f"kernel variant {variant.name!r} is not in the cache at {cache_dir()} and "
+                f"{env.NO_COMPILE}=1 forbids compiling it. Fill the cache ahead of time with "
+                f"`python -m flashmla_cupy warmup` (it needs no GPU) using the same {env.CACHE_DIR}, "
+                "package version and toolchain as this process."
+            )
+        _say(f"compiling {variant.name} (cache miss, key {key[:16]})")
+        start = time.perf_counter()
+        kernel = compiler.compile_variant(variant)
+        seconds = time.perf_counter() - start
+        _say(f"compiled {variant.name} in {seconds:.1f} s: {kernel.registers} registers")
+        _write_entry(kernel, key, seconds)
+        _memory[variant] = kernel
+        return kernel
+
+
+def warm(variant: Variant) -> dict:
+    """Bring one variant into the cache; the worker of `python -m flashmla_cupy warmup`.
+
+    Returns plain data: {"name", "seconds" (None when it was cached already), the report fields} or
+    {"name", "error"}, because it crosses a process boundary and CompileError does not pickle.
+    """
+    try:
+        kernel = load(variant)
+        seconds = None
+        if kernel is None:
+            start = time.perf_counter()
+            kernel = get_or_compile(variant)
+            seconds = time.perf_counter() - start
+    except Exception as exc:  # reported by the caller; the other variants still compile
+        return {"name": variant.name, "error": f"{type(exc).__name__}: {exc}"}
+    return {"name": variant.name, "seconds": seconds, **{f: getattr(kernel, f) for f in REPORT_FIELDS}}
+
+
+def _own_files(root: pathlib.Path):
+    """Files this module created under root (v<version>/<arch>/*), and nothing else."""
+    for path in root.glob("v*/*/*"):
+        if path.is_file() and path.name.endswith(_OWN_SUFFIXES):
+            yield path
+
+
+def cache_size_bytes() -> int:
+    """Bytes used by the cache, over every package version and arch."""
+    total = 0
+    for path in _own_files(env.cache_root()):
+        try:
+            total += path.stat().st_size
+        except OSError:  # removed by a concurrent clear or rewrite
+            pass
+    return total
+
+
+def clear() -> int:
+    """Delete every cached kernel (all package versions and arches) and the memo; returns files removed.
+
+    Only files of the cache layout are deleted, so a cache dir pointed at a shared folder is safe.
+    """
+    root = env.cache_root()
+    removed = 0
+    for path in list(_own_files(root)):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    for directory in sorted(root.glob("v*/*"), reverse=True) + sorted(root.glob("v*")):
+        try:
+            directory.rmdir()  # only succeeds when empty, i.e. nothing foreign was inside
+        except OSError:
+            pass
+    _memory.clear()
+    return removed

@@ -1,0 +1,265 @@
+"""NVRTC: header discovery, compile flags, and `compile_variant(v) -> CompiledKernel`.
+
+Nothing here needs a GPU or a driver: NVRTC turns CUDA C++ into an sm_90a cubin on any machine, so
+every variant can be compiled and its registers and spills checked in CPU-only CI. We call NVRTC
+ourselves (cupy.cuda.nvrtc) rather than through cupy.RawModule(code=...), which needs a device even to
+compile, forces -ftz and puts CuPy's own bundled CCCL ahead of the wheel the CUTLASS headers expect.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import pathlib
+import re
+import struct
+from dataclasses import dataclass
+
+from . import errors, params
+from .variants import Variant
+
+# Hopper with the arch-specific features (wgmma, setmaxnreg); sm_90a cubins run only on sm_90.
+ARCH = "sm_90a"
+BASE_OPTIONS = (
+    f"-arch={ARCH}",
+    "-std=c++17",
+    "-default-device",   # CUTLASS under NVRTC needs its constexpr helpers treated as device code
+    "-DNDEBUG",
+    "-Xptxas=-v",        # puts registers, spills, stack and smem in the log, parsed below
+)
+# CUTLASS 4.2's headers stop compiling against CCCL 3.2 (the nvidia-cuda-cccl 13.2 wheel).
+_CCCL_FIRST_INCOMPATIBLE = (3, 2)
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """A compiled variant: the loadable cubin and ptxas's resource report for its kernel."""
+
+    variant: Variant
+    cubin: bytes
+    log: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    smem_static: int
+
+
+@dataclass(frozen=True)
+class HeaderDirs:
+    """Include directories found in the installed wheels (or a CUDA toolkit)."""
+
+    cutlass: pathlib.Path        # holds cute/ and cutlass/
+    cccl: tuple[pathlib.Path, ...]
+    cudart: pathlib.Path         # cuda_runtime_api.h, cuda_bf16.h, cuda_fp16.h
+
+
+def kernels_dir() -> pathlib.Path:
+    """kernels_src/: inside the installed package, else next to the package in a source checkout."""
+    package = pathlib.Path(__file__).resolve().parent
+    for candidate in (package / "kernels_src", package.parent / "kernels_src"):
+        if (candidate / "params.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"flashmla_cupy: kernel sources not found in {package / 'kernels_src'} or "
+        f"{package.parent / 'kernels_src'}; the installation is incomplete (reinstall the package)"
+    )
+
+
+def _missing_headers(what: str, wheel: str) -> ImportError:
+    # An ImportError: like a missing module, the cure is installing a package.
+    return ImportError(
+        f"flashmla_cupy: the {what} headers were not found; install them with `pip install {wheel}` "
+        f"(see `python -m flashmla_cupy info`)"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def header_dirs() -> HeaderDirs:
+    """Locate the CUTLASS, CCCL and CUDA runtime headers for CUDA 12 and CUDA 13 wheel layouts."""
+    spec = importlib.util.find_spec("cutlass_library")
+    cutlass = pathlib.Path(spec.origin).parent / "source" / "include" if spec and spec.origin else None
+    if cutlass is None or not (cutlass / "cute" / "tensor.hpp").is_file():
+        raise _missing_headers("CUTLASS/CuTe", "nvidia-cutlass==4.2.0.0")
+
+    from cuda import pathfinder  # comes with cuda-bindings; knows wheels, conda and toolkits
+
+    cccl_dir = pathfinder.find_nvidia_header_directory("cccl")
+    if not cccl_dir or not (pathlib.Path(cccl_dir) / "cuda" / "std" / "__cccl" / "version.h").is_file():
+        raise _missing_headers("CCCL (cuda/std)", "'nvidia-cuda-cccl>=13.0,<13.2' (CUDA 12: nvidia-cuda-cccl-cu12)")
+    cccl_dir = pathlib.Path(cccl_dir)
+    # CUDA 13 puts CCCL in .../include/cccl and CUTLASS then includes <cccl/cuda/std/...>, so the
+    # parent must be searched too; the CUDA 12 wheel's .../cuda_cccl/include needs only itself.
+    cccl = (cccl_dir, cccl_dir.parent) if cccl_dir.name == "cccl" else (cccl_dir,)
+
+    cudart = pathfinder.find_nvidia_header_directory("cudart")
+    if not cudart or not (pathlib.Path(cudart) / "cuda_bf16.h").is_file():
+        raise _missing_headers("CUDA runtime", "'nvidia-cuda-runtime>=13.0,<14' (CUDA 12: nvidia-cuda-runtime-cu12)")
+    return HeaderDirs(cutlass=cutlass, cccl=cccl, cudart=pathlib.Path(cudart))
+
+
+def _define_value(header: pathlib.Path, macro: str) -> int:
+    match = re.search(rf"#\s*define\s+{macro}\s+(\d+)", header.read_text(errors="replace"))
+    if match is None:
+        raise ValueError(f"{macro} not defined in {header}")
+    return int(match.group(1))
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def header_versions() -> dict[str, str]:
+    """Versions of every header set a program can include; part of the cache key."""
+    dirs = header_dirs()
+    cutlass_h = dirs.cutlass / "cutlass" / "version.h"
+    cutlass = _dist_version("nvidia-cutlass") or ".".join(
+        str(_define_value(cutlass_h, f"CUTLASS_{part}")) for part in ("MAJOR", "MINOR", "PATCH")
+    )
+    cccl = _define_value(dirs.cccl[0] / "cuda" / "std" / "__cccl" / "version.h", "CCCL_VERSION")
+    cudart = _define_value(dirs.cudart / "cuda_runtime_api.h", "CUDART_VERSION")
+    return {
+        "cutlass": cutlass,
+        "cccl": f"{cccl // 1000000}.{cccl // 1000 % 1000}.{cccl % 1000}",
+        "cudart": f"{cudart // 1000}.{cudart % 1000 // 10}",
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> str:
+    """NVRTC's major.minor, plus the wheel's full version when NVRTC came from a wheel."""
+    from cupy.cuda import nvrtc
+
+    major, minor = nvrtc.getVersion()
+    wheel = _dist_version("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12")
+    return f"{major}.{minor}" + (f" (wheel {wheel})" if wheel else "")
+
+
+def compile_options(variant: Variant) -> list[str]:
+    """The full NVRTC option list for a variant; every option is also part of the cache key."""
+    dirs = header_dirs()
+    includes = ([dirs.cutlass] if variant.uses_cute else []) + [*dirs.cccl, dirs.cudart, kernels_dir()]
+    # dict.fromkeys drops repeats (under CUDA 13 the CCCL parent is the runtime dir) keeping order.
+    return [*BASE_OPTIONS, *variant.defines, *(f"-I{d}" for d in dict.fromkeys(includes))]
+
+
+def program_source(variant: Variant) -> str:
+    """kernels_src/<program>.cu followed by static_asserts pinning the C++ side to the Python side:
+    the parameter-struct layouts (params.py) and the variant's pinned constants (variants.py)."""
+    path = kernels_dir() / f"{variant.program}.cu"
+    if not path.is_file():
+        raise FileNotFoundError(f"flashmla_cupy: kernel source {path} is missing")
+    # Each #line makes a failed assert read "params_layout_asserts(N): error: ...", not a line of
+    # <program>.cu that does not exist.
+    parts = [path.read_text(), '#line 1 "params_layout_asserts"', params.layout_asserts()]
+    if variant.pinned_constants:
+        parts.append('#line 1 "variant_asserts"')
+        parts += [f'static_assert({name} == {value}, "{name} differs from flashmla_cupy/variants.py");'
+                  for name, value in variant.pinned_constants.items()]
+    return "\n".join(parts) + "\n"
+
+
+def compile_variant(variant: Variant) -> CompiledKernel:
+    """Compile one variant to a cubin; raise errors.CompileError with the log if NVRTC fails."""
+    from cupy.cuda import nvrtc
+
+    options = compile_options(variant)
+    source = program_source(variant)
+    prog = nvrtc.createProgram(source, f"{variant.program}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError:
+            log = _with_hints(variant, nvrtc.getProgramLog(prog))
+            raise errors.CompileError(variant.name, options, log) from None
+        log = nvrtc.getProgramLog(prog)
+        cubin = _complete_elf(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+    report = parse_ptxas_report(log, variant.kernel_name)
+    if report is None:
+        raise errors.CompileError(
+            variant.name, options,
+            f'kernel {variant.kernel_name} not found in the compiled program: it must be declared '
+            f'extern "C" __global__ in {variant.program}.cu\n{log}',
+        )
+    return CompiledKernel(variant, cubin, log, **report)
+
+
+def _with_hints(variant: Variant, log: str) -> str:
+    """Prefix the log with the known cause when the installed headers are a bad combination."""
+    cccl = tuple(int(x) for x in header_versions()["cccl"].split(".")[:2])
+    if variant.uses_cute and cccl >= _CCCL_FIRST_INCOMPATIBLE:
+        return (
+            f"hint: CCCL {header_versions()['cccl']} is installed; CUTLASS 4.2 needs CCCL < 3.2 "
+            f"(pip install 'nvidia-cuda-cccl<13.2')\n{log}"
+        )
+    return log
+
+
+def _complete_elf(cubin: bytes) -> bytes:
+    """Restore the trailing NUL bytes some cupy versions cut off the cubin, so that it loads.
+
+    The true length of an ELF64 image is the furthest end of its section/program headers and of the
+    file contents of its sections and segments; pad the returned bytes up to it.
+    """
+    if cubin[:5] != b"\x7fELF\x02":
+        raise ValueError("NVRTC returned something that is not a 64-bit ELF cubin")
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    end = max(0x40, phoff + phentsize * phnum, shoff + shentsize * shnum)
+    sht_nobits = 8  # .bss-like sections occupy no file bytes
+    for i in range(shnum):
+        sh_type = struct.unpack_from("<I", cubin, shoff + i * shentsize + 4)[0]
+        offset, size = struct.unpack_from("<QQ", cubin, shoff + i * shentsize + 0x18)
+        if sh_type != sht_nobits:
+            end = max(end, offset + size)
+    for i in range(phnum):
+        offset = struct.unpack_from("<Q", cubin, phoff + i * phentsize + 0x08)[0]
+        filesz = struct.unpack_from("<Q", cubin, phoff + i * phentsize + 0x20)[0]
+        end = max(end, offset + filesz)
+    return cubin + b"\0" * (end - len(cubin))
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas_report(log: str, kernel_name: str) -> dict[str, int] | None:
+    """Registers, spills, stack and static smem of one entry function from a `-Xptxas=-v` log.
+
+    ptxas prints one block per entry function, starting at "Compiling entry function 'name'"; the
+    stack/spill line counted is the one under "Function properties for name", so lines of device
+    callees and other kernels are ignored. None when the kernel is absent.
+    """
+    report = None
+    in_block = props_of_kernel = False
+    for line in log.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            in_block = entry.group(1) == kernel_name
+            if in_block:
+                report = dict(registers=0, spill_stores=0, spill_loads=0, stack_bytes=0, smem_static=0)
+            continue
+        if not in_block:
+            continue
+        props = _PROPS.search(line)
+        if props:
+            props_of_kernel = props.group(1) == kernel_name
+            continue
+        frame = _FRAME.search(line)
+        if frame and props_of_kernel:
+            report["stack_bytes"], report["spill_stores"], report["spill_loads"] = map(int, frame.groups())
+        used = _USED.search(line)
+        if used:
+            report["registers"] = int(used.group(1))
+            report["smem_static"] = int(used.group(2) or 0)
+    return report

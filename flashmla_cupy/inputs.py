@@ -1,0 +1,322 @@
+"""Frozen descriptions of a checked call, built from tensor views; every shape/dtype/stride/device rule.
+
+Each check collects every violated rule and raises one InvalidInputError listing them all, so a
+caller fixes a bad call in one round. Nothing here touches the GPU: the compute-capability check
+needs the device and lives in api.py.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .errors import InvalidInputError, Violation
+from .params import METADATA_FIELDS
+from .plan import PAGE_SIZE
+from .tensors import DEVICE_CUDA, View, contiguous_strides
+
+HEAD_DIM = 576     # d: 512 latent + 64 rope values per key row
+HEAD_DIM_V = 512   # dv: the value is the first dv values of the key row
+TMA_ALIGN = 16     # bytes: TMA needs a 16-byte aligned base and 16-byte multiple strides
+VECTOR_ALIGN = 16  # bytes: q rows are read with 16-byte loads
+# The combine grid puts (kv head, row) warps on grid.y (at most 65535 blocks of 4 warps).
+MAX_QUERY_ROWS = 4 * 65535
+
+DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "bf16", np.dtype(np.float16): "fp16"}
+INT32 = np.dtype(np.int32)
+
+
+@dataclass(frozen=True)
+class MetadataProblem:
+    """A checked `get_mla_metadata` call."""
+
+    batch: int
+    rows: int            # num_q_tokens_per_head_k = s_q * h_q // h_kv
+    heads_kv: int        # num_heads_k
+    device_id: int
+    cache_seqlens: View
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """A checked `flash_mla_with_kvcache` call."""
+
+    batch: int
+    seqlen_q: int
+    heads_q: int
+    heads_kv: int
+    heads_per_group: int       # h_q // h_kv query heads share one KV head
+    rows: int                  # query rows per KV head: seqlen_q * heads_per_group
+    num_blocks: int
+    page_size: int
+    max_blocks_per_seq: int
+    dtype_name: str            # "bf16" | "fp16"
+    causal: bool               # False when seqlen_q == 1: the mask changes nothing then
+    softmax_scale: float
+    num_parts: int             # rows of tile_scheduler_metadata
+    device_id: int
+    q: View
+    k_cache: View
+    block_table: View
+    cache_seqlens: View
+    tile_scheduler_metadata: View
+    num_splits: View
+
+    @property
+    def scale_log2(self) -> float:
+        """softmax_scale * log2(e): the kernels exponentiate with exp2."""
+        return self.softmax_scale * math.log2(math.e)
+
+
+class _Rules:
+    """Collects violations; `raise_if_any` turns them into one error."""
+
+    def __init__(self, function: str):
+        self.function = function
+        self.violations: list[Violation] = []
+
+    def add(self, argument: str, seen: Any, expected: str, fix: str) -> None:
+        self.violations.append(Violation(argument, str(seen), expected, fix))
+
+    def raise_if_any(self) -> None:
+        if self.violations:
+            raise InvalidInputError(self.function, self.violations)
+
+    def on_cuda(self, views: dict[str, View]) -> int | None:
+        """Every view on one CUDA device; returns that device id (None if there is none)."""
+        device_id = None
+        first = None
+        for name, view in views.items():
+            if view.device_type != DEVICE_CUDA:
+                self.add(f"{name}.device", view.device, "a CUDA device array",
+                         f"move {name} to the GPU (torch: .cuda(), JAX: jax.device_put, cupy.asarray)")
+            elif device_id is None:
+                device_id, first = view.device_id, name
+            elif view.device_id != device_id:
+                self.add(f"{name}.device", view.device, f"cuda:{device_id}, the device of {first}",
+                         "put every input on the same GPU")
+        return device_id
+
+    def rank(self, name: str, view: View, ndim: int, layout: str) -> bool:
+        if view.ndim != ndim:
+            self.add(f"{name}.shape", list(view.shape), f"a {ndim}-D array {layout}",
+                     f"reshape {name} to {layout}")
+            return False
+        return True
+
+    def dtype(self, name: str, view: View, allowed: tuple[np.dtype, ...], fix: str) -> bool:
+        if view.dtype not in allowed:
+            names = " or ".join(d.name for d in allowed)
+            self.add(f"{name}.dtype", view.dtype.name, names, fix)
+            return False
+        return True
+
+    def dim(self, name: str, view: View, axis: int, expected: int, meaning: str, fix: str) -> bool:
+        if view.shape[axis] != expected:
+            self.add(f"{name}.shape[{axis}]", view.shape[axis], f"{expected} ({meaning})", fix)
+            return False
+        return True
+
+    def contiguous(self, name: str, view: View, axes: range) -> None:
+        """Unit stride on the innermost axes (size-1 axes may have any stride, as DLPack allows)."""
+        expected = contiguous_strides(view.shape)
+        bad = [a for a in axes if view.shape[a] > 1 and view.strides[a] != expected[a]]
+        if bad:
+            what = "last dim contiguous (stride 1)" if list(axes) == [view.ndim - 1] else \
+                f"contiguous strides {list(expected)}"
+            self.add(f"{name}.strides", list(view.strides), what,
+                     f"pass {name}.contiguous() (torch) / jnp.asarray / cupy.ascontiguousarray")
+
+    def non_negative_strides(self, name: str, view: View) -> None:
+        if any(s < 0 for s in view.strides):
+            self.add(f"{name}.strides", list(view.strides), "non-negative strides",
+                     f"make a non-reversed copy of {name}")
+
+
+def _as_int(value: Any) -> int | None:
+    """`value` as an int if it is an integer (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_seqlens(rules: _Rules, view: View, batch: int | None) -> None:
+    """cache_seqlens: int32 [b] contiguous; b must match `batch` when known."""
+    rank_ok = rules.rank("cache_seqlens", view, 1, "[batch]")
+    rules.dtype("cache_seqlens", view, (INT32,), "convert cache_seqlens to int32 (torch: .int())")
+    if not rank_ok:
+        return
+    if batch is None and view.shape[0] < 1:
+        rules.add("cache_seqlens.shape[0]", view.shape[0], "a batch of at least 1 request",
+                  "skip the call when there is nothing to decode")
+    if batch is not None:
+        rules.dim("cache_seqlens", view, 0, batch, "batch, q.shape[0]",
+                  "pass one cached length per request")
+    rules.contiguous("cache_seqlens", view, range(1))
+
+
+def check_metadata_args(cache_seqlens: View, num_q_tokens_per_head_k: Any,
+                        num_heads_k: Any) -> MetadataProblem:
+    """Check a `get_mla_metadata` call; raises InvalidInputError listing every violated rule."""
+    rules = _Rules("get_mla_metadata")
+    device_id = rules.on_cuda({"cache_seqlens": cache_seqlens})
+    _check_seqlens(rules, cache_seqlens, None)
+    rows = _as_int(num_q_tokens_per_head_k)
+    if rows is None or rows < 1:
+        rules.add("num_q_tokens_per_head_k", repr(num_q_tokens_per_head_k), "an int >= 1",
+                  "pass s_q * h_q // h_kv")
+    heads_kv = _as_int(num_heads_k)
+    if heads_kv is None or heads_kv < 1:
+        rules.add("num_heads_k", repr(num_heads_k), "an int >= 1", "pass h_kv, k_cache.shape[2]")
+    rules.raise_if_any()
+    return MetadataProblem(batch=cache_seqlens.shape[0], rows=rows, heads_kv=heads_kv,
+                           device_id=device_id, cache_seqlens=cache_seqlens)
+
+
+def _check_q(rules: _Rules, q: View) -> bool:
+    """q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous. True when its shape can be used."""
+    layout = f"[batch, seqlen_q, heads_q, {HEAD_DIM}]"
+    rules.dtype("q", q, tuple(DTYPE_NAMES), "cast q to bfloat16 or float16")
+    if not rules.rank("q", q, 4, layout):
+        return False
+    usable = rules.dim("q", q, 3, HEAD_DIM, "d = 512 latent + 64 rope",
+                       "pass the full 576-wide query, latent part first")
+    for axis, meaning in ((0, "batch"), (1, "seqlen_q"), (2, "heads_q")):
+        if q.shape[axis] < 1:
+            rules.add(f"q.shape[{axis}]", q.shape[axis], f"{meaning} >= 1",
+                      "skip the call when there is nothing to decode")
+            usable = False
+    rules.contiguous("q", q, range(3, 4))
+    rules.non_negative_strides("q", q)
+    # The kernel reads query rows with 16-byte vector loads.
+    byte_strides = [s * q.dtype.itemsize for s in q.strides[:3]]
+    if any(b % VECTOR_ALIGN for b in byte_strides):
+        rules.add("q.strides", f"{list(q.strides)} elements ({byte_strides} bytes for the outer dims)",
+                  f"outer byte strides that are multiples of {VECTOR_ALIGN} (16-byte row loads)",
+                  "pass a contiguous q, or slice it so that rows start on 8-element boundaries")
+    if q.ptr % VECTOR_ALIGN:
+        rules.add("q.data_ptr", hex(q.ptr), f"a {VECTOR_ALIGN}-byte aligned address (16-byte row loads)",
+                  "do not slice q at an offset that breaks 16-byte alignment")
+    if usable and q.shape[1] * q.shape[2] > MAX_QUERY_ROWS:
+        rules.add("q.shape", list(q.shape), f"seqlen_q * heads_q <= {MAX_QUERY_ROWS}",
+                  "split the call along seqlen_q")
+        usable = False
+    return usable
+
+
+def _check_k_cache(rules: _Rules, k: View, q: View, q_ok: bool) -> None:
+    """k_cache: [num_blocks, 64, h_kv, 576], q's dtype, TMA-compatible layout."""
+    layout = f"[num_blocks, {PAGE_SIZE}, heads_kv, {HEAD_DIM}]"
+    if q.dtype in DTYPE_NAMES:
+        rules.dtype("k_cache", k, (q.dtype,), f"cast k_cache to {q.dtype.name}, the dtype of q")
+    else:
+        rules.dtype("k_cache", k, tuple(DTYPE_NAMES), "cast k_cache to bfloat16 or float16")
+    if not rules.rank("k_cache", k, 4, layout):
+        return
+    rules.dim("k_cache", k, 1, PAGE_SIZE, "page_size", f"store the cache in pages of {PAGE_SIZE} tokens")
+    rules.dim("k_cache", k, 3, HEAD_DIM, "d = 512 latent + 64 rope",
+              "store the full 576-wide key rows (V is their first 512 values)")
+    if k.shape[0] < 1:
+        rules.add("k_cache.shape[0]", k.shape[0], "num_blocks >= 1", "allocate at least one page")
+    heads_kv = k.shape[2]
+    if heads_kv < 1:
+        rules.add("k_cache.shape[2]", heads_kv, "heads_kv >= 1", "store at least one KV head")
+    elif q_ok and q.shape[2] % heads_kv:
+        rules.add("q.shape[2]", q.shape[2], f"a multiple of heads_kv = k_cache.shape[2] = {heads_kv}",
+                  "use a query head count divisible by the KV head count")
+    rules.contiguous("k_cache", k, range(3, 4))
+    rules.non_negative_strides("k_cache", k)
+    byte_strides = [s * k.dtype.itemsize for s in k.strides[:3]]
+    if any(b % TMA_ALIGN for b in byte_strides):
+        rules.add("k_cache.strides", f"{list(k.strides)} elements ({byte_strides} bytes "
+                  "for the outer dims)", f"outer byte strides that are multiples of {TMA_ALIGN} (the "
+                  "kernel reads k_cache through a TMA descriptor)",
+                  "pass a contiguous k_cache, or pad rows to a multiple of 8 elements")
+    if k.ptr % TMA_ALIGN:
+        rules.add("k_cache.data_ptr", hex(k.ptr), f"a {TMA_ALIGN}-byte aligned address (TMA)",
+                  "do not slice k_cache at an offset that breaks 16-byte alignment")
+
+
+def _check_block_table(rules: _Rules, table: View, batch: int | None) -> None:
+    """block_table: int32 [b, max_blocks], unit last-dim stride, row stride >= width."""
+    rank_ok = rules.rank("block_table", table, 2, "[batch, max_blocks_per_seq]")
+    rules.dtype("block_table", table, (INT32,), "convert block_table to int32 (torch: .int())")
+    if not rank_ok:
+        return
+    if batch is not None:
+        rules.dim("block_table", table, 0, batch, "batch, q.shape[0]", "pass one row per request")
+    if table.shape[1] < 1:
+        rules.add("block_table.shape[1]", table.shape[1], "max_blocks_per_seq >= 1",
+                  "give every request room for at least one page")
+    rules.contiguous("block_table", table, range(1, 2))
+    if table.shape[0] > 1 and table.strides[0] < table.shape[1]:
+        rules.add("block_table.strides[0]", table.strides[0],
+                  f"a row stride >= the row width {table.shape[1]}",
+                  "pass block_table.contiguous()")
+
+
+def _check_plan(rules: _Rules, metadata: View, num_splits: View, batch: int | None) -> None:
+    """The work plan from get_mla_metadata: metadata int32 [P >= 1, 8], num_splits int32 [b + 1]."""
+    fix = "pass the tile_scheduler_metadata, num_splits that get_mla_metadata returned for this batch"
+    if rules.rank("tile_scheduler_metadata", metadata, 2, f"[num_parts, {METADATA_FIELDS}]"):
+        rules.dim("tile_scheduler_metadata", metadata, 1, METADATA_FIELDS, "fields per part", fix)
+        if metadata.shape[0] < 1:
+            rules.add("tile_scheduler_metadata.shape[0]", metadata.shape[0], "num_parts >= 1", fix)
+        rules.contiguous("tile_scheduler_metadata", metadata, range(2))
+    rules.dtype("tile_scheduler_metadata", metadata, (INT32,), fix)
+    if rules.rank("num_splits", num_splits, 1, "[batch + 1]"):
+        if batch is not None:
+            rules.dim("num_splits", num_splits, 0, batch + 1, "batch + 1", fix)
+        rules.contiguous("num_splits", num_splits, range(1))
+    rules.dtype("num_splits", num_splits, (INT32,), fix)
+
+
+def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: Any) -> None:
+    if _as_int(head_dim_v) != HEAD_DIM_V:
+        rules.add("head_dim_v", repr(head_dim_v), f"{HEAD_DIM_V} (MLA's dv)", f"pass {HEAD_DIM_V}")
+    if softmax_scale is not None:
+        real = isinstance(softmax_scale, (int, float, np.integer, np.floating)) and \
+            not isinstance(softmax_scale, (bool, np.bool_))
+        if not real or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            rules.add("softmax_scale", repr(softmax_scale), "None or a finite float > 0",
+                      f"omit it for the default {HEAD_DIM} ** -0.5")
+    if not isinstance(causal, (bool, np.bool_)):
+        rules.add("causal", repr(causal), "a bool", "pass True or False")
+
+
+def check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
+                      head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
+                      softmax_scale: Any, causal: Any) -> DecodeProblem:
+    """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule."""
+    rules = _Rules("flash_mla_with_kvcache")
+    views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
+             "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
+    device_id = rules.on_cuda(views)
+    q_ok = _check_q(rules, q)
+    batch = q.shape[0] if q.ndim == 4 else None
+    _check_k_cache(rules, k_cache, q, q_ok)
+    _check_block_table(rules, block_table, batch)
+    _check_seqlens(rules, cache_seqlens, batch)
+    _check_plan(rules, tile_scheduler_metadata, num_splits, batch)
+    _check_scalars(rules, head_dim_v, softmax_scale, causal)
+    rules.raise_if_any()  # q and k_cache are usable from here: each way of failing added a violation
+
+    batch, seqlen_q, heads_q, _ = q.shape
+    heads_kv = k_cache.shape[2]
+    heads_per_group = heads_q // heads_kv
+    scale = HEAD_DIM ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return DecodeProblem(
+        batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
+        heads_per_group=heads_per_group, rows=seqlen_q * heads_per_group,
+        num_blocks=k_cache.shape[0], page_size=PAGE_SIZE, max_blocks_per_seq=block_table.shape[1],
+        dtype_name=DTYPE_NAMES[q.dtype], causal=bool(causal) and seqlen_q > 1,
+        softmax_scale=scale, num_parts=tile_scheduler_metadata.shape[0], device_id=device_id,
+        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)

@@ -1,0 +1,169 @@
+"""The only module that talks to the CUDA driver: device facts, module loading, TMA descriptors, launches.
+
+Everything here is memoised so that after the first call the hot path costs microseconds of host time:
+no file-system access, no device queries. Launches go through `cuLaunchKernelEx` (via ctypes on the
+driver library that CuPy has already loaded) because CuPy has no launch attributes, and the combine
+kernel is launched as a programmatic dependent of the decode kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import cache, variants
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device_id: int
+    name: str
+    cc: tuple[int, int]
+    sm_count: int
+    max_smem_optin: int
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device_id: int) -> DeviceInfo:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    return DeviceInfo(
+        device_id=device_id,
+        name=name.decode() if isinstance(name, bytes) else str(name),
+        cc=(int(props["major"]), int(props["minor"])),
+        sm_count=int(props["multiProcessorCount"]),
+        max_smem_optin=int(props["sharedMemPerBlockOptin"]),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuLaunchKernelEx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        text = ctypes.c_char_p()
+        _driver().cuGetErrorString(status, ctypes.byref(text))
+        message = text.value.decode() if text.value else "unknown error"
+        raise RuntimeError(f"{what} failed: CUDA driver error {status} ({message})")
+
+
+class _Loaded:
+    """A loaded module and its kernel; the module must outlive every launch of the function."""
+
+    def __init__(self, module, function, name: str, shared_bytes: int, device_id: int):
+        self.module = module
+        self.function = function
+        self.handle = function.ptr
+        self.name = name
+        self.shared_bytes = shared_bytes
+        self.device_id = device_id
+
+
+@functools.lru_cache(maxsize=None)
+def get_function(variant: variants.Variant, device_id: int) -> _Loaded:
+    """Compile (or take from the cache) and load `variant` on `device_id`; memoised."""
+    import cupy
+
+    compiled = cache.get_or_compile(variant)
+    with cupy.cuda.Device(device_id):
+        module = cupy.cuda.function.Module()
+        module.load(compiled.cubin)
+        function = module.get_function(variant.kernel_name)
+        if variant.shared_bytes > 48 * 1024:
+            function.max_dynamic_shared_size_bytes = variant.shared_bytes
+    return _Loaded(module, function, variant.name, variant.shared_bytes, device_id)
+
+
+# --- TMA descriptors -------------------------------------------------------------------------------
+
+_TMA_DTYPE = {np.dtype("float16"): 6}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16; bfloat16 (9) added below
+try:
+    import ml_dtypes
+
+    _TMA_DTYPE[np.dtype(ml_dtypes.bfloat16)] = 9  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    pass
+
+_SWIZZLE_128B = 3
+_L2_PROMOTION_256B = 3
+_BOX_COLS = 64  # 64 columns of 16-bit values: one 128-byte swizzle span
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, device_id: int) -> bytes:
+    num_blocks, page_size, heads_kv, head_dim = shape
+    itemsize = dtype.itemsize
+    # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x 64 tokens x 1.
+    dims = (ctypes.c_uint64 * 4)(head_dim, heads_kv, page_size, num_blocks)
+    byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
+    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, page_size, 1)
+    element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    tensor_map = (ctypes.c_uint8 * 128)()
+    _check(
+        _driver().cuTensorMapEncodeTiled(
+            ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
+            dims, byte_strides, box, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE_128B),
+            ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(0),
+        ),
+        "cuTensorMapEncodeTiled(k_cache)",
+    )
+    return bytes(tensor_map)
+
+
+def kv_tensor_map(view) -> bytes:
+    """128-byte TMA descriptor over k_cache [num_blocks, page, h_kv, 576]; memoised per tensor layout."""
+    return _encode_kv_map(view.ptr, tuple(view.shape), tuple(view.strides), np.dtype(view.dtype), view.device_id)
+
+
+# --- launches ---------------------------------------------------------------------------------------
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+        ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+        ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint),
+    ]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
+    """Launch on `stream`; `args` are ctypes objects or bytes, passed by value in order.
+
+    With `pdl`, the kernel may begin while the previous kernel in the stream is finishing; it must
+    wait with `griddepcontrol.wait` before reading that kernel's results.
+    """
+    holders = [ctypes.create_string_buffer(a, len(a)) if isinstance(a, bytes) else a for a in args]
+    pointers = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+    attr = _LaunchAttribute()
+    config = _LaunchConfig(*grid, *block, loaded.shared_bytes, ctypes.c_void_p(stream or None), None, 0)
+    if pdl:
+        attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value = (1).to_bytes(4, "little") + bytes(60)
+        config.attrs = ctypes.pointer(attr)
+        config.num_attrs = 1
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() != loaded.device_id:  # the driver launches into the current context
+        with cupy.cuda.Device(loaded.device_id):
+            status = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(loaded.handle), pointers, None)
+    else:
+        status = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(loaded.handle), pointers, None)
+    _check(status, f"launch of {loaded.name}")

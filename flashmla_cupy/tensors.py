@@ -1,0 +1,340 @@
+"""DLPack in; the caller's framework and stream; outputs allocated and returned in that framework.
+
+`take` reads an array's pointer, shape, strides, dtype and device from its DLPack capsule with
+ctypes, never touching the data. torch, JAX, CuPy and any other `__dlpack__` producer work alike.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from .errors import InvalidInputError, Violation
+
+# DLDeviceType values (dlpack.h).
+DEVICE_CPU = 1
+DEVICE_CUDA = 2
+DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal",
+                10: "rocm", 11: "rocm_host", 13: "cuda_managed", 14: "oneapi"}
+
+# (DLDataTypeCode, bits) -> numpy dtype. Codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool.
+_DTYPES = {
+    (0, 8): np.dtype(np.int8), (0, 16): np.dtype(np.int16),
+    (0, 32): np.dtype(np.int32), (0, 64): np.dtype(np.int64),
+    (1, 8): np.dtype(np.uint8), (1, 16): np.dtype(np.uint16),
+    (1, 32): np.dtype(np.uint32), (1, 64): np.dtype(np.uint64),
+    (2, 16): np.dtype(np.float16), (2, 32): np.dtype(np.float32), (2, 64): np.dtype(np.float64),
+    (4, 16): np.dtype(ml_dtypes.bfloat16),
+    (5, 64): np.dtype(np.complex64), (5, 128): np.dtype(np.complex128),
+    (6, 8): np.dtype(np.bool_),
+}
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class DLManagedTensor(ctypes.Structure):
+    pass
+
+
+DLManagedTensor._fields_ = [
+    ("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p),
+    ("deleter", ctypes.CFUNCTYPE(None, ctypes.POINTER(DLManagedTensor))),
+]
+
+
+class DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    pass
+
+
+DLManagedTensorVersioned._fields_ = [
+    ("version", DLPackVersion), ("manager_ctx", ctypes.c_void_p),
+    ("deleter", ctypes.CFUNCTYPE(None, ctypes.POINTER(DLManagedTensorVersioned))),
+    ("flags", ctypes.c_uint64), ("dl_tensor", DLTensor),
+]
+
+FLAG_IS_COPIED = 1 << 1  # DLPACK_FLAG_BITMASK_IS_COPIED: the producer made a copy we must keep alive
+
+# Capsule names. PyCapsule_SetName keeps the pointer, so the renamed names must live forever:
+# module-level bytes constants do.
+_LEGACY = b"dltensor"
+_VERSIONED = b"dltensor_versioned"
+_USED_LEGACY = b"used_dltensor"
+_USED_VERSIONED = b"used_dltensor_versioned"
+
+
+def _capi(name: str, restype, *argtypes):
+    """A private prototype of a Python C-API function (setting argtypes on ctypes.pythonapi's shared
+    attributes would change them for every other user in the process)."""
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, ctypes.pythonapi))
+
+
+_capsule_is_valid = _capi("PyCapsule_IsValid", ctypes.c_int, ctypes.py_object, ctypes.c_char_p)
+_capsule_pointer = _capi("PyCapsule_GetPointer", ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)
+_capsule_set_name = _capi("PyCapsule_SetName", ctypes.c_int, ctypes.py_object, ctypes.c_char_p)
+
+
+@dataclass(frozen=True)
+class View:
+    """What the kernels need to know about one array; `obj` keeps the array (and its memory) alive."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]   # in elements, as DLPack gives them
+    dtype: np.dtype
+    device_type: int           # DLDeviceType: 2 = CUDA
+    device_id: int
+    framework: str             # "torch" | "jax" | "cupy" | "other"
+    # Left out of repr (a tensor's repr reads its data) and of eq/hash (arrays are unhashable).
+    obj: Any = field(repr=False, compare=False)
+    keepalive: Any = field(default=None, repr=False, compare=False)  # a producer-made copy
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def device(self) -> str:
+        """Readable device, e.g. "cuda:0" or "cpu:0"."""
+        name = DEVICE_NAMES.get(self.device_type, f"device_type_{self.device_type}")
+        return f"{name}:{self.device_id}"
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-contiguous strides, in elements."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def framework_of(obj: Any) -> str:
+    """Which framework made `obj`, from the module of its type (no framework is imported)."""
+    root = type(obj).__module__.split(".", 1)[0]
+    if root == "torch":
+        return "torch"
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    if root in ("cupy", "cupy_backends"):
+        return "cupy"
+    return "other"
+
+
+def _dlpack_device(obj: Any) -> tuple[int, int]:
+    device_type, device_id = obj.__dlpack_device__()
+    return int(device_type), int(device_id)
+
+
+def _dlpack_stream(handle: int) -> int:
+    """The `stream=` value for `__dlpack__`: DLPack reserves 0 and spells the legacy default 1."""
+    return 1 if handle == 0 else handle
+
+
+class _Owned:
+    """A consumed managed tensor: its deleter runs exactly once, on `release()` or collection."""
+
+    def __init__(self, managed):
+        self._managed = managed
+
+    def release(self) -> None:
+        managed, self._managed = self._managed, None
+        if managed is not None and managed.contents.deleter:
+            managed.contents.deleter(managed)
+
+    __del__ = release
+
+
+def _export(obj: Any, stream: int | None):
+    """Call `__dlpack__`, asking for a versioned capsule; older producers refuse the keyword."""
+    kwargs = {} if stream is None else {"stream": stream}
+    try:
+        return obj.__dlpack__(max_version=(1, 0), **kwargs)
+    except TypeError:
+        return obj.__dlpack__(**kwargs)
+
+
+def take(obj: Any, name: str, stream: int | None = None) -> View:
+    """The View of `obj` (any DLPack producer). `stream` is the launch stream: a CUDA producer
+    makes the data ready on it. Raises InvalidInputError if `obj` is not a readable DLPack array."""
+    if not (hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__")):
+        raise InvalidInputError("flashmla_cupy", [Violation(
+            name, f"an object of type {type(obj).__qualname__}", "a DLPack array",
+            "pass a torch tensor, JAX array or CuPy array (anything with __dlpack__)")])
+    on_cuda = _dlpack_device(obj)[0] == DEVICE_CUDA
+    # Only CUDA producers take a stream (numpy refuses one); inputs.py rejects other devices later.
+    capsule = _export(obj, _dlpack_stream(stream) if on_cuda and stream is not None else None)
+    managed, tensor, copied = _consume(capsule, name)
+    # The capsule is renamed, so its destructor no longer frees it: `owned` does, exactly once.
+    owned = _Owned(managed)
+    try:
+        view = _view(tensor, obj, name, keepalive=owned if copied else None)
+    finally:
+        if not copied:
+            owned.release()   # `obj` keeps the memory alive; a copy lives as long as the view
+    return view
+
+
+def _consume(capsule: Any, name: str):
+    """Claim a capsule as its consumer: read the managed tensor and rename the capsule "used_..."."""
+    if _capsule_is_valid(capsule, _VERSIONED):
+        address = _capsule_pointer(capsule, _VERSIONED)
+        managed = ctypes.cast(address, ctypes.POINTER(DLManagedTensorVersioned))
+        version = managed.contents.version
+        if version.major != 1:
+            raise InvalidInputError("flashmla_cupy", [Violation(
+                name, f"a DLPack {version.major}.{version.minor} capsule", "DLPack 1.x (we asked for "
+                "max_version=(1, 0))", "upgrade or downgrade the producing framework")])
+        _capsule_set_name(capsule, _USED_VERSIONED)
+        copied = bool(managed.contents.flags & FLAG_IS_COPIED)
+        return managed, managed.contents.dl_tensor, copied
+    if _capsule_is_valid(capsule, _LEGACY):
+        address = _capsule_pointer(capsule, _LEGACY)
+        managed = ctypes.cast(address, ctypes.POINTER(DLManagedTensor))
+        _capsule_set_name(capsule, _USED_LEGACY)
+        return managed, managed.contents.dl_tensor, False
+    raise InvalidInputError("flashmla_cupy", [Violation(
+        name, f"__dlpack__() returned {capsule!r}", 'an unused "dltensor" or "dltensor_versioned" capsule',
+        "export a fresh capsule for every call")])
+
+
+def _view(tensor: DLTensor, obj: Any, name: str, keepalive: Any) -> View:
+    ndim = tensor.ndim
+    shape = tuple(int(tensor.shape[i]) for i in range(ndim))
+    if tensor.strides:
+        strides = tuple(int(tensor.strides[i]) for i in range(ndim))
+    else:
+        strides = contiguous_strides(shape)  # NULL strides mean C-contiguous (legacy DLPack)
+    code, bits, lanes = tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes
+    dtype = _DTYPES.get((code, bits))
+    if dtype is None or lanes != 1:
+        raise InvalidInputError("flashmla_cupy", [Violation(
+            f"{name}.dtype", f"DLPack type code {code}, {bits} bits, {lanes} lanes",
+            "a plain numeric type (bfloat16, float16, float32, int32, ...)",
+            "convert the array to a supported dtype")])
+    return View(
+        ptr=(tensor.data or 0) + tensor.byte_offset, shape=shape, strides=strides, dtype=dtype,
+        device_type=tensor.device.device_type, device_id=tensor.device.device_id,
+        framework=framework_of(obj), obj=obj, keepalive=keepalive)
+
+
+def take_all(arrays: Mapping[str, Any], stream: int | None = None,
+             function: str = "flashmla_cupy") -> dict[str, View]:
+    """Views of several named arrays; every argument that is not a DLPack array is reported at once."""
+    views, violations = {}, []
+    for name, obj in arrays.items():
+        try:
+            views[name] = take(obj, name, stream)
+        except InvalidInputError as error:
+            violations += error.violations
+    if violations:
+        raise InvalidInputError(function, violations)
+    return views
+
+
+def caller_stream(objs: Iterable[Any], stream: Any = None) -> int:
+    """The raw cudaStream_t to launch on: an explicit `stream` (int handle, CuPy stream or torch
+    stream) wins; else torch's current stream if any input is a torch tensor; else CuPy's current
+    stream on the inputs' device. With no CUDA input at all (the call will be rejected), 0."""
+    if stream is not None:
+        return _stream_handle(stream)
+    cuda_objs = []
+    for item in objs:
+        obj = item.obj if isinstance(item, View) else item
+        if hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA:
+            cuda_objs.append(obj)
+    if not cuda_objs:
+        return 0
+    device_id = _dlpack_device(cuda_objs[0])[1]
+    if any(framework_of(obj) == "torch" for obj in cuda_objs):
+        import torch
+        return int(torch.cuda.current_stream(device_id).cuda_stream)
+    import cupy
+    return int(cupy.cuda.get_current_stream(device_id).ptr)
+
+
+def _stream_handle(stream: Any) -> int:
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+        return int(stream)
+    if hasattr(stream, "cuda_stream"):   # torch.cuda.Stream
+        return int(stream.cuda_stream)
+    if hasattr(stream, "ptr"):           # cupy.cuda.Stream / ExternalStream
+        return int(stream.ptr)
+    raise InvalidInputError("flashmla_cupy", [Violation(
+        "stream", f"an object of type {type(stream).__qualname__}",
+        "None, an int cudaStream_t handle, a torch.cuda.Stream or a cupy.cuda.Stream",
+        "pass the stream object itself or its raw handle")])
+
+
+def empty(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int,
+          stream: int | None = None) -> tuple[Any, View]:
+    """An uninitialised C-contiguous CUDA array in `framework`, allocated so that its memory is
+    ordered on `stream`. Returns (native object, View). JAX (which cannot hand out writable memory)
+    and unknown frameworks get a CuPy array: pass it through `to_framework` when returning it."""
+    shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+    if framework == "torch":
+        native, ptr = _torch_empty(shape, dtype, device_id, stream)
+        kind = "torch"
+    else:
+        native = _cupy_empty(shape, dtype, device_id, stream)
+        ptr, kind = native.data.ptr, "cupy"
+    view = View(ptr=int(ptr), shape=shape, strides=contiguous_strides(shape), dtype=dtype,
+                device_type=DEVICE_CUDA, device_id=device_id, framework=kind, obj=native)
+    return native, view
+
+
+def _torch_empty(shape, dtype, device_id, stream):
+    import torch
+    device = torch.device("cuda", device_id)
+    torch_dtype = getattr(torch, dtype.name)   # bfloat16, float16, float32, int32 share names
+    current = torch.cuda.current_stream(device)
+    if stream is None or stream == current.cuda_stream:
+        tensor = torch.empty(shape, dtype=torch_dtype, device=device)
+    else:
+        # The caching allocator ties a block to the stream current at allocation: make it ours.
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+            tensor = torch.empty(shape, dtype=torch_dtype, device=device)
+    return tensor, tensor.data_ptr()
+
+
+def _cupy_empty(shape, dtype, device_id, stream):
+    import cupy
+    with cupy.cuda.Device(device_id):
+        if stream is None or stream == cupy.cuda.get_current_stream(device_id).ptr:
+            return cupy.empty(shape, dtype=dtype)
+        # CuPy's pool reuses a block only on the stream it was allocated under: make it ours.
+        with cupy.cuda.ExternalStream(stream, device_id):
+            return cupy.empty(shape, dtype=dtype)
+
+
+def to_framework(framework: str, native: Any, stream: int | None = None) -> Any:
+    """Hand an array made by `empty` back in the caller's framework, zero-copy."""
+    if framework != "jax":
+        return native
+    import cupy
+    import jax.dlpack
+    if stream is None:
+        return jax.dlpack.from_dlpack(native)
+    # CuPy's __dlpack__ orders JAX's stream after CuPy's current one: make that the launch stream.
+    with cupy.cuda.Device(native.device.id), cupy.cuda.ExternalStream(stream, native.device.id):
+        return jax.dlpack.from_dlpack(native)

@@ -1,0 +1,148 @@
+// Split-KV combine: merges the pieces of every request that the plan cut into several, writing the
+// final `out` and `lse` rows. Requests with a single piece were written directly by the decode kernel
+// and are skipped. Partial-result format: docs/ARCHITECTURE.md ("Partial results").
+//
+// Launch geometry: one warp per (request, KV head, query row), blocks of kCombineWarpsPerBlock warps:
+//   grid  = (batch, ceil(heads_kv * rows / kCombineWarpsPerBlock), 1)
+//   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory,
+// launched as a programmatic dependent of the decode kernel (PDL): it may start before the decode
+// kernel ends, and waits for it with griddepcontrol.wait before it reads anything.
+// The request is on x (limit 2^31 - 1) and the warps of one request on y (limit 65535, so
+// heads_kv * rows = seqlen_q * heads_q <= 4 * 65535): the index math stays 32-bit, where a 64-bit
+// division would be a slow subroutine call.
+//
+// Output dtype: compile with -DFLASHMLA_BF16=1 or -DFLASHMLA_FP16=1.
+#include <cuda/std/cstdint>  // before params.cuh: NVRTC predefines no int64_t
+#include <cuda/std/limits>
+
+#include "params.cuh"
+
+#if defined(FLASHMLA_BF16)
+#include <cuda_bf16.h>
+#elif defined(FLASHMLA_FP16)
+#include <cuda_fp16.h>
+#else
+#error "define FLASHMLA_BF16 or FLASHMLA_FP16"
+#endif
+
+namespace {
+
+constexpr int kCombineWarpsPerBlock = 4;
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kHeadDimV = 512;
+// Each lane owns kVecPerLane groups of 4 columns, interleaved across the warp so that every 16-byte
+// vector load instruction of the warp reads 512 contiguous bytes.
+constexpr int kVecPerLane = kHeadDimV / (4 * kWarpSize);
+constexpr float kLn2 = 0.69314718055994530942f;
+constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
+
+#if defined(FLASHMLA_BF16)
+// Four floats rounded to the output dtype, packed into 8 bytes.
+__device__ __forceinline__ uint2 pack4(float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+}
+#else
+__device__ __forceinline__ uint2 pack4(float4 v) {
+  const __half2 lo = __floats2half2_rn(v.x, v.y);
+  const __half2 hi = __floats2half2_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+}
+#endif
+
+// Running (max, sum of exp2(x - max)) of log2-domain values; -inf values contribute nothing.
+struct Lse2 {
+  float max = -kInf;
+  float sum = 0.0f;
+
+  __device__ void add(float x) { merge(x, 1.0f); }
+
+  __device__ void merge(float other_max, float other_sum) {
+    const float m = fmaxf(max, other_max);
+    if (m == -kInf) return;  // both empty: -inf - -inf would be NaN
+    sum = sum * exp2f(max - m) + other_sum * exp2f(other_max - m);
+    max = m;
+  }
+};
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
+flashmla_combine(const flashmla::CombineParams p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const long long request = blockIdx.x;
+  const int row_of_request = blockIdx.y * kCombineWarpsPerBlock + threadIdx.x / kWarpSize;  // over heads_kv * rows
+  const int row = row_of_request % p.rows;
+  const int g = row_of_request / p.rows;
+
+  // The decode kernel, our PDL primary, writes every input we read: wait for it first.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (g >= p.heads_kv) return;  // the last block of a request may have idle warps
+
+  const int first_slot = p.num_splits[request];
+  const int pieces = p.num_splits[request + 1] - first_slot;
+  if (pieces <= 1) return;  // written directly by the decode kernel
+
+  // Piece j of this row: lse at lse_partial[slot][g][row], values at out_partial[slot][g][row][:].
+  const long long row_stride = static_cast<long long>(p.heads_kv) * p.rows;
+  const long long first_row = static_cast<long long>(first_slot) * row_stride + static_cast<long long>(g) * p.rows + row;
+  const float* lse_piece = p.lse_partial + first_row;  // piece j at lse_piece[j * row_stride]
+
+  // 1. max M and S = sum_j exp2(lse_j - M) over the pieces, lane-strided then across the warp.
+  Lse2 total;
+  for (int j = lane; j < pieces; j += kWarpSize) total.add(lse_piece[j * row_stride]);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other_max = __shfl_xor_sync(kFullMask, total.max, offset);
+    const float other_sum = __shfl_xor_sync(kFullMask, total.sum, offset);
+    total.merge(other_max, other_sum);
+  }
+
+  // Output row and lse element of this (request, query token s, query head h).
+  const int s = row / p.heads_per_group;
+  const int h = g * p.heads_per_group + row % p.heads_per_group;
+  const long long out_row = (request * p.seqlen_q + s) * p.heads_q + h;
+  float* lse_out = p.lse + (request * p.heads_q + h) * p.seqlen_q + s;
+  uint2* out = reinterpret_cast<uint2*>(p.out) + out_row * (kHeadDimV / 4);
+
+  float4 acc[kVecPerLane];
+  for (int v = 0; v < kVecPerLane; ++v) acc[v] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+  if (total.max == -kInf) {  // no piece saw a key for this row
+    if (lane == 0) *lse_out = kInf;
+  } else {
+    // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S. Weights are computed 32 pieces at a time,
+    // one per lane, and broadcast. A piece of weight 0 is skipped: it saw no key, and its partial row
+    // is not guaranteed to be finite.
+    const float4* values = reinterpret_cast<const float4*>(p.out_partial) + first_row * (kHeadDimV / 4);
+    const long long piece_stride = row_stride * (kHeadDimV / 4);  // in float4
+    for (int base = 0; base < pieces; base += kWarpSize) {
+      const float my_weight = base + lane < pieces ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
+      const int count = min(kWarpSize, pieces - base);
+      for (int i = 0; i < count; ++i) {
+        const float weight = __shfl_sync(kFullMask, my_weight, i);
+        if (weight == 0.0f) continue;
+        const float4* piece = values + (base + i) * piece_stride;
+        for (int v = 0; v < kVecPerLane; ++v) {
+          const float4 x = piece[v * kWarpSize + lane];
+          acc[v].x = fmaf(weight, x.x, acc[v].x);
+          acc[v].y = fmaf(weight, x.y, acc[v].y);
+          acc[v].z = fmaf(weight, x.z, acc[v].z);
+          acc[v].w = fmaf(weight, x.w, acc[v].w);
+        }
+      }
+    }
+    const float inv_sum = 1.0f / total.sum;
+    for (int v = 0; v < kVecPerLane; ++v) {
+      acc[v].x *= inv_sum;
+      acc[v].y *= inv_sum;
+      acc[v].z *= inv_sum;
+      acc[v].w *= inv_sum;
+    }
+    // Natural-log lse: log2(sum_t 2^x_t) = M + log2(S), times ln 2.
+    if (lane == 0) *lse_out = (total.max + log2f(total.sum)) * kLn2;
+  }
+
+  for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, for a Hopper machine (the lent H100): environment, warm-up, the GPU
+# test suite, compute-sanitizer on a representative subset, and the side-by-side benchmark. Logs and
+# JSON go to $OUT (default: a temp dir); a short table is printed last.
+#
+#   bash scripts/gpu_check.sh [full|tests|bench|quick]     (default: full)
+#
+# Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (see
+# ../shared/scripts/build_peer_carry.sh) are installed into temp dirs first when present.
+set -uo pipefail
+MODE=${1:-full}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+export FLASHMLA_CUPY_CACHE_DIR=${FLASHMLA_CUPY_CACHE_DIR:-/tmp/flashmla_cupy_cache}
+PY=${PYTHON:-python3}
+EXTRA=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fmla_site .whl/*.whl
+  EXTRA=$EXTRA:/tmp/fmla_site
+fi
+if ls .peerwheels/*.tar.xz >/dev/null 2>&1; then
+  mkdir -p /tmp/fmla_peers && for f in .peerwheels/*.tar.xz; do tar -C /tmp/fmla_peers -xJf "$f"; done
+  PEERS=/tmp/fmla_peers
+fi
+export PYTHONPATH=$EXTRA${PYTHONPATH:+:$PYTHONPATH}
+status=0
+step() { echo; echo "=== $1"; }
+
+step "info";   $PY -m flashmla_cupy info 2>&1 | tee "$OUT/info.txt"
+step "warmup"; $PY -m flashmla_cupy warmup 2>&1 | tee "$OUT/warmup.txt" || status=1
+
+if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
+  step "GPU tests"
+  sel=(); [[ $MODE == quick ]] && sel=(-k "matrix and (b1- or b2- or b3-) or empty or frameworks")
+  $PY -m pytest -q -m gpu tests "${sel[@]}" -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 \
+    | tee "$OUT/gpu_tests.txt" || status=1
+fi
+if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    step "compute-sanitizer --tool $tool"
+    compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_cases.py 2>&1 \
+      | tail -n 25 | tee "$OUT/sanitizer_$tool.txt"
+    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+  done
+fi
+if [[ $MODE == full || $MODE == bench ]]; then
+  step "benchmark"
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} $PY scripts/bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+fi
+
+step "summary"
+grep -E "passed|failed|error" "$OUT/gpu_tests.txt" 2>/dev/null | tail -n 1
+for tool in memcheck racecheck synccheck; do
+  [[ -f $OUT/sanitizer_$tool.txt ]] && echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -n 1)"
+done
+[[ -f $OUT/bench.txt ]] && grep -E "^\||commit" "$OUT/bench.txt"
+exit $status

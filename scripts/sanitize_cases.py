@@ -1,0 +1,37 @@
+"""A representative subset of decode cases for compute-sanitizer (memcheck, racecheck, synccheck).
+
+Small on purpose (the sanitizers slow kernels down by orders of magnitude) but covering: split and
+unsplit requests, zero-length requests, a partial last page with NaN behind it, causal s_q > 1,
+h_kv > 1, two row tiles, and several requests per CTA. Exits non-zero on a wrong result.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
+from test_decode_gpu import check, fresh_seed, run  # noqa: E402
+
+from flashmla_cupy import reference  # noqa: E402
+
+CASES = [  # batch, seqlen_q, heads_q, heads_kv, seqlens, causal, dtype
+    (3, 1, 128, 1, [700, 0, 130], False, "bf16"),
+    (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16"),
+    (40, 1, 32, 1, [100] * 40, False, "bf16"),
+]
+
+
+def main() -> int:
+    for b, s_q, h_q, h_kv, seqlens, causal, dtype in CASES:
+        seed = fresh_seed()
+        case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
+                                     causal=causal)
+        report = check(case, *run(case), seed, f"sanitize b={b} h_q={h_q}")
+        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv}: ok, worst out abs {report['out_max_abs']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The combine kernel (kernels_src/combine.cu) against its float64 twin, merge_partials_reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashmla_cupy.reference import HEAD_DIM_V, as_dtype, merge_partials_reference
+
+pytestmark = pytest.mark.gpu
+
+SENTINEL = 7.0  # exact in every dtype: rows the kernel must not touch keep it
+
+
+def random_partials(rng: np.random.Generator, pieces: list[int], heads_kv: int, rows: int):
+    """Partial results for requests cut into `pieces[i]` pieces: log2-domain lse in [-30, 30] with
+    about 20% -inf (pieces that saw no key, whose partial rows are NaN), and for every split request
+    one row that no piece saw. Two spare slots at the end, as the real buffers have."""
+    num_splits = np.concatenate([[0], np.cumsum(pieces)]).astype(np.int32)
+    slots = int(num_splits[-1]) + 2
+    lse_partial = rng.uniform(-30, 30, (slots, heads_kv, rows)).astype(np.float32)
+    lse_partial[rng.random(lse_partial.shape) < 0.2] = -np.inf
+    for i, n in enumerate(pieces):
+        if n > 1:
+            lse_partial[num_splits[i]:num_splits[i + 1], rng.integers(heads_kv), rng.integers(rows)] = -np.inf
+    out_partial = rng.standard_normal((slots, heads_kv, rows, HEAD_DIM_V)).astype(np.float32)
+    out_partial[np.isneginf(lse_partial)] = np.nan
+    return out_partial, lse_partial, num_splits
+
+
+def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits):
+    import cupy as cp
+
+    from flashmla_cupy import kernels, tensors
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        arrays = {
+            "out_partial": cp.asarray(out_partial), "lse_partial": cp.asarray(lse_partial),
+            "num_splits": cp.asarray(num_splits),
+            "out": cp.asarray(np.full((batch, seqlen_q, heads_q, HEAD_DIM_V), SENTINEL, dtype=as_dtype(dtype))),
+            "lse": cp.asarray(np.full((batch, heads_q, seqlen_q), SENTINEL, dtype=np.float32)),
+        }
+        views = {name: tensors.take(array, name, stream.ptr) for name, array in arrays.items()}
+        kernels.run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, views["out_partial"],
+                                views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
+        stream.synchronize()
+        return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
+
+
+# name: (seqlen_q, heads_q, heads_kv, pieces per request)
+CASES = {
+    "decode_128_heads": (1, 128, 1, [1, 2, 5, 1, 3, 17, 1, 2]),
+    "two_tokens_grouped": (2, 16, 2, [2, 1, 4, 33, 1]),
+    "many_pieces": (1, 8, 1, [70, 1, 132, 32, 31]),
+    "odd_row_count": (3, 6, 2, [3, 2, 1]),   # heads_kv * rows = 18 is not a multiple of the block's 4 warps
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", CASES)
+def test_combine_matches_reference(name, dtype):
+    seqlen_q, heads_q, heads_kv, pieces = CASES[name]
+    rows = seqlen_q * heads_q // heads_kv
+    batch = len(pieces)
+    rng = np.random.default_rng(sum(map(ord, name + dtype)))
+    out_partial, lse_partial, num_splits = random_partials(rng, pieces, heads_kv, rows)
+    out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits)
+    ref_out, ref_lse = merge_partials_reference(out_partial, lse_partial, num_splits, batch, seqlen_q, heads_q, heads_kv)
+
+    single = np.array(pieces) == 1
+    assert (out[single] == SENTINEL).all() and (lse[single] == SENTINEL).all(), "one-piece requests were touched"
+
+    split = ~single
+    got_out, want_out = out[split], ref_out[split].astype(as_dtype(dtype)).astype(np.float64)
+    # fp32 accumulation then one rounding: at most one ulp of the output dtype from the rounded reference.
+    ulp = 2.0 ** -7 if dtype == "bf16" else 2.0 ** -10
+    np.testing.assert_allclose(got_out, want_out, rtol=ulp, atol=1e-5)
+    got_lse, want_lse = lse[split], ref_lse[split]
+    assert np.array_equal(np.isposinf(got_lse), np.isposinf(want_lse)), "+inf (rows no piece saw) differ"
+    assert np.isposinf(want_lse).any(), "the case must contain a row that no piece saw"
+    assert (got_out[np.broadcast_to(np.isposinf(want_lse).transpose(0, 2, 1)[..., None], got_out.shape)] == 0).all()
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(got_lse[finite], want_lse[finite], rtol=2e-6, atol=2e-5)

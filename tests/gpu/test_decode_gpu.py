@@ -1,0 +1,218 @@
+"""The whole decode (planner + decode kernel + combine) against the float64 reference, on the GPU.
+
+Every case draws fresh random data (the seed is in the failure message), NaN in every cache slot no
+request may see, huge page numbers in unused block-table entries, and a random page permutation.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from flashmla_cupy import reference
+
+pytestmark = pytest.mark.gpu
+
+HEAD_DIM_V = 512
+
+# ---------------------------------------------------------------------------------------------------
+# Moving arrays between numpy and the three frameworks (bf16 travels as its 16-bit pattern).
+
+
+def to_device(framework: str, x: np.ndarray):
+    bits = x.view(np.uint16) if x.dtype.itemsize == 2 and x.dtype != np.int16 else None
+    if framework == "cupy":
+        import cupy
+        return cupy.asarray(bits).view(x.dtype) if bits is not None else cupy.asarray(x)
+    if framework == "torch":
+        import torch
+        if bits is not None:
+            t = torch.from_numpy(bits.view(np.int16)).cuda()
+            return t.view(torch.bfloat16 if x.dtype == reference.as_dtype("bf16") else torch.float16)
+        return torch.from_numpy(x).cuda()
+    if framework == "jax":
+        import jax
+        return jax.device_put(x, jax.devices("gpu")[0])
+    raise ValueError(framework)
+
+
+def to_numpy(framework: str, x, dtype=None) -> np.ndarray:
+    if framework == "cupy":
+        import cupy
+        if dtype is not None and x.dtype.itemsize == 2:
+            return cupy.asnumpy(x.view(cupy.uint16)).view(dtype)
+        return cupy.asnumpy(x)
+    if framework == "torch":
+        import torch
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return x.view(torch.int16).cpu().numpy().view(dtype)
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, wide_block_table: bool = False):
+    """Run one case through the public API; returns numpy (out, lse)."""
+    import flashmla_cupy
+
+    q = case.q
+    if strided_q:  # q sliced out of a larger buffer: head stride 640 and a head offset of 2
+        b, s_q, h_q, d = q.shape
+        big = np.full((b, s_q, h_q + 3, d + 64), np.nan, dtype=q.dtype)
+        big[:, :, 2:2 + h_q, :d] = q
+        q_dev = to_device(framework, big)[:, :, 2:2 + h_q, :d]
+    else:
+        q_dev = to_device(framework, q)
+    bt = case.block_table
+    if wide_block_table:  # row stride larger than the width
+        wide = np.full((bt.shape[0], bt.shape[1] + 7), 2**31 - 1, dtype=np.int32)
+        wide[:, : bt.shape[1]] = bt
+        bt_dev = to_device(framework, wide)[:, : bt.shape[1]]
+    else:
+        bt_dev = to_device(framework, bt)
+    k_dev = to_device(framework, case.k_cache)
+    seqlens_dev = to_device(framework, case.cache_seqlens)
+    _, s_q, h_q, _ = q.shape
+    h_kv = case.heads_kv
+    meta, splits = flashmla_cupy.get_mla_metadata(seqlens_dev, s_q * h_q // h_kv, h_kv)
+    out, lse = flashmla_cupy.flash_mla_with_kvcache(
+        q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
+        softmax_scale=case.softmax_scale, causal=case.causal)
+    return to_numpy(framework, out, case.dtype), to_numpy(framework, lse)
+
+
+def lengths(rng, kind: str, batch: int) -> np.ndarray:
+    """Sequence lengths of a named kind."""
+    if kind.startswith("fixed:"):
+        return np.full(batch, int(kind.split(":")[1]))
+    lo, hi = (int(v) for v in kind.split(":")[1:3])
+    values = rng.integers(lo, hi + 1, size=batch)
+    if kind.startswith("halfzero:"):
+        values[rng.random(batch) < 0.5] = 0
+    return values
+
+
+def check(case, out, lse, seed, label):
+    ref_out, ref_lse = case.reference()
+    try:
+        return reference.check_close(out, lse, ref_out, ref_lse, case.dtype)
+    except AssertionError as exc:
+        raise AssertionError(f"{label} (seed {seed}): {exc}") from None
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feature matrix: every listed value of every axis appears, with cost kept to a few seconds each.
+
+HEADS = [(1, 1), (3, 1), (3, 3), (9, 1), (9, 3), (16, 1), (16, 2), (16, 8), (32, 1), (32, 8), (63, 1),
+         (63, 3), (64, 1), (64, 2), (64, 8), (126, 1), (126, 2), (126, 3), (128, 1), (128, 2), (128, 8)]
+BATCH_LENGTHS = [(1, "fixed:1"), (2, "fixed:65"), (3, "var:1:300"), (6, "var:1:16384"), (64, "fixed:4096"),
+                 (128, "var:1:2048"), (300, "halfzero:1:700"), (64, "halfzero:1:3000"), (2, "fixed:16384"),
+                 (6, "fixed:4097"), (3, "fixed:63")]
+MATRIX = [
+    dict(heads=heads, batch_lengths=BATCH_LENGTHS[i % len(BATCH_LENGTHS)], seqlen_q=1 + i % 4,
+         causal=i % 3 != 0, dtype="bf16" if i % 2 == 0 else "fp16", custom_scale=i % 5 == 2)
+    for i, heads in enumerate(itertools.islice(itertools.cycle(HEADS), 44))
+]
+
+
+def _matrix_id(c):
+    (h_q, h_kv), (b, kind) = c["heads"], c["batch_lengths"]
+    return (f"{c['dtype']}-b{b}-{kind}-sq{c['seqlen_q']}-h{h_q}x{h_kv}"
+            f"{'-causal' if c['causal'] else ''}{'-scale' if c['custom_scale'] else ''}")
+
+
+@pytest.mark.parametrize("config", MATRIX, ids=[_matrix_id(c) for c in MATRIX])
+def test_matrix(config):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
+    scale = float(rng.uniform(0.02, 0.2)) if config["custom_scale"] else None
+    case = reference.random_case(rng, b, config["seqlen_q"], h_q, h_kv, lengths(rng, kind, b), config["dtype"],
+                                 causal=config["causal"], softmax_scale=scale)
+    out, lse = run(case)
+    check(case, out, lse, seed, _matrix_id(config))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("seqlen_q,h_q,causal", [(1, 128, False), (2, 16, True), (4, 64, True)])
+def test_very_long_requests_beside_short_ones(dtype, seqlen_q, h_q, causal):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    seqlens = np.array([65536, 17, 0, 131072, 4000, 64, 1, 65536 + 33])
+    case = reference.random_case(rng, len(seqlens), seqlen_q, h_q, 1, seqlens, dtype, causal=causal)
+    out, lse = run(case)
+    check(case, out, lse, seed, f"long-{dtype}-sq{seqlen_q}-h{h_q}")
+
+
+@pytest.mark.parametrize("framework", ["cupy", "torch", "jax"])
+def test_frameworks_and_layouts(framework):
+    pytest.importorskip(framework)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = reference.random_case(rng, 5, 2, 32, 1, lengths(rng, "var:1:3000", 5), "bf16", causal=True)
+    out, lse = run(case, framework, strided_q=True, wide_block_table=True)
+    check(case, out, lse, seed, f"{framework}-strided")
+
+
+def test_all_requests_empty():
+    seed = fresh_seed()
+    case = reference.random_case(np.random.default_rng(seed), 4, 1, 16, 1, np.zeros(4), "bf16")
+    out, lse = run(case)
+    assert np.all(out.astype(np.float32) == 0) and np.all(np.isposinf(lse))
+
+
+def test_repeated_runs_are_bit_identical():
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = reference.random_case(rng, 37, 2, 128, 1, lengths(rng, "halfzero:1:9000", 37), "bf16", causal=True)
+    first = run(case)
+    for _ in range(3):
+        again = run(case)
+        assert np.array_equal(first[0].view(np.uint16), again[0].view(np.uint16)), f"out moved (seed {seed})"
+        assert np.array_equal(first[1].view(np.uint32), again[1].view(np.uint32)), f"lse moved (seed {seed})"
+    check(case, *first, seed, "repeat")
+
+
+def test_cuda_graph_capture_and_replay():
+    """A decode step captured in a torch CUDA graph replays correctly with new lengths and new data."""
+    torch = pytest.importorskip("torch")
+    import flashmla_cupy
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    b, s_q, h_q = 16, 1, 64
+    cases = [reference.random_case(rng, b, s_q, h_q, 1, lengths(rng, "var:1:3000", b), "bf16") for _ in range(2)]
+    # Static buffers sized for the larger of the two cases; the graph sees fixed shapes and pointers.
+    num_blocks = max(c.k_cache.shape[0] for c in cases)
+    width = max(c.block_table.shape[1] for c in cases)
+
+    def padded(c):
+        k = np.full((num_blocks,) + c.k_cache.shape[1:], np.nan, dtype=c.k_cache.dtype)
+        k[: c.k_cache.shape[0]] = c.k_cache
+        bt = np.full((b, width), 2**31 - 1, dtype=np.int32)
+        bt[:, : c.block_table.shape[1]] = c.block_table
+        return c.q, k, bt, c.cache_seqlens
+
+    static = [to_device("torch", a) for a in padded(cases[0])]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up: compile, load, allocate outside the capture
+            meta, splits = flashmla_cupy.get_mla_metadata(static[3], s_q * h_q, 1)
+            flashmla_cupy.flash_mla_with_kvcache(static[0], static[1], static[2], static[3], HEAD_DIM_V, meta, splits)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        meta, splits = flashmla_cupy.get_mla_metadata(static[3], s_q * h_q, 1)
+        out, lse = flashmla_cupy.flash_mla_with_kvcache(static[0], static[1], static[2], static[3], HEAD_DIM_V,
+                                                        meta, splits)
+    for c in cases:
+        for dst, src in zip(static, padded(c)):
+            dst.copy_(to_device("torch", src))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(c, to_numpy("torch", out, c.dtype), to_numpy("torch", lse), seed, "graph replay")

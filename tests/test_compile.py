@@ -1,0 +1,200 @@
+"""Every kernel variant compiles for sm_90a with NVRTC, without spills, on a machine with no GPU.
+
+These use the real kernel sources and the real NVRTC; the cache tests use a stand-in compiler instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import shutil
+
+import pytest
+
+from flashmla_cupy import compiler, errors, params, variants
+
+REAL_KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels_src"
+
+
+@pytest.mark.parametrize("variant", variants.all_variants(), ids=lambda v: v.name)
+def test_variant_compiles_without_spills(variant):
+    kernel = compiler.compile_variant(variant)
+    assert kernel.cubin.startswith(b"\x7fELF")
+    assert variant.kernel_name.encode() in kernel.cubin
+    assert kernel.registers > 0, kernel.log
+    assert (kernel.spill_stores, kernel.spill_loads) == (0, 0), kernel.log
+    assert kernel.stack_bytes == 0, kernel.log
+
+
+def test_cubin_is_byte_exact():
+    """cupy's getCUBIN may drop the final NUL byte; the stored cubin must equal NVRTC's full image."""
+    from cuda.bindings import nvrtc
+
+    variant = variants.scheduler_variant()
+    ours = compiler.compile_variant(variant).cubin
+    options = [o.encode() for o in compiler.compile_options(variant)]
+    _, prog = nvrtc.nvrtcCreateProgram(compiler.program_source(variant).encode(), b"scheduler.cu", 0, [], [])
+    (status,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+    assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    full = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, full)
+    nvrtc.nvrtcDestroyProgram(prog)
+    assert ours == full
+
+
+def test_only_decode_gets_the_cutlass_headers():
+    cutlass = f"-I{compiler.header_dirs().cutlass}"
+    assert cutlass in compiler.compile_options(variants.decode_variant("bf16"))
+    assert cutlass not in compiler.compile_options(variants.scheduler_variant())
+    assert "-DFLASHMLA_FP16=1" in compiler.compile_options(variants.combine_variant("fp16"))
+
+
+def test_drifted_params_struct_fails_compilation(monkeypatch):
+    """A field added on the Python side only must stop compilation, naming the struct."""
+
+    class SchedulerParams(ctypes.Structure):  # the real one plus a field params.cuh does not have
+        _fields_ = [*params.SchedulerParams._fields_, ("added_in_python_only", ctypes.c_int32)]
+
+    real_asserts = params.layout_asserts
+    drifted = (SchedulerParams, params.DecodeParams, params.CombineParams)
+    monkeypatch.setattr(params, "layout_asserts", lambda: real_asserts(drifted))
+    with pytest.raises(errors.CompileError) as caught:
+        compiler.compile_variant(variants.scheduler_variant())
+    message = str(caught.value)
+    assert "'scheduler'" in message
+    assert "params_layout_asserts" in message and "SchedulerParams" in message
+
+
+def test_pinned_constant_drift_fails_compilation(monkeypatch):
+    """The launch's dynamic smem size (variants.py) must equal kSharedBytes in the decode program."""
+    monkeypatch.setattr(variants, "DECODE_SHARED_BYTES", variants.DECODE_SHARED_BYTES - 1024)
+    with pytest.raises(errors.CompileError, match="variant_asserts.*kSharedBytes"):
+        compiler.compile_variant(variants.decode_variant("bf16"))
+
+
+def _kernels_with(tmp_path: pathlib.Path, scheduler_body: str) -> pathlib.Path:
+    """A kernels dir holding the real params.cuh and a stand-in scheduler.cu."""
+    kernels = tmp_path / "kernels_src"
+    kernels.mkdir()
+    shutil.copy(REAL_KERNELS / "params.cuh", kernels)
+    (kernels / "scheduler.cu").write_text('#include "params.cuh"\n' + scheduler_body)
+    return kernels
+
+
+def test_compile_error_names_variant_and_first_error(tmp_path, monkeypatch):
+    source = (
+        'extern "C" __global__ void flashmla_scheduler(flashmla::SchedulerParams p) {\n'
+        "  int x = ;\n"
+        "}\n"
+    )
+    kernels = _kernels_with(tmp_path, source)
+    monkeypatch.setattr(compiler, "kernels_dir", lambda: kernels)
+    with pytest.raises(errors.CompileError) as caught:
+        compiler.compile_variant(variants.scheduler_variant())
+    error = caught.value
+    assert error.variant_name == "scheduler"
+    assert "-arch=sm_90a" in error.flags
+    first = str(error).splitlines()[1]
+    assert "scheduler.cu(3): error: expected an expression" in first
+    assert "1 error detected" in error.log
+
+
+def test_missing_extern_c_kernel_is_a_compile_error(tmp_path, monkeypatch):
+    source = '__global__ void flashmla_scheduler(flashmla::SchedulerParams p) {}\n'
+    kernels = _kernels_with(tmp_path, source)
+    monkeypatch.setattr(compiler, "kernels_dir", lambda: kernels)
+    with pytest.raises(errors.CompileError, match='extern "C"'):
+        compiler.compile_variant(variants.scheduler_variant())
+
+
+def test_ptxas_report_is_read_for_the_named_kernel_only():
+    log = "\n".join([
+        "ptxas info    : Function properties for helper",
+        "ptxas         .     48 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads",
+        "ptxas info    : Compiling entry function 'flashmla_other' for 'sm_90a'",
+        "ptxas info    : Function properties for flashmla_other",
+        "ptxas         .     16 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads",
+        "ptxas info    : Used 40 registers, used 0 barriers, 64 bytes smem",
+        "ptxas info    : Compiling entry function 'flashmla_decode' for 'sm_90a'",
+        "ptxas info    : Function properties for flashmla_decode",
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 168 registers, used 1 barriers, 384 bytes smem, 400 bytes cmem[0]",
+    ])
+    assert compiler.parse_ptxas_report(log, "flashmla_decode") == dict(
+        registers=168, spill_stores=0, spill_loads=0, stack_bytes=0, smem_static=384)
+    assert compiler.parse_ptxas_report(log, "flashmla_other")["spill_stores"] == 4
+    assert compiler.parse_ptxas_report(log, "flashmla_combine") is None
+
+
+def test_header_versions_are_known():
+    versions = compiler.header_versions()
+    assert set(versions) == {"cutlass", "cccl", "cudart"}
+    assert all(v[0].isdigit() for v in versions.values())
+    assert compiler.nvrtc_version()[0].isdigit()
+
+
+@pytest.fixture
+def fresh_header_search():
+    compiler.header_dirs.cache_clear()
+    yield
+    compiler.header_dirs.cache_clear()
+
+
+def _fake_wheel_dirs(root: pathlib.Path, cccl_rel: str, cudart_rel: str) -> dict[str, pathlib.Path]:
+    """Marker files where header_dirs() looks for each header set."""
+    dirs = {"cccl": root / cccl_rel, "cudart": root / cudart_rel}
+    (dirs["cccl"] / "cuda" / "std" / "__cccl").mkdir(parents=True)
+    (dirs["cccl"] / "cuda" / "std" / "__cccl" / "version.h").write_text("#define CCCL_VERSION 2008000\n")
+    dirs["cudart"].mkdir(parents=True, exist_ok=True)
+    (dirs["cudart"] / "cuda_bf16.h").write_text("")
+    return dirs
+
+
+@pytest.mark.parametrize("layout", ["cu12", "cu13"])
+def test_header_discovery_handles_cuda12_and_cuda13_wheels(layout, tmp_path, monkeypatch, fresh_header_search):
+    from cuda import pathfinder
+
+    if layout == "cu12":
+        dirs = _fake_wheel_dirs(tmp_path, "nvidia/cuda_cccl/include", "nvidia/cuda_runtime/include")
+        expected_cccl = (dirs["cccl"],)
+    else:  # CUTLASS includes <cccl/cuda/std/...> under CUDA 13: the parent must be searched too
+        dirs = _fake_wheel_dirs(tmp_path, "nvidia/cu13/include/cccl", "nvidia/cu13/include")
+        expected_cccl = (dirs["cccl"], dirs["cudart"])
+    monkeypatch.setattr(pathfinder, "find_nvidia_header_directory", lambda name: str(dirs[name]))
+    found = compiler.header_dirs()
+    assert found.cccl == expected_cccl and found.cudart == dirs["cudart"]
+
+
+def test_missing_headers_name_the_wheel_to_install(monkeypatch, fresh_header_search):
+    from cuda import pathfinder
+
+    monkeypatch.setattr(pathfinder, "find_nvidia_header_directory", lambda name: None)
+    with pytest.raises(ImportError, match="pip install 'nvidia-cuda-cccl"):
+        compiler.header_dirs()
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from the nvidia-cuda-cuobjdump wheel (test extra), else from PATH."""
+    import site
+    import sys
+    roots = [pathlib.Path(p) for p in sys.path + site.getsitepackages() if p]
+    for root in roots:
+        for candidate in sorted(root.glob("nvidia/*/bin/cuobjdump")):
+            return str(candidate)
+    return shutil.which("cuobjdump")
+
+
+@pytest.mark.parametrize("dtype", variants.DTYPES)
+def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path):
+    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL."""
+    import subprocess
+
+    tool = _cuobjdump()
+    assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
+    cubin = tmp_path / "decode.cubin"
+    cubin.write_bytes(compiler.compile_variant(variants.decode_variant(dtype)).cubin)
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    assert "HGMMA.64x64x16.F32" in sass and "HGMMA.64x256x16.F32" in sass
+    assert " HMMA" not in sass
+    assert "UTMALDG" in sass
+    assert "LDL" not in sass and "STL" not in sass
