@@ -46,6 +46,7 @@ def _driver() -> ctypes.CDLL:
     lib.cuLaunchKernelEx.restype = ctypes.c_int
     lib.cuLaunchKernelEx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
 
@@ -56,6 +57,9 @@ def _check(status: int, what: str) -> None:
         _driver().cuGetErrorString(status, ctypes.byref(text))
         message = text.value.decode() if text.value else "unknown error"
         raise RuntimeError(f"{what} failed: CUDA driver error {status} ({message})")
+
+
+_MAX_DYNAMIC_SHARED_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 class _Loaded:
@@ -80,8 +84,9 @@ def get_function(variant: variants.Variant, device_id: int) -> _Loaded:
         module = cupy.cuda.function.Module()
         module.load(compiled.cubin)
         function = module.get_function(variant.kernel_name)
-        if variant.shared_bytes > 48 * 1024:
-            function.max_dynamic_shared_size_bytes = variant.shared_bytes
+        if variant.shared_bytes > 48 * 1024:  # above the default limit a kernel must opt in
+            _check(_driver().cuFuncSetAttribute(ctypes.c_void_p(function.ptr), _MAX_DYNAMIC_SHARED_BYTES,
+                                                variant.shared_bytes), f"cuFuncSetAttribute({variant.name})")
     return _Loaded(module, function, variant.name, variant.shared_bytes, device_id)
 
 
