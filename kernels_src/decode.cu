@@ -162,13 +162,15 @@ __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedSto
     for (int box = kBoxesPerHalf; box < kVBoxes; ++box) mbarrier_wait(&smem.full[stage][box], phase);
     issue_pv_from_smem(smem.p, tile, 1, o);
     cute::warpgroup_wait<0>();
-    if (item + 1 < num_items) named_barrier_arrive(kBarrierPFree, kThreads);
 
     if (threadIdx.x == kProducerThread && cursor.valid()) {
       mbarrier_wait(&smem.empty[stage], phase);  // warpgroup 0's PV of this page is done too
       cursor.issue(kv_map, smem, stage, kv_head, hint);
     }
     __syncwarp();
+    // P and the row scales may be overwritten now. A full sync rather than an arrive: warpgroup 1 has
+    // nothing to do until the next P anyway, and the handoff is then ordered for every tool.
+    if (item + 1 < num_items) named_barrier_sync(kBarrierPFree, kThreads);
   }
 
   named_barrier_sync(kBarrierEpilogue, kThreads);
@@ -183,8 +185,9 @@ using namespace flashmla;
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     flashmla_decode(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
   extern __shared__ uint8_t smem_raw[];
-  SharedStorage& smem =
-      *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
+  const uint32_t misalignment = smem_addr(smem_raw) & 1023;
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
   const int* meta = p.metadata + blockIdx.z * kMetadataFields;
   const int begin_request = meta[kBeginRequest];

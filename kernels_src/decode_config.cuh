@@ -72,7 +72,7 @@ constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;
 enum NamedBarrier : int {
   kBarrierCta = 1,        // all 256 threads: Q tile reloads
   kBarrierPReady = 2,     // warpgroup 0 -> 1: P, row scales (and zeroed stale V rows) are in smem
-  kBarrierPFree = 3,      // warpgroup 1 -> 0: P of the previous page has been consumed
+  kBarrierPFree = 3,      // both warpgroups: P of the previous page has been consumed
   kBarrierEpilogue = 4,   // warpgroup 0 -> 1: row sums are in smem
   kBarrierWarpgroup0 = 5  // warpgroup 0 alone: its own smem writes before its own wgmma
 };
