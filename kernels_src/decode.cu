@@ -107,7 +107,9 @@ __device__ __forceinline__ void softmax_warpgroup(const DecodeParams& p, SharedS
     uint32_t frag[4][4];
     pack_probabilities(s, frag);
 
-    if (item > 0) named_barrier_sync(kBarrierPFree, kThreads);  // warpgroup 1 is done with the last P
+    // Warpgroup 1 is done with the previous P and row scales (before a piece's first page, the CTA
+    // barrier of the Q reload ordered that already).
+    if (page > piece.page_begin) named_barrier_sync(kBarrierPFree, kThreads);
     store_probabilities(frag, smem.p, at);
     if (at.column == 0) {
       smem.row_scale[at.row[0]] = rescale[0];
@@ -142,7 +144,7 @@ __device__ __forceinline__ void softmax_warpgroup(const DecodeParams& p, SharedS
 
 // Warpgroup 1: the right half of the output, and the TMA producer.
 __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedStorage& smem, const Piece& piece,
-                                                int kv_head, int rows_base, int& item, int num_items,
+                                                int kv_head, int rows_base, int& item,
                                                 PageCursor& cursor, const TensorMap* kv_map, uint64_t hint) {
   const int thread = threadIdx.x % kWarpgroupThreads;
   const FragmentCoords at(thread);
@@ -170,7 +172,7 @@ __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedSto
     __syncwarp();
     // P and the row scales may be overwritten now. A full sync rather than an arrive: warpgroup 1 has
     // nothing to do until the next P anyway, and the handoff is then ordered for every tool.
-    if (item + 1 < num_items) named_barrier_sync(kBarrierPFree, kThreads);
+    if (page + 1 < piece.page_end) named_barrier_sync(kBarrierPFree, kThreads);
   }
 
   named_barrier_sync(kBarrierEpilogue, kThreads);
@@ -200,12 +202,6 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 
   allow_dependent_launch();
 
-  int num_items = 0;
-  for (int request = begin_request; request <= end_request; ++request) {
-    const Piece piece = piece_of(p, meta, request);
-    num_items += piece.page_end - piece.page_begin;
-  }
-
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kStages; ++stage) {
       for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[stage][box], 1);
@@ -234,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     if (warpgroup == 0) {
       softmax_warpgroup(p, smem, piece, kv_head, rows_base, item);
     } else {
-      value_warpgroup(p, smem, piece, kv_head, rows_base, item, num_items, cursor, &kv_map, hint);
+      value_warpgroup(p, smem, piece, kv_head, rows_base, item, cursor, &kv_map, hint);
     }
   }
 }

@@ -145,6 +145,7 @@ def main(argv=None) -> int:
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
             row["libraries"][name] = entry
         results.append(row)
+        print(json.dumps(row), flush=True)  # partial results survive a time limit
         del q, k_cache, block_table, seqlens
         torch.cuda.empty_cache()
 

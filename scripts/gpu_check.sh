@@ -30,23 +30,26 @@ step() { echo; echo "=== $1"; }
 step "info";   $PY -m flashmla_cupy info 2>&1 | tee "$OUT/info.txt"
 step "warmup"; $PY -m flashmla_cupy warmup 2>&1 | tee "$OUT/warmup.txt" || status=1
 
+# Each step has a time limit, so that a hang in one still leaves the others' results under $OUT.
 if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
   step "GPU tests"
   sel=(); [[ $MODE == quick ]] && sel=(-k "matrix and (b1- or b2- or b3-) or empty or frameworks")
-  $PY -m pytest -q -m gpu tests "${sel[@]}" -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 \
-    | tee "$OUT/gpu_tests.txt" || status=1
+  per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+  timeout 300 $PY -m pytest -q -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider \
+    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+fi
+if [[ $MODE == full || $MODE == bench ]]; then
+  step "benchmark"
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --json "$OUT/bench.json" 2>&1 \
+    | tee "$OUT/bench.txt" || status=1
 fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer --tool $tool"
-    compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_cases.py 2>&1 \
+    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_cases.py 2>&1 \
       | tail -n 25 | tee "$OUT/sanitizer_$tool.txt"
     [[ ${PIPESTATUS[0]} == 0 ]] || status=1
   done
-fi
-if [[ $MODE == full || $MODE == bench ]]; then
-  step "benchmark"
-  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} $PY scripts/bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
 fi
 
 step "summary"
