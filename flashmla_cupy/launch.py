@@ -106,7 +106,7 @@ _BOX_COLS = 64  # 64 columns of 16-bit values: one 128-byte swizzle span
 
 
 @functools.lru_cache(maxsize=256)
-def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, device_id: int) -> bytes:
+def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, device_id: int):
     num_blocks, page_size, heads_kv, head_dim = shape
     itemsize = dtype.itemsize
     # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x 64 tokens x 1.
@@ -114,7 +114,7 @@ def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, devi
     byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
     box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, page_size, 1)
     element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    tensor_map = (ctypes.c_uint8 * 128)()
+    tensor_map = (ctypes.c_uint64 * 16)()
     _check(
         _driver().cuTensorMapEncodeTiled(
             ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
@@ -123,11 +123,12 @@ def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, devi
         ),
         "cuTensorMapEncodeTiled(k_cache)",
     )
-    return bytes(tensor_map)
+    return tensor_map
 
 
-def kv_tensor_map(view) -> bytes:
-    """128-byte TMA descriptor over k_cache [num_blocks, page, h_kv, 576]; memoised per tensor layout."""
+def kv_tensor_map(view):
+    """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576]; memoised per
+    tensor layout. Callers must not modify it."""
     return _encode_kv_map(view.ptr, tuple(view.shape), tuple(view.strides), np.dtype(view.dtype), view.device_id)
 
 
@@ -149,26 +150,31 @@ class _LaunchConfig(ctypes.Structure):
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
+def _pdl_attribute() -> _LaunchAttribute:
+    attr = _LaunchAttribute()
+    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value = (1).to_bytes(4, "little") + bytes(60)
+    return attr
+
+
+_PDL = _pdl_attribute()
+
+
 def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
-    """Launch on `stream`; `args` are ctypes objects or bytes, passed by value in order.
+    """Launch on `stream`; `args` are ctypes objects, passed by value in order.
 
     With `pdl`, the kernel may begin while the previous kernel in the stream is finishing; it must
     wait with `griddepcontrol.wait` before reading that kernel's results.
     """
-    holders = [ctypes.create_string_buffer(a, len(a)) if isinstance(a, bytes) else a for a in args]
-    pointers = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-    attr = _LaunchAttribute()
-    config = _LaunchConfig(*grid, *block, loaded.shared_bytes, ctypes.c_void_p(stream or None), None, 0)
-    if pdl:
-        attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value = (1).to_bytes(4, "little") + bytes(60)
-        config.attrs = ctypes.pointer(attr)
-        config.num_attrs = 1
+    pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    config = _LaunchConfig(*grid, *block, loaded.shared_bytes, stream or None,
+                           ctypes.pointer(_PDL) if pdl else None, 1 if pdl else 0)
+    driver = _driver()
     import cupy
 
     if cupy.cuda.runtime.getDevice() != loaded.device_id:  # the driver launches into the current context
         with cupy.cuda.Device(loaded.device_id):
-            status = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(loaded.handle), pointers, None)
+            status = driver.cuLaunchKernelEx(ctypes.byref(config), loaded.handle, pointers, None)
     else:
-        status = _driver().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(loaded.handle), pointers, None)
+        status = driver.cuLaunchKernelEx(ctypes.byref(config), loaded.handle, pointers, None)
     _check(status, f"launch of {loaded.name}")

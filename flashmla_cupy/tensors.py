@@ -2,6 +2,9 @@
 
 `take` reads an array's pointer, shape, strides, dtype and device from its DLPack capsule with
 ctypes, never touching the data. torch, JAX, CuPy and any other `__dlpack__` producer work alike.
+On the hot path (`take_all`), torch tensors and CuPy arrays whose framework's current stream is the
+launch stream are read from their own attributes instead: the same facts, without the capsule's
+cost, and no stream handoff is needed because producer and consumer share the stream.
 """
 from __future__ import annotations
 
@@ -239,10 +242,18 @@ def _view(tensor: DLTensor, obj: Any, name: str, keepalive: Any) -> View:
 
 
 def take_all(arrays: Mapping[str, Any], stream: int | None = None,
-             function: str = "flashmla_cupy") -> dict[str, View]:
-    """Views of several named arrays; every argument that is not a DLPack array is reported at once."""
+             function: str = "flashmla_cupy", stream_owner: str | None = None) -> dict[str, View]:
+    """Views of several named arrays; every argument that is not a DLPack array is reported at once.
+
+    `stream_owner` is the framework whose current stream `stream` is (as `caller_stream` reports);
+    arrays of that framework take the attribute fast path.
+    """
     views, violations = {}, []
     for name, obj in arrays.items():
+        view = _native_view(obj, stream_owner)
+        if view is not None:
+            views[name] = view
+            continue
         try:
             views[name] = take(obj, name, stream)
         except InvalidInputError as error:
@@ -256,21 +267,66 @@ def caller_stream(objs: Iterable[Any], stream: Any = None) -> int:
     """The raw cudaStream_t to launch on: an explicit `stream` (int handle, CuPy stream or torch
     stream) wins; else torch's current stream if any input is a torch tensor; else CuPy's current
     stream on the inputs' device. With no CUDA input at all (the call will be rejected), 0."""
+    return caller_stream_and_owner(objs, stream)[0]
+
+
+def caller_stream_and_owner(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | None]:
+    """`caller_stream`, and the framework whose current stream it is (None for an explicit one)."""
     if stream is not None:
-        return _stream_handle(stream)
+        return _stream_handle(stream), None
     cuda_objs = []
     for item in objs:
         obj = item.obj if isinstance(item, View) else item
         if hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA:
             cuda_objs.append(obj)
     if not cuda_objs:
-        return 0
+        return 0, None
     device_id = _dlpack_device(cuda_objs[0])[1]
     if any(framework_of(obj) == "torch" for obj in cuda_objs):
         import torch
-        return int(torch.cuda.current_stream(device_id).cuda_stream)
+        return int(torch.cuda.current_stream(device_id).cuda_stream), "torch"
     import cupy
-    return int(cupy.cuda.get_current_stream(device_id).ptr)
+    return int(cupy.cuda.get_current_stream(device_id).ptr), "cupy"
+
+
+def _native_view(obj: Any, stream_owner: str | None) -> View | None:
+    """The View of a plain torch CUDA tensor or CuPy array read from its attributes, when the launch
+    stream is its framework's current stream; None sends the array down the DLPack path."""
+    framework = framework_of(obj)
+    if framework != stream_owner:
+        return None
+    if framework == "torch":
+        if type(obj).__name__ != "Tensor" or not obj.is_cuda:
+            return None
+        dtype = _torch_dtypes().get(obj.dtype)
+        if dtype is None:
+            return None
+        return View(ptr=obj.data_ptr(), shape=tuple(obj.shape), strides=tuple(obj.stride()), dtype=dtype,
+                    device_type=DEVICE_CUDA, device_id=obj.device.index, framework="torch", obj=obj)
+    if framework == "cupy" and type(obj).__name__ == "ndarray":
+        itemsize = obj.dtype.itemsize
+        if any(s % itemsize for s in obj.strides):
+            return None
+        return View(ptr=obj.data.ptr, shape=obj.shape, strides=tuple(s // itemsize for s in obj.strides),
+                    dtype=obj.dtype, device_type=DEVICE_CUDA, device_id=obj.device.id, framework="cupy", obj=obj)
+    return None
+
+
+_TORCH_DTYPES: dict | None = None
+
+
+def _torch_dtypes() -> dict:
+    """torch dtype -> numpy dtype, for the types DLPack would report (built once, torch imported)."""
+    global _TORCH_DTYPES
+    if _TORCH_DTYPES is None:
+        import torch
+        _TORCH_DTYPES = {
+            torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float16: np.dtype(np.float16),
+            torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+            torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.int16: np.dtype(np.int16),
+            torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
+        }
+    return _TORCH_DTYPES
 
 
 def _stream_handle(stream: Any) -> int:

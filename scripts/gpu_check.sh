@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, for a Hopper machine (the lent H100): environment, warm-up, the GPU
 # test suite, compute-sanitizer on a representative subset, and the side-by-side benchmark. Logs and
-# JSON go to $OUT (default: a temp dir); a short table is printed last.
+# JSON go to $OUT (default: a temp dir; at most 6 files); a short table is printed last.
 #
 #   bash scripts/gpu_check.sh [full|tests|bench|quick]     (default: full)
 #
@@ -27,16 +27,16 @@ export PYTHONPATH=$EXTRA${PYTHONPATH:+:$PYTHONPATH}
 status=0
 step() { echo; echo "=== $1"; }
 
-step "info";   $PY -m flashmla_cupy info 2>&1 | tee "$OUT/info.txt"
-step "warmup"; $PY -m flashmla_cupy warmup 2>&1 | tee "$OUT/warmup.txt" || status=1
+step "info";   $PY -m flashmla_cupy info 2>&1
+step "warmup"; $PY -m flashmla_cupy warmup 2>&1 || status=1
 
 # Each step has a time limit, so that a hang in one still leaves the others' results under $OUT.
 if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
   step "GPU tests"
   sel=(); [[ $MODE == quick ]] && sel=(-k "matrix and (b1- or b2- or b3-) or empty or frameworks")
   per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  timeout 300 $PY -m pytest -q -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider \
-    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+  timeout 300 $PY -m pytest -q -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.txt" || status=1
 fi
 if [[ $MODE == full || $MODE == bench ]]; then
   step "benchmark"
@@ -46,9 +46,11 @@ fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer --tool $tool"
-    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/sanitize_cases.py 2>&1 \
-      | tail -n 25 | tee "$OUT/sanitizer_$tool.txt"
-    [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+    # The first reports name the kernel, the instruction and the kind of hazard; the summary is last.
+    timeout 90 compute-sanitizer --tool $tool --print-limit 12 --error-exitcode 9 $PY scripts/sanitize_cases.py \
+      > "$OUT/sanitizer_$tool.txt" 2>&1
+    [[ $? == 0 ]] || status=1
+    head -n 60 "$OUT/sanitizer_$tool.txt"; tail -n 3 "$OUT/sanitizer_$tool.txt"
   done
 fi
 
