@@ -60,10 +60,11 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
 
     num_parts = plan.num_sm_parts(info.sm_count, problem.heads_kv, problem.rows)
     framework, device_id = views["cache_seqlens"].framework, problem.device_id
+    alloc_stream = None if owner == framework else handle
     metadata, metadata_view = tensors.empty(
-        framework, (num_parts, METADATA_FIELDS), np.int32, device_id, handle)
+        framework, (num_parts, METADATA_FIELDS), np.int32, device_id, alloc_stream)
     num_splits, num_splits_view = tensors.empty(
-        framework, (problem.batch + 1,), np.int32, device_id, handle)
+        framework, (problem.batch + 1,), np.int32, device_id, alloc_stream)
     kernels.run_scheduler(problem.cache_seqlens, metadata_view, num_splits_view, num_parts, handle)
     return (tensors.to_framework(framework, metadata, handle),
             tensors.to_framework(framework, num_splits, handle))
@@ -114,15 +115,21 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
 
     framework, dv = views["q"].framework, inputs.HEAD_DIM_V
     slots = plan.partial_slots(p.batch, p.num_parts)
+    # On the framework's own current stream its allocator needs no stream switch.
+    alloc_stream = None if owner == framework else handle
 
     def alloc(shape, dtype):
-        return tensors.empty(framework, shape, dtype, p.device_id, handle)
+        return tensors.empty(framework, shape, dtype, p.device_id, alloc_stream)
 
     out, out_view = alloc((p.batch, p.seqlen_q, p.heads_q, dv), p.q.dtype)
     lse, lse_view = alloc((p.batch, p.heads_q, p.seqlen_q), np.float32)
-    # Split-KV workspace; the framework's stream-ordered allocator recycles it after the kernels.
-    _, out_partial_view = alloc((slots, p.heads_kv, p.rows, dv), np.float32)
-    _, lse_partial_view = alloc((slots, p.heads_kv, p.rows), np.float32)
+    # Split-KV workspace, one allocation for both partial buffers; the framework's stream-ordered
+    # allocator recycles it after the kernels.
+    partial_shape, partial_lse_shape = (slots, p.heads_kv, p.rows, dv), (slots, p.heads_kv, p.rows)
+    out_partial_size = slots * p.heads_kv * p.rows * dv
+    _, workspace = alloc((out_partial_size + slots * p.heads_kv * p.rows,), np.float32)
+    out_partial_view = tensors.subview(workspace, 0, partial_shape)
+    lse_partial_view = tensors.subview(workspace, out_partial_size, partial_lse_shape)
     kernels.run_decode(p, out_view, lse_view, out_partial_view, lse_partial_view, handle)
     kernels.run_combine(p, out_view, lse_view, out_partial_view, lse_partial_view, handle)
     return tensors.to_framework(framework, out, handle), tensors.to_framework(framework, lse, handle)

@@ -6,6 +6,7 @@ needs the device and lives in api.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -291,10 +292,42 @@ def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: A
         rules.add("causal", repr(causal), "a bool", "pass True or False")
 
 
+# Calls that passed the checks, by everything the checks read: a decode step repeats the same call
+# for every layer, so after the first layer a call costs a dictionary lookup instead of the rules.
+_PASSED: dict[tuple, DecodeProblem] = {}
+_PASSED_LIMIT = 256
+
+
+def _signature(views: tuple[View, ...], head_dim_v: Any, softmax_scale: Any, causal: Any) -> tuple:
+    """What the rules depend on: layouts, dtypes, devices, pointer alignment and the scalars."""
+    layout = tuple((v.shape, v.strides, v.dtype, v.device_type, v.device_id, v.ptr % TMA_ALIGN) for v in views)
+    return layout, type(head_dim_v), head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal
+
+
 def check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
                       head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
                       softmax_scale: Any, causal: Any) -> DecodeProblem:
     """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule."""
+    arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
+    try:
+        key = _signature(arrays, head_dim_v, softmax_scale, causal)
+        passed = _PASSED.get(key)
+    except TypeError:  # an unhashable scalar: it will fail the rules below
+        key, passed = None, None
+    if passed is not None:
+        return dataclasses.replace(passed, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                                   tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+    problem = _check_decode_args(*arrays[:4], head_dim_v, *arrays[4:], softmax_scale, causal)
+    if key is not None:
+        if len(_PASSED) >= _PASSED_LIMIT:
+            _PASSED.clear()
+        _PASSED[key] = problem
+    return problem
+
+
+def _check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
+                       head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
+                       softmax_scale: Any, causal: Any) -> DecodeProblem:
     rules = _Rules("flash_mla_with_kvcache")
     views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}

@@ -359,6 +359,13 @@ def empty(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int,
     return native, view
 
 
+def subview(view: View, offset: int, shape: tuple[int, ...]) -> View:
+    """A C-contiguous `shape` carved out of the 1-D `view` at element `offset` (keeps `view` alive)."""
+    return View(ptr=view.ptr + offset * view.dtype.itemsize, shape=shape, strides=contiguous_strides(shape),
+                dtype=view.dtype, device_type=view.device_type, device_id=view.device_id,
+                framework=view.framework, obj=view.obj)
+
+
 def _torch_empty(shape, dtype, device_id, stream):
     import torch
     device = torch.device("cuda", device_id)

@@ -6,6 +6,7 @@ read it, so a variant cannot be launched that warm-up and CI never compiled.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # Element types of q / k_cache / out; the C++ side selects its type with the matching define.
@@ -65,6 +66,7 @@ def all_variants() -> list[Variant]:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _find(program: str, dtype) -> Variant:
     key = None if dtype is None else _DTYPE_ALIASES.get(str(getattr(dtype, "name", dtype)).lower())
     for v in all_variants():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, for a Hopper machine (the lent H100): environment, warm-up, the GPU
 # test suite, compute-sanitizer on a representative subset, and the side-by-side benchmark. Logs and
-# JSON go to $OUT (default: a temp dir; at most 6 files); a short table is printed last.
+# JSON go to $OUT (default: a temp dir; at most 7 files); a short table is printed last.
 #
 #   bash scripts/gpu_check.sh [full|tests|bench|quick]     (default: full)
 #
@@ -35,10 +35,13 @@ if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
   step "GPU tests"
   sel=(); [[ $MODE == quick ]] && sel=(-k "matrix and (b1- or b2- or b3-) or empty or frameworks")
   per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
-  timeout 300 $PY -m pytest -q -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider 2>&1 \
+  FLASHMLA_CUPY_TEST_REPORT="$OUT/accuracy.json" \
+  timeout 300 $PY -m pytest -q -rA -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.txt" || status=1
 fi
 if [[ $MODE == full || $MODE == bench ]]; then
+  step "host time per call"
+  timeout 60 $PY scripts/host_profile.py 2>&1 | head -n 45
   step "benchmark"
   PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.txt" || status=1

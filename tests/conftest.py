@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import sys
 
 import pytest
 
@@ -33,3 +36,18 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an sm_90 CUDA GPU; skipped elsewhere with the reason")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With FLASHMLA_CUPY_TEST_REPORT set, write every accuracy report of the GPU decode tests there
+    (case, seed, worst errors), with the worst of each measure on top."""
+    path = os.environ.get("FLASHMLA_CUPY_TEST_REPORT")
+    module = sys.modules.get("test_decode_gpu") or sys.modules.get("tests.gpu.test_decode_gpu")
+    if not path or module is None:
+        return
+    reports = module.REPORTS
+    passed = [r for r in reports if r["passed"]]
+    worst = {key: max((r[key] for r in passed), default=None)
+             for key in ("out_max_abs", "out_max_rel", "out_cos_diff", "lse_max_abs", "lse_max_rel")}
+    with open(path, "w") as f:
+        json.dump({"checked": len(reports), "passed": len(passed), "worst": worst, "cases": reports}, f, indent=1)

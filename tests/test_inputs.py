@@ -282,12 +282,15 @@ def test_decode_call(gpu):
     args = decode_args(batch=3, seqlen_q=2, heads_q=32, heads_kv=2, num_parts=6, producer=FakeJax)
     flash_mla_with_kvcache(**args, causal=True, stream=STREAM)
     names = [c[0] for c in gpu.calls]
-    assert names == ["empty"] * 4 + ["run_decode", "run_combine"]
+    assert names == ["empty"] * 3 + ["run_decode", "run_combine"]
     slots = plan.partial_slots(3, 6)
-    shapes = [c[1][1] for c in gpu.calls[:4]]
-    assert shapes == [(3, 2, 32, 512), (3, 32, 2), (slots, 2, 32, 512), (slots, 2, 32)]
-    problem, out, lse, out_partial, lse_partial, stream = gpu.calls[4][1]
-    assert gpu.calls[5][1] == gpu.calls[4][1]
+    shapes = [c[1][1] for c in gpu.calls[:3]]
+    # out, lse, then one workspace holding both partial buffers
+    assert shapes == [(3, 2, 32, 512), (3, 32, 2), (slots * 2 * 32 * 512 + slots * 2 * 32,)]
+    problem, out, lse, out_partial, lse_partial, stream = gpu.calls[3][1]
+    assert gpu.calls[4][1] == gpu.calls[3][1]
+    assert out_partial.shape == (slots, 2, 32, 512) and lse_partial.shape == (slots, 2, 32)
+    assert lse_partial.ptr == out_partial.ptr + slots * 2 * 32 * 512 * 4
     assert (problem.batch, problem.seqlen_q, problem.heads_q, problem.heads_kv) == (3, 2, 32, 2)
     assert (problem.heads_per_group, problem.rows, problem.num_parts) == (16, 32, 6)
     assert problem.dtype_name == "bf16" and problem.causal and stream == STREAM
@@ -300,3 +303,21 @@ def test_causal_is_moot_for_one_query_token(gpu):
     flash_mla_with_kvcache(**decode_args(seqlen_q=1), causal=True, softmax_scale=0.1, stream=STREAM)
     problem = gpu.calls[4][1][0]
     assert problem.causal is False and problem.softmax_scale == 0.1
+
+
+def test_passed_checks_are_remembered_but_only_for_the_same_layout(gpu):
+    """A repeated call skips the rules but still describes the new arrays; a call that differs in
+    anything the rules read (here only the alignment of k_cache's address) is checked afresh."""
+    def problem_of(**changes):
+        args = decode_args()
+        args.update(changes)
+        views = {k: tensors.take(a, k) for k, a in args.items() if hasattr(a, "__dlpack__")}
+        return inputs.check_decode_args(views["q"], views["k_cache"], views["block_table"],
+                                        views["cache_seqlens"], args["head_dim_v"],
+                                        views["tile_scheduler_metadata"], views["num_splits"], None, False)
+
+    first = problem_of()
+    moved = problem_of(k_cache=FakeTorch((8, 64, 1, 576), "bf16", ptr=BASE_PTR + (7 << 30)))
+    assert moved.k_cache.ptr == BASE_PTR + (7 << 30) and moved.batch == first.batch
+    with pytest.raises(InvalidInputError):
+        problem_of(k_cache=FakeTorch((8, 64, 1, 576), "bf16", ptr=BASE_PTR + (7 << 30) + 2))

@@ -94,11 +94,18 @@ def lengths(rng, kind: str, batch: int) -> np.ndarray:
 
 
 def check(case, out, lse, seed, label):
+    """check_close against the float64 reference; every report is kept for the run's JSON summary."""
     ref_out, ref_lse = case.reference()
     try:
-        return reference.check_close(out, lse, ref_out, ref_lse, case.dtype)
+        report = reference.check_close(out, lse, ref_out, ref_lse, case.dtype)
     except AssertionError as exc:
+        REPORTS.append({"case": label, "seed": seed, "passed": False, "error": str(exc)[:500]})
         raise AssertionError(f"{label} (seed {seed}): {exc}") from None
+    REPORTS.append({"case": label, "seed": seed, "passed": True, **report})
+    return report
+
+
+REPORTS: list[dict] = []  # written to $FLASHMLA_CUPY_TEST_REPORT by tests/conftest.py
 
 
 def fresh_seed() -> int:
