@@ -193,7 +193,9 @@ def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path):
     assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
     cubin = tmp_path / "decode.cubin"
     cubin.write_bytes(compiler.compile_variant(variants.decode_variant(dtype)).cubin)
-    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
+    assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
+    sass = done.stdout
     assert "HGMMA.64x64x16.F32" in sass and "HGMMA.64x256x16.F32" in sass
     assert " HMMA" not in sass
     assert "UTMALDG" in sass

@@ -6,6 +6,7 @@ import pytest
 
 from flashmla_cupy.params import METADATA_FIELDS
 from flashmla_cupy.plan import PAGE_SIZE, plan_numpy
+from test_plan import random_seqlens  # tests/ is on pytest's pythonpath
 
 pytestmark = pytest.mark.gpu
 
@@ -38,17 +39,6 @@ def assert_same_plan(seqlens: np.ndarray, num_parts: int) -> None:
                         f"device {got[at[0]]}, numpy {want[at[0]]}")
 
 
-def random_seqlens(rng: np.random.Generator, batch: int) -> np.ndarray:
-    kind = rng.integers(4)
-    if kind == 0:
-        s = rng.integers(0, 16385, batch)
-    elif kind == 1:
-        s = np.where(rng.random(batch) < 0.6, 0, rng.integers(1, 16385, batch))
-    elif kind == 2:
-        s = np.where(rng.random(batch) < 0.05, 131072, rng.integers(0, 4096, batch))
-    else:
-        s = PAGE_SIZE * rng.integers(0, 64, batch) + rng.integers(0, 2, batch)
-    return s.astype(np.int32)
 
 
 def test_random_batches_match_numpy():
