@@ -274,13 +274,20 @@ def caller_stream_and_owner(objs: Iterable[Any], stream: Any = None) -> tuple[in
     """`caller_stream`, and the framework whose current stream it is (None for an explicit one)."""
     if stream is not None:
         return _stream_handle(stream), None
-    cuda_objs = []
+    cuda_objs, torch_device = [], None
     for item in objs:
         obj = item.obj if isinstance(item, View) else item
-        if hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA:
+        if framework_of(obj) == "torch" and type(obj).__name__ == "Tensor":
+            if obj.is_cuda:  # cheaper than torch's Python-level __dlpack_device__
+                cuda_objs.append(obj)
+                torch_device = obj.get_device() if torch_device is None else torch_device
+        elif hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA:
             cuda_objs.append(obj)
     if not cuda_objs:
         return 0, None
+    if torch_device is not None:
+        import torch
+        return int(torch.cuda.current_stream(torch_device).cuda_stream), "torch"
     device_id = _dlpack_device(cuda_objs[0])[1]
     if any(framework_of(obj) == "torch" for obj in cuda_objs):
         import torch
@@ -370,8 +377,7 @@ def _torch_empty(shape, dtype, device_id, stream):
     import torch
     device = torch.device("cuda", device_id)
     torch_dtype = getattr(torch, dtype.name)   # bfloat16, float16, float32, int32 share names
-    current = torch.cuda.current_stream(device)
-    if stream is None or stream == current.cuda_stream:
+    if stream is None or stream == torch.cuda.current_stream(device).cuda_stream:
         tensor = torch.empty(shape, dtype=torch_dtype, device=device)
     else:
         # The caching allocator ties a block to the stream current at allocation: make it ours.
