@@ -128,6 +128,26 @@ def captured(torch, fn):
     return graph.replay
 
 
+def kernel_breakdown(torch, fn, calls: int = 20) -> dict[str, float]:
+    """GPU time per call of each kernel `fn` launches (torch profiler), in microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0.0)
+        if device_us > 0:
+            totals[event.key[:60]] = device_us / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+
+
 def first_output(result):
     return result[0] if isinstance(result, (tuple, list)) else result
 
@@ -137,6 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="only the four peer-table cases")
     parser.add_argument("--only", default=None, help="comma-separated library names")
+    parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel (torch profiler)")
     args = parser.parse_args(argv)
 
     import torch
@@ -172,6 +193,11 @@ def main(argv=None) -> int:
                                  graph_gbps=nbytes / 1e6 / graph_ms)
                 except Exception as exc:
                     entry["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if args.kernels:
+                    try:
+                        entry["kernels_us"] = kernel_breakdown(torch, fn)
+                    except Exception as exc:
+                        entry["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
             except Exception as exc:  # a peer that cannot run here is reported, not fatal
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
             row["libraries"][name] = entry
@@ -197,6 +223,13 @@ def main(argv=None) -> int:
     names = list(libs)
     print_table(results, names, device, report["commit"], graph=False)
     print_table(results, names, device, report["commit"], graph=True)
+    if args.kernels:
+        print("\nGPU time per call by kernel (us)")
+        for row in results:
+            for name, e in row["libraries"].items():
+                if "kernels_us" in e:
+                    parts = ", ".join(f"{k}: {v:.1f}" for k, v in e["kernels_us"].items())
+                    print(f"b={row['batch']} h_q={row['heads_q']} seqlen={row['seqlen']} {name}: {parts}")
     for row in results:
         for name, e in row["libraries"].items():
             if "error" in e:

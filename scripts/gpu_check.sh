@@ -43,7 +43,7 @@ if [[ $MODE == full || $MODE == bench ]]; then
   step "host time per call"
   timeout 60 $PY scripts/host_profile.py 2>&1 | head -n 45
   step "benchmark"
-  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --json "$OUT/bench.json" 2>&1 \
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --kernels --json "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.txt" || status=1
 fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
