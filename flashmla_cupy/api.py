@@ -52,7 +52,7 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
     ValueError and TypeError) listing every problem; a non-Hopper GPU raises
     `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    handle, owner = tensors.caller_stream_and_owner([cache_seqlens], stream)
+    handle, owner = tensors.caller_stream([cache_seqlens], stream)
     views = tensors.take_all({"cache_seqlens": cache_seqlens}, handle, "get_mla_metadata", owner)
     problem = inputs.check_metadata_args(views["cache_seqlens"], num_q_tokens_per_head_k, num_heads_k)
     info = _require_hopper(problem.device_id)
@@ -105,7 +105,7 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     """
     arrays = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
               "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
-    handle, owner = tensors.caller_stream_and_owner(arrays.values(), stream)
+    handle, owner = tensors.caller_stream(arrays.values(), stream)
     views = tensors.take_all(arrays, handle, "flash_mla_with_kvcache", owner)
     p = inputs.check_decode_args(
         views["q"], views["k_cache"], views["block_table"], views["cache_seqlens"], head_dim_v,

@@ -263,15 +263,11 @@ def take_all(arrays: Mapping[str, Any], stream: int | None = None,
     return views
 
 
-def caller_stream(objs: Iterable[Any], stream: Any = None) -> int:
-    """The raw cudaStream_t to launch on: an explicit `stream` (int handle, CuPy stream or torch
-    stream) wins; else torch's current stream if any input is a torch tensor; else CuPy's current
-    stream on the inputs' device. With no CUDA input at all (the call will be rejected), 0."""
-    return caller_stream_and_owner(objs, stream)[0]
-
-
-def caller_stream_and_owner(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | None]:
-    """`caller_stream`, and the framework whose current stream it is (None for an explicit one)."""
+def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | None]:
+    """The raw cudaStream_t to launch on, and the framework whose current stream it is (None for an
+    explicit one). An explicit `stream` (int handle, CuPy stream or torch stream) wins; else torch's
+    current stream if any input is a torch tensor; else CuPy's current stream on the inputs' device.
+    With no CUDA input at all (the call will be rejected), (0, None)."""
     if stream is not None:
         return _stream_handle(stream), None
     cuda_objs, torch_device = [], None

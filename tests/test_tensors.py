@@ -159,15 +159,15 @@ def test_explicit_stream_wins():
         ptr = 0x2222
 
     objs = [FakeTorch((1,), "int32")]
-    assert tensors.caller_stream(objs, 0x3333) == 0x3333
-    assert tensors.caller_stream(objs, TorchStream()) == 0x1111
-    assert tensors.caller_stream(objs, CupyStream()) == 0x2222
+    assert tensors.caller_stream(objs, 0x3333)[0] == 0x3333
+    assert tensors.caller_stream(objs, TorchStream())[0] == 0x1111
+    assert tensors.caller_stream(objs, CupyStream())[0] == 0x2222
     with pytest.raises(InvalidInputError, match="stream"):
         tensors.caller_stream(objs, "default")
 
 
 def test_no_cuda_input_needs_no_stream():
-    assert tensors.caller_stream([np.zeros(2)]) == 0
+    assert tensors.caller_stream([np.zeros(2)])[0] == 0
 
 
 def test_framework_of():
