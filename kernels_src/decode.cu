@@ -215,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == kProducerThread) {
     for (int stage = 0; stage < kStages && cursor.valid(); ++stage) cursor.issue(&kv_map, smem, stage, kv_head, hint);
   }
-  __syncwarp();  // reconverge the producer's warp before the aligned barriers below
+  __syncwarp();  // reconverge the producer's warp before the barriers below
 
   // Broadcast from lane 0 so that the compiler sees the role as warp-uniform; otherwise it serialises
   // the wgmmas behind the role branch.

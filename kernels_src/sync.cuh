@@ -35,12 +35,14 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+// The non-.aligned forms: the two warpgroups reach the same barrier from different instructions
+// (their role code differs), which the .aligned forms (`bar.sync`, `bar.arrive`) leave undefined.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
+  asm volatile("barrier.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void named_barrier_arrive(NamedBarrier id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
+  asm volatile("barrier.arrive %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
 // Ordinary smem stores that wgmma or TMA will read next must pass this fence before the barrier.

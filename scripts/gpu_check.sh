@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, for a Hopper machine (the lent H100): environment, warm-up, the GPU
-# test suite, compute-sanitizer on a representative subset, and the side-by-side benchmark. Logs and
-# JSON go to $OUT (default: a temp dir; at most 7 files); a short table is printed last.
+# test suite, the demo, compute-sanitizer on a representative subset, and the side-by-side benchmark.
+# JSON results and sanitizer logs go to $OUT (default: a temp dir; 6 files), with summary.json (card,
+# commit, test counts, worst errors, sanitizer verdicts, ours / best peer); a short table is printed last.
 #
 #   bash scripts/gpu_check.sh [full|tests|bench|quick]     (default: full)
 #
@@ -11,6 +12,7 @@ set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+LOGS=$(mktemp -d)  # plain-text step outputs: they are in the printed log already
 export PYTHONUNBUFFERED=1
 export FLASHMLA_CUPY_CACHE_DIR=${FLASHMLA_CUPY_CACHE_DIR:-/tmp/flashmla_cupy_cache}
 PY=${PYTHON:-python3}
@@ -37,14 +39,17 @@ if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
   per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   FLASHMLA_CUPY_TEST_REPORT="$OUT/accuracy.json" \
   timeout 300 $PY -m pytest -q -rA -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider 2>&1 \
-    | tee "$OUT/gpu_tests.txt" || status=1
+    | tee "$LOGS/gpu_tests.txt" || status=1
+  step "demo"
+  timeout 120 $PY -m flashmla_cupy demo 2>&1 | tee "$LOGS/demo.txt"
+  [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
 if [[ $MODE == full || $MODE == bench ]]; then
   step "host time per call"
   timeout 60 $PY scripts/host_profile.py 2>&1 | head -n 45
   step "benchmark"
   PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --kernels --json "$OUT/bench.json" 2>&1 \
-    | tee "$OUT/bench.txt" || status=1
+    | tee "$LOGS/bench.txt" || status=1
 fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
@@ -58,9 +63,7 @@ if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/n
 fi
 
 step "summary"
-grep -E "passed|failed|error" "$OUT/gpu_tests.txt" 2>/dev/null | tail -n 1
-for tool in memcheck racecheck synccheck; do
-  [[ -f $OUT/sanitizer_$tool.txt ]] && echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -n 1)"
-done
-[[ -f $OUT/bench.txt ]] && grep -E "^\||commit" "$OUT/bench.txt"
+GPU_CHECK_MODE=$MODE $PY scripts/summarize_gpu_check.py "$OUT" "$LOGS" || status=1
+[[ -f $LOGS/demo.txt ]] && tail -n 2 "$LOGS/demo.txt"
+[[ -f $LOGS/bench.txt ]] && grep -E "^\||commit" "$LOGS/bench.txt"
 exit $status
