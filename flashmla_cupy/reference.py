@@ -210,7 +210,13 @@ def check_close(out, lse, ref_out, ref_lse, dtype) -> dict:
         failures.append(f"lse: {int(lse_bad.sum())} of {lse.size} elements outside abs {LSE_ATOL:g} / rel "
                         f"{LSE_RTOL:g}; worst at {at}: got {lse[at]!r}, reference {ref_lse[at]!r}")
 
+    # How much of the allowed error the worst element uses (<= 1 passes): the one figure that reads
+    # the same for large and tiny values (max_rel is dominated by references next to zero).
+    out_used = out_err / np.maximum(OUT_ATOL, OUT_RTOL * np.abs(target))
+    lse_used = lse_err / np.maximum(LSE_ATOL, LSE_RTOL * np.abs(lse_ref_finite))
     report = {
+        "out_tolerance_used": float(np.max(np.nan_to_num(out_used, nan=np.inf), initial=0.0)),
+        "lse_tolerance_used": float(np.max(lse_used, initial=0.0)),
         "out_max_abs": float(np.max(out_err, initial=0.0)),
         "out_max_rel": float(np.max(out_rel, initial=0.0)),
         "out_bad": int(out_bad.sum()),

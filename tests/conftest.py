@@ -47,7 +47,8 @@ def pytest_sessionfinish(session, exitstatus):
         return
     reports = module.REPORTS
     passed = [r for r in reports if r["passed"]]
-    worst = {key: max((r[key] for r in passed), default=None)
-             for key in ("out_max_abs", "out_max_rel", "out_cos_diff", "lse_max_abs", "lse_max_rel")}
+    measures = ("out_tolerance_used", "lse_tolerance_used", "out_max_abs", "out_max_rel", "out_cos_diff",
+                "lse_max_abs", "lse_max_rel")
+    worst = {key: max((r[key] for r in passed if key in r), default=None) for key in measures}
     with open(path, "w") as f:
         json.dump({"checked": len(reports), "passed": len(passed), "worst": worst, "cases": reports}, f, indent=1)
