@@ -5,11 +5,6 @@
 //   warpgroup 0: S = Q K^T, online softmax, P -> smem, O[:, 0:256] += P V with P from registers.
 //   warpgroup 1: TMA producer (one thread) and O[:, 256:512] += P V with P from shared memory.
 // Pages stream through a two-stage ring of 72 KB tiles; V is the first 512 columns of the K tile.
-//
-// Schedule: warpgroup 0 runs one page behind itself: it issues PV(j-1) and then QK^T(j) back to back,
-// and only once S(j) is in does warpgroup 1 start its PV(j-1), which then runs on the tensor cores
-// while warpgroup 0 computes the softmax of page j. Each stage is refilled in two halves as soon as
-// each half's last reader is done (see SharedStorage), which keeps the loads ahead of QK^T.
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "load.cuh"
@@ -20,7 +15,6 @@
 namespace flashmla {
 
 constexpr int kProducerThread = kWarpgroupThreads;  // first thread of warpgroup 1
-static_assert(kStages == 2, "warpgroup 0 finds the previous page in the other stage (stage ^ 1)");
 
 __device__ __forceinline__ int pages_of(int seqlen) { return (seqlen + kPageSize - 1) / kPageSize; }
 
@@ -59,16 +53,10 @@ struct PageCursor {
     }
   }
   __device__ __forceinline__ bool valid() const { return page < page_end; }
-  __device__ __forceinline__ int block() const { return p.block_table[request * p.block_table_stride + page]; }
-  // The boxes that warpgroup 0 alone reads (left V, rope); the page stays current.
-  __device__ __forceinline__ void issue_left(const TensorMap* map, SharedStorage& smem, int stage, int kv_head,
-                                             uint64_t hint) const {
-    load_kv_left(map, smem, stage, block(), kv_head, hint);
-  }
-  // The right V boxes; then move on to the next page.
-  __device__ __forceinline__ void issue_right(const TensorMap* map, SharedStorage& smem, int stage, int kv_head,
-                                              uint64_t hint) {
-    load_kv_right(map, smem, stage, block(), kv_head, hint);
+  __device__ __forceinline__ void issue(const TensorMap* map, SharedStorage& smem, int stage, int kv_head,
+                                        uint64_t hint) {
+    const int block = p.block_table[request * p.block_table_stride + page];
+    load_kv_page(map, smem, stage, block, kv_head, hint);
     ++page;
     skip_finished();
   }
@@ -100,62 +88,45 @@ __device__ __forceinline__ void softmax_warpgroup(const DecodeParams& p, SharedS
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
   OnlineSoftmax softmax;
   softmax.reset();
-  uint32_t frag[kPVSteps][4];  // P of the previous page: the A operand of its PV
-  float rescale[2];            // what O must be multiplied by before that PV
-  // Broadcast, so that the compiler sees the branches around the wgmmas as warp-uniform; otherwise it
-  // serialises the wgmmas.
-  const int page_begin = __shfl_sync(0xffffffffu, piece.page_begin, 0);
-  const int page_end = __shfl_sync(0xffffffffu, piece.page_end, 0);
 
-  for (int page = page_begin; page < page_end; ++page, ++item) {
+  for (int page = piece.page_begin; page < piece.page_end; ++page, ++item) {
     const int stage = item % kStages;
     const int phase = (item / kStages) & 1;
-    const bool has_previous = page > page_begin;
-    if (has_previous) {  // the previous page sits in the other stage
-      scale_rows(o, rescale);
-      issue_pv_from_regs(frag, smem.kv[stage ^ 1], 0, o);
-    }
+    uint8_t* tile = smem.kv[stage];
     float s[32];
-    issue_qk(smem.q, smem.kv[stage], smem.full[stage], phase, s);
-    if (has_previous) {
-      cute::warpgroup_wait<1>();  // PV(j-1) is done: its left V boxes and rope box may be refilled
-      fence_fragment(frag);       // (and the registers it read may be reused only from here on)
-      mbarrier_arrive(&smem.left_free[stage ^ 1]);
-    }
+    issue_qk(smem.q, tile, smem.full[stage], phase, s);
     cute::warpgroup_wait<0>();
-    // S(j) is in: warpgroup 1's PV(j-1) now overlaps this warpgroup's softmax instead of QK^T(j).
-    if (has_previous) named_barrier_arrive(kBarrierPReady, kThreads);
 
     const int token0 = page * kPageSize;
+    float rescale[2];
     if (token0 + kPageSize > mask_from) {
       softmax.update<true>(s, p.scale_log2, at, token0, limit, rescale);
     } else {
       softmax.update<false>(s, p.scale_log2, at, token0, limit, rescale);
     }
+    uint32_t frag[4][4];
     pack_probabilities(s, frag);
 
     // Warpgroup 1 is done with the previous P and row scales (before a piece's first page, the CTA
     // barrier of the Q reload ordered that already).
-    if (has_previous) named_barrier_sync(kBarrierPFree, kThreads);
+    if (page > piece.page_begin) named_barrier_sync(kBarrierPFree, kThreads);
     store_probabilities(frag, smem.p, at);
     if (at.column == 0) {
       smem.row_scale[at.row[0]] = rescale[0];
       smem.row_scale[at.row[1]] = rescale[1];
     }
     const int valid = piece.seqlen - token0;
-    if (valid < kPageSize) zero_stale_v_rows(smem.kv[stage], valid, thread);
+    if (valid < kPageSize) zero_stale_v_rows(tile, valid, thread);
     fence_generic_to_async_smem();
     if (valid < kPageSize) named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    named_barrier_arrive(kBarrierPReady, kThreads);
+
+    scale_rows(o, rescale);
+    issue_pv_from_regs(frag, tile, 0, o);
+    cute::warpgroup_wait<0>();
+    mbarrier_arrive(&smem.empty[stage]);
   }
 
-  // The piece's last page: its PV on both sides. (A piece of an empty request has no pages.)
-  const bool any_page = page_end > page_begin;
-  const int last_stage = (item - 1) % kStages;
-  if (any_page) {
-    scale_rows(o, rescale);
-    issue_pv_from_regs(frag, smem.kv[last_stage], 0, o);
-    named_barrier_arrive(kBarrierPReady, kThreads);
-  }
   float inv_sum[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -168,16 +139,10 @@ __device__ __forceinline__ void softmax_warpgroup(const DecodeParams& p, SharedS
     store_lse(p, piece, kv_head, rows_base, at, softmax.row_max, softmax.row_sum);
   }
   named_barrier_arrive(kBarrierEpilogue, kThreads);
-  cute::warpgroup_wait<0>();  // outside the branch, so that the compiler sees O settled on every path
-  if (any_page) {
-    fence_fragment(frag);
-    mbarrier_arrive(&smem.left_free[last_stage]);
-  }
   store_output(p, piece, kv_head, rows_base, at, 0, o, inv_sum);
 }
 
-// Warpgroup 1: the right half of the output, and the TMA producer, which refills the stage of page j
-// with page j + 2.
+// Warpgroup 1: the right half of the output, and the TMA producer.
 __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedStorage& smem, const Piece& piece,
                                                 int kv_head, int rows_base, int& item,
                                                 PageCursor& cursor, const TensorMap* kv_map, uint64_t hint) {
@@ -190,28 +155,23 @@ __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedSto
   for (int page = piece.page_begin; page < piece.page_end; ++page, ++item) {
     const int stage = item % kStages;
     const int phase = (item / kStages) & 1;
-    const bool refill = threadIdx.x == kProducerThread && cursor.valid();
-    if (refill) {
-      mbarrier_wait(&smem.left_free[stage], phase);
-      cursor.issue_left(kv_map, smem, stage, kv_head, hint);
-    }
-    __syncwarp();
+    uint8_t* tile = smem.kv[stage];
     named_barrier_sync(kBarrierPReady, kThreads);
     const float rescale[2] = {smem.row_scale[at.row[0]], smem.row_scale[at.row[1]]};
     scale_rows(o, rescale);
     // Already complete (warpgroup 0 waited on them); waiting here makes the TMA data visible to us.
 #pragma unroll
-    for (int box = kRightFirstBox; box < kRightLastBox; ++box) mbarrier_wait(&smem.full[stage][box], phase);
-    issue_pv_from_smem(smem.p, smem.kv[stage], 1, o);
+    for (int box = kBoxesPerHalf; box < kVBoxes; ++box) mbarrier_wait(&smem.full[stage][box], phase);
+    issue_pv_from_smem(smem.p, tile, 1, o);
     cute::warpgroup_wait<0>();
-    mbarrier_arrive(&smem.right_free[stage]);
-    if (refill) {
-      mbarrier_wait(&smem.right_free[stage], phase);  // all four warps' PV reads are done
-      cursor.issue_right(kv_map, smem, stage, kv_head, hint);
+
+    if (threadIdx.x == kProducerThread && cursor.valid()) {
+      mbarrier_wait(&smem.empty[stage], phase);  // warpgroup 0's PV of this page is done too
+      cursor.issue(kv_map, smem, stage, kv_head, hint);
     }
     __syncwarp();
     // P and the row scales may be overwritten now. A full sync rather than an arrive: warpgroup 1 has
-    // nothing to do until the next go-ahead anyway.
+    // nothing to do until the next P anyway, and the handoff is then ordered for every tool.
     if (page + 1 < piece.page_end) named_barrier_sync(kBarrierPFree, kThreads);
   }
 
@@ -245,8 +205,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < kStages; ++stage) {
       for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[stage][box], 1);
-      mbarrier_init(&smem.left_free[stage], kWarpgroupThreads);
-      mbarrier_init(&smem.right_free[stage], kWarpgroupThreads);
+      mbarrier_init(&smem.empty[stage], kWarpgroupThreads);
     }
     fence_barrier_init();
   }
@@ -254,10 +213,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 
   PageCursor cursor(p, meta);
   if (threadIdx.x == kProducerThread) {
-    for (int stage = 0; stage < kStages && cursor.valid(); ++stage) {
-      cursor.issue_left(&kv_map, smem, stage, kv_head, hint);
-      cursor.issue_right(&kv_map, smem, stage, kv_head, hint);
-    }
+    for (int stage = 0; stage < kStages && cursor.valid(); ++stage) cursor.issue(&kv_map, smem, stage, kv_head, hint);
   }
   __syncwarp();  // reconverge the producer's warp before the barriers below
 

@@ -61,10 +61,7 @@ struct SharedStorage {
   float row_scale[kTileRows];          // exp2(old max - new max) of the current page
   float row_inv_sum[kTileRows];        // epilogue: 1 / row sum (0 for rows that saw nothing)
   alignas(8) uint64_t full[kStages][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
-  // A stage is refilled in two halves, each as soon as its last reader is done: the left V boxes
-  // and the rope box after warpgroup 0's PV, the right V boxes after warpgroup 1's.
-  uint64_t left_free[kStages];
-  uint64_t right_free[kStages];
+  uint64_t empty[kStages];                    // warpgroup 0 is done reading a stage
 };
 
 // Dynamic shared memory asked for at launch: the struct plus slack to align it to 1024 bytes
@@ -74,8 +71,8 @@ constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : int {
   kBarrierCta = 1,        // all 256 threads: Q tile reloads
-  kBarrierPReady = 2,     // warpgroup 0 -> 1: go ahead with the right PV of the page whose P is in smem
-  kBarrierPFree = 3,      // both warpgroups: that P has been consumed and may be overwritten
+  kBarrierPReady = 2,     // warpgroup 0 -> 1: P, row scales (and zeroed stale V rows) are in smem
+  kBarrierPFree = 3,      // both warpgroups: P of the previous page has been consumed
   kBarrierEpilogue = 4,   // warpgroup 0 -> 1: row sums are in smem
   kBarrierWarpgroup0 = 5  // warpgroup 0 alone: its own smem writes before its own wgmma
 };

@@ -24,32 +24,16 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
-// Issue boxes [first, last) of one KV page (64 columns of 64 tokens each) into a stage; each box
-// completes its own barrier so that QK^T can start on the first box to land.
-__device__ __forceinline__ void load_kv_boxes(const TensorMap* map, SharedStorage& smem, int stage, int block,
-                                              int head, uint64_t hint, int first, int last) {
+// Issue the nine boxes of one KV page (all 576 columns of 64 tokens) into a stage; each box completes
+// its own barrier so QK^T can start on the first box.
+__device__ __forceinline__ void load_kv_page(const TensorMap* map, SharedStorage& smem, int stage,
+                                             int block, int head, uint64_t hint) {
 #pragma unroll
-  for (int box = first; box < last; ++box) {
+  for (int box = 0; box < kBoxes; ++box) {
     uint64_t* bar = &smem.full[stage][box];
     mbarrier_arrive_expect_tx(bar, kBoxBytes);
     tma_load_box(map, bar, smem.kv[stage] + box * kBoxBytes, box * kBoxCols, head, 0, block, hint);
   }
-}
-
-// The boxes that warpgroup 1's PV reads (the right half of V); the others (left V, rope) are read by
-// warpgroup 0 only.
-constexpr int kRightFirstBox = kBoxesPerHalf;
-constexpr int kRightLastBox = kVBoxes;
-
-__device__ __forceinline__ void load_kv_left(const TensorMap* map, SharedStorage& smem, int stage, int block,
-                                             int head, uint64_t hint) {
-  load_kv_boxes(map, smem, stage, block, head, hint, kBoxes - 1, kBoxes);  // rope first: QK^T starts there
-  load_kv_boxes(map, smem, stage, block, head, hint, 0, kRightFirstBox);
-}
-
-__device__ __forceinline__ void load_kv_right(const TensorMap* map, SharedStorage& smem, int stage, int block,
-                                              int head, uint64_t hint) {
-  load_kv_boxes(map, smem, stage, block, head, hint, kRightFirstBox, kRightLastBox);
 }
 
 // Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` inside a 128-byte-swizzled box.

@@ -52,16 +52,6 @@ __device__ __forceinline__ void fence_fragment(float (&frag)[N]) {
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(frag[i]);
 }
 
-// The A fragments of an RS wgmma are read asynchronously: fencing them after the wait keeps the
-// compiler from reusing their registers while the wgmma may still read them.
-__device__ __forceinline__ void fence_fragment(uint32_t (&frag)[kPVSteps][4]) {
-#pragma unroll
-  for (int i = 0; i < kPVSteps; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) cute::warpgroup_fence_operand(frag[i][j]);
-  }
-}
-
 template <class Mma, int N, size_t... I>
 __device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float (&d)[N], bool accumulate,
                                        cuda::std::index_sequence<I...>) {
@@ -74,21 +64,19 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
   Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
 }
 
-// S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land: the rope box and the
-// left V boxes first, the right V boxes (refilled last, after warpgroup 1's PV) at the end. Leaves the
-// wgmmas committed but not awaited.
+// S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land. Leaves the wgmmas
+// committed but not awaited.
 __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const uint8_t* k_tile, uint64_t* full,
                                          int phase, float (&s)[32]) {
   fence_fragment(s);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int n = 0; n < kBoxes; ++n) {
-    const int box = (n + kBoxes - 1) % kBoxes;  // 8, 0, 1, ..., 7
-    mbarrier_wait_uniform(&full[box], phase);
+  for (int box = 0; box < kBoxes; ++box) {
+    mbarrier_wait(&full[box], phase);
 #pragma unroll
     for (int i = 0; i < kStepsPerBox; ++i) {
       const int step = box * kStepsPerBox + i;
-      mma_ss<MmaQK>(k_major_desc(q_tile, step), k_major_desc(k_tile, step), s, n + i > 0,
+      mma_ss<MmaQK>(k_major_desc(q_tile, step), k_major_desc(k_tile, step), s, step > 0,
                     cuda::std::make_index_sequence<32>{});
     }
   }

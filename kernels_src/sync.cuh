@@ -37,28 +37,6 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
 
 // The non-.aligned forms: the two warpgroups reach the same barrier from different instructions
 // (their role code differs), which the .aligned forms (`bar.sync`, `bar.arrive`) leave undefined.
-// One probe of the phase with the given parity (try_wait may also suspend the thread for a while).
-__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(smem_addr(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-// mbarrier_wait for code between wgmmas: the loop condition is a warp vote, which the compiler knows
-// to be warp-uniform, so the spin loop is not a divergent path inside the wgmma batch.
-__device__ __forceinline__ void mbarrier_wait_uniform(uint64_t* bar, int parity) {
-  while (!__all_sync(0xffffffffu, mbarrier_try_wait(bar, parity))) {
-  }
-}
-
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads) {
   asm volatile("barrier.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
