@@ -4,44 +4,88 @@ Launches are asynchronous, so timing a burst of calls whose GPU work is short me
 driver path alone. Prints microseconds per call, then the cProfile functions with the most own time.
 
     python scripts/host_profile.py [--calls 300]
+    python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (tests/fake_cuda.py)
+
+`--cpu-mock` times the package's own Python on a machine without a GPU. Its torch is a pure-Python
+stand-in and its driver returns at once, so real tensor attribute reads, `torch.empty` and launches
+add to its numbers on a GPU; use it to compare versions of the package, not as a GPU figure.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import sys
 import time
+
+B, S_Q, H_Q, PAGES = 64, 1, 128, 16  # a short-context case, where host time shows most
+
+
+def gpu_inputs():
+    import torch
+
+    q = torch.randn(B, S_Q, H_Q, 576, device="cuda").bfloat16()
+    k_cache = torch.randn(B * PAGES, 64, 1, 576, device="cuda").bfloat16()
+    block_table = torch.randperm(B * PAGES, device="cuda").int().view(B, PAGES)
+    seqlens = torch.full((B,), PAGES * 64, dtype=torch.int32, device="cuda")
+    return torch, (q, k_cache, block_table, seqlens)
+
+
+def mock_inputs():
+    """The same shapes as fake torch tensors, with the package pointed at a fake H100."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import fake_cuda
+
+    torch = fake_cuda.FakeTorchModule()
+    fake_cuda.install(setattr, dict.__setitem__, fake_cuda.stub_driver(), torch)
+    return torch, (torch.tensor((B, S_Q, H_Q, 576), torch.bfloat16),
+                   torch.tensor((B * PAGES, 64, 1, 576), torch.bfloat16),
+                   torch.tensor((B, PAGES), torch.int32), torch.tensor((B,), torch.int32))
+
+
+def per_call_us(call, calls: int, repeats: int) -> list[float]:
+    """Microseconds per call of `repeats` bursts of `calls` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=1, help="bursts to time; the best is reported too")
+    parser.add_argument("--cpu-mock", action="store_true", help="no GPU: fake torch and driver (see above)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile listing")
     args = parser.parse_args()
 
-    import torch
-
+    torch, (q, k_cache, block_table, seqlens) = mock_inputs() if args.cpu_mock else gpu_inputs()
     import flashmla_cupy
 
-    b, s_q, h_q, pages = 64, 1, 128, 16  # a short-context case, where host time shows most
-    q = torch.randn(b, s_q, h_q, 576, device="cuda").bfloat16()
-    k_cache = torch.randn(b * pages, 64, 1, 576, device="cuda").bfloat16()
-    block_table = torch.randperm(b * pages, device="cuda").int().view(b, pages)
-    seqlens = torch.full((b,), pages * 64, dtype=torch.int32, device="cuda")
-    meta, splits = flashmla_cupy.get_mla_metadata(seqlens, s_q * h_q, 1)
+    meta, splits = flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1)
 
     def call():
         return flashmla_cupy.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
 
-    for _ in range(20):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.calls):
-        call()
-    host = (time.perf_counter() - start) / args.calls * 1e6
-    torch.cuda.synchronize()
-    print(f"host time per call: {host:.1f} us ({args.calls} calls)")
+    def plan():
+        return flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1)
 
+    label = "CPU-mocked (fake torch, no-op driver)" if args.cpu_mock else "GPU"
+    for name, fn in (("flash_mla_with_kvcache", call), ("get_mla_metadata", plan)):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        times = per_call_us(fn, args.calls, args.repeats)
+        torch.cuda.synchronize()
+        print(f"{label} host time per {name} call: {times[-1]:.1f} us ({args.calls} calls)"
+              + (f"; best of {args.repeats} bursts {min(times):.1f} us" if args.repeats > 1 else ""))
+
+    if args.no_profile:
+        return
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(args.calls):

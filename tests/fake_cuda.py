@@ -1,0 +1,230 @@
+"""A CUDA machine made of stand-ins, for CPU-only tests of the host path and for timing it.
+
+- `FakeTorchModule`: the slice of torch's API the package reads (tensor attributes, dtypes,
+  `empty`, the current raw stream), in pure Python; its tensors are made-up device addresses.
+- a fake driver: `recording_driver()` keeps every launch (config and parameter bytes) for tests;
+  `stub_driver()` is a C library whose entry points return 0 at once, so ctypes' argument
+  conversion is paid as with libcuda (for `scripts/host_profile.py --cpu-mock`).
+- `install(...)`: points the package at them (fake Hopper device info, loaded functions, driver).
+
+Times measured this way are the package's Python cost only: a real torch attribute read or
+`torch.empty` and a real driver launch cost more, the same amount before and after a change.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+STREAM = 0x5A5A00           # the fake torch's current stream on every device
+FIRST_PTR = 0x7E00_0000_0000
+DECODE_FN, COMBINE_FN, SCHEDULER_FN = 0xD0, 0xC0, 0x50   # fake CUfunction handles
+
+
+# --- torch ------------------------------------------------------------------------------------------
+
+class _Dtype:
+    __slots__ = ("name", "itemsize")
+
+    def __init__(self, name: str, itemsize: int):
+        self.name, self.itemsize = name, itemsize
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class _Device:
+    __slots__ = ("type", "index")
+
+    def __init__(self, type_: str, index: int = 0):
+        self.type, self.index = type_, index
+
+
+def _contiguous(shape):
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class Tensor:
+    """A torch-like CUDA (or CPU) tensor: metadata only, nothing behind the address."""
+
+    __slots__ = ("shape", "dtype", "_strides", "_ptr", "_device", "is_cuda", "__weakref__")
+
+    def __init__(self, shape, dtype, ptr, strides=None, device_index=0, is_cuda=True):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self._strides = None if strides is None else tuple(strides)   # None: contiguous, made on demand
+        self._ptr = ptr
+        self._device = device_index if is_cuda else -1
+        self.is_cuda = is_cuda
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def stride(self):
+        if self._strides is None:
+            self._strides = _contiguous(self.shape)
+        return self._strides
+
+    def get_device(self) -> int:
+        return self._device
+
+    @property
+    def device(self) -> _Device:
+        return _Device("cuda", self._device) if self.is_cuda else _Device("cpu")
+
+
+Tensor.__module__ = "torch"   # how tensors.framework_of recognises torch
+
+
+class FakeTorchModule(types.ModuleType):
+    """Installed as sys.modules["torch"]. `empty` hands out fresh 256-byte aligned addresses on the
+    current stream and notes ("torch", shape, dtype name, device, None) in `allocations`."""
+
+    Tensor = Tensor
+
+    def __init__(self, allocations: list | None = None):
+        super().__init__("torch")
+        for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4), ("float64", 8), ("int8", 1),
+                           ("int16", 2), ("int32", 4), ("int64", 8), ("uint8", 1), ("bool", 1)):
+            setattr(self, name, _Dtype(name, size))
+        self.next_ptr = FIRST_PTR
+        self.allocations = [] if allocations is None else allocations
+        self._C = types.SimpleNamespace(_cuda_getCurrentRawStream=lambda device: STREAM)
+        self.cuda = types.SimpleNamespace(
+            current_stream=lambda device=None: types.SimpleNamespace(cuda_stream=STREAM),
+            synchronize=lambda: None)
+
+    @staticmethod
+    def device(type_, index=0):
+        return _Device(type_, index)
+
+    def tensor(self, shape, dtype, strides=None, device_index=0, offset_bytes=0, is_cuda=True):
+        """A tensor at a fresh address (plus `offset_bytes`), as a test builds its inputs."""
+        ptr = self._reserve(shape, dtype)
+        return Tensor(shape, dtype, ptr + offset_bytes, strides, device_index, is_cuda)
+
+    def empty(self, shape, *, dtype, device):
+        self.allocations.append(("torch", tuple(shape), dtype.name, device.index, None))
+        return Tensor(shape, dtype, self._reserve(shape, dtype), device_index=device.index)
+
+    def _reserve(self, shape, dtype) -> int:
+        ptr, count = self.next_ptr, 1
+        for size in shape:
+            count *= size
+        self.next_ptr += (count * dtype.itemsize + 511) // 256 * 256
+        return ptr
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+class RecordingDriver:
+    """libcuda's entry points as C callbacks into Python: `launches` holds, per launch, the grid,
+    block, shared bytes, stream, attribute count, function handle and the bytes of each argument."""
+
+    def __init__(self):
+        from flashmla_cupy import params
+
+        # function handle -> byte size of each kernel argument
+        self.arg_sizes = {DECODE_FN: (ctypes.sizeof(params.DecodeParams), 128),
+                          COMBINE_FN: (ctypes.sizeof(params.CombineParams),),
+                          SCHEDULER_FN: (ctypes.sizeof(params.SchedulerParams),)}
+        self.launches: list[dict] = []
+        self.tensor_maps: list[int] = []    # the base address of every encoded TMA descriptor
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p)
+        self.cuLaunchKernelEx = proto(self._launch)
+        self.cuFuncSetAttribute = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                                   ctypes.c_int)(lambda *args: 0)
+        self.cuGetErrorString = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(lambda *a: 0)
+        self.cuTensorMapEncodeTiled = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int)(self._encode)
+
+    def _launch(self, config, function, params, extra):
+        grid = (ctypes.c_uint * 7).from_address(config)
+        stream = ctypes.c_void_p.from_address(config + 32).value or 0
+        num_attrs = ctypes.c_uint.from_address(config + 48).value
+        addresses = (ctypes.c_void_p * len(self.arg_sizes[function])).from_address(params)
+        args = [ctypes.string_at(a, size) for a, size in zip(addresses, self.arg_sizes[function])]
+        self.launches.append(dict(grid=tuple(grid[:3]), block=tuple(grid[3:6]), shared_bytes=grid[6],
+                                  stream=stream, pdl=num_attrs == 1, function=function, args=args))
+        return 0
+
+    def _encode(self, tensor_map, dtype, rank, base, *rest):
+        ctypes.c_uint64.from_address(tensor_map).value = base   # descriptor word 0: where it points
+        self.tensor_maps.append(base)
+        return 0
+
+
+_STUB_SOURCE = """
+int cuLaunchKernelEx(void *c, void *f, void **p, void **e) { return 0; }
+int cuFuncSetAttribute(void *f, int a, int v) { return 0; }
+int cuGetErrorString(int s, const char **t) { *t = "stub"; return 0; }
+int cuTensorMapEncodeTiled(void *m, int t, unsigned r, void *g, void *d, void *s, void *b, void *e,
+                           int i, int w, int l, int o) { return 0; }
+"""
+
+
+def stub_driver() -> ctypes.CDLL:
+    """A libcuda look-alike whose functions return 0 at once (built with the system C compiler)."""
+    path = os.path.join(tempfile.gettempdir(), f"flashmla_cupy_stub_cuda_{os.getuid()}.so")
+    if not os.path.exists(path):
+        source = path[:-3] + ".c"
+        with open(source, "w") as f:
+            f.write(_STUB_SOURCE)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", path, source], check=True)
+    return ctypes.CDLL(path)
+
+
+# --- wiring -----------------------------------------------------------------------------------------
+
+def install(setattr_, setitem, driver, torch_module=None):
+    """Point flashmla_cupy at a fake Hopper GPU. `setattr_`/`setitem` are pytest monkeypatch's
+    setattr/setitem (restored after the test) or plain setattr / dict.__setitem__ (a script).
+    `driver` is a RecordingDriver or stub_driver(); torch_module, if given, becomes `torch`."""
+    import cupy
+
+    from flashmla_cupy import launch
+
+    handles = {"decode": DECODE_FN, "combine": COMBINE_FN, "scheduler": SCHEDULER_FN}
+
+    @functools.lru_cache(maxsize=None)
+    def get_function(variant, device_id):
+        function = types.SimpleNamespace(ptr=handles[variant.program])
+        return launch._Loaded(None, function, variant.name, variant.shared_bytes, device_id)
+
+    @functools.lru_cache(maxsize=None)
+    def device_info(device_id):
+        return launch.DeviceInfo(device_id, "NVIDIA H100 80GB HBM3", (9, 0), 132, 232448)
+
+    prototyped = _prototyped(launch._driver.__wrapped__, driver)
+
+    setattr_(launch, "get_function", get_function)
+    setattr_(launch, "device_info", device_info)
+    setattr_(launch, "_driver", functools.lru_cache(maxsize=None)(prototyped))
+    setattr_(cupy.cuda.runtime, "getDevice", lambda: 0)
+    if torch_module is not None:
+        setitem(sys.modules, "torch", torch_module)
+
+
+def _prototyped(load_driver, driver):
+    """`load_driver` (launch._driver unwrapped) run on the fake instead of libcuda: the fake gets the
+    same argument types, so ctypes converts arguments as it does for the real library."""
+    def load():
+        real_cdll = ctypes.CDLL
+        ctypes.CDLL = lambda name, *args, **kwargs: driver
+        try:
+            return load_driver()
+        finally:
+            ctypes.CDLL = real_cdll
+    return load
+
