@@ -6,7 +6,6 @@ needs the device and lives in api.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ HEAD_DIM = 576     # d: 512 latent + 64 rope values per key row
 HEAD_DIM_V = 512   # dv: the value is the first dv values of the key row
 TMA_ALIGN = 16     # bytes: TMA needs a 16-byte aligned base and 16-byte multiple strides
 VECTOR_ALIGN = 16  # bytes: q rows are read with 16-byte loads
+ADDRESS_ALIGN = math.lcm(TMA_ALIGN, VECTOR_ALIGN)  # every address rule reads ptr % this only
 # The combine grid puts (kv head, row) warps on grid.y (at most 65535 blocks of 4 warps).
 MAX_QUERY_ROWS = 4 * 65535
 
@@ -292,42 +292,23 @@ def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: A
         rules.add("causal", repr(causal), "a bool", "pass True or False")
 
 
-# Calls that passed the checks, by everything the checks read: a decode step repeats the same call
-# for every layer, so after the first layer a call costs a dictionary lookup instead of the rules.
-_PASSED: dict[tuple, DecodeProblem] = {}
-_PASSED_LIMIT = 256
+def layout_of(views: tuple[View, ...]) -> tuple:
+    """What the rules read from arrays, as a memo key: shapes, strides, dtypes, devices, and addresses
+    modulo ADDRESS_ALIGN (the only address rules are alignments that divide it)."""
+    return tuple((v.shape, v.strides, v.dtype, v.device_type, v.device_id, v.ptr % ADDRESS_ALIGN) for v in views)
 
 
-def _signature(views: tuple[View, ...], head_dim_v: Any, softmax_scale: Any, causal: Any) -> tuple:
-    """What the rules depend on: layouts, dtypes, devices, pointer alignment and the scalars."""
-    layout = tuple((v.shape, v.strides, v.dtype, v.device_type, v.device_id, v.ptr % TMA_ALIGN) for v in views)
-    return layout, type(head_dim_v), head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal
+def call_key(layout: tuple, *scalars: Any) -> tuple:
+    """A memo key for a call whose arrays have `layout`: scalars go in with their types, since the
+    rules tell apart values that compare equal (512 and 512.0, True and 1). Unhashable scalars make
+    the key unhashable: such a call is never remembered (and fails the rules)."""
+    return layout, tuple(map(type, scalars)), scalars
 
 
 def check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
                       head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
                       softmax_scale: Any, causal: Any) -> DecodeProblem:
     """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule."""
-    arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
-    try:
-        key = _signature(arrays, head_dim_v, softmax_scale, causal)
-        passed = _PASSED.get(key)
-    except TypeError:  # an unhashable scalar: it will fail the rules below
-        key, passed = None, None
-    if passed is not None:
-        return dataclasses.replace(passed, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                                   tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
-    problem = _check_decode_args(*arrays[:4], head_dim_v, *arrays[4:], softmax_scale, causal)
-    if key is not None:
-        if len(_PASSED) >= _PASSED_LIMIT:
-            _PASSED.clear()
-        _PASSED[key] = problem
-    return problem
-
-
-def _check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
-                       head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
-                       softmax_scale: Any, causal: Any) -> DecodeProblem:
     rules = _Rules("flash_mla_with_kvcache")
     views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}

@@ -1,60 +1,118 @@
-"""One function per CUDA kernel: fill its parameter struct from checked inputs and launch it.
+"""One launcher per CUDA kernel: its parameter struct filled from checked inputs, and its launch.
 
+A launcher is built once per input layout (function loaded, grid and every size field of the struct
+set); a call writes only the data pointers and the stream, so a repeated call costs a few field writes.
 Launch geometry lives here and in the header comment of each kernel source; the decode kernel's
 shared-memory size is also pinned by a static_assert compiled into it (see variants.py).
 """
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
+
 from . import launch, params, plan, variants
+from .inputs import HEAD_DIM_V
 
 SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
 COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
 DECODE_THREADS = 256        # kThreads in decode_config.cuh: two warpgroups
+FLOAT32_BYTES = 4           # the partial buffers are fp32
+_TMA_MAPS_PER_LAYOUT = 256  # k_cache descriptors kept per decode launcher (typically one per layer)
+
+
+class SchedulerLaunch:
+    """Writes the split-KV plan of `batch` seqlens into metadata [num_parts, 8] and num_splits [b + 1]."""
+
+    def __init__(self, batch: int, num_parts: int, device_id: int):
+        self._params = params.SchedulerParams(
+            batch=batch, num_parts=num_parts, page_size=plan.PAGE_SIZE, overhead_pages=plan.OVERHEAD_PAGES)
+        fn = launch.get_function(variants.scheduler_variant(), device_id)
+        self._launch = launch.Launch(fn, (1, 1, 1), (SCHEDULER_THREADS, 1, 1), [self._params])
+
+    def __call__(self, seqlens: int, metadata: int, num_splits: int, stream: int) -> None:
+        p = self._params
+        p.seqlens, p.metadata, p.num_splits = seqlens, metadata, num_splits
+        self._launch(stream)
+
+
+class CombineLaunch:
+    """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
+
+    def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, device_id: int):
+        heads_per_group = heads_q // heads_kv
+        rows = seqlen_q * heads_per_group
+        self._params = params.CombineParams(
+            batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
+            heads_per_group=heads_per_group, rows=rows)
+        fn = launch.get_function(variants.combine_variant(dtype), device_id)
+        grid = (batch, -(-(heads_kv * rows) // COMBINE_WARPS_PER_BLOCK), 1)
+        self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
+
+    def __call__(self, out_partial: int, lse_partial: int, num_splits: int, out: int, lse: int,
+                 stream: int) -> None:
+        p = self._params
+        p.out_partial, p.lse_partial, p.num_splits, p.out, p.lse = out_partial, lse_partial, num_splits, out, lse
+        self._launch(stream)
+
+
+class DecodeLaunch:
+    """The split-KV decode kernel of one checked layout (a DecodeProblem): grid (row tiles, heads_kv,
+    parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values."""
+
+    def __init__(self, problem):
+        q, bt = problem.q, problem.block_table
+        self._params = params.DecodeParams(
+            q_batch_stride=q.strides[0], q_seq_stride=q.strides[1], q_head_stride=q.strides[2],
+            block_table_stride=bt.strides[0],
+            batch=problem.batch, seqlen_q=problem.seqlen_q, heads_q=problem.heads_q, heads_kv=problem.heads_kv,
+            heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
+            causal=int(problem.causal), scale_log2=problem.scale_log2, reserved=0)
+        # out_partial [slots, heads_kv, rows, 512] then lse_partial [slots, heads_kv, rows]
+        partial_rows = plan.partial_slots(problem.batch, problem.num_parts) * problem.heads_kv * problem.rows
+        self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows
+        self._lse_partial_offset = partial_rows * HEAD_DIM_V * FLOAT32_BYTES
+        k = problem.k_cache
+        self._k_layout = (k.shape, k.strides, np.dtype(k.dtype))
+        self._k_ptr, self._maps = None, {}
+        fn = launch.get_function(variants.decode_variant(problem.dtype_name), problem.device_id)
+        grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
+        no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
+        self._launch = launch.Launch(fn, grid, (DECODE_THREADS, 1, 1), [self._params, no_map_yet])
+
+    def partials(self, workspace: int) -> tuple[int, int]:
+        """The addresses of out_partial and lse_partial in the workspace at `workspace`."""
+        return workspace, workspace + self._lse_partial_offset
+
+    def __call__(self, q: int, k_cache: int, block_table: int, seqlens: int, metadata: int, num_splits: int,
+                 out: int, lse: int, workspace: int, stream: int) -> None:
+        """Launch on `stream` over the arrays at these addresses (`workspace`: workspace_floats fp32)."""
+        if k_cache != self._k_ptr:
+            self._launch.set_arg(1, self._tensor_map(k_cache))
+            self._k_ptr = k_cache
+        p = self._params
+        p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
+        p.out, p.lse = out, lse
+        p.out_partial, p.lse_partial = self.partials(workspace)
+        self._launch(stream)
+
+    def _tensor_map(self, k_cache: int):
+        """The TMA descriptor of k_cache at this address; a model's layers each bring their own cache."""
+        tensor_map = self._maps.get(k_cache)
+        if tensor_map is None:
+            if len(self._maps) >= _TMA_MAPS_PER_LAYOUT:
+                self._maps.clear()
+            tensor_map = self._maps[k_cache] = launch.kv_tensor_map(k_cache, *self._k_layout)
+        return tensor_map
 
 
 def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) -> None:
-    """Write the split-KV plan for `seqlens` into `metadata` [num_parts, 8] and `num_splits` [b + 1]."""
-    fn = launch.get_function(variants.scheduler_variant(), seqlens.device_id)
-    args = params.SchedulerParams(
-        seqlens=seqlens.ptr, metadata=metadata.ptr, num_splits=num_splits.ptr, batch=seqlens.shape[0],
-        num_parts=num_parts, page_size=plan.PAGE_SIZE, overhead_pages=plan.OVERHEAD_PAGES,
-    )
-    launch.launch(fn, (1, 1, 1), (SCHEDULER_THREADS, 1, 1), stream, [args])
-
-
-def run_decode(problem, out, lse, out_partial, lse_partial, stream: int) -> None:
-    """The split-KV decode kernel: grid (row tiles, heads_kv, parts)."""
-    fn = launch.get_function(variants.decode_variant(problem.dtype_name), problem.device_id)
-    q, bt = problem.q, problem.block_table
-    args = params.DecodeParams(
-        q=q.ptr, block_table=bt.ptr, seqlens=problem.cache_seqlens.ptr,
-        metadata=problem.tile_scheduler_metadata.ptr, num_splits=problem.num_splits.ptr,
-        out=out.ptr, lse=lse.ptr, out_partial=out_partial.ptr, lse_partial=lse_partial.ptr,
-        q_batch_stride=q.strides[0], q_seq_stride=q.strides[1], q_head_stride=q.strides[2],
-        block_table_stride=bt.strides[0],
-        batch=problem.batch, seqlen_q=problem.seqlen_q, heads_q=problem.heads_q, heads_kv=problem.heads_kv,
-        heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
-        causal=int(problem.causal), scale_log2=problem.scale_log2, reserved=0,
-    )
-    grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
-    launch.launch(fn, grid, (DECODE_THREADS, 1, 1), stream, [args, launch.kv_tensor_map(problem.k_cache)])
+    """Write the split-KV plan for the View `seqlens` into the Views `metadata` and `num_splits`."""
+    SchedulerLaunch(seqlens.shape[0], num_parts, seqlens.device_id)(seqlens.ptr, metadata.ptr, num_splits.ptr, stream)
 
 
 def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
                     out_partial, lse_partial, num_splits, out, lse, stream: int) -> None:
-    """Merge the pieces of split requests into `out`/`lse`; a programmatic dependent of the decode."""
-    fn = launch.get_function(variants.combine_variant(dtype), out.device_id)
-    heads_per_group = heads_q // heads_kv
-    rows = seqlen_q * heads_per_group
-    args = params.CombineParams(
-        out_partial=out_partial.ptr, lse_partial=lse_partial.ptr, num_splits=num_splits.ptr,
-        out=out.ptr, lse=lse.ptr, batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-        heads_per_group=heads_per_group, rows=rows,
-    )
-    grid = (batch, -(-(heads_kv * rows) // COMBINE_WARPS_PER_BLOCK), 1)
-    launch.launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), stream, [args], pdl=True)
-
-
-def run_combine(problem, out, lse, out_partial, lse_partial, stream: int) -> None:
-    run_combine_raw(problem.dtype_name, problem.batch, problem.seqlen_q, problem.heads_q, problem.heads_kv,
-                    out_partial, lse_partial, problem.num_splits, out, lse, stream)
+    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent."""
+    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, out.device_id)(
+        out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

@@ -1,9 +1,10 @@
 """The only module that talks to the CUDA driver: device facts, module loading, TMA descriptors, launches.
 
-Everything here is memoised so that after the first call the hot path costs microseconds of host time:
-no file-system access, no device queries. Launches go through `cuLaunchKernelEx` (via ctypes on the
-driver library that CuPy has already loaded) because CuPy has no launch attributes, and the combine
-kernel is launched as a programmatic dependent of the decode kernel.
+Device facts and loaded functions are memoised, and a `Launch` is prepared once and replayed, so that
+after the first call the hot path costs microseconds of host time: no file-system access, no device
+queries. Launches go through `cuLaunchKernelEx` (via ctypes on the driver library that CuPy has
+already loaded) because CuPy has no launch attributes, and the combine kernel is launched as a
+programmatic dependent of the decode kernel.
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ _L2_PROMOTION_256B = 3
 _BOX_COLS = 64  # 64 columns of 16-bit values: one 128-byte swizzle span
 
 
-@functools.lru_cache(maxsize=256)
-def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, device_id: int):
+def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype):
+    """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576] at `ptr`, with
+    `strides` in elements. A host-only driver call; kernels.DecodeLaunch keeps one per k_cache address."""
     num_blocks, page_size, heads_kv, head_dim = shape
     itemsize = dtype.itemsize
     # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x 64 tokens x 1.
@@ -124,12 +126,6 @@ def _encode_kv_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, devi
         "cuTensorMapEncodeTiled(k_cache)",
     )
     return tensor_map
-
-
-def kv_tensor_map(view):
-    """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576]; memoised per
-    tensor layout. Callers must not modify it."""
-    return _encode_kv_map(view.ptr, tuple(view.shape), tuple(view.strides), np.dtype(view.dtype), view.device_id)
 
 
 # --- launches ---------------------------------------------------------------------------------------
@@ -160,21 +156,47 @@ def _pdl_attribute() -> _LaunchAttribute:
 _PDL = _pdl_attribute()
 
 
-def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
-    """Launch on `stream`; `args` are ctypes objects, passed by value in order.
-
-    With `pdl`, the kernel may begin while the previous kernel in the stream is finishing; it must
-    wait with `griddepcontrol.wait` before reading that kernel's results.
-    """
-    pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    config = _LaunchConfig(*grid, *block, loaded.shared_bytes, stream or None,
-                           ctypes.pointer(_PDL) if pdl else None, 1 if pdl else 0)
-    driver = _driver()
+@functools.lru_cache(maxsize=None)
+def _runtime():
     import cupy
+    return cupy.cuda.runtime
 
-    if cupy.cuda.runtime.getDevice() != loaded.device_id:  # the driver launches into the current context
-        with cupy.cuda.Device(loaded.device_id):
-            status = driver.cuLaunchKernelEx(ctypes.byref(config), loaded.handle, pointers, None)
-    else:
-        status = driver.cuLaunchKernelEx(ctypes.byref(config), loaded.handle, pointers, None)
-    _check(status, f"launch of {loaded.name}")
+
+class Launch:
+    """One kernel's launch, prepared once: its config, its argument buffers and the array of their
+    addresses. A call may rewrite the arguments in place first: the driver copies them at launch
+    (also into a graph being captured), so one buffer serves every call. Not for sharing between
+    threads: each prepares its own."""
+
+    def __init__(self, loaded: _Loaded, grid, block, args, pdl: bool = False):
+        self._args = list(args)   # kept alive: the driver reads them through _pointers
+        self._pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self._config = _LaunchConfig(*grid, *block, loaded.shared_bytes, None,
+                                     ctypes.pointer(_PDL) if pdl else None, 1 if pdl else 0)
+        self._config_ref = ctypes.byref(self._config)
+        self._function = ctypes.c_void_p(loaded.handle)
+        self._launch_kernel = _driver().cuLaunchKernelEx
+        self._name, self._device_id = loaded.name, loaded.device_id
+
+    def set_arg(self, index: int, arg) -> None:
+        """Pass the buffer `arg` as argument `index` from now on."""
+        self._args[index] = arg
+        self._pointers[index] = ctypes.addressof(arg)
+
+    def __call__(self, stream: int) -> None:
+        """Launch on `stream`. With `pdl`, the kernel may begin while the previous kernel in the stream is
+        finishing; it must wait with `griddepcontrol.wait` before reading that kernel's results."""
+        self._config.stream = stream
+        if _runtime().getDevice() == self._device_id:
+            status = self._launch_kernel(self._config_ref, self._function, self._pointers, None)
+        else:  # the driver launches into the current context
+            import cupy
+            with cupy.cuda.Device(self._device_id):
+                status = self._launch_kernel(self._config_ref, self._function, self._pointers, None)
+        if status:
+            _check(status, f"launch of {self._name}")
+
+
+def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
+    """Launch once on `stream`; `args` are ctypes objects, passed by value in order."""
+    Launch(loaded, grid, block, args, pdl)(stream)

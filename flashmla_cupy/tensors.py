@@ -9,8 +9,9 @@ cost, and no stream handoff is needed because producer and consumer share the st
 from __future__ import annotations
 
 import ctypes
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -222,13 +223,15 @@ def _consume(capsule: Any, name: str):
 
 
 def _view(tensor: DLTensor, obj: Any, name: str, keepalive: Any) -> View:
-    ndim = tensor.ndim
-    shape = tuple(int(tensor.shape[i]) for i in range(ndim))
-    if tensor.strides:
-        strides = tuple(int(tensor.strides[i]) for i in range(ndim))
+    # Each ctypes field read builds an object: read each once, and arrays by slicing.
+    ndim, raw_strides = tensor.ndim, tensor.strides
+    shape = tuple(tensor.shape[:ndim])
+    if raw_strides:
+        strides = tuple(raw_strides[:ndim])
     else:
         strides = contiguous_strides(shape)  # NULL strides mean C-contiguous (legacy DLPack)
-    code, bits, lanes = tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes
+    dl_dtype, device = tensor.dtype, tensor.device
+    code, bits, lanes = dl_dtype.code, dl_dtype.bits, dl_dtype.lanes
     dtype = _DTYPES.get((code, bits))
     if dtype is None or lanes != 1:
         raise InvalidInputError("flashmla_cupy", [Violation(
@@ -237,7 +240,7 @@ def _view(tensor: DLTensor, obj: Any, name: str, keepalive: Any) -> View:
             "convert the array to a supported dtype")])
     return View(
         ptr=(tensor.data or 0) + tensor.byte_offset, shape=shape, strides=strides, dtype=dtype,
-        device_type=tensor.device.device_type, device_id=tensor.device.device_id,
+        device_type=device.device_type, device_id=device.device_id,
         framework=framework_of(obj), obj=obj, keepalive=keepalive)
 
 
@@ -301,6 +304,51 @@ def _torch_current_stream(torch, device_id: int) -> int:
     return int(torch.cuda.current_stream(device_id).cuda_stream)
 
 
+def native_layout(arrays: tuple, align: int) -> tuple[str, tuple, list[int]] | None:
+    """(framework, layout, data pointers) of plain torch CUDA tensors or plain CuPy arrays, all of one
+    framework, read from their attributes for a memo key: the layout holds each array's shape,
+    strides, dtype, device and address modulo `align`. None for anything else, subclasses included
+    (they may override what is read)."""
+    kind = type(arrays[0])
+    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
+    if torch is not None and kind is torch.Tensor:
+        found = _torch_layout(arrays, kind, align)
+        return None if found is None else ("torch", *found)
+    if cupy is not None and kind is cupy.ndarray:
+        found = _cupy_layout(arrays, kind, align)
+        return None if found is None else ("cupy", *found)
+    return None
+
+
+def _torch_layout(arrays, tensor_type, align):
+    layout, pointers = [], []
+    for t in arrays:
+        if type(t) is not tensor_type or not t.is_cuda:
+            return None
+        ptr = t.data_ptr()
+        layout.append((t.shape, t.stride(), t.dtype, t.get_device(), ptr % align))
+        pointers.append(ptr)
+    return tuple(layout), pointers
+
+
+def _cupy_layout(arrays, array_type, align):
+    layout, pointers = [], []
+    for a in arrays:
+        if type(a) is not array_type:
+            return None
+        ptr = a.data.ptr
+        layout.append((a.shape, a.strides, a.dtype, a.device.id, ptr % align))   # strides in bytes
+        pointers.append(ptr)
+    return tuple(layout), pointers
+
+
+def current_stream(framework: str, device_id: int) -> int:
+    """The current cudaStream_t of `framework` ("torch" or "cupy", already imported) on a device."""
+    if framework == "torch":
+        return _torch_current_stream(sys.modules["torch"], device_id)
+    return int(sys.modules["cupy"].cuda.get_current_stream(device_id).ptr)
+
+
 def _native_view(obj: Any, stream_owner: str | None) -> View | None:
     """The View of a plain torch CUDA tensor or CuPy array read from its attributes, when the launch
     stream is its framework's current stream; None sends the array down the DLPack path."""
@@ -354,51 +402,46 @@ def _stream_handle(stream: Any) -> int:
         "pass the stream object itself or its raw handle")])
 
 
-def empty(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int,
-          stream: int | None = None) -> tuple[Any, View]:
-    """An uninitialised C-contiguous CUDA array in `framework`, allocated so that its memory is
-    ordered on `stream`. Returns (native object, View). JAX (which cannot hand out writable memory)
-    and unknown frameworks get a CuPy array: pass it through `to_framework` when returning it."""
+def allocator(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int) -> Callable:
+    """A maker of uninitialised C-contiguous CUDA arrays of one shape and dtype in `framework`: called
+    with the stream the memory must be ordered on (None: the framework's current stream), it returns
+    (native array, data pointer). JAX (which cannot hand out writable memory) and unknown frameworks
+    get CuPy arrays: pass them through `to_framework` when returning them."""
     shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
     if framework == "torch":
-        native, ptr = _torch_empty(shape, dtype, device_id, stream)
-        kind = "torch"
-    else:
-        native = _cupy_empty(shape, dtype, device_id, stream)
-        ptr, kind = native.data.ptr, "cupy"
-    view = View(ptr=int(ptr), shape=shape, strides=contiguous_strides(shape), dtype=dtype,
-                device_type=DEVICE_CUDA, device_id=device_id, framework=kind, obj=native)
-    return native, view
+        return _torch_allocator(shape, dtype, device_id)
+    return _cupy_allocator(shape, dtype, device_id)
 
 
-def subview(view: View, offset: int, shape: tuple[int, ...]) -> View:
-    """A C-contiguous `shape` carved out of the 1-D `view` at element `offset` (keeps `view` alive)."""
-    return View(ptr=view.ptr + offset * view.dtype.itemsize, shape=shape, strides=contiguous_strides(shape),
-                dtype=view.dtype, device_type=view.device_type, device_id=view.device_id,
-                framework=view.framework, obj=view.obj)
-
-
-def _torch_empty(shape, dtype, device_id, stream):
+def _torch_allocator(shape, dtype, device_id):
     import torch
     device = torch.device("cuda", device_id)
     torch_dtype = getattr(torch, dtype.name)   # bfloat16, float16, float32, int32 share names
-    if stream is None or stream == torch.cuda.current_stream(device).cuda_stream:
-        tensor = torch.empty(shape, dtype=torch_dtype, device=device)
-    else:
-        # The caching allocator ties a block to the stream current at allocation: make it ours.
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+
+    def new(stream):
+        if stream is None or stream == _torch_current_stream(torch, device_id):
             tensor = torch.empty(shape, dtype=torch_dtype, device=device)
-    return tensor, tensor.data_ptr()
+        else:
+            # The caching allocator ties a block to the stream current at allocation: make it ours.
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+                tensor = torch.empty(shape, dtype=torch_dtype, device=device)
+        return tensor, tensor.data_ptr()
+    return new
 
 
-def _cupy_empty(shape, dtype, device_id, stream):
+def _cupy_allocator(shape, dtype, device_id):
     import cupy
-    with cupy.cuda.Device(device_id):
-        if stream is None or stream == cupy.cuda.get_current_stream(device_id).ptr:
-            return cupy.empty(shape, dtype=dtype)
-        # CuPy's pool reuses a block only on the stream it was allocated under: make it ours.
-        with cupy.cuda.ExternalStream(stream, device_id):
-            return cupy.empty(shape, dtype=dtype)
+
+    def new(stream):
+        with cupy.cuda.Device(device_id):
+            if stream is None or stream == cupy.cuda.get_current_stream(device_id).ptr:
+                array = cupy.empty(shape, dtype=dtype)
+            else:
+                # CuPy's pool reuses a block only on the stream it was allocated under: make it ours.
+                with cupy.cuda.ExternalStream(stream, device_id):
+                    array = cupy.empty(shape, dtype=dtype)
+        return array, array.data.ptr
+    return new
 
 
 def to_framework(framework: str, native: Any, stream: int | None = None) -> Any:

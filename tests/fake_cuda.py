@@ -20,6 +20,8 @@ import sys
 import tempfile
 import types
 
+import numpy as np
+
 STREAM = 0x5A5A00           # the fake torch's current stream on every device
 FIRST_PTR = 0x7E00_0000_0000
 DECODE_FN, COMBINE_FN, SCHEDULER_FN = 0xD0, 0xC0, 0x50   # fake CUfunction handles
@@ -121,6 +123,45 @@ class FakeTorchModule(types.ModuleType):
             count *= size
         self.next_ptr += (count * dtype.itemsize + 511) // 256 * 256
         return ptr
+
+
+# --- CuPy -------------------------------------------------------------------------------------------
+
+CUPY_STREAM = 0xC0FFEE00   # the fake CuPy current stream on every device
+
+
+class FakeNdarray:
+    """A CuPy-like CUDA array: metadata only. `strides` are given in elements, kept in bytes."""
+
+    __slots__ = ("shape", "strides", "dtype", "data", "device", "__weakref__")
+
+    def __init__(self, shape, dtype, ptr, strides=None, device_id=0):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.strides = tuple(s * self.dtype.itemsize for s in (strides or _contiguous(self.shape)))
+        self.data = types.SimpleNamespace(ptr=ptr)
+        self.device = types.SimpleNamespace(id=device_id)
+
+    def __dlpack_device__(self):
+        return 2, self.device.id
+
+
+FakeNdarray.__name__ = FakeNdarray.__qualname__ = "ndarray"
+FakeNdarray.__module__ = "cupy"
+
+
+def fake_cupy(monkeypatch, torch_module: FakeTorchModule):
+    """Make FakeNdarray CuPy's array type and CUPY_STREAM its current stream, for one test. Returns
+    a maker of arrays at fresh addresses: new(shape, dtype, strides=None, offset_bytes=0)."""
+    import cupy
+
+    monkeypatch.setattr(cupy, "ndarray", FakeNdarray)
+    monkeypatch.setattr(cupy.cuda, "get_current_stream",
+                        lambda device_id=None: types.SimpleNamespace(ptr=CUPY_STREAM))
+
+    def new(shape, dtype, strides=None, offset_bytes=0):
+        ptr = torch_module._reserve(shape, torch_module.float64)
+        return FakeNdarray(shape, dtype, ptr + offset_bytes, strides)
+    return new
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -228,3 +269,30 @@ def _prototyped(load_driver, driver):
             ctypes.CDLL = real_cdll
     return load
 
+
+def fake_gpu(monkeypatch):
+    """A pytest fixture's body: the package on a fake H100 with a recording driver and the fake torch,
+    undone after the test. Non-torch frameworks allocate stand-in arrays (CuPy needs a GPU), noted as
+    (framework, shape, dtype name, device, stream) in the same `allocations` list as torch's."""
+    import threading
+
+    from flashmla_cupy import prepared, tensors
+
+    state = types.SimpleNamespace(driver=RecordingDriver(), allocations=[])
+    state.torch = FakeTorchModule(state.allocations)
+    install(monkeypatch.setattr, monkeypatch.setitem, state.driver, state.torch)
+    monkeypatch.setattr(tensors, "_TORCH_DTYPES", None)      # built from the fake torch meanwhile
+    monkeypatch.setattr(prepared, "_thread", threading.local())   # no call prepared on fakes survives
+    torch_allocator = tensors.allocator
+
+    def allocator(framework, shape, dtype, device_id):
+        if framework == "torch":
+            return torch_allocator(framework, shape, dtype, device_id)
+
+        def new(stream):
+            state.allocations.append((framework, tuple(shape), np.dtype(dtype).name, device_id, stream))
+            return object(), state.torch._reserve(shape, state.torch.float32)
+        return new
+
+    monkeypatch.setattr(tensors, "allocator", allocator)
+    return state

@@ -1,65 +1,33 @@
 """Bad inputs are rejected with one error listing every problem, before anything is launched.
 
-The public functions are called with fake CUDA DLPack producers; the driver-facing modules
-(launch, kernels) and the allocator are replaced by stand-ins that fail the test if reached.
+The public functions are called with fake CUDA DLPack producers on a fake H100 (tests/fake_cuda.py):
+its driver records launches, and allocations are recorded too, so a rejection can be shown to have
+reached neither.
 """
 from __future__ import annotations
 
+import ctypes
 import math
-import sys
-import types
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-import flashmla_cupy
+import fake_cuda
 from fake_dlpack import BASE_PTR, KDL_CPU, FakeJax, FakeTorch, decode_args
-from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, inputs, plan, tensors
+from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, inputs, launch, params, plan, tensors
 from flashmla_cupy.errors import InvalidInputError, UnsupportedDeviceError
 
 STREAM = 0x5000
 
 
-@dataclass(frozen=True)
-class FakeDeviceInfo:
-    name: str
-    cc: tuple[int, int]
-    sm_count: int = 132
-    max_smem_optin: int = 232448
-
-
-def _install(monkeypatch, name, module):
-    """Replace flashmla_cupy.<name> for `from . import <name>` inside the package."""
-    monkeypatch.setitem(sys.modules, f"flashmla_cupy.{name}", module)
-    monkeypatch.setattr(flashmla_cupy, name, module, raising=False)
-
-
 @pytest.fixture
 def gpu(monkeypatch):
-    """A fake Hopper device. `gpu.calls` records what reached the kernels, in order; a test that
-    expects a rejection asserts it stays empty."""
-    state = types.SimpleNamespace(calls=[], info=FakeDeviceInfo("NVIDIA H100 80GB HBM3", (9, 0)))
+    return fake_cuda.fake_gpu(monkeypatch)
 
-    launch = types.ModuleType("flashmla_cupy.launch")
-    launch.device_info = lambda device_id: state.info
 
-    kernels = types.ModuleType("flashmla_cupy.kernels")
-    for fn in ("run_scheduler", "run_decode", "run_combine"):
-        setattr(kernels, fn, lambda *args, _fn=fn: state.calls.append((_fn, args)))
-
-    def empty(framework, shape, dtype, device_id, stream=None):
-        state.calls.append(("empty", (framework, tuple(shape), np.dtype(dtype), device_id, stream)))
-        native = object()
-        view = tensors.View(ptr=BASE_PTR, shape=tuple(shape), strides=tensors.contiguous_strides(shape),
-                            dtype=np.dtype(dtype), device_type=2, device_id=device_id,
-                            framework=framework, obj=native)
-        return native, view
-
-    _install(monkeypatch, "launch", launch)
-    _install(monkeypatch, "kernels", kernels)
-    monkeypatch.setattr(tensors, "empty", empty)
-    return state
+def untouched(gpu) -> bool:
+    """Nothing was allocated or launched."""
+    return gpu.allocations == [] and gpu.driver.launches == []
 
 
 def reject(gpu, **changes):
@@ -68,7 +36,7 @@ def reject(gpu, **changes):
     args.update(changes)
     with pytest.raises(InvalidInputError) as info:
         flash_mla_with_kvcache(**args, stream=STREAM)
-    assert gpu.calls == []   # rejected before any allocation or launch
+    assert untouched(gpu)   # rejected before any allocation or launch
     return info.value.violations
 
 
@@ -222,7 +190,7 @@ def test_many_errors_at_once(gpu):
             FakeTorch((2, 4), "int64"), args["cache_seqlens"], 256,
             args["tile_scheduler_metadata"], FakeTorch((4,), "int32"), softmax_scale=-1.0,
             stream=STREAM)
-    assert gpu.calls == []
+    assert untouched(gpu)
     assert arguments(info.value.violations) == [
         "k_cache.device", "q.dtype", "k_cache.shape[1]", "q.shape[2]",
         "block_table.dtype", "num_splits.shape[0]", "head_dim_v", "softmax_scale"]
@@ -245,79 +213,66 @@ def test_error_is_value_error_and_type_error(gpu):
 def test_metadata_bad_scalars(gpu, rows, heads, bad):
     with pytest.raises(InvalidInputError) as info:
         get_mla_metadata(FakeTorch((4,), "int32"), rows, heads, stream=STREAM)
-    assert arguments(info.value.violations) == bad and gpu.calls == []
+    assert arguments(info.value.violations) == bad and untouched(gpu)
 
 
 def test_metadata_bad_seqlens(gpu):
     with pytest.raises(InvalidInputError) as info:
         get_mla_metadata(FakeTorch((4, 1), "int64"), 16, 1, stream=STREAM)
     assert arguments(info.value.violations) == ["cache_seqlens.shape", "cache_seqlens.dtype"]
-    assert gpu.calls == []
+    assert untouched(gpu)
 
 
 # the device check and the orchestration
 
-def test_unsupported_gpu(gpu):
-    gpu.info = FakeDeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108)
+def test_unsupported_gpu(gpu, monkeypatch):
+    a100 = launch.DeviceInfo(0, "NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912)
+    monkeypatch.setattr(launch, "device_info", lambda device_id: a100)
     with pytest.raises(UnsupportedDeviceError, match=r"A100.*compute capability 8\.0.*Hopper"):
         flash_mla_with_kvcache(**decode_args(), stream=STREAM)
     with pytest.raises(UnsupportedDeviceError):
         get_mla_metadata(FakeTorch((4,), "int32"), 16, 1, stream=STREAM)
-    assert gpu.calls == []
+    assert untouched(gpu)
 
 
 def test_metadata_call(gpu):
     seqlens = FakeTorch((5,), "int32", device_id=0)
-    metadata, num_splits = get_mla_metadata(seqlens, 128, 1, stream=STREAM)
+    get_mla_metadata(seqlens, 128, 1, stream=STREAM)
     parts = plan.num_sm_parts(132, 1, 128)
-    assert [c[0] for c in gpu.calls] == ["empty", "empty", "run_scheduler"]
-    assert gpu.calls[0][1] == ("other", (parts, 8), np.dtype(np.int32), 0, STREAM)
-    assert gpu.calls[1][1] == ("other", (6,), np.dtype(np.int32), 0, STREAM)
-    view, _, _, num_parts, stream = gpu.calls[2][1]
-    assert view.obj is seqlens and num_parts == parts and stream == STREAM
+    assert gpu.allocations == [("other", (parts, 8), "int32", 0, STREAM), ("other", (6,), "int32", 0, STREAM)]
+    (run,) = gpu.driver.launches
+    p = params.SchedulerParams.from_buffer_copy(run["args"][0])
+    assert run["function"] == fake_cuda.SCHEDULER_FN and run["stream"] == STREAM
+    assert (p.seqlens, p.batch, p.num_parts, p.page_size) == (BASE_PTR, 5, parts, plan.PAGE_SIZE)
     assert seqlens.streams == [STREAM]
 
 
 def test_decode_call(gpu):
     args = decode_args(batch=3, seqlen_q=2, heads_q=32, heads_kv=2, num_parts=6, producer=FakeJax)
     flash_mla_with_kvcache(**args, causal=True, stream=STREAM)
-    names = [c[0] for c in gpu.calls]
-    assert names == ["empty"] * 3 + ["run_decode", "run_combine"]
     slots = plan.partial_slots(3, 6)
-    shapes = [c[1][1] for c in gpu.calls[:3]]
     # out, lse, then one workspace holding both partial buffers
-    assert shapes == [(3, 2, 32, 512), (3, 32, 2), (slots * 2 * 32 * 512 + slots * 2 * 32,)]
-    problem, out, lse, out_partial, lse_partial, stream = gpu.calls[3][1]
-    assert gpu.calls[4][1] == gpu.calls[3][1]
-    assert out_partial.shape == (slots, 2, 32, 512) and lse_partial.shape == (slots, 2, 32)
-    assert lse_partial.ptr == out_partial.ptr + slots * 2 * 32 * 512 * 4
-    assert (problem.batch, problem.seqlen_q, problem.heads_q, problem.heads_kv) == (3, 2, 32, 2)
-    assert (problem.heads_per_group, problem.rows, problem.num_parts) == (16, 32, 6)
-    assert problem.dtype_name == "bf16" and problem.causal and stream == STREAM
-    assert problem.softmax_scale == pytest.approx(576 ** -0.5)
-    assert out.shape == (3, 2, 32, 512) and lse.dtype == np.float32
+    assert [a[1:] for a in gpu.allocations] == [
+        ((3, 2, 32, 512), "bfloat16", 0, STREAM), ((3, 32, 2), "float32", 0, STREAM),
+        ((slots * 2 * 32 * 512 + slots * 2 * 32,), "float32", 0, STREAM)]
+    decode, combine = gpu.driver.launches
+    p = params.DecodeParams.from_buffer_copy(decode["args"][0])
+    assert (decode["function"], decode["stream"], decode["pdl"]) == (fake_cuda.DECODE_FN, STREAM, False)
+    assert decode["grid"] == (1, 2, 6) and decode["block"] == (256, 1, 1)
+    assert (p.batch, p.seqlen_q, p.heads_q, p.heads_kv) == (3, 2, 32, 2)
+    assert (p.heads_per_group, p.rows, p.num_parts, p.causal) == (16, 32, 6, 1)
+    assert p.scale_log2 == pytest.approx(576 ** -0.5 * math.log2(math.e))
+    assert (p.q, p.block_table) == (BASE_PTR, BASE_PTR + (2 << 30))
+    assert p.lse_partial == p.out_partial + slots * 2 * 32 * 512 * 4
+    assert ctypes.c_uint64.from_buffer_copy(decode["args"][1]).value == BASE_PTR + (1 << 30)  # k_cache map
+    c = params.CombineParams.from_buffer_copy(combine["args"][0])
+    assert (combine["function"], combine["stream"], combine["pdl"]) == (fake_cuda.COMBINE_FN, STREAM, True)
+    assert (c.out, c.lse, c.out_partial, c.lse_partial) == (p.out, p.lse, p.out_partial, p.lse_partial)
+    assert c.num_splits == p.num_splits == BASE_PTR + (5 << 30)
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
 
 
 def test_causal_is_moot_for_one_query_token(gpu):
     flash_mla_with_kvcache(**decode_args(seqlen_q=1), causal=True, softmax_scale=0.1, stream=STREAM)
-    problem = gpu.calls[4][1][0]
-    assert problem.causal is False and problem.softmax_scale == 0.1
-
-
-def test_passed_checks_are_remembered_but_only_for_the_same_layout(gpu):
-    """A repeated call skips the rules but still describes the new arrays; a call that differs in
-    anything the rules read (here only the alignment of k_cache's address) is checked afresh."""
-    def problem_of(**changes):
-        args = decode_args()
-        args.update(changes)
-        views = {k: tensors.take(a, k) for k, a in args.items() if hasattr(a, "__dlpack__")}
-        return inputs.check_decode_args(views["q"], views["k_cache"], views["block_table"],
-                                        views["cache_seqlens"], args["head_dim_v"],
-                                        views["tile_scheduler_metadata"], views["num_splits"], None, False)
-
-    first = problem_of()
-    moved = problem_of(k_cache=FakeTorch((8, 64, 1, 576), "bf16", ptr=BASE_PTR + (7 << 30)))
-    assert moved.k_cache.ptr == BASE_PTR + (7 << 30) and moved.batch == first.batch
-    with pytest.raises(InvalidInputError):
-        problem_of(k_cache=FakeTorch((8, 64, 1, 576), "bf16", ptr=BASE_PTR + (7 << 30) + 2))
+    p = params.DecodeParams.from_buffer_copy(gpu.driver.launches[0]["args"][0])
+    assert p.causal == 0 and p.scale_log2 == pytest.approx(0.1 * math.log2(math.e))

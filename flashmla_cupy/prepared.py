@@ -1,0 +1,117 @@
+"""Calls prepared once per input layout, and remembered.
+
+A decode step repeats one layout for every layer. What a checked layout determines (output shapes
+and their allocators, loaded kernels, grids, parameter structs with every size field set) is built
+once into a prepared call; running it allocates the outputs, writes the data pointers and launches.
+Prepared calls are remembered by a key holding everything the input rules read, so a call that
+differs in any of it is checked afresh, and per thread, since running one rewrites its launch
+arguments in place.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from . import inputs, plan, tensors
+from .params import METADATA_FIELDS
+
+LIMIT = 256  # prepared calls kept per thread; a model has a handful of layouts
+_thread = threading.local()
+
+
+class PlanCall:
+    """get_mla_metadata for one checked layout: output allocators and the scheduler launch."""
+
+    def __init__(self, problem: inputs.MetadataProblem, framework: str, sm_count: int):
+        from . import kernels   # driver-facing: imported once a call has passed its checks
+
+        num_parts = plan.num_sm_parts(sm_count, problem.heads_kv, problem.rows)
+        self.device_id = device_id = problem.device_id
+        self._new_metadata = tensors.allocator(framework, (num_parts, METADATA_FIELDS), np.int32, device_id)
+        self._new_num_splits = tensors.allocator(framework, (problem.batch + 1,), np.int32, device_id)
+        self._schedule = kernels.SchedulerLaunch(problem.batch, num_parts, device_id)
+
+    def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
+        """`pointers`: cache_seqlens. Returns (tile_scheduler_metadata, num_splits), native arrays."""
+        (seqlens,) = pointers
+        metadata, metadata_ptr = self._new_metadata(alloc_stream)
+        num_splits, num_splits_ptr = self._new_num_splits(alloc_stream)
+        self._schedule(seqlens, metadata_ptr, num_splits_ptr, stream)
+        return metadata, num_splits
+
+
+class DecodeCall:
+    """flash_mla_with_kvcache for one checked layout: output allocators, the decode and its combine."""
+
+    def __init__(self, problem: inputs.DecodeProblem, framework: str):
+        from . import kernels
+
+        p = problem
+        self.device_id = device_id = p.device_id
+        self._decode = kernels.DecodeLaunch(p)
+        self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, device_id)
+        self._new_out = tensors.allocator(
+            framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.q.dtype, device_id)
+        self._new_lse = tensors.allocator(framework, (p.batch, p.heads_q, p.seqlen_q), np.float32, device_id)
+        # Both partial buffers in one workspace allocation, apart from the outputs so that it goes back
+        # to the framework's stream-ordered allocator as soon as the call returns.
+        self._new_workspace = tensors.allocator(framework, (self._decode.workspace_floats,), np.float32, device_id)
+
+    def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
+        """`pointers`: q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits.
+        Returns (out, lse), native arrays."""
+        q, k_cache, block_table, seqlens, metadata, num_splits = pointers
+        out, out_ptr = self._new_out(alloc_stream)
+        lse, lse_ptr = self._new_lse(alloc_stream)
+        workspace, workspace_ptr = self._new_workspace(alloc_stream)
+        self._decode(q, k_cache, block_table, seqlens, metadata, num_splits, out_ptr, lse_ptr, workspace_ptr,
+                     stream)
+        out_partial, lse_partial = self._decode.partials(workspace_ptr)
+        self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
+        return out, lse
+
+
+def native_key(arrays: tuple, scalars: tuple) -> tuple[tuple, str, list[int]] | None:
+    """(key, framework, data pointers) when the arrays are all plain torch CUDA tensors or all plain
+    CuPy arrays, read from their attributes, else None. The key assumes that framework's current
+    stream: only calls without a stream argument use it."""
+    found = tensors.native_layout(arrays, inputs.ADDRESS_ALIGN)
+    if found is None:
+        return None
+    framework, layout, pointers = found
+    return (framework, inputs.call_key(layout, *scalars)), framework, pointers
+
+
+def views_key(views: tuple[tensors.View, ...], scalars: tuple) -> tuple:
+    """The key of a call from its views; it also covers the framework the outputs are made in."""
+    return "views", views[0].framework, inputs.call_key(inputs.layout_of(views), *scalars)
+
+
+def remembered() -> dict:
+    """This thread's prepared calls, by key."""
+    try:
+        return _thread.calls
+    except AttributeError:
+        _thread.calls = {}
+        return _thread.calls
+
+
+def find(key: tuple):
+    """The call prepared under `key`, or None (also for a key with an unhashable scalar in it, a
+    call that the rules reject and that is never remembered)."""
+    try:
+        return remembered().get(key)
+    except TypeError:
+        return None
+
+
+def remember(key: tuple, call) -> None:
+    calls = remembered()
+    if len(calls) >= LIMIT:
+        calls.clear()
+    try:
+        calls[key] = call
+    except TypeError:   # an unhashable scalar that the rules accept (an odd int-like): not remembered
+        pass
