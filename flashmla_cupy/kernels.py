@@ -17,7 +17,6 @@ from .inputs import HEAD_DIM_V
 SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
 COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
 DECODE_THREADS = 256        # kThreads in decode_config.cuh: two warpgroups
-DECODE_CLUSTER = 2          # row tiles that share their KV loads (see decode.cu)
 FLOAT32_BYTES = 4           # the partial buffers are fp32
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache descriptors kept per decode launcher (typically one per layer)
 
@@ -57,12 +56,6 @@ class CombineLaunch:
         self._launch(stream)
 
 
-def decode_cluster(row_tiles: int) -> int:
-    """CTAs per cluster along x: row tiles of one part read the same pages, and a cluster of two loads
-    each page once for both (TMA multicast), halving the L2 -> SM traffic of that head."""
-    return DECODE_CLUSTER if row_tiles % DECODE_CLUSTER == 0 else 1
-
-
 class DecodeLaunch:
     """The split-KV decode kernel of one checked layout (a DecodeProblem): grid (row tiles, heads_kv,
     parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values."""
@@ -85,8 +78,7 @@ class DecodeLaunch:
         fn = launch.get_function(variants.decode_variant(problem.dtype_name), problem.device_id)
         grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
-        self._launch = launch.Launch(fn, grid, (DECODE_THREADS, 1, 1), [self._params, no_map_yet],
-                                     cluster_x=decode_cluster(grid[0]))
+        self._launch = launch.Launch(fn, grid, (DECODE_THREADS, 1, 1), [self._params, no_map_yet])
 
     def partials(self, workspace: int) -> tuple[int, int]:
         """The addresses of out_partial and lse_partial in the workspace at `workspace`."""

@@ -131,8 +131,7 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype):
 # --- launches ---------------------------------------------------------------------------------------
 
 class _LaunchAttribute(ctypes.Structure):
-    # The value is a 64-byte union; uint32 words, since a c_char array would stop copying at a zero byte.
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -144,25 +143,17 @@ class _LaunchConfig(ctypes.Structure):
     ]
 
 
-_CLUSTER_DIMENSION = 4                  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
-def _attribute(kind: int, *values: int) -> _LaunchAttribute:
+def _pdl_attribute() -> _LaunchAttribute:
     attr = _LaunchAttribute()
-    attr.id = kind
-    attr.value[:len(values)] = values
+    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value = (1).to_bytes(4, "little") + bytes(60)
     return attr
 
 
-def _attributes(pdl: bool, cluster_x: int):
-    """The launch attribute array: programmatic dependent launch and/or a cluster shape (x, 1, 1)."""
-    attrs = []
-    if pdl:
-        attrs.append(_attribute(_PROGRAMMATIC_STREAM_SERIALIZATION, 1))
-    if cluster_x > 1:
-        attrs.append(_attribute(_CLUSTER_DIMENSION, cluster_x, 1, 1))
-    return (_LaunchAttribute * len(attrs))(*attrs) if attrs else None
+_PDL = _pdl_attribute()
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,13 +168,11 @@ class Launch:
     (also into a graph being captured), so one buffer serves every call. Not for sharing between
     threads: each prepares its own."""
 
-    def __init__(self, loaded: _Loaded, grid, block, args, pdl: bool = False, cluster_x: int = 1):
+    def __init__(self, loaded: _Loaded, grid, block, args, pdl: bool = False):
         self._args = list(args)   # kept alive: the driver reads them through _pointers
         self._pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        self._attrs = _attributes(pdl, cluster_x)  # kept alive: the config points at it
         self._config = _LaunchConfig(*grid, *block, loaded.shared_bytes, None,
-                                     ctypes.cast(self._attrs, ctypes.POINTER(_LaunchAttribute)) if self._attrs else None,
-                                     len(self._attrs) if self._attrs else 0)
+                                     ctypes.pointer(_PDL) if pdl else None, 1 if pdl else 0)
         self._config_ref = ctypes.byref(self._config)
         self._function = ctypes.c_void_p(loaded.handle)
         self._launch_kernel = _driver().cuLaunchKernelEx
@@ -196,8 +185,7 @@ class Launch:
 
     def __call__(self, stream: int) -> None:
         """Launch on `stream`. With `pdl`, the kernel may begin while the previous kernel in the stream is
-        finishing; it must wait with `griddepcontrol.wait` before reading that kernel's results. With
-        `cluster_x` > 1, consecutive blocks along x form clusters of that many (grid x divides by it)."""
+        finishing; it must wait with `griddepcontrol.wait` before reading that kernel's results."""
         self._config.stream = stream
         if _runtime().getDevice() == self._device_id:
             status = self._launch_kernel(self._config_ref, self._function, self._pointers, None)
@@ -209,6 +197,6 @@ class Launch:
             _check(status, f"launch of {self._name}")
 
 
-def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False, cluster_x: int = 1) -> None:
+def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
     """Launch once on `stream`; `args` are ctypes objects, passed by value in order."""
-    Launch(loaded, grid, block, args, pdl, cluster_x)(stream)
+    Launch(loaded, grid, block, args, pdl)(stream)

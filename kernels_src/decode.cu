@@ -5,9 +5,6 @@
 //   warpgroup 0: S = Q K^T, online softmax, P -> smem, O[:, 0:256] += P V with P from registers.
 //   warpgroup 1: TMA producer (one thread) and O[:, 256:512] += P V with P from shared memory.
 // Pages stream through a two-stage ring of 72 KB tiles; V is the first 512 columns of the K tile.
-// When the launch pairs row tiles into clusters of two (same part, same pages), each page is read from
-// L2 once and multicast into both CTAs: the producers split its boxes, and a stage is refilled only
-// when both CTAs are done with it.
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "load.cuh"
@@ -57,9 +54,9 @@ struct PageCursor {
   }
   __device__ __forceinline__ bool valid() const { return page < page_end; }
   __device__ __forceinline__ void issue(const TensorMap* map, SharedStorage& smem, int stage, int kv_head,
-                                        uint64_t hint, int rank, int ctas) {
+                                        uint64_t hint) {
     const int block = p.block_table[request * p.block_table_stride + page];
-    load_kv_page(map, smem, stage, block, kv_head, hint, rank, ctas);
+    load_kv_page(map, smem, stage, block, kv_head, hint);
     ++page;
     skip_finished();
   }
@@ -170,12 +167,7 @@ __device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedSto
 
     if (threadIdx.x == kProducerThread && cursor.valid()) {
       mbarrier_wait(&smem.empty[stage], phase);  // warpgroup 0's PV of this page is done too
-      const int rank = cluster_rank(), ctas = cluster_size();
-      if (ctas > 1) {  // the refill writes into every CTA of the cluster: wait until all are done
-        for (int peer = 0; peer < ctas; ++peer) mbarrier_arrive_cluster(&smem.cluster_free[stage], peer);
-        mbarrier_wait_cluster(&smem.cluster_free[stage], phase);
-      }
-      cursor.issue(kv_map, smem, stage, kv_head, hint, rank, ctas);
+      cursor.issue(kv_map, smem, stage, kv_head, hint);
     }
     __syncwarp();
     // P and the row scales may be overwritten now. A full sync rather than an arrive: warpgroup 1 has
@@ -205,9 +197,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   const int end_request = meta[kEndRequest];
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kTileRows;
-  // Row tiles outside this cluster read the same pages: keep them in L2 for those siblings.
-  const int ctas = cluster_size();
-  const uint64_t hint = int(gridDim.x) > ctas ? kCacheHintEvictNormal : kCacheHintEvictFirst;
+  // Several row tiles read the same pages: keep them in L2 for the siblings.
+  const uint64_t hint = gridDim.x > 1 ? kCacheHintEvictNormal : kCacheHintEvictFirst;
 
   allow_dependent_launch();
 
@@ -215,17 +206,14 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     for (int stage = 0; stage < kStages; ++stage) {
       for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[stage][box], 1);
       mbarrier_init(&smem.empty[stage], kWarpgroupThreads);
-      mbarrier_init(&smem.cluster_free[stage], ctas);
     }
     fence_barrier_init();
   }
-  cluster_sync();  // peers' barriers are initialised before any multicast load signals them
+  __syncthreads();
 
   PageCursor cursor(p, meta);
   if (threadIdx.x == kProducerThread) {
-    for (int stage = 0; stage < kStages && cursor.valid(); ++stage) {
-      cursor.issue(&kv_map, smem, stage, kv_head, hint, cluster_rank(), ctas);
-    }
+    for (int stage = 0; stage < kStages && cursor.valid(); ++stage) cursor.issue(&kv_map, smem, stage, kv_head, hint);
   }
   __syncwarp();  // reconverge the producer's warp before the barriers below
 
@@ -245,8 +233,4 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
       value_warpgroup(p, smem, piece, kv_head, rows_base, item, cursor, &kv_map, hint);
     }
   }
-  // No CTA leaves while a peer's multicast may still write into its shared memory. (The CTA barrier
-  // first: without it the compiler serialises the wgmmas.)
-  __syncthreads();
-  cluster_sync();
 }

@@ -62,7 +62,6 @@ struct SharedStorage {
   float row_inv_sum[kTileRows];        // epilogue: 1 / row sum (0 for rows that saw nothing)
   alignas(8) uint64_t full[kStages][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
   uint64_t empty[kStages];                    // warpgroup 0 is done reading a stage
-  uint64_t cluster_free[kStages];             // every CTA of the cluster is done with a stage
 };
 
 // Dynamic shared memory asked for at launch: the struct plus slack to align it to 1024 bytes

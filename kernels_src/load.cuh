@@ -24,35 +24,15 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
-// The same box into the same shared-memory offset of every CTA in `cta_mask`, completing the barrier
-// at the same offset in each: one L2 read feeds all the row tiles of a cluster.
-__device__ __forceinline__ void tma_load_box_multicast(const TensorMap* map, uint64_t* bar, void* dst, int col,
-                                                       int head, int token, int block, uint16_t cta_mask,
-                                                       uint64_t hint) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7, %8;" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(head), "r"(token),
-      "r"(block), "h"(cta_mask), "l"(hint)
-      : "memory");
-}
-
-// Load one KV page (all 576 columns of 64 tokens) into a stage of every CTA in the cluster. Each box
-// completes its own barrier, so QK^T can start on the first box. All nine boxes land here, so this
-// CTA expects all of them; it issues only every `ctas`-th box (from its rank on), its peers the rest.
-// (A peer's box may land before the expect: the phase cannot complete before this CTA's arrive.)
-__device__ __forceinline__ void load_kv_page(const TensorMap* map, SharedStorage& smem, int stage, int block,
-                                             int head, uint64_t hint, int rank, int ctas) {
+// Issue the nine boxes of one KV page (all 576 columns of 64 tokens) into a stage; each box completes
+// its own barrier so QK^T can start on the first box.
+__device__ __forceinline__ void load_kv_page(const TensorMap* map, SharedStorage& smem, int stage,
+                                             int block, int head, uint64_t hint) {
 #pragma unroll
-  for (int box = 0; box < kBoxes; ++box) mbarrier_arrive_expect_tx(&smem.full[stage][box], kBoxBytes);
-  for (int box = rank; box < kBoxes; box += ctas) {
+  for (int box = 0; box < kBoxes; ++box) {
     uint64_t* bar = &smem.full[stage][box];
-    uint8_t* dst = smem.kv[stage] + box * kBoxBytes;
-    if (ctas == 1) {
-      tma_load_box(map, bar, dst, box * kBoxCols, head, 0, block, hint);
-    } else {
-      tma_load_box_multicast(map, bar, dst, box * kBoxCols, head, 0, block, uint16_t((1u << ctas) - 1), hint);
-    }
+    mbarrier_arrive_expect_tx(bar, kBoxBytes);
+    tma_load_box(map, bar, smem.kv[stage] + box * kBoxBytes, box * kBoxCols, head, 0, block, hint);
   }
 }
 

@@ -45,46 +45,6 @@ __device__ __forceinline__ void named_barrier_arrive(NamedBarrier id, int thread
   asm volatile("barrier.arrive %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
-// --- clusters: the CTAs of one cluster (the row tiles of one part) share each KV page's loads ---
-
-__device__ __forceinline__ int cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return int(rank);
-}
-
-__device__ __forceinline__ int cluster_size() {
-  uint32_t size;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
-  return int(size);
-}
-
-// Every thread of every CTA in the cluster; orders the mbarrier inits before any remote use and keeps
-// a CTA's shared memory alive until its peers are done writing into it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
-// Arrive on the barrier at the same shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, int rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
-// mbarrier_wait for a phase completed by arrivals from other CTAs of the cluster.
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, int parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-
 // Ordinary smem stores that wgmma or TMA will read next must pass this fence before the barrier.
 __device__ __forceinline__ void fence_generic_to_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

@@ -193,13 +193,11 @@ class RecordingDriver:
     def _launch(self, config, function, params, extra):
         grid = (ctypes.c_uint * 7).from_address(config)
         stream = ctypes.c_void_p.from_address(config + 32).value or 0
-        attrs = _launch_attributes(ctypes.c_void_p.from_address(config + 40).value,
-                                   ctypes.c_uint.from_address(config + 48).value)
+        num_attrs = ctypes.c_uint.from_address(config + 48).value
         addresses = (ctypes.c_void_p * len(self.arg_sizes[function])).from_address(params)
         args = [ctypes.string_at(a, size) for a, size in zip(addresses, self.arg_sizes[function])]
         self.launches.append(dict(grid=tuple(grid[:3]), block=tuple(grid[3:6]), shared_bytes=grid[6],
-                                  stream=stream, pdl=attrs.get(6) == (1, 0, 0), cluster=attrs.get(4, (1, 1, 1)),
-                                  function=function, args=args))
+                                  stream=stream, pdl=num_attrs == 1, function=function, args=args))
         return 0
 
     def _encode(self, tensor_map, dtype, rank, base, *rest):
@@ -215,15 +213,6 @@ int cuGetErrorString(int s, const char **t) { *t = "stub"; return 0; }
 int cuTensorMapEncodeTiled(void *m, int t, unsigned r, void *g, void *d, void *s, void *b, void *e,
                            int i, int w, int l, int o) { return 0; }
 """
-
-
-def _launch_attributes(address: int | None, count: int) -> dict[int, tuple[int, int, int]]:
-    """CUlaunchAttribute entries (id, 4 pad bytes, 64-byte value) as {id: first three uint32 of the value}."""
-    found = {}
-    for i in range(count):
-        entry = address + 72 * i
-        found[ctypes.c_int.from_address(entry).value] = tuple((ctypes.c_uint * 3).from_address(entry + 8))
-    return found
 
 
 def stub_driver() -> ctypes.CDLL:

@@ -259,7 +259,6 @@ def test_decode_call(gpu):
     p = params.DecodeParams.from_buffer_copy(decode["args"][0])
     assert (decode["function"], decode["stream"], decode["pdl"]) == (fake_cuda.DECODE_FN, STREAM, False)
     assert decode["grid"] == (1, 2, 6) and decode["block"] == (256, 1, 1)
-    assert decode["cluster"] == (1, 1, 1)  # one row tile: nobody to share the pages with
     assert (p.batch, p.seqlen_q, p.heads_q, p.heads_kv) == (3, 2, 32, 2)
     assert (p.heads_per_group, p.rows, p.num_parts, p.causal) == (16, 32, 6, 1)
     assert p.scale_log2 == pytest.approx(576 ** -0.5 * math.log2(math.e))
@@ -271,17 +270,6 @@ def test_decode_call(gpu):
     assert (c.out, c.lse, c.out_partial, c.lse_partial) == (p.out, p.lse, p.out_partial, p.lse_partial)
     assert c.num_splits == p.num_splits == BASE_PTR + (5 << 30)
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
-
-
-@pytest.mark.parametrize("heads_q, seqlen_q, grid_x, cluster_x", [(128, 1, 2, 2), (128, 2, 4, 2), (96, 2, 3, 1)])
-def test_decode_pairs_row_tiles_into_clusters(gpu, heads_q, seqlen_q, grid_x, cluster_x):
-    """Row tiles of one part read the same pages: even counts launch as clusters of two, which share
-    each page's load (decode.cu); odd counts cannot be paired."""
-    args = decode_args(batch=3, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=1, num_parts=6, producer=FakeJax)
-    flash_mla_with_kvcache(**args, stream=STREAM)
-    decode = gpu.driver.launches[0]
-    assert decode["grid"] == (grid_x, 1, 6) and decode["cluster"] == (cluster_x, 1, 1)
-    assert decode["pdl"] is False
 
 
 def test_causal_is_moot_for_one_query_token(gpu):
