@@ -46,7 +46,7 @@ if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
 fi
 if [[ $MODE == full || $MODE == bench ]]; then
   step "host time per call"
-  timeout 60 $PY scripts/host_profile.py 2>&1 | head -n 45
+  timeout 60 $PY scripts/host_profile.py --repeats 5 2>&1 | head -n 45
   step "benchmark"
   PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --kernels --json "$OUT/bench.json" 2>&1 \
     | tee "$LOGS/bench.txt" || status=1

@@ -1,7 +1,10 @@
 """Host (CPU) cost of one eager `flash_mla_with_kvcache` call with torch inputs, and where it goes.
 
 Launches are asynchronous, so timing a burst of calls whose GPU work is short measures the Python and
-driver path alone. Prints microseconds per call, then the cProfile functions with the most own time.
+driver path alone. The problem is tiny on purpose: were a call's GPU work longer than its host work, the
+launch queue would fill and the burst would time the GPU instead. The host path does not depend on the
+sizes (h_q = 128 keeps the two-row-tile launch of real decode shapes). Prints microseconds per call,
+then the cProfile functions with the most own time.
 
     python scripts/host_profile.py [--calls 300]
     python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (tests/fake_cuda.py)
@@ -19,7 +22,7 @@ import pstats
 import sys
 import time
 
-B, S_Q, H_Q, PAGES = 64, 1, 128, 16  # a short-context case, where host time shows most
+B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work (see above)
 
 
 def gpu_inputs():
