@@ -22,6 +22,8 @@ import types
 
 import numpy as np
 
+from fake_dlpack import contiguous
+
 STREAM = 0x5A5A00           # the fake torch's current stream on every device
 FIRST_PTR = 0x7E00_0000_0000
 DECODE_FN, COMBINE_FN, SCHEDULER_FN = 0xD0, 0xC0, 0x50   # fake CUfunction handles
@@ -46,14 +48,6 @@ class _Device:
         self.type, self.index = type_, index
 
 
-def _contiguous(shape):
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 class Tensor:
     """A torch-like CUDA (or CPU) tensor: metadata only, nothing behind the address."""
 
@@ -72,7 +66,7 @@ class Tensor:
 
     def stride(self):
         if self._strides is None:
-            self._strides = _contiguous(self.shape)
+            self._strides = contiguous(self.shape)
         return self._strides
 
     def get_device(self) -> int:
@@ -137,7 +131,7 @@ class FakeNdarray:
 
     def __init__(self, shape, dtype, ptr, strides=None, device_id=0):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.strides = tuple(s * self.dtype.itemsize for s in (strides or _contiguous(self.shape)))
+        self.strides = tuple(s * self.dtype.itemsize for s in (strides or contiguous(self.shape)))
         self.data = types.SimpleNamespace(ptr=ptr)
         self.device = types.SimpleNamespace(id=device_id)
 
