@@ -20,6 +20,19 @@ struct FragmentCoords {
   }
 };
 
+// Visit every score of a thread's fragment: f(register, which of its two rows, column in the page).
+template <class F>
+__device__ __forceinline__ void for_each_score(const FragmentCoords& at, F&& f) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) f(4 * j + 2 * i + c, i, 8 * j + at.column + c);
+    }
+  }
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -46,20 +59,13 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void update(float (&s)[32], float scale_log2, const FragmentCoords& at,
                                          int token0, const int (&limit)[2], float (&rescale)[2]) {
     float new_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float x = s[4 * j + 2 * i + c] * scale_log2;
-          // A select, not an add: stale tokens may be NaN and must vanish.
-          if (kMasked && token0 + 8 * j + at.column + c >= limit[i]) x = -positive_infinity();
-          s[4 * j + 2 * i + c] = x;
-          new_max[i] = fmaxf(new_max[i], x);
-        }
-      }
-    }
+    for_each_score(at, [&](int k, int i, int column) {
+      float x = s[k] * scale_log2;
+      // A select, not an add: stale tokens may be NaN and must vanish.
+      if (kMasked && token0 + column >= limit[i]) x = -positive_infinity();
+      s[k] = x;
+      new_max[i] = fmaxf(new_max[i], x);
+    });
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       new_max[i] = quad_max(new_max[i]);
@@ -67,18 +73,10 @@ struct OnlineSoftmax {
       row_max[i] = new_max[i];
       row_sum[i] *= rescale[i];
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float prob = exp2f(s[4 * j + 2 * i + c] - row_max[i]);
-          s[4 * j + 2 * i + c] = prob;
-          row_sum[i] += prob;
-        }
-      }
-    }
+    for_each_score(at, [&](int k, int i, int) {
+      s[k] = exp2f(s[k] - row_max[i]);
+      row_sum[i] += s[k];
+    });
   }
 };
 
