@@ -11,46 +11,32 @@
 // heads_kv * rows = seqlen_q * heads_q <= 4 * 65535): the index math stays 32-bit, where a 64-bit
 // division would be a slow subroutine call.
 //
-// Output dtype: compile with -DFLASHMLA_BF16=1 or -DFLASHMLA_FP16=1.
+// Output dtype: compile with -DFLASHMLA_BF16=1 or -DFLASHMLA_FP16=1 (element.cuh).
 #include <cuda/std/cstdint>  // before params.cuh: NVRTC predefines no int64_t
 #include <cuda/std/limits>
 
+#include "element.cuh"
 #include "params.cuh"
 
-#if defined(FLASHMLA_BF16)
-#include <cuda_bf16.h>
-#elif defined(FLASHMLA_FP16)
-#include <cuda_fp16.h>
-#else
-#error "define FLASHMLA_BF16 or FLASHMLA_FP16"
-#endif
-
 namespace {
+
+using flashmla::kHeadDimV;
+using flashmla::kLn2;
 
 constexpr int kCombineWarpsPerBlock = 4;
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kHeadDimV = 512;
 // Each lane owns kVecPerLane groups of 4 columns, interleaved across the warp so that every 16-byte
 // vector load instruction of the warp reads 512 contiguous bytes.
 constexpr int kVecPerLane = kHeadDimV / (4 * kWarpSize);
-constexpr float kLn2 = 0.69314718055994530942f;
 constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
 
-#if defined(FLASHMLA_BF16)
 // Four floats rounded to the output dtype, packed into 8 bytes.
 __device__ __forceinline__ uint2 pack4(float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
-  const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+  const flashmla::Element2 lo = flashmla::to_element2(v.x, v.y);
+  const flashmla::Element2 hi = flashmla::to_element2(v.z, v.w);
   return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
 }
-#else
-__device__ __forceinline__ uint2 pack4(float4 v) {
-  const __half2 lo = __floats2half2_rn(v.x, v.y);
-  const __half2 hi = __floats2half2_rn(v.z, v.w);
-  return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
-}
-#endif
 
 // Running (max, sum of exp2(x - max)) of log2-domain values; -inf values contribute nothing.
 struct Lse2 {

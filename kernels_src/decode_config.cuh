@@ -1,15 +1,8 @@
-// Compile-time shape of the decode kernel: tile sizes, element type, shared-memory carve-up, barrier ids.
+// Compile-time shape of the decode kernel: tile sizes, shared-memory carve-up, barrier ids.
 #pragma once
 #include <cuda/std/cstdint>
+#include "element.cuh"
 #include "params.cuh"
-
-#if defined(FLASHMLA_BF16)
-#include <cuda_bf16.h>
-#elif defined(FLASHMLA_FP16)
-#include <cuda_fp16.h>
-#else
-#error "define FLASHMLA_BF16 or FLASHMLA_FP16"
-#endif
 
 namespace flashmla {
 
@@ -17,18 +10,7 @@ using cuda::std::uint8_t;
 using cuda::std::uint32_t;
 using cuda::std::uint64_t;
 
-#if defined(FLASHMLA_BF16)
-using Element = __nv_bfloat16;
-using Element2 = __nv_bfloat162;
-__device__ __forceinline__ Element2 to_element2(float a, float b) { return __floats2bfloat162_rn(a, b); }
-#else
-using Element = __half;
-using Element2 = __half2;
-__device__ __forceinline__ Element2 to_element2(float a, float b) { return __floats2half2_rn(a, b); }
-#endif
-
 constexpr int kHeadDim = 576;    // key width: 512 latent + 64 rope
-constexpr int kHeadDimV = 512;   // the value is the first 512 columns of the key row
 constexpr int kPageSize = 64;    // tokens per KV page; one page is one pipeline stage
 constexpr int kTileRows = 64;    // query rows per CTA: the M of one warpgroup's wgmma
 

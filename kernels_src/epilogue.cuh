@@ -5,8 +5,6 @@
 
 namespace flashmla {
 
-constexpr float kLn2 = 0.69314718055994531f;
-
 // One request's share of this CTA's part.
 struct Piece {
   int request;
