@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import cache, compiler, env, variants
+from .api import HOPPER
 
 NO_GPU_MESSAGE = (
     "No CUDA GPU (sm_90) here: the demo needs an H100/H200. "
@@ -31,6 +32,13 @@ def _spills(result: dict) -> bool:
     return result.get("spill_stores", 0) > 0 or result.get("spill_loads", 0) > 0
 
 
+def _outcome(result: dict, compiled: str = "") -> str:
+    """How a warm-up result came about: FAILED, cached, or the compile time."""
+    if "error" in result:
+        return "FAILED"
+    return "cached" if result["seconds"] is None else f"{compiled}{result['seconds']:.1f} s"
+
+
 def _print_table(results: list[dict]) -> None:
     header = ("variant", "registers", "spill st/ld", "stack", "static smem", "compile")
     rows = []
@@ -38,7 +46,7 @@ def _print_table(results: list[dict]) -> None:
         if "error" in r:
             rows.append((r["name"], "-", "-", "-", "-", "FAILED"))
             continue
-        when = "cached" if r["seconds"] is None else f"{r['seconds']:.1f} s"
+        when = _outcome(r)
         spill = f"{r['spill_stores']}/{r['spill_loads']}" + ("  SPILLS" if _spills(r) else "")
         rows.append((r["name"], str(r["registers"]), spill, str(r["stack_bytes"]), str(r["smem_static"]), when))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
@@ -58,24 +66,15 @@ def cmd_warmup(args) -> int:
     context = multiprocessing.get_context("spawn")
     start = time.perf_counter()
     results: dict[str, dict] = {}
-    # Warm-up exists to compile, so the serving switch that forbids it must not reach the workers,
-    # which inherit this process's environment when they start.
-    no_compile = os.environ.pop(env.NO_COMPILE, None)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            pending = {pool.submit(cache.warm, v): v for v in todo}
-            for done, future in enumerate(concurrent.futures.as_completed(pending), 1):
-                try:
-                    r = future.result()
-                except Exception as exc:  # the worker process died (e.g. killed for memory)
-                    r = {"name": pending[future].name, "error": f"{type(exc).__name__}: {exc}"}
-                results[r["name"]] = r
-                status = ("FAILED" if "error" in r else "cached" if r["seconds"] is None
-                          else f"compiled in {r['seconds']:.1f} s")
-                print(f"  [{done}/{len(todo)}] {r['name']}: {status}", flush=True)
-    finally:
-        if no_compile is not None:
-            os.environ[env.NO_COMPILE] = no_compile
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        pending = {pool.submit(cache.warm, v): v for v in todo}
+        for done, future in enumerate(concurrent.futures.as_completed(pending), 1):
+            try:
+                r = future.result()
+            except Exception as exc:  # the worker process died (e.g. killed for memory)
+                r = {"name": pending[future].name, "error": f"{type(exc).__name__}: {exc}"}
+            results[r["name"]] = r
+            print(f"  [{done}/{len(todo)}] {r['name']}: {_outcome(r, 'compiled in ')}", flush=True)
     print(f"done in {time.perf_counter() - start:.1f} s\n")
     ordered = [results[v.name] for v in todo]
     _print_table(ordered)
@@ -133,7 +132,7 @@ def cmd_info(args) -> int:
     if not gpus:
         print("gpu             no CUDA GPU visible")
     for g in gpus:
-        usable = "" if g.cc == (9, 0) else "  (not sm_90: cannot run these kernels)"
+        usable = "" if g.cc == HOPPER else "  (not sm_90: cannot run these kernels)"
         print(f"gpu {g.device_id}           {g.name}, compute capability {g.cc[0]}.{g.cc[1]}, {g.sm_count} SMs{usable}")
     return 0
 
@@ -154,7 +153,7 @@ DEMO_TIMED_RUNS = 50
 
 
 def cmd_demo(args) -> int:
-    device = next((g for g in _gpus() if g.cc == (9, 0)), None)
+    device = next((g for g in _gpus() if g.cc == HOPPER), None)
     if device is None:
         print(NO_GPU_MESSAGE)
         return EXIT_NO_GPU
@@ -218,10 +217,7 @@ def _run_demo(device) -> int:
     events[-1][1].synchronize()
     ms = float(np.median([cupy.cuda.get_elapsed_time(begin, end) for begin, end in events]))
 
-    # SPEC.md section 5, FlashMLA's accounting, so that the numbers compare.
-    total = int(seqlens.sum())
-    flops = s_q * total * h_q * (d + dv) * 2
-    nbytes = (total * h_kv * d + b * s_q * h_q * d + b * s_q * h_q * dv) * case.dtype.itemsize
+    flops, nbytes = reference.perf_accounting(int(seqlens.sum()), b, s_q, h_q, h_kv, case.dtype.itemsize)
     print(f"flash_mla_with_kvcache: {ms * 1000:.1f} us (median of {DEMO_TIMED_RUNS}), "
           f"{flops / 1e9 / ms:.0f} TFLOPS, {nbytes / 1e6 / ms:.0f} GB/s")
     return 0

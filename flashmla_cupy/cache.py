@@ -24,11 +24,10 @@ import time
 import warnings
 
 from . import compiler, env, errors
-from .compiler import CompiledKernel
+from .compiler import REPORT_FIELDS, CompiledKernel
 from .variants import Variant
 
 MANIFEST_FORMAT = 1
-REPORT_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "smem_static")
 # Suffixes of every file this module creates; clear() deletes these and nothing else.
 _OWN_SUFFIXES = (".cubin", ".json", ".tmp")
 
@@ -173,16 +172,22 @@ def get_or_compile(variant: Variant) -> CompiledKernel:
     kernel = _memory.get(variant)
     if kernel is not None:
         return kernel
+    return _fill(variant, may_compile=not env.no_compile())[0]
+
+
+def _fill(variant: Variant, may_compile: bool) -> tuple[CompiledKernel, float | None]:
+    """A miss of the memo: the kernel from disk, else compiled (when allowed) and stored, with the
+    seconds its compile took (None when it came from memory or disk)."""
     with _lock:
         if variant in _memory:  # another thread filled it while we waited
-            return _memory[variant]
+            return _memory[variant], None
         key = cache_key(variant)
         kernel = _read_entry(variant, key)
         if kernel is not None:
             _say(f"loaded {variant.name} from the cache (key {key[:16]})")
             _memory[variant] = kernel
-            return kernel
-        if env.no_compile():
+            return kernel, None
+        if not may_compile:
             raise errors.KernelCacheMissError(
                 f"kernel variant {variant.name!r} is not in the cache at {cache_dir()} and "
                 f"{env.NO_COMPILE}=1 forbids compiling it. Fill the cache ahead of time with "
@@ -196,22 +201,18 @@ def get_or_compile(variant: Variant) -> CompiledKernel:
         _say(f"compiled {variant.name} in {seconds:.1f} s: {kernel.registers} registers")
         _write_entry(kernel, key, seconds)
         _memory[variant] = kernel
-        return kernel
+        return kernel, seconds
 
 
 def warm(variant: Variant) -> dict:
-    """Bring one variant into the cache; the worker of `python -m flashmla_cupy warmup`.
+    """Bring one variant into the cache; the worker of `python -m flashmla_cupy warmup`. Warm-up
+    exists to compile, so FLASHMLA_CUPY_NO_COMPILE (a serving switch) does not apply here.
 
     Returns plain data: {"name", "seconds" (None when it was cached already), the report fields} or
     {"name", "error"}, because it crosses a process boundary and CompileError does not pickle.
     """
     try:
-        kernel = load(variant)
-        seconds = None
-        if kernel is None:
-            start = time.perf_counter()
-            kernel = get_or_compile(variant)
-            seconds = time.perf_counter() - start
+        kernel, seconds = _fill(variant, may_compile=True)
     except Exception as exc:  # reported by the caller; the other variants still compile
         return {"name": variant.name, "error": f"{type(exc).__name__}: {exc}"}
     return {"name": variant.name, "seconds": seconds, **{f: getattr(kernel, f) for f in REPORT_FIELDS}}

@@ -227,6 +227,8 @@ def _complete_elf(cubin: bytes) -> bytes:
     return cubin + b"\0" * (end - len(cubin))
 
 
+# What parse_ptxas_report reads for one kernel; also the fields of warm-up's report.
+REPORT_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "smem_static")
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PROPS = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -247,7 +249,7 @@ def parse_ptxas_report(log: str, kernel_name: str) -> dict[str, int] | None:
         if entry:
             in_block = entry.group(1) == kernel_name
             if in_block:
-                report = dict(registers=0, spill_stores=0, spill_loads=0, stack_bytes=0, smem_static=0)
+                report = dict.fromkeys(REPORT_FIELDS, 0)
             continue
         if not in_block:
             continue

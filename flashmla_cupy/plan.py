@@ -79,7 +79,7 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
     pages = [_pages(s) for s in np.asarray(seqlens).reshape(-1)]
     batch = len(pages)
-    _, payload = plan_cost(seqlens, num_parts)
+    _, payload = _cost(pages, num_parts)
 
     metadata = np.zeros((num_parts, METADATA_FIELDS), dtype=np.int32)
     metadata[:, META_BEGIN_REQUEST] = batch
@@ -116,6 +116,9 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
 
 def plan_cost(seqlens: np.ndarray, num_parts: int) -> tuple[int, int]:
     """`(total, payload)` of the cost model: the uncut batch cost and the budget of one part."""
-    pages = [_pages(s) for s in np.asarray(seqlens).reshape(-1)]
+    return _cost([_pages(s) for s in np.asarray(seqlens).reshape(-1)], num_parts)
+
+
+def _cost(pages: list[int], num_parts: int) -> tuple[int, int]:
     total = sum(pages) + OVERHEAD_PAGES * len(pages)
     return total, -(-total // num_parts) + OVERHEAD_PAGES

@@ -109,6 +109,15 @@ class Case:
                                     self.head_dim_v, self.softmax_scale, self.causal)
 
 
+def perf_accounting(total_seqlen: int, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
+                    itemsize: int = 2) -> tuple[int, int]:
+    """(FLOPs, bytes) of one decode step as SPEC.md section 5 counts them (FlashMLA's accounting), so
+    that TFLOPS and GB/s compare with the peers'. `total_seqlen`: cached tokens over the batch."""
+    flops = seqlen_q * total_seqlen * heads_q * (HEAD_DIM + HEAD_DIM_V) * 2
+    nbytes = (total_seqlen * heads_kv * HEAD_DIM + batch * seqlen_q * heads_q * (HEAD_DIM + HEAD_DIM_V)) * itemsize
+    return flops, nbytes
+
+
 def _random_values(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
     """randn / 10 clamped to [-1, 1], rounded to dtype; drawn in slabs to bound float32 temporaries."""
     out = np.empty(shape, dtype)

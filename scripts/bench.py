@@ -19,7 +19,8 @@ import sys
 import time
 import warnings
 
-HEAD_DIM, HEAD_DIM_V, PAGE = 576, 512, 64
+from flashmla_cupy.reference import HEAD_DIM, HEAD_DIM_V, perf_accounting
+from flashmla_cupy.reference import PAGE_SIZE as PAGE
 
 # (batch, seqlen_q, heads_q, heads_kv, seqlen, causal); the first four are the peer table of DEVELOPERS.md.
 CASES = [
@@ -43,13 +44,6 @@ def make_inputs(torch, b, s_q, h_q, h_kv, seqlen, seed):
     block_table = torch.randperm(b * pages, generator=g, device=dev).int().view(b, pages)
     seqlens = torch.full((b,), seqlen, dtype=torch.int32, device=dev)
     return q, k_cache, block_table, seqlens
-
-
-def flops_bytes(b, s_q, h_q, h_kv, seqlen):
-    total = b * seqlen
-    flops = s_q * total * h_q * (HEAD_DIM + HEAD_DIM_V) * 2
-    nbytes = (total * h_kv * HEAD_DIM + b * s_q * h_q * HEAD_DIM + b * s_q * h_q * HEAD_DIM_V) * 2
-    return flops, nbytes
 
 
 def ours(torch, q, k_cache, block_table, seqlens, causal, scale):
@@ -103,16 +97,24 @@ def flashinfer_fa3(torch, q, k_cache, block_table, seqlens, causal, scale):
 LIBRARIES = {"flashmla_cupy": ours, "FlashMLA": flashmla, "FlashInfer-fa3": flashinfer_fa3}
 
 
+def per_call_us(fn, calls: int, repeats: int = 1) -> list[float]:
+    """Microseconds per call of `repeats` bursts of `calls` calls of fn (wall time, no syncs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return times
+
+
 def host_time_us(torch, fn, calls: int = 50) -> float:
     """Host (CPU) time of one call: launches are asynchronous, so a burst of calls measures Python and
     driver overhead alone while the GPU queue is far from full."""
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
+    (us,) = per_call_us(fn, calls)
     torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return us
 
 
 def captured(torch, fn):
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
     for (b, s_q, h_q, h_kv, seqlen, causal) in cases:
         q, k_cache, block_table, seqlens = make_inputs(torch, b, s_q, h_q, h_kv, seqlen, seed=len(results) + 1)
         scale = HEAD_DIM ** -0.5
-        flops, nbytes = flops_bytes(b, s_q, h_q, h_kv, seqlen)
+        flops, nbytes = perf_accounting(b * seqlen, b, s_q, h_q, h_kv)
         row = {"batch": b, "seqlen_q": s_q, "heads_q": h_q, "heads_kv": h_kv, "seqlen": seqlen, "causal": causal,
                "libraries": {}}
         reference = None
@@ -237,6 +239,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def headline(row: dict, prefix: str = "") -> tuple:
+    """The figure that matters for one benchmark case: GB/s when at most one row tile per KV head
+    (memory-bound), else TFLOPS. Returns (key, unit, {library: value}, best peer, ours / best peer);
+    `prefix` "graph_" reads the CUDA-graph replay figures."""
+    memory_bound = row["seqlen_q"] * row["heads_q"] // row["heads_kv"] <= 64
+    key, unit = ("gbps", "GB/s") if memory_bound else ("tflops", "TFLOPS")
+    values = {name: e[prefix + key] for name, e in row["libraries"].items() if prefix + key in e}
+    peers = {name: v for name, v in values.items() if name != "flashmla_cupy"}
+    best = max(peers, key=peers.get) if peers else None
+    ratio = values["flashmla_cupy"] / peers[best] if best and "flashmla_cupy" in values else None
+    return key, unit, values, best, ratio
+
+
 def print_table(results, names, device, commit, graph: bool) -> None:
     prefix = "graph_" if graph else ""
     mode = "CUDA-graph replay" if graph else "eager calls (host overhead included when it exceeds GPU time)"
@@ -245,19 +260,16 @@ def print_table(results, names, device, commit, graph: bool) -> None:
     print(header)
     print("|" + "---|" * (len(names) + 2))
     for row in results:
-        memory_bound = row["seqlen_q"] * row["heads_q"] // row["heads_kv"] <= 64
-        key, unit = ("gbps", "GB/s") if memory_bound else ("tflops", "TFLOPS")
-        cells, values = [], {}
+        key, unit, values, _, ratio = headline(row, prefix)
+        cells = []
         for name in names:
             e = row["libraries"][name]
-            if prefix + key not in e:
+            if name not in values:
                 cells.append("n/a")
             else:
-                values[name] = e[prefix + key]
                 host = "" if graph else f"; host {e['host_us']:.0f} us"
-                cells.append(f"{e[prefix + key]:.0f} {unit} ({e[prefix + 'ms'] * 1000:.0f} us{host})")
-        peers = [v for k, v in values.items() if k != "flashmla_cupy"]
-        ratio = f"{values['flashmla_cupy'] / max(peers):.2f}" if peers and "flashmla_cupy" in values else "-"
+                cells.append(f"{values[name]:.0f} {unit} ({e[prefix + 'ms'] * 1000:.0f} us{host})")
+        ratio = f"{ratio:.2f}" if ratio is not None else "-"
         label = (f"b={row['batch']} s_q={row['seqlen_q']} h_q={row['heads_q']} h_kv={row['heads_kv']} "
                  f"seqlen={row['seqlen']}{' causal' if row['causal'] else ''}")
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")

@@ -20,7 +20,8 @@ import cProfile
 import os
 import pstats
 import sys
-import time
+
+import bench  # scripts/ is this script's first sys.path entry
 
 B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work (see above)
 
@@ -28,11 +29,7 @@ B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work 
 def gpu_inputs():
     import torch
 
-    q = torch.randn(B, S_Q, H_Q, 576, device="cuda").bfloat16()
-    k_cache = torch.randn(B * PAGES, 64, 1, 576, device="cuda").bfloat16()
-    block_table = torch.randperm(B * PAGES, device="cuda").int().view(B, PAGES)
-    seqlens = torch.full((B,), PAGES * 64, dtype=torch.int32, device="cuda")
-    return torch, (q, k_cache, block_table, seqlens)
+    return torch, bench.make_inputs(torch, B, S_Q, H_Q, 1, PAGES * 64, seed=0)
 
 
 def mock_inputs():
@@ -45,17 +42,6 @@ def mock_inputs():
     return torch, (torch.tensor((B, S_Q, H_Q, 576), torch.bfloat16),
                    torch.tensor((B * PAGES, 64, 1, 576), torch.bfloat16),
                    torch.tensor((B, PAGES), torch.int32), torch.tensor((B,), torch.int32))
-
-
-def per_call_us(call, calls: int, repeats: int) -> list[float]:
-    """Microseconds per call of `repeats` bursts of `calls` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return times
 
 
 def main() -> None:
@@ -82,7 +68,7 @@ def main() -> None:
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
-        times = per_call_us(fn, args.calls, args.repeats)
+        times = bench.per_call_us(fn, args.calls, args.repeats)
         torch.cuda.synchronize()
         print(f"{label} host time per {name} call: {times[-1]:.1f} us ({args.calls} calls)"
               + (f"; best of {args.repeats} bursts {min(times):.1f} us" if args.repeats > 1 else ""))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from bench import headline  # scripts/ is this script's first sys.path entry
+
 
 def read(path: str) -> str | None:
     try:
@@ -49,17 +51,12 @@ def sanitizer_verdict(text: str | None) -> str | None:
 def bench_ratios(report: dict | None) -> list[dict]:
     rows = []
     for row in (report or {}).get("results", []):
-        memory_bound = row["seqlen_q"] * row["heads_q"] // row["heads_kv"] <= 64
-        key = "graph_gbps" if memory_bound else "graph_tflops"
-        values = {name: e[key] for name, e in row["libraries"].items() if key in e}
-        peers = {name: v for name, v in values.items() if name != "flashmla_cupy"}
-        best = max(peers, key=peers.get) if peers else None
+        _, unit, values, best, ratio = headline(row, "graph_")
         rows.append({
             "case": {k: row[k] for k in ("batch", "seqlen_q", "heads_q", "heads_kv", "seqlen", "causal")},
-            "unit": "GB/s" if memory_bound else "TFLOPS",
+            "unit": unit,
             "cuda_graph": {name: round(v, 1) for name, v in values.items()},
-            "ours_over_best_peer": round(values["flashmla_cupy"] / peers[best], 3)
-            if best and "flashmla_cupy" in values else None,
+            "ours_over_best_peer": round(ratio, 3) if ratio is not None else None,
             "best_peer": best,
         })
     return rows

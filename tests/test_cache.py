@@ -214,6 +214,16 @@ def test_no_compile_miss_raises_and_hit_works(compiles, monkeypatch):
     assert cache.get_or_compile(SCHEDULER) == kernel
 
 
+def test_warm_compiles_even_where_serving_forbids_it(compiles, monkeypatch):
+    """FLASHMLA_CUPY_NO_COMPILE guards serving processes; warm-up exists to fill the cache."""
+    monkeypatch.setenv(env.NO_COMPILE, "1")
+    result = cache.warm(SCHEDULER)
+    assert "error" not in result and result["seconds"] is not None
+    assert compiles == ["scheduler"]
+    forget_memory()
+    assert cache.get_or_compile(SCHEDULER).variant == SCHEDULER   # served from disk
+
+
 def test_clear_removes_only_cache_files(compiles):
     cache.get_or_compile(SCHEDULER)
     assert cache.cache_size_bytes() > 0

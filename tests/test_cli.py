@@ -10,6 +10,7 @@ import pytest
 
 from flashmla_cupy import __main__ as cli
 from flashmla_cupy import cache, env, variants
+from flashmla_cupy.api import HOPPER
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_warmup_compiles_every_variant_then_finds_them_cached(tmp_path):
 
 
 def _has_hopper() -> bool:
-    return any(g.cc == (9, 0) for g in cli._gpus())
+    return any(g.cc == HOPPER for g in cli._gpus())
 
 
 @pytest.mark.skipif(_has_hopper(), reason="an sm_90 GPU is present: the demo would run")

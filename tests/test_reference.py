@@ -14,6 +14,7 @@ from flashmla_cupy.reference import (
     check_close,
     merge_partials_reference,
     mla_decode_reference,
+    perf_accounting,
     random_case,
     to_float64,
 )
@@ -245,3 +246,12 @@ def test_merge_partials_reference_ignores_pieces_without_keys():
     np.testing.assert_allclose(lse[0, 0, 0], (3.0 + math.log2(w.sum())) * math.log(2))
     assert (out[0, 0, 1] == 0).all() and np.isposinf(lse[0, 1, 0]), "a row no piece saw"
     assert np.isnan(out[1]).all() and np.isnan(lse[1]).all()
+
+
+def test_perf_accounting_is_flashmla_s():
+    """SPEC.md section 5: FLOPs 2 * s_q * total * h_q * (576 + 512); bytes: the whole KV cache once,
+    q and out once, 2 bytes each. b=128, h_q=128, 4096 tokens: the peer table's first case."""
+    flops, nbytes = perf_accounting(128 * 4096, 128, 1, 128, 1)
+    assert flops == 2 * 128 * 4096 * 128 * 1088 == 146_028_888_064
+    assert nbytes == (128 * 4096 * 576 + 128 * 128 * 576 + 128 * 128 * 512) * 2 == 639_631_360
+    assert perf_accounting(10, 1, 2, 16, 2, itemsize=4) == (2 * 2 * 10 * 16 * 1088, (10 * 2 * 576 + 2 * 16 * 1088) * 4)

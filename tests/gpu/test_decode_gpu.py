@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from flashmla_cupy import reference
+from flashmla_cupy.reference import HEAD_DIM_V
 
 pytestmark = pytest.mark.gpu
-
-HEAD_DIM_V = 512
 
 # ---------------------------------------------------------------------------------------------------
 # Moving arrays between numpy and the three frameworks (bf16 travels as its 16-bit pattern).

@@ -39,8 +39,6 @@ def assert_same_plan(seqlens: np.ndarray, num_parts: int) -> None:
                         f"device {got[at[0]]}, numpy {want[at[0]]}")
 
 
-
-
 def test_random_batches_match_numpy():
     rng = np.random.default_rng(11)
     for _ in range(300):
