@@ -16,6 +16,7 @@ from . import inputs, prepared, tensors
 from .errors import UnsupportedDeviceError
 
 HOPPER = (9, 0)  # the kernels are compiled for sm_90a, which runs only on compute capability 9.0
+_METADATA_ARRAYS = ("cache_seqlens",)
 _DECODE_ARRAYS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
 
 
@@ -23,7 +24,7 @@ def _require_hopper(device_id: int):
     """The device's info; raises UnsupportedDeviceError unless it is a Hopper GPU."""
     from . import launch
     info = launch.device_info(device_id)
-    if tuple(info.cc) != HOPPER:
+    if info.cc != HOPPER:
         major, minor = info.cc
         raise UnsupportedDeviceError(
             f"cuda:{device_id} is a {info.name} (compute capability {major}.{minor}); flashmla_cupy's "
@@ -32,35 +33,46 @@ def _require_hopper(device_id: int):
     return info
 
 
-def _replay_native(arrays: tuple, scalars: tuple) -> tuple | None:
-    """The results of a call on plain torch or CuPy arrays, on that framework's current stream,
-    whose layout was prepared before; None for any other call."""
-    found = prepared.native_key(arrays, scalars)
-    if found is None:
-        return None
-    key, framework, pointers = found
-    call = prepared.find(key)
-    if call is None:
-        return None
-    return call(pointers, tensors.current_stream(framework, call.device_id), None)
+def _prepare_plan(views: tuple, framework: str, scalars: tuple) -> prepared.PlanCall:
+    problem = inputs.check_metadata_args(views[0], *scalars)
+    info = _require_hopper(problem.device_id)
+    return prepared.PlanCall(problem, framework, info.sm_count)
 
 
-def _call(function: str, arrays: dict[str, Any], scalars: tuple, stream: Any,
-          prepare: Callable[[tuple, str], Any]) -> tuple:
-    """Any call: views of the arrays, then the call prepared for their layout, made by
-    `prepare(views, framework)`, which checks every rule, the first time the layout is seen."""
-    handle, owner = tensors.caller_stream(arrays.values(), stream)
-    views = tuple(tensors.take_all(arrays, handle, function, owner).values())
+def _prepare_decode(views: tuple, framework: str, scalars: tuple) -> prepared.DecodeCall:
+    q, k_cache, block_table, seqlens, metadata, num_splits = views
+    head_dim_v, softmax_scale, causal = scalars
+    problem = inputs.check_decode_args(q, k_cache, block_table, seqlens, head_dim_v, metadata, num_splits,
+                                       softmax_scale, causal)
+    _require_hopper(problem.device_id)
+    return prepared.DecodeCall(problem, framework)
+
+
+def _run(function: str, names: tuple[str, ...], arrays: tuple, scalars: tuple, stream: Any,
+         prepare: Callable[[tuple, str, tuple], Any]) -> tuple:
+    """Any call. Plain torch or CuPy arrays on their framework's current stream, in a layout prepared
+    before, are replayed from their attributes alone. Every other call takes views of the arrays and
+    the call prepared for their layout, made by `prepare(views, framework, scalars)` (which checks
+    every rule) the first time the layout is seen."""
+    found = prepared.native_key(arrays, scalars) if stream is None else None
+    if found is not None:
+        key, framework, pointers = found
+        call = prepared.find(key)
+        if call is not None:
+            return call(pointers, tensors.current_stream(framework, call.device_id), None)
+
+    handle, owner = tensors.caller_stream(arrays, stream)
+    views = tuple(tensors.take_all(dict(zip(names, arrays)), handle, function, owner).values())
     framework = views[0].framework
     key = prepared.views_key(views, scalars)
     call = prepared.find(key)
     if call is None:
-        call = prepare(views, framework)
+        call = prepare(views, framework, scalars)
         prepared.remember(key, call)
-    if stream is None and owner == framework:   # then the next such call may skip the views
-        found = prepared.native_key(tuple(arrays.values()), scalars)
-        if found is not None and found[1] == owner:
-            prepared.remember(found[0], call)
+    # found[1] and framework both come from type(arrays[0]), so owner == framework makes it the
+    # owner too: the next such call may skip the views.
+    if found is not None and owner == framework:
+        prepared.remember(found[0], call)
     # On the framework's own current stream its allocator needs no stream switch.
     results = call([v.ptr for v in views], handle, None if owner == framework else handle)
     return tuple(tensors.to_framework(framework, r, handle) for r in results)
@@ -89,18 +101,8 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
     ValueError and TypeError) listing every problem; a non-Hopper GPU raises
     `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    scalars = (num_q_tokens_per_head_k, num_heads_k)
-    if stream is None:
-        results = _replay_native((cache_seqlens,), scalars)
-        if results is not None:
-            return results
-
-    def prepare(views, framework):
-        problem = inputs.check_metadata_args(views[0], *scalars)
-        info = _require_hopper(problem.device_id)
-        return prepared.PlanCall(problem, framework, info.sm_count)
-
-    return _call("get_mla_metadata", {"cache_seqlens": cache_seqlens}, scalars, stream, prepare)
+    return _run("get_mla_metadata", _METADATA_ARRAYS, (cache_seqlens,), (num_q_tokens_per_head_k, num_heads_k),
+                stream, _prepare_plan)
 
 
 def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
@@ -136,18 +138,6 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     `errors.InvalidInputError` (a ValueError and TypeError) listing every problem; a non-Hopper GPU
     raises `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
-    scalars = (head_dim_v, softmax_scale, causal)
-    if stream is None:
-        results = _replay_native(arrays, scalars)
-        if results is not None:
-            return results
-
-    def prepare(views, framework):
-        q_, k_, table_, seqlens_, metadata_, splits_ = views
-        problem = inputs.check_decode_args(q_, k_, table_, seqlens_, head_dim_v, metadata_, splits_,
-                                           softmax_scale, causal)
-        _require_hopper(problem.device_id)
-        return prepared.DecodeCall(problem, framework)
-
-    return _call("flash_mla_with_kvcache", dict(zip(_DECODE_ARRAYS, arrays)), scalars, stream, prepare)
+    return _run("flash_mla_with_kvcache", _DECODE_ARRAYS,
+                (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
+                (head_dim_v, softmax_scale, causal), stream, _prepare_decode)

@@ -39,7 +39,6 @@ class MetadataProblem:
     rows: int            # num_q_tokens_per_head_k = s_q * h_q // h_kv
     heads_kv: int        # num_heads_k
     device_id: int
-    cache_seqlens: View
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,6 @@ class DecodeProblem:
     heads_kv: int
     heads_per_group: int       # h_q // h_kv query heads share one KV head
     rows: int                  # query rows per KV head: seqlen_q * heads_per_group
-    num_blocks: int
-    page_size: int
-    max_blocks_per_seq: int
     dtype_name: str            # "bf16" | "fp16"
     causal: bool               # False when seqlen_q == 1: the mask changes nothing then
     softmax_scale: float
@@ -63,9 +59,6 @@ class DecodeProblem:
     q: View
     k_cache: View
     block_table: View
-    cache_seqlens: View
-    tile_scheduler_metadata: View
-    num_splits: View
 
     @property
     def scale_log2(self) -> float:
@@ -137,6 +130,17 @@ class _Rules:
             self.add(f"{name}.strides", list(view.strides), "non-negative strides",
                      f"make a non-reversed copy of {name}")
 
+    def aligned(self, name: str, view: View, align: int, strides_why: str, address_why: str,
+                strides_fix: str) -> None:
+        """Outer byte strides that are multiples of `align` and an `align`-byte aligned address."""
+        byte_strides = [s * view.dtype.itemsize for s in view.strides[:-1]]
+        if any(b % align for b in byte_strides):
+            self.add(f"{name}.strides", f"{list(view.strides)} elements ({byte_strides} bytes for the outer dims)",
+                     f"outer byte strides that are multiples of {align} ({strides_why})", strides_fix)
+        if view.ptr % align:
+            self.add(f"{name}.data_ptr", hex(view.ptr), f"a {align}-byte aligned address ({address_why})",
+                     f"do not slice {name} at an offset that breaks {align}-byte alignment")
+
 
 def _as_int(value: Any) -> int | None:
     """`value` as an int if it is an integer (not a bool), else None."""
@@ -177,8 +181,7 @@ def check_metadata_args(cache_seqlens: View, num_q_tokens_per_head_k: Any,
     if heads_kv is None or heads_kv < 1:
         rules.add("num_heads_k", repr(num_heads_k), "an int >= 1", "pass h_kv, k_cache.shape[2]")
     rules.raise_if_any()
-    return MetadataProblem(batch=cache_seqlens.shape[0], rows=rows, heads_kv=heads_kv,
-                           device_id=device_id, cache_seqlens=cache_seqlens)
+    return MetadataProblem(batch=cache_seqlens.shape[0], rows=rows, heads_kv=heads_kv, device_id=device_id)
 
 
 def _check_q(rules: _Rules, q: View) -> bool:
@@ -197,14 +200,8 @@ def _check_q(rules: _Rules, q: View) -> bool:
     rules.contiguous("q", q, range(3, 4))
     rules.non_negative_strides("q", q)
     # The kernel reads query rows with 16-byte vector loads.
-    byte_strides = [s * q.dtype.itemsize for s in q.strides[:3]]
-    if any(b % VECTOR_ALIGN for b in byte_strides):
-        rules.add("q.strides", f"{list(q.strides)} elements ({byte_strides} bytes for the outer dims)",
-                  f"outer byte strides that are multiples of {VECTOR_ALIGN} (16-byte row loads)",
+    rules.aligned("q", q, VECTOR_ALIGN, "16-byte row loads", "16-byte row loads",
                   "pass a contiguous q, or slice it so that rows start on 8-element boundaries")
-    if q.ptr % VECTOR_ALIGN:
-        rules.add("q.data_ptr", hex(q.ptr), f"a {VECTOR_ALIGN}-byte aligned address (16-byte row loads)",
-                  "do not slice q at an offset that breaks 16-byte alignment")
     if usable and q.shape[1] * q.shape[2] > MAX_QUERY_ROWS:
         rules.add("q.shape", list(q.shape), f"seqlen_q * heads_q <= {MAX_QUERY_ROWS}",
                   "split the call along seqlen_q")
@@ -234,15 +231,8 @@ def _check_k_cache(rules: _Rules, k: View, q: View, q_ok: bool) -> None:
                   "use a query head count divisible by the KV head count")
     rules.contiguous("k_cache", k, range(3, 4))
     rules.non_negative_strides("k_cache", k)
-    byte_strides = [s * k.dtype.itemsize for s in k.strides[:3]]
-    if any(b % TMA_ALIGN for b in byte_strides):
-        rules.add("k_cache.strides", f"{list(k.strides)} elements ({byte_strides} bytes "
-                  "for the outer dims)", f"outer byte strides that are multiples of {TMA_ALIGN} (the "
-                  "kernel reads k_cache through a TMA descriptor)",
+    rules.aligned("k_cache", k, TMA_ALIGN, "the kernel reads k_cache through a TMA descriptor", "TMA",
                   "pass a contiguous k_cache, or pad rows to a multiple of 8 elements")
-    if k.ptr % TMA_ALIGN:
-        rules.add("k_cache.data_ptr", hex(k.ptr), f"a {TMA_ALIGN}-byte aligned address (TMA)",
-                  "do not slice k_cache at an offset that breaks 16-byte alignment")
 
 
 def _check_block_table(rules: _Rules, table: View, batch: int | None) -> None:
@@ -329,8 +319,6 @@ def check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: 
     return DecodeProblem(
         batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
         heads_per_group=heads_per_group, rows=seqlen_q * heads_per_group,
-        num_blocks=k_cache.shape[0], page_size=PAGE_SIZE, max_blocks_per_seq=block_table.shape[1],
         dtype_name=DTYPE_NAMES[q.dtype], causal=bool(causal) and seqlen_q > 1,
         softmax_scale=scale, num_parts=tile_scheduler_metadata.shape[0], device_id=device_id,
-        q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+        q=q, k_cache=k_cache, block_table=block_table)

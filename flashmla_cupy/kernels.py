@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
-
 from . import launch, params, plan, variants
 from .inputs import HEAD_DIM_V
 
@@ -73,28 +71,27 @@ class DecodeLaunch:
         self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows
         self._lse_partial_offset = partial_rows * HEAD_DIM_V * FLOAT32_BYTES
         k = problem.k_cache
-        self._k_layout = (k.shape, k.strides, np.dtype(k.dtype))
+        self._k_layout = (k.shape, k.strides, k.dtype)
         self._k_ptr, self._maps = None, {}
         fn = launch.get_function(variants.decode_variant(problem.dtype_name), problem.device_id)
         grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
         self._launch = launch.Launch(fn, grid, (DECODE_THREADS, 1, 1), [self._params, no_map_yet])
 
-    def partials(self, workspace: int) -> tuple[int, int]:
-        """The addresses of out_partial and lse_partial in the workspace at `workspace`."""
-        return workspace, workspace + self._lse_partial_offset
-
     def __call__(self, q: int, k_cache: int, block_table: int, seqlens: int, metadata: int, num_splits: int,
-                 out: int, lse: int, workspace: int, stream: int) -> None:
-        """Launch on `stream` over the arrays at these addresses (`workspace`: workspace_floats fp32)."""
+                 out: int, lse: int, workspace: int, stream: int) -> tuple[int, int]:
+        """Launch on `stream` over the arrays at these addresses (`workspace`: workspace_floats fp32).
+        Returns the addresses of out_partial and lse_partial in the workspace, for the combine."""
         if k_cache != self._k_ptr:
             self._launch.set_arg(1, self._tensor_map(k_cache))
             self._k_ptr = k_cache
         p = self._params
         p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
         p.out, p.lse = out, lse
-        p.out_partial, p.lse_partial = self.partials(workspace)
+        lse_partial = workspace + self._lse_partial_offset
+        p.out_partial, p.lse_partial = workspace, lse_partial
         self._launch(stream)
+        return workspace, lse_partial
 
     def _tensor_map(self, k_cache: int):
         """The TMA descriptor of k_cache at this address; a model's layers each bring their own cache."""

@@ -12,6 +12,7 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from . import cache, variants
@@ -93,13 +94,8 @@ def get_function(variant: variants.Variant, device_id: int) -> _Loaded:
 
 # --- TMA descriptors -------------------------------------------------------------------------------
 
-_TMA_DTYPE = {np.dtype("float16"): 6}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16; bfloat16 (9) added below
-try:
-    import ml_dtypes
-
-    _TMA_DTYPE[np.dtype(ml_dtypes.bfloat16)] = 9  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-except ImportError:  # pragma: no cover - ml_dtypes is a dependency
-    pass
+# CU_TENSOR_MAP_DATA_TYPE_FLOAT16 and _BFLOAT16
+_TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9}
 
 _SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
@@ -195,8 +191,3 @@ class Launch:
                 status = self._launch_kernel(self._config_ref, self._function, self._pointers, None)
         if status:
             _check(status, f"launch of {self._name}")
-
-
-def launch(loaded: _Loaded, grid, block, stream: int, args, pdl: bool = False) -> None:
-    """Launch once on `stream`; `args` are ctypes objects, passed by value in order."""
-    Launch(loaded, grid, block, args, pdl)(stream)

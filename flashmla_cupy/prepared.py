@@ -66,9 +66,8 @@ class DecodeCall:
         out, out_ptr = self._new_out(alloc_stream)
         lse, lse_ptr = self._new_lse(alloc_stream)
         workspace, workspace_ptr = self._new_workspace(alloc_stream)
-        self._decode(q, k_cache, block_table, seqlens, metadata, num_splits, out_ptr, lse_ptr, workspace_ptr,
-                     stream)
-        out_partial, lse_partial = self._decode.partials(workspace_ptr)
+        out_partial, lse_partial = self._decode(q, k_cache, block_table, seqlens, metadata, num_splits,
+                                                out_ptr, lse_ptr, workspace_ptr, stream)
         self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
         return out, lse
 

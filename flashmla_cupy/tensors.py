@@ -274,8 +274,7 @@ def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | N
     if stream is not None:
         return _stream_handle(stream), None
     cuda_objs, torch_device = [], None
-    for item in objs:
-        obj = item.obj if isinstance(item, View) else item
+    for obj in objs:
         if framework_of(obj) == "torch" and type(obj).__name__ == "Tensor":
             if obj.is_cuda:  # cheaper than torch's Python-level __dlpack_device__
                 cuda_objs.append(obj)
@@ -284,15 +283,14 @@ def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | N
             cuda_objs.append(obj)
     if not cuda_objs:
         return 0, None
+    # A torch-made input means torch is imported, as current_stream needs.
     if torch_device is not None:
-        import torch
-        return _torch_current_stream(torch, torch_device), "torch"
+        return current_stream("torch", torch_device), "torch"
     device_id = _dlpack_device(cuda_objs[0])[1]
     if any(framework_of(obj) == "torch" for obj in cuda_objs):
-        import torch
-        return _torch_current_stream(torch, device_id), "torch"
-    import cupy
-    return int(cupy.cuda.get_current_stream(device_id).ptr), "cupy"
+        return current_stream("torch", device_id), "torch"
+    import cupy  # noqa: F401 - current_stream reads sys.modules; JAX inputs may not have imported CuPy
+    return current_stream("cupy", device_id), "cupy"
 
 
 def _torch_current_stream(torch, device_id: int) -> int:
@@ -419,7 +417,7 @@ def _torch_allocator(shape, dtype, device_id):
     torch_dtype = getattr(torch, dtype.name)   # bfloat16, float16, float32, int32 share names
 
     def new(stream):
-        if stream is None or stream == _torch_current_stream(torch, device_id):
+        if stream is None or stream == current_stream("torch", device_id):
             tensor = torch.empty(shape, dtype=torch_dtype, device=device)
         else:
             # The caching allocator ties a block to the stream current at allocation: make it ours.
@@ -434,7 +432,7 @@ def _cupy_allocator(shape, dtype, device_id):
 
     def new(stream):
         with cupy.cuda.Device(device_id):
-            if stream is None or stream == cupy.cuda.get_current_stream(device_id).ptr:
+            if stream is None or stream == current_stream("cupy", device_id):
                 array = cupy.empty(shape, dtype=dtype)
             else:
                 # CuPy's pool reuses a block only on the stream it was allocated under: make it ours.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import ctypes
 
+from flashmla_cupy.tensors import contiguous_strides as contiguous   # also fake_cuda's
+
 KDL_CPU = 1
 KDL_CUDA = 2
 BASE_PTR = 0x7F00_0000_0000   # a 256-byte aligned fake device address
@@ -77,14 +79,6 @@ def _capsule_destructor(capsule):
 _DESTRUCTOR_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _capsule_new = _capi("PyCapsule_New", ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p,
                      _DESTRUCTOR_TYPE)
-
-
-def contiguous(shape):
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 class FakeArray:
