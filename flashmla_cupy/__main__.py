@@ -29,7 +29,15 @@ EXIT_NO_GPU = 2
 # ---------------------------------------------------------------------------------------- warmup
 
 def _spills(result: dict) -> bool:
-    return result.get("spill_stores", 0) > 0 or result.get("spill_loads", 0) > 0
+    """Local memory in use: a stack frame (spills live there) or spill bytes in ptxas's report."""
+    return result["stack_bytes"] > 0 or bool(result["spill_stores"]) or bool(result["spill_loads"])
+
+
+def _spill_cell(result: dict) -> str:
+    """Spill bytes from ptxas's report; "n/a" when NVRTC returned no report (the stack frame decides)."""
+    if result["spill_stores"] is None or result["spill_loads"] is None:
+        return "n/a"
+    return f"{result['spill_stores']}/{result['spill_loads']}"
 
 
 def _outcome(result: dict, compiled: str = "") -> str:
@@ -47,7 +55,7 @@ def _print_table(results: list[dict]) -> None:
             rows.append((r["name"], "-", "-", "-", "-", "FAILED"))
             continue
         when = _outcome(r)
-        spill = f"{r['spill_stores']}/{r['spill_loads']}" + ("  SPILLS" if _spills(r) else "")
+        spill = _spill_cell(r) + ("  SPILLS" if _spills(r) else "")
         rows.append((r["name"], str(r["registers"]), spill, str(r["stack_bytes"]), str(r["smem_static"]), when))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
@@ -79,7 +87,7 @@ def cmd_warmup(args) -> int:
     ordered = [results[v.name] for v in todo]
     _print_table(ordered)
     failed = [r for r in ordered if "error" in r]
-    spilling = [r["name"] for r in ordered if _spills(r)]
+    spilling = [r["name"] for r in ordered if "error" not in r and _spills(r)]
     for r in failed:
         print(f"\n{r['name']} failed:\n{r['error']}", file=sys.stderr)
     if spilling:

@@ -1,7 +1,7 @@
 """The persistent on-disk cubin cache: `get_or_compile(variant) -> CompiledKernel`.
 
 Layout: <root>/v<package version>/<arch>/<variant>-<key16>.cubin, and next to it a .json manifest
-(size and sha256 of the cubin, ptxas's register/spill/smem report, the compile log). The key hashes
+(size and sha256 of the cubin, the kernel's registers, stack, static smem and spills, the compile log). The key hashes
 everything that changes the binary: every file under kernels_src, the program source with its layout
 asserts, the options, the NVRTC and header versions and the package version.
 
@@ -94,13 +94,18 @@ def _read_entry(variant: Variant, key: str) -> CompiledKernel | None:
         ):
             _say(f"cache entry {manifest_path.name} does not match its cubin: rebuilding")
             return None
-        report = {field: int(manifest["report"][field]) for field in REPORT_FIELDS}
+        report = {field: _count(manifest["report"][field]) for field in REPORT_FIELDS}
         return CompiledKernel(variant, cubin, str(manifest["log"]), **report)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _say(f"cache entry {manifest_path.name} is unreadable ({type(exc).__name__}): rebuilding")
         return None
+
+
+def _count(value) -> int | None:
+    """A report number from a manifest: an int, or None where the compile could not tell (spills)."""
+    return None if value is None else int(value)
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:

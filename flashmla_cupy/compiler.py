@@ -12,9 +12,9 @@ import importlib.metadata
 import importlib.util
 import pathlib
 import re
-import struct
 from dataclasses import dataclass
 
+from . import cubin as cubin_image
 from . import errors, params
 from .variants import Variant
 
@@ -25,7 +25,7 @@ BASE_OPTIONS = (
     "-std=c++17",
     "-default-device",   # CUTLASS under NVRTC needs its constexpr helpers treated as device code
     "-DNDEBUG",
-    "-Xptxas=-v",        # puts registers, spills, stack and smem in the log, parsed below
+    "-Xptxas=-v",        # ptxas's resource report in the log: diagnostic only (see compile_variant)
 )
 # CUTLASS 4.2's headers stop compiling against CCCL 3.2 (the nvidia-cuda-cccl 13.2 wheel).
 _CCCL_FIRST_INCOMPATIBLE = (3, 2)
@@ -33,16 +33,25 @@ _CCCL_FIRST_INCOMPATIBLE = (3, 2)
 
 @dataclass(frozen=True)
 class CompiledKernel:
-    """A compiled variant: the loadable cubin and ptxas's resource report for its kernel."""
+    """A compiled variant: the loadable cubin and its kernel's resources.
+
+    Registers, stack and static shared memory are read from the cubin; spill bytes only exist in
+    ptxas's report in the log, which NVRTC 13.0 sometimes leaves empty: then they are None. A spill
+    needs a stack frame, so `stack_bytes == 0` alone proves there is none."""
 
     variant: Variant
     cubin: bytes
     log: str
     registers: int
-    spill_stores: int
-    spill_loads: int
+    spill_stores: int | None
+    spill_loads: int | None
     stack_bytes: int
     smem_static: int
+
+    @property
+    def spills(self) -> bool:
+        """True when the kernel uses local memory for spills (or any stack frame at all)."""
+        return self.stack_bytes > 0 or bool(self.spill_stores) or bool(self.spill_loads)
 
 
 @dataclass(frozen=True)
@@ -179,17 +188,22 @@ def compile_variant(variant: Variant) -> CompiledKernel:
             log = _with_hints(variant, nvrtc.getProgramLog(prog))
             raise errors.CompileError(variant.name, options, log) from None
         log = nvrtc.getProgramLog(prog)
-        cubin = _complete_elf(nvrtc.getCUBIN(prog))
+        image = cubin_image.complete(nvrtc.getCUBIN(prog))
     finally:
         nvrtc.destroyProgram(prog)
-    report = parse_ptxas_report(log, variant.kernel_name)
-    if report is None:
+    # The cubin is the authority; the log may be empty even for a good compile (NVRTC 13.0).
+    try:
+        resources = cubin_image.kernel_resources(image, variant.kernel_name)
+    except cubin_image.CubinError as exc:
         raise errors.CompileError(
             variant.name, options,
-            f'kernel {variant.kernel_name} not found in the compiled program: it must be declared '
+            f'kernel {variant.kernel_name} not found in the compiled program ({exc}): it must be declared '
             f'extern "C" __global__ in {variant.program}.cu\n{log}',
-        )
-    return CompiledKernel(variant, cubin, log, **report)
+        ) from None
+    report = parse_ptxas_report(log, variant.kernel_name) or {}
+    return CompiledKernel(variant, image, log, registers=resources.registers,
+                          spill_stores=report.get("spill_stores"), spill_loads=report.get("spill_loads"),
+                          stack_bytes=resources.stack_bytes, smem_static=resources.smem_static)
 
 
 def _with_hints(variant: Variant, log: str) -> str:
@@ -203,31 +217,7 @@ def _with_hints(variant: Variant, log: str) -> str:
     return log
 
 
-def _complete_elf(cubin: bytes) -> bytes:
-    """Restore the trailing NUL bytes some cupy versions cut off the cubin, so that it loads.
-
-    The true length of an ELF64 image is the furthest end of its section/program headers and of the
-    file contents of its sections and segments; pad the returned bytes up to it.
-    """
-    if cubin[:5] != b"\x7fELF\x02":
-        raise ValueError("NVRTC returned something that is not a 64-bit ELF cubin")
-    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
-    end = max(0x40, phoff + phentsize * phnum, shoff + shentsize * shnum)
-    sht_nobits = 8  # .bss-like sections occupy no file bytes
-    for i in range(shnum):
-        sh_type = struct.unpack_from("<I", cubin, shoff + i * shentsize + 4)[0]
-        offset, size = struct.unpack_from("<QQ", cubin, shoff + i * shentsize + 0x18)
-        if sh_type != sht_nobits:
-            end = max(end, offset + size)
-    for i in range(phnum):
-        offset = struct.unpack_from("<Q", cubin, phoff + i * phentsize + 0x08)[0]
-        filesz = struct.unpack_from("<Q", cubin, phoff + i * phentsize + 0x20)[0]
-        end = max(end, offset + filesz)
-    return cubin + b"\0" * (end - len(cubin))
-
-
-# What parse_ptxas_report reads for one kernel; also the fields of warm-up's report.
+# The resource fields of a CompiledKernel: warm-up's report and the cache manifest hold these.
 REPORT_FIELDS = ("registers", "spill_stores", "spill_loads", "stack_bytes", "smem_static")
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PROPS = re.compile(r"Function properties for (\S+)")
@@ -236,7 +226,8 @@ _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def parse_ptxas_report(log: str, kernel_name: str) -> dict[str, int] | None:
-    """Registers, spills, stack and static smem of one entry function from a `-Xptxas=-v` log.
+    """Registers, spills, stack and static smem of one entry function from a `-Xptxas=-v` log
+    (only the spill counts are used: the rest comes from the cubin).
 
     ptxas prints one block per entry function, starting at "Compiling entry function 'name'"; the
     stack/spill line counted is the one under "Function properties for name", so lines of device
