@@ -37,12 +37,13 @@ class SchedulerLaunch:
 class CombineLaunch:
     """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
 
-    def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, device_id: int):
+    def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
+                 device_id: int):
         heads_per_group = heads_q // heads_kv
         rows = seqlen_q * heads_per_group
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-            heads_per_group=heads_per_group, rows=rows)
+            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
         fn = launch.get_function(variants.combine_variant(dtype), device_id)
         grid = (batch, -(-(heads_kv * rows) // COMBINE_WARPS_PER_BLOCK), 1)
         self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
@@ -65,9 +66,11 @@ class DecodeLaunch:
             block_table_stride=bt.strides[0],
             batch=problem.batch, seqlen_q=problem.seqlen_q, heads_q=problem.heads_q, heads_kv=problem.heads_kv,
             heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
-            causal=int(problem.causal), scale_log2=problem.scale_log2, reserved=0)
+            causal=int(problem.causal), scale_log2=problem.scale_log2,
+            num_blocks=problem.k_cache.shape[0], block_table_width=bt.shape[1],
+            partial_slots=plan.partial_slots(problem.batch, problem.num_parts))
         # out_partial [slots, heads_kv, rows, 512] then lse_partial [slots, heads_kv, rows]
-        partial_rows = plan.partial_slots(problem.batch, problem.num_parts) * problem.heads_kv * problem.rows
+        partial_rows = self._params.partial_slots * problem.heads_kv * problem.rows
         self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows
         self._lse_partial_offset = partial_rows * HEAD_DIM_V * FLOAT32_BYTES
         k = problem.k_cache
@@ -108,8 +111,8 @@ def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) ->
     SchedulerLaunch(seqlens.shape[0], num_parts, seqlens.device_id)(seqlens.ptr, metadata.ptr, num_splits.ptr, stream)
 
 
-def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
+def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
                     out_partial, lse_partial, num_splits, out, lse, stream: int) -> None:
     """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent."""
-    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, out.device_id)(
+    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id)(
         out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

@@ -37,7 +37,8 @@ class DecodeParams(ctypes.Structure):
         ("block_table_stride", _i64),
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
         ("heads_per_group", _i32), ("rows", _i32), ("num_parts", _i32), ("causal", _i32),
-        ("scale_log2", _f32), ("reserved", _i32),
+        ("scale_log2", _f32), ("num_blocks", _i32), ("block_table_width", _i32), ("partial_slots", _i32),
+        ("padding", _i32),
     ]
 
 
@@ -45,7 +46,7 @@ class CombineParams(ctypes.Structure):
     _fields_ = [
         ("out_partial", _p), ("lse_partial", _p), ("num_splits", _p), ("out", _p), ("lse", _p),
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
-        ("heads_per_group", _i32), ("rows", _i32),
+        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32), ("padding", _i32),
     ]
 
 

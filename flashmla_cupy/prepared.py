@@ -51,7 +51,8 @@ class DecodeCall:
         p = problem
         self.device_id = device_id = p.device_id
         self._decode = kernels.DecodeLaunch(p)
-        self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, device_id)
+        self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.num_parts,
+                                              device_id)
         self._new_out = tensors.allocator(
             framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.q.dtype, device_id)
         self._new_lse = tensors.allocator(framework, (p.batch, p.heads_q, p.seqlen_q), np.float32, device_id)

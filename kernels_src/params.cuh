@@ -43,7 +43,11 @@ struct DecodeParams {
   int num_parts;
   int causal;
   float scale_log2;         // softmax_scale * log2(e)
-  int reserved;
+  // Bounds the kernel enforces itself, whatever the device-side contents of the plan and tables:
+  int num_blocks;           // k_cache.shape[0]: larger (or negative) block indices read as NaN
+  int block_table_width;    // block_table.shape[1]: pages past it read as NaN, the table is not read
+  int partial_slots;        // capacity of out_partial / lse_partial, in pieces
+  int padding;
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.
@@ -59,6 +63,8 @@ struct CombineParams {
   int heads_kv;
   int heads_per_group;
   int rows;
+  int partial_slots;         // as DecodeParams: split requests whose slots fall outside get NaN rows
+  int padding;
 };
 
 // Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.

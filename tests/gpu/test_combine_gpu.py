@@ -41,7 +41,9 @@ def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, 
             "lse": cp.asarray(np.full((batch, heads_q, seqlen_q), SENTINEL, dtype=np.float32)),
         }
         views = {name: tensors.take(array, name, stream.ptr) for name, array in arrays.items()}
-        kernels.run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, views["out_partial"],
+        # The workspace holds exactly the pieces of the plan: batch + num_parts slots, num_parts >= 1.
+        num_parts = max(1, int(num_splits[-1]) - batch)
+        kernels.run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
                                 views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
         stream.synchronize()
         return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
