@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -65,7 +66,9 @@ _MAX_DYNAMIC_SHARED_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 class _Loaded:
-    """A loaded module and its kernel; the module must outlive every launch of the function."""
+    """A loaded module and its kernel. Whoever launches the kernel holds this object, and with it the
+    module: a module is unloaded when its last holder goes, and a launch through the function of an
+    unloaded module would fail (or run another module's code)."""
 
     def __init__(self, module, function, name: str, shared_bytes: int, device_id: int):
         self.module = module
@@ -76,9 +79,25 @@ class _Loaded:
         self.device_id = device_id
 
 
-@functools.lru_cache(maxsize=None)
+# (variant, device id) -> its one loaded module. Readers look up without the lock (a dict read is
+# atomic); a miss takes it, so that two threads making their first calls at once load the module
+# once and share it.
+_loaded: dict[tuple[variants.Variant, int], _Loaded] = {}
+_load_lock = threading.Lock()
+
+
 def get_function(variant: variants.Variant, device_id: int) -> _Loaded:
-    """Compile (or take from the cache) and load `variant` on `device_id`; memoised."""
+    """Compile (or take from the cache) and load `variant` on `device_id`, once per process."""
+    loaded = _loaded.get((variant, device_id))
+    if loaded is None:
+        with _load_lock:
+            loaded = _loaded.get((variant, device_id))
+            if loaded is None:
+                loaded = _loaded[variant, device_id] = _load(variant, device_id)
+    return loaded
+
+
+def _load(variant: variants.Variant, device_id: int) -> _Loaded:
     import cupy
 
     compiled = cache.get_or_compile(variant)
@@ -165,6 +184,7 @@ class Launch:
     threads: each prepares its own."""
 
     def __init__(self, loaded: _Loaded, grid, block, args, pdl: bool = False):
+        self._loaded = loaded     # keeps the module loaded as long as this launch may run
         self._args = list(args)   # kept alive: the driver reads them through _pointers
         self._pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         self._config = _LaunchConfig(*grid, *block, loaded.shared_bytes, None,

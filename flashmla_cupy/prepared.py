@@ -9,6 +9,7 @@ arguments in place.
 """
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from . import inputs, plan, tensors
 from .params import METADATA_FIELDS
 
-LIMIT = 256  # prepared calls kept per thread; a model has a handful of layouts
+LIMIT = 256  # prepared calls kept per thread (a model has a handful of layouts); LRU beyond
 _thread = threading.local()
 
 
@@ -89,29 +90,35 @@ def views_key(views: tuple[tensors.View, ...], scalars: tuple) -> tuple:
     return "views", views[0].framework, inputs.call_key(inputs.layout_of(views), *scalars)
 
 
-def remembered() -> dict:
-    """This thread's prepared calls, by key."""
+def remembered() -> collections.OrderedDict:
+    """This thread's prepared calls, by key, least recently used first."""
     try:
         return _thread.calls
     except AttributeError:
-        _thread.calls = {}
+        _thread.calls = collections.OrderedDict()
         return _thread.calls
 
 
 def find(key: tuple):
     """The call prepared under `key`, or None (also for a key with an unhashable scalar in it, a
-    call that the rules reject and that is never remembered)."""
+    call that the rules reject and that is never remembered). A found call becomes the most
+    recently used."""
+    calls = remembered()
     try:
-        return remembered().get(key)
+        call = calls.get(key)
     except TypeError:
         return None
+    if call is not None:
+        calls.move_to_end(key)
+    return call
 
 
 def remember(key: tuple, call) -> None:
+    """Remember `call` under `key`; past LIMIT calls, the least recently used one is forgotten."""
     calls = remembered()
-    if len(calls) >= LIMIT:
-        calls.clear()
     try:
         calls[key] = call
     except TypeError:   # an unhashable scalar that the rules accept (an odd int-like): not remembered
-        pass
+        return
+    if len(calls) > LIMIT:
+        calls.popitem(last=False)

@@ -7,7 +7,7 @@ sizes (h_q = 128 keeps the two-row-tile launch of real decode shapes). Prints mi
 then the cProfile functions with the most own time.
 
     python scripts/host_profile.py [--calls 300]
-    python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (tests/fake_cuda.py)
+    python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (devtools/fake_cuda.py)
 
 `--cpu-mock` times the package's own Python on a machine without a GPU. Its torch is a pure-Python
 stand-in and its driver returns at once, so real tensor attribute reads, `torch.empty` and launches
@@ -34,7 +34,7 @@ def gpu_inputs():
 
 def mock_inputs():
     """The same shapes as fake torch tensors, with the package pointed at a fake H100."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "devtools"))
     import fake_cuda
 
     torch = fake_cuda.FakeTorchModule()

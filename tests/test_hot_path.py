@@ -1,5 +1,5 @@
 """Prepared calls (prepared.py) through the public API, on a fake H100 with fake torch and CuPy arrays
-(tests/fake_cuda.py).
+(devtools/fake_cuda.py).
 
 A repeated call skips the checks and the views, so these tests pin down what that must not change:
 every call launches with its own arrays' addresses, and a call that differs in anything a rule reads
@@ -158,32 +158,29 @@ def test_prepared_calls_keep_no_array_alive(gpu):
     assert all(ref() is None for ref in watched)
 
 
-def test_threads_prepare_their_own_calls(gpu):
-    t = gpu.torch
-    flash_mla_with_kvcache(**torch_args(t))
-    mine = list(prepared.remembered().values())
-    theirs, errors = [], []
-
-    def worker():
-        try:
-            args = torch_args(t)
-            flash_mla_with_kvcache(**args)
-            assert decode_params(gpu.driver.launches[-2]).q == args["q"].data_ptr()
-            theirs.extend(prepared.remembered().values())
-        except Exception as error:  # reported below: pytest does not see a thread's failure
-            errors.append(error)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    thread.join()
-    assert errors == [] and theirs and not {id(c) for c in theirs} & {id(c) for c in mine}
-
-
-def test_the_memo_is_bounded(gpu, monkeypatch):
+def test_the_memo_forgets_the_least_recently_used(gpu, monkeypatch):
+    """A layout in use survives any number of other layouts passing through a full memo."""
     monkeypatch.setattr(prepared, "LIMIT", 4)
-    for batch in range(1, 10):
-        flash_mla_with_kvcache(**torch_args(gpu.torch, batch=batch))
+    flash_mla_with_kvcache(**torch_args(gpu.torch, batch=1))
+    (hot,) = {id(c): c for c in prepared.remembered().values()}.values()
+    for batch in range(2, 12):
+        flash_mla_with_kvcache(**torch_args(gpu.torch, batch=batch))   # a new layout fills the memo
+        flash_mla_with_kvcache(**torch_args(gpu.torch, batch=1))       # the hot one: found, not re-prepared
         assert len(prepared.remembered()) <= 4
+        assert any(c is hot for c in prepared.remembered().values())
+
+
+def test_memo_order_is_least_recently_used_first(monkeypatch):
+    monkeypatch.setattr(prepared, "_thread", threading.local())
+    monkeypatch.setattr(prepared, "LIMIT", 3)
+    for key in "abc":
+        prepared.remember(key, key.upper())
+    assert prepared.find("a") == "A"     # now the most recent
+    prepared.remember("d", "D")           # evicts b, the least recent
+    assert list(prepared.remembered()) == ["c", "a", "d"]
+    assert prepared.find("b") is None and prepared.find(("x", [1])) is None   # unhashable: never found
+    prepared.remember(("x", [1]), "X")
+    assert list(prepared.remembered()) == ["c", "a", "d"]
 
 
 def test_metadata_repeats_and_rejects(gpu, monkeypatch):

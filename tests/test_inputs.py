@@ -1,6 +1,6 @@
 """Bad inputs are rejected with one error listing every problem, before anything is launched.
 
-The public functions are called with fake CUDA DLPack producers on a fake H100 (tests/fake_cuda.py):
+The public functions are called with fake CUDA DLPack producers on a fake H100 (devtools/fake_cuda.py):
 its driver records launches, and allocations are recorded too, so a rejection can be shown to have
 reached neither.
 """

@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import types
 
 import numpy as np
@@ -162,7 +164,8 @@ def fake_cupy(monkeypatch, torch_module: FakeTorchModule):
 
 class RecordingDriver:
     """libcuda's entry points as C callbacks into Python: `launches` holds, per launch, the grid,
-    block, shared bytes, stream, attribute count, function handle and the bytes of each argument."""
+    block, shared bytes, stream, attribute count, function handle, the bytes of each argument and the
+    launching thread."""
 
     def __init__(self):
         from flashmla_cupy import params
@@ -191,7 +194,8 @@ class RecordingDriver:
         addresses = (ctypes.c_void_p * len(self.arg_sizes[function])).from_address(params)
         args = [ctypes.string_at(a, size) for a, size in zip(addresses, self.arg_sizes[function])]
         self.launches.append(dict(grid=tuple(grid[:3]), block=tuple(grid[3:6]), shared_bytes=grid[6],
-                                  stream=stream, pdl=num_attrs == 1, function=function, args=args))
+                                  stream=stream, pdl=num_attrs == 1, function=function, args=args,
+                                  thread=threading.get_ident()))
         return 0
 
     def _encode(self, tensor_map, dtype, rank, base, *rest):
@@ -222,20 +226,61 @@ def stub_driver() -> ctypes.CDLL:
 
 # --- wiring -----------------------------------------------------------------------------------------
 
-def install(setattr_, setitem, driver, torch_module=None):
+class FakeModule:
+    """cupy.cuda.function.Module's stand-in: its kernels are the fake handles, and it notes its loads
+    and unloads (when it is collected, as CuPy's Module unloads itself) in `events`, as
+    ("load" | "unload", id of the module). `load_seconds` widens the window of a loading race."""
+
+    events: list = []
+    load_seconds = 0.0
+
+    def load(self, cubin: bytes) -> None:
+        time.sleep(self.load_seconds)
+        self.events.append(("load", id(self)))
+
+    def get_function(self, name: str):
+        return types.SimpleNamespace(ptr=KERNEL_HANDLES[name])
+
+    def __del__(self):
+        self.events.append(("unload", id(self)))
+
+
+KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_combine": COMBINE_FN, "flashmla_scheduler": SCHEDULER_FN}
+
+
+class _NoDevice:
+    """cupy.cuda.Device's stand-in: entering it selects nothing."""
+
+    def __init__(self, device_id: int = 0):
+        self.id = device_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fake_compiled(variant):
+    """cache.get_or_compile's stand-in: a cubin that only the fake module can load."""
+    from flashmla_cupy.compiler import CompiledKernel
+
+    return CompiledKernel(variant, b"\x7fELF fake " + variant.name.encode(), "", 32, 0, 0, 0, 0)
+
+
+def install(setattr_, setitem, driver, torch_module=None) -> list:
     """Point flashmla_cupy at a fake Hopper GPU. `setattr_`/`setitem` are pytest monkeypatch's
     setattr/setitem (restored after the test) or plain setattr / dict.__setitem__ (a script).
-    `driver` is a RecordingDriver or stub_driver(); torch_module, if given, becomes `torch`."""
+    `driver` is a RecordingDriver or stub_driver(); torch_module, if given, becomes `torch`.
+
+    The package's own module table (launch.get_function) runs as it is, on stand-ins for the kernel
+    cache and for CuPy's Module; returns the list of their load/unload events (see FakeModule)."""
     import cupy
 
-    from flashmla_cupy import launch
+    from flashmla_cupy import cache, launch
 
-    handles = {"decode": DECODE_FN, "combine": COMBINE_FN, "scheduler": SCHEDULER_FN}
-
-    @functools.lru_cache(maxsize=None)
-    def get_function(variant, device_id):
-        function = types.SimpleNamespace(ptr=handles[variant.program])
-        return launch._Loaded(None, function, variant.name, variant.shared_bytes, device_id)
+    events: list = []
+    module = type("Module", (FakeModule,), {"events": events})
 
     @functools.lru_cache(maxsize=None)
     def device_info(device_id):
@@ -243,12 +288,16 @@ def install(setattr_, setitem, driver, torch_module=None):
 
     prototyped = _prototyped(launch._driver.__wrapped__, driver)
 
-    setattr_(launch, "get_function", get_function)
+    setattr_(cache, "get_or_compile", fake_compiled)
+    setattr_(cupy.cuda.function, "Module", module)
+    setattr_(cupy.cuda, "Device", _NoDevice)
+    setattr_(launch, "_loaded", {})   # nothing loaded before (or on other fakes) is reused
     setattr_(launch, "device_info", device_info)
     setattr_(launch, "_driver", functools.lru_cache(maxsize=None)(prototyped))
     setattr_(cupy.cuda.runtime, "getDevice", lambda: 0)
     if torch_module is not None:
         setitem(sys.modules, "torch", torch_module)
+    return events
 
 
 def _prototyped(load_driver, driver):
@@ -274,7 +323,7 @@ def fake_gpu(monkeypatch):
 
     state = types.SimpleNamespace(driver=RecordingDriver(), allocations=[])
     state.torch = FakeTorchModule(state.allocations)
-    install(monkeypatch.setattr, monkeypatch.setitem, state.driver, state.torch)
+    state.module_events = install(monkeypatch.setattr, monkeypatch.setitem, state.driver, state.torch)
     monkeypatch.setattr(tensors, "_TORCH_DTYPES", None)      # built from the fake torch meanwhile
     monkeypatch.setattr(prepared, "_thread", threading.local())   # no call prepared on fakes survives
     torch_allocator = tensors.allocator
