@@ -2,8 +2,10 @@
 
 Layout: <root>/v<package version>/<arch>/<variant>-<key16>.cubin, and next to it a .json manifest
 (size and sha256 of the cubin, the kernel's registers, stack, static smem and spills, the compile log). The key hashes
-everything that changes the binary: every file under kernels_src, the program source with its layout
-asserts, the options, the NVRTC and header versions and the package version.
+everything that changes the binary, by content: every file under kernels_src, the program source with
+its layout asserts, the options with include directories named by role (no absolute path), the NVRTC
+and header versions and the package version. So a cache filled by a source checkout, an installed
+wheel or another virtual environment with the same versions serves all of them.
 
 Process safety without locks: every file is written to a temp file in the same directory and moved into
 place with os.replace, the manifest last, so a reader sees either no entry or a whole one. An entry whose
@@ -61,7 +63,7 @@ def cache_key(variant: Variant) -> str:
     for path in sorted(p for p in kernels.rglob("*") if p.is_file()):
         put("file:" + path.relative_to(kernels).as_posix(), path.read_bytes())
     put("source", compiler.program_source(variant).encode())
-    put("options", "\0".join(compiler.compile_options(variant)).encode())
+    put("options", "\0".join(compiler.key_options(variant)).encode())
     put("nvrtc", compiler.nvrtc_version().encode())
     for name, version in sorted(compiler.header_versions().items()):
         put(f"headers:{name}", version.encode())
@@ -159,6 +161,25 @@ def _write_entry(kernel: CompiledKernel, key: str, seconds: float) -> None:
     _say(f"cached {kernel.variant.name} in {cubin_path}")
 
 
+def _other_builds(variant: Variant) -> str:
+    """What the cache holds of `variant` under other keys, and how those builds differ from ours."""
+    manifests = sorted(cache_dir().glob(f"{variant.name}-*.json"))
+    if not manifests:
+        return "the cache holds no build of it"
+    ours = {"nvrtc": compiler.nvrtc_version(), **compiler.header_versions()}
+    differences = set()
+    for path in manifests:
+        try:
+            manifest = json.loads(path.read_text())
+            theirs = {"nvrtc": manifest["nvrtc"], **manifest["headers"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        differences |= {f"{name} {theirs.get(name)} (here {version})"
+                        for name, version in ours.items() if theirs.get(name) != version}
+    what = "; ".join(sorted(differences)) or "the same versions, so other kernel sources or options"
+    return f"it holds {len(manifests)} other build{'s' if len(manifests) != 1 else ''} of it, made with {what}"
+
+
 def load(variant: Variant) -> CompiledKernel | None:
     """The kernel from the in-process memo or the disk cache, or None; never compiles."""
     kernel = _memory.get(variant)
@@ -195,9 +216,9 @@ def _fill(variant: Variant, may_compile: bool) -> tuple[CompiledKernel, float | 
         if not may_compile:
             raise errors.KernelCacheMissError(
                 f"kernel variant {variant.name!r} is not in the cache at {cache_dir()} and "
-                f"{env.NO_COMPILE}=1 forbids compiling it. Fill the cache ahead of time with "
-                f"`python -m flashmla_cupy warmup` (it needs no GPU) using the same {env.CACHE_DIR}, "
-                "package version and toolchain as this process."
+                f"{env.NO_COMPILE}=1 forbids compiling it; {_other_builds(variant)}. Fill the cache "
+                f"ahead of time with `python -m flashmla_cupy warmup` (it needs no GPU) using the same "
+                f"{env.CACHE_DIR}, package version, NVRTC and header versions as this process."
             )
         _say(f"compiling {variant.name} (cache miss, key {key[:16]})")
         start = time.perf_counter()

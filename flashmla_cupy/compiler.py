@@ -150,12 +150,29 @@ def nvrtc_version() -> str:
     return f"{major}.{minor}" + (f" (wheel {wheel})" if wheel else "")
 
 
-def compile_options(variant: Variant) -> list[str]:
-    """The full NVRTC option list for a variant; every option is also part of the cache key."""
+def include_dirs(variant: Variant) -> dict[pathlib.Path, str]:
+    """The include directories of a variant's compile in search order, each with the role it plays
+    ("cutlass", "cccl", "cccl/..", "cudart", "kernels_src"). The cache key names a directory by its
+    role, never by its path, so that every install with the same versions shares cache entries."""
     dirs = header_dirs()
-    includes = ([dirs.cutlass] if variant.uses_cute else []) + [*dirs.cccl, dirs.cudart, kernels_dir()]
-    # dict.fromkeys drops repeats (under CUDA 13 the CCCL parent is the runtime dir) keeping order.
-    return [*BASE_OPTIONS, *variant.defines, *(f"-I{d}" for d in dict.fromkeys(includes))]
+    found = [("cutlass", dirs.cutlass)] if variant.uses_cute else []
+    found += zip(("cccl", "cccl/.."), dirs.cccl)
+    found += [("cudart", dirs.cudart), ("kernels_src", kernels_dir())]
+    ordered: dict[pathlib.Path, str] = {}
+    for role, path in found:   # under CUDA 13 the CCCL parent is the runtime dir: searched once
+        ordered.setdefault(path, role)
+    return ordered
+
+
+def compile_options(variant: Variant) -> list[str]:
+    """The full NVRTC option list for a variant."""
+    return [*BASE_OPTIONS, *variant.defines, *(f"-I{path}" for path in include_dirs(variant))]
+
+
+def key_options(variant: Variant) -> list[str]:
+    """The options as the cache key sees them: include directories by role, not by path (their
+    contents are keyed by the header versions and the kernel sources)."""
+    return [*BASE_OPTIONS, *variant.defines, *(f"-I<{role}>" for role in include_dirs(variant).values())]
 
 
 def program_source(variant: Variant) -> str:

@@ -234,3 +234,52 @@ def test_clear_removes_only_cache_files(compiles):
     assert foreign.exists() and not cache.cache_dir().exists()
     cache.get_or_compile(SCHEDULER)
     assert compiles == ["scheduler", "scheduler"], "clear() also forgets the in-process memo"
+
+
+def test_key_is_the_same_for_every_install_with_the_same_versions(kernels, tmp_path, monkeypatch):
+    """A source checkout, an installed wheel and another venv find their headers and kernel sources at
+    other paths; with the same contents and versions they share one cache entry."""
+    base = cache.cache_key(DECODE)
+    elsewhere = tmp_path / "site-packages" / "flashmla_cupy" / "kernels_src"
+    shutil.copytree(kernels, elsewhere)
+    monkeypatch.setattr(compiler, "kernels_dir", lambda: elsewhere)
+    real = compiler.header_dirs()
+    def move(path):   # the same layout under another root
+        return tmp_path / "venv2" / path.relative_to(path.anchor)
+    moved = compiler.HeaderDirs(cutlass=move(real.cutlass), cccl=tuple(map(move, real.cccl)), cudart=move(real.cudart))
+    monkeypatch.setattr(compiler, "header_dirs", lambda: moved)
+    assert cache.cache_key(DECODE) == base
+    assert str(tmp_path) in " ".join(compiler.compile_options(DECODE))      # the compile sees the paths
+    assert str(tmp_path) not in " ".join(compiler.key_options(DECODE))      # the key sees roles only
+
+    versions = compiler.header_versions()
+    for name in versions:
+        monkeypatch.setattr(compiler, "header_versions", lambda: {**versions, name: "0.0.1"})
+        assert cache.cache_key(DECODE) != base, name
+    monkeypatch.setattr(compiler, "header_versions", lambda: versions)
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: "12.9 (wheel 12.9.86)")
+    assert cache.cache_key(DECODE) != base
+
+
+def test_cache_filled_elsewhere_serves_a_no_compile_process(compiles, kernels, tmp_path, monkeypatch):
+    kernel = cache.get_or_compile(SCHEDULER)
+    forget_memory()
+    elsewhere = tmp_path / "checkout" / "kernels_src"
+    shutil.copytree(kernels, elsewhere)
+    monkeypatch.setattr(compiler, "kernels_dir", lambda: elsewhere)
+    monkeypatch.setenv(env.NO_COMPILE, "1")
+    assert cache.get_or_compile(SCHEDULER) == kernel
+
+
+def test_cache_miss_says_what_the_cached_builds_differ_in(compiles, kernels, monkeypatch):
+    cache.get_or_compile(SCHEDULER)
+    forget_memory()
+    monkeypatch.setenv(env.NO_COMPILE, "1")
+    with monkeypatch.context() as m:
+        m.setattr(compiler, "nvrtc_version", lambda: "13.5 (wheel 13.5.1)")
+        with pytest.raises(errors.KernelCacheMissError) as caught:
+            cache.get_or_compile(SCHEDULER)
+    assert "1 other build of it" in str(caught.value) and "(here 13.5 (wheel 13.5.1))" in str(caught.value)
+    (kernels / "scheduler.cu").write_text("// edited\n")
+    with pytest.raises(errors.KernelCacheMissError, match="the same versions, so other kernel sources"):
+        cache.get_or_compile(SCHEDULER)
