@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 
-from . import cache, compiler, env, variants
+from . import cache, compiler, env, errors, variants
 from .api import HOPPER
 
 NO_GPU_MESSAGE = (
@@ -41,10 +41,12 @@ def _spill_cell(result: dict) -> str:
 
 
 def _outcome(result: dict, compiled: str = "") -> str:
-    """How a warm-up result came about: FAILED, cached, or the compile time."""
+    """How a warm-up result came about: FAILED, cached, or the compile time (and NOT SAVED)."""
     if "error" in result:
         return "FAILED"
-    return "cached" if result["seconds"] is None else f"{compiled}{result['seconds']:.1f} s"
+    if result["seconds"] is None:
+        return "cached"
+    return f"{compiled}{result['seconds']:.1f} s" + (", NOT SAVED" if result["unsaved"] else "")
 
 
 def _print_table(results: list[dict]) -> None:
@@ -64,6 +66,12 @@ def _print_table(results: list[dict]) -> None:
 
 def cmd_warmup(args) -> int:
     todo = variants.all_variants()
+    # Fail before minutes of compiling when nothing compiled could be kept.
+    unwritable = cache.unwritable_reason() if any(cache.load(v) is None for v in todo) else None
+    if unwritable:
+        print(f"flashmla_cupy warmup: cannot write the kernel cache at {cache.cache_dir()} ({unwritable}), so "
+              f"nothing compiled would be kept. Point {env.CACHE_DIR} at a writable directory.", file=sys.stderr)
+        return EXIT_FAILED
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, args.jobs or min(len(todo), cpus))
     print(f"flashmla_cupy: compiling {len(todo)} kernel variants for {compiler.ARCH} into {cache.cache_dir()} "
@@ -88,11 +96,15 @@ def cmd_warmup(args) -> int:
     _print_table(ordered)
     failed = [r for r in ordered if "error" in r]
     spilling = [r["name"] for r in ordered if "error" not in r and _spills(r)]
+    unsaved = [r for r in ordered if "error" not in r and r["unsaved"]]
     for r in failed:
         print(f"\n{r['name']} failed:\n{r['error']}", file=sys.stderr)
+    for r in unsaved:
+        print(f"\n{r['name']} was compiled but could not be saved in {cache.cache_dir()}: {r['unsaved']}",
+              file=sys.stderr)
     if spilling:
         print(f"\nregister spills in {', '.join(spilling)}: these kernels would run slowly", file=sys.stderr)
-    return EXIT_FAILED if failed or spilling else 0
+    return EXIT_FAILED if failed or spilling or unsaved else 0
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -146,7 +158,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_clear_cache(args) -> int:
-    removed = cache.clear()
+    try:
+        removed = cache.clear()
+    except errors.CacheError as exc:
+        print(f"flashmla_cupy clear-cache: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"removed {removed} cache files from {env.cache_root()}")
     return 0
 

@@ -33,17 +33,17 @@ def _require_hopper(device_id: int):
     return info
 
 
-def _prepare_plan(views: tuple, framework: str, scalars: tuple) -> prepared.PlanCall:
-    problem = inputs.check_metadata_args(views[0], *scalars)
+def _prepare_plan(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.PlanCall:
+    problem = inputs.check_metadata_args(views[0], *scalars, failed=failed)
     info = _require_hopper(problem.device_id)
     return prepared.PlanCall(problem, framework, info.sm_count)
 
 
-def _prepare_decode(views: tuple, framework: str, scalars: tuple) -> prepared.DecodeCall:
+def _prepare_decode(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.DecodeCall:
     q, k_cache, block_table, seqlens, metadata, num_splits = views
     head_dim_v, softmax_scale, causal = scalars
     problem = inputs.check_decode_args(q, k_cache, block_table, seqlens, head_dim_v, metadata, num_splits,
-                                       softmax_scale, causal)
+                                       softmax_scale, causal, failed=failed)
     _require_hopper(problem.device_id)
     return prepared.DecodeCall(problem, framework)
 
@@ -62,12 +62,14 @@ def _run(function: str, names: tuple[str, ...], arrays: tuple, scalars: tuple, s
             return call(pointers, tensors.current_stream(framework, call.device_id), None)
 
     handle, owner = tensors.caller_stream(arrays, stream)
-    views = tuple(tensors.take_all(dict(zip(names, arrays)), handle, function, owner).values())
-    framework = views[0].framework
-    key = prepared.views_key(views, scalars)
-    call = prepared.find(key)
+    taken, failed = tensors.take_all(dict(zip(names, arrays)), handle, owner)
+    views = tuple(taken.values())
+    framework = tensors.framework_of(arrays[0])
+    key = None if failed else prepared.views_key(views, scalars)
+    call = None if failed else prepared.find(key)
     if call is None:
-        call = prepare(views, framework, scalars)
+        # Checks every rule, so it raises when an argument could not even be viewed.
+        call = prepare(views, framework, scalars, tuple(failed))
         prepared.remember(key, call)
     # found[1] and framework both come from type(arrays[0]), so owner == framework makes it the
     # owner too: the next such call may skip the views.

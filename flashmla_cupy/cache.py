@@ -127,8 +127,9 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
-def _write_entry(kernel: CompiledKernel, key: str, seconds: float) -> None:
-    """Store a compiled kernel; an unwritable cache only costs a warning (the memo still holds it)."""
+def _write_entry(kernel: CompiledKernel, key: str, seconds: float) -> str | None:
+    """Store a compiled kernel. An unwritable cache only costs a warning here (the memo still holds the
+    kernel); returns why the entry could not be written, None when it was."""
     global _warned_unwritable
     cubin_path, manifest_path = _entry_paths(kernel.variant, key)
     manifest = {
@@ -157,8 +158,23 @@ def _write_entry(kernel: CompiledKernel, key: str, seconds: float) -> None:
                 "writable directory to keep them.",
                 stacklevel=3,
             )
-        return
+        return str(exc)
     _say(f"cached {kernel.variant.name} in {cubin_path}")
+    return None
+
+
+def unwritable_reason() -> str | None:
+    """Why no entry can be written to the cache directory (it cannot be created, is read-only, a file
+    is in the way...), or None when a file can be created there."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 def _other_builds(variant: Variant) -> str:
@@ -201,18 +217,19 @@ def get_or_compile(variant: Variant) -> CompiledKernel:
     return _fill(variant, may_compile=not env.no_compile())[0]
 
 
-def _fill(variant: Variant, may_compile: bool) -> tuple[CompiledKernel, float | None]:
-    """A miss of the memo: the kernel from disk, else compiled (when allowed) and stored, with the
-    seconds its compile took (None when it came from memory or disk)."""
+def _fill(variant: Variant, may_compile: bool) -> tuple[CompiledKernel, float | None, str | None]:
+    """A miss of the memo: the kernel from disk, else compiled (when allowed) and stored. Also returns
+    the seconds its compile took and why it could not be stored (both None when it came from memory
+    or disk)."""
     with _lock:
         if variant in _memory:  # another thread filled it while we waited
-            return _memory[variant], None
+            return _memory[variant], None, None
         key = cache_key(variant)
         kernel = _read_entry(variant, key)
         if kernel is not None:
             _say(f"loaded {variant.name} from the cache (key {key[:16]})")
             _memory[variant] = kernel
-            return kernel, None
+            return kernel, None, None
         if not may_compile:
             raise errors.KernelCacheMissError(
                 f"kernel variant {variant.name!r} is not in the cache at {cache_dir()} and "
@@ -225,23 +242,27 @@ def _fill(variant: Variant, may_compile: bool) -> tuple[CompiledKernel, float | 
         kernel = compiler.compile_variant(variant)
         seconds = time.perf_counter() - start
         _say(f"compiled {variant.name} in {seconds:.1f} s: {kernel.registers} registers")
-        _write_entry(kernel, key, seconds)
+        unsaved = _write_entry(kernel, key, seconds)
         _memory[variant] = kernel
-        return kernel, seconds
+        return kernel, seconds, unsaved
 
 
 def warm(variant: Variant) -> dict:
     """Bring one variant into the cache; the worker of `python -m flashmla_cupy warmup`. Warm-up
     exists to compile, so FLASHMLA_CUPY_NO_COMPILE (a serving switch) does not apply here.
 
-    Returns plain data: {"name", "seconds" (None when it was cached already), the report fields} or
-    {"name", "error"}, because it crosses a process boundary and CompileError does not pickle.
+    Returns plain data: {"name", "seconds" (None when it was cached already), "unsaved" (why the
+    compiled kernel could not be stored, else None), the report fields} or {"name", "error"}, because
+    it crosses a process boundary and CompileError does not pickle.
     """
     try:
-        kernel, seconds = _fill(variant, may_compile=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the caller reports an unsaved kernel itself
+            kernel, seconds, unsaved = _fill(variant, may_compile=True)
     except Exception as exc:  # reported by the caller; the other variants still compile
         return {"name": variant.name, "error": f"{type(exc).__name__}: {exc}"}
-    return {"name": variant.name, "seconds": seconds, **{f: getattr(kernel, f) for f in REPORT_FIELDS}}
+    return {"name": variant.name, "seconds": seconds, "unsaved": unsaved,
+            **{f: getattr(kernel, f) for f in REPORT_FIELDS}}
 
 
 def _own_files(root: pathlib.Path):
@@ -266,19 +287,26 @@ def clear() -> int:
     """Delete every cached kernel (all package versions and arches) and the memo; returns files removed.
 
     Only files of the cache layout are deleted, so a cache dir pointed at a shared folder is safe.
+    Raises errors.CacheError, after trying every file, when some could not be removed.
     """
     root = env.cache_root()
-    removed = 0
+    removed, failed = 0, []
     for path in list(_own_files(root)):
         try:
             path.unlink()
             removed += 1
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            failed.append(exc)
     for directory in sorted(root.glob("v*/*"), reverse=True) + sorted(root.glob("v*")):
         try:
             directory.rmdir()  # only succeeds when empty, i.e. nothing foreign was inside
         except OSError:
             pass
     _memory.clear()
+    if failed:
+        raise errors.CacheError(
+            f"could not remove {len(failed)} of {removed + len(failed)} cache files under {root} "
+            f"(first: {failed[0].strerror or failed[0]}); removed {removed}")
     return removed

@@ -45,6 +45,10 @@ class KernelCacheMissError(RuntimeError):
     """
 
 
+class CacheError(OSError):
+    """The kernel cache directory could not be changed as asked (read-only, or not a directory)."""
+
+
 # NVRTC's closing summary ("2 errors detected in the compilation of ...") names no cause.
 _SUMMARY = re.compile(r"\d+ errors? detected", re.IGNORECASE)
 _ERROR = re.compile(r"\berror\b", re.IGNORECASE)

@@ -67,11 +67,14 @@ class DecodeProblem:
 
 
 class _Rules:
-    """Collects violations; `raise_if_any` turns them into one error."""
+    """Collects violations; `raise_if_any` turns them into one error.
 
-    def __init__(self, function: str):
+    It starts with the violations of arguments that could not even be viewed (`failed`); their views
+    are None and every rule about them is skipped, so the error still lists all the others."""
+
+    def __init__(self, function: str, failed: tuple[Violation, ...] = ()):
         self.function = function
-        self.violations: list[Violation] = []
+        self.violations: list[Violation] = list(failed)
 
     def add(self, argument: str, seen: Any, expected: str, fix: str) -> None:
         self.violations.append(Violation(argument, str(seen), expected, fix))
@@ -85,6 +88,8 @@ class _Rules:
         device_id = None
         first = None
         for name, view in views.items():
+            if view is None:
+                continue
             if view.device_type != DEVICE_CUDA:
                 self.add(f"{name}.device", view.device, "a CUDA device array",
                          f"move {name} to the GPU (torch: .cuda(), JAX: jax.device_put, cupy.asarray)")
@@ -152,8 +157,10 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
-def _check_seqlens(rules: _Rules, view: View, batch: int | None) -> None:
+def _check_seqlens(rules: _Rules, view: View | None, batch: int | None) -> None:
     """cache_seqlens: int32 [b] contiguous; b must match `batch` when known."""
+    if view is None:
+        return
     rank_ok = rules.rank("cache_seqlens", view, 1, "[batch]")
     rules.dtype("cache_seqlens", view, (INT32,), "convert cache_seqlens to int32 (torch: .int())")
     if not rank_ok:
@@ -167,10 +174,11 @@ def _check_seqlens(rules: _Rules, view: View, batch: int | None) -> None:
     rules.contiguous("cache_seqlens", view, range(1))
 
 
-def check_metadata_args(cache_seqlens: View, num_q_tokens_per_head_k: Any,
-                        num_heads_k: Any) -> MetadataProblem:
-    """Check a `get_mla_metadata` call; raises InvalidInputError listing every violated rule."""
-    rules = _Rules("get_mla_metadata")
+def check_metadata_args(cache_seqlens: View | None, num_q_tokens_per_head_k: Any, num_heads_k: Any,
+                        failed: tuple[Violation, ...] = ()) -> MetadataProblem:
+    """Check a `get_mla_metadata` call; raises InvalidInputError listing every violated rule and the
+    `failed` ones (arguments that could not be viewed, whose views are None)."""
+    rules = _Rules("get_mla_metadata", failed)
     device_id = rules.on_cuda({"cache_seqlens": cache_seqlens})
     _check_seqlens(rules, cache_seqlens, None)
     rows = _as_int(num_q_tokens_per_head_k)
@@ -184,8 +192,10 @@ def check_metadata_args(cache_seqlens: View, num_q_tokens_per_head_k: Any,
     return MetadataProblem(batch=cache_seqlens.shape[0], rows=rows, heads_kv=heads_kv, device_id=device_id)
 
 
-def _check_q(rules: _Rules, q: View) -> bool:
+def _check_q(rules: _Rules, q: View | None) -> bool:
     """q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous. True when its shape can be used."""
+    if q is None:
+        return False
     layout = f"[batch, seqlen_q, heads_q, {HEAD_DIM}]"
     rules.dtype("q", q, tuple(DTYPE_NAMES), "cast q to bfloat16 or float16")
     if not rules.rank("q", q, 4, layout):
@@ -209,10 +219,12 @@ def _check_q(rules: _Rules, q: View) -> bool:
     return usable
 
 
-def _check_k_cache(rules: _Rules, k: View, q: View, q_ok: bool) -> None:
+def _check_k_cache(rules: _Rules, k: View | None, q: View | None, q_ok: bool) -> None:
     """k_cache: [num_blocks, 64, h_kv, 576], q's dtype, TMA-compatible layout."""
+    if k is None:
+        return
     layout = f"[num_blocks, {PAGE_SIZE}, heads_kv, {HEAD_DIM}]"
-    if q.dtype in DTYPE_NAMES:
+    if q is not None and q.dtype in DTYPE_NAMES:
         rules.dtype("k_cache", k, (q.dtype,), f"cast k_cache to {q.dtype.name}, the dtype of q")
     else:
         rules.dtype("k_cache", k, tuple(DTYPE_NAMES), "cast k_cache to bfloat16 or float16")
@@ -235,8 +247,10 @@ def _check_k_cache(rules: _Rules, k: View, q: View, q_ok: bool) -> None:
                   "pass a contiguous k_cache, or pad rows to a multiple of 8 elements")
 
 
-def _check_block_table(rules: _Rules, table: View, batch: int | None) -> None:
+def _check_block_table(rules: _Rules, table: View | None, batch: int | None) -> None:
     """block_table: int32 [b, max_blocks], unit last-dim stride, row stride >= width."""
+    if table is None:
+        return
     rank_ok = rules.rank("block_table", table, 2, "[batch, max_blocks_per_seq]")
     rules.dtype("block_table", table, (INT32,), "convert block_table to int32 (torch: .int())")
     if not rank_ok:
@@ -253,15 +267,25 @@ def _check_block_table(rules: _Rules, table: View, batch: int | None) -> None:
                   "pass block_table.contiguous()")
 
 
-def _check_plan(rules: _Rules, metadata: View, num_splits: View, batch: int | None) -> None:
+def _check_plan(rules: _Rules, metadata: View | None, num_splits: View | None, batch: int | None) -> None:
     """The work plan from get_mla_metadata: metadata int32 [P >= 1, 8], num_splits int32 [b + 1]."""
     fix = "pass the tile_scheduler_metadata, num_splits that get_mla_metadata returned for this batch"
+    if metadata is not None:
+        _check_metadata(rules, metadata, fix)
+    if num_splits is not None:
+        _check_num_splits(rules, num_splits, batch, fix)
+
+
+def _check_metadata(rules: _Rules, metadata: View, fix: str) -> None:
     if rules.rank("tile_scheduler_metadata", metadata, 2, f"[num_parts, {METADATA_FIELDS}]"):
         rules.dim("tile_scheduler_metadata", metadata, 1, METADATA_FIELDS, "fields per part", fix)
         if metadata.shape[0] < 1:
             rules.add("tile_scheduler_metadata.shape[0]", metadata.shape[0], "num_parts >= 1", fix)
         rules.contiguous("tile_scheduler_metadata", metadata, range(2))
     rules.dtype("tile_scheduler_metadata", metadata, (INT32,), fix)
+
+
+def _check_num_splits(rules: _Rules, num_splits: View, batch: int | None, fix: str) -> None:
     if rules.rank("num_splits", num_splits, 1, "[batch + 1]"):
         if batch is not None:
             rules.dim("num_splits", num_splits, 0, batch + 1, "batch + 1", fix)
@@ -295,16 +319,18 @@ def call_key(layout: tuple, *scalars: Any) -> tuple:
     return layout, tuple(map(type, scalars)), scalars
 
 
-def check_decode_args(q: View, k_cache: View, block_table: View, cache_seqlens: View,
-                      head_dim_v: Any, tile_scheduler_metadata: View, num_splits: View,
-                      softmax_scale: Any, causal: Any) -> DecodeProblem:
-    """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule."""
-    rules = _Rules("flash_mla_with_kvcache")
+def check_decode_args(q: View | None, k_cache: View | None, block_table: View | None,
+                      cache_seqlens: View | None, head_dim_v: Any, tile_scheduler_metadata: View | None,
+                      num_splits: View | None, softmax_scale: Any, causal: Any,
+                      failed: tuple[Violation, ...] = ()) -> DecodeProblem:
+    """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule and
+    the `failed` ones (arguments that could not be viewed, whose views are None)."""
+    rules = _Rules("flash_mla_with_kvcache", failed)
     views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
     device_id = rules.on_cuda(views)
     q_ok = _check_q(rules, q)
-    batch = q.shape[0] if q.ndim == 4 else None
+    batch = q.shape[0] if q is not None and q.ndim == 4 else None
     _check_k_cache(rules, k_cache, q, q_ok)
     _check_block_table(rules, block_table, batch)
     _check_seqlens(rules, cache_seqlens, batch)

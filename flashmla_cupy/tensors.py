@@ -180,14 +180,23 @@ def _export(obj: Any, stream: int | None):
 
 def take(obj: Any, name: str, stream: int | None = None) -> View:
     """The View of `obj` (any DLPack producer). `stream` is the launch stream: a CUDA producer
-    makes the data ready on it. Raises InvalidInputError if `obj` is not a readable DLPack array."""
+    makes the data ready on it. Raises InvalidInputError if `obj` is not a readable DLPack array,
+    also when its producer refuses to export it."""
     if not (hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__")):
         raise InvalidInputError("flashmla_cupy", [Violation(
             name, f"an object of type {type(obj).__qualname__}", "a DLPack array",
             "pass a torch tensor, JAX array or CuPy array (anything with __dlpack__)")])
-    on_cuda = _dlpack_device(obj)[0] == DEVICE_CUDA
-    # Only CUDA producers take a stream (numpy refuses one); inputs.py rejects other devices later.
-    capsule = _export(obj, _dlpack_stream(stream) if on_cuda and stream is not None else None)
+    # torch refuses to export a tensor that requires grad. No gradient flows through these kernels
+    # (as through FlashMLA's), and the attribute path reads such a tensor as it is: export its
+    # detached alias (same memory), so that a call does not depend on which path it takes.
+    exported = obj.detach() if framework_of(obj) == "torch" and getattr(obj, "requires_grad", False) else obj
+    on_cuda = None
+    try:
+        on_cuda = _dlpack_device(exported)[0] == DEVICE_CUDA
+        # Only CUDA producers take a stream (numpy refuses one); inputs.py rejects other devices later.
+        capsule = _export(exported, _dlpack_stream(stream) if on_cuda and stream is not None else None)
+    except Exception as exc:  # noqa: BLE001 - any producer failure is this argument's problem
+        raise InvalidInputError("flashmla_cupy", [_export_failure(obj, name, exc, on_cuda)]) from None
     managed, tensor, copied = _consume(capsule, name)
     # The capsule is renamed, so its destructor no longer frees it: `owned` does, exactly once.
     owned = _Owned(managed)
@@ -197,6 +206,17 @@ def take(obj: Any, name: str, stream: int | None = None) -> View:
         if not copied:
             owned.release()   # `obj` keeps the memory alive; a copy lives as long as the view
     return view
+
+
+def _export_failure(obj: Any, name: str, exc: Exception, on_cuda: bool | None) -> Violation:
+    """The violation of an array whose producer would not export it, with the producer's own words."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+    seen = f"a {type(obj).__module__}.{type(obj).__qualname__} whose DLPack export raised {type(exc).__name__}: {message}"
+    if on_cuda is False:
+        fix = f"move {name} to the GPU as a torch tensor, JAX array or CuPy array of a supported dtype"
+    else:
+        fix = f"pass {name} as a plain CUDA array its framework can export (a contiguous copy, another dtype)"
+    return Violation(name, seen, "an array exportable through DLPack", fix)
 
 
 def _consume(capsule: Any, name: str):
@@ -245,8 +265,9 @@ def _view(tensor: DLTensor, obj: Any, name: str, keepalive: Any) -> View:
 
 
 def take_all(arrays: Mapping[str, Any], stream: int | None = None,
-             function: str = "flashmla_cupy", stream_owner: str | None = None) -> dict[str, View]:
-    """Views of several named arrays; every argument that is not a DLPack array is reported at once.
+             stream_owner: str | None = None) -> tuple[dict[str, View | None], list[Violation]]:
+    """Views of several named arrays, and the violations of those that could not be taken (their view
+    is None): every argument that is not a readable DLPack array is reported, none hides another.
 
     `stream_owner` is the framework whose current stream `stream` is (as `caller_stream` reports);
     arrays of that framework take the attribute fast path.
@@ -254,16 +275,13 @@ def take_all(arrays: Mapping[str, Any], stream: int | None = None,
     views, violations = {}, []
     for name, obj in arrays.items():
         view = _native_view(obj, stream_owner)
-        if view is not None:
-            views[name] = view
-            continue
-        try:
-            views[name] = take(obj, name, stream)
-        except InvalidInputError as error:
-            violations += error.violations
-    if violations:
-        raise InvalidInputError(function, violations)
-    return views
+        if view is None:
+            try:
+                view = take(obj, name, stream)
+            except InvalidInputError as error:
+                violations += error.violations
+        views[name] = view
+    return views, violations
 
 
 def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | None]:
@@ -279,7 +297,7 @@ def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | N
             if obj.is_cuda:  # cheaper than torch's Python-level __dlpack_device__
                 cuda_objs.append(obj)
                 torch_device = obj.get_device() if torch_device is None else torch_device
-        elif hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA:
+        elif _on_cuda(obj):
             cuda_objs.append(obj)
     if not cuda_objs:
         return 0, None
@@ -291,6 +309,14 @@ def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | N
         return current_stream("torch", device_id), "torch"
     import cupy  # noqa: F401 - current_stream reads sys.modules; JAX inputs may not have imported CuPy
     return current_stream("cupy", device_id), "cupy"
+
+
+def _on_cuda(obj: Any) -> bool:
+    """Whether `obj` says it is a CUDA array; an object that cannot say is reported by `take`."""
+    try:
+        return hasattr(obj, "__dlpack_device__") and _dlpack_device(obj)[0] == DEVICE_CUDA
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _torch_current_stream(torch, device_id: int) -> int:

@@ -283,3 +283,10 @@ def test_cache_miss_says_what_the_cached_builds_differ_in(compiles, kernels, mon
     (kernels / "scheduler.cu").write_text("// edited\n")
     with pytest.raises(errors.KernelCacheMissError, match="the same versions, so other kernel sources"):
         cache.get_or_compile(SCHEDULER)
+
+
+def test_warm_reports_an_unsaved_kernel(compiles, monkeypatch):
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    result = cache.warm(SCHEDULER)
+    assert "No space left on device" in result["unsaved"] and result["seconds"] is not None
+    assert entry_files() == []

@@ -60,3 +60,56 @@ def test_clear_cache(tmp_path, monkeypatch, capsys):
     assert cli.main(["clear-cache"]) == 0
     assert "removed 2 cache files" in capsys.readouterr().out
     assert cache.cache_size_bytes() == 0
+
+
+def test_warmup_into_a_path_blocked_by_a_file_exits_nonzero_and_says_why(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    done = run_cli("warmup", cache_dir=blocker)
+    assert done.returncode == cli.EXIT_FAILED
+    assert "cannot write the kernel cache" in done.stderr and env.CACHE_DIR in done.stderr
+    assert "compiling" not in done.stdout   # it stopped before compiling anything
+
+
+def _read_only(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
+
+
+def test_warmup_into_a_read_only_cache_exits_nonzero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(env.CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setattr(cache.tempfile, "mkstemp", _read_only)
+    assert cli.main(["warmup"]) == cli.EXIT_FAILED
+    assert "Read-only file system" in capsys.readouterr().err
+
+
+def test_warmup_reports_kernels_it_could_not_save(tmp_path, monkeypatch, capsys):
+    """The cache turned unwritable after the first check (disk full, say): still a failure."""
+    import concurrent.futures
+
+    class Inline(concurrent.futures.ThreadPoolExecutor):   # the workers' results, without processes
+        def __init__(self, jobs, mp_context=None):
+            super().__init__(jobs)
+
+    monkeypatch.setenv(env.CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Inline)
+    monkeypatch.setattr(cache, "warm", lambda v: {"name": v.name, "seconds": 1.0, "unsaved": "No space left on device",
+                                                  "registers": 32, "spill_stores": 0, "spill_loads": 0,
+                                                  "stack_bytes": 0, "smem_static": 0})
+    assert cli.main(["warmup"]) == cli.EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "NOT SAVED" in captured.out and "could not be saved" in captured.err
+    assert "No space left on device" in captured.err
+
+
+def test_clear_cache_on_a_read_only_cache_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(env.CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cache, "_memory", {})
+    cache.get_or_compile(variants.scheduler_variant())
+    monkeypatch.setattr(pathlib.Path, "unlink", _read_only)
+    assert cli.main(["clear-cache"]) == cli.EXIT_FAILED
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "could not remove 2 of 2 cache files" in lines[0]
+    assert "Read-only file system" in lines[0] and captured.out == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -129,9 +130,27 @@ def test_block_table_layout(gpu):
 
 
 def test_block_table_row_stride_is_free(gpu):
-    args = decode_args()
+    args = decode_args(num_blocks=8, max_blocks=4)
     args["block_table"] = FakeTorch((2, 4), "int32", strides=(100, 1))
     flash_mla_with_kvcache(**args, stream=STREAM)
+    p = params.DecodeParams.from_buffer_copy(gpu.driver.launches[0]["args"][0])
+    # The kernel walks rows by the stride and bounds pages by the width and blocks by num_blocks.
+    assert (p.block_table_stride, p.block_table_width, p.num_blocks) == (100, 4, 8)
+
+
+def test_an_array_that_cannot_be_exported_hides_no_other_violation(gpu):
+    class Refusing(FakeTorch):
+        def __dlpack__(self, **kwargs):
+            raise BufferError("Can't export this")
+
+    v = reject(gpu, q=np.zeros((2, 1, 16, 576), ml_dtypes.bfloat16), block_table=Refusing((2, 4), "int32"),
+               k_cache=FakeTorch((8, 64, 1, 576), "fp32"), cache_seqlens=FakeTorch((2,), "int64"), causal=1)
+    assert arguments(v) == ["q", "block_table", "k_cache.dtype", "cache_seqlens.dtype", "causal"]
+    assert "BufferError" in v[0].seen and v[0].fix.startswith("move q to the GPU")
+    assert "Can't export this" in v[1].seen
+    with pytest.raises(InvalidInputError) as info:
+        get_mla_metadata(Refusing((2,), "int32"), 0, 1, stream=STREAM)
+    assert arguments(info.value.violations) == ["cache_seqlens", "num_q_tokens_per_head_k"]
 
 
 @pytest.mark.parametrize("value", [256, 576, "512", 512.0, None])

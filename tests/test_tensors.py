@@ -55,9 +55,69 @@ def test_not_a_dlpack_object():
 
 
 def test_take_all_reports_every_bad_argument():
+    views, failed = tensors.take_all({"q": [1], "k_cache": np.zeros(2), "block_table": "x",
+                                      "cache_seqlens": np.zeros(2, ml_dtypes.bfloat16)})
+    assert [v.argument for v in failed] == ["q", "block_table", "cache_seqlens"]
+    assert views["k_cache"].shape == (2,) and views["q"] is views["block_table"] is views["cache_seqlens"] is None
+
+
+class Refusing(FakeTorch):
+    """A producer whose __dlpack__ raises, as torch, JAX or numpy do for what they cannot export."""
+
+    def __init__(self, *args, error=BufferError("cannot export this"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error = error
+
+    def __dlpack__(self, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [BufferError("DLPack only supports signed/unsigned integers"),
+                                   RuntimeError("unsupported layout"), TypeError("odd"), ValueError("")])
+def test_a_refused_export_is_an_input_error(error):
     with pytest.raises(InvalidInputError) as info:
-        tensors.take_all({"q": [1], "k_cache": np.zeros(2), "block_table": "x"})
-    assert [v.argument for v in info.value.violations] == ["q", "block_table"]
+        tensors.take(Refusing((4,), "int32", error=error), "cache_seqlens")
+    (v,) = info.value.violations
+    assert v.argument == "cache_seqlens" and type(error).__name__ in v.seen and "Refusing" in v.seen
+    assert v.fix.startswith("pass cache_seqlens as a plain CUDA array")
+
+
+def test_a_numpy_bfloat16_array_is_an_input_error_with_its_fix():
+    with pytest.raises(InvalidInputError) as info:
+        tensors.take(np.zeros((2, 4), ml_dtypes.bfloat16), "q")
+    (v,) = info.value.violations
+    assert "numpy.ndarray" in v.seen and "BufferError" in v.seen
+    assert v.fix.startswith("move q to the GPU")
+
+
+def test_a_device_query_that_raises_is_an_input_error():
+    class NoDevice(FakeTorch):
+        def __dlpack_device__(self):
+            raise RuntimeError("device lost")
+
+    assert tensors.caller_stream([NoDevice((4,), "int32")]) == (0, None)
+    with pytest.raises(InvalidInputError, match="RuntimeError: device lost"):
+        tensors.take(NoDevice((4,), "int32"), "q")
+
+
+def test_a_tensor_that_requires_grad_is_exported_detached():
+    """torch refuses to export a tensor that requires grad; its detached alias is the same memory."""
+    class Tensor(FakeTorch):
+        requires_grad = True
+
+        def __dlpack__(self, **kwargs):
+            if self.requires_grad:
+                raise BufferError("Can't export tensors that require gradient, use tensor.detach()")
+            return super().__dlpack__(**kwargs)
+
+        def detach(self):
+            alias = Tensor(self.shape, self.dtype, ptr=self.ptr)
+            alias.requires_grad = False
+            return alias
+
+    Tensor.__module__ = "torch"
+    view = tensors.take(Tensor((2, 3), "bf16", ptr=BASE_PTR + 512), "q", stream=5)
+    assert (view.ptr, view.shape, view.framework) == (BASE_PTR + 512, (2, 3), "torch")
 
 
 # hand-made CUDA capsules

@@ -19,7 +19,7 @@ def test_torch_native_view_matches_dlpack():
     base = torch.zeros(3, 2, 7, 640, dtype=torch.bfloat16, device="cuda")
     for t in (base, base[:, :, 2:5, :576], torch.zeros(5, 9, dtype=torch.int32, device="cuda")[:, :4]):
         stream = torch.cuda.current_stream().cuda_stream
-        fast = tensors.take_all({"x": t}, stream, stream_owner="torch")["x"]
+        fast = tensors.take_all({"x": t}, stream, stream_owner="torch")[0]["x"]
         slow = tensors.take(t, "x", stream)
         _same(fast, slow)
 
@@ -30,6 +30,6 @@ def test_cupy_native_view_matches_dlpack():
     base = cupy.zeros((3, 2, 7, 640), dtype=ml_dtypes.bfloat16)
     for a in (base, base[:, :, 2:5, :576], cupy.zeros((5, 9), dtype=cupy.int32)[:, :4]):
         stream = cupy.cuda.get_current_stream().ptr
-        fast = tensors.take_all({"x": a}, stream, stream_owner="cupy")["x"]
+        fast = tensors.take_all({"x": a}, stream, stream_owner="cupy")[0]["x"]
         slow = tensors.take(a, "x", stream)
         _same(fast, slow)
