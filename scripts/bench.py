@@ -1,100 +1,201 @@
-"""Side-by-side decode benchmark: flashmla_cupy vs FlashMLA (dense legacy kernel) vs FlashInfer fa3.
+"""The decode benchmark: flashmla_cupy beside FlashMLA (sgl-flash-mla's dense legacy kernel) and FlashInfer
+(its fa3 MLA backend), on issue 7's table and SPEC.md section 5's standard matrix, bf16 and fp16.
 
-Runs on a Hopper GPU with torch and triton. Every library gets the same torch inputs: bf16, page 64,
-randomly shuffled pages, random data; times are CUDA-event medians from triton's do_bench, which
-flushes L2 before every run; metadata is computed before timing. FLOPs and bytes follow SPEC.md
-section 5 (FlashMLA's accounting). Peers are optional: a missing or failing peer is reported, not
-fatal.
+Runs on a Hopper GPU with torch. Every library gets the same torch inputs (page 64, shuffled pages,
+random data). Per case, our output comes first; each peer's output is checked against it before the
+peer is timed, and a peer that disagrees is reported and not timed. Each library is then timed
+replayed from a CUDA graph (the headline: serving engines run decode that way) and as eager calls,
+every run after an L2 flush, CUDA-event median; metadata is computed before timing. The copy and
+matmul ceilings are measured at the start of the same run. FLOPs and bytes follow SPEC.md section 5.
 
-    python scripts/bench.py [--json results.json] [--quick]
+The JSON is rewritten after every case, so a run cut short (Ctrl-C; SIGTERM, after the case in
+progress; --budget-s) keeps what it measured. The markdown tables and the PNG chart are rendered
+beside it at the end, and `scripts/bench_report.py` re-renders them from the JSON anywhere. Peers
+are optional: one that does not import is reported once, one that fails on a case for that case.
+
+    python scripts/bench.py                          # all 138 cases (bf16, fp16): ~3-5 min on an H200
+    python scripts/bench.py --quick                  # issue 7's table, bf16
+    python scripts/bench.py --cases matrix --dtype fp16 --only flashmla_cupy,FlashMLA --json out.json
+    python scripts/bench.py --cases 'b128-q1-*,b64-q1-h128-2048' --list      # what would run; no GPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.metadata
 import json
-import math
 import os
 import platform
+import signal
+import statistics
+import subprocess
 import sys
 import time
 import warnings
+from typing import Callable
 
-from flashmla_cupy.reference import HEAD_DIM, HEAD_DIM_V, perf_accounting
+import bench_cases  # scripts/ is this script's first sys.path entry
+import bench_report
+from bench_cases import Case
+from flashmla_cupy.reference import HEAD_DIM, HEAD_DIM_V
 from flashmla_cupy.reference import PAGE_SIZE as PAGE
 
-# (batch, seqlen_q, heads_q, heads_kv, seqlen, causal); the first four are the peer table of DEVELOPERS.md.
-CASES = [
-    (128, 1, 128, 1, 4096, False),
-    (32, 1, 128, 1, 8192, False),
-    (64, 1, 128, 1, 1024, False),
-    (128, 1, 16, 1, 4096, False),
-    (128, 2, 64, 1, 4096, True),
-    (128, 1, 32, 1, 8192, False),
-    (128, 1, 64, 1, 16384, False),
-    (128, 2, 128, 1, 8192, True),
-]
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+SCALE = HEAD_DIM ** -0.5
+
+# Timing. Zeroing a buffer five times the L2 (50 MB on H100/H200) before each run evicts what the
+# previous run left there. Repetitions fill about TARGET_S of wall time per measurement within
+# [MIN_REPS, MAX_REPS]: that keeps every matrix cell, bf16 and fp16, within ~6 minutes.
+FLUSH_BYTES = 256 << 20
+WARMUP_CALLS = 3
+TARGET_S = 0.05
+MIN_REPS, MAX_REPS = 10, 100
+HOST_CALLS = 20
+
+# Ceilings: a device-to-device copy (bytes read + written) and a square matmul per dtype.
+COPY_BYTES = 1 << 30
+MATMUL_N = 8192
+
+# A peer agrees with ours when every element is within twice SPEC.md's out bar against the float64
+# reference (each of the two may use the bar once), with cosine difference at most CHECK_COS.
+CHECK_ABS, CHECK_REL, CHECK_COS = 2 * 8e-4, 2 * 2 / 128, 1e-5
 
 
-def make_inputs(torch, b, s_q, h_q, h_kv, seqlen, seed):
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    q: object
+    k_cache: object
+    block_table: object
+    seqlens: object
+
+
+def make_inputs(torch, case: Case, seed: int) -> Inputs:
+    """Random q and cache (randn / 10 clamped to [-1, 1], as the tests draw them), a shuffled block
+    table as wide as the longest request, and the case's lengths."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    pages = math.ceil(seqlen / PAGE)
-    q = (torch.randn(b, s_q, h_q, HEAD_DIM, generator=g, device=dev) / 10).clamp_(-1, 1).bfloat16()
-    k_cache = (torch.randn(b * pages, PAGE, h_kv, HEAD_DIM, generator=g, device=dev) / 10).clamp_(-1, 1).bfloat16()
-    block_table = torch.randperm(b * pages, generator=g, device=dev).int().view(b, pages)
-    seqlens = torch.full((b,), seqlen, dtype=torch.int32, device=dev)
-    return q, k_cache, block_table, seqlens
+    dtype = getattr(torch, TORCH_DTYPES[case.dtype])
+    width = max(1, *case.pages())
+    q = torch.randn(case.batch, case.seqlen_q, case.heads_q, HEAD_DIM, generator=g, device="cuda", dtype=dtype)
+    k_cache = torch.randn(case.batch * width, PAGE, case.heads_kv, HEAD_DIM, generator=g, device="cuda", dtype=dtype)
+    block_table = torch.randperm(case.batch * width, generator=g, device="cuda").int().view(case.batch, width)
+    seqlens = torch.tensor(case.seqlens(), dtype=torch.int32, device="cuda")
+    return Inputs(q.div_(10).clamp_(-1, 1), k_cache.div_(10).clamp_(-1, 1), block_table, seqlens)
 
 
-def ours(torch, q, k_cache, block_table, seqlens, causal, scale):
+# Each library: make(torch, case, inputs) -> a function of no argument that runs one decode call and
+# returns its `out` (any shape holding [b, s_q, h_q, 512] in order).
+
+def ours(torch, case: Case, x: Inputs):
     import flashmla_cupy
 
-    h_kv = k_cache.shape[2]
-    meta, splits = flashmla_cupy.get_mla_metadata(seqlens, q.shape[1] * q.shape[2] // h_kv, h_kv)
+    meta, splits = flashmla_cupy.get_mla_metadata(x.seqlens, case.seqlen_q * case.heads_q // case.heads_kv,
+                                                  case.heads_kv)
     return lambda: flashmla_cupy.flash_mla_with_kvcache(
-        q, k_cache, block_table, seqlens, HEAD_DIM_V, meta, splits, softmax_scale=scale, causal=causal)
+        x.q, x.k_cache, x.block_table, x.seqlens, HEAD_DIM_V, meta, splits, softmax_scale=SCALE,
+        causal=case.causal)[0]
 
 
-def flashmla(torch, q, k_cache, block_table, seqlens, causal, scale):
+def flashmla(torch, case: Case, x: Inputs):
     import flash_mla
 
     meta, _ = flash_mla.get_mla_metadata()
-    fn = lambda: flash_mla.flash_mla_with_kvcache(  # noqa: E731
-        q, k_cache, block_table, seqlens, HEAD_DIM_V, meta, softmax_scale=scale, causal=causal, use_legacy=True)
+
+    def fn():
+        return flash_mla.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.seqlens, HEAD_DIM_V, meta,
+                                                softmax_scale=SCALE, causal=case.causal, use_legacy=True)[0]
     fn()  # the first call fills the scheduler metadata; later calls reuse it
     return fn
 
 
-def flashinfer_fa3(torch, q, k_cache, block_table, seqlens, causal, scale):
+def flashinfer_fa3(torch, case: Case, x: Inputs):
     import flashinfer
 
-    b, s_q, h_q, _ = q.shape
-    if k_cache.shape[2] != 1:
+    if case.heads_kv != 1:
         raise RuntimeError("FlashInfer MLA supports one KV head")
-    pages = block_table.shape[1]
-    dev = q.device
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    b, s_q, h_q = case.batch, case.seqlen_q, case.heads_q
+    pages = torch.tensor(case.pages(), dtype=torch.int32, device="cuda")
+    kv_indptr = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+    kv_indptr[1:] = torch.cumsum(pages, 0)
+    used = torch.arange(x.block_table.shape[1], device="cuda")[None, :] < pages[:, None]
+    kv_indices = x.block_table[used]  # row-major: request 0's pages, then request 1's, ...
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace, backend="fa3")
-    qo_indptr = torch.arange(0, b + 1, dtype=torch.int32, device=dev) * s_q
-    kv_indptr = torch.arange(0, b + 1, dtype=torch.int32, device=dev) * pages
-    kv_indices = block_table.reshape(-1).contiguous()
-    ckv = k_cache[:, :, 0, :HEAD_DIM_V]
-    kpe = k_cache[:, :, 0, HEAD_DIM_V:]
-    q_nope = q[..., :HEAD_DIM_V].reshape(b * s_q, h_q, HEAD_DIM_V)
-    q_pe = q[..., HEAD_DIM_V:].reshape(b * s_q, h_q, HEAD_DIM - HEAD_DIM_V)
+    qo_indptr = torch.arange(0, b + 1, dtype=torch.int32, device="cuda") * s_q
+    ckv = x.k_cache[:, :, 0, :HEAD_DIM_V]
+    kpe = x.k_cache[:, :, 0, HEAD_DIM_V:]
+    q_nope = x.q[..., :HEAD_DIM_V].reshape(b * s_q, h_q, HEAD_DIM_V)
+    q_pe = x.q[..., HEAD_DIM_V:].reshape(b * s_q, h_q, HEAD_DIM - HEAD_DIM_V)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapper.plan(qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_len_arr=seqlens,
+        wrapper.plan(qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_len_arr=x.seqlens,
                      num_heads=h_q, head_dim_ckv=HEAD_DIM_V, head_dim_kpe=HEAD_DIM - HEAD_DIM_V, page_size=PAGE,
-                     causal=causal, sm_scale=scale, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+                     causal=case.causal, sm_scale=SCALE, q_data_type=x.q.dtype, kv_data_type=x.k_cache.dtype)
 
         def fn():
             return wrapper.run(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv, kpe_cache=kpe)
-        fn()
+        fn()  # the first run builds (JIT) and loads the kernel
     return fn
 
 
-LIBRARIES = {"flashmla_cupy": ours, "FlashMLA": flashmla, "FlashInfer-fa3": flashinfer_fa3}
+@dataclasses.dataclass(frozen=True)
+class Library:
+    name: str
+    make: Callable
+    module: str                 # what must import for the library to take part
+    distribution: str           # whose version the report records
+    dtypes: frozenset = frozenset({"bf16", "fp16"})
+
+
+LIBRARIES = (
+    Library(bench_report.OURS, ours, "flashmla_cupy", "flashmla-cupy"),
+    Library("FlashMLA", flashmla, "flash_mla", "sgl-flash-mla"),
+    Library("FlashInfer-fa3", flashinfer_fa3, "flashinfer", "flashinfer-python"),
+)
+
+
+def library_info(lib: Library) -> dict:
+    """{"version": ...} when the library imports here, else {"error": why}."""
+    try:
+        module = importlib.import_module(lib.module)
+    except Exception as exc:  # any import failure only removes this library from the run
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    try:
+        return {"version": importlib.metadata.version(lib.distribution)}
+    except importlib.metadata.PackageNotFoundError:
+        return {"version": str(getattr(module, "__version__", "unknown"))}
+
+
+class Timer:
+    """CUDA-event median of one call, each run after an L2 flush."""
+
+    def __init__(self, torch, reps: int | None = None):
+        self.torch = torch
+        self.reps = reps
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def _reps_for(self, fn) -> int:
+        torch = self.torch
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.flush.zero_()
+        fn()
+        torch.cuda.synchronize()
+        return max(MIN_REPS, min(MAX_REPS, int(TARGET_S / (time.perf_counter() - start))))
+
+    def us(self, fn) -> float:
+        torch = self.torch
+        for _ in range(WARMUP_CALLS):
+            fn()
+        reps = self.reps or self._reps_for(fn)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events) * 1000
 
 
 def per_call_us(fn, calls: int, repeats: int = 1) -> list[float]:
@@ -108,8 +209,8 @@ def per_call_us(fn, calls: int, repeats: int = 1) -> list[float]:
     return times
 
 
-def host_time_us(torch, fn, calls: int = 50) -> float:
-    """Host (CPU) time of one call: launches are asynchronous, so a burst of calls measures Python and
+def host_time_us(torch, fn, calls: int = HOST_CALLS) -> float:
+    """Host (CPU) time of one call: launches are asynchronous, so a short burst measures Python and
     driver overhead alone while the GPU queue is far from full."""
     torch.cuda.synchronize()
     (us,) = per_call_us(fn, calls)
@@ -150,129 +251,283 @@ def kernel_breakdown(torch, fn, calls: int = 20) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6])
 
 
-def first_output(result):
-    return result[0] if isinstance(result, (tuple, list)) else result
+def rates(us: float, flops: int, nbytes: int) -> dict:
+    return {"us": us, "tflops": flops / us / 1e6, "gbps": nbytes / us / 1e3}
+
+
+def agreement(torch, reference, out) -> dict:
+    """How a peer's out compares with ours (CHECK_* above); non-finite values never agree."""
+    x = reference.double().flatten()
+    y = out.reshape(reference.shape).double().flatten()
+    diff = (x - y).abs()
+    cos_diff = float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+    excess = float((diff / (CHECK_ABS + CHECK_REL * x.abs())).max())
+    agrees = bool(torch.isfinite(y).all()) and excess <= 1 and cos_diff <= CHECK_COS
+    return {"check": "agrees" if agrees else "mismatch", "max_abs_diff": float(diff.max()), "cos_diff": cos_diff}
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:400]
+
+
+def measure_library(torch, timer: Timer, lib: Library, case: Case, inputs: Inputs, reference, kernels: bool):
+    """One library on one case: (entry for the report, its output or None)."""
+    flops, nbytes = case.accounting()
+    entry: dict = {}
+    out = None
+    try:
+        fn = lib.make(torch, case, inputs)
+        out = fn().reshape(case.batch, case.seqlen_q, case.heads_q, HEAD_DIM_V)
+        torch.cuda.synchronize()
+        if lib.name == bench_report.OURS:
+            entry["check"] = "ours"
+        elif reference is None:
+            entry["check"] = "unchecked"  # ours did not run on this case: nothing to compare with
+        else:
+            entry.update(agreement(torch, reference, out))
+            if entry["check"] == "mismatch":
+                return entry, out
+        try:
+            entry["graph"] = rates(timer.us(captured(torch, fn)), flops, nbytes)
+        except Exception as exc:  # a library that cannot be captured is still timed eagerly
+            entry["graph_error"] = error_text(exc)
+        entry["eager"] = rates(timer.us(fn), flops, nbytes)
+        entry["host_us"] = host_time_us(torch, fn)
+        if kernels:
+            try:
+                entry["kernels_us"] = kernel_breakdown(torch, fn)
+            except Exception as exc:  # the breakdown is extra: its failure keeps the timings
+                entry["kernels_error"] = error_text(exc)
+    except Exception as exc:  # a library that fails on a case is reported for it, the run goes on
+        entry["error"] = error_text(exc)
+    return entry, out
+
+
+def case_row(case: Case) -> dict:
+    """The report row of a case before any library ran: its shape and accounting."""
+    flops, nbytes = case.accounting()
+    return {"id": case.id, "dtype": case.dtype, "groups": bench_cases.groups_of(case), "batch": case.batch,
+            "seqlen_q": case.seqlen_q, "heads_q": case.heads_q, "heads_kv": case.heads_kv, "seqlen": case.seqlen,
+            "varlen": case.varlen, "causal": case.causal, "total_seqlen": sum(case.seqlens()), "flops": flops,
+            "bytes": nbytes, "libraries": {}}
+
+
+def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int, kernels: bool) -> dict:
+    row = case_row(case)
+    inputs = make_inputs(torch, case, seed)
+    reference = None
+    for lib in libs:  # ours first: its output is what the peers are checked against
+        if case.dtype not in lib.dtypes:
+            continue
+        entry, out = measure_library(torch, timer, lib, case, inputs, reference, kernels)
+        if lib.name == bench_report.OURS and "error" not in entry:
+            reference = out.clone()
+        row["libraries"][lib.name] = entry
+        del out
+    del inputs, reference
+    torch.cuda.empty_cache()
+    return bench_report.finish_row(row)
+
+
+def measure_ceilings(torch, timer: Timer, dtypes: list[str]) -> dict:
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ceilings = {"copy_gbps": 2 * COPY_BYTES / timer.us(lambda: dst.copy_(src)) / 1e3, "matmul_tflops": {},
+                "how": f"device-to-device copy of {COPY_BYTES >> 20} MiB (bytes read + written); "
+                       f"{MATMUL_N}^3 torch matmul per dtype; same timer as the cases"}
+    del src, dst
+    for dtype in dtypes:
+        a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=getattr(torch, TORCH_DTYPES[dtype]))
+        b = torch.randn_like(a)
+        ceilings["matmul_tflops"][dtype] = 2 * MATMUL_N ** 3 / timer.us(lambda: a @ b) / 1e6
+    torch.cuda.empty_cache()
+    return ceilings
+
+
+def write_json(path: str, report: dict) -> None:
+    """Atomically: a reader (or a kill) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def progress_line(i: int, total: int, elapsed: float, row: dict) -> str:
+    parts = []
+    for name, e in row["libraries"].items():
+        if "graph" in e:
+            parts.append(f"{name} {e['graph']['us']:.0f} us")
+        elif "eager" in e:
+            parts.append(f"{name} {e['eager']['us']:.0f} us eager (no graph)")
+        else:
+            parts.append(f"{name} {'disagrees' if e.get('check') == 'mismatch' else 'error'}")
+    ratio = row.get("ours_over_best_peer")
+    verdict = f" -> ours / best peer {ratio:.2f}" if ratio is not None else ""
+    return f"[{i}/{total} {elapsed:4.0f} s] {row['dtype']} {row['id']}: " + ", ".join(parts) + verdict
+
+
+class StopRequest:
+    """A signal handler that asks the run to stop after the case in progress. SIGTERM (what `timeout`
+    sends) is handled so rather than by raising: an exception in the middle of a CUDA-graph capture or
+    a peer's JIT build could leave the process unable to finish its report."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.reason = f"{signal.Signals(signum).name} received"
+        print(f"{self.reason}: stopping after this case", file=sys.stderr, flush=True)
+
+
+def run_cases(report: dict, cases: list[Case], measure: Callable[[int, Case], dict], path: str,
+              budget_s: float | None = None, stop: StopRequest | None = None, clock=time.monotonic) -> dict:
+    """Measure the cases in order, rewriting the JSON after each. Stops early, with what it has, on
+    KeyboardInterrupt, on a StopRequest, or when the next case would likely end after budget_s."""
+    start = clock()
+    longest = 0.0
+    report.update(complete=False, not_run=[c.label for c in cases])
+    write_json(path, report)
+    for i, case in enumerate(cases):
+        if stop is not None and stop.reason:
+            report["stopped"] = stop.reason
+            break
+        if budget_s is not None and clock() - start + longest > budget_s:
+            report["stopped"] = f"time budget of {budget_s:.0f} s"
+            break
+        began = clock()
+        try:
+            row = measure(i, case)
+        except KeyboardInterrupt:
+            report["stopped"] = f"interrupted during {case.label}"
+            break
+        longest = max(longest, clock() - began)
+        report["results"].append(row)
+        report["not_run"] = [c.label for c in cases[i + 1:]]
+        write_json(path, report)
+        print(progress_line(i + 1, len(cases), clock() - start, row), flush=True)
+    else:
+        report["complete"] = True
+    write_json(path, report)
+    return report
+
+
+def commit() -> str:
+    """FLASHMLA_COMMIT (set by whoever copied the tree to the device), else git, else 'unknown'."""
+    if os.environ.get("FLASHMLA_COMMIT"):
+        return os.environ["FLASHMLA_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return out.split("\n")[0].strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", help="issue, matrix, all (default), shell patterns over their ids, or any "
+                                        "case id such as b64-q1-h128-2048; comma-separated")
+    parser.add_argument("--dtype", help=f"comma-separated, of {', '.join(bench_cases.DTYPES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="issue 7's table in bf16 (unless --cases/--dtype say)")
+    parser.add_argument("--only", help="comma-separated library names: " + ", ".join(lib.name for lib in LIBRARIES))
+    parser.add_argument("--json", help="results file (default benchmarks/results/<date>-<card>-<commit>.json); "
+                                       "the .md and .png go beside it")
+    parser.add_argument("--reps", type=int, help=f"timed runs per measurement (default: about {TARGET_S * 1000:.0f} "
+                                                 f"ms worth, {MIN_REPS}-{MAX_REPS})")
+    parser.add_argument("--budget-s", type=float, help="start no case that would likely end after this many seconds")
+    parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel (torch profiler)")
+    parser.add_argument("--list", action="store_true", help="print the selected cases and exit (no GPU needed)")
+    args = parser.parse_args(argv)
+    args.cases = args.cases or ("issue" if args.quick else "all")
+    args.dtype = args.dtype or ("bf16" if args.quick else ",".join(bench_cases.DTYPES))
+    try:
+        args.selected = bench_cases.select(args.cases, args.dtype.split(","))
+    except ValueError as exc:
+        parser.error(str(exc))
+    names = [lib.name for lib in LIBRARIES]
+    args.libraries = [lib for lib in LIBRARIES if args.only is None or lib.name in args.only.split(",")]
+    unknown = set((args.only or "").split(",")) - set(names) - {""}
+    if unknown:
+        parser.error(f"--only {', '.join(sorted(unknown))}: choose from {', '.join(names)}")
+    return args
+
+
+def list_cases(cases: list[Case]) -> None:
+    for case in cases:
+        flops, nbytes = case.accounting()
+        regime = "memory-bound" if case.memory_bound else "compute-bound"
+        print(f"{case.label:36} {','.join(bench_cases.groups_of(case)) or '-':13} {regime:13} "
+              f"{sum(case.seqlens()):>9} tokens {flops / 1e9:8.1f} GFLOP {nbytes / 1e6:8.1f} MB")
+    print(f"{len(cases)} cases")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="only the four peer-table cases")
-    parser.add_argument("--only", default=None, help="comma-separated library names")
-    parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel (torch profiler)")
-    args = parser.parse_args(argv)
+    started = time.monotonic()
+    args = parse_args(argv)
+    if args.list:
+        list_cases(args.selected)
+        return 0
 
     import torch
-    import triton.testing
 
     if not torch.cuda.is_available():
         print("No CUDA GPU: the benchmark needs a Hopper GPU.")
         return 2
-    libs = {k: v for k, v in LIBRARIES.items() if args.only is None or k in args.only.split(",")}
-    cases = CASES[:4] if args.quick else CASES
-    results = []
-    for (b, s_q, h_q, h_kv, seqlen, causal) in cases:
-        q, k_cache, block_table, seqlens = make_inputs(torch, b, s_q, h_q, h_kv, seqlen, seed=len(results) + 1)
-        scale = HEAD_DIM ** -0.5
-        flops, nbytes = perf_accounting(b * seqlen, b, s_q, h_q, h_kv)
-        row = {"batch": b, "seqlen_q": s_q, "heads_q": h_q, "heads_kv": h_kv, "seqlen": seqlen, "causal": causal,
-               "libraries": {}}
-        reference = None
-        for name, make in libs.items():
-            entry = {}
-            try:
-                fn = make(torch, q, k_cache, block_table, seqlens, causal, scale)
-                out = first_output(fn()).reshape(b, s_q, h_q, HEAD_DIM_V).float()
-                if reference is None:
-                    reference = out
-                else:
-                    entry["max_abs_diff_vs_first"] = float((out - reference).abs().max())
-                ms = triton.testing.do_bench(fn, warmup=30, rep=200, return_mode="median")
-                entry.update(ms=ms, tflops=flops / 1e9 / ms, gbps=nbytes / 1e6 / ms, host_us=host_time_us(torch, fn))
-                try:  # replayed from a CUDA graph, as serving engines run decode: no host overhead
-                    graph_ms = triton.testing.do_bench(captured(torch, fn), warmup=30, rep=200, return_mode="median")
-                    entry.update(graph_ms=graph_ms, graph_tflops=flops / 1e9 / graph_ms,
-                                 graph_gbps=nbytes / 1e6 / graph_ms)
-                except Exception as exc:
-                    entry["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if args.kernels:
-                    try:
-                        entry["kernels_us"] = kernel_breakdown(torch, fn)
-                    except Exception as exc:
-                        entry["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            except Exception as exc:  # a peer that cannot run here is reported, not fatal
-                entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
-            row["libraries"][name] = entry
-        results.append(row)
-        print(json.dumps(row), flush=True)  # partial results survive a time limit
-        del q, k_cache, block_table, seqlens
-        torch.cuda.empty_cache()
-
-    device = torch.cuda.get_device_name()
+    info = {lib.name: library_info(lib) for lib in args.libraries}
+    libs = [lib for lib in args.libraries if "version" in info[lib.name]]
+    for name, lib_info in info.items():
+        print(f"{name}: {lib_info.get('version') or 'not importable, left out: ' + lib_info['error']}", flush=True)
     report = {
-        "card": device,
-        "commit": os.environ.get("FLASHMLA_COMMIT", "unknown"),
+        "schema": bench_report.SCHEMA,
+        "card": torch.cuda.get_device_name(),
+        "driver": driver_version(),
+        "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
         "python": platform.python_version(),
-        "timing": "triton.testing.do_bench median, L2 flushed before each run, bf16, page 64, shuffled pages",
-        "results": results,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+        "libraries": info,
+        "timing": f"CUDA-event median, L2 flushed ({FLUSH_BYTES >> 20} MiB memset) before every run, "
+                  f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls; page 64, shuffled pages",
+        "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
+                 f"<= {CHECK_COS:g}, all finite",
+        "results": [],
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
+                                     bench_report.stem(report) + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    timer = Timer(torch, args.reps)
+    try:
+        report["ceilings"] = measure_ceilings(torch, timer, list(dict.fromkeys(c.dtype for c in args.selected)))
+    except KeyboardInterrupt:
+        report.update(complete=False, stopped="interrupted while measuring the ceilings",
+                      not_run=[c.label for c in args.selected])
+        write_json(path, report)
+        return 1
+    except Exception as exc:  # the cases still mean something without the ceilings
+        report.update(ceilings={}, ceilings_error=error_text(exc))
+    print(f"ceilings: {bench_report.ceilings_line(report)}; {len(args.selected)} cases", flush=True)
+    budget = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+    run_cases(report, args.selected, lambda i, case: measure_case(torch, timer, libs, case, i + 1, args.kernels),
+              path, budget, stop)
 
-    names = list(libs)
-    print_table(results, names, device, report["commit"], graph=False)
-    print_table(results, names, device, report["commit"], graph=True)
-    if args.kernels:
-        print("\nGPU time per call by kernel (us)")
-        for row in results:
-            for name, e in row["libraries"].items():
-                if "kernels_us" in e:
-                    parts = ", ".join(f"{k}: {v:.1f}" for k, v in e["kernels_us"].items())
-                    print(f"b={row['batch']} h_q={row['heads_q']} seqlen={row['seqlen']} {name}: {parts}")
-    for row in results:
-        for name, e in row["libraries"].items():
-            if "error" in e:
-                print(f"{name} failed on b={row['batch']} h_q={row['heads_q']}: {e['error']}", file=sys.stderr)
-    return 0
-
-
-def headline(row: dict, prefix: str = "") -> tuple:
-    """The figure that matters for one benchmark case: GB/s when at most one row tile per KV head
-    (memory-bound), else TFLOPS. Returns (key, unit, {library: value}, best peer, ours / best peer);
-    `prefix` "graph_" reads the CUDA-graph replay figures."""
-    memory_bound = row["seqlen_q"] * row["heads_q"] // row["heads_kv"] <= 64
-    key, unit = ("gbps", "GB/s") if memory_bound else ("tflops", "TFLOPS")
-    values = {name: e[prefix + key] for name, e in row["libraries"].items() if prefix + key in e}
-    peers = {name: v for name, v in values.items() if name != "flashmla_cupy"}
-    best = max(peers, key=peers.get) if peers else None
-    ratio = values["flashmla_cupy"] / peers[best] if best and "flashmla_cupy" in values else None
-    return key, unit, values, best, ratio
-
-
-def print_table(results, names, device, commit, graph: bool) -> None:
-    prefix = "graph_" if graph else ""
-    mode = "CUDA-graph replay" if graph else "eager calls (host overhead included when it exceeds GPU time)"
-    print(f"\n{device}  commit {commit}  {mode}")
-    header = "| case | " + " | ".join(names) + " | ours / best peer |"
-    print(header)
-    print("|" + "---|" * (len(names) + 2))
-    for row in results:
-        key, unit, values, _, ratio = headline(row, prefix)
-        cells = []
-        for name in names:
-            e = row["libraries"][name]
-            if name not in values:
-                cells.append("n/a")
-            else:
-                host = "" if graph else f"; host {e['host_us']:.0f} us"
-                cells.append(f"{values[name]:.0f} {unit} ({e[prefix + 'ms'] * 1000:.0f} us{host})")
-        ratio = f"{ratio:.2f}" if ratio is not None else "-"
-        label = (f"b={row['batch']} s_q={row['seqlen_q']} h_q={row['heads_q']} h_kv={row['heads_kv']} "
-                 f"seqlen={row['seqlen']}{' causal' if row['causal'] else ''}")
-        print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    base = os.path.splitext(path)[0]
+    for written in [path] + bench_report.write_outputs(report, base + ".md", base + ".png"):
+        print(f"wrote {written}")
+    print()
+    print(bench_report.brief(report))
+    return 0 if report["complete"] else 1
 
 
 if __name__ == "__main__":

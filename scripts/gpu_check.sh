@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, for a Hopper machine (the lent H100): environment, warm-up, the GPU
+# The whole GPU check in one go, for a Hopper machine (the lent H200): environment, warm-up, the GPU
 # test suite, the demo, compute-sanitizer on a representative subset, and the side-by-side benchmark.
-# JSON results and sanitizer logs go to $OUT (default: a temp dir; 6 files), with summary.json (card,
-# commit, test counts, worst errors, sanitizer verdicts, ours / best peer); a short table is printed last.
+# JSON results, the benchmark's markdown and chart, and sanitizer logs go to $OUT (default: a temp dir),
+# with summary.json (card, commit, test counts, worst errors, sanitizer verdicts, ours / best peer per
+# benchmark case); a short table is printed last.
 #
-#   bash scripts/gpu_check.sh [full|tests|bench|quick]     (default: full)
+#   bash scripts/gpu_check.sh [full|tests|bench|quick|ncu]     (default: full)
+#
+# full: everything, the benchmark on issue 7's table in bf16 and fp16 (the tests and sanitizers need
+# the rest of a 10-minute device command); bench: warm-up, host time and the whole benchmark (issue 7's
+# table and SPEC.md's matrix, both dtypes, ~3-5 min); tests/quick: tests only; ncu: Nsight Compute on
+# our decode kernel and FlashMLA's (scripts/ncu_compare.py, arguments from NCU_ARGS, e.g.
+# NCU_ARGS="--case b64-q1-h128-1024"). BENCH_ARGS replaces the benchmark's case selection
+# (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode).
 #
 # Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (see
 # ../shared/scripts/build_peer_carry.sh) are installed into temp dirs first when present.
@@ -47,8 +55,16 @@ if [[ $MODE == full || $MODE == bench ]]; then
   step "host time per call"
   timeout 60 $PY scripts/host_profile.py --repeats 5 2>&1 | head -n 45
   step "benchmark"
-  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 240 $PY scripts/bench.py --kernels --json "$OUT/bench.json" 2>&1 \
-    | tee "$LOGS/bench.txt" || status=1
+  # The benchmark stops itself (results kept) before its budget; the timeout is the backstop.
+  if [[ $MODE == full ]]; then bench_args="--cases issue"; budget=210; else bench_args="--cases all"; budget=450; fi
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout $((budget + 30)) $PY scripts/bench.py ${BENCH_ARGS-$bench_args} \
+    --budget-s $budget --json "$OUT/bench.json" 2>&1 | tee "$LOGS/bench.txt" || status=1
+fi
+if [[ $MODE == ncu ]]; then
+  step "ncu: decode kernels side by side"
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 540 $PY scripts/ncu_compare.py ${NCU_ARGS-} --out "$OUT/ncu" 2>&1 \
+    || status=1
+  exit $status
 fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
@@ -64,5 +80,7 @@ fi
 step "summary"
 GPU_CHECK_MODE=$MODE $PY scripts/summarize_gpu_check.py "$OUT" "$LOGS" || status=1
 [[ -f $LOGS/demo.txt ]] && tail -n 2 "$LOGS/demo.txt"
-[[ -f $LOGS/bench.txt ]] && grep -E "^\||commit" "$LOGS/bench.txt"
+if [[ -f $OUT/bench.json ]]; then
+  echo; $PY scripts/bench_report.py "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png" --brief || status=1
+fi
 exit $status

@@ -22,6 +22,7 @@ import pstats
 import sys
 
 import bench  # scripts/ is this script's first sys.path entry
+from bench_cases import Case
 
 B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work (see above)
 
@@ -29,7 +30,8 @@ B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work 
 def gpu_inputs():
     import torch
 
-    return torch, bench.make_inputs(torch, B, S_Q, H_Q, 1, PAGES * 64, seed=0)
+    x = bench.make_inputs(torch, Case(B, S_Q, H_Q, PAGES * 64), seed=0)
+    return torch, (x.q, x.k_cache, x.block_table, x.seqlens)
 
 
 def mock_inputs():

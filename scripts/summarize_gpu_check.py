@@ -1,5 +1,6 @@
 """Collect one `scripts/gpu_check.sh` run into a JSON summary: card, commit, GPU test counts, the worst
-accuracy figures, sanitizer verdicts, the demo's last line and ours / best peer per benchmark case.
+accuracy figures, sanitizer verdicts, the demo's last lines and, per benchmark case, each library's
+CUDA-graph figure and `ours_over_best_peer`.
 
     python scripts/summarize_gpu_check.py OUT_DIR LOG_DIR  -> writes OUT_DIR/summary.json
 """
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from bench import headline  # scripts/ is this script's first sys.path entry
+import bench_report  # scripts/ is this script's first sys.path entry
 
 
 def read(path: str) -> str | None:
@@ -48,25 +49,45 @@ def sanitizer_verdict(text: str | None) -> str | None:
     return lines[-1].replace("=========", "").strip() if lines else "no summary line (timed out or crashed)"
 
 
-def bench_ratios(report: dict | None) -> list[dict]:
-    rows = []
-    for row in (report or {}).get("results", []):
-        _, unit, values, best, ratio = headline(row, "graph_")
-        rows.append({
-            "case": {k: row[k] for k in ("batch", "seqlen_q", "heads_q", "heads_kv", "seqlen", "causal")},
-            "unit": unit,
-            "cuda_graph": {name: round(v, 1) for name, v in values.items()},
-            "ours_over_best_peer": round(ratio, 3) if ratio is not None else None,
-            "best_peer": best,
+def _rounded(x: float | None) -> float | None:
+    return round(x, 3) if x is not None else None
+
+
+def bench_summary(report: dict | None) -> dict | None:
+    """Per case (CUDA-graph replay): each library's figure, the best peer and ours / best peer; peers
+    that disagreed with ours or failed; then the spread over all cases."""
+    if report is None:
+        return None
+    cases = []
+    for row in report["results"]:
+        graph = bench_report.headline(row, "graph")
+        cases.append({
+            "case": row["id"], "dtype": row["dtype"], "unit": graph.unit,
+            "cuda_graph": {name: round(v, 1) for name, v in graph.values.items()},
+            "best_peer": graph.best_peer,
+            "ours_over_best_peer": _rounded(graph.ratio),
+            "ours_over_best_peer_eager": _rounded(bench_report.headline(row, "eager").ratio),
         })
-    return rows
+    ratios = [c["ours_over_best_peer"] for c in cases if c["ours_over_best_peer"] is not None]
+    worst = min((c for c in cases if c["ours_over_best_peer"] is not None), key=lambda c: c["ours_over_best_peer"],
+                default=None)
+    return {
+        "complete": report.get("complete", True),
+        "not_run": len(report.get("not_run", [])),
+        "ceilings": report.get("ceilings"),
+        "cases_with_ratio": len(ratios),
+        "cases_at_or_above_1": sum(r >= 1 for r in ratios),
+        "worst": None if worst is None else {k: worst[k] for k in ("case", "dtype", "ours_over_best_peer")},
+        "problems": bench_report.problems(report),
+        "cases": cases,
+    }
 
 
 def main(out_dir: str, log_dir: str) -> int:
     accuracy = read(os.path.join(out_dir, "accuracy.json"))
     accuracy = json.loads(accuracy) if accuracy else None
-    bench = read(os.path.join(out_dir, "bench.json"))
-    bench = json.loads(bench) if bench else None
+    bench_path = os.path.join(out_dir, "bench.json")
+    bench = bench_report.load(bench_path) if os.path.exists(bench_path) else None
     demo = read(os.path.join(log_dir, "demo.txt"))
     summary = {
         "card": card_name() or (bench or {}).get("card"),
@@ -79,12 +100,14 @@ def main(out_dir: str, log_dir: str) -> int:
         "sanitizers": {tool: sanitizer_verdict(read(os.path.join(out_dir, f"sanitizer_{tool}.txt")))
                        for tool in ("memcheck", "racecheck", "synccheck")},
         "demo": demo.strip().splitlines()[-3:] if demo else None,
-        "benchmark": bench_ratios(bench),
+        "benchmark": bench_summary(bench),
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps({k: summary[k] for k in ("card", "commit", "gpu_tests", "decode_accuracy", "sanitizers")},
-                     indent=1))
+    shown = {k: summary[k] for k in ("card", "commit", "gpu_tests", "decode_accuracy", "sanitizers")}
+    if summary["benchmark"] is not None:
+        shown["benchmark"] = {k: v for k, v in summary["benchmark"].items() if k not in ("cases", "problems")}
+    print(json.dumps(shown, indent=1))
     return 0
 
 

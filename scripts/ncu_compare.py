@@ -1,0 +1,284 @@
+"""Nsight Compute side by side: our decode kernel and FlashMLA's (and FlashInfer's, if asked) on one case.
+
+Each library runs in a process of its own, this script with `--launch`, under ncu: the same inputs
+as scripts/bench.py, two warm-up calls, then ncu profiles the next launch of the library's decode
+kernel (KERNELS) with the clocks left alone (`--clock-control none`, so durations compare with the
+benchmark's) and caches flushed before every replay pass (ncu's default). The raw page of each report
+is saved as CSV and the metrics below are printed side by side, then the warp stall reasons, largest
+first.
+
+    python scripts/ncu_compare.py --case b128-q1-h128-4096 [--dtype bf16] [--libs flashmla_cupy,FlashMLA]
+                                  [--out DIR] [--ncu PATH]
+    python scripts/ncu_compare.py --from DIR [--libs ...]    # the table again from DIR's CSVs; no GPU
+
+Peers must import (scripts/gpu_check.sh ncu sets that up on the device).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import bench  # scripts/ is this script's first sys.path entry
+import bench_cases
+
+# Regular expressions over kernel names (ncu --kernel-name regex:...): each library's decode kernel.
+KERNELS = {"flashmla_cupy": "flashmla_decode", "FlashMLA": "flash_fwd_splitkv_mla",
+           "FlashInfer-fa3": "BatchMLAPageAttentionHopper"}
+WARMUP_LAUNCHES = 2
+NCU_TIMEOUT_S = 300
+
+# Section names have been stable across ncu releases; they collect most of the metrics below.
+SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "SchedulerStats",
+            "WarpStateStats", "Occupancy", "LaunchStats", "InstructionStats")
+# Asked for by name as well, each only if this ncu lists it (an unknown name would fail the run).
+EXTRA_METRICS = (
+    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_issued.avg.pct_of_peak_sustained_active",
+    "sm__inst_issued.avg.per_cycle_active",
+    "smsp__inst_issued.sum",
+    "dram__bytes_read.sum",
+    "dram__bytes_write.sum",
+    "dram__bytes.sum.per_second",
+    "lts__t_sector_hit_rate.pct",
+    "l1tex__t_sector_hit_rate.pct",
+)
+
+# (label, display scale from the base unit, candidate metric names: the first one present is shown).
+ROWS = (
+    ("duration (us)", 1e6, ("gpu__time_duration.sum",)),
+    ("grid size (CTAs)", 1, ("launch__grid_size",)),
+    ("block size (threads)", 1, ("launch__block_size",)),
+    ("registers per thread", 1, ("launch__registers_per_thread",)),
+    ("dynamic shared memory per CTA (KB)", 1e-3, ("launch__shared_mem_per_block_dynamic",)),
+    ("tensor pipe, wgmma (% of active cycles)", 1,
+     ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",)),
+    ("tensor pipe, all (% of active cycles)", 1, ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",)),
+    ("SM busy (%)", 1, ("sm__instruction_throughput.avg.pct_of_peak_sustained_active",)),
+    ("compute throughput (% of peak)", 1, ("sm__throughput.avg.pct_of_peak_sustained_elapsed",)),
+    ("issue slots busy (%)", 1, ("sm__inst_issued.avg.pct_of_peak_sustained_active",
+                                 "smsp__issue_active.avg.pct_of_peak_sustained_active")),
+    ("issued IPC (per SM, active cycles)", 1, ("sm__inst_issued.avg.per_cycle_active",)),
+    ("instructions issued (M)", 1e-6, ("smsp__inst_issued.sum", "sm__inst_issued.sum")),
+    ("instructions executed (M)", 1e-6, ("smsp__inst_executed.sum", "sm__inst_executed.sum")),
+    ("warp cycles per issued instruction", 1, ("smsp__average_warp_latency_per_inst_issued.ratio",)),
+    ("eligible warps per scheduler per cycle", 1, ("smsp__warps_eligible.avg.per_cycle_active",)),
+    ("achieved occupancy (%)", 1, ("sm__warps_active.avg.pct_of_peak_sustained_active",)),
+    ("DRAM throughput (% of peak)", 1, ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                                        "dram__throughput.avg.pct_of_peak_sustained_elapsed")),
+    ("DRAM bandwidth (GB/s)", 1e-9, ("dram__bytes.sum.per_second",)),
+    ("DRAM read (MB)", 1e-6, ("dram__bytes_read.sum",)),
+    ("DRAM written (MB)", 1e-6, ("dram__bytes_write.sum",)),
+    ("L2 hit rate (%)", 1, ("lts__t_sector_hit_rate.pct",)),
+    ("L1/TEX hit rate (%)", 1, ("l1tex__t_sector_hit_rate.pct",)),
+    ("L2 compression input sectors (M)", 1e-6, ("lts__gcomp_input_sectors.sum",)),
+)
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
+STALL_ROWS = 12
+
+_PREFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_SCALED_UNIT = re.compile(r"([numKMGT]?)(second|byte|byte/second)")
+
+
+def to_base(value: float, unit: str) -> float:
+    """A value in ncu's printed unit ('usecond', 'Kbyte', 'Gbyte/second', ...) in seconds, bytes or
+    bytes per second; other units (%, cycle, inst, ...) are left as they are."""
+    match = _SCALED_UNIT.fullmatch(unit.strip())
+    return value * _PREFIX[match.group(1)] if match else value
+
+
+def _number(text: str):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def parse_raw_csv(text: str) -> list[dict[str, float]]:
+    """Kernels of an `ncu --import R --page raw --csv` listing, each {metric: value in base units}.
+
+    Reads the wide form (a header of metric names, a units row, one row per kernel) and the long form
+    (one "Metric Name"/"Metric Unit"/"Metric Value" row per metric); ncu's own `==PROF==` lines are skipped."""
+    rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("==")))
+    if not rows:
+        return []
+    header = rows[0]
+    kernels: dict[str, dict[str, float]] = {}
+    if "Metric Name" in header and "Metric Value" in header:
+        at = {name: header.index(name) for name in ("ID", "Metric Name", "Metric Unit", "Metric Value")}
+        for row in rows[1:]:
+            value = _number(row[at["Metric Value"]])
+            if value is not None:
+                kernels.setdefault(row[at["ID"]], {})[row[at["Metric Name"]]] = to_base(value, row[at["Metric Unit"]])
+        return list(kernels.values())
+    units = rows[1] if len(rows) > 1 and not rows[1][0] else [""] * len(header)
+    for row in rows[1:]:
+        if not row[0]:
+            continue  # the units row
+        values = {}
+        for name, unit, text in zip(header, units, row):
+            value = _number(text)
+            if value is not None:
+                values[name] = to_base(value, unit)
+        kernels[row[0]] = values
+    return list(kernels.values())
+
+
+def metric(values: dict[str, float], candidates) -> float | None:
+    return next((values[name] for name in candidates if name in values), None)
+
+
+def _format(value: float | None, scale: float) -> str:
+    if value is None:
+        return "n/a"
+    shown = value * scale
+    return f"{shown:.0f}" if abs(shown) >= 1000 or shown == int(shown) else f"{shown:.3g}"
+
+
+def compare_table(profiles: dict[str, dict[str, float]]) -> str:
+    """Markdown: the ROWS for every library, then the warp stall reasons (cycles per issued
+    instruction) largest first; rows no library reports are left out."""
+    names = list(profiles)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, scale, candidates in ROWS:
+        values = [metric(profiles[name], candidates) for name in names]
+        if any(v is not None for v in values):
+            lines.append(f"| {label} | " + " | ".join(_format(v, scale) for v in values) + " |")
+    stalls: dict[str, list] = {}
+    for i, name in enumerate(names):
+        for key, value in profiles[name].items():
+            match = STALL.fullmatch(key)
+            if match:
+                stalls.setdefault(match.group(1), [None] * len(names))[i] = value
+    ranked = sorted(stalls.items(), key=lambda item: -max(v or 0.0 for v in item[1]))[:STALL_ROWS]
+    for reason, values in ranked:
+        lines.append(f"| stall: {reason} (cycles per issued instruction) | "
+                     + " | ".join(_format(v, 1) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def known_metrics(ncu: str) -> set[str] | None:
+    """Base metric names this ncu lists for the GPU here, or None when it cannot say."""
+    try:
+        listing = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = {m.group(1) for m in re.finditer(r"^\s*([a-z0-9]+__[a-z0-9_]+)", listing, re.MULTILINE)}
+    return names or None
+
+
+def extra_metrics(known: set[str] | None) -> list[str]:
+    return [] if known is None else [m for m in EXTRA_METRICS if m.split(".")[0] in known]
+
+
+def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str]) -> list[str]:
+    sections = [arg for section in SECTIONS for arg in ("--section", section)]
+    metrics = ["--metrics", ",".join(extra)] if extra else []
+    return [ncu, "--clock-control", "none", "--target-processes", "all",
+            "--kernel-name", f"regex:{KERNELS[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
+            *sections, *metrics, "--force-overwrite", "--export", export,
+            sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype]
+
+
+def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str]) -> str:
+    """Profile one library; returns the path of the raw-page CSV. Raises RuntimeError with ncu's output."""
+    export = os.path.join(out_dir, library)
+    run = subprocess.run(ncu_command(ncu, library, case, export, extra), capture_output=True, text=True,
+                         timeout=NCU_TIMEOUT_S)
+    with open(export + ".log", "w") as f:
+        f.write(run.stdout + run.stderr)
+    if run.returncode != 0 or not os.path.exists(export + ".ncu-rep"):
+        raise RuntimeError(f"ncu for {library} exited {run.returncode}:\n{(run.stdout + run.stderr)[-3000:]}")
+    listing = subprocess.run([ncu, "--import", export + ".ncu-rep", "--page", "raw", "--csv"], capture_output=True,
+                             text=True, timeout=NCU_TIMEOUT_S)
+    if listing.returncode != 0:
+        raise RuntimeError(f"ncu --import for {library} exited {listing.returncode}:\n{listing.stderr[-3000:]}")
+    with open(export + ".csv", "w") as f:
+        f.write(listing.stdout)
+    return export + ".csv"
+
+
+def read_profiles(out_dir: str, libraries: list[str]) -> dict[str, dict[str, float]]:
+    """The profiled kernel of each library whose CSV is in out_dir (the last kernel when there are several)."""
+    profiles = {}
+    for library in libraries:
+        path = os.path.join(out_dir, library + ".csv")
+        if os.path.exists(path):
+            with open(path) as f:
+                kernels = parse_raw_csv(f.read())
+            if kernels:
+                profiles[library] = kernels[-1]
+    return profiles
+
+
+def launch(library: str, case: bench_cases.Case) -> None:
+    """The profiled process: the benchmark's inputs, then enough calls for ncu to skip the warm-up ones."""
+    import torch
+
+    lib = next(lib for lib in bench.LIBRARIES if lib.name == library)
+    fn = lib.make(torch, case, bench.make_inputs(torch, case, seed=1))
+    for _ in range(WARMUP_LAUNCHES + 1):
+        fn()
+    torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="b128-q1-h128-4096", help="a case id (scripts/bench.py --list shows some)")
+    parser.add_argument("--dtype", default="bf16", choices=bench_cases.DTYPES)
+    parser.add_argument("--libs", default="flashmla_cupy,FlashMLA", help="comma-separated, of " + ", ".join(KERNELS))
+    parser.add_argument("--out", help="where the reports, CSVs, logs and compare.md go (default: a new temp dir)")
+    parser.add_argument("--ncu", default="ncu", help="the ncu executable")
+    parser.add_argument("--from", dest="from_dir", metavar="DIR",
+                        help="print the table from DIR's CSVs, profile nothing")
+    parser.add_argument("--launch", help=argparse.SUPPRESS)  # the profiled child process
+    args = parser.parse_args(argv)
+    try:
+        case = bench_cases.parse(args.case, args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
+    libraries = args.libs.split(",")
+    unknown = [name for name in libraries if name not in KERNELS]
+    if unknown:
+        parser.error(f"--libs {', '.join(unknown)}: choose from {', '.join(KERNELS)}")
+    if args.launch:
+        launch(args.launch, case)
+        return 0
+
+    out_dir = args.from_dir
+    failed = []
+    if out_dir is None:
+        out_dir = args.out or tempfile.mkdtemp(prefix="ncu_compare_")
+        os.makedirs(out_dir, exist_ok=True)
+        known = known_metrics(args.ncu)
+        extra = extra_metrics(known)
+        if known is None:
+            print("ncu --query-metrics listed nothing: profiling with the sections alone", file=sys.stderr)
+        for library in libraries:
+            print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
+            try:
+                profile(args.ncu, library, case, out_dir, extra)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                failed.append(library)
+                print(exc, file=sys.stderr)
+    profiles = read_profiles(out_dir, libraries)
+    if not profiles:
+        print(f"no profile in {out_dir}", file=sys.stderr)
+        return 1
+    what = case.label if args.from_dir is None else f"the profiles in {out_dir}"
+    table = (f"ncu --clock-control none, {what}, decode kernel only (regex per library: "
+             + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
+    if args.from_dir is None:  # a --from directory may be read-only (files fetched from the device)
+        with open(os.path.join(out_dir, "compare.md"), "w") as f:
+            f.write(table)
+    print(table + f"\nfiles: {out_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

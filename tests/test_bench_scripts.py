@@ -1,0 +1,290 @@
+"""The benchmark tooling without a GPU: case matrix, accounting, argument parsing, partial results,
+rendering from recorded and synthetic JSON, the GPU-check summary, ncu's CSV and host_profile's mock."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # the scripts import each other as top-level modules
+
+import bench  # noqa: E402
+import bench_cases  # noqa: E402
+import bench_report  # noqa: E402
+import ncu_compare  # noqa: E402
+import summarize_gpu_check  # noqa: E402
+from bench_cases import Case  # noqa: E402
+from flashmla_cupy.reference import perf_accounting  # noqa: E402
+
+RECORDED = sorted(p for p in glob.glob(str(REPO / "benchmarks/results/*.json"))
+                  if "results" in json.loads(pathlib.Path(p).read_text()))
+
+
+def test_issue_table_matrix_and_their_order():
+    assert [c.id for c in bench_cases.issue_shapes()] == [
+        "b128-q1-h128-4096", "b32-q1-h128-8192", "b64-q1-h128-1024", "b16-q1-h128-2048", "b1-q1-h128-32768",
+        "b128-q2-h128-8192-causal", "b128-q2-h64-4096-causal", "b128-q1-h64-16384", "b128-q1-h16-4096",
+        "b128-q1-h32-8192", "b8-q1-h16-16384"]
+    matrix = bench_cases.matrix_shapes()
+    assert len(matrix) == len(set(matrix)) == 2 * 4 * 4 * 2
+    assert all(c.batch == 128 and c.heads_kv == 1 and c.causal == (c.seqlen_q == 2) for c in matrix)
+    assert {(c.seqlen_q, c.heads_q, c.seqlen, c.varlen) for c in matrix} == {
+        (s, h, n, v) for s in (1, 2) for h in (16, 32, 64, 128) for n in (1024, 4096, 8192, 16384) for v in (0, 1)}
+    cases = bench_cases.select("all", ["bf16", "fp16"])
+    assert len(cases) == 2 * (64 + 5)  # five issue-table shapes are outside the matrix
+    assert [c.dtype for c in cases[:22]] == ["bf16"] * 11 + ["fp16"] * 11  # the issue table first, both dtypes
+    assert [c.id for c in cases[:11]] == [c.id for c in bench_cases.issue_shapes()]
+    assert bench_cases.groups_of(cases[0]) == ["issue", "matrix"]
+    assert bench_cases.groups_of(bench_cases.parse("b8-q1-h16-16384", "fp16")) == ["issue"]
+
+
+def test_every_id_parses_back_and_ad_hoc_ids_work():
+    for case in bench_cases.select("all", ["fp16"]):
+        assert bench_cases.parse(case.id, "fp16") == case
+    odd = bench_cases.parse("b3-q4-h32-777-kv2-var-causal")
+    assert odd == Case(3, 4, 32, 777, heads_kv=2, varlen=True, causal=True)
+    assert bench_cases.groups_of(odd) == []
+    for bad in ("b128-q1-h128", "b128-q1-h128-4096-causal-var", "issue7"):
+        with pytest.raises(ValueError):
+            bench_cases.parse(bad)
+
+
+def test_select_patterns_ids_and_errors():
+    picked = bench_cases.select("b128-q2-h128-*,b5-q1-h16-100", ["bf16"])
+    assert [c.id for c in picked][-1] == "b5-q1-h16-100"
+    assert len(picked) == 8 + 1 and all(c.id.startswith("b128-q2-h128-") for c in picked[:-1])
+    assert bench_cases.select("issue,issue", ["bf16"]) == bench_cases.select("issue", ["bf16"])
+    for spec, dtypes in (("b999-*", ["bf16"]), ("issue", ["fp8"]), ("issue", [])):
+        with pytest.raises(ValueError):
+            bench_cases.select(spec, dtypes)
+
+
+def test_lengths_are_fixed_or_reproducibly_varied_and_the_accounting_uses_them():
+    fixed = Case(128, 2, 64, 4096, causal=True)
+    assert fixed.seqlens() == [4096] * 128 and fixed.pages() == [64] * 128
+    var = Case(128, 2, 64, 4096, varlen=True, causal=True)
+    lengths = var.seqlens()
+    assert lengths == Case(128, 2, 64, 4096, varlen=True, causal=True, dtype="fp16").seqlens()
+    assert min(lengths) >= 2 and len(set(lengths)) > 100
+    assert abs(sum(lengths) / 128 - 4096) < 0.15 * 4096
+    assert var.pages() == [-(-n // 64) for n in lengths]
+    assert var.accounting() == perf_accounting(sum(lengths), 128, 2, 64, 1, 2)
+    assert fixed.memory_bound is False and Case(128, 2, 32, 4096).memory_bound is True
+
+
+def test_bench_arguments_and_list_need_no_gpu(capsys):
+    assert bench.main(["--list", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("11 cases") and "fp16" not in out
+    args = bench.parse_args(["--quick", "--dtype", "fp16"])
+    assert [c.label for c in args.selected][:1] == ["fp16 b128-q1-h128-4096"] and len(args.selected) == 11
+    args = bench.parse_args(["--only", "FlashMLA,flashmla_cupy"])
+    assert [lib.name for lib in args.libraries] == ["flashmla_cupy", "FlashMLA"]  # ours first, whatever the order
+    assert len(args.selected) == 138
+    for bad in (["--only", "vllm"], ["--cases", "b0-*"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def _entry(us: float, case: Case, check: str = "agrees") -> dict:
+    flops, nbytes = case.accounting()
+    timed = bench.rates(us, flops, nbytes)
+    return {"check": check, "graph": timed, "eager": dict(timed, us=us * 1.1), "host_us": 30.0}
+
+
+def _row(case: Case, ours_us: float, flashmla_us: float, flashinfer: dict | None = None) -> dict:
+    row = bench.case_row(case)
+    row["libraries"] = {"flashmla_cupy": _entry(ours_us, case, "ours"), "FlashMLA": _entry(flashmla_us, case)}
+    if flashinfer is not None:
+        row["libraries"]["FlashInfer-fa3"] = flashinfer
+    return bench_report.finish_row(row)
+
+
+def _report(rows: list[dict]) -> dict:
+    return {"schema": bench_report.SCHEMA, "card": "NVIDIA H200", "driver": "580.1", "commit": "0123456789abcdef",
+            "date": "2026-12-01", "python": "3.12", "torch": "2.11", "cuda": "13.0", "timing": "median",
+            "libraries": {"flashmla_cupy": {"version": "0.1"}, "FlashMLA": {"version": "1.0.0"},
+                          "FlashInfer-fa3": {"error": "ModuleNotFoundError: flashinfer"}},
+            "ceilings": {"copy_gbps": 4269.0, "matmul_tflops": {"bf16": 800.0, "fp16": 790.0}},
+            "complete": True, "results": rows}
+
+
+def test_run_cases_keeps_what_it_measured_when_interrupted(tmp_path, capsys):
+    cases = bench_cases.select("issue", ["bf16"])[:5]
+    path = str(tmp_path / "r.json")
+
+    def measure(i, case):
+        if i == 2:
+            raise KeyboardInterrupt  # what SIGTERM becomes in bench.main
+        return _row(case, 100.0, 90.0)
+
+    report = bench.run_cases(_report([]), cases, measure, path)
+    saved = json.loads(pathlib.Path(path).read_text())
+    assert saved == report and not saved["complete"]
+    assert [r["id"] for r in saved["results"]] == [c.id for c in cases[:2]]
+    assert saved["not_run"] == [c.label for c in cases[2:]] and "interrupted" in saved["stopped"]
+    assert capsys.readouterr().out.count("ours / best peer 0.90") == 2
+
+
+def test_run_cases_stops_after_the_case_in_progress_on_sigterm(tmp_path):
+    stop = bench.StopRequest()
+    cases = bench_cases.select("issue", ["bf16"])
+
+    def measure(i, case):
+        if i == 1:
+            stop(bench.signal.SIGTERM, None)
+        return _row(case, 100.0, 100.0)
+
+    report = bench.run_cases(_report([]), cases, measure, str(tmp_path / "r.json"), stop=stop)
+    assert len(report["results"]) == 2 and report["stopped"] == "SIGTERM received" and len(report["not_run"]) == 9
+
+
+def test_run_cases_stops_before_the_budget(tmp_path):
+    now = [0.0]
+
+    def measure(i, case):
+        now[0] += 10.0
+        return _row(case, 100.0, 100.0)
+
+    cases = bench_cases.select("issue", ["bf16"])
+    report = bench.run_cases(_report([]), cases, measure, str(tmp_path / "r.json"), budget_s=25, clock=lambda: now[0])
+    assert len(report["results"]) == 2 and report["stopped"] == "time budget of 25 s"
+    report = bench.run_cases(_report([]), cases[:3], measure, str(tmp_path / "r.json"))
+    assert report["complete"] and report["not_run"] == []
+
+
+def test_headline_ignores_peers_that_disagree_and_rendering_shows_them(tmp_path):
+    compute = Case(128, 1, 128, 4096)
+    memory = Case(128, 1, 16, 4096, dtype="fp16")
+    mismatch = {"check": "mismatch", "max_abs_diff": 0.02, "cos_diff": 0.5}
+    rows = [_row(compute, 250.0, 200.0, mismatch),
+            _row(memory, 150.0, 160.0, {"check": "agrees", "error": "RuntimeError: boom"})]
+    assert rows[0]["best_peer"] == "FlashMLA" and rows[0]["ours_over_best_peer"] == pytest.approx(0.8)
+    assert rows[0]["unit"] == "TFLOPS" and rows[1]["unit"] == "GB/s"
+    assert rows[1]["ours_over_best_peer"] == pytest.approx(160 / 150)
+    assert rows[1]["ours_over_best_peer_eager"] == pytest.approx(160 / 150)
+    report = _report(rows)
+    md = bench_report.markdown(report)
+    assert "## bf16, CUDA-graph replay" in md and "## fp16, eager calls" in md
+    assert "| b128-q1-h128-4096 | TFLOPS | 584 (250 us) | 730 (200 us) | disagrees | 0.80 | 73% |" in md
+    assert "| b128-q1-h16-4096 | GB/s |" in md and "| error | 1.07 |" in md
+    assert "FlashInfer-fa3 not importable" in md and "copy 4269 GB/s" in md
+    problems = bench_report.problems(report)
+    assert len(problems) == 2 and "disagrees with ours" in problems[0] and "boom" in problems[1]
+    short = bench_report.brief(report)
+    assert "bf16, issue 7 table" in short and "fp16: 1 cases" in short and "1 of 1 at or above 1.00" in short
+    pytest.importorskip("matplotlib")
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps(report))
+    assert bench_report.main([str(json_path), "--save", str(tmp_path)]) == 0
+    for suffix in (".json", ".md", ".png"):
+        assert (tmp_path / f"2026-12-01-h200-0123456{suffix}").exists()
+    assert (tmp_path / "2026-12-01-h200-0123456.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=os.path.basename)
+def test_recorded_reports_render(path, tmp_path):
+    report = bench_report.load(path)
+    md = bench_report.markdown(report)
+    assert md.count("| b") >= 2 * len(report["results"])  # every row in the graph and the eager tables
+    summary = pathlib.Path(path.replace(".json", "-summary.json"))
+    recorded = json.loads(summary.read_text())["benchmark"] if summary.exists() else None
+    if isinstance(recorded, list):  # the ratios agree with the ones the summary of that run recorded
+        assert [r["ours_over_best_peer"] for r in report["results"]] == pytest.approx(
+            [c["ours_over_best_peer"] for c in recorded], abs=1e-3)
+    pytest.importorskip("matplotlib")
+    if not any("graph" in e for row in report["results"] for e in row["libraries"].values()):
+        with pytest.raises(ValueError):  # the earliest runs timed eager calls only
+            bench_report.png(report, str(tmp_path / "chart.png"))
+        return
+    bench_report.png(report, str(tmp_path / "chart.png"))
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+
+
+def test_card_tags():
+    assert bench_report.card_tag("NVIDIA H200") == "h200"
+    assert bench_report.card_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench_report.card_tag("NVIDIA GH200 480GB") == "gh200"
+    assert bench_report.card_tag(None) == "gpu"
+
+
+def test_gpu_check_summary_names_ours_over_best_peer_per_case(tmp_path, capsys, monkeypatch):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    logs.mkdir()
+    case = Case(128, 1, 128, 4096)
+    (out / "bench.json").write_text(json.dumps(_report([_row(case, 250.0, 200.0)]) | {"complete": False,
+                                                                                          "not_run": ["x"]}))
+    (out / "accuracy.json").write_text(json.dumps({"checked": 3, "passed": 3, "worst": {}, "cases": []}))
+    (out / "sanitizer_memcheck.txt").write_text("========= ERROR SUMMARY: 0 errors\n")
+    (logs / "gpu_tests.txt").write_text("..\n80 passed, 195 deselected in 158.17s\n")
+    monkeypatch.setattr(summarize_gpu_check, "card_name", lambda: None)
+    assert summarize_gpu_check.main(str(out), str(logs)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["card"] == "NVIDIA H200" and summary["gpu_tests"]["passed"] == 80
+    assert summary["sanitizers"]["memcheck"] == "ERROR SUMMARY: 0 errors" and summary["sanitizers"]["racecheck"] is None
+    bench_part = summary["benchmark"]
+    assert bench_part["complete"] is False and bench_part["not_run"] == 1
+    (row,) = bench_part["cases"]
+    assert row["case"] == "b128-q1-h128-4096" and row["dtype"] == "bf16" and row["best_peer"] == "FlashMLA"
+    assert row["ours_over_best_peer"] == 0.8 and row["ours_over_best_peer_eager"] == 0.8
+    assert bench_part["worst"]["ours_over_best_peer"] == 0.8 and bench_part["cases_at_or_above_1"] == 0
+    assert '"cases_with_ratio": 1' in capsys.readouterr().out
+
+
+WIDE_CSV = """==PROF== Connected to process 1
+"ID","Process ID","Kernel Name","gpu__time_duration.sum","dram__bytes.sum.per_second","launch__grid_size",\
+"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","lts__t_sector_hit_rate.pct"
+"","","","usecond","Tbyte/second","","inst","inst","%"
+"0","11","flashmla_decode","361.5","3.3","132","0.5","2.25","61.5"
+"""
+LONG_CSV = """"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","k","s","gpu__time_duration.sum","msecond","0.282"
+"0","k","s","dram__bytes.sum.per_second","Gbyte/second","3,512.5"
+"0","k","s","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","inst","1.75"
+"""
+
+
+def test_ncu_csv_in_both_forms_and_the_side_by_side_table():
+    (ours,) = ncu_compare.parse_raw_csv(WIDE_CSV)
+    (theirs,) = ncu_compare.parse_raw_csv(LONG_CSV)
+    assert ours["gpu__time_duration.sum"] == pytest.approx(361.5e-6)
+    assert theirs["gpu__time_duration.sum"] == pytest.approx(0.282e-3)
+    assert theirs["dram__bytes.sum.per_second"] == pytest.approx(3512.5e9)
+    table = ncu_compare.compare_table({"flashmla_cupy": ours, "FlashMLA": theirs})
+    lines = table.splitlines()
+    assert lines[0] == "| metric | flashmla_cupy | FlashMLA |"
+    assert "| duration (us) | 362 | 282 |" in lines and "| DRAM bandwidth (GB/s) | 3300 | 3512 |" in lines
+    assert "| L2 hit rate (%) | 61.5 | n/a |" in lines
+    stalls = [line for line in lines if line.startswith("| stall:")]
+    assert stalls[0].startswith("| stall: wait ") and stalls[1].startswith("| stall: barrier ")
+
+
+def test_ncu_command_profiles_one_warm_decode_launch_with_clocks_untouched(tmp_path):
+    case = bench_cases.parse("b64-q1-h128-1024", "fp16")
+    command = ncu_compare.ncu_command("ncu", "FlashMLA", case, str(tmp_path / "FlashMLA"), ["dram__bytes_read.sum"])
+    joined = " ".join(command)
+    assert "--clock-control none" in joined and "--kernel-name regex:flash_fwd_splitkv_mla" in joined
+    assert f"--launch-skip {ncu_compare.WARMUP_LAUNCHES} --launch-count 1" in joined
+    assert "--metrics dram__bytes_read.sum" in joined and "--section WarpStateStats" in joined
+    assert command[-6:] == ["--launch", "FlashMLA", "--case", "b64-q1-h128-1024", "--dtype", "fp16"]
+    assert ncu_compare.extra_metrics({"dram__bytes_read", "lts__t_sector_hit_rate"}) == [
+        "dram__bytes_read.sum", "lts__t_sector_hit_rate.pct"]
+    assert ncu_compare.extra_metrics(None) == []
+    (tmp_path / "flashmla_cupy.csv").write_text(WIDE_CSV)
+    assert list(ncu_compare.read_profiles(str(tmp_path), ["flashmla_cupy", "FlashMLA"])) == ["flashmla_cupy"]
+
+
+def test_host_profile_cpu_mock_still_runs():
+    run = subprocess.run([sys.executable, str(REPO / "scripts/host_profile.py"), "--cpu-mock", "--calls", "20",
+                          "--no-profile"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "host time per flash_mla_with_kvcache call" in run.stdout
