@@ -261,11 +261,14 @@ def main(argv=None) -> int:
             print("ncu --query-metrics listed nothing: profiling with the sections alone", file=sys.stderr)
         for library in libraries:
             print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
-            try:
-                profile(args.ncu, library, case, out_dir, extra)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            for metrics in ([extra, []] if extra else [[]]):  # then without the extras, should ncu refuse one
+                try:
+                    profile(args.ncu, library, case, out_dir, metrics)
+                    break
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    print(exc, file=sys.stderr)
+            else:
                 failed.append(library)
-                print(exc, file=sys.stderr)
     profiles = read_profiles(out_dir, libraries)
     if not profiles:
         print(f"no profile in {out_dir}", file=sys.stderr)

@@ -288,3 +288,34 @@ def test_host_profile_cpu_mock_still_runs():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "host time per flash_mla_with_kvcache call" in run.stdout
+
+
+FAKE_NCU = """#!{python}
+import sys
+args = sys.argv[1:]
+if args == ["--query-metrics"]:
+    print("Device NVIDIA H200 (GH100)\\nMetric Name   Metric Description\\ndram__bytes_read   # of bytes read")
+elif args[0] == "--import":
+    print(open({csv!r}).read().replace("flashmla_decode", args[1]))
+else:
+    assert args[:2] == ["--clock-control", "none"], args
+    if "--metrics" in args and {refuse_extras}:
+        sys.exit("==ERROR== Failed to find metric dram__bytes_read.sum")
+    open(args[args.index("--export") + 1] + ".ncu-rep", "w").close()
+"""
+
+
+@pytest.mark.parametrize("refuse_extras", [False, True])
+def test_ncu_compare_runs_ncu_twice_and_prints_the_table(tmp_path, capsys, refuse_extras):
+    csv_path = tmp_path / "wide.csv"
+    csv_path.write_text(WIDE_CSV)
+    fake = tmp_path / "ncu"
+    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(csv_path), refuse_extras=refuse_extras))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    assert ncu_compare.main(["--ncu", str(fake), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | flashmla_cupy | FlashMLA |" in printed and "| duration (us) | 362 | 362 |" in printed
+    assert {p.name for p in out.iterdir()} >= {"flashmla_cupy.csv", "FlashMLA.csv", "compare.md", "FlashMLA.log"}
+    assert ncu_compare.main(["--from", str(out)]) == 0
+    assert "the profiles in" in capsys.readouterr().out
