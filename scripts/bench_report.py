@@ -250,12 +250,14 @@ def png(report: dict, path: str) -> None:
     widest = max(len(rows) for *_, rows in panels)
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(10.0, 0.2 * widest * len(names) + 2), 4.5 * len(panels)),
                              squeeze=False)
-    width = 0.8 / len(names)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one color per library
     for ax, (dtype, key, unit, rows) in zip(axes[:, 0], panels):
         heads = [headline(row) for row in rows]
-        for i, name in enumerate(names):
+        drawn = [name for name in names if any(name in h.values for h in heads)]
+        width = 0.8 / len(drawn)
+        for i, name in enumerate(drawn):
             bars = [(x - 0.4 + width * (i + 0.5), h.values[name]) for x, h in enumerate(heads) if name in h.values]
-            ax.bar([x for x, _ in bars], [v for _, v in bars], width, label=name, zorder=2)
+            ax.bar([x for x, _ in bars], [v for _, v in bars], width, label=name, color=colors[name], zorder=2)
         for x, h in enumerate(heads):  # ours / best peer over each group of bars
             if h.ratio is not None:
                 ax.annotate(f"{h.ratio:.2f}", (x, max(h.values.values())), xytext=(0, 2), textcoords="offset points",
@@ -275,10 +277,10 @@ def png(report: dict, path: str) -> None:
         regime = "memory-bound" if key == "gbps" else "compute-bound"
         ax.set_title(f"{dtype}, {regime} cases (numbers: ours / best peer)", fontsize=10)
         ax.grid(axis="y", alpha=0.3, zorder=0)
-        ax.legend(fontsize=8, loc="upper right", ncol=len(names))
+        ax.legend(fontsize=8, loc="upper right", ncol=len(drawn))
     fig.suptitle(f"MLA decode, CUDA-graph replay, L2 flushed\n{report.get('card')}, "
                  f"commit {str(report.get('commit'))[:7]}, {report.get('date')}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # 0.7 inch for the two-line title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
