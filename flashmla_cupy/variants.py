@@ -15,7 +15,7 @@ _DEFINES = {"bf16": ("-DFLASHMLA_BF16=1",), "fp16": ("-DFLASHMLA_FP16=1",)}
 # Dynamic shared memory the decode kernel is launched with: flashmla::kSharedBytes of
 # decode_config.cuh, needed before the module is loaded. A static_assert compiled into the program
 # (see `pinned_constants`) fails the build when the two disagree.
-DECODE_SHARED_BYTES = 231424
+DECODE_SHARED_BYTES = 224256
 # numpy / ml_dtypes spellings accepted by the lookup functions.
 _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
 

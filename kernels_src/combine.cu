@@ -38,7 +38,8 @@ __device__ __forceinline__ uint2 pack4(float4 v) {
   return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
 }
 
-// Running (max, sum of exp2(x - max)) of log2-domain values; -inf values contribute nothing.
+// Running (max, sum of exp2(x - max)) of log2-domain values; -inf values contribute nothing, and a
+// NaN (a piece that read a poisoned page) makes the sum NaN for good.
 struct Lse2 {
   float max = -kInf;
   float sum = 0.0f;
@@ -46,6 +47,10 @@ struct Lse2 {
   __device__ void add(float x) { merge(x, 1.0f); }
 
   __device__ void merge(float other_max, float other_sum) {
+    if (isnan(other_max) || isnan(other_sum)) {
+      sum = cuda::std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
     const float m = fmaxf(max, other_max);
     if (m == -kInf) return;  // both empty: -inf - -inf would be NaN
     sum = sum * exp2f(max - m) + other_sum * exp2f(other_max - m);
@@ -71,6 +76,25 @@ flashmla_combine(const flashmla::CombineParams p) {
   const int pieces = p.num_splits[request + 1] - first_slot;
   if (pieces <= 1) return;  // written directly by the decode kernel
 
+  // Output row and lse element of this (request, query token s, query head h).
+  const int s = row / p.heads_per_group;
+  const int h = g * p.heads_per_group + row % p.heads_per_group;
+  const long long out_row = (request * p.seqlen_q + s) * p.heads_q + h;
+  float* lse_out = p.lse + (request * p.heads_q + h) * p.seqlen_q + s;
+  uint2* out = reinterpret_cast<uint2*>(p.out) + out_row * (kHeadDimV / 4);
+
+  float4 acc[kVecPerLane];
+  for (int v = 0; v < kVecPerLane; ++v) acc[v] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+  // A plan whose pieces fall outside the workspace (num_splits from another batch): never read
+  // there, and say so with NaN rows.
+  if (first_slot < 0 || first_slot > p.partial_slots - pieces) {
+    const float nan = cuda::std::numeric_limits<float>::quiet_NaN();
+    for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(make_float4(nan, nan, nan, nan));
+    if (lane == 0) *lse_out = nan;
+    return;
+  }
+
   // Piece j of this row: lse at lse_partial[slot][g][row], values at out_partial[slot][g][row][:].
   const long long row_stride = static_cast<long long>(p.heads_kv) * p.rows;
   const long long first_row = static_cast<long long>(first_slot) * row_stride + static_cast<long long>(g) * p.rows + row;
@@ -85,17 +109,7 @@ flashmla_combine(const flashmla::CombineParams p) {
     total.merge(other_max, other_sum);
   }
 
-  // Output row and lse element of this (request, query token s, query head h).
-  const int s = row / p.heads_per_group;
-  const int h = g * p.heads_per_group + row % p.heads_per_group;
-  const long long out_row = (request * p.seqlen_q + s) * p.heads_q + h;
-  float* lse_out = p.lse + (request * p.heads_q + h) * p.seqlen_q + s;
-  uint2* out = reinterpret_cast<uint2*>(p.out) + out_row * (kHeadDimV / 4);
-
-  float4 acc[kVecPerLane];
-  for (int v = 0; v < kVecPerLane; ++v) acc[v] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-  if (total.max == -kInf) {  // no piece saw a key for this row
+  if (total.sum == 0.0f) {  // no piece saw a key for this row (a NaN sum goes on, to NaN rows)
     if (lane == 0) *lse_out = kInf;
   } else {
     // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S. Weights are computed 32 pieces at a time,

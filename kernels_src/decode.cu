@@ -1,183 +1,290 @@
 // Split-KV MLA decode for sm_90a: one CTA = 64 packed query rows x one KV head x one part of the plan.
 //
-// Grid (ceil(rows / 64), heads_kv, num_parts), 256 threads, kSharedBytes of dynamic shared memory.
-// Roles ("split roles" design):
-//   warpgroup 0: S = Q K^T, online softmax, P -> smem, O[:, 0:256] += P V with P from registers.
-//   warpgroup 1: TMA producer (one thread) and O[:, 256:512] += P V with P from shared memory.
-// Pages stream through a two-stage ring of 72 KB tiles; V is the first 512 columns of the K tile.
+// Grid (ceil(rows / 64), heads_kv, num_parts), 256 threads (two warpgroups), kSharedBytes of dynamic
+// shared memory: the Q tile and two 72 KB page buffers, A and B (V is the first 512 columns of K).
+//
+// Schedule ("seesaw"): the pages of a piece go in pairs (a, b). Warpgroup 0 scores page a, warpgroup 1
+// page b; each keeps one half of O (256 columns) and multiplies both pages' P into it. Per pair:
+//
+//   tensor cores:  S_a = Q K_a^T | S_b = Q K_b^T       | O_L += P_a V_a, O_R += P_a V_a | O_L += P_b V_b, O_R += P_b V_b
+//   warpgroup 0:   (issue)        softmax(a) -> P_a, m_a (smem)                          | rescale O_L to m_b
+//   warpgroup 1:                  (issue S_b)         softmax(b) from m_a -> P_b, m_b    | rescale O_R to m_b
+//
+// so one warpgroup's softmax runs while the tensor cores work for the other. Each page's P travels to
+// the other warpgroup in the page's own rope box (its QK^T is done with it). A warpgroup refills the
+// boxes it read last as soon as its wgmma on them has completed (load.cuh, boxes_loaded_by), with the
+// next page of that buffer's stream, possibly of the next piece.
+//
+// Handshakes (named barriers): page A ready (0 -> 1: max_a, P_a), page B ready (1 -> 0: max_b, P_b);
+// TMA barriers, one per box and buffer; a CTA barrier around each Q reload and the epilogue.
+//
+// CuTe supplies the wgmma atoms (mma.cuh). TMA loads, mbarriers, named barriers and the swizzled-box
+// descriptors are hand-written PTX: CuTe's TMA atoms are built by host helpers that NVRTC compiles out,
+// and its barrier wrappers use the .aligned barrier forms, undefined when the warpgroups reach a
+// barrier from different instructions, as they do here.
 #include "decode_config.cuh"
+#include "shared_storage.cuh"
 #include "sync.cuh"
 #include "load.cuh"
 #include "mma.cuh"
 #include "softmax.cuh"
+#include "plan.cuh"
 #include "epilogue.cuh"
 
 namespace flashmla {
 
-constexpr int kProducerThread = kWarpgroupThreads;  // first thread of warpgroup 1
+// One thread of each warpgroup issues the TMA loads of the boxes its warpgroup reads last. Its page
+// streams live in shared memory: registers are the scarce resource of the other 127 threads.
+struct Producer {
+  PageStream* stream;  // [kPageBuffers], smem.streams[warpgroup]
+  int warpgroup;
+  bool active;
 
-__device__ __forceinline__ int pages_of(int seqlen) { return (seqlen + kPageSize - 1) / kPageSize; }
-
-// The piece of `request` that the part described by `meta` processes.
-__device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* meta, int request) {
-  Piece piece;
-  piece.request = request;
-  piece.seqlen = p.seqlens[request];
-  const bool first = request == meta[kBeginRequest];
-  piece.page_begin = first ? meta[kBeginPage] : 0;
-  piece.page_end = request == meta[kEndRequest] ? meta[kEndPage] : pages_of(piece.seqlen);
-  const int first_slot = p.num_splits[request];
-  piece.slot = first_slot + (first ? meta[kBeginPiece] : 0);
-  piece.split = p.num_splits[request + 1] - first_slot > 1;
-  return piece;
-}
-
-// The producer's walk over the part's (request, page) sequence, which runs up to two pages ahead.
-struct PageCursor {
-  const DecodeParams& p;
-  const int* meta;
-  int request, page, page_end;
-
-  __device__ __forceinline__ PageCursor(const DecodeParams& params, const int* m) : p(params), meta(m) {
-    request = meta[kBeginRequest];
-    const Piece piece = piece_of(p, meta, request);
-    page = piece.page_begin;
-    page_end = piece.page_end;
-    skip_finished();
-  }
-  __device__ __forceinline__ void skip_finished() {
-    while (page >= page_end && request < meta[kEndRequest]) {
-      const Piece piece = piece_of(p, meta, ++request);
-      page = piece.page_begin;
-      page_end = piece.page_end;
+  __device__ __forceinline__ Producer(const DecodeParams& p, const PartPlan& part, SharedStorage& smem, int wg,
+                                      bool is_issuer)
+      : stream(smem.streams[wg]), warpgroup(wg), active(is_issuer) {
+    if (active) {
+      stream[kBufferA].start(p, part, kBufferA);
+      stream[kBufferB].start(p, part, kBufferB);
     }
   }
-  __device__ __forceinline__ bool valid() const { return page < page_end; }
-  __device__ __forceinline__ void issue(const TensorMap* map, SharedStorage& smem, int stage, int kv_head,
-                                        uint64_t hint) {
-    const int block = p.block_table[request * p.block_table_stride + page];
-    load_kv_page(map, smem, stage, block, kv_head, hint);
-    ++page;
-    skip_finished();
+
+  // Load this warpgroup's boxes of `buffer`'s next page. The poisoned flag is written before the TMA
+  // barriers are armed, so whoever waits on them sees it.
+  __device__ __forceinline__ void refill(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                         const TensorMap* map, int buffer, int kv_head, uint64_t hint) {
+    if (active) {
+      PageStream& s = stream[buffer];
+      if (s.valid()) {
+        bool poisoned;
+        const int block = s.block_index(p, poisoned);
+        smem.poisoned[buffer][warpgroup] = poisoned;
+        load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, warpgroup), block, kv_head, hint);
+        s.advance(p, part);
+      }
+    }
+    __syncwarp();
   }
 };
 
-// Per-row visibility limits of the two rows a thread owns (causal: bottom-right aligned).
-__device__ __forceinline__ void row_limits(const DecodeParams& p, const Piece& piece, int rows_base,
-                                           const FragmentCoords& at, int (&limit)[2]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = rows_base + at.row[i];
-    const int s = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
-    limit[i] = piece.seqlen - (p.causal ? p.seqlen_q - 1 - s : 0);
+// What both warpgroups need to process the pages of one piece.
+struct PieceContext {
+  const DecodeParams& p;
+  const PartPlan& part;
+  SharedStorage& smem;
+  const TensorMap* map;
+  Piece piece;
+  FragmentCoords at;
+  int thread;       // index inside the warpgroup
+  int kv_head;
+  int rows_base;
+  uint64_t hint;
+  int limit[2];     // visible tokens of the thread's two rows
+  int mask_from;    // pages reaching past this token need the masked softmax
+
+  __device__ __forceinline__ PieceContext(const DecodeParams& params, const PartPlan& plan, SharedStorage& s,
+                                          const TensorMap* m, const Piece& pc, int t, int head, int base,
+                                          uint64_t h)
+      : p(params), part(plan), smem(s), map(m), piece(pc), at(t), thread(t), kv_head(head), rows_base(base),
+        hint(h) {
+    row_limits(p, piece.seqlen, rows_base, at.row, limit);
+    mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
-}
 
-// Warpgroup 0: scores, softmax, left half of the output. `item` counts pages over the whole part.
-__device__ __forceinline__ void softmax_warpgroup(const DecodeParams& p, SharedStorage& smem, const Piece& piece,
-                                                  int kv_head, int rows_base, int& item) {
-  const int thread = threadIdx.x % kWarpgroupThreads;
-  const FragmentCoords at(thread);
-  int limit[2];
-  row_limits(p, piece, rows_base, at, limit);
-  // Pages that end past this token hold masked or stale keys for some row.
-  const int mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+  __device__ __forceinline__ PageMask mask_of(int page, int buffer) const {
+    PageMask mask;
+    mask.token0 = page * kPageSize;
+    mask.limit[0] = limit[0];
+    mask.limit[1] = limit[1];
+    mask.poisoned = smem.poisoned[buffer][0] | smem.poisoned[buffer][1];
+    return mask;
+  }
+  __device__ __forceinline__ bool needs_mask(const PageMask& mask) const {
+    return mask.poisoned || mask.token0 + kPageSize > mask_from;
+  }
+  // Tokens of the page that exist (< 64 only on the request's last page, whose tail may hold NaN).
+  __device__ __forceinline__ int valid_tokens(int page) const { return piece.seqlen - page * kPageSize; }
+  __device__ __forceinline__ uint8_t* p_box(int buffer) const { return smem.kv[buffer] + kRopeBox * kBoxBytes; }
 
-  float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-  OnlineSoftmax softmax;
-  softmax.reset();
-
-  for (int page = piece.page_begin; page < piece.page_end; ++page, ++item) {
-    const int stage = item % kStages;
-    const int phase = (item / kStages) & 1;
-    uint8_t* tile = smem.kv[stage];
-    float s[32];
-    issue_qk(smem.q, tile, smem.full[stage], phase, s);
-    cute::warpgroup_wait<0>();
-
-    const int token0 = page * kPageSize;
-    float rescale[2];
-    if (token0 + kPageSize > mask_from) {
-      softmax.update<true>(s, p.scale_log2, at, token0, limit, rescale);
+  // Scores of `page` -> probabilities against the new running max, returned in `new_max`; `sum` is the
+  // thread's share of the page's row sums.
+  __device__ __forceinline__ void softmax(ScoreTile& s, int page, int buffer, const float (&running)[2],
+                                          float (&new_max)[2], float (&sum)[2]) const {
+    const PageMask mask = mask_of(page, buffer);
+    if (needs_mask(mask)) {
+      page_max<true>(s, at, mask, p.scale_log2, running, new_max);
     } else {
-      softmax.update<false>(s, p.scale_log2, at, token0, limit, rescale);
+      page_max<false>(s, at, mask, p.scale_log2, running, new_max);
     }
-    uint32_t frag[4][4];
-    pack_probabilities(s, frag);
+    exponentiate(s, at, p.scale_log2, new_max, sum);
+  }
 
-    // Warpgroup 1 is done with the previous P and row scales (before a piece's first page, the CTA
-    // barrier of the Q reload ordered that already).
-    if (page > piece.page_begin) named_barrier_sync(kBarrierPFree, kThreads);
-    store_probabilities(frag, smem.p, at);
-    if (at.column == 0) {
-      smem.row_scale[at.row[0]] = rescale[0];
-      smem.row_scale[at.row[1]] = rescale[1];
+  // Hand P and the new max of a page to the other warpgroup: P into the page's rope box.
+  __device__ __forceinline__ void publish(const ProbFragment& prob, int buffer, float* max_out,
+                                          const float (&row_max)[2], NamedBarrier ready) const {
+    store_probabilities(prob, p_box(buffer), at);
+    if (at.publishes()) {
+      max_out[at.row[0]] = row_max[0];
+      max_out[at.row[1]] = row_max[1];
     }
-    const int valid = piece.seqlen - token0;
-    if (valid < kPageSize) zero_stale_v_rows(tile, valid, thread);
     fence_generic_to_async_smem();
-    if (valid < kPageSize) named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
-    named_barrier_arrive(kBarrierPReady, kThreads);
-
-    scale_rows(o, rescale);
-    issue_pv_from_regs(frag, tile, 0, o);
-    cute::warpgroup_wait<0>();
-    mbarrier_arrive(&smem.empty[stage]);
+    named_barrier_arrive(ready, kThreads);
   }
 
-  float inv_sum[2];
+  // Zero the stale V rows of this warpgroup's half of `buffer` before its PV reads them.
+  __device__ __forceinline__ void clear_stale_rows(int page, int buffer, int half, NamedBarrier own) const {
+    const int valid = valid_tokens(page);
+    if (valid < kPageSize) {
+      zero_stale_v_rows(smem.kv[buffer], half, valid, thread);
+      fence_generic_to_async_smem();
+      named_barrier_sync(own, kWarpgroupThreads);
+    }
+  }
+
+  // Wait (again) for boxes this warpgroup did not score itself: the TMA data is complete already,
+  // the wait makes it visible to this warpgroup.
+  __device__ __forceinline__ void see_boxes(int buffer, int first_box, int phase) const {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    softmax.row_sum[i] = quad_sum(softmax.row_sum[i]);
-    inv_sum[i] = softmax.row_sum[i] > 0.f ? 1.f / softmax.row_sum[i] : 0.f;
+    for (int box = first_box; box < first_box + kBoxesPerHalf; ++box) {
+      mbarrier_wait_uniform(&smem.full[buffer][box], phase);
+    }
   }
-  if (at.column == 0) {
-    smem.row_inv_sum[at.row[0]] = inv_sum[0];
-    smem.row_inv_sum[at.row[1]] = inv_sum[1];
-    store_lse(p, piece, kv_head, rows_base, at, softmax.row_max, softmax.row_sum);
-  }
-  named_barrier_arrive(kBarrierEpilogue, kThreads);
-  store_output(p, piece, kv_head, rows_base, at, 0, o, inv_sum);
+};
+
+// The running state of a warpgroup's rows over one piece.
+struct RowState {
+  float max[2];   // running max (scaled, base 2); both warpgroups hold the same values between pairs
+  float sum[2];   // this thread's share of this warpgroup's row sums, relative to `max`
+  __device__ __forceinline__ RowState() : max{kInitialMax, kInitialMax}, sum{0.f, 0.f} {}
+};
+
+__device__ __forceinline__ void exp2_of_difference(const float (&from)[2], const float (&to)[2], float (&out)[2]) {
+  out[0] = fast_exp2(from[0] - to[0]);
+  out[1] = fast_exp2(from[1] - to[1]);
 }
 
-// Warpgroup 1: the right half of the output, and the TMA producer.
-__device__ __forceinline__ void value_warpgroup(const DecodeParams& p, SharedStorage& smem, const Piece& piece,
-                                                int kv_head, int rows_base, int& item,
-                                                PageCursor& cursor, const TensorMap* kv_map, uint64_t hint) {
-  const int thread = threadIdx.x % kWarpgroupThreads;
-  const FragmentCoords at(thread);
-  float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+// Warpgroup 0, one pair: page a (scored here) and, with kHasB, page b (scored by warpgroup 1).
+template <bool kHasB>
+__device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer& producer, int page_a,
+                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o) {
+  SharedStorage& smem = c.smem;
+  ScoreTile s;
+  issue_qk(smem.q, smem.kv[kBufferA], smem.full[kBufferA], uses[kBufferA] & 1, s);
+  cute::warpgroup_wait<0>();
 
-  for (int page = piece.page_begin; page < piece.page_end; ++page, ++item) {
-    const int stage = item % kStages;
-    const int phase = (item / kStages) & 1;
-    uint8_t* tile = smem.kv[stage];
-    named_barrier_sync(kBarrierPReady, kThreads);
-    const float rescale[2] = {smem.row_scale[at.row[0]], smem.row_scale[at.row[1]]};
+  float max_a[2], sum[2], rescale[2];
+  c.softmax(s, page_a, kBufferA, rows.max, max_a, sum);
+  exp2_of_difference(rows.max, max_a, rescale);
+  rows.sum[0] = rows.sum[0] * rescale[0] + sum[0];
+  rows.sum[1] = rows.sum[1] * rescale[1] + sum[1];
+  ProbFragment prob;
+  pack_probabilities(s, prob);
+  c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
+
+  // O_L = O_L * rescale + P_a V_a[:, 0:256]
+  c.clear_stale_rows(page_a, kBufferA, 0, kBarrierWarpgroup0);
+  scale_rows(o, rescale);
+  issue_pv_from_regs(prob, smem.kv[kBufferA], 0, o);
+  cute::warpgroup_wait<0>();
+  producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
+  ++uses[kBufferA];
+  rows.max[0] = max_a[0];
+  rows.max[1] = max_a[1];
+
+  if constexpr (kHasB) {
+    // O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, 0:256], P_b from warpgroup 1 through smem.
+    named_barrier_sync(kBarrierPageBReady, kThreads);
+    const float max_b[2] = {smem.max_b[c.at.row[0]], smem.max_b[c.at.row[1]]};
+    exp2_of_difference(max_a, max_b, rescale);
+    rows.sum[0] *= rescale[0];
+    rows.sum[1] *= rescale[1];
+    c.see_boxes(kBufferB, 0, uses[kBufferB] & 1);
+    c.clear_stale_rows(page_a + 1, kBufferB, 0, kBarrierWarpgroup0);
     scale_rows(o, rescale);
-    // Already complete (warpgroup 0 waited on them); waiting here makes the TMA data visible to us.
-#pragma unroll
-    for (int box = kBoxesPerHalf; box < kVBoxes; ++box) mbarrier_wait(&smem.full[stage][box], phase);
-    issue_pv_from_smem(smem.p, tile, 1, o);
+    issue_pv_from_smem(c.p_box(kBufferB), smem.kv[kBufferB], 0, o);
     cute::warpgroup_wait<0>();
-
-    if (threadIdx.x == kProducerThread && cursor.valid()) {
-      mbarrier_wait(&smem.empty[stage], phase);  // warpgroup 0's PV of this page is done too
-      cursor.issue(kv_map, smem, stage, kv_head, hint);
-    }
-    __syncwarp();
-    // P and the row scales may be overwritten now. A full sync rather than an arrive: warpgroup 1 has
-    // nothing to do until the next P anyway, and the handoff is then ordered for every tool.
-    if (page + 1 < piece.page_end) named_barrier_sync(kBarrierPFree, kThreads);
+    producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
+    ++uses[kBufferB];
+    rows.max[0] = max_b[0];
+    rows.max[1] = max_b[1];
   }
+}
 
-  named_barrier_sync(kBarrierEpilogue, kThreads);
-  const float inv_sum[2] = {smem.row_inv_sum[at.row[0]], smem.row_inv_sum[at.row[1]]};
-  store_output(p, piece, kv_head, rows_base, at, 1, o, inv_sum);
+// Warpgroup 1, one pair: page a (scored by warpgroup 0) and, with kHasB, page b (scored here).
+template <bool kHasB>
+__device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer& producer, int page_a,
+                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o) {
+  SharedStorage& smem = c.smem;
+  ScoreTile s;
+  if constexpr (kHasB) issue_qk(smem.q, smem.kv[kBufferB], smem.full[kBufferB], uses[kBufferB] & 1, s);
+  // A no-op at run time (S_b is the only batch in flight), but it tells ptxas that O is no longer
+  // a wgmma accumulator, so that rescaling O below does not make it wait for S_b (C7517).
+  cute::warpgroup_wait<1>();
+
+  // O_R = O_R * 2^(m - m_a) + P_a V_a[:, 256:512], P_a from warpgroup 0 through smem.
+  named_barrier_sync(kBarrierPageAReady, kThreads);
+  const float max_a[2] = {smem.max_a[c.at.row[0]], smem.max_a[c.at.row[1]]};
+  float rescale[2];
+  exp2_of_difference(rows.max, max_a, rescale);
+  rows.sum[0] *= rescale[0];
+  rows.sum[1] *= rescale[1];
+  c.see_boxes(kBufferA, kBoxesPerHalf, uses[kBufferA] & 1);
+  c.clear_stale_rows(page_a, kBufferA, 1, kBarrierWarpgroup1);
+  scale_rows(o, rescale);
+  issue_pv_from_smem(c.p_box(kBufferA), smem.kv[kBufferA], 1, o);
+
+  if constexpr (kHasB) {
+    cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
+    float max_b[2], sum[2];
+    c.softmax(s, page_a + 1, kBufferB, max_a, max_b, sum);
+    exp2_of_difference(max_a, max_b, rescale);
+    rows.sum[0] = rows.sum[0] * rescale[0] + sum[0];
+    rows.sum[1] = rows.sum[1] * rescale[1] + sum[1];
+    ProbFragment prob;
+    pack_probabilities(s, prob);
+    c.publish(prob, kBufferB, smem.max_b, max_b, kBarrierPageBReady);
+
+    cute::warpgroup_wait<0>();
+    producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
+    ++uses[kBufferA];
+
+    // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
+    c.clear_stale_rows(page_a + 1, kBufferB, 1, kBarrierWarpgroup1);
+    scale_rows(o, rescale);
+    issue_pv_from_regs(prob, smem.kv[kBufferB], 1, o);
+    cute::warpgroup_wait<0>();
+    producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
+    ++uses[kBufferB];
+    rows.max[0] = max_b[0];
+    rows.max[1] = max_b[1];
+  } else {
+    cute::warpgroup_wait<0>();
+    producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
+    ++uses[kBufferA];
+    rows.max[0] = max_a[0];
+    rows.max[1] = max_a[1];
+  }
+}
+
+// Both warpgroups: add up the row sums and write this piece's rows (each warpgroup its half).
+__device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
+                                             const OutputHalf& o) {
+  cute::warpgroup_wait<0>();  // nothing is in flight here; saying so keeps ptxas from adding a wait
+  float* own = c.smem.row_sum[warpgroup];
+  const float share[2] = {quad_sum(rows.sum[0]), quad_sum(rows.sum[1])};
+  if (c.at.publishes()) {
+    own[c.at.row[0]] = share[0];
+    own[c.at.row[1]] = share[1];
+  }
+  named_barrier_sync(kBarrierCta, kThreads);
+  float total[2], inv_sum[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    total[i] = c.smem.row_sum[0][c.at.row[i]] + c.smem.row_sum[1][c.at.row[i]];
+    inv_sum[i] = total[i] == 0.f ? 0.f : 1.f / total[i];  // NaN (poisoned) stays NaN
+  }
+  if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
+  store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum);
 }
 
 }  // namespace flashmla
@@ -191,10 +298,8 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
-  const int* meta = p.metadata + blockIdx.z * kMetadataFields;
-  const int begin_request = meta[kBeginRequest];
-  if (begin_request >= p.batch) return;  // the plan gave this part nothing
-  const int end_request = meta[kEndRequest];
+  const PartPlan part = PartPlan::load(p, blockIdx.z);
+  if (part.empty(p)) return;
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kTileRows;
   // Several row tiles read the same pages: keep them in L2 for the siblings.
@@ -203,34 +308,42 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   allow_dependent_launch();
 
   if (threadIdx.x == 0) {
-    for (int stage = 0; stage < kStages; ++stage) {
-      for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[stage][box], 1);
-      mbarrier_init(&smem.empty[stage], kWarpgroupThreads);
+    for (int buffer = 0; buffer < kPageBuffers; ++buffer) {
+      for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[buffer][box], 1);
     }
     fence_barrier_init();
   }
   __syncthreads();
 
-  PageCursor cursor(p, meta);
-  if (threadIdx.x == kProducerThread) {
-    for (int stage = 0; stage < kStages && cursor.valid(); ++stage) cursor.issue(&kv_map, smem, stage, kv_head, hint);
-  }
-  __syncwarp();  // reconverge the producer's warp before the barriers below
-
   // Broadcast from lane 0 so that the compiler sees the role as warp-uniform; otherwise it serialises
   // the wgmmas behind the role branch.
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
-  int item = 0;
-  for (int request = begin_request; request <= end_request; ++request) {
-    const Piece piece = piece_of(p, meta, request);
+  const int thread = threadIdx.x % kWarpgroupThreads;
+  Producer producer(p, part, smem, warpgroup, thread == 0);
+  producer.refill(p, part, smem, &kv_map, kBufferA, kv_head, hint);
+  producer.refill(p, part, smem, &kv_map, kBufferB, kv_head, hint);
+
+  int uses[kPageBuffers] = {0, 0};  // pages consumed from each buffer: the parity of its TMA barriers
+  for (int request = part.begin_request; request <= part.end_request; ++request) {
+    const Piece piece = Piece::of(p, part, request);
     named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
     load_q_tile(p, smem, request, kv_head, rows_base);
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierCta, kThreads);
+
+    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, hint);
+    RowState rows;
+    OutputHalf o;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o.v[i] = 0.f;
+    int page = piece.page_begin;
     if (warpgroup == 0) {
-      softmax_warpgroup(p, smem, piece, kv_head, rows_base, item);
+      for (; page + 1 < piece.page_end; page += 2) warpgroup0_pair<true>(c, producer, page, uses, rows, o);
+      if (page < piece.page_end) warpgroup0_pair<false>(c, producer, page, uses, rows, o);
     } else {
-      value_warpgroup(p, smem, piece, kv_head, rows_base, item, cursor, &kv_map, hint);
+      for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o);
+      if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o);
     }
+    finish_piece(c, warpgroup, rows, o);
   }
 }

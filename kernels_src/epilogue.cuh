@@ -1,24 +1,16 @@
 // Writing one piece's result: straight to out/lse when the request has a single piece, otherwise to
 // the fp32 partial buffers that the combine kernel merges.
 #pragma once
+#include "plan.cuh"
 #include "softmax.cuh"
 
 namespace flashmla {
 
-// One request's share of this CTA's part.
-struct Piece {
-  int request;
-  int seqlen;
-  int page_begin;  // pages [page_begin, page_end) of the request
-  int page_end;
-  int slot;        // partial-buffer slot of this piece
-  bool split;      // the request has more than one piece
-};
-
 // Store this warpgroup's 256 output columns (`half`) of the two rows the thread owns, normalised.
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece& piece, int kv_head,
                                              int rows_base, const FragmentCoords& at, int half,
-                                             const float (&o)[128], const float (&inv_sum)[2]) {
+                                             const OutputHalf& o, const float (&inv_sum)[2]) {
+  if (!piece.writable) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = rows_base + at.row[i];
@@ -29,7 +21,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         *reinterpret_cast<float2*>(dst + 8 * j) =
-            make_float2(o[4 * j + 2 * i] * inv_sum[i], o[4 * j + 2 * i + 1] * inv_sum[i]);
+            make_float2(o.v[4 * j + 2 * i] * inv_sum[i], o.v[4 * j + 2 * i + 1] * inv_sum[i]);
       }
     } else {
       const int s = row / p.heads_per_group;
@@ -40,22 +32,24 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         *reinterpret_cast<Element2*>(dst + 8 * j) =
-            to_element2(o[4 * j + 2 * i] * inv_sum[i], o[4 * j + 2 * i + 1] * inv_sum[i]);
+            to_element2(o.v[4 * j + 2 * i] * inv_sum[i], o.v[4 * j + 2 * i + 1] * inv_sum[i]);
       }
     }
   }
 }
 
 // Log-sum-exp of the two rows (one thread of each quad writes): natural log in `lse`, +inf when the
-// row saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row.
+// row saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row. A NaN row sum
+// (a poisoned page) stays NaN.
 __device__ __forceinline__ void store_lse(const DecodeParams& p, const Piece& piece, int kv_head, int rows_base,
                                           const FragmentCoords& at, const float (&row_max)[2],
                                           const float (&row_sum)[2]) {
+  if (!piece.writable) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = rows_base + at.row[i];
     if (row >= p.rows) continue;
-    const bool empty = !(row_sum[i] > 0.f);
+    const bool empty = row_sum[i] == 0.f;
     const float lse2 = row_max[i] + log2f(row_sum[i]);
     if (piece.split) {
       p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] = empty ? -positive_infinity() : lse2;

@@ -1,5 +1,6 @@
-// Getting tiles into shared memory: the KV page through TMA, the Q tile through 16-byte loads.
+// Getting tiles into shared memory: KV boxes through TMA, the Q tile through 16-byte loads.
 #pragma once
+#include "shared_storage.cuh"
 #include "sync.cuh"
 
 namespace flashmla {
@@ -24,15 +25,35 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
-// Issue the nine boxes of one KV page (all 576 columns of 64 tokens) into a stage; each box completes
-// its own barrier so QK^T can start on the first box.
-__device__ __forceinline__ void load_kv_page(const TensorMap* map, SharedStorage& smem, int stage,
-                                             int block, int head, uint64_t hint) {
+// Which boxes of a page buffer each warpgroup loads: the ones whose last reader it is, so that it can
+// refill them as soon as its own wgmma on them has completed. Bit i = box i.
+//   buffer A: warpgroup 0 reads V columns 0..255 last (its PV); warpgroup 1 reads V 256..511 and the
+//             rope box (which carries P_a) last.
+//   buffer B: warpgroup 1 reads V 256..511 last; warpgroup 0 reads V 0..255 and the rope box (P_b).
+constexpr uint32_t kLeftBoxes = 0x00F;    // boxes 0..3
+constexpr uint32_t kRightBoxes = 0x0F0;   // boxes 4..7
+constexpr uint32_t kRopeBoxBit = 1u << kRopeBox;
+__host__ __device__ constexpr uint32_t boxes_loaded_by(int buffer, int warpgroup) {
+  const uint32_t v_half = warpgroup == 0 ? kLeftBoxes : kRightBoxes;
+  const bool reads_p = buffer == kBufferA ? warpgroup == 1 : warpgroup == 0;
+  return v_half | (reads_p ? kRopeBoxBit : 0u);
+}
+static_assert((boxes_loaded_by(kBufferA, 0) | boxes_loaded_by(kBufferA, 1)) == 0x1FF, "every box of A is loaded");
+static_assert((boxes_loaded_by(kBufferB, 0) | boxes_loaded_by(kBufferB, 1)) == 0x1FF, "every box of B is loaded");
+static_assert((boxes_loaded_by(kBufferA, 0) & boxes_loaded_by(kBufferA, 1)) == 0, "no box of A is loaded twice");
+static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0, "no box of B is loaded twice");
+
+// Issue the boxes `mask` of one KV page into a buffer; each box completes its own barrier, so QK^T
+// can start on the first box. Called by one thread.
+__device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
+                                                uint32_t mask, int block, int head, uint64_t hint) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
-    uint64_t* bar = &smem.full[stage][box];
-    mbarrier_arrive_expect_tx(bar, kBoxBytes);
-    tma_load_box(map, bar, smem.kv[stage] + box * kBoxBytes, box * kBoxCols, head, 0, block, hint);
+    if (mask & (1u << box)) {
+      uint64_t* bar = &smem.full[buffer][box];
+      mbarrier_arrive_expect_tx(bar, kBoxBytes);
+      tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes, box * kBoxCols, head, 0, block, hint);
+    }
   }
 }
 
@@ -64,13 +85,15 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
 }
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V
-// rows are zeroed before PV. Whole 128-byte rows are cleared, which is independent of the swizzle.
-__device__ __forceinline__ void zero_stale_v_rows(uint8_t* tile, int valid, int thread) {
+// rows a warpgroup multiplies (its half: boxes 4*half .. +4) are zeroed before its PV. Whole 128-byte
+// rows are cleared, which is independent of the swizzle. `valid` is clamped, so lengths that disagree
+// with the plan never write outside the tile.
+__device__ __forceinline__ void zero_stale_v_rows(uint8_t* tile, int half, int valid, int thread) {
+  valid = max(0, min(valid, kTileRows));
   const int chunks = (kTileRows - valid) * (kRowBytes / 16);
-  for (int idx = thread; idx < kVBoxes * chunks; idx += kWarpgroupThreads) {
-    const int box = idx / chunks;
-    const int chunk = idx % chunks;
-    *reinterpret_cast<uint4*>(tile + box * kBoxBytes + valid * kRowBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
+  uint8_t* first_box = tile + half * kBoxesPerHalf * kBoxBytes + valid * kRowBytes;
+  for (int idx = thread; idx < kBoxesPerHalf * chunks; idx += kWarpgroupThreads) {
+    *reinterpret_cast<uint4*>(first_box + (idx / chunks) * kBoxBytes + (idx % chunks) * 16) = make_uint4(0, 0, 0, 0);
   }
 }
 

@@ -1,5 +1,6 @@
-// Tensor-core steps: wgmma descriptors for the 128-byte-swizzled boxes and the two products,
-// S = Q K^T (64 x 64 per page) and O += P V (64 x 256 per warpgroup per page).
+// Tensor-core steps on named register tiles: S = Q K^T (64 x 64 per page) and O += P V (64 x 256 per
+// warpgroup per page), with CuTe's wgmma atoms and hand-made shared-memory descriptors for the
+// 128-byte-swizzled boxes.
 #pragma once
 #include <cuda/std/utility>
 #include <cute/arch/mma_sm90_gmma.hpp>
@@ -24,27 +25,51 @@ constexpr int kStepsPerBox = kBoxCols / kMmaK;    // 4 QK^T steps per 64-column 
 constexpr int kPVSteps = kPageSize / kMmaK;       // 4 PV steps per page
 constexpr int kSwizzleAtomBytes = 8 * kRowBytes;  // 8 rows x 128 B: one swizzle pattern
 
-// Shared-memory matrix descriptor for a 128-byte-swizzled operand.
+// A warpgroup's 64 x 64 fp32 scores of one page, in the wgmma accumulator layout (softmax.cuh).
+struct ScoreTile {
+  float v[32];
+};
+
+// A warpgroup's 64 x 256 fp32 output columns (its half of O), in the accumulator layout.
+struct OutputHalf {
+  float v[128];
+};
+
+// Probabilities of one page as wgmma A fragments: step k holds P[:, 16k .. 16k+16) of this thread.
+struct ProbFragment {
+  uint32_t v[kPVSteps][4];
+};
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled operand, made once per tile and advanced by
+// adding to it: its lowest field is the start address >> 4 (14 bits), and a start address inside the
+// 228 KB shared window never carries out of it. So a wgmma's descriptor costs one 64-bit add, not a
+// fresh encode (about 12 dependent uniform-datapath instructions, measured slower on the H200: QK^T
+// issues a wgmma every 32 tensor cycles).
 // K-major (rows of 64 k-values): `leading` is unused, `stride` = bytes between 8-row groups.
 // MN-major (rows of 64 n-values, V read as B of PV): `leading` = bytes between 64-column boxes,
 // `stride` = bytes between groups of 8 k-rows.
-__device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t leading, uint32_t stride) {
-  const uint64_t addr = smem_addr(start);
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
-         (uint64_t((stride >> 4) & 0x3FFF) << 32) | (1ull << 62);  // layout type 1: 128-byte swizzle
+struct SmemDesc {
+  uint64_t base;
+
+  __device__ __forceinline__ SmemDesc(const void* start, uint32_t leading, uint32_t stride)
+      : base(((smem_addr(start) & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
+             (uint64_t((stride >> 4) & 0x3FFF) << 32) | (1ull << 62)) {}  // layout type 1: 128-byte swizzle
+
+  // The descriptor of the operand starting `bytes` further on (a multiple of 16).
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const { return base + (bytes >> 4); }
+};
+
+// A K-major tile made of boxes: k-step `step` starts 32 bytes further inside a row, every 4 steps a box.
+__device__ __forceinline__ SmemDesc k_major_desc(const uint8_t* tile) { return SmemDesc(tile, 16, kSwizzleAtomBytes); }
+__host__ __device__ constexpr uint32_t k_step_offset(int step) {
+  return (step / kStepsPerBox) * kBoxBytes + (step % kStepsPerBox) * kMmaK * 2;
 }
 
-// Descriptor of k-step `step` of a K-major tile made of boxes: k-steps advance 32 bytes inside a row.
-__device__ __forceinline__ uint64_t k_major_desc(const uint8_t* tile, int step) {
-  return smem_desc(tile + (step / kStepsPerBox) * kBoxBytes + (step % kStepsPerBox) * kMmaK * 2, 16,
-                   kSwizzleAtomBytes);
+// The V half `half` (columns half*256 .. +256) of a page; PV k-step `step` covers 16 tokens.
+__device__ __forceinline__ SmemDesc v_desc(const uint8_t* tile, int half) {
+  return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kSwizzleAtomBytes);
 }
-
-// Descriptor of the V half `half` (columns half*256 .. +256) for PV k-step `step` (16 tokens).
-__device__ __forceinline__ uint64_t v_desc(const uint8_t* tile, int half, int step) {
-  return smem_desc(tile + half * kBoxesPerHalf * kBoxBytes + step * kMmaK * kRowBytes, kBoxBytes,
-                   kSwizzleAtomBytes);
-}
+__host__ __device__ constexpr uint32_t v_step_offset(int step) { return step * kMmaK * kRowBytes; }
 
 template <int N>
 __device__ __forceinline__ void fence_fragment(float (&frag)[N]) {
@@ -67,48 +92,54 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
 // S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land. Leaves the wgmmas
 // committed but not awaited.
 __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const uint8_t* k_tile, uint64_t* full,
-                                         int phase, float (&s)[32]) {
-  fence_fragment(s);
+                                         int phase, ScoreTile& s) {
+  const SmemDesc q = k_major_desc(q_tile);
+  const SmemDesc k = k_major_desc(k_tile);
+  fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
-    mbarrier_wait(&full[box], phase);
+    mbarrier_wait_uniform(&full[box], phase);
 #pragma unroll
     for (int i = 0; i < kStepsPerBox; ++i) {
       const int step = box * kStepsPerBox + i;
-      mma_ss<MmaQK>(k_major_desc(q_tile, step), k_major_desc(k_tile, step), s, step > 0,
+      mma_ss<MmaQK>(q.at(k_step_offset(step)), k.at(k_step_offset(step)), s.v, step > 0,
                     cuda::std::make_index_sequence<32>{});
     }
   }
   cute::warpgroup_commit_batch();
-  fence_fragment(s);
+  fence_fragment(s.v);
 }
 
-// O[:, half] += P V[:, half] with P held in registers as wgmma A fragments (warpgroup 0).
-__device__ __forceinline__ void issue_pv_from_regs(const uint32_t (&p)[kPVSteps][4], const uint8_t* v_tile,
-                                                   int half, float (&o)[128]) {
-  fence_fragment(o);
+// O[:, half] += P V[:, half] with P held in registers as wgmma A fragments (the page's own scorer).
+__device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const uint8_t* v_tile, int half,
+                                                   OutputHalf& o) {
+  const SmemDesc v = v_desc(v_tile, half);
+  fence_fragment(o.v);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
-    mma_rs<MmaPVFromRegs>(p[step], v_desc(v_tile, half, step), o, cuda::std::make_index_sequence<128>{});
+    mma_rs<MmaPVFromRegs>(p.v[step], v.at(v_step_offset(step)), o.v, cuda::std::make_index_sequence<128>{});
   }
   cute::warpgroup_commit_batch();
-  fence_fragment(o);
+  fence_fragment(o.v);
 }
 
-// O[:, half] += P V[:, half] with P read from its shared-memory tile (warpgroup 1).
-__device__ __forceinline__ void issue_pv_from_smem(const uint8_t* p_tile, const uint8_t* v_tile, int half,
-                                                   float (&o)[128]) {
-  fence_fragment(o);
+// O[:, half] += P V[:, half] with P read from its swizzled 64 x 64 box in shared memory (the other
+// warpgroup's page).
+__device__ __forceinline__ void issue_pv_from_smem(const uint8_t* p_box, const uint8_t* v_tile, int half,
+                                                   OutputHalf& o) {
+  const SmemDesc p = k_major_desc(p_box);
+  const SmemDesc v = v_desc(v_tile, half);
+  fence_fragment(o.v);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
-    mma_ss<MmaPVFromSmem>(k_major_desc(p_tile, step), v_desc(v_tile, half, step), o, true,
+    mma_ss<MmaPVFromSmem>(p.at(k_step_offset(step)), v.at(v_step_offset(step)), o.v, true,
                           cuda::std::make_index_sequence<128>{});
   }
   cute::warpgroup_commit_batch();
-  fence_fragment(o);
+  fence_fragment(o.v);
 }
 
 }  // namespace flashmla

@@ -1,23 +1,26 @@
-// Online softmax in base 2 over the S fragment of one warpgroup.
+// Online softmax in base 2 over a warpgroup's score tile, split into the verbs the seesaw schedule
+// interleaves: the page's row max, the exponentials against a running max, the hand-off of P.
 //
 // wgmma accumulator layout (m64nN, per thread of the warpgroup): register 4*j + 2*i + c holds row
 // 16*warp + lane/4 + 8*i and column 8*j + 2*(lane%4) + c. So a thread owns two rows, and the four
 // threads of a quad share them: row reductions are two shuffles.
 #pragma once
-#include "decode_config.cuh"
+#include "mma.cuh"
 
 namespace flashmla {
 
 struct FragmentCoords {
   int row[2];   // tile rows of this thread
   int column;   // first of its column pairs inside each 8-column block
-  __device__ __forceinline__ FragmentCoords(int thread) {
+  __device__ __forceinline__ explicit FragmentCoords(int thread) {
     const int warp = thread / 32;
     const int lane = thread % 32;
     row[0] = warp * 16 + lane / 4;
     row[1] = row[0] + 8;
     column = 2 * (lane % 4);
   }
+  // One thread of each quad publishes the quad's per-row values.
+  __device__ __forceinline__ bool publishes() const { return column == 0; }
 };
 
 // Visit every score of a thread's fragment: f(register, which of its two rows, column in the page).
@@ -43,81 +46,86 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-struct OnlineSoftmax {
-  float row_max[2];  // running max of score * scale * log2(e)
-  float row_sum[2];  // this thread's share of the running sum; the quad adds them up at the end
+// 2^x on the special-function unit alone (no denormal fix-up: results below 2^-126 flush to 0, which
+// a probability may).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
-  __device__ __forceinline__ void reset() {
-    row_max[0] = row_max[1] = kInitialMax;
-    row_sum[0] = row_sum[1] = 0.f;
-  }
-
-  // Turn the raw scores of one page into probabilities relative to the new running max, in place.
-  // `rescale[i]` is what the output accumulated so far must be multiplied by. Masked version: token
-  // token0 + column is visible to row i only below limit[i].
-  template <bool kMasked>
-  __device__ __forceinline__ void update(float (&s)[32], float scale_log2, const FragmentCoords& at,
-                                         int token0, const int (&limit)[2], float (&rescale)[2]) {
-    float new_max[2] = {row_max[0], row_max[1]};
-    for_each_score(at, [&](int k, int i, int column) {
-      float x = s[k] * scale_log2;
-      // A select, not an add: stale tokens may be NaN and must vanish.
-      if (kMasked && token0 + column >= limit[i]) x = -positive_infinity();
-      s[k] = x;
-      new_max[i] = fmaxf(new_max[i], x);
-    });
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      new_max[i] = quad_max(new_max[i]);
-      rescale[i] = exp2f(row_max[i] - new_max[i]);
-      row_max[i] = new_max[i];
-      row_sum[i] *= rescale[i];
-    }
-    for_each_score(at, [&](int k, int i, int) {
-      s[k] = exp2f(s[k] - row_max[i]);
-      row_sum[i] += s[k];
-    });
-  }
+// Which keys of a page each of the thread's two rows sees, and whether the page's scores are void.
+struct PageMask {
+  int token0;      // first token of the page
+  int limit[2];    // row i sees tokens < limit[i] (causal: bottom-right aligned)
+  bool poisoned;   // the page's block index was out of range: every score becomes NaN
 };
+
+// Mask the raw scores of one page in place and return the new running max (in scaled, base-2 units)
+// of the thread's two rows: max(running, scale_log2 * row max). Masked scores become -inf (a select,
+// so NaN in stale slots vanishes); a poisoned page's become NaN, which then reaches P, the row sums
+// and the output. `kMasked` is false for pages every row sees whole.
+template <bool kMasked>
+__device__ __forceinline__ void page_max(ScoreTile& s, const FragmentCoords& at, const PageMask& mask,
+                                         float scale_log2, const float (&running)[2], float (&new_max)[2]) {
+  float raw_max[2] = {-positive_infinity(), -positive_infinity()};
+  for_each_score(at, [&](int k, int i, int column) {
+    float x = s.v[k];
+    if (kMasked && mask.token0 + column >= mask.limit[i]) x = -positive_infinity();
+    if (kMasked && mask.poisoned) x = quiet_nan();
+    s.v[k] = x;
+    raw_max[i] = fmaxf(raw_max[i], x);
+  });
+#pragma unroll
+  for (int i = 0; i < 2; ++i) new_max[i] = fmaxf(running[i], quad_max(raw_max[i]) * scale_log2);
+}
+
+// Scores -> probabilities relative to `row_max`, in place: p = 2^(scale_log2 * s - row_max). Returns
+// this thread's share of each row's sum (the quad adds them up at the end).
+__device__ __forceinline__ void exponentiate(ScoreTile& s, const FragmentCoords& at, float scale_log2,
+                                             const float (&row_max)[2], float (&row_sum)[2]) {
+  row_sum[0] = row_sum[1] = 0.f;
+  for_each_score(at, [&](int k, int i, int) {
+    s.v[k] = fast_exp2(fmaf(s.v[k], scale_log2, -row_max[i]));
+    row_sum[i] += s.v[k];
+  });
+}
 
 // Probabilities as wgmma A fragments: PV k-step `step` covers columns 16*step .. +16, which are the
 // accumulator blocks j = 2*step (registers 0, 1) and 2*step + 1 (registers 2, 3), rows 0 and 1 each.
-__device__ __forceinline__ void pack_probabilities(const float (&s)[32], uint32_t (&frag)[4][4]) {
+__device__ __forceinline__ void pack_probabilities(const ScoreTile& s, ProbFragment& p) {
 #pragma unroll
-  for (int step = 0; step < 4; ++step) {
+  for (int step = 0; step < kPVSteps; ++step) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int j = 2 * step + r / 2;
       const int i = r % 2;
-      const Element2 pair = to_element2(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]);
-      frag[step][r] = *reinterpret_cast<const uint32_t*>(&pair);
+      const Element2 pair = to_element2(s.v[4 * j + 2 * i], s.v[4 * j + 2 * i + 1]);
+      p.v[step][r] = *reinterpret_cast<const uint32_t*>(&pair);
     }
   }
 }
 
-// Write the packed probabilities into the 64 x 64 swizzled P tile that warpgroup 1 reads with wgmma.
-__device__ __forceinline__ void store_probabilities(const uint32_t (&frag)[4][4], uint8_t* tile,
-                                                    const FragmentCoords& at) {
+// Write the packed probabilities into a 64 x 64 swizzled box that the other warpgroup reads with wgmma.
+__device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8_t* box, const FragmentCoords& at) {
 #pragma unroll
-  for (int step = 0; step < 4; ++step) {
+  for (int step = 0; step < kPVSteps; ++step) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int j = 2 * step + r / 2;
       const int row = at.row[r % 2];
-      *reinterpret_cast<uint32_t*>(tile + row * kRowBytes + ((j ^ (row & 7)) << 4) + at.column * 2) =
-          frag[step][r];
+      *reinterpret_cast<uint32_t*>(box + row * kRowBytes + ((j ^ (row & 7)) << 4) + at.column * 2) = p.v[step][r];
     }
   }
 }
 
-template <int N>
-__device__ __forceinline__ void scale_rows(float (&o)[N], const float (&factor)[2]) {
+__device__ __forceinline__ void scale_rows(OutputHalf& o, const float (&factor)[2]) {
 #pragma unroll
-  for (int j = 0; j < N / 4; ++j) {
+  for (int j = 0; j < 32; ++j) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      o[4 * j + 2 * i] *= factor[i];
-      o[4 * j + 2 * i + 1] *= factor[i];
+      o.v[4 * j + 2 * i] *= factor[i];
+      o.v[4 * j + 2 * i + 1] *= factor[i];
     }
   }
 }

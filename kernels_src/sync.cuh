@@ -35,6 +35,27 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// The same wait with a loop condition the compiler can see is warp-uniform. Used between wgmmas of
+// one batch: a wait it cannot prove uniform makes ptxas serialise the batch (warning C7520).
+__device__ __forceinline__ void mbarrier_wait_uniform(uint64_t* bar, int parity) {
+  while (!__all_sync(0xffffffffu, mbarrier_try_wait(bar, parity))) {
+  }
+}
+
 // The non-.aligned forms: the two warpgroups reach the same barrier from different instructions
 // (their role code differs), which the .aligned forms (`bar.sync`, `bar.arrive`) leave undefined.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads) {

@@ -233,14 +233,14 @@ def _cuobjdump() -> str | None:
 
 
 @pytest.mark.parametrize("dtype", variants.DTYPES)
-def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path):
+def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path, compiled):
     """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL."""
     import subprocess
 
     tool = _cuobjdump()
     assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
     cubin = tmp_path / "decode.cubin"
-    cubin.write_bytes(compiler.compile_variant(variants.decode_variant(dtype)).cubin)
+    cubin.write_bytes(compiled[variants.decode_variant(dtype).name].cubin)
     done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
     assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
     sass = done.stdout
@@ -248,3 +248,13 @@ def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path):
     assert " HMMA" not in sass
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
+
+
+@pytest.mark.parametrize("dtype", variants.DTYPES)
+def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(dtype, compiled):
+    """ptxas reports (in the -v log) when it serialises wgmmas or inserts a wgmma.wait_group of its own;
+    either would undo the overlap of one warpgroup's softmax with the other's tensor-core work."""
+    log = compiled[variants.decode_variant(dtype).name].log
+    assert "Compiling entry function" in log, "no ptxas report in the log to check"
+    assert "serialized" not in log.lower(), log
+    assert "wait_group is injected" not in log, log

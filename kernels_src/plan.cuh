@@ -1,0 +1,128 @@
+// The decode kernel's side of the split-KV plan (get_mla_metadata): which requests and pages one CTA
+// processes, where each piece's result goes, and the page streams its loads follow.
+//
+// Nothing here trusts device-side contents: a plan made for other lengths or another batch, lengths
+// past the block table's capacity and block indices outside the cache never make the kernel touch
+// memory outside its tensors. Pages past the block table and out-of-range block indices are
+// "poisoned" (their rows come out NaN); partial slots outside the workspace are never written.
+#pragma once
+#include "decode_config.cuh"
+
+namespace flashmla {
+
+__device__ __forceinline__ int pages_of(int seqlen) { return seqlen <= 0 ? 0 : (seqlen - 1) / kPageSize + 1; }
+
+// One row of tile_scheduler_metadata, read once and clamped to the batch.
+struct PartPlan {
+  int begin_request, begin_page, end_request, end_page, begin_piece;
+
+  __device__ __forceinline__ static PartPlan load(const DecodeParams& p, int part) {
+    const int* meta = p.metadata + part * kMetadataFields;
+    PartPlan plan;
+    plan.begin_request = meta[kBeginRequest];
+    plan.begin_page = meta[kBeginPage];
+    plan.end_request = min(meta[kEndRequest], p.batch - 1);
+    plan.end_page = meta[kEndPage];
+    plan.begin_piece = meta[kBeginPiece];
+    return plan;
+  }
+  // The plan gave this part nothing (or nothing that exists).
+  __device__ __forceinline__ bool empty(const DecodeParams& p) const {
+    return begin_request < 0 || begin_request >= p.batch || end_request < begin_request;
+  }
+};
+
+// Pages [begin, end) of `request` that the part processes. Pages past the length are cut off (they
+// hold no visible key), and so is everything after the first page past the block table (that one is
+// poisoned, which is all the request's rows need).
+__device__ __forceinline__ void page_range(const DecodeParams& p, const PartPlan& part, int request, int seqlen,
+                                           int& begin, int& end) {
+  begin = request == part.begin_request ? max(part.begin_page, 0) : 0;
+  end = request == part.end_request ? part.end_page : pages_of(seqlen);
+  end = min(end, min(pages_of(seqlen), p.block_table_width + 1));
+}
+
+// One request's share of this CTA's part.
+struct Piece {
+  int request;
+  int seqlen;
+  int page_begin;  // pages [page_begin, page_end) of the request
+  int page_end;
+  int slot;        // partial-buffer slot of this piece
+  bool split;      // the request has more than one piece: the result goes to the partial buffers
+  bool writable;   // a split piece's slot lies inside the workspace
+
+  __device__ __forceinline__ static Piece of(const DecodeParams& p, const PartPlan& part, int request) {
+    Piece piece;
+    piece.request = request;
+    piece.seqlen = p.seqlens[request];
+    page_range(p, part, request, piece.seqlen, piece.page_begin, piece.page_end);
+    // Broadcast from lane 0: the page loop holds wgmmas, and ptxas serialises them unless it can
+    // prove the loop bounds warp-uniform.
+    piece.page_begin = __shfl_sync(0xffffffffu, piece.page_begin, 0);
+    piece.page_end = __shfl_sync(0xffffffffu, piece.page_end, 0);
+    const int first_slot = p.num_splits[request];
+    piece.slot = first_slot + (request == part.begin_request ? part.begin_piece : 0);
+    piece.split = p.num_splits[request + 1] - first_slot > 1;
+    piece.writable = !piece.split || (piece.slot >= 0 && piece.slot < p.partial_slots);
+    return piece;
+  }
+};
+
+// The pages loaded into one page buffer, in order over the whole part: buffer A takes the first page
+// of every pair of every piece, buffer B the second. The loads of a piece's first pages are thus issued
+// while the previous piece is still being computed.
+struct PageStream {
+  int request, page, page_end;  // the page the buffer loads at its next refill
+  int block;                    // its block-table entry, read one refill ahead of its use
+  bool past_table;              // it lies past the block table's width: poisoned, the table is not read
+  int parity;                   // 0: buffer A's pages, 1: buffer B's
+
+  __device__ __forceinline__ void start(const DecodeParams& p, const PartPlan& part, int buffer) {
+    parity = buffer;
+    request = part.begin_request;
+    int begin;
+    page_range(p, part, request, p.seqlens[request], begin, page_end);
+    page = begin + parity;
+    settle(p, part);
+  }
+  __device__ __forceinline__ bool valid() const { return page < page_end; }
+
+  // The cache block of the page and whether it is poisoned (past the table, or an index outside
+  // [0, num_blocks)); a poisoned page loads block 0, which exists, and is never used.
+  __device__ __forceinline__ int block_index(const DecodeParams& p, bool& poisoned) const {
+    poisoned = past_table || block < 0 || block >= p.num_blocks;
+    return poisoned ? 0 : block;
+  }
+
+  __device__ __forceinline__ void advance(const DecodeParams& p, const PartPlan& part) {
+    page += 2;
+    settle(p, part);
+  }
+
+ private:
+  // Move past finished pieces and read the block-table entry of the page it lands on.
+  __device__ __forceinline__ void settle(const DecodeParams& p, const PartPlan& part) {
+    while (page >= page_end && request < part.end_request) {
+      ++request;
+      int begin;
+      page_range(p, part, request, p.seqlens[request], begin, page_end);
+      page = begin + parity;
+    }
+    past_table = page >= p.block_table_width;
+    block = valid() && !past_table ? p.block_table[request * p.block_table_stride + page] : 0;
+  }
+};
+
+// Per-row visibility limits of the two rows a thread owns (causal: bottom-right aligned).
+__device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[2],
+                                           int (&limit)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = rows_base + rows[i];
+    const int s = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
+    limit[i] = seqlen - (p.causal ? p.seqlen_q - 1 - s : 0);
+  }
+}
+
+}  // namespace flashmla

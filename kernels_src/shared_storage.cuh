@@ -1,0 +1,27 @@
+// The decode kernel's shared-memory carve-up.
+#pragma once
+#include "decode_config.cuh"
+#include "plan.cuh"
+
+namespace flashmla {
+
+struct SharedStorage {
+  alignas(1024) uint8_t q[kTileBytes];
+  // The rope box of a page is free once its own QK^T is done; it then carries that page's
+  // probabilities P (64 x 64, same swizzled box layout) to the other warpgroup.
+  alignas(1024) uint8_t kv[kPageBuffers][kTileBytes];
+  float max_a[kTileRows];        // running max after page a (warpgroup 0 -> 1)
+  float max_b[kTileRows];        // running max after page b (warpgroup 1 -> 0)
+  float row_sum[2][kTileRows];   // epilogue: each warpgroup's share of the row sums
+  // Per buffer and loading warpgroup: the page's block index was outside the block table or the
+  // cache; the warpgroup scoring the page turns its scores into NaN.
+  int poisoned[kPageBuffers][2];
+  PageStream streams[2][kPageBuffers];  // [warpgroup][buffer]: each warpgroup's loading thread's state
+  alignas(8) uint64_t full[kPageBuffers][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
+};
+
+// Dynamic shared memory asked for at launch: the struct plus slack to align it to 1024 bytes
+// (128-byte swizzle patterns are anchored to 1024-byte boundaries).
+constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;
+
+}  // namespace flashmla
