@@ -319,13 +319,13 @@ def fake_gpu(monkeypatch):
     (framework, shape, dtype name, device, stream) in the same `allocations` list as torch's."""
     import threading
 
-    from flashmla_cupy import prepared, tensors
+    from flashmla_cupy import lookup, tensors
 
     state = types.SimpleNamespace(driver=RecordingDriver(), allocations=[])
     state.torch = FakeTorchModule(state.allocations)
     state.module_events = install(monkeypatch.setattr, monkeypatch.setitem, state.driver, state.torch)
     monkeypatch.setattr(tensors, "_TORCH_DTYPES", None)      # built from the fake torch meanwhile
-    monkeypatch.setattr(prepared, "_thread", threading.local())   # no call prepared on fakes survives
+    monkeypatch.setattr(lookup, "_thread", threading.local())   # no call prepared on fakes survives
     torch_allocator = tensors.allocator
 
     def allocator(framework, shape, dtype, device_id):

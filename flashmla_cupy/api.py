@@ -1,18 +1,18 @@
 """The two public functions. Their docstrings are the contract; the bodies only orchestrate.
 
 A call is checked and prepared once per input layout (prepared.py) and then replayed: a decode step
-repeats one layout for every layer. Plain torch CUDA tensors or CuPy arrays on their framework's
-current stream find their prepared call from their attributes alone; every other call goes through
-tensor views first.
+repeats one layout for every layer. lookup.py finds the prepared call: plain torch CUDA tensors or
+CuPy arrays on their framework's current stream from their attributes alone, every other call
+through tensor views first.
 
 The driver-facing modules (launch, kernels) are imported only once the inputs are checked, so that
 importing the package, and rejecting a bad call, needs no GPU and no CUDA library.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from . import inputs, prepared, tensors
+from . import inputs, lookup, prepared
 from .errors import UnsupportedDeviceError
 
 HOPPER = (9, 0)  # the kernels are compiled for sm_90a, which runs only on compute capability 9.0
@@ -48,38 +48,6 @@ def _prepare_decode(views: tuple, framework: str, scalars: tuple, failed: tuple)
     return prepared.DecodeCall(problem, framework)
 
 
-def _run(function: str, names: tuple[str, ...], arrays: tuple, scalars: tuple, stream: Any,
-         prepare: Callable[[tuple, str, tuple], Any]) -> tuple:
-    """Any call. Plain torch or CuPy arrays on their framework's current stream, in a layout prepared
-    before, are replayed from their attributes alone. Every other call takes views of the arrays and
-    the call prepared for their layout, made by `prepare(views, framework, scalars)` (which checks
-    every rule) the first time the layout is seen."""
-    found = prepared.native_key(arrays, scalars) if stream is None else None
-    if found is not None:
-        key, framework, pointers = found
-        call = prepared.find(key)
-        if call is not None:
-            return call(pointers, tensors.current_stream(framework, call.device_id), None)
-
-    handle, owner = tensors.caller_stream(arrays, stream)
-    taken, failed = tensors.take_all(dict(zip(names, arrays)), handle, owner)
-    views = tuple(taken.values())
-    framework = tensors.framework_of(arrays[0])
-    key = None if failed else prepared.views_key(views, scalars)
-    call = None if failed else prepared.find(key)
-    if call is None:
-        # Checks every rule, so it raises when an argument could not even be viewed.
-        call = prepare(views, framework, scalars, tuple(failed))
-        prepared.remember(key, call)
-    # found[1] and framework both come from type(arrays[0]), so owner == framework makes it the
-    # owner too: the next such call may skip the views.
-    if found is not None and owner == framework:
-        prepared.remember(found[0], call)
-    # On the framework's own current stream its allocator needs no stream switch.
-    results = call([v.ptr for v in views], handle, None if owner == framework else handle)
-    return tuple(tensors.to_framework(framework, r, handle) for r in results)
-
-
 def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads_k: int, *,
                      stream: Any = None) -> tuple[Any, Any]:
     """Plan the split-KV work of one decode step; reuse the plan for every layer of that step.
@@ -103,8 +71,8 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
     ValueError and TypeError) listing every problem; a non-Hopper GPU raises
     `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    return _run("get_mla_metadata", _METADATA_ARRAYS, (cache_seqlens,), (num_q_tokens_per_head_k, num_heads_k),
-                stream, _prepare_plan)
+    return lookup.call(_METADATA_ARRAYS, (cache_seqlens,), (num_q_tokens_per_head_k, num_heads_k), stream,
+                       _prepare_plan)
 
 
 def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
@@ -140,6 +108,5 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     `errors.InvalidInputError` (a ValueError and TypeError) listing every problem; a non-Hopper GPU
     raises `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    return _run("flash_mla_with_kvcache", _DECODE_ARRAYS,
-                (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
-                (head_dim_v, softmax_scale, causal), stream, _prepare_decode)
+    return lookup.call(_DECODE_ARRAYS, (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
+                       (head_dim_v, softmax_scale, causal), stream, _prepare_decode)

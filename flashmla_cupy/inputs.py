@@ -23,7 +23,7 @@ HEAD_DIM = 576     # d: 512 latent + 64 rope values per key row
 HEAD_DIM_V = 512   # dv: the value is the first dv values of the key row
 TMA_ALIGN = 16     # bytes: TMA needs a 16-byte aligned base and 16-byte multiple strides
 VECTOR_ALIGN = 16  # bytes: q rows are read with 16-byte loads
-ADDRESS_ALIGN = math.lcm(TMA_ALIGN, VECTOR_ALIGN)  # every address rule reads ptr % this only
+ADDRESS_ALIGN = math.lcm(TMA_ALIGN, VECTOR_ALIGN)  # every address rule reads ptr % this only (lookup.py)
 # The combine grid puts (kv head, row) warps on grid.y (at most 65535 blocks of 4 warps).
 MAX_QUERY_ROWS = 4 * 65535
 
@@ -304,19 +304,6 @@ def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: A
                       f"omit it for the default {HEAD_DIM} ** -0.5")
     if not isinstance(causal, (bool, np.bool_)):
         rules.add("causal", repr(causal), "a bool", "pass True or False")
-
-
-def layout_of(views: tuple[View, ...]) -> tuple:
-    """What the rules read from arrays, as a memo key: shapes, strides, dtypes, devices, and addresses
-    modulo ADDRESS_ALIGN (the only address rules are alignments that divide it)."""
-    return tuple((v.shape, v.strides, v.dtype, v.device_type, v.device_id, v.ptr % ADDRESS_ALIGN) for v in views)
-
-
-def call_key(layout: tuple, *scalars: Any) -> tuple:
-    """A memo key for a call whose arrays have `layout`: scalars go in with their types, since the
-    rules tell apart values that compare equal (512 and 512.0, True and 1). Unhashable scalars make
-    the key unhashable: such a call is never remembered (and fails the rules)."""
-    return layout, tuple(map(type, scalars)), scalars
 
 
 def check_decode_args(q: View | None, k_cache: View | None, block_table: View | None,

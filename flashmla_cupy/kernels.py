@@ -104,15 +104,3 @@ class DecodeLaunch:
                 self._maps.clear()
             tensor_map = self._maps[k_cache] = launch.kv_tensor_map(k_cache, *self._k_layout)
         return tensor_map
-
-
-def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) -> None:
-    """Write the split-KV plan for the View `seqlens` into the Views `metadata` and `num_splits`."""
-    SchedulerLaunch(seqlens.shape[0], num_parts, seqlens.device_id)(seqlens.ptr, metadata.ptr, num_splits.ptr, stream)
-
-
-def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                    out_partial, lse_partial, num_splits, out, lse, stream: int) -> None:
-    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent."""
-    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id)(
-        out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

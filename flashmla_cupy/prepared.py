@@ -1,16 +1,12 @@
-"""Calls prepared once per input layout, and remembered.
+"""Calls prepared once per input layout.
 
 A decode step repeats one layout for every layer. What a checked layout determines (output shapes
 and their allocators, loaded kernels, grids, parameter structs with every size field set) is built
 once into a prepared call; running it allocates the outputs, writes the data pointers and launches.
-Prepared calls are remembered by a key holding everything the input rules read, so a call that
-differs in any of it is checked afresh, and per thread, since running one rewrites its launch
-arguments in place.
+lookup.py finds the prepared call of a layout.
 """
 from __future__ import annotations
 
-import collections
-import threading
 from typing import Any
 
 import numpy as np
@@ -18,8 +14,6 @@ import numpy as np
 from . import inputs, plan, tensors
 from .params import METADATA_FIELDS
 
-LIMIT = 256  # prepared calls kept per thread (a model has a handful of layouts); LRU beyond
-_thread = threading.local()
 
 
 class PlanCall:
@@ -72,53 +66,3 @@ class DecodeCall:
                                                 out_ptr, lse_ptr, workspace_ptr, stream)
         self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
         return out, lse
-
-
-def native_key(arrays: tuple, scalars: tuple) -> tuple[tuple, str, list[int]] | None:
-    """(key, framework, data pointers) when the arrays are all plain torch CUDA tensors or all plain
-    CuPy arrays, read from their attributes, else None. The key assumes that framework's current
-    stream: only calls without a stream argument use it."""
-    found = tensors.native_layout(arrays, inputs.ADDRESS_ALIGN)
-    if found is None:
-        return None
-    framework, layout, pointers = found
-    return (framework, inputs.call_key(layout, *scalars)), framework, pointers
-
-
-def views_key(views: tuple[tensors.View, ...], scalars: tuple) -> tuple:
-    """The key of a call from its views; it also covers the framework the outputs are made in."""
-    return "views", views[0].framework, inputs.call_key(inputs.layout_of(views), *scalars)
-
-
-def remembered() -> collections.OrderedDict:
-    """This thread's prepared calls, by key, least recently used first."""
-    try:
-        return _thread.calls
-    except AttributeError:
-        _thread.calls = collections.OrderedDict()
-        return _thread.calls
-
-
-def find(key: tuple):
-    """The call prepared under `key`, or None (also for a key with an unhashable scalar in it, a
-    call that the rules reject and that is never remembered). A found call becomes the most
-    recently used."""
-    calls = remembered()
-    try:
-        call = calls.get(key)
-    except TypeError:
-        return None
-    if call is not None:
-        calls.move_to_end(key)
-    return call
-
-
-def remember(key: tuple, call) -> None:
-    """Remember `call` under `key`; past LIMIT calls, the least recently used one is forgotten."""
-    calls = remembered()
-    try:
-        calls[key] = call
-    except TypeError:   # an unhashable scalar that the rules accept (an odd int-like): not remembered
-        return
-    if len(calls) > LIMIT:
-        calls.popitem(last=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -284,13 +284,32 @@ def take_all(arrays: Mapping[str, Any], stream: int | None = None,
     return views, violations
 
 
-def caller_stream(objs: Iterable[Any], stream: Any = None) -> tuple[int, str | None]:
-    """The raw cudaStream_t to launch on, and the framework whose current stream it is (None for an
-    explicit one). An explicit `stream` (int handle, CuPy stream or torch stream) wins; else torch's
-    current stream if any input is a torch tensor; else CuPy's current stream on the inputs' device.
-    With no CUDA input at all (the call will be rejected), (0, None)."""
-    if stream is not None:
-        return _stream_handle(stream), None
+def caller_stream(objs: tuple, stream: Any = None) -> tuple[int, str | None]:
+    """The raw cudaStream_t to launch on, and the framework whose current stream it is (None if it is
+    nobody's). By default: torch's current stream if any input is a torch tensor, else CuPy's current
+    stream on the inputs' device. An explicit `stream` (int handle, CuPy stream or torch stream) wins;
+    it is the first array's framework's own when it equals that framework's current stream. With no
+    CUDA input at all (the call will be rejected), (0, None) or the explicit stream."""
+    if stream is None:
+        return _default_stream(objs)
+    handle = stream_handle(stream)
+    return handle, _owner(objs[0], handle)
+
+
+def _owner(obj: Any, handle: int) -> str | None:
+    """"torch" or "cupy" when `obj` is a CUDA array of that framework whose current stream on its
+    device is `handle`; None otherwise (only those frameworks' arrays are read from attributes)."""
+    framework = framework_of(obj)
+    if framework == "torch" and type(obj).__name__ == "Tensor" and obj.is_cuda:
+        device_id = obj.get_device()
+    elif framework == "cupy" and type(obj).__name__ == "ndarray":
+        device_id = obj.device.id
+    else:
+        return None
+    return framework if current_stream(framework, device_id) == handle else None
+
+
+def _default_stream(objs: tuple) -> tuple[int, str | None]:
     cuda_objs, torch_device = [], None
     for obj in objs:
         if framework_of(obj) == "torch" and type(obj).__name__ == "Tensor":
@@ -326,44 +345,6 @@ def _torch_current_stream(torch, device_id: int) -> int:
     if raw is not None:
         return int(raw(device_id))
     return int(torch.cuda.current_stream(device_id).cuda_stream)
-
-
-def native_layout(arrays: tuple, align: int) -> tuple[str, tuple, list[int]] | None:
-    """(framework, layout, data pointers) of plain torch CUDA tensors or plain CuPy arrays, all of one
-    framework, read from their attributes for a memo key: the layout holds each array's shape,
-    strides, dtype, device and address modulo `align`. None for anything else, subclasses included
-    (they may override what is read)."""
-    kind = type(arrays[0])
-    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
-    if torch is not None and kind is torch.Tensor:
-        found = _torch_layout(arrays, kind, align)
-        return None if found is None else ("torch", *found)
-    if cupy is not None and kind is cupy.ndarray:
-        found = _cupy_layout(arrays, kind, align)
-        return None if found is None else ("cupy", *found)
-    return None
-
-
-def _torch_layout(arrays, tensor_type, align):
-    layout, pointers = [], []
-    for t in arrays:
-        if type(t) is not tensor_type or not t.is_cuda:
-            return None
-        ptr = t.data_ptr()
-        layout.append((t.shape, t.stride(), t.dtype, t.get_device(), ptr % align))
-        pointers.append(ptr)
-    return tuple(layout), pointers
-
-
-def _cupy_layout(arrays, array_type, align):
-    layout, pointers = [], []
-    for a in arrays:
-        if type(a) is not array_type:
-            return None
-        ptr = a.data.ptr
-        layout.append((a.shape, a.strides, a.dtype, a.device.id, ptr % align))   # strides in bytes
-        pointers.append(ptr)
-    return tuple(layout), pointers
 
 
 def current_stream(framework: str, device_id: int) -> int:
@@ -413,7 +394,8 @@ def _torch_dtypes() -> dict:
     return _TORCH_DTYPES
 
 
-def _stream_handle(stream: Any) -> int:
+def stream_handle(stream: Any) -> int:
+    """The raw cudaStream_t of an explicit `stream=` argument (int, torch or CuPy stream)."""
     if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
         return int(stream)
     if hasattr(stream, "cuda_stream"):   # torch.cuda.Stream

@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
-from test_decode_gpu import check, fresh_seed, run  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "devtools"))
+from gpu_cases import check, fresh_seed, run  # noqa: E402
 
 from flashmla_cupy import reference  # noqa: E402
 

@@ -42,7 +42,7 @@ def pytest_sessionfinish(session, exitstatus):
     """With FLASHMLA_CUPY_TEST_REPORT set, write every accuracy report of the GPU decode tests there
     (case, seed, worst errors), with the worst of each measure on top."""
     path = os.environ.get("FLASHMLA_CUPY_TEST_REPORT")
-    module = sys.modules.get("test_decode_gpu") or sys.modules.get("tests.gpu.test_decode_gpu")
+    module = sys.modules.get("gpu_cases")   # devtools/gpu_cases.py keeps the reports
     if not path or module is None:
         return
     reports = module.REPORTS

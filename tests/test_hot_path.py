@@ -16,7 +16,7 @@ import pytest
 
 import fake_cuda
 from fake_dlpack import BASE_PTR, FakeCupy
-from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, inputs, params, plan, prepared, tensors
+from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, inputs, lookup, params, plan, tensors
 from flashmla_cupy.errors import InvalidInputError
 
 
@@ -160,27 +160,14 @@ def test_prepared_calls_keep_no_array_alive(gpu):
 
 def test_the_memo_forgets_the_least_recently_used(gpu, monkeypatch):
     """A layout in use survives any number of other layouts passing through a full memo."""
-    monkeypatch.setattr(prepared, "LIMIT", 4)
+    monkeypatch.setattr(lookup, "LIMIT", 4)
     flash_mla_with_kvcache(**torch_args(gpu.torch, batch=1))
-    (hot,) = {id(c): c for c in prepared.remembered().values()}.values()
+    (hot,) = {id(c): c for c in lookup.remembered().values()}.values()
     for batch in range(2, 12):
         flash_mla_with_kvcache(**torch_args(gpu.torch, batch=batch))   # a new layout fills the memo
         flash_mla_with_kvcache(**torch_args(gpu.torch, batch=1))       # the hot one: found, not re-prepared
-        assert len(prepared.remembered()) <= 4
-        assert any(c is hot for c in prepared.remembered().values())
-
-
-def test_memo_order_is_least_recently_used_first(monkeypatch):
-    monkeypatch.setattr(prepared, "_thread", threading.local())
-    monkeypatch.setattr(prepared, "LIMIT", 3)
-    for key in "abc":
-        prepared.remember(key, key.upper())
-    assert prepared.find("a") == "A"     # now the most recent
-    prepared.remember("d", "D")           # evicts b, the least recent
-    assert list(prepared.remembered()) == ["c", "a", "d"]
-    assert prepared.find("b") is None and prepared.find(("x", [1])) is None   # unhashable: never found
-    prepared.remember(("x", [1]), "X")
-    assert list(prepared.remembered()) == ["c", "a", "d"]
+        assert len(lookup.remembered()) <= 4
+        assert any(c is hot for c in lookup.remembered().values())
 
 
 def test_metadata_repeats_and_rejects(gpu, monkeypatch):
@@ -233,4 +220,4 @@ def test_mixed_frameworks_take_the_general_road(gpu):
         splits = FakeCupy((3,), "int32", ptr=BASE_PTR)
         flash_mla_with_kvcache(**torch_args(gpu.torch) | {"num_splits": splits})
         assert splits.streams == [fake_cuda.STREAM]   # exported to the launch stream each time
-    assert all(key[0] == "views" for key in prepared.remembered())
+    assert all(key[0][0] == "views" for key in lookup.remembered())

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import fake_cuda
-from flashmla_cupy import flash_mla_with_kvcache, launch, params, prepared, variants
+from flashmla_cupy import flash_mla_with_kvcache, launch, lookup, params, variants
 from test_hot_path import torch_args
 
 THREADS = 8
@@ -70,7 +70,7 @@ def test_threads_making_first_calls_at_once(gpu):
 
     def first_call(index):
         flash_mla_with_kvcache(**args[index])
-        return threading.get_ident(), {id(c) for c in prepared.remembered().values()}
+        return threading.get_ident(), {id(c) for c in lookup.remembered().values()}
 
     results = at_once(first_call)
     idents = [ident for ident, _ in results]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from flashmla_cupy.reference import HEAD_DIM_V, as_dtype, merge_partials_reference
+from gpu_cases import run_combine_raw
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,7 @@ def random_partials(rng: np.random.Generator, pieces: list[int], heads_kv: int, 
 def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits):
     import cupy as cp
 
-    from flashmla_cupy import kernels, tensors
+    from flashmla_cupy import tensors
 
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -43,8 +44,8 @@ def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, 
         views = {name: tensors.take(array, name, stream.ptr) for name, array in arrays.items()}
         # The workspace holds exactly the pieces of the plan: batch + num_parts slots, num_parts >= 1.
         num_parts = max(1, int(num_splits[-1]) - batch)
-        kernels.run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
-                                views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
+        run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
+                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
         stream.synchronize()
         return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
 

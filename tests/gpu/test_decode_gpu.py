@@ -6,110 +6,15 @@ request may see, huge page numbers in unused block-table entries, and a random p
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
+from gpu_cases import check, fresh_seed, lengths, run, to_device, to_numpy
 
 pytestmark = pytest.mark.gpu
-
-# ---------------------------------------------------------------------------------------------------
-# Moving arrays between numpy and the three frameworks (bf16 travels as its 16-bit pattern).
-
-
-def to_device(framework: str, x: np.ndarray):
-    bits = x.view(np.uint16) if x.dtype.itemsize == 2 and x.dtype != np.int16 else None
-    if framework == "cupy":
-        import cupy
-        return cupy.asarray(bits).view(x.dtype) if bits is not None else cupy.asarray(x)
-    if framework == "torch":
-        import torch
-        if bits is not None:
-            t = torch.from_numpy(bits.view(np.int16)).cuda()
-            return t.view(torch.bfloat16 if x.dtype == reference.as_dtype("bf16") else torch.float16)
-        return torch.from_numpy(x).cuda()
-    if framework == "jax":
-        import jax
-        return jax.device_put(x, jax.devices("gpu")[0])
-    raise ValueError(framework)
-
-
-def to_numpy(framework: str, x, dtype=None) -> np.ndarray:
-    if framework == "cupy":
-        import cupy
-        if dtype is not None and x.dtype.itemsize == 2:
-            return cupy.asnumpy(x.view(cupy.uint16)).view(dtype)
-        return cupy.asnumpy(x)
-    if framework == "torch":
-        import torch
-        if x.dtype in (torch.bfloat16, torch.float16):
-            return x.view(torch.int16).cpu().numpy().view(dtype)
-        return x.cpu().numpy()
-    return np.asarray(x)
-
-
-def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, wide_block_table: bool = False):
-    """Run one case through the public API; returns numpy (out, lse)."""
-    import flashmla_cupy
-
-    q = case.q
-    if strided_q:  # q sliced out of a larger buffer: head stride 640 and a head offset of 2
-        b, s_q, h_q, d = q.shape
-        big = np.full((b, s_q, h_q + 3, d + 64), np.nan, dtype=q.dtype)
-        big[:, :, 2:2 + h_q, :d] = q
-        q_dev = to_device(framework, big)[:, :, 2:2 + h_q, :d]
-    else:
-        q_dev = to_device(framework, q)
-    bt = case.block_table
-    if wide_block_table:  # row stride larger than the width
-        wide = np.full((bt.shape[0], bt.shape[1] + 7), 2**31 - 1, dtype=np.int32)
-        wide[:, : bt.shape[1]] = bt
-        bt_dev = to_device(framework, wide)[:, : bt.shape[1]]
-    else:
-        bt_dev = to_device(framework, bt)
-    k_dev = to_device(framework, case.k_cache)
-    seqlens_dev = to_device(framework, case.cache_seqlens)
-    _, s_q, h_q, _ = q.shape
-    h_kv = case.heads_kv
-    meta, splits = flashmla_cupy.get_mla_metadata(seqlens_dev, s_q * h_q // h_kv, h_kv)
-    out, lse = flashmla_cupy.flash_mla_with_kvcache(
-        q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
-        softmax_scale=case.softmax_scale, causal=case.causal)
-    return to_numpy(framework, out, case.dtype), to_numpy(framework, lse)
-
-
-def lengths(rng, kind: str, batch: int) -> np.ndarray:
-    """Sequence lengths of a named kind."""
-    if kind.startswith("fixed:"):
-        return np.full(batch, int(kind.split(":")[1]))
-    lo, hi = (int(v) for v in kind.split(":")[1:3])
-    values = rng.integers(lo, hi + 1, size=batch)
-    if kind.startswith("halfzero:"):
-        values[rng.random(batch) < 0.5] = 0
-    return values
-
-
-def check(case, out, lse, seed, label):
-    """check_close against the float64 reference; every report is kept for the run's JSON summary."""
-    ref_out, ref_lse = case.reference()
-    try:
-        report = reference.check_close(out, lse, ref_out, ref_lse, case.dtype)
-    except AssertionError as exc:
-        REPORTS.append({"case": label, "seed": seed, "passed": False, "error": str(exc)[:500]})
-        raise AssertionError(f"{label} (seed {seed}): {exc}") from None
-    REPORTS.append({"case": label, "seed": seed, "passed": True, **report})
-    return report
-
-
-REPORTS: list[dict] = []  # written to $FLASHMLA_CUPY_TEST_REPORT by tests/conftest.py
-
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
-
 
 # ---------------------------------------------------------------------------------------------------
 # The feature matrix: every listed value of every axis appears, with cost kept to a few seconds each.

@@ -6,6 +6,7 @@ import pytest
 
 from flashmla_cupy.params import METADATA_FIELDS
 from flashmla_cupy.plan import PAGE_SIZE, plan_numpy
+from gpu_cases import run_scheduler
 from test_plan import random_seqlens  # tests/ is on pytest's pythonpath
 
 pytestmark = pytest.mark.gpu
@@ -15,14 +16,14 @@ def device_plan(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.nda
     """Run the scheduler kernel on a private stream; outputs start as -1 so every unwritten field shows."""
     import cupy as cp
 
-    from flashmla_cupy import kernels, tensors
+    from flashmla_cupy import tensors
 
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         dev_seqlens = cp.asarray(seqlens, dtype=cp.int32)
         metadata = cp.full((num_parts, METADATA_FIELDS), -1, dtype=cp.int32)
         num_splits = cp.full(len(seqlens) + 1, -1, dtype=cp.int32)
-        kernels.run_scheduler(tensors.take(dev_seqlens, "cache_seqlens", stream.ptr),
+        run_scheduler(tensors.take(dev_seqlens, "cache_seqlens", stream.ptr),
                               tensors.take(metadata, "tile_scheduler_metadata", stream.ptr),
                               tensors.take(num_splits, "num_splits", stream.ptr), num_parts, stream.ptr)
         stream.synchronize()
