@@ -184,7 +184,16 @@ def test_num_sm_parts():
 
 
 def test_partial_slots_covers_every_plan():
-    assert partial_slots(128, 132) == 260
+    """The workspace holds partial_slots(b, P) pieces: no plan makes more (random batches), and the
+    worst plan, one long request cut at every part boundary, makes b + P - 1."""
+    rng = np.random.default_rng(99)
+    for _ in range(2000):
+        batch, num_parts = int(rng.integers(1, 200)), int(rng.integers(1, 133))
+        _, num_splits = plan_numpy(random_seqlens(rng, batch), num_parts)
+        assert num_splits[-1] <= partial_slots(batch, num_parts)
+    for batch, num_parts in [(1, 132), (3, 8), (64, 132), (2, 2)]:
+        _, num_splits = plan_numpy(np.array([2**31 - 1] + [64] * (batch - 1)), num_parts)
+        assert num_splits[-1] == batch + num_parts - 1 < partial_slots(batch, num_parts)
 
 
 def test_rejects_zero_parts():
