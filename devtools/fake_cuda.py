@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from fake_dlpack import contiguous
 
 STREAM = 0x5A5A00           # the fake torch's current stream on every device
 FIRST_PTR = 0x7E00_0000_0000
-DECODE_FN, COMBINE_FN, SCHEDULER_FN = 0xD0, 0xC0, 0x50   # fake CUfunction handles
+DECODE_FN, COMBINE_FN, SCHEDULER_FN, CHECK_FN = 0xD0, 0xC0, 0x50, 0xCC   # fake CUfunction handles
 
 
 # --- torch ------------------------------------------------------------------------------------------
@@ -165,7 +166,12 @@ def fake_cupy(monkeypatch, torch_module: FakeTorchModule):
 class RecordingDriver:
     """libcuda's entry points as C callbacks into Python: `launches` holds, per launch, the grid,
     block, shared bytes, stream, attribute count, function handle, the bytes of each argument and the
-    launching thread."""
+    launching thread.
+
+    Device memory is a dict of int32 words by address (`memory`; `write_int32` puts arrays there):
+    memset and device-to-host copies work on it, and a copy of a word never written fails as an
+    invalid read would. `kernels` maps a function handle to a stand-in run at its launch as
+    kernel(driver, argument bytes), e.g. a numpy twin writing its outputs into `memory`."""
 
     def __init__(self):
         from flashmla_cupy import params
@@ -173,9 +179,21 @@ class RecordingDriver:
         # function handle -> byte size of each kernel argument
         self.arg_sizes = {DECODE_FN: (ctypes.sizeof(params.DecodeParams), 128),
                           COMBINE_FN: (ctypes.sizeof(params.CombineParams),),
-                          SCHEDULER_FN: (ctypes.sizeof(params.SchedulerParams),)}
+                          SCHEDULER_FN: (ctypes.sizeof(params.SchedulerParams),),
+                          CHECK_FN: (ctypes.sizeof(params.CheckParams),)}
         self.launches: list[dict] = []
         self.tensor_maps: list[int] = []    # the base address of every encoded TMA descriptor
+        self.memory: dict[int, int] = {}
+        self.kernels: dict = {}
+        self.syncs: list[int] = []          # the stream of every cuStreamSynchronize
+        self.capturing = False              # what cuStreamIsCapturing answers
+        self.cuMemsetD32Async = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint, ctypes.c_size_t,
+                                                 ctypes.c_void_p)(self._memset)
+        self.cuMemcpyDtoHAsync_v2 = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
+                                                     ctypes.c_void_p)(self._copy_to_host)
+        self.cuStreamSynchronize = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(
+            lambda stream: self.syncs.append(stream or 0) or 0)
+        self.cuStreamIsCapturing = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(self._capturing)
         proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_void_p)
         self.cuLaunchKernelEx = proto(self._launch)
@@ -196,6 +214,33 @@ class RecordingDriver:
         self.launches.append(dict(grid=tuple(grid[:3]), block=tuple(grid[3:6]), shared_bytes=grid[6],
                                   stream=stream, pdl=num_attrs == 1, function=function, args=args,
                                   thread=threading.get_ident()))
+        kernel = self.kernels.get(function)
+        if kernel is not None:
+            kernel(self, args)
+        return 0
+
+    def write_int32(self, ptr: int, values) -> None:
+        for i, value in enumerate(np.asarray(values, dtype=np.int32).reshape(-1)):
+            self.memory[ptr + 4 * i] = int(value)
+
+    def read_int32(self, ptr: int, count: int) -> np.ndarray:
+        """The words at ptr (KeyError for one never written)."""
+        return np.array([self.memory[ptr + 4 * i] for i in range(count)], dtype=np.int32)
+
+    def _memset(self, ptr, value, count, stream):
+        self.write_int32(ptr, np.full(count, value, dtype=np.uint32).view(np.int32))
+        return 0
+
+    def _copy_to_host(self, dst, src, nbytes, stream):
+        try:
+            words = self.read_int32(src, nbytes // 4)
+        except KeyError:
+            return 1   # CUDA_ERROR_INVALID_VALUE: the fake's "uninitialised read"
+        ctypes.memmove(dst, words.ctypes.data, nbytes)
+        return 0
+
+    def _capturing(self, stream, status):
+        ctypes.c_int.from_address(status).value = int(self.capturing)
         return 0
 
     def _encode(self, tensor_map, dtype, rank, base, *rest):
@@ -210,12 +255,17 @@ int cuFuncSetAttribute(void *f, int a, int v) { return 0; }
 int cuGetErrorString(int s, const char **t) { *t = "stub"; return 0; }
 int cuTensorMapEncodeTiled(void *m, int t, unsigned r, void *g, void *d, void *s, void *b, void *e,
                            int i, int w, int l, int o) { return 0; }
+int cuMemsetD32Async(unsigned long long p, unsigned v, unsigned long n, void *s) { return 0; }
+int cuMemcpyDtoHAsync_v2(void *d, unsigned long long p, unsigned long n, void *s) { return 0; }
+int cuStreamSynchronize(void *s) { return 0; }
+int cuStreamIsCapturing(void *s, int *status) { *status = 0; return 0; }
 """
 
 
 def stub_driver() -> ctypes.CDLL:
     """A libcuda look-alike whose functions return 0 at once (built with the system C compiler)."""
-    path = os.path.join(tempfile.gettempdir(), f"flashmla_cupy_stub_cuda_{os.getuid()}.so")
+    version = hashlib.sha256(_STUB_SOURCE.encode()).hexdigest()[:12]   # a changed source builds anew
+    path = os.path.join(tempfile.gettempdir(), f"flashmla_cupy_stub_cuda_{os.getuid()}_{version}.so")
     if not os.path.exists(path):
         source = path[:-3] + ".c"
         with open(source, "w") as f:
@@ -245,7 +295,8 @@ class FakeModule:
         self.events.append(("unload", id(self)))
 
 
-KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_combine": COMBINE_FN, "flashmla_scheduler": SCHEDULER_FN}
+KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_combine": COMBINE_FN, "flashmla_scheduler": SCHEDULER_FN,
+                  "flashmla_check": CHECK_FN}
 
 
 class _NoDevice:

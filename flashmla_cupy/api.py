@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import inputs, lookup, prepared
+from . import env, inputs, lookup, prepared
 from .errors import UnsupportedDeviceError
 
 HOPPER = (9, 0)  # the kernels are compiled for sm_90a, which runs only on compute capability 9.0
@@ -41,11 +41,13 @@ def _prepare_plan(views: tuple, framework: str, scalars: tuple, failed: tuple) -
 
 def _prepare_decode(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.DecodeCall:
     q, k_cache, block_table, seqlens, metadata, num_splits = views
-    head_dim_v, softmax_scale, causal = scalars
+    head_dim_v, softmax_scale, causal, check = scalars
     problem = inputs.check_decode_args(q, k_cache, block_table, seqlens, head_dim_v, metadata, num_splits,
-                                       softmax_scale, causal, failed=failed)
+                                       softmax_scale, causal, check, failed=failed)
     _require_hopper(problem.device_id)
-    return prepared.DecodeCall(problem, framework)
+    # The mode is part of the prepared call (and `check` of its key): unchecked calls pay nothing.
+    checked = env.check() if check is None else bool(check)
+    return (prepared.CheckedDecodeCall if checked else prepared.DecodeCall)(problem, framework)
 
 
 def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads_k: int, *,
@@ -78,7 +80,7 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
 def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
                            head_dim_v: int, tile_scheduler_metadata: Any, num_splits: Any,
                            softmax_scale: float | None = None, causal: bool = False, *,
-                           stream: Any = None) -> tuple[Any, Any]:
+                           stream: Any = None, check: bool | None = None) -> tuple[Any, Any]:
     """MLA decode attention over a paged KV cache (FlashMLA's dense-decode API).
 
     Args (CUDA arrays from torch, JAX, CuPy or any DLPack producer, all on one Hopper GPU):
@@ -96,6 +98,8 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
             Changes nothing when `s_q == 1`.
         stream: optional CUDA stream (int handle, torch or CuPy stream); by default the caller's
             current stream (torch's for torch inputs, CuPy's otherwise).
+        check: validate the device contents first (checked mode, below); None (default): as the
+            FLASHMLA_CUPY_CHECK environment variable says, off unless it is 1.
 
     Returns:
         `(out, lse)` in q's framework: `out` `[b, s_q, h_q, 512]` in q's dtype, the softmax-weighted
@@ -107,6 +111,21 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     on the stream with no host synchronisation (CUDA-graph capturable). Invalid arguments raise
     `errors.InvalidInputError` (a ValueError and TypeError) listing every problem; a non-Hopper GPU
     raises `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
+
+    Device contents that no shape rule can see never make the kernels touch memory outside the
+    arrays; the result of such a call is defined as far as it can be:
+    - a request that uses a page past block_table's width (`cache_seqlens[i] > block_table.shape[1]
+      * 64`), or a used page whose block index is outside `[0, num_blocks)`, gets NaN in every row of
+      its `out` and `lse`;
+    - a split request whose partial-result slots (from `num_splits`) fall outside the workspace gets
+      NaN rows;
+    - a plan (`tile_scheduler_metadata`, `num_splits`) made for other lengths or another batch gives
+      unspecified values (call get_mla_metadata again whenever cache_seqlens change).
+    Checked mode (`check=True`) validates those contents on the device before the decode runs (block
+    indices of every used page, `0 <= cache_seqlens[i] <= block_table.shape[1] * 64`, the plan equal to
+    the plan for these lengths) and raises `errors.InvalidInputError` naming the offending requests.
+    It costs one host synchronisation per call, so it cannot run while a CUDA graph is captured (it
+    raises then); unchecked calls pay nothing for it.
     """
     return lookup.call(_DECODE_ARRAYS, (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
-                       (head_dim_v, softmax_scale, causal), stream, _prepare_decode)
+                       (head_dim_v, softmax_scale, causal, check), stream, _prepare_decode)

@@ -11,6 +11,7 @@ import pathlib
 CACHE_DIR = "FLASHMLA_CUPY_CACHE_DIR"
 NO_COMPILE = "FLASHMLA_CUPY_NO_COMPILE"
 VERBOSE = "FLASHMLA_CUPY_VERBOSE"
+CHECK = "FLASHMLA_CUPY_CHECK"
 
 # name -> (default, meaning); `python -m flashmla_cupy info` and the README list these.
 VARIABLES = {
@@ -24,6 +25,12 @@ VARIABLES = {
         "(for serving: run `python -m flashmla_cupy warmup` at image build time)",
     ),
     VERBOSE: ("0", "set to 1, every kernel compile and cache event prints a line to stderr"),
+    CHECK: (
+        "0",
+        "set to 1, flash_mla_with_kvcache calls without a check= argument run in checked mode: block "
+        "tables, lengths and the plan are validated on the device first (one host synchronisation per "
+        "call; read when a call's layout is first prepared)",
+    ),
 }
 
 
@@ -49,3 +56,8 @@ def no_compile() -> bool:
 def verbose() -> bool:
     """True when compile and cache events are printed to stderr."""
     return _flag(VERBOSE)
+
+
+def check() -> bool:
+    """True when calls without a check= argument are checked (read when a layout is prepared)."""
+    return _flag(CHECK)

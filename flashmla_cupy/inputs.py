@@ -293,7 +293,7 @@ def _check_num_splits(rules: _Rules, num_splits: View, batch: int | None, fix: s
     rules.dtype("num_splits", num_splits, (INT32,), fix)
 
 
-def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: Any) -> None:
+def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: Any, check: Any) -> None:
     if _as_int(head_dim_v) != HEAD_DIM_V:
         rules.add("head_dim_v", repr(head_dim_v), f"{HEAD_DIM_V} (MLA's dv)", f"pass {HEAD_DIM_V}")
     if softmax_scale is not None:
@@ -304,11 +304,13 @@ def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: A
                       f"omit it for the default {HEAD_DIM} ** -0.5")
     if not isinstance(causal, (bool, np.bool_)):
         rules.add("causal", repr(causal), "a bool", "pass True or False")
+    if check is not None and not isinstance(check, (bool, np.bool_)):
+        rules.add("check", repr(check), "None, True or False", "pass True to validate device contents first")
 
 
 def check_decode_args(q: View | None, k_cache: View | None, block_table: View | None,
                       cache_seqlens: View | None, head_dim_v: Any, tile_scheduler_metadata: View | None,
-                      num_splits: View | None, softmax_scale: Any, causal: Any,
+                      num_splits: View | None, softmax_scale: Any, causal: Any, check: Any = None,
                       failed: tuple[Violation, ...] = ()) -> DecodeProblem:
     """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule and
     the `failed` ones (arguments that could not be viewed, whose views are None)."""
@@ -322,7 +324,7 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
     _check_block_table(rules, block_table, batch)
     _check_seqlens(rules, cache_seqlens, batch)
     _check_plan(rules, tile_scheduler_metadata, num_splits, batch)
-    _check_scalars(rules, head_dim_v, softmax_scale, causal)
+    _check_scalars(rules, head_dim_v, softmax_scale, causal, check)
     rules.raise_if_any()  # q and k_cache are usable from here: each way of failing added a violation
 
     batch, seqlen_q, heads_q, _ = q.shape

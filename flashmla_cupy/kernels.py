@@ -13,6 +13,8 @@ from . import launch, params, plan, variants
 from .inputs import HEAD_DIM_V
 
 SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
+CHECK_THREADS = 128         # kCheckThreads in check.cu
+INT32_BYTES = 4
 COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
 DECODE_THREADS = 256        # kThreads in decode_config.cuh: two warpgroups
 FLOAT32_BYTES = 4           # the partial buffers are fp32
@@ -104,3 +106,36 @@ class DecodeLaunch:
                 self._maps.clear()
             tensor_map = self._maps[k_cache] = launch.kv_tensor_map(k_cache, *self._k_layout)
         return tensor_map
+
+
+class CheckLaunch:
+    """Checked mode's device pass over one call: the plan for its lengths (the scheduler, into scratch)
+    and the check kernel, which writes a report of faulty requests and parts (params.REPORT_*) at the
+    start of an int32 scratch buffer of `scratch_words` words."""
+
+    def __init__(self, problem):
+        batch, num_parts, bt = problem.batch, problem.num_parts, problem.block_table
+        self._device_id = problem.device_id
+        self._plan = SchedulerLaunch(batch, num_parts, problem.device_id)
+        # scratch: the report [REPORT_HEADER + batch + num_parts], the plan's metadata [num_parts, 8]
+        # and its num_splits [batch + 1]
+        report_words = params.REPORT_HEADER + batch + num_parts
+        self._plan_metadata_offset = report_words * INT32_BYTES
+        self._plan_num_splits_offset = self._plan_metadata_offset + num_parts * params.METADATA_FIELDS * INT32_BYTES
+        self.scratch_words = report_words + num_parts * params.METADATA_FIELDS + batch + 1
+        self._params = params.CheckParams(
+            block_table_stride=bt.strides[0], batch=batch, num_parts=num_parts,
+            num_blocks=problem.k_cache.shape[0], block_table_width=bt.shape[1], page_size=plan.PAGE_SIZE)
+        fn = launch.get_function(variants.check_variant(), problem.device_id)
+        self._launch = launch.Launch(fn, (batch + num_parts, 1, 1), (CHECK_THREADS, 1, 1), [self._params])
+
+    def __call__(self, block_table: int, seqlens: int, metadata: int, num_splits: int, scratch: int,
+                 stream: int) -> None:
+        """Queue the pass on `stream`; the report is in `scratch` once the stream gets there."""
+        plan_metadata, plan_num_splits = scratch + self._plan_metadata_offset, scratch + self._plan_num_splits_offset
+        launch.zero_int32(scratch, params.REPORT_HEADER, stream, self._device_id)
+        self._plan(seqlens, plan_metadata, plan_num_splits, stream)
+        p = self._params
+        p.seqlens, p.block_table, p.metadata, p.num_splits = seqlens, block_table, metadata, num_splits
+        p.plan_metadata, p.plan_num_splits, p.report = plan_metadata, plan_num_splits, scratch
+        self._launch(stream)

@@ -51,6 +51,11 @@ def _driver() -> ctypes.CDLL:
     lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
     lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    # Checked mode only (zero_int32, read_int32, is_capturing).
+    lib.cuMemsetD32Async.argtypes = [ctypes.c_uint64, ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+    lib.cuStreamIsCapturing.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
     return lib
 
 
@@ -109,6 +114,42 @@ def _load(variant: variants.Variant, device_id: int) -> _Loaded:
             _check(_driver().cuFuncSetAttribute(ctypes.c_void_p(function.ptr), _MAX_DYNAMIC_SHARED_BYTES,
                                                 variant.shared_bytes), f"cuFuncSetAttribute({variant.name})")
     return _Loaded(module, function, variant.name, variant.shared_bytes, device_id)
+
+
+# --- device memory, for checked mode (not on the hot path) ------------------------------------------
+
+def zero_int32(ptr: int, count: int, stream: int, device_id: int) -> None:
+    """Zero `count` int32 words at `ptr`, ordered on `stream`."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        _check(_driver().cuMemsetD32Async(ptr, 0, count, stream), "cuMemsetD32Async")
+
+
+def read_int32(ptr: int, count: int, stream: int, device_id: int) -> np.ndarray:
+    """`count` int32 words at `ptr`, once the work queued on `stream` before has finished (the host
+    waits for the stream)."""
+    import cupy
+
+    words = np.empty(count, dtype=np.int32)
+    with cupy.cuda.Device(device_id):
+        driver = _driver()
+        _check(driver.cuMemcpyDtoHAsync_v2(words.ctypes.data, ptr, words.nbytes, stream), "cuMemcpyDtoHAsync")
+        _check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+    return words
+
+
+_CAPTURE_STATUS_NONE = 0  # CU_STREAM_CAPTURE_STATUS_NONE
+
+
+def is_capturing(stream: int, device_id: int) -> bool:
+    """Whether `stream` is being captured into a CUDA graph (where the host cannot wait for it)."""
+    import cupy
+
+    status = ctypes.c_int(_CAPTURE_STATUS_NONE)
+    with cupy.cuda.Device(device_id):
+        _check(_driver().cuStreamIsCapturing(stream, ctypes.byref(status)), "cuStreamIsCapturing")
+    return status.value != _CAPTURE_STATUS_NONE
 
 
 # --- TMA descriptors -------------------------------------------------------------------------------

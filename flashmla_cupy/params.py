@@ -1,8 +1,9 @@
-"""ctypes mirrors of the kernel parameter structs in kernels_src/params.cuh.
+"""ctypes mirrors of the kernel parameter structs: those of kernels_src/params.cuh, which every program
+includes, and CheckParams of kernels_src/check.cu with the layout of checked mode's report.
 
-`layout_asserts()` renders a static_assert for the size and every field offset of each struct; the
-compiler appends it to every program, so a drift between the two definitions fails compilation,
-also in CPU-only CI.
+`layout_asserts(structs)` renders a static_assert for the size and every field offset of each struct;
+the compiler appends those of the structs a program sees to it (`program_structs`), so a drift between
+the two definitions fails compilation, also in CPU-only CI.
 """
 from __future__ import annotations
 
@@ -50,7 +51,32 @@ class CombineParams(ctypes.Structure):
     ]
 
 
-ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)
+class CheckParams(ctypes.Structure):
+    _fields_ = [
+        ("seqlens", _p), ("block_table", _p), ("metadata", _p), ("num_splits", _p),
+        ("plan_metadata", _p), ("plan_num_splits", _p), ("report", _p),
+        ("block_table_stride", _i64),
+        ("batch", _i32), ("num_parts", _i32), ("num_blocks", _i32), ("block_table_width", _i32),
+        ("page_size", _i32), ("padding", _i32),
+    ]
+
+
+# Checked mode's report, int32: a header, then one word of fault bits per request, then one per part
+# of the plan. Must match kernels_src/check.cu (pinned by static_asserts, see variants.py).
+REPORT_FLAGGED_REQUESTS = 0   # header word: how many requests have a fault
+REPORT_FLAGGED_PARTS = 1      # header word: how many parts of tile_scheduler_metadata differ
+REPORT_FAULTS = 2             # header word: the OR of every fault bit
+REPORT_HEADER = 4             # words before the per-request words
+FAULT_LENGTH = 1   # cache_seqlens[i] < 0 or > block_table width * page size
+FAULT_BLOCK = 2    # a page request i uses holds a block index outside [0, num_blocks)
+FAULT_PLAN = 4     # request i's pieces (num_splits) or part p's row (metadata) differ from the plan
+
+ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)   # params.cuh
+
+
+def program_structs(program: str) -> tuple:
+    """The parameter structs the program kernels_src/<program>.cu sees."""
+    return ALL_STRUCTS + ((CheckParams,) if program == "check" else ())
 
 
 def layout_asserts(structs=ALL_STRUCTS) -> str:

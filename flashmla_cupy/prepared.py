@@ -66,3 +66,19 @@ class DecodeCall:
                                                 out_ptr, lse_ptr, workspace_ptr, stream)
         self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
         return out, lse
+
+
+class CheckedDecodeCall(DecodeCall):
+    """A DecodeCall in checked mode: the device contents of its arrays are validated first (checked.py),
+    at the cost of a host synchronisation. Unchecked calls are plain DecodeCalls: no cost, not even a
+    branch."""
+
+    def __init__(self, problem: inputs.DecodeProblem, framework: str):
+        from . import checked   # driver-facing, as kernels
+
+        super().__init__(problem, framework)
+        self._check = checked.DeviceCheck(problem, framework)
+
+    def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
+        self._check(pointers, stream, alloc_stream)
+        return super().__call__(pointers, stream, alloc_stream)

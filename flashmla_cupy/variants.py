@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from . import params
+
 # Element types of q / k_cache / out; the C++ side selects its type with the matching define.
 DTYPES = ("bf16", "fp16")
 _DEFINES = {"bf16": ("-DFLASHMLA_BF16=1",), "fp16": ("-DFLASHMLA_FP16=1",)}
@@ -24,8 +26,8 @@ _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16":
 class Variant:
     """One NVRTC program compiled with one set of defines: kernels_src/<program>.cu."""
 
-    program: str        # "decode" | "combine" | "scheduler"
-    dtype: str | None   # "bf16" | "fp16", or None for the dtype-free scheduler
+    program: str        # "decode" | "combine" | "scheduler" | "check"
+    dtype: str | None   # "bf16" | "fp16", or None for the dtype-free scheduler and check
 
     @property
     def name(self) -> str:
@@ -54,7 +56,19 @@ class Variant:
     @property
     def pinned_constants(self) -> dict[str, int]:
         """C++ constants whose values the Python side relies on; compiled in as static_asserts."""
-        return {"flashmla::kSharedBytes": DECODE_SHARED_BYTES} if self.program == "decode" else {}
+        if self.program == "decode":
+            return {"flashmla::kSharedBytes": DECODE_SHARED_BYTES}
+        if self.program == "check":
+            return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
+        return {}
+
+
+# The layout of checked mode's report (params.py), as check.cu names it.
+_CHECK_REPORT = {
+    "kReportFlaggedRequests": params.REPORT_FLAGGED_REQUESTS, "kReportFlaggedParts": params.REPORT_FLAGGED_PARTS,
+    "kReportFaults": params.REPORT_FAULTS, "kReportHeader": params.REPORT_HEADER,
+    "kFaultLength": params.FAULT_LENGTH, "kFaultBlock": params.FAULT_BLOCK, "kFaultPlan": params.FAULT_PLAN,
+}
 
 
 def all_variants() -> list[Variant]:
@@ -62,7 +76,7 @@ def all_variants() -> list[Variant]:
     return (
         [Variant("decode", dt) for dt in DTYPES]
         + [Variant("combine", dt) for dt in DTYPES]
-        + [Variant("scheduler", None)]
+        + [Variant("scheduler", None), Variant("check", None)]
     )
 
 
@@ -88,3 +102,8 @@ def combine_variant(dtype) -> Variant:
 
 def scheduler_variant() -> Variant:
     return _find("scheduler", None)
+
+
+def check_variant() -> Variant:
+    """Checked mode's validation of device contents (kernels_src/check.cu)."""
+    return _find("check", None)
