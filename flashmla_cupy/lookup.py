@@ -20,7 +20,7 @@ at most LIMIT of them, the least recently used forgotten first.
 """
 from __future__ import annotations
 
-import collections
+import itertools
 import sys
 import threading
 from typing import Any, Callable
@@ -30,6 +30,7 @@ from .inputs import ADDRESS_ALIGN
 
 LIMIT = 256  # prepared calls kept per thread; a model has a handful of layouts
 _thread = threading.local()
+_clock = itertools.count()   # use stamps; next() on it is atomic under the GIL
 
 
 def call(names: tuple[str, ...], arrays: tuple, scalars: tuple, stream: Any,
@@ -76,7 +77,7 @@ def native(arrays: tuple) -> tuple[str, tuple, list[int]] | None:
     arrays, read from their attributes; None for anything else, subclasses included (they may
     override what is read)."""
     kind = type(arrays[0])
-    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
+    torch = sys.modules.get("torch")
     if torch is not None and kind is torch.Tensor:
         layout, pointers = [], []
         for t in arrays:
@@ -86,6 +87,7 @@ def native(arrays: tuple) -> tuple[str, tuple, list[int]] | None:
             layout.append((t.shape, t.stride(), t.dtype, t.get_device(), ptr % ADDRESS_ALIGN))
             pointers.append(ptr)
         return "torch", tuple(layout), pointers
+    cupy = sys.modules.get("cupy")
     if cupy is not None and kind is cupy.ndarray:
         layout, pointers = [], []
         for a in arrays:
@@ -104,34 +106,36 @@ def views_layout(views: tuple[tensors.View, ...]) -> tuple:
                  for v in views)
 
 
-def remembered() -> collections.OrderedDict:
-    """This thread's prepared calls, by key, least recently used first."""
+def remembered() -> dict:
+    """This thread's prepared calls, by key."""
     try:
         return _thread.calls
     except AttributeError:
-        _thread.calls = collections.OrderedDict()
+        _thread.calls = {}
         return _thread.calls
 
 
 def find(key: tuple):
-    """The call prepared under `key`, or None (also for an unhashable key). A found call becomes the
-    most recently used."""
-    calls = remembered()
+    """The call prepared under `key`, or None (also for an unhashable key). A found call is stamped
+    as the most recently used: a stamp on the call costs a fraction of re-hashing a key (as an
+    ordered dict's move_to_end would) on every call."""
     try:
-        found = calls.get(key)
+        found = remembered().get(key)
     except TypeError:
         return None
     if found is not None:
-        calls.move_to_end(key)
+        found.last_used = next(_clock)
     return found
 
 
 def remember(key: tuple, prepared) -> None:
-    """Remember `prepared` under `key`; past LIMIT calls, the least recently used one is forgotten."""
+    """Remember `prepared` under `key`; past LIMIT keys, the least recently used one is forgotten (a
+    scan, only when a new layout arrives at a full memo)."""
     calls = remembered()
     try:
         calls[key] = prepared
     except TypeError:   # an unhashable scalar that the rules accept (an odd int-like): not remembered
         return
+    prepared.last_used = next(_clock)
     if len(calls) > LIMIT:
-        calls.popitem(last=False)
+        del calls[min(calls, key=lambda k: calls[k].last_used)]

@@ -177,14 +177,23 @@ def test_another_stream_takes_the_general_path(gpu, monkeypatch):
     assert taken == [(0x1234, None)]
 
 
-def test_memo_order_is_least_recently_used_first(monkeypatch):
+class Call:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_memo_forgets_the_least_recently_used(monkeypatch):
     monkeypatch.setattr(lookup, "_thread", threading.local())
     monkeypatch.setattr(lookup, "LIMIT", 3)
+    calls = {key: Call(key) for key in "abcdef"}
     for key in "abc":
-        lookup.remember(key, key.upper())
-    assert lookup.find("a") == "A"     # now the most recent
-    lookup.remember("d", "D")           # evicts b, the least recent
-    assert list(lookup.remembered()) == ["c", "a", "d"]
+        lookup.remember(key, calls[key])
+    assert lookup.find("a") is calls["a"]     # now the most recent
+    lookup.remember("d", calls["d"])           # forgets b, the least recent
+    assert sorted(lookup.remembered()) == ["a", "c", "d"]
+    lookup.find("c")
+    lookup.remember("e", calls["e"])           # forgets a
+    assert sorted(lookup.remembered()) == ["c", "d", "e"]
     assert lookup.find("b") is None and lookup.find(("x", [1])) is None   # unhashable: never found
-    lookup.remember(("x", [1]), "X")
-    assert list(lookup.remembered()) == ["c", "a", "d"]
+    lookup.remember(("x", [1]), calls["f"])
+    assert sorted(lookup.remembered()) == ["c", "d", "e"]
