@@ -14,6 +14,14 @@
 # NCU_ARGS="--case b64-q1-h128-1024"). BENCH_ARGS replaces the benchmark's case selection
 # (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode).
 #
+#   bash scripts/gpu_check.sh reliability [fresh warmups guards threads devices]   (default: all five)
+#
+# reliability (issue 8): fresh processes whose first call compiles (torch, JAX, CuPy imported first),
+# concurrent cold warm-ups, the guard tests and the guard cases under memcheck, two threads racing
+# on their first calls, inputs on cuda:1 and explicit streams; one JSON per part under $OUT
+# (scripts/reliability.py, scripts/guard_cases.py). The whole of it takes about 8 minutes on an
+# H200; split the parts over several commands where a command may run 10 minutes at most.
+#
 # Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (see
 # ../shared/scripts/build_peer_carry.sh) are installed into temp dirs first when present.
 set -uo pipefail
@@ -74,6 +82,40 @@ if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/n
       > "$OUT/sanitizer_$tool.txt" 2>&1
     [[ $? == 0 ]] || status=1
     head -n 60 "$OUT/sanitizer_$tool.txt"; tail -n 3 "$OUT/sanitizer_$tool.txt"
+  done
+fi
+
+if [[ $MODE == reliability ]]; then
+  parts=("${@:2}"); [[ ${#parts[@]} == 0 ]] && parts=(fresh warmups guards threads devices)
+  for part in "${parts[@]}"; do
+    case $part in
+      fresh)
+        step "reliability: fresh processes, first call compiles (torch, JAX, CuPy imported first)"
+        timeout 480 $PY scripts/reliability.py fresh-processes --json "$OUT/reliability_fresh_processes.json" 2>&1 \
+          | tail -n 25 || status=1 ;;
+      warmups)
+        step "reliability: concurrent cold warm-ups, one cache dir and separate dirs"
+        timeout 400 $PY scripts/reliability.py concurrent-warmups --json "$OUT/reliability_concurrent_warmups.json" \
+          2>&1 || status=1 ;;
+      guards)
+        step "reliability: guard tests (bad device contents, checked mode)"
+        timeout 300 $PY -m pytest -q -rA -m gpu tests/gpu/test_guards_gpu.py -p no:cacheprovider 2>&1 \
+          | tee "$LOGS/guard_tests.txt" || status=1
+        if command -v compute-sanitizer >/dev/null; then
+          step "reliability: guard cases under compute-sanitizer memcheck"
+          timeout 400 compute-sanitizer --tool memcheck --print-limit 12 --error-exitcode 9 \
+            $PY scripts/guard_cases.py --json "$OUT/guards.json" > "$OUT/sanitizer_guards_memcheck.txt" 2>&1
+          [[ $? == 0 ]] || status=1
+          head -n 60 "$OUT/sanitizer_guards_memcheck.txt"; tail -n 3 "$OUT/sanitizer_guards_memcheck.txt"
+        fi ;;
+      threads)
+        step "reliability: two threads, first calls at the same moment"
+        timeout 300 $PY scripts/reliability.py threads --json "$OUT/reliability_threads.json" 2>&1 || status=1 ;;
+      devices)
+        step "reliability: inputs on cuda:1, explicit streams"
+        timeout 200 $PY scripts/reliability.py devices --json "$OUT/reliability_devices.json" 2>&1 || status=1 ;;
+      *) echo "unknown reliability part: $part"; status=1 ;;
+    esac
   done
 fi
 

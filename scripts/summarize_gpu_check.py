@@ -83,6 +83,26 @@ def bench_summary(report: dict | None) -> dict | None:
     }
 
 
+def reliability(out_dir: str, log_dir: str) -> dict:
+    """The verdict of each part of scripts/reliability.py and of the guard cases that ran."""
+    parts = {}
+    for name in ("fresh_processes", "concurrent_warmups", "threads", "devices"):
+        text = read(os.path.join(out_dir, f"reliability_{name}.json"))
+        if text:
+            report = json.loads(text)
+            parts[name] = {k: report[k] for k in ("passed", "total_wall_seconds", "processes", "succeeded",
+                                                   "processes_with_an_empty_nvrtc_log", "repetitions",
+                                                   "bit_identical", "failures") if k in report}
+    guards = read(os.path.join(out_dir, "guards.json"))
+    if guards:
+        report = json.loads(guards)
+        parts["guard_cases"] = {"checked": report["checked"], "failed": report["failed"]}
+    tests = read(os.path.join(log_dir, "guard_tests.txt"))
+    if tests:
+        parts["guard_tests"] = pytest_counts(tests)
+    return parts
+
+
 def main(out_dir: str, log_dir: str) -> int:
     accuracy = read(os.path.join(out_dir, "accuracy.json"))
     accuracy = json.loads(accuracy) if accuracy else None
@@ -98,13 +118,14 @@ def main(out_dir: str, log_dir: str) -> int:
         "decode_accuracy": None if accuracy is None else
         {k: accuracy[k] for k in ("checked", "passed", "worst")},
         "sanitizers": {tool: sanitizer_verdict(read(os.path.join(out_dir, f"sanitizer_{tool}.txt")))
-                       for tool in ("memcheck", "racecheck", "synccheck")},
+                       for tool in ("memcheck", "racecheck", "synccheck", "guards_memcheck")},
         "demo": demo.strip().splitlines()[-3:] if demo else None,
         "benchmark": bench_summary(bench),
+        "reliability": reliability(out_dir, log_dir),
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    shown = {k: summary[k] for k in ("card", "commit", "gpu_tests", "decode_accuracy", "sanitizers")}
+    shown = {k: summary[k] for k in ("card", "commit", "gpu_tests", "decode_accuracy", "sanitizers", "reliability")}
     if summary["benchmark"] is not None:
         shown["benchmark"] = {k: v for k, v in summary["benchmark"].items() if k not in ("cases", "problems")}
     print(json.dumps(shown, indent=1))
