@@ -15,7 +15,6 @@ from . import inputs, plan, tensors
 from .params import METADATA_FIELDS
 
 
-
 class PlanCall:
     """get_mla_metadata for one checked layout: output allocators and the scheduler launch."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import threading
 import weakref
 
 import pytest
