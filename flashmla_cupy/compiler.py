@@ -183,8 +183,9 @@ def program_source(variant: Variant) -> str:
         raise FileNotFoundError(f"flashmla_cupy: kernel source {path} is missing")
     # Each #line makes a failed assert read "params_layout_asserts(N): error: ...", not a line of
     # <program>.cu that does not exist.
-    parts = [path.read_text(), '#line 1 "params_layout_asserts"',
-             params.layout_asserts(params.program_structs(variant.program))]
+    parts = [path.read_text(), '#line 1 "params_layout_asserts"', params.layout_asserts()]
+    if variant.program in params.OWN_STRUCTS:   # structs a program defines beside params.cuh's
+        parts.append(params.layout_asserts(params.OWN_STRUCTS[variant.program]))
     if variant.pinned_constants:
         parts.append('#line 1 "variant_asserts"')
         parts += [f'static_assert({name} == {value}, "{name} differs from flashmla_cupy/variants.py");'

@@ -2,8 +2,9 @@
 includes, and CheckParams of kernels_src/check.cu with the layout of checked mode's report.
 
 `layout_asserts(structs)` renders a static_assert for the size and every field offset of each struct;
-the compiler appends those of the structs a program sees to it (`program_structs`), so a drift between
-the two definitions fails compilation, also in CPU-only CI.
+the compiler appends those of params.cuh's structs to every program, and those of a program's own
+structs (`OWN_STRUCTS`) to it, so a drift between the two definitions fails compilation, also in
+CPU-only CI.
 """
 from __future__ import annotations
 
@@ -71,12 +72,8 @@ FAULT_LENGTH = 1   # cache_seqlens[i] < 0 or > block_table width * page size
 FAULT_BLOCK = 2    # a page request i uses holds a block index outside [0, num_blocks)
 FAULT_PLAN = 4     # request i's pieces (num_splits) or part p's row (metadata) differ from the plan
 
-ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)   # params.cuh
-
-
-def program_structs(program: str) -> tuple:
-    """The parameter structs the program kernels_src/<program>.cu sees."""
-    return ALL_STRUCTS + ((CheckParams,) if program == "check" else ())
+ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)   # params.cuh, which every program includes
+OWN_STRUCTS = {"check": (CheckParams,)}   # program -> the structs kernels_src/<program>.cu defines itself
 
 
 def layout_asserts(structs=ALL_STRUCTS) -> str:

@@ -183,3 +183,15 @@ def test_report_layout_is_pinned_in_the_kernel():
     assert pinned["flashmla::kReportHeader"] == params.REPORT_HEADER
     assert {pinned[f"flashmla::kFault{n}"] for n in ("Length", "Block", "Plan")} == {1, 2, 4}
     assert ctypes.sizeof(params.CheckParams) % 8 == 0
+
+
+def test_a_drifted_check_params_fails_compilation(monkeypatch):
+    """CheckParams lives in check.cu, not params.cuh: its layout is pinned all the same."""
+    from flashmla_cupy import compiler, errors, variants
+
+    class CheckParams(ctypes.Structure):   # the real one plus a field check.cu does not have
+        _fields_ = [*params.CheckParams._fields_, ("added_in_python_only", ctypes.c_int64)]
+
+    monkeypatch.setitem(params.OWN_STRUCTS, "check", (CheckParams,))
+    with pytest.raises(errors.CompileError, match="CheckParams"):
+        compiler.compile_variant(variants.check_variant())

@@ -105,7 +105,7 @@ def test_drifted_params_struct_fails_compilation(monkeypatch):
 
     real_asserts = params.layout_asserts
     drifted = (SchedulerParams, params.DecodeParams, params.CombineParams)
-    monkeypatch.setattr(params, "layout_asserts", lambda structs: real_asserts(drifted))
+    monkeypatch.setattr(params, "layout_asserts", lambda: real_asserts(drifted))
     with pytest.raises(errors.CompileError) as caught:
         compiler.compile_variant(variants.scheduler_variant())
     message = str(caught.value)
