@@ -64,10 +64,17 @@ def _print_table(results: list[dict]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+def _anything_to_compile(todo: list) -> bool:
+    try:
+        return any(cache.load(v) is None for v in todo)
+    except Exception:  # e.g. headers not found: each variant's worker reports it
+        return True
+
+
 def cmd_warmup(args) -> int:
     todo = variants.all_variants()
     # Fail before minutes of compiling when nothing compiled could be kept.
-    unwritable = cache.unwritable_reason() if any(cache.load(v) is None for v in todo) else None
+    unwritable = cache.unwritable_reason() if _anything_to_compile(todo) else None
     if unwritable:
         print(f"flashmla_cupy warmup: cannot write the kernel cache at {cache.cache_dir()} ({unwritable}), so "
               f"nothing compiled would be kept. Point {env.CACHE_DIR} at a writable directory.", file=sys.stderr)

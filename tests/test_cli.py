@@ -113,3 +113,26 @@ def test_clear_cache_on_a_read_only_cache_says_so_in_one_line(tmp_path, monkeypa
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "could not remove 2 of 2 cache files" in lines[0]
     assert "Read-only file system" in lines[0] and captured.out == ""
+
+
+def test_warmup_without_headers_reports_each_variant(tmp_path, monkeypatch, capsys):
+    """A missing header set fails every variant in the table, with the reason, not with a traceback."""
+    import concurrent.futures
+
+    from flashmla_cupy import compiler
+
+    class Inline(concurrent.futures.ThreadPoolExecutor):   # workers in this process, where the patch holds
+        def __init__(self, jobs, mp_context=None):
+            super().__init__(jobs)
+
+    def missing():
+        raise ImportError("the CUTLASS/CuTe headers were not found")
+
+    monkeypatch.setenv(env.CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Inline)
+    monkeypatch.setattr(compiler, "header_dirs", missing)
+    assert cli.main(["warmup"]) == cli.EXIT_FAILED
+    captured = capsys.readouterr()
+    assert captured.out.count("FAILED") >= len(variants.all_variants())
+    assert "headers were not found" in captured.err
