@@ -30,6 +30,7 @@ from fake_dlpack import contiguous
 STREAM = 0x5A5A00           # the fake torch's current stream on every device
 FIRST_PTR = 0x7E00_0000_0000
 DECODE_FN, COMBINE_FN, SCHEDULER_FN, CHECK_FN = 0xD0, 0xC0, 0x50, 0xCC   # fake CUfunction handles
+STREAM_CONTEXT = 0xC7C7      # the fake CUcontext that owns every stream
 
 
 # --- torch ------------------------------------------------------------------------------------------
@@ -204,6 +205,22 @@ class RecordingDriver:
             ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
             ctypes.c_int)(self._encode)
+        # Contexts: every stream belongs to STREAM_CONTEXT; the thread starts with none current.
+        self.contexts: list[int] = []   # the current-context stack
+        out_pointer = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)   # also for cuCtxPushCurrent's handle
+        self.cuStreamGetCtx = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(
+            lambda stream, context: self._write(context, STREAM_CONTEXT))
+        self.cuCtxGetCurrent = out_pointer(lambda context: self._write(context, self._current()))
+        self.cuCtxPushCurrent = out_pointer(lambda context: self.contexts.append(context) or 0)
+        self.cuCtxPopCurrent = out_pointer(lambda context: self._write(context, self.contexts.pop()))
+
+    def _current(self) -> int:
+        return self.contexts[-1] if self.contexts else 0
+
+    @staticmethod
+    def _write(pointer: int, value: int) -> int:
+        ctypes.c_void_p.from_address(pointer).value = value
+        return 0
 
     def _launch(self, config, function, params, extra):
         grid = (ctypes.c_uint * 7).from_address(config)
@@ -213,7 +230,7 @@ class RecordingDriver:
         args = [ctypes.string_at(a, size) for a, size in zip(addresses, self.arg_sizes[function])]
         self.launches.append(dict(grid=tuple(grid[:3]), block=tuple(grid[3:6]), shared_bytes=grid[6],
                                   stream=stream, pdl=num_attrs == 1, function=function, args=args,
-                                  thread=threading.get_ident()))
+                                  thread=threading.get_ident(), context=self._current()))
         kernel = self.kernels.get(function)
         if kernel is not None:
             kernel(self, args)
@@ -328,7 +345,7 @@ def install(setattr_, setitem, driver, torch_module=None) -> list:
     cache and for CuPy's Module; returns the list of their load/unload events (see FakeModule)."""
     import cupy
 
-    from flashmla_cupy import cache, launch
+    from flashmla_cupy import api, cache, launch
 
     events: list = []
     module = type("Module", (FakeModule,), {"events": events})
@@ -348,6 +365,9 @@ def install(setattr_, setitem, driver, torch_module=None) -> list:
     setattr_(cupy.cuda.runtime, "getDevice", lambda: 0)
     if torch_module is not None:
         setitem(sys.modules, "torch", torch_module)
+        # The fake torch has no torch.library to register ops with: api's tracing check gets the
+        # one function it reads from torch_ops, answering as eager torch does.
+        setattr_(api, "_torch_ops", types.SimpleNamespace(is_compiling=lambda: False))
     return events
 
 
@@ -379,7 +399,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(lookup, "_thread", threading.local())   # no call prepared on fakes survives
     torch_allocator = tensors.allocator
 
-    def allocator(framework, shape, dtype, device_id):
+    def allocator(framework, shape, dtype, device_id, workspace=False):
         if framework == "torch":
             return torch_allocator(framework, shape, dtype, device_id)
 

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.metadata
 import multiprocessing
 import os
 import platform
 import sys
 import time
 
-from . import cache, compiler, env, errors, variants
-from .api import HOPPER
+from . import cache, compiler, env, errors, install, variants
+from .errors import CudaUnavailableError, MissingDependencyError, UnsupportedDeviceError
 
-NO_GPU_MESSAGE = (
-    "No CUDA GPU (sm_90) here: the demo needs an H100/H200. "
-    "`python -m flashmla_cupy warmup` compiles all kernels without one."
-)
 EXIT_FAILED = 1
 EXIT_NO_GPU = 2
 
@@ -72,6 +69,13 @@ def _anything_to_compile(todo: list) -> bool:
 
 
 def cmd_warmup(args) -> int:
+    # CuPy and NVRTC (the CUDA extra) checked here once: each worker would report the same missing
+    # extra; a missing header set is reported per variant, in the table.
+    try:
+        install.nvrtc()
+    except MissingDependencyError as exc:
+        print(f"flashmla_cupy warmup: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     todo = variants.all_variants()
     # Fail before minutes of compiling when nothing compiled could be kept.
     unwritable = cache.unwritable_reason() if _anything_to_compile(todo) else None
@@ -117,50 +121,84 @@ def cmd_warmup(args) -> int:
 # ------------------------------------------------------------------------------------------ info
 
 def _gpus() -> list:
-    """DeviceInfo of every visible GPU; empty when CuPy finds no driver or device."""
-    try:
-        import cupy
-
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no driver, no libcuda, CUDA_VISIBLE_DEVICES="" ...
-        return []
+    """DeviceInfo of every visible GPU; raises install's one-line errors when none can be reached."""
     from . import launch
 
-    return [launch.device_info(i) for i in range(count)]
+    return [launch.device_info(i) for i in range(install.device_count())]
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def cmd_info(args) -> int:
-    import cupy
-
-    print(f"flashmla_cupy   {cache.package_version()}")
-    print(f"python          {platform.python_version()} ({sys.executable})")
-    print(f"cupy            {cupy.__version__}")
-    print(f"nvrtc           {compiler.nvrtc_version()}")
+def _line(label: str, describe) -> None:
+    """One line of `info`: what `describe()` returns, or why that part is not there. Never raises:
+    info is what a user runs when something is broken."""
     try:
-        dirs, versions = compiler.header_dirs(), compiler.header_versions()
-        print(f"cutlass         {versions['cutlass']}  {dirs.cutlass}")
-        print(f"cccl            {versions['cccl']}  {'  '.join(map(str, dirs.cccl))}")
-        print(f"cuda headers    {versions['cudart']}  {dirs.cudart}")
-    except (ImportError, OSError, ValueError) as exc:
-        print(f"headers         NOT FOUND: {exc}")
-    print(f"kernel sources  {compiler.kernels_dir()}")
-    print(f"target arch     {compiler.ARCH}")
-    print(f"cache           {cache.cache_dir()}  ({_mib(cache.cache_size_bytes())} under {env.cache_root()})")
+        text = describe()
+    except (MissingDependencyError, UnsupportedDeviceError) as exc:   # one-line messages with the fix
+        text = f"MISSING: {exc}"
+    except Exception as exc:
+        text = f"FAILED: {type(exc).__name__}: {exc}"
+    print(f"{label:<16}{text}")
+
+
+def _extra() -> str:
+    extras = install.installed_extras()
+    if len(extras) > 1:
+        raise MissingDependencyError(
+            f"{' and '.join(e.cupy for e in extras)} are both installed and overwrite each other's `cupy` "
+            f"module: uninstall both, then {install.choose_extra_hint()}")
+    if not extras:
+        raise MissingDependencyError(f"no CUDA extra installed: {install.choose_extra_hint()}")
+    extra = extras[0]
+    return f"{extra.name} ({extra.cupy} {importlib.metadata.version(extra.cupy)})"
+
+
+def _cupy() -> str:
+    cupy = install.require_cupy()
+    major, minor = install.runtime_cuda_version(cupy)
+    return f"{cupy.__version__} (CUDA runtime {major}.{minor})"
+
+
+def _headers() -> str:
+    dirs, versions = compiler.header_dirs(), compiler.header_versions()
+    return (f"cutlass {versions['cutlass']} {dirs.cutlass}\n{'':<16}cccl {versions['cccl']} "
+            f"{'  '.join(map(str, dirs.cccl))}\n{'':<16}cuda {versions['cudart']} {dirs.cudart}")
+
+
+def _driver() -> str:
+    version = install.driver_cuda_version()
+    if version is None:
+        raise CudaUnavailableError("no NVIDIA driver (libcuda.so.1 cannot be loaded)")
+    return f"supports CUDA {version[0]}.{version[1]}"
+
+
+def _gpu_lines() -> str:
+    lines = []
+    for g in _gpus():
+        usable = "" if g.cc == install.HOPPER else "  (not Hopper: cannot run these kernels)"
+        lines.append(f"{g.device_id}: {g.name}, compute capability {g.cc[0]}.{g.cc[1]}, {g.sm_count} SMs{usable}")
+    return f"\n{'':<16}".join(lines)
+
+
+def cmd_info(args) -> int:
+    _line("flashmla_cupy", cache.package_version)
+    _line("python", lambda: f"{platform.python_version()} ({sys.executable})")
+    _line("cuda extra", _extra)
+    _line("cupy", _cupy)
+    _line("nvrtc", compiler.nvrtc_version)
+    _line("headers", _headers)
+    _line("kernel sources", compiler.kernels_dir)
+    _line("target arch", lambda: compiler.ARCH)
+    _line("cache", lambda: f"{cache.cache_dir()}  ({_mib(cache.cache_size_bytes())} under {env.cache_root()})")
     print("environment")
     for name, (default, meaning) in env.VARIABLES.items():
         value = os.environ.get(name)
         print(f"  {name}={value}" if value is not None else f"  {name} (unset)")
         print(f"      {meaning}; default: {default}")
-    gpus = _gpus()
-    if not gpus:
-        print("gpu             no CUDA GPU visible")
-    for g in gpus:
-        usable = "" if g.cc == HOPPER else "  (not sm_90: cannot run these kernels)"
-        print(f"gpu {g.device_id}           {g.name}, compute capability {g.cc[0]}.{g.cc[1]}, {g.sm_count} SMs{usable}")
+    _line("driver", _driver)
+    _line("gpus", _gpu_lines)
     return 0
 
 
@@ -184,9 +222,11 @@ DEMO_TIMED_RUNS = 50
 
 
 def cmd_demo(args) -> int:
-    device = next((g for g in _gpus() if g.cc == HOPPER), None)
-    if device is None:
-        print(NO_GPU_MESSAGE)
+    try:
+        gpus = _gpus()
+        device = next((g for g in gpus if g.cc == install.HOPPER), None) or install.require_hopper(0)
+    except (MissingDependencyError, UnsupportedDeviceError) as exc:
+        print(f"demo: {exc}")
         return EXIT_NO_GPU
     import cupy
 
@@ -205,7 +245,7 @@ def _run_demo(device) -> int:
     d, dv = reference.HEAD_DIM, reference.HEAD_DIM_V
     rng = np.random.default_rng(0)
     seqlens = rng.integers(DEMO_SEQLENS[0], DEMO_SEQLENS[1] + 1, size=b)
-    # Random pages in a shuffled block table, NaN in every slot no request may read (SPEC.md 4).
+    # Random pages in a shuffled block table, NaN in every slot no request may read (docs/API.md).
     case = reference.random_case(rng, **DEMO_SHAPE, seqlens=seqlens, dtype="bf16")
     def to_gpu(x):  # 16-bit floats travel as their bit patterns, as the GPU tests move them
         return cupy.asarray(x.view(np.uint16)).view(x.dtype) if x.dtype.itemsize == 2 else cupy.asarray(x)

@@ -3,7 +3,8 @@
 A call is checked and prepared once per input layout (prepared.py) and then replayed: a decode step
 repeats one layout for every layer. lookup.py finds the prepared call: plain torch CUDA tensors or
 CuPy arrays on their framework's current stream from their attributes alone, every other call
-through tensor views first.
+through tensor views first. Traced calls become graph nodes instead: torch.compile/torch.export ones
+torch custom ops (torch_ops.py), jax.jit ones XLA buffer callbacks (jax_ops.py, via lookup.py).
 
 The driver-facing modules (launch, kernels) are imported only once the inputs are checked, so that
 importing the package, and rejecting a bad call, needs no GPU and no CUDA library.
@@ -12,42 +13,53 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import env, inputs, lookup, prepared
-from .errors import UnsupportedDeviceError
+from . import env, inputs, install, lookup, prepared
 
-HOPPER = (9, 0)  # the kernels are compiled for sm_90a, which runs only on compute capability 9.0
 _METADATA_ARRAYS = ("cache_seqlens",)
 _DECODE_ARRAYS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
 
 
-def _require_hopper(device_id: int):
-    """The device's info; raises UnsupportedDeviceError unless it is a Hopper GPU."""
-    from . import launch
-    info = launch.device_info(device_id)
-    if info.cc != HOPPER:
-        major, minor = info.cc
-        raise UnsupportedDeviceError(
-            f"cuda:{device_id} is a {info.name} (compute capability {major}.{minor}); flashmla_cupy's "
-            "kernels are built for sm_90a and need a Hopper GPU (compute capability 9.0: H100, H200, "
-            "H800, H20)")
-    return info
+# torch_ops, once imported: it sets this when a torch tensor is first seen (importing it imports
+# torch and registers the ops).
+_torch_ops = None
+
+
+def _load_torch_ops():
+    from . import torch_ops
+    return torch_ops
+
+
+def _traced_by_torch(first: Any) -> bool:
+    """True while torch.compile or torch.export traces this call, which must then become an op of
+    torch's graph. Everything here also traces under dynamo (no sys.modules, no data pointers); an
+    eager call pays a global read and torch's is_compiling(), or a type check before any torch tensor."""
+    ops = _torch_ops
+    if ops is None:
+        if type(first).__module__.partition(".")[0] != "torch":
+            return False
+        ops = _load_torch_ops()
+    return ops.is_compiling()
 
 
 def _prepare_plan(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.PlanCall:
     problem = inputs.check_metadata_args(views[0], *scalars, failed=failed)
-    info = _require_hopper(problem.device_id)
+    info = install.require_hopper(problem.device_id)
     return prepared.PlanCall(problem, framework, info.sm_count)
 
 
 def _prepare_decode(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.DecodeCall:
-    q, k_cache, block_table, seqlens, metadata, num_splits = views
-    head_dim_v, softmax_scale, causal, check = scalars
+    q, k_cache, block_table, seqlens, metadata, num_splits, *given = views
+    head_dim_v, softmax_scale, causal, check, *given_names = scalars   # the names of out=/lse= when given
+    outputs = dict(zip(given_names[0], given)) if given_names else {}
     problem = inputs.check_decode_args(q, k_cache, block_table, seqlens, head_dim_v, metadata, num_splits,
-                                       softmax_scale, causal, check, failed=failed)
-    _require_hopper(problem.device_id)
+                                       softmax_scale, causal, check, outputs.get("out"), outputs.get("lse"),
+                                       failed=failed)
+    install.require_hopper(problem.device_id)
     # The mode is part of the prepared call (and `check` of its key): unchecked calls pay nothing.
     checked = env.check() if check is None else bool(check)
-    return (prepared.CheckedDecodeCall if checked else prepared.DecodeCall)(problem, framework)
+    kind = {(False, False): prepared.DecodeCall, (True, False): prepared.CheckedDecodeCall,
+            (False, True): prepared.DecodeIntoCall, (True, True): prepared.CheckedDecodeIntoCall}
+    return kind[checked, bool(outputs)](problem, framework)
 
 
 def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads_k: int, *,
@@ -73,6 +85,8 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
     ValueError and TypeError) listing every problem; a non-Hopper GPU raises
     `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
+    if _traced_by_torch(cache_seqlens):
+        return _torch_ops.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, stream)
     return lookup.call(_METADATA_ARRAYS, (cache_seqlens,), (num_q_tokens_per_head_k, num_heads_k), stream,
                        _prepare_plan)
 
@@ -80,7 +94,8 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
 def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens: Any,
                            head_dim_v: int, tile_scheduler_metadata: Any, num_splits: Any,
                            softmax_scale: float | None = None, causal: bool = False, *,
-                           stream: Any = None, check: bool | None = None) -> tuple[Any, Any]:
+                           out: Any = None, lse: Any = None, stream: Any = None,
+                           check: bool | None = None) -> tuple[Any, Any]:
     """MLA decode attention over a paged KV cache (FlashMLA's dense-decode API).
 
     Args (CUDA arrays from torch, JAX, CuPy or any DLPack producer, all on one Hopper GPU):
@@ -96,15 +111,20 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
         softmax_scale: scale of the scores; default `576 ** -0.5`.
         causal: mask bottom-right aligned: query token `s` sees keys `t < n - (s_q - 1 - s)`.
             Changes nothing when `s_q == 1`.
+        out, lse: optional buffers to write the results into instead of new arrays (for static
+            buffers under CUDA graphs): writable CUDA arrays (torch, CuPy; not JAX) on q's device,
+            C-contiguous, `out` `[b, s_q, h_q, 512]` in q's dtype and 16-byte aligned, `lse` float32
+            `[b, h_q, s_q]`; checked like every input. They must not overlap the inputs.
         stream: optional CUDA stream (int handle, torch or CuPy stream); by default the caller's
             current stream (torch's for torch inputs, CuPy's otherwise).
         check: validate the device contents first (checked mode, below); None (default): as the
             FLASHMLA_CUPY_CHECK environment variable says, off unless it is 1.
 
     Returns:
-        `(out, lse)` in q's framework: `out` `[b, s_q, h_q, 512]` in q's dtype, the softmax-weighted
-        sum of the visible values; `lse` float32 `[b, h_q, s_q]`, the natural-log log-sum-exp of the
-        scaled scores. A row that sees no key gets `out = 0`, `lse = +inf`.
+        `(out, lse)` in q's framework (the caller's own arrays where given): `out` `[b, s_q, h_q, 512]`
+        in q's dtype, the softmax-weighted sum of the visible values; `lse` float32 `[b, h_q, s_q]`,
+        the natural-log log-sum-exp of the scaled scores. A row that sees no key gets `out = 0`,
+        `lse = +inf`.
 
     Query head `h` uses KV head `h // (h_q // h_kv)`. Scores and accumulation are fp32. Cache
     contents past a request's length may be NaN/Inf and do not affect the result. Both kernels run
@@ -127,5 +147,24 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     It costs one host synchronisation per call, so it cannot run while a CUDA graph is captured (it
     raises then); unchecked calls pay nothing for it.
     """
-    return lookup.call(_DECODE_ARRAYS, (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
-                       (head_dim_v, softmax_scale, causal, check), stream, _prepare_decode)
+    if _traced_by_torch(q):
+        return _torch_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                                 tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                                                 out, lse, stream, check)
+    if out is None and lse is None:
+        return lookup.call(_DECODE_ARRAYS,
+                           (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
+                           (head_dim_v, softmax_scale, causal, check), stream, _prepare_decode)
+    return _decode_into((q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),
+                        (head_dim_v, softmax_scale, causal, check), out, lse, stream)
+
+
+def _decode_into(arrays: tuple, scalars: tuple, out: Any, lse: Any, stream: Any) -> tuple:
+    """flash_mla_with_kvcache with out= or lse=."""
+    given = tuple((name, a) for name, a in (("out", out), ("lse", lse)) if a is not None)
+    names = tuple(name for name, _ in given)
+    # The names of the given outputs are part of the call's key: an lse-shaped array passed as out
+    # must be checked (and rejected), not replayed as an lse.
+    new_out, new_lse = lookup.call(_DECODE_ARRAYS + names, arrays + tuple(a for _, a in given), (*scalars, names),
+                                   stream, _prepare_decode)
+    return (new_out if out is None else out), (new_lse if lse is None else lse)

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 
 from . import cubin as cubin_image
-from . import errors, params
+from . import errors, install, params
+from .errors import MissingDependencyError
 from .variants import Variant
 
 # Hopper with the arch-specific features (wgmma, setmaxnreg); sm_90a cubins run only on sm_90.
@@ -75,12 +76,8 @@ def kernels_dir() -> pathlib.Path:
     )
 
 
-def _missing_headers(what: str, wheel: str) -> ImportError:
-    # An ImportError: like a missing module, the cure is installing a package.
-    return ImportError(
-        f"flashmla_cupy: the {what} headers were not found; install them with `pip install {wheel}` "
-        f"(see `python -m flashmla_cupy info`)"
-    )
+def _missing_headers(what: str, fix: str) -> MissingDependencyError:
+    return MissingDependencyError(f"the {what} headers were not found: {fix}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,13 +86,13 @@ def header_dirs() -> HeaderDirs:
     spec = importlib.util.find_spec("cutlass_library")
     cutlass = pathlib.Path(spec.origin).parent / "source" / "include" if spec and spec.origin else None
     if cutlass is None or not (cutlass / "cute" / "tensor.hpp").is_file():
-        raise _missing_headers("CUTLASS/CuTe", "nvidia-cutlass==4.2.0.0")
+        raise _missing_headers("CUTLASS/CuTe", "pip install nvidia-cutlass==4.2.0.0 (a dependency of flashmla-cupy)")
 
     from cuda import pathfinder  # comes with cuda-bindings; knows wheels, conda and toolkits
 
     cccl_dir = pathfinder.find_nvidia_header_directory("cccl")
     if not cccl_dir or not (pathlib.Path(cccl_dir) / "cuda" / "std" / "__cccl" / "version.h").is_file():
-        raise _missing_headers("CCCL (cuda/std)", "'nvidia-cuda-cccl>=13.0,<13.2' (CUDA 12: nvidia-cuda-cccl-cu12)")
+        raise _missing_headers("CCCL (cuda/std)", install.requirement("cccl"))
     cccl_dir = pathlib.Path(cccl_dir)
     # CUDA 13 puts CCCL in .../include/cccl and CUTLASS then includes <cccl/cuda/std/...>, so the
     # parent must be searched too; the CUDA 12 wheel's .../cuda_cccl/include needs only itself.
@@ -103,7 +100,7 @@ def header_dirs() -> HeaderDirs:
 
     cudart = pathfinder.find_nvidia_header_directory("cudart")
     if not cudart or not (pathlib.Path(cudart) / "cuda_bf16.h").is_file():
-        raise _missing_headers("CUDA runtime", "'nvidia-cuda-runtime>=13.0,<14' (CUDA 12: nvidia-cuda-runtime-cu12)")
+        raise _missing_headers("CUDA runtime", install.requirement("runtime"))
     return HeaderDirs(cutlass=cutlass, cccl=cccl, cudart=pathlib.Path(cudart))
 
 
@@ -143,9 +140,7 @@ def header_versions() -> dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def nvrtc_version() -> str:
     """NVRTC's major.minor, plus the wheel's full version when NVRTC came from a wheel."""
-    from cupy.cuda import nvrtc
-
-    major, minor = nvrtc.getVersion()
+    major, minor = install.nvrtc().getVersion()
     wheel = _dist_version("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12")
     return f"{major}.{minor}" + (f" (wheel {wheel})" if wheel else "")
 
@@ -195,8 +190,7 @@ def program_source(variant: Variant) -> str:
 
 def compile_variant(variant: Variant) -> CompiledKernel:
     """Compile one variant to a cubin; raise errors.CompileError with the log if NVRTC fails."""
-    from cupy.cuda import nvrtc
-
+    nvrtc = install.nvrtc()
     options = compile_options(variant)
     source = program_source(variant)
     prog = nvrtc.createProgram(source, f"{variant.program}.cu", [], [])

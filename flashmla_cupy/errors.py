@@ -38,6 +38,16 @@ class UnsupportedDeviceError(RuntimeError):
     """The GPU cannot run these kernels (they are built for sm_90a, i.e. Hopper)."""
 
 
+class CudaUnavailableError(UnsupportedDeviceError):
+    """No GPU can be reached: no NVIDIA driver, a driver older than the installed CUDA wheels, or no
+    visible device. The message says which, in one line, with the fix."""
+
+
+class MissingDependencyError(ImportError):
+    """A part of the installation is missing (no CUDA extra, NVRTC, headers); the message names the
+    package to install."""
+
+
 class KernelCacheMissError(RuntimeError):
     """A kernel is not in the on-disk cache and FLASHMLA_CUPY_NO_COMPILE forbids compiling it.
 

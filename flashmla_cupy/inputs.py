@@ -59,6 +59,8 @@ class DecodeProblem:
     q: View
     k_cache: View
     block_table: View
+    out: View | None = None    # caller-provided outputs (out=, lse=), else allocated per call
+    lse: View | None = None
 
     @property
     def scale_log2(self) -> float:
@@ -120,7 +122,7 @@ class _Rules:
             return False
         return True
 
-    def contiguous(self, name: str, view: View, axes: range) -> None:
+    def contiguous(self, name: str, view: View, axes: range, fix: str | None = None) -> None:
         """Unit stride on the innermost axes (size-1 axes may have any stride, as DLPack allows)."""
         expected = contiguous_strides(view.shape)
         bad = [a for a in axes if view.shape[a] > 1 and view.strides[a] != expected[a]]
@@ -128,7 +130,7 @@ class _Rules:
             what = "last dim contiguous (stride 1)" if list(axes) == [view.ndim - 1] else \
                 f"contiguous strides {list(expected)}"
             self.add(f"{name}.strides", list(view.strides), what,
-                     f"pass {name}.contiguous() (torch) / jnp.asarray / cupy.ascontiguousarray")
+                     fix or f"pass {name}.contiguous() (torch) / jnp.asarray / cupy.ascontiguousarray")
 
     def non_negative_strides(self, name: str, view: View) -> None:
         if any(s < 0 for s in view.strides):
@@ -293,6 +295,40 @@ def _check_num_splits(rules: _Rules, num_splits: View, batch: int | None, fix: s
     rules.dtype("num_splits", num_splits, (INT32,), fix)
 
 
+def _check_output(rules: _Rules, name: str, view: View, shape: tuple | None, dtype: np.dtype | None,
+                  layout: str, align: int) -> None:
+    """A caller-provided output: writable, the exact shape and dtype, C-contiguous (the kernels write
+    it with fixed strides), `align`-byte aligned. `shape`/`dtype` are None when q is too broken to tell."""
+    if view.framework == "jax":
+        rules.add(name, "a JAX array", "a writable CUDA array (torch, CuPy)",
+                  f"JAX arrays are immutable: leave {name}= out and use the returned array (under jax.jit XLA "
+                  "reuses buffers itself)")
+        return
+    if shape is not None and view.shape != shape:
+        rules.add(f"{name}.shape", list(view.shape), f"{list(shape)}, i.e. {layout}", f"allocate {name} as {layout}")
+    elif shape is not None:
+        # A contiguous copy would take the results instead of the caller's buffer.
+        rules.contiguous(name, view, range(view.ndim), f"allocate {name} contiguous (torch.empty, cupy.empty)")
+    if dtype is not None:
+        rules.dtype(name, view, (dtype,), f"allocate {name} as {dtype.name}")
+    if view.ptr % align:
+        rules.add(f"{name}.data_ptr", hex(view.ptr), f"a {align}-byte aligned address (the kernels' stores)",
+                  f"allocate {name} on its own, or slice it at {align}-byte boundaries")
+
+
+def _check_outputs(rules: _Rules, out: View | None, lse: View | None, q: View | None, q_ok: bool) -> None:
+    """out: [b, s_q, h_q, 512] in q's dtype; lse: float32 [b, h_q, s_q]; both C-contiguous. An output
+    that could not be viewed (None) was reported already."""
+    b, s_q, h_q = q.shape[:3] if q_ok else (None, None, None)
+    if out is not None:
+        _check_output(rules, "out", out, (b, s_q, h_q, HEAD_DIM_V) if q_ok else None,
+                      q.dtype if q is not None and q.dtype in DTYPE_NAMES else None,
+                      f"[batch, seqlen_q, heads_q, {HEAD_DIM_V}]", VECTOR_ALIGN)
+    if lse is not None:
+        _check_output(rules, "lse", lse, (b, h_q, s_q) if q_ok else None, np.dtype(np.float32),
+                      "[batch, heads_q, seqlen_q]", np.dtype(np.float32).itemsize)
+
+
 def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: Any, check: Any) -> None:
     if _as_int(head_dim_v) != HEAD_DIM_V:
         rules.add("head_dim_v", repr(head_dim_v), f"{HEAD_DIM_V} (MLA's dv)", f"pass {HEAD_DIM_V}")
@@ -311,12 +347,15 @@ def _check_scalars(rules: _Rules, head_dim_v: Any, softmax_scale: Any, causal: A
 def check_decode_args(q: View | None, k_cache: View | None, block_table: View | None,
                       cache_seqlens: View | None, head_dim_v: Any, tile_scheduler_metadata: View | None,
                       num_splits: View | None, softmax_scale: Any, causal: Any, check: Any = None,
+                      out: View | None = None, lse: View | None = None,
                       failed: tuple[Violation, ...] = ()) -> DecodeProblem:
-    """Check a `flash_mla_with_kvcache` call; raises InvalidInputError listing every violated rule and
-    the `failed` ones (arguments that could not be viewed, whose views are None)."""
+    """Check a `flash_mla_with_kvcache` call (with the caller's `out`/`lse` buffers when given);
+    raises InvalidInputError listing every violated rule and the `failed` ones (arguments that could
+    not be viewed, whose views are None)."""
     rules = _Rules("flash_mla_with_kvcache", failed)
     views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
+    views.update((name, view) for name, view in (("out", out), ("lse", lse)) if view is not None)
     device_id = rules.on_cuda(views)
     q_ok = _check_q(rules, q)
     batch = q.shape[0] if q is not None and q.ndim == 4 else None
@@ -325,6 +364,7 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
     _check_seqlens(rules, cache_seqlens, batch)
     _check_plan(rules, tile_scheduler_metadata, num_splits, batch)
     _check_scalars(rules, head_dim_v, softmax_scale, causal, check)
+    _check_outputs(rules, out, lse, q, q_ok)
     rules.raise_if_any()  # q and k_cache are usable from here: each way of failing added a violation
 
     batch, seqlen_q, heads_q, _ = q.shape
@@ -336,4 +376,4 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
         heads_per_group=heads_per_group, rows=seqlen_q * heads_per_group,
         dtype_name=DTYPE_NAMES[q.dtype], causal=bool(causal) and seqlen_q > 1,
         softmax_scale=scale, num_parts=tile_scheduler_metadata.shape[0], device_id=device_id,
-        q=q, k_cache=k_cache, block_table=block_table)
+        q=q, k_cache=k_cache, block_table=block_table, out=out, lse=lse)

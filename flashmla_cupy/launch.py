@@ -8,6 +8,7 @@ programmatic dependent of the decode kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import cache, variants
+from . import cache, install, variants
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,11 @@ class DeviceInfo:
 
 @functools.lru_cache(maxsize=None)
 def device_info(device_id: int) -> DeviceInfo:
-    import cupy
-
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    cupy = install.require_cupy()
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    except cupy.cuda.runtime.CUDARuntimeError as exc:   # no driver, an old one, no such device
+        raise install.cuda_unavailable(cupy, exc) from None
     name = props["name"]
     return DeviceInfo(
         device_id=device_id,
@@ -150,6 +153,25 @@ def is_capturing(stream: int, device_id: int) -> bool:
     with cupy.cuda.Device(device_id):
         _check(_driver().cuStreamIsCapturing(stream, ctypes.byref(status)), "cuStreamIsCapturing")
     return status.value != _CAPTURE_STATUS_NONE
+
+
+@contextlib.contextmanager
+def stream_context(stream: int):
+    """The context that owns `stream` made current while launching on it, then the previous one back.
+    A thread that XLA runs a callback on may have no current context, and a launch goes to the current
+    context; eager calls do not need this (their framework made the device's context current)."""
+    driver = _driver()
+    owner, current = ctypes.c_void_p(), ctypes.c_void_p()
+    _check(driver.cuStreamGetCtx(ctypes.c_void_p(stream), ctypes.byref(owner)), "cuStreamGetCtx")
+    _check(driver.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+    if owner.value == current.value:
+        yield
+        return
+    _check(driver.cuCtxPushCurrent(owner), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        _check(driver.cuCtxPopCurrent(ctypes.byref(current)), "cuCtxPopCurrent")
 
 
 # --- TMA descriptors -------------------------------------------------------------------------------

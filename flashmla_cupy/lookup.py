@@ -49,10 +49,14 @@ def call(names: tuple[str, ...], arrays: tuple, scalars: tuple, stream: Any,
             if stream is None or tensors.stream_handle(stream) == current:
                 return prepared(pointers, current, None)
 
+    framework = tensors.framework_of(arrays[0])
+    if framework == "jax":
+        from . import jax_ops   # imports jax, which made the arrays
+        if jax_ops.tracing(arrays):   # under jax.jit: no memory to view, a graph node to make instead
+            return jax_ops.run(names, arrays, scalars, stream)
     handle, owner = tensors.caller_stream(arrays, stream)
     taken, failed = tensors.take_all(dict(zip(names, arrays)), handle, owner)
     views = tuple(taken.values())
-    framework = tensors.framework_of(arrays[0])
     views_key = None if failed else key(("views", framework), views_layout(views), scalars)
     prepared = None if failed else find(views_key)
     if prepared is None:
@@ -64,7 +68,8 @@ def call(names: tuple[str, ...], arrays: tuple, scalars: tuple, stream: Any,
         remember(key(found[0], found[1], scalars), prepared)
     # On the framework's own current stream its allocator needs no stream switch.
     results = prepared([v.ptr for v in views], handle, None if owner == framework else handle)
-    return tuple(tensors.to_framework(framework, r, handle) for r in results)
+    # None stands for an output the caller provided (out=, lse=).
+    return tuple(r if r is None else tensors.to_framework(framework, r, handle) for r in results)
 
 
 def key(source, layout: tuple, scalars: tuple) -> tuple:

@@ -32,8 +32,12 @@ class PlanCall:
         (seqlens,) = pointers
         metadata, metadata_ptr = self._new_metadata(alloc_stream)
         num_splits, num_splits_ptr = self._new_num_splits(alloc_stream)
-        self._schedule(seqlens, metadata_ptr, num_splits_ptr, stream)
+        self.launch(seqlens, metadata_ptr, num_splits_ptr, stream)
         return metadata, num_splits
+
+    def launch(self, seqlens: int, metadata: int, num_splits: int, stream: int) -> None:
+        """The planner on `stream` over arrays at these addresses."""
+        self._schedule(seqlens, metadata, num_splits, stream)
 
 
 class DecodeCall:
@@ -47,12 +51,16 @@ class DecodeCall:
         self._decode = kernels.DecodeLaunch(p)
         self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.num_parts,
                                               device_id)
-        self._new_out = tensors.allocator(
+        # Outputs the caller provides (out=, lse=; DecodeIntoCall) get no allocator.
+        self._new_out = None if p.out is not None else tensors.allocator(
             framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.q.dtype, device_id)
-        self._new_lse = tensors.allocator(framework, (p.batch, p.heads_q, p.seqlen_q), np.float32, device_id)
+        self._new_lse = None if p.lse is not None else tensors.allocator(
+            framework, (p.batch, p.heads_q, p.seqlen_q), np.float32, device_id)
         # Both partial buffers in one workspace allocation, apart from the outputs so that it goes back
         # to the framework's stream-ordered allocator as soon as the call returns.
-        self._new_workspace = tensors.allocator(framework, (self._decode.workspace_floats,), np.float32, device_id)
+        self.workspace_floats = self._decode.workspace_floats
+        self._new_workspace = tensors.allocator(framework, (self.workspace_floats,), np.float32, device_id,
+                                                workspace=True)
 
     def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
         """`pointers`: q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits.
@@ -61,9 +69,32 @@ class DecodeCall:
         out, out_ptr = self._new_out(alloc_stream)
         lse, lse_ptr = self._new_lse(alloc_stream)
         workspace, workspace_ptr = self._new_workspace(alloc_stream)
+        # The launch() body, inlined: this is the hot path of every eager decode.
         out_partial, lse_partial = self._decode(q, k_cache, block_table, seqlens, metadata, num_splits,
                                                 out_ptr, lse_ptr, workspace_ptr, stream)
         self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
+        return out, lse
+
+    def launch(self, arrays: list[int], out: int, lse: int, workspace: int, stream: int) -> None:
+        """Both kernels on `stream`: `arrays` are the addresses of q, k_cache, block_table,
+        cache_seqlens, tile_scheduler_metadata, num_splits; `workspace` holds workspace_floats fp32."""
+        q, k_cache, block_table, seqlens, metadata, num_splits = arrays
+        out_partial, lse_partial = self._decode(q, k_cache, block_table, seqlens, metadata, num_splits,
+                                                out, lse, workspace, stream)
+        self._combine(out_partial, lse_partial, num_splits, out, lse, stream)
+
+
+class DecodeIntoCall(DecodeCall):
+    """A DecodeCall that writes the outputs the caller provides (out=, lse=) and allocates the others."""
+
+    def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
+        """`pointers`: those of DecodeCall, then out and lse where the caller provides them. Returns
+        (out, lse) with None for each output the caller provided."""
+        given = iter(pointers[6:])
+        out, out_ptr = self._new_out(alloc_stream) if self._new_out else (None, next(given))
+        lse, lse_ptr = self._new_lse(alloc_stream) if self._new_lse else (None, next(given))
+        workspace, workspace_ptr = self._new_workspace(alloc_stream)
+        self.launch(pointers[:6], out_ptr, lse_ptr, workspace_ptr, stream)
         return out, lse
 
 
@@ -79,5 +110,9 @@ class CheckedDecodeCall(DecodeCall):
         self._check = checked.DeviceCheck(problem, framework)
 
     def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
-        self._check(pointers, stream, alloc_stream)
+        self._check(pointers[:6], stream, alloc_stream)   # the inputs (out=/lse= follow them)
         return super().__call__(pointers, stream, alloc_stream)
+
+
+class CheckedDecodeIntoCall(CheckedDecodeCall, DecodeIntoCall):
+    """Checked mode with the caller's outputs: validated first, then written in place."""

@@ -1,6 +1,6 @@
 """Float64 numpy reference of MLA decode, the test-data generator, and the accuracy check.
 
-This module is the semantics of docs SPEC.md sections 3 and 4 in executable form: the GPU kernels are
+This module is the semantics of docs/API.md sections 3 and 6 in executable form: the GPU kernels are
 tested against `mla_decode_reference` with `check_close`, on data made by `random_case`. It needs no
 GPU; inputs are numpy arrays (bf16 as `ml_dtypes.bfloat16`).
 """
@@ -16,7 +16,7 @@ HEAD_DIM = 576     # key row: 512 latent + 64 rope values
 HEAD_DIM_V = 512   # value row: the first 512 values of the key row
 PAGE_SIZE = 64
 
-# SPEC.md section 4.
+# docs/API.md section 6.
 OUT_ATOL = 8e-4
 OUT_RTOL = 2 / 128
 OUT_MAX_COS_DIFF = 5e-6
@@ -111,7 +111,7 @@ class Case:
 
 def perf_accounting(total_seqlen: int, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
                     itemsize: int = 2) -> tuple[int, int]:
-    """(FLOPs, bytes) of one decode step as SPEC.md section 5 counts them (FlashMLA's accounting), so
+    """(FLOPs, bytes) of one decode step as docs/API.md section 7 counts them (FlashMLA's accounting), so
     that TFLOPS and GB/s compare with the peers'. `total_seqlen`: cached tokens over the batch."""
     flops = seqlen_q * total_seqlen * heads_q * (HEAD_DIM + HEAD_DIM_V) * 2
     nbytes = (total_seqlen * heads_kv * HEAD_DIM + batch * seqlen_q * heads_q * (HEAD_DIM + HEAD_DIM_V)) * itemsize
@@ -132,7 +132,7 @@ def _random_values(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarr
 def random_case(rng: np.random.Generator, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
                 seqlens, dtype, causal: bool = False, softmax_scale: float | None = None,
                 spare_pages: int = 4, bt_pad: int = 2) -> Case:
-    """A fresh random case following SPEC.md's test-data rules.
+    """A fresh random case following docs/API.md's test-data rules (section 6).
 
     `seqlens` is one length for all requests or one per request. Pages are handed out from a random
     permutation of `num_blocks = pages used + spare_pages`; every slot not visible to its request (the
@@ -173,7 +173,7 @@ def _worst(bad: np.ndarray, err: np.ndarray) -> tuple[int, ...] | None:
 
 
 def check_close(out, lse, ref_out, ref_lse, dtype) -> dict:
-    """SPEC.md section 4: compare a kernel's `(out, lse)` with the float64 reference.
+    """docs/API.md section 6: compare a kernel's `(out, lse)` with the float64 reference.
 
     out: every element within OUT_ATOL or OUT_RTOL (relative) of the reference rounded to `dtype`,
     and the cosine difference `1 - 2 sum(xy) / sum(x^2 + y^2)` against the float64 reference at most

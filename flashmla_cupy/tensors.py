@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from . import install
 from .errors import InvalidInputError, Violation
 
 # DLDeviceType values (dlpack.h).
@@ -326,7 +327,7 @@ def _default_stream(objs: tuple) -> tuple[int, str | None]:
     device_id = _dlpack_device(cuda_objs[0])[1]
     if any(framework_of(obj) == "torch" for obj in cuda_objs):
         return current_stream("torch", device_id), "torch"
-    import cupy  # noqa: F401 - current_stream reads sys.modules; JAX inputs may not have imported CuPy
+    install.require_cupy()   # current_stream reads sys.modules; JAX inputs may not have imported CuPy
     return current_stream("cupy", device_id), "cupy"
 
 
@@ -363,7 +364,7 @@ def _native_view(obj: Any, stream_owner: str | None) -> View | None:
     if framework == "torch":
         if type(obj).__name__ != "Tensor" or not obj.is_cuda:
             return None
-        dtype = _torch_dtypes().get(obj.dtype)
+        dtype = torch_dtypes().get(obj.dtype)
         if dtype is None:
             return None
         return View(ptr=obj.data_ptr(), shape=tuple(obj.shape), strides=tuple(obj.stride()), dtype=dtype,
@@ -380,7 +381,7 @@ def _native_view(obj: Any, stream_owner: str | None) -> View | None:
 _TORCH_DTYPES: dict | None = None
 
 
-def _torch_dtypes() -> dict:
+def torch_dtypes() -> dict:
     """torch dtype -> numpy dtype, for the types DLPack would report (built once, torch imported)."""
     global _TORCH_DTYPES
     if _TORCH_DTYPES is None:
@@ -394,13 +395,23 @@ def _torch_dtypes() -> dict:
     return _TORCH_DTYPES
 
 
+def traced_view(shape: tuple, strides: tuple, dtype: np.dtype, on_cuda: bool, device_id: int,
+                framework: str) -> View:
+    """The View of an array that torch.compile or jax.jit is tracing: metadata without memory. Its
+    address is 0, so the address rules pass while tracing; they run on the real addresses when the
+    traced call runs."""
+    return View(ptr=0, shape=tuple(shape), strides=tuple(strides), dtype=dtype,
+                device_type=DEVICE_CUDA if on_cuda else DEVICE_CPU, device_id=device_id, framework=framework,
+                obj=None)
+
+
 def stream_handle(stream: Any) -> int:
     """The raw cudaStream_t of an explicit `stream=` argument (int, torch or CuPy stream)."""
     if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
         return int(stream)
     if hasattr(stream, "cuda_stream"):   # torch.cuda.Stream
         return int(stream.cuda_stream)
-    if hasattr(stream, "ptr"):           # cupy.cuda.Stream / ExternalStream
+    if hasattr(stream, "ptr"):           # cupy.cuda.Stream
         return int(stream.ptr)
     raise InvalidInputError("flashmla_cupy", [Violation(
         "stream", f"an object of type {type(stream).__qualname__}",
@@ -408,15 +419,17 @@ def stream_handle(stream: Any) -> int:
         "pass the stream object itself or its raw handle")])
 
 
-def allocator(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int) -> Callable:
+def allocator(framework: str, shape: tuple[int, ...], dtype: Any, device_id: int,
+              workspace: bool = False) -> Callable:
     """A maker of uninitialised C-contiguous CUDA arrays of one shape and dtype in `framework`: called
     with the stream the memory must be ordered on (None: the framework's current stream), it returns
     (native array, data pointer). JAX (which cannot hand out writable memory) and unknown frameworks
-    get CuPy arrays: pass them through `to_framework` when returning them."""
+    get CuPy arrays: pass them through `to_framework` when returning them. `workspace`: memory that
+    only the call's kernels use (see _cupy_allocator)."""
     shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
     if framework == "torch":
         return _torch_allocator(shape, dtype, device_id)
-    return _cupy_allocator(shape, dtype, device_id)
+    return _cupy_allocator(shape, dtype, device_id, workspace)
 
 
 def _torch_allocator(shape, dtype, device_id):
@@ -435,7 +448,29 @@ def _torch_allocator(shape, dtype, device_id):
     return new
 
 
-def _cupy_allocator(shape, dtype, device_id):
+class _RawStream:
+    """A raw cudaStream_t in the CUDA stream protocol, as cupy.cuda.Stream.from_external takes it."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle   # protocol version 0
+
+
+def _cupy_stream(handle: int):
+    import cupy
+    return cupy.cuda.Stream.from_external(_RawStream(handle))
+
+
+# Workspaces allocated while a stream was being captured into a CUDA graph: the graph replays into
+# them for as long as it lives, and CuPy's pool (unlike torch's graph pools) would hand them out again.
+_CAPTURED_WORKSPACES: list = []
+
+
+def _cupy_allocator(shape, dtype, device_id, workspace):
     import cupy
 
     def new(stream):
@@ -444,8 +479,11 @@ def _cupy_allocator(shape, dtype, device_id):
                 array = cupy.empty(shape, dtype=dtype)
             else:
                 # CuPy's pool reuses a block only on the stream it was allocated under: make it ours.
-                with cupy.cuda.ExternalStream(stream, device_id):
+                with _cupy_stream(stream):
                     array = cupy.empty(shape, dtype=dtype)
+            if workspace and cupy.cuda.runtime.streamIsCapturing(
+                    current_stream("cupy", device_id) if stream is None else stream):
+                _CAPTURED_WORKSPACES.append(array)
         return array, array.data.ptr
     return new
 
@@ -459,5 +497,5 @@ def to_framework(framework: str, native: Any, stream: int | None = None) -> Any:
     if stream is None:
         return jax.dlpack.from_dlpack(native)
     # CuPy's __dlpack__ orders JAX's stream after CuPy's current one: make that the launch stream.
-    with cupy.cuda.Device(native.device.id), cupy.cuda.ExternalStream(stream, native.device.id):
+    with cupy.cuda.Device(native.device.id), _cupy_stream(stream):
         return jax.dlpack.from_dlpack(native)

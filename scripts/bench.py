@@ -1,12 +1,12 @@
 """The decode benchmark: flashmla_cupy beside FlashMLA (sgl-flash-mla's dense legacy kernel) and FlashInfer
-(its fa3 MLA backend), on issue 7's table and SPEC.md section 5's standard matrix, bf16 and fp16.
+(its fa3 MLA backend), on issue 7's table and docs/API.md section 7's standard matrix, bf16 and fp16.
 
 Runs on a Hopper GPU with torch. Every library gets the same torch inputs (page 64, shuffled pages,
 random data). Per case, our output comes first; each peer's output is checked against it before the
 peer is timed, and a peer that disagrees is reported and not timed. Each library is then timed
 replayed from a CUDA graph (the headline: serving engines run decode that way) and as eager calls,
 every run after an L2 flush, CUDA-event median; metadata is computed before timing. The copy and
-matmul ceilings are measured at the start of the same run. FLOPs and bytes follow SPEC.md section 5.
+matmul ceilings are measured at the start of the same run. FLOPs and bytes follow docs/API.md section 7.
 
 The JSON is rewritten after every case, so a run cut short (Ctrl-C; SIGTERM, after the case in
 progress; --budget-s) keeps what it measured. The markdown tables and the PNG chart are rendered
@@ -57,7 +57,7 @@ HOST_CALLS = 20
 COPY_BYTES = 1 << 30
 MATMUL_N = 8192
 
-# A peer agrees with ours when every element is within twice SPEC.md's out bar against the float64
+# A peer agrees with ours when every element is within twice docs/API.md's out bar against the float64
 # reference (each of the two may use the bar once), with cosine difference at most CHECK_COS.
 CHECK_ABS, CHECK_REL, CHECK_COS = 2 * 8e-4, 2 * 2 / 128, 1e-5
 

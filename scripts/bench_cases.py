@@ -1,4 +1,4 @@
-"""The benchmark's cases: issue 7's table and SPEC.md section 5's standard matrix, in every dtype.
+"""The benchmark's cases: issue 7's table and docs/API.md section 7's standard matrix, in every dtype.
 
 A case's id describes its shape completely, so any id parses and `--cases` also takes shapes outside
 the two sets: `b128-q2-h64-4096-var-causal` is batch 128, 2 query tokens, 64 query heads, mean cache
@@ -43,7 +43,7 @@ ISSUE_TABLE = (
     (8, 1, 16, 16384, False),
 )
 
-# SPEC.md section 5: b = 128, one KV head, causal whenever s_q > 1 (causal changes nothing at s_q = 1).
+# docs/API.md section 7: b = 128, one KV head, causal whenever s_q > 1 (causal changes nothing at s_q = 1).
 MATRIX_BATCH = 128
 MATRIX_SEQLEN_Q = (1, 2)
 MATRIX_HEADS_Q = (16, 32, 64, 128)
@@ -94,7 +94,7 @@ class Case:
         return [-(-n // PAGE_SIZE) for n in self.seqlens()]
 
     def accounting(self) -> tuple[int, int]:
-        """(FLOPs, bytes) of one call, SPEC.md section 5."""
+        """(FLOPs, bytes) of one call, docs/API.md section 7."""
         return perf_accounting(sum(self.seqlens()), self.batch, self.seqlen_q, self.heads_q, self.heads_kv,
                                ITEMSIZE[self.dtype])
 

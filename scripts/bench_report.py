@@ -25,7 +25,7 @@ import bench_cases  # scripts/ is this script's first sys.path entry
 SCHEMA = 2
 OURS = "flashmla_cupy"
 MODES = {"graph": "CUDA-graph replay", "eager": "eager calls"}
-GROUP_TITLES = {"issue": "issue 7 table", "matrix": "standard matrix (SPEC.md section 5)", "": "other cases"}
+GROUP_TITLES = {"issue": "issue 7 table", "matrix": "standard matrix (docs/API.md section 7)", "": "other cases"}
 
 
 class Headline(NamedTuple):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, for a Hopper machine (the lent H200): environment, warm-up, the GPU
+# The whole GPU check in one go, for a Hopper machine (H100, H200): environment, warm-up, the GPU
 # test suite, the demo, compute-sanitizer on a representative subset, and the side-by-side benchmark.
 # JSON results, the benchmark's markdown and chart, and sanitizer logs go to $OUT (default: a temp dir),
 # with summary.json (card, commit, test counts, worst errors, sanitizer verdicts, ours / best peer per
@@ -9,7 +9,7 @@
 #
 # full: everything, the benchmark on issue 7's table in bf16 and fp16 (the tests and sanitizers need
 # the rest of a 10-minute device command); bench: warm-up, host time and the whole benchmark (issue 7's
-# table and SPEC.md's matrix, both dtypes, ~3-5 min); tests/quick: tests only; ncu: Nsight Compute on
+# table and docs/API.md's matrix, both dtypes, ~3-5 min); tests/quick: tests only; ncu: Nsight Compute on
 # our decode kernel and FlashMLA's (scripts/ncu_compare.py, arguments from NCU_ARGS, e.g.
 # NCU_ARGS="--case b64-q1-h128-1024"). BENCH_ARGS replaces the benchmark's case selection
 # (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode).
@@ -22,8 +22,8 @@
 # (scripts/reliability.py, scripts/guard_cases.py). The whole of it takes about 8 minutes on an
 # H200; split the parts over several commands where a command may run 10 minutes at most.
 #
-# Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (see
-# ../shared/scripts/build_peer_carry.sh) are installed into temp dirs first when present.
+# Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (made by
+# scripts/peer_wheels.sh) are installed into temp dirs first when present.
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."

@@ -8,6 +8,13 @@ then the cProfile functions with the most own time.
 
     python scripts/host_profile.py [--calls 300]
     python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (devtools/fake_cuda.py)
+    python scripts/host_profile.py --baseline DIR [--rounds 5] [--cpu-mock]   # before/after
+
+`--baseline DIR` compares this tree with another version's source tree, e.g. one made by
+`mkdir .baseline && git archive <commit> | tar -x -C .baseline` (ignored by git; carry it to a remote
+machine). Each version runs its own copy of this script, with its own package and fakes, in fresh
+processes taking turns, so that a drift in the machine's speed hits both alike; the best burst of
+each is compared.
 
 `--cpu-mock` times the package's own Python on a machine without a GPU. Its torch is a pure-Python
 stand-in and its driver returns at once, so real tensor attribute reads, `torch.empty` and launches
@@ -19,6 +26,8 @@ import argparse
 import cProfile
 import os
 import pstats
+import re
+import subprocess
 import sys
 
 import bench  # scripts/ is this script's first sys.path entry
@@ -46,13 +55,47 @@ def mock_inputs():
                    torch.tensor((B, PAGES), torch.int32), torch.tensor((B,), torch.int32))
 
 
+FUNCTIONS = ("flash_mla_with_kvcache", "get_mla_metadata")
+_TIMING = re.compile(r"host time per (\w+) call: ([\d.]+) us[^;]*(?:; best of \d+ bursts ([\d.]+) us)?")
+
+
+def _measure(tree: str, argv: list[str]) -> dict[str, float]:
+    """One run of `tree`'s own copy of this script: microseconds per call (best burst) by function."""
+    done = subprocess.run([sys.executable, os.path.join(tree, "scripts", "host_profile.py"), *argv, "--no-profile"],
+                          env={**os.environ, "PYTHONPATH": os.path.abspath(tree)}, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"host_profile in {tree} failed:\n{done.stderr[-2000:]}")
+    found = {m.group(1): float(m.group(3) or m.group(2)) for m in _TIMING.finditer(done.stdout)}
+    return {name: found[name] for name in FUNCTIONS}
+
+
+def compare(baseline: str, argv: list[str], rounds: int) -> None:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict[str, float]]] = {baseline: [], here: []}
+    for _ in range(rounds):
+        for tree in runs:
+            runs[tree].append(_measure(tree, argv))
+    mode = "CPU-mocked" if "--cpu-mock" in argv else "GPU"
+    print(f"{mode} eager host time per call, best of {rounds} alternating runs ({' '.join(argv)}):")
+    for name in FUNCTIONS:
+        before, after = (min(run[name] for run in runs[tree]) for tree in (baseline, here))
+        print(f"  {name}: {before:.1f} us ({baseline}) -> {after:.1f} us (this tree), "
+              f"{after - before:+.1f} us ({(after - before) / before:+.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1, help="bursts to time; the best is reported too")
     parser.add_argument("--cpu-mock", action="store_true", help="no GPU: fake torch and driver (see above)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile listing")
+    parser.add_argument("--baseline", metavar="DIR", help="also time the source tree DIR and compare (see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --baseline: runs of each tree")
     args = parser.parse_args()
+    if args.baseline:
+        compare(args.baseline, ["--calls", str(args.calls), "--repeats", str(args.repeats)]
+                + (["--cpu-mock"] if args.cpu_mock else []), args.rounds)
+        return
 
     torch, (q, k_cache, block_table, seqlens) = mock_inputs() if args.cpu_mock else gpu_inputs()
     import flashmla_cupy

@@ -257,7 +257,8 @@ def test_key_is_the_same_for_every_install_with_the_same_versions(kernels, tmp_p
         monkeypatch.setattr(compiler, "header_versions", lambda: {**versions, name: "0.0.1"})
         assert cache.cache_key(DECODE) != base, name
     monkeypatch.setattr(compiler, "header_versions", lambda: versions)
-    monkeypatch.setattr(compiler, "nvrtc_version", lambda: "12.9 (wheel 12.9.86)")
+    other_nvrtc = "12.8 (wheel 12.8.93)" if compiler.nvrtc_version().startswith("12.9") else "12.9 (wheel 12.9.86)"
+    monkeypatch.setattr(compiler, "nvrtc_version", lambda: other_nvrtc)
     assert cache.cache_key(DECODE) != base
 
 

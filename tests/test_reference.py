@@ -21,7 +21,7 @@ from flashmla_cupy.reference import (
 
 
 def dense_loop_reference(case):
-    """SPEC.md section 3 read literally: one query row and one key at a time."""
+    """docs/API.md section 3 read literally: one query row and one key at a time."""
     q = to_float64(case.q)
     batch, seqlen_q, heads_q, dim = q.shape
     heads_kv = case.heads_kv
@@ -249,7 +249,7 @@ def test_merge_partials_reference_ignores_pieces_without_keys():
 
 
 def test_perf_accounting_is_flashmla_s():
-    """SPEC.md section 5: FLOPs 2 * s_q * total * h_q * (576 + 512); bytes: the whole KV cache once,
+    """docs/API.md section 7: FLOPs 2 * s_q * total * h_q * (576 + 512); bytes: the whole KV cache once,
     q and out once, 2 bytes each. b=128, h_q=128, 4096 tokens: the peer table's first case."""
     flops, nbytes = perf_accounting(128 * 4096, 128, 1, 128, 1)
     assert flops == 2 * 128 * 4096 * 128 * 1088 == 146_028_888_064

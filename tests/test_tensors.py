@@ -257,3 +257,65 @@ def test_view_is_hashable_and_repr_skips_the_array():
     a = np.zeros((2, 3), np.float32)
     v = tensors.take(a, "a")
     assert hash(v) == hash(tensors.take(a, "a")) and "obj" not in repr(v)
+
+
+# CuPy allocations, with CuPy's device-facing calls stood in for.
+
+class _FakeCupyArray:
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+        self.data = type("Memory", (), {"ptr": 0x7000})()
+
+
+@pytest.fixture
+def cupy_calls(monkeypatch):
+    """cupy.empty, Device, the current stream and streamIsCapturing on a fake device; returns the log
+    of (what, stream) events and a dict where a test sets which stream is capturing."""
+    import contextlib
+
+    import cupy
+
+    log, state = [], {"capturing": None, "entered": None}
+
+    def from_external(obj):
+        version, handle = obj.__cuda_stream__()
+        assert version == 0
+
+        @contextlib.contextmanager
+        def entered():
+            state["entered"] = handle
+            yield
+            state["entered"] = None
+        return entered()
+
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype: log.append(("empty", state["entered"]))
+                        or _FakeCupyArray(shape, dtype))
+    monkeypatch.setattr(cupy.cuda, "Device", lambda device_id: contextlib.nullcontext())
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda device_id=None: type("S", (), {"ptr": 0xC0})())
+    monkeypatch.setattr(cupy.cuda.Stream, "from_external", staticmethod(from_external))
+    monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: stream == state["capturing"])
+    monkeypatch.setattr(tensors, "_CAPTURED_WORKSPACES", [])
+    return log, state
+
+
+def test_cupy_memory_is_ordered_on_the_launch_stream(cupy_calls):
+    log, _ = cupy_calls
+    new = tensors.allocator("cupy", (4, 2), np.float32, 0)
+    new(None)
+    new(0xC0)      # CuPy's current stream: no switch
+    new(0xABC)     # another stream: allocated under it, through the CUDA stream protocol
+    assert log == [("empty", None), ("empty", None), ("empty", 0xABC)]
+
+
+def test_workspaces_made_during_graph_capture_are_kept(cupy_calls):
+    """A captured graph replays into its workspace; CuPy's pool must never hand that memory out again."""
+    _, state = cupy_calls
+    workspace = tensors.allocator("cupy", (1024,), np.float32, 0, workspace=True)
+    output = tensors.allocator("cupy", (8,), np.float32, 0)
+    workspace(None)
+    assert tensors._CAPTURED_WORKSPACES == []
+    state["capturing"] = 0xABC
+    kept, _ = workspace(0xABC)
+    output(0xABC)    # outputs belong to the caller, who keeps them as long as the graph
+    workspace(None)  # CuPy's current stream is not the one being captured
+    assert tensors._CAPTURED_WORKSPACES == [kept]
