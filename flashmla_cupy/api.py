@@ -19,26 +19,17 @@ _METADATA_ARRAYS = ("cache_seqlens",)
 _DECODE_ARRAYS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
 
 
-# torch_ops, once imported: it sets this when a torch tensor is first seen (importing it imports
-# torch and registers the ops).
+# torch_ops, once imported: it sets this itself. Importing it imports torch and registers the ops.
 _torch_ops = None
 
 
-def _load_torch_ops():
+def _torch_ops_for(first: Any):
+    """torch_ops, imported now, when `first` is a torch tensor; else None. Until then no call is a
+    torch tensor's, so none can be traced by torch."""
+    if type(first).__module__.partition(".")[0] != "torch":
+        return None
     from . import torch_ops
     return torch_ops
-
-
-def _traced_by_torch(first: Any) -> bool:
-    """True while torch.compile or torch.export traces this call, which must then become an op of
-    torch's graph. Everything here also traces under dynamo (no sys.modules, no data pointers); an
-    eager call pays a global read and torch's is_compiling(), or a type check before any torch tensor."""
-    ops = _torch_ops
-    if ops is None:
-        if type(first).__module__.partition(".")[0] != "torch":
-            return False
-        ops = _load_torch_ops()
-    return ops.is_compiling()
 
 
 def _prepare_plan(views: tuple, framework: str, scalars: tuple, failed: tuple) -> prepared.PlanCall:
@@ -85,8 +76,11 @@ def get_mla_metadata(cache_seqlens: Any, num_q_tokens_per_head_k: int, num_heads
     ValueError and TypeError) listing every problem; a non-Hopper GPU raises
     `errors.UnsupportedDeviceError`. Both are raised before anything is launched.
     """
-    if _traced_by_torch(cache_seqlens):
-        return _torch_ops.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, stream)
+    # While torch traces the call (torch.compile, torch.export) it becomes an op of torch's graph. Written
+    # for dynamo to trace too; an eager call pays a global read and torch's is_compiling().
+    ops = _torch_ops or _torch_ops_for(cache_seqlens)
+    if ops is not None and ops.is_compiling():
+        return ops.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, stream)
     return lookup.call(_METADATA_ARRAYS, (cache_seqlens,), (num_q_tokens_per_head_k, num_heads_k), stream,
                        _prepare_plan)
 
@@ -147,10 +141,10 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
     It costs one host synchronisation per call, so it cannot run while a CUDA graph is captured (it
     raises then); unchecked calls pay nothing for it.
     """
-    if _traced_by_torch(q):
-        return _torch_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                                 tile_scheduler_metadata, num_splits, softmax_scale, causal,
-                                                 out, lse, stream, check)
+    ops = _torch_ops or _torch_ops_for(q)   # as in get_mla_metadata
+    if ops is not None and ops.is_compiling():
+        return ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                          num_splits, softmax_scale, causal, out, lse, stream, check)
     if out is None and lse is None:
         return lookup.call(_DECODE_ARRAYS,
                            (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits),

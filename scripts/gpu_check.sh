@@ -14,6 +14,14 @@
 # NCU_ARGS="--case b64-q1-h128-1024"). BENCH_ARGS replaces the benchmark's case selection
 # (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode).
 #
+#   bash scripts/gpu_check.sh integration
+#
+# integration (issue 9; not part of full/tests, whose test step has 5 minutes): the GPU tests of
+# tests/gpu/test_integration_gpu.py (torch.compile fullgraph and CUDA-graph trees, opcheck, jax.jit also
+# under XLA command buffers, CuPy graph capture, out= buffers), then, when .baseline/ holds another
+# version's source tree (`mkdir .baseline && git archive <commit> | tar -x -C .baseline`, carried), the
+# eager host time per call of both, taking turns (scripts/host_profile.py --baseline).
+#
 #   bash scripts/gpu_check.sh reliability [fresh warmups guards threads devices]   (default: all five)
 #
 # reliability (issue 8): fresh processes whose first call compiles (torch, JAX, CuPy imported first),
@@ -54,8 +62,8 @@ if [[ $MODE == full || $MODE == tests || $MODE == quick ]]; then
   sel=(); [[ $MODE == quick ]] && sel=(-k "matrix and (b1- or b2- or b3-) or empty or frameworks")
   per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
   FLASHMLA_CUPY_TEST_REPORT="$OUT/accuracy.json" \
-  timeout 300 $PY -m pytest -q -rA -m gpu tests "${sel[@]}" "${per_test[@]}" -p no:cacheprovider 2>&1 \
-    | tee "$LOGS/gpu_tests.txt" || status=1
+  timeout 300 $PY -m pytest -q -rA -m gpu tests --ignore=tests/gpu/test_integration_gpu.py "${sel[@]}" \
+    "${per_test[@]}" -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_tests.txt" || status=1
   step "demo"
   timeout 120 $PY -m flashmla_cupy demo 2>&1 | tee "$LOGS/demo.txt" || status=1
 fi
@@ -83,6 +91,16 @@ if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/n
     [[ $? == 0 ]] || status=1
     head -n 60 "$OUT/sanitizer_$tool.txt"; tail -n 3 "$OUT/sanitizer_$tool.txt"
   done
+fi
+
+if [[ $MODE == integration ]]; then
+  step "integration: torch.compile, CUDA-graph trees, opcheck, jax.jit (XLA command buffers), CuPy graphs, out="
+  timeout 480 $PY -m pytest -q -rA -m gpu tests/gpu/test_integration_gpu.py -p no:cacheprovider 2>&1 \
+    | tee "$LOGS/integration_tests.txt" || status=1
+  if [[ -d .baseline ]]; then
+    step "eager host time per call: .baseline -> this tree"
+    timeout 240 $PY scripts/host_profile.py --baseline .baseline --repeats 5 --rounds 5 2>&1 || status=1
+  fi
 fi
 
 if [[ $MODE == reliability ]]; then

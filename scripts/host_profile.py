@@ -61,8 +61,10 @@ _TIMING = re.compile(r"host time per (\w+) call: ([\d.]+) us[^;]*(?:; best of \d
 
 def _measure(tree: str, argv: list[str]) -> dict[str, float]:
     """One run of `tree`'s own copy of this script: microseconds per call (best burst) by function."""
+    # The tree first, ahead of whatever else the path holds (carried wheels, this tree).
+    path = os.pathsep.join(filter(None, (os.path.abspath(tree), os.environ.get("PYTHONPATH"))))
     done = subprocess.run([sys.executable, os.path.join(tree, "scripts", "host_profile.py"), *argv, "--no-profile"],
-                          env={**os.environ, "PYTHONPATH": os.path.abspath(tree)}, capture_output=True, text=True)
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"host_profile in {tree} failed:\n{done.stderr[-2000:]}")
     found = {m.group(1): float(m.group(3) or m.group(2)) for m in _TIMING.finditer(done.stdout)}

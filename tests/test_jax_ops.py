@@ -1,7 +1,7 @@
 """jax.jit on the CPU (jax_ops.py): a traced call is checked while tracing, becomes one XLA buffer
 callback per call (the plan shared by the layers), lowered for CUDA as command-buffer compatible; its
 callbacks launch on XLA's stream over XLA's buffers, on a fake H100 (devtools/fake_cuda.py).
-tests/gpu/test_frameworks_gpu.py runs it for real, also recorded into XLA command buffers."""
+tests/gpu/test_integration_gpu.py runs it for real, also recorded into XLA command buffers."""
 from __future__ import annotations
 
 import ctypes

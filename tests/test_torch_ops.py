@@ -1,6 +1,6 @@
 """torch integration on the CPU (torch_ops.py): the ops' schemas, their fake implementations on fake
 CUDA tensors (static and dynamic shapes), the public functions traced by dynamo into exactly these
-ops, opcheck and torch.compile over CPU stand-ins for the CUDA kernels. tests/gpu/test_frameworks_gpu.py
+ops, opcheck and torch.compile over CPU stand-ins for the CUDA kernels. tests/gpu/test_integration_gpu.py
 runs the same against the real kernels."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from flashmla_cupy import api, flash_mla_with_kvcache, get_mla_metadata, launch, plan  # noqa: E402
+from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, launch, plan  # noqa: E402
 from flashmla_cupy import torch_ops  # noqa: E402
 from flashmla_cupy.errors import InvalidInputError, UnsupportedDeviceError  # noqa: E402
 
@@ -219,7 +219,7 @@ def cpu_kernels(monkeypatch):
     for name, fn in (("get_mla_metadata", metadata), ("decode", decode), ("decode_out", decode_out)):
         library.impl(name, fn, "CPU")
     # Eager calls would go the package's own (GPU-only) way; these tests trace everything.
-    monkeypatch.setattr(api, "_traced_by_torch", lambda first: True)
+    monkeypatch.setattr(torch_ops, "is_compiling", lambda: True)
     yield
     library._destroy()
 
