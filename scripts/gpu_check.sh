@@ -41,13 +41,15 @@ export PYTHONUNBUFFERED=1
 export FLASHMLA_CUPY_CACHE_DIR=${FLASHMLA_CUPY_CACHE_DIR:-/tmp/flashmla_cupy_cache}
 PY=${PYTHON:-python3}
 EXTRA=$PWD
+# Where the carried wheels are unpacked; give concurrent checks (one per GPU) their own.
+SITE=${GPU_CHECK_SITE:-/tmp/fmla_site}
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fmla_site .whl/*.whl
-  EXTRA=$EXTRA:/tmp/fmla_site
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  EXTRA=$EXTRA:$SITE
 fi
 if ls .peerwheels/*.tar.xz >/dev/null 2>&1; then
-  mkdir -p /tmp/fmla_peers && for f in .peerwheels/*.tar.xz; do tar -C /tmp/fmla_peers -xJf "$f"; done
-  PEERS=/tmp/fmla_peers
+  mkdir -p "$SITE-peers" && for f in .peerwheels/*.tar.xz; do tar -C "$SITE-peers" -xJf "$f"; done
+  PEERS=$SITE-peers
 fi
 export PYTHONPATH=$EXTRA${PYTHONPATH:+:$PYTHONPATH}
 status=0
