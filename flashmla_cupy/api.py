@@ -19,16 +19,21 @@ _METADATA_ARRAYS = ("cache_seqlens",)
 _DECODE_ARRAYS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
 
 
-# torch_ops, once imported: it sets this itself. Importing it imports torch and registers the ops.
+# torch_ops, once an eager call has imported it (importing it imports torch and registers the ops).
 _torch_ops = None
 
 
 def _torch_ops_for(first: Any):
     """torch_ops, imported now, when `first` is a torch tensor; else None. Until then no call is a
-    torch tensor's, so none can be traced by torch."""
+    torch tensor's, so none can be traced by torch. Only an eager call remembers it in `_torch_ops`:
+    a global that changed type while dynamo traced a first call would break dynamo's guard on it
+    (torch 2.11: "Unexpected type <class 'module'>")."""
+    global _torch_ops
     if type(first).__module__.partition(".")[0] != "torch":
         return None
     from . import torch_ops
+    if not torch_ops.is_compiling():
+        _torch_ops = torch_ops
     return torch_ops
 
 

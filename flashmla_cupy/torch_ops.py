@@ -132,7 +132,3 @@ def _decode_out_cuda(*args):
 _LIB.impl("get_mla_metadata", _metadata_cuda, "CUDA")
 _LIB.impl("decode", _decode_cuda, "CUDA")
 _LIB.impl("decode_out", _decode_out_cuda, "CUDA")
-
-# Set here, by the import itself, rather than by api.py: an import that happens while dynamo traces
-# api.py then runs natively, and dynamo sees no store to a global.
-api._torch_ops = sys.modules[__name__]
