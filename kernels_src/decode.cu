@@ -15,7 +15,8 @@
 // boxes it read last as soon as its wgmma on them has completed (load.cuh, boxes_loaded_by), with the
 // next page of that buffer's stream, possibly of the next piece.
 //
-// Handshakes (named barriers): page A ready (0 -> 1: max_a, P_a), page B ready (1 -> 0: max_b, P_b);
+// Handshakes (named barriers, synced by both warpgroups): page A ready (0 -> 1: max_a, P_a), page B
+// ready (1 -> 0: max_b, P_b);
 // TMA barriers, one per box and buffer; a CTA barrier around each Q reload and the epilogue.
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA loads, mbarriers, named barriers and the swizzled-box
@@ -119,7 +120,10 @@ struct PieceContext {
     exponentiate(s, at, p.scale_log2, new_max, sum);
   }
 
-  // Hand P and the new max of a page to the other warpgroup: P into the page's rope box.
+  // Hand P and the new max of a page to the other warpgroup: P into the page's rope box. Both
+  // warpgroups sync on the hand-off (the receiver would only need the sender's arrive): with arrives,
+  // compute-sanitizer racecheck reported hazards on max_b and the row sums that it does not report
+  // with syncs, for about 1 % of time (benchmarks/results/2026-11-30-h200-seesaw-experiments.json).
   __device__ __forceinline__ void publish(const ProbFragment& prob, int buffer, float* max_out,
                                           const float (&row_max)[2], NamedBarrier ready) const {
     store_probabilities(prob, p_box(buffer), at);
@@ -128,7 +132,7 @@ struct PieceContext {
       max_out[at.row[1]] = row_max[1];
     }
     fence_generic_to_async_smem();
-    named_barrier_arrive(ready, kThreads);
+    named_barrier_sync(ready, kThreads);
   }
 
   // Zero the stale V rows of this warpgroup's half of `buffer` before its PV reads them.

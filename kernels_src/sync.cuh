@@ -56,14 +56,10 @@ __device__ __forceinline__ void mbarrier_wait_uniform(uint64_t* bar, int parity)
   }
 }
 
-// The non-.aligned forms: the two warpgroups reach the same barrier from different instructions
-// (their role code differs), which the .aligned forms (`bar.sync`, `bar.arrive`) leave undefined.
+// The non-.aligned form: the two warpgroups reach the same barrier from different instructions
+// (their role code differs), which the .aligned form (`bar.sync`) leaves undefined.
 __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads) {
   asm volatile("barrier.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(NamedBarrier id, int threads) {
-  asm volatile("barrier.arrive %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
 // Ordinary smem stores that wgmma or TMA will read next must pass this fence before the barrier.
