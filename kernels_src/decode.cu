@@ -145,6 +145,19 @@ struct PieceContext {
     }
   }
 
+  // O = O * rescale + P V[:, half] over a page this warpgroup scored itself (P in registers), then
+  // the refill of the page's boxes it read last.
+  __device__ __forceinline__ void own_page_pv(Producer& producer, const ProbFragment& prob, int page, int buffer,
+                                              int half, NamedBarrier own, const float (&rescale)[2], OutputHalf& o,
+                                              int (&uses)[kPageBuffers]) const {
+    clear_stale_rows(page, buffer, half, own);
+    scale_rows(o, rescale);
+    issue_pv_from_regs(prob, smem.kv[buffer], half, o);
+    cute::warpgroup_wait<0>();
+    producer.refill(p, part, smem, map, buffer, kv_head, hint);
+    ++uses[buffer];
+  }
+
   // Wait (again) for boxes this warpgroup did not score itself: the TMA data is complete already,
   // the wait makes it visible to this warpgroup.
   __device__ __forceinline__ void see_boxes(int buffer, int first_box, int phase) const {
@@ -186,12 +199,7 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
 
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
-  c.clear_stale_rows(page_a, kBufferA, 0, kBarrierWarpgroup0);
-  scale_rows(o, rescale);
-  issue_pv_from_regs(prob, smem.kv[kBufferA], 0, o);
-  cute::warpgroup_wait<0>();
-  producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
-  ++uses[kBufferA];
+  c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, rescale, o, uses);
   rows.max[0] = max_a[0];
   rows.max[1] = max_a[1];
 
@@ -253,12 +261,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     ++uses[kBufferA];
 
     // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
-    c.clear_stale_rows(page_a + 1, kBufferB, 1, kBarrierWarpgroup1);
-    scale_rows(o, rescale);
-    issue_pv_from_regs(prob, smem.kv[kBufferB], 1, o);
-    cute::warpgroup_wait<0>();
-    producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
-    ++uses[kBufferB];
+    c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, rescale, o, uses);
     rows.max[0] = max_b[0];
     rows.max[1] = max_b[1];
   } else {
