@@ -22,8 +22,14 @@ import summarize_gpu_check  # noqa: E402
 from bench_cases import Case  # noqa: E402
 from flashmla_cupy.reference import perf_accounting  # noqa: E402
 
-RECORDED = sorted(p for p in glob.glob(str(REPO / "benchmarks/results/*.json"))
-                  if "results" in json.loads(pathlib.Path(p).read_text()))
+def _is_bench_report(path: str) -> bool:
+    """Benchmark reports hold per-case rows with per-library figures; other results files (guard and
+    reliability reports) hold rows of their own."""
+    rows = json.loads(pathlib.Path(path).read_text()).get("results")
+    return isinstance(rows, list) and bool(rows) and all("libraries" in row for row in rows)
+
+
+RECORDED = sorted(p for p in glob.glob(str(REPO / "benchmarks/results/*.json")) if _is_bench_report(p))
 
 
 def test_issue_table_matrix_and_their_order():
