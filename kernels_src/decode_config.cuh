@@ -20,7 +20,6 @@ constexpr int kBoxCols = 64;
 constexpr int kRowBytes = kBoxCols * 2;
 constexpr int kBoxBytes = kTileRows * kRowBytes;  // 8 KB
 constexpr int kBoxes = kHeadDim / kBoxCols;       // 9 per K tile
-constexpr int kVBoxes = kHeadDimV / kBoxCols;     // 8: the V part of the tile
 constexpr int kRopeBox = kBoxes - 1;              // box 8: key columns 512..575, not part of V
 constexpr int kTileBytes = kBoxes * kBoxBytes;    // 72 KB
 

@@ -18,23 +18,7 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
-__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// Spin until the phase with the given parity has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-
+// Whether the phase with the given parity has completed (the thread may be suspended a while first).
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
   uint32_t done;
   asm volatile(
@@ -49,8 +33,8 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
   return done != 0;
 }
 
-// The same wait with a loop condition the compiler can see is warp-uniform. Used between wgmmas of
-// one batch: a wait it cannot prove uniform makes ptxas serialise the batch (warning C7520).
+// Spin until the phase has completed, with a loop condition the compiler can see is warp-uniform. Used
+// between wgmmas of one batch: a wait it cannot prove uniform makes ptxas serialise the batch (C7520).
 __device__ __forceinline__ void mbarrier_wait_uniform(uint64_t* bar, int parity) {
   while (!__all_sync(0xffffffffu, mbarrier_try_wait(bar, parity))) {
   }

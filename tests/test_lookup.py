@@ -45,39 +45,35 @@ def each_change():
         yield name, "alignment", dict(offset=2)
 
 
-def torch_arrays(torch, name=None, shape=None, strides=None, dtype=None, device=0, offset=0):
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32, "int64": torch.int64}
-    arrays = []
+def array_specs(name=None, shape=None, strides=None, dtype=None, device=0, offset=0):
+    """(shape, dtype name, strides, device, offset bytes) of each array, `name`'s with the change."""
     for n in NAMES:
         changed = n == name
-        kind = dtype if changed and dtype else DTYPES.get(n, "int32")
-        arrays.append(torch.tensor(shape if changed and shape else SHAPES[n], names[kind],
-                                   strides=strides if changed else None, device_index=device if changed else 0,
-                                   offset_bytes=offset if changed else 0))
-    return tuple(arrays)
+        yield (shape if changed and shape else SHAPES[n], dtype if changed and dtype else DTYPES.get(n, "int32"),
+               strides if changed else None, device if changed else 0, offset if changed else 0)
 
 
-def cupy_arrays(new, name=None, shape=None, strides=None, dtype=None, device=0, offset=0):
+def torch_arrays(torch, name=None, **change):
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+    return tuple(torch.tensor(shape, names[kind], strides=strides, device_index=device, offset_bytes=offset)
+                 for shape, kind, strides, device, offset in array_specs(name, **change))
+
+
+def cupy_arrays(new, name=None, **change):
     names = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "int32": np.int32, "int64": np.int64}
     arrays = []
-    for n in NAMES:
-        changed = n == name
-        kind = dtype if changed and dtype else DTYPES.get(n, "int32")
-        array = new(shape if changed and shape else SHAPES[n], names[kind], strides=strides if changed else None,
-                    offset_bytes=offset if changed else 0)
-        array.device.id = device if changed else 0
+    for shape, kind, strides, device, offset in array_specs(name, **change):
+        array = new(shape, names[kind], strides=strides, offset_bytes=offset)
+        array.device.id = device
         arrays.append(array)
     return tuple(arrays)
 
 
-def view_arrays(name=None, shape=None, strides=None, dtype=None, device=0, offset=0, device_type=KDL_CUDA):
+def view_arrays(name=None, device_type=KDL_CUDA, **change):
     views = []
-    for i, n in enumerate(NAMES):
-        changed = n == name
-        kind = dtype if changed and dtype else DTYPES.get(n, "int32")
-        array = FakeTorch(shape if changed and shape else SHAPES[n], kind, strides if changed else None,
-                          device_id=device if changed else 0, ptr=BASE_PTR + (i << 30) + (offset if changed else 0),
-                          device_type=device_type if changed else KDL_CUDA)
+    for i, (n, (shape, kind, strides, device, offset)) in enumerate(zip(NAMES, array_specs(name, **change))):
+        array = FakeTorch(shape, kind, strides, device_id=device, ptr=BASE_PTR + (i << 30) + offset,
+                          device_type=device_type if n == name else KDL_CUDA)
         views.append(tensors.take(array, n))
     return tuple(views)
 
