@@ -88,7 +88,7 @@ flashmla_combine(const flashmla::CombineParams p) {
 
   // A plan whose pieces fall outside the workspace (num_splits from another batch): never read
   // there, and say so with NaN rows.
-  if (first_slot < 0 || first_slot > p.partial_slots - pieces) {
+  if (flashmla::kGuards && (first_slot < 0 || first_slot > p.partial_slots - pieces)) {
     const float nan = cuda::std::numeric_limits<float>::quiet_NaN();
     for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(make_float4(nan, nan, nan, nan));
     if (lane == 0) *lse_out = nan;

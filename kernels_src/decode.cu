@@ -92,12 +92,15 @@ struct PieceContext {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
 
+  // Read once the page's TMA barriers have been waited on (the poisoned flags are written before
+  // they are armed), and before waiting for its QK^T: the shared-memory read then hides behind the
+  // wgmmas instead of delaying the softmax.
   __device__ __forceinline__ PageMask mask_of(int page, int buffer) const {
     PageMask mask;
     mask.token0 = page * kPageSize;
     mask.limit[0] = limit[0];
     mask.limit[1] = limit[1];
-    mask.poisoned = smem.poisoned[buffer][0] | smem.poisoned[buffer][1];
+    mask.poisoned = kGuards && (smem.poisoned[buffer][0] | smem.poisoned[buffer][1]);
     return mask;
   }
   __device__ __forceinline__ bool needs_mask(const PageMask& mask) const {
@@ -107,11 +110,10 @@ struct PieceContext {
   __device__ __forceinline__ int valid_tokens(int page) const { return piece.seqlen - page * kPageSize; }
   __device__ __forceinline__ uint8_t* p_box(int buffer) const { return smem.kv[buffer] + kRopeBox * kBoxBytes; }
 
-  // Scores of `page` -> probabilities against the new running max, returned in `new_max`; `sum` is the
+  // Scores of a page -> probabilities against the new running max, returned in `new_max`; `sum` is the
   // thread's share of the page's row sums.
-  __device__ __forceinline__ void softmax(ScoreTile& s, int page, int buffer, const float (&running)[2],
+  __device__ __forceinline__ void softmax(ScoreTile& s, const PageMask& mask, const float (&running)[2],
                                           float (&new_max)[2], float (&sum)[2]) const {
-    const PageMask mask = mask_of(page, buffer);
     if (needs_mask(mask)) {
       page_max<true>(s, at, mask, p.scale_log2, running, new_max);
     } else {
@@ -145,13 +147,13 @@ struct PieceContext {
     }
   }
 
-  // O = O * rescale + P V[:, half] over a page this warpgroup scored itself (P in registers), then
+  // O = O * move + P V[:, half] over a page this warpgroup scored itself (P in registers), then
   // the refill of the page's boxes it read last.
   __device__ __forceinline__ void own_page_pv(Producer& producer, const ProbFragment& prob, int page, int buffer,
-                                              int half, NamedBarrier own, const float (&rescale)[2], OutputHalf& o,
+                                              int half, NamedBarrier own, const MaxMove& move, OutputHalf& o,
                                               int (&uses)[kPageBuffers]) const {
     clear_stale_rows(page, buffer, half, own);
-    scale_rows(o, rescale);
+    move.rescale(o);
     issue_pv_from_regs(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
     producer.refill(p, part, smem, map, buffer, kv_head, hint);
@@ -175,10 +177,6 @@ struct RowState {
   __device__ __forceinline__ RowState() : max{kInitialMax, kInitialMax}, sum{0.f, 0.f} {}
 };
 
-__device__ __forceinline__ void exp2_of_difference(const float (&from)[2], const float (&to)[2], float (&out)[2]) {
-  out[0] = fast_exp2(from[0] - to[0]);
-  out[1] = fast_exp2(from[1] - to[1]);
-}
 
 // Warpgroup 0, one pair: page a (scored here) and, with kHasB, page b (scored by warpgroup 1).
 template <bool kHasB>
@@ -187,19 +185,20 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   SharedStorage& smem = c.smem;
   ScoreTile s;
   issue_qk(smem.q, smem.kv[kBufferA], smem.full[kBufferA], uses[kBufferA] & 1, s);
+  const PageMask mask = c.mask_of(page_a, kBufferA);
   cute::warpgroup_wait<0>();
 
-  float max_a[2], sum[2], rescale[2];
-  c.softmax(s, page_a, kBufferA, rows.max, max_a, sum);
-  exp2_of_difference(rows.max, max_a, rescale);
-  rows.sum[0] = rows.sum[0] * rescale[0] + sum[0];
-  rows.sum[1] = rows.sum[1] * rescale[1] + sum[1];
+  float max_a[2], sum[2];
+  c.softmax(s, mask, rows.max, max_a, sum);
+  const MaxMove to_a(rows.max, max_a);
+  rows.sum[0] = rows.sum[0] * to_a.factor[0] + sum[0];
+  rows.sum[1] = rows.sum[1] * to_a.factor[1] + sum[1];
   ProbFragment prob;
   pack_probabilities(s, prob);
   c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
 
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
-  c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, rescale, o, uses);
+  c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, to_a, o, uses);
   rows.max[0] = max_a[0];
   rows.max[1] = max_a[1];
 
@@ -207,12 +206,12 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
     // O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, 0:256], P_b from warpgroup 1 through smem.
     named_barrier_sync(kBarrierPageBReady, kThreads);
     const float max_b[2] = {smem.max_b[c.at.row[0]], smem.max_b[c.at.row[1]]};
-    exp2_of_difference(max_a, max_b, rescale);
-    rows.sum[0] *= rescale[0];
-    rows.sum[1] *= rescale[1];
+    const MaxMove to_b(max_a, max_b);
+    rows.sum[0] *= to_b.factor[0];
+    rows.sum[1] *= to_b.factor[1];
     c.see_boxes(kBufferB, 0, uses[kBufferB] & 1);
     c.clear_stale_rows(page_a + 1, kBufferB, 0, kBarrierWarpgroup0);
-    scale_rows(o, rescale);
+    to_b.rescale(o);
     issue_pv_from_smem(c.p_box(kBufferB), smem.kv[kBufferB], 0, o);
     cute::warpgroup_wait<0>();
     producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
@@ -228,7 +227,11 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
                                                 int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o) {
   SharedStorage& smem = c.smem;
   ScoreTile s;
-  if constexpr (kHasB) issue_qk(smem.q, smem.kv[kBufferB], smem.full[kBufferB], uses[kBufferB] & 1, s);
+  PageMask mask_b;
+  if constexpr (kHasB) {
+    issue_qk(smem.q, smem.kv[kBufferB], smem.full[kBufferB], uses[kBufferB] & 1, s);
+    mask_b = c.mask_of(page_a + 1, kBufferB);
+  }
   // A no-op at run time (S_b is the only batch in flight), but it tells ptxas that O is no longer
   // a wgmma accumulator, so that rescaling O below does not make it wait for S_b (C7517).
   cute::warpgroup_wait<1>();
@@ -236,22 +239,21 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   // O_R = O_R * 2^(m - m_a) + P_a V_a[:, 256:512], P_a from warpgroup 0 through smem.
   named_barrier_sync(kBarrierPageAReady, kThreads);
   const float max_a[2] = {smem.max_a[c.at.row[0]], smem.max_a[c.at.row[1]]};
-  float rescale[2];
-  exp2_of_difference(rows.max, max_a, rescale);
-  rows.sum[0] *= rescale[0];
-  rows.sum[1] *= rescale[1];
+  const MaxMove to_a(rows.max, max_a);
+  rows.sum[0] *= to_a.factor[0];
+  rows.sum[1] *= to_a.factor[1];
   c.see_boxes(kBufferA, kBoxesPerHalf, uses[kBufferA] & 1);
   c.clear_stale_rows(page_a, kBufferA, 1, kBarrierWarpgroup1);
-  scale_rows(o, rescale);
+  to_a.rescale(o);
   issue_pv_from_smem(c.p_box(kBufferA), smem.kv[kBufferA], 1, o);
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
     float max_b[2], sum[2];
-    c.softmax(s, page_a + 1, kBufferB, max_a, max_b, sum);
-    exp2_of_difference(max_a, max_b, rescale);
-    rows.sum[0] = rows.sum[0] * rescale[0] + sum[0];
-    rows.sum[1] = rows.sum[1] * rescale[1] + sum[1];
+    c.softmax(s, mask_b, max_a, max_b, sum);
+    const MaxMove to_b(max_a, max_b);
+    rows.sum[0] = rows.sum[0] * to_b.factor[0] + sum[0];
+    rows.sum[1] = rows.sum[1] * to_b.factor[1] + sum[1];
     ProbFragment prob;
     pack_probabilities(s, prob);
     c.publish(prob, kBufferB, smem.max_b, max_b, kBarrierPageBReady);
@@ -261,7 +263,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     ++uses[kBufferA];
 
     // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
-    c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, rescale, o, uses);
+    c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, to_b, o, uses);
     rows.max[0] = max_b[0];
     rows.max[1] = max_b[1];
   } else {

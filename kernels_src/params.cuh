@@ -8,6 +8,15 @@ namespace flashmla {
 
 using cuda::std::int64_t;
 
+// The kernels' guards against device-side contents that disagree with the tensors (plan.cuh, combine.cu).
+// FLASHMLA_UNGUARDED compiles them out: only the benchmark's guard-cost comparison
+// (scripts/kernel_ab.py) builds it, to show what they cost. Never shipped.
+#ifdef FLASHMLA_UNGUARDED
+constexpr bool kGuards = false;
+#else
+constexpr bool kGuards = true;
+#endif
+
 // get_mla_metadata's device planner (scheduler.cu).
 struct SchedulerParams {
   const int* seqlens;   // [batch]

@@ -7,6 +7,7 @@
 // "poisoned" (their rows come out NaN); partial slots outside the workspace are never written.
 #pragma once
 #include "decode_config.cuh"
+#include "sync.cuh"
 
 namespace flashmla {
 
@@ -21,7 +22,7 @@ struct PartPlan {
     PartPlan plan;
     plan.begin_request = meta[kBeginRequest];
     plan.begin_page = meta[kBeginPage];
-    plan.end_request = min(meta[kEndRequest], p.batch - 1);
+    plan.end_request = kGuards ? min(meta[kEndRequest], p.batch - 1) : meta[kEndRequest];
     plan.end_page = meta[kEndPage];
     plan.begin_piece = meta[kBeginPiece];
     return plan;
@@ -39,7 +40,7 @@ __device__ __forceinline__ void page_range(const DecodeParams& p, const PartPlan
                                            int& begin, int& end) {
   begin = request == part.begin_request ? max(part.begin_page, 0) : 0;
   end = request == part.end_request ? part.end_page : pages_of(seqlen);
-  end = min(end, min(pages_of(seqlen), p.block_table_width + 1));
+  end = kGuards ? min(end, min(pages_of(seqlen), p.block_table_width + 1)) : min(end, pages_of(seqlen));
 }
 
 // One request's share of this CTA's part.
@@ -64,7 +65,7 @@ struct Piece {
     const int first_slot = p.num_splits[request];
     piece.slot = first_slot + (request == part.begin_request ? part.begin_piece : 0);
     piece.split = p.num_splits[request + 1] - first_slot > 1;
-    piece.writable = !piece.split || (piece.slot >= 0 && piece.slot < p.partial_slots);
+    piece.writable = !kGuards || !piece.split || (piece.slot >= 0 && piece.slot < p.partial_slots);
     return piece;
   }
 };
@@ -74,7 +75,7 @@ struct Piece {
 // while the previous piece is still being computed.
 struct PageStream {
   int request, page, page_end;  // the page the buffer loads at its next refill
-  int block;                    // its block-table entry, read one refill ahead of its use
+  int block;                    // its block-table entry, copied in asynchronously one refill ahead of its use
   bool past_table;              // it lies past the block table's width: poisoned, the table is not read
   int parity;                   // 0: buffer A's pages, 1: buffer B's
 
@@ -91,7 +92,8 @@ struct PageStream {
   // The cache block of the page and whether it is poisoned (past the table, or an index outside
   // [0, num_blocks)); a poisoned page loads block 0, which exists, and is never used.
   __device__ __forceinline__ int block_index(const DecodeParams& p, bool& poisoned) const {
-    poisoned = past_table || block < 0 || block >= p.num_blocks;
+    async_copy_wait_all();
+    poisoned = kGuards && (past_table || block < 0 || block >= p.num_blocks);
     return poisoned ? 0 : block;
   }
 
@@ -110,7 +112,11 @@ struct PageStream {
       page = begin + parity;
     }
     past_table = page >= p.block_table_width;
-    block = valid() && !past_table ? p.block_table[request * p.block_table_stride + page] : 0;
+    if (valid() && !(kGuards && past_table)) {
+      async_copy_u32(&block, p.block_table + int64_t(request) * p.block_table_stride + page);
+    } else {
+      block = 0;
+    }
   }
 };
 

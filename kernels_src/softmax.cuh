@@ -61,10 +61,17 @@ struct PageMask {
   bool poisoned;   // the page's block index was out of range: every score becomes NaN
 };
 
+// The running max moves only when a page's row max exceeds it by more than this (base 2): until then
+// the exponentials are taken against the stale max, so probabilities reach at most 2^8 (exact in
+// bf16/fp16 and fp32 sums), and the output and row sums need no rescaling. Every O rescale costs a
+// warpgroup 128 multiplies a thread; with the slack they all but vanish after a piece's first pages.
+constexpr float kMaxSlack = 8.0f;
+
 // Mask the raw scores of one page in place and return the new running max (in scaled, base-2 units)
-// of the thread's two rows: max(running, scale_log2 * row max). Masked scores become -inf (a select,
-// so NaN in stale slots vanishes); a poisoned page's become NaN, which then reaches P, the row sums
-// and the output. `kMasked` is false for pages every row sees whole.
+// of the thread's two rows: the page's scaled row max where it exceeds `running` by more than
+// kMaxSlack, else `running`. Masked scores become -inf (a select, so NaN in stale slots vanishes); a
+// poisoned page's become NaN, which then reaches P, the row sums and the output. `kMasked` is false
+// for pages every row sees whole.
 template <bool kMasked>
 __device__ __forceinline__ void page_max(ScoreTile& s, const FragmentCoords& at, const PageMask& mask,
                                          float scale_log2, const float (&running)[2], float (&new_max)[2]) {
@@ -77,7 +84,16 @@ __device__ __forceinline__ void page_max(ScoreTile& s, const FragmentCoords& at,
     raw_max[i] = fmaxf(raw_max[i], x);
   });
 #pragma unroll
-  for (int i = 0; i < 2; ++i) new_max[i] = fmaxf(running[i], quad_max(raw_max[i]) * scale_log2);
+  for (int i = 0; i < 2; ++i) {
+    const float page = quad_max(raw_max[i]) * scale_log2;
+    new_max[i] = page > running[i] + kMaxSlack ? page : running[i];
+  }
+}
+
+// Whether any row of this warp has a new running max, i.e. its slice of O needs rescaling. The answer
+// is warp-uniform, so warps whose rows kept their max skip the multiplies as a whole.
+__device__ __forceinline__ bool warp_max_moved(const float (&from)[2], const float (&to)[2]) {
+  return __any_sync(0xffffffffu, from[0] != to[0] || from[1] != to[1]);
 }
 
 // Scores -> probabilities relative to `row_max`, in place: p = 2^(scale_log2 * s - row_max). Returns
@@ -119,15 +135,27 @@ __device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8
   }
 }
 
-__device__ __forceinline__ void scale_rows(OutputHalf& o, const float (&factor)[2]) {
+// A move of the running max of a thread's two rows, `from` -> `to`: the factors 2^(from - to) that
+// bring sums and outputs kept against `from` to `to`.
+struct MaxMove {
+  float factor[2];
+  bool warp_moved;  // some row of this warp has a new max
+
+  __device__ __forceinline__ MaxMove(const float (&from)[2], const float (&to)[2])
+      : factor{fast_exp2(from[0] - to[0]), fast_exp2(from[1] - to[1])}, warp_moved(warp_max_moved(from, to)) {}
+
+  // O *= factor, row-wise; skipped by warps none of whose rows moved (then every factor is 1).
+  __device__ __forceinline__ void rescale(OutputHalf& o) const {
+    if (!warp_moved) return;
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < 32; ++j) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      o.v[4 * j + 2 * i] *= factor[i];
-      o.v[4 * j + 2 * i + 1] *= factor[i];
+      for (int i = 0; i < 2; ++i) {
+        o.v[4 * j + 2 * i] *= factor[i];
+        o.v[4 * j + 2 * i + 1] *= factor[i];
+      }
     }
   }
-}
+};
 
 }  // namespace flashmla

@@ -55,6 +55,19 @@ __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
+// A 4-byte global -> shared copy that the issuing thread does not wait for, and the wait that makes
+// its copies visible to it. A page stream reads its next block-table entry this way: a plain load
+// stored to shared memory would hold the loading warp (and with it its warpgroup's next wgmma) for
+// the whole global-memory latency at every refill.
+__device__ __forceinline__ void async_copy_u32(int* dst, const int* src) {
+  asm volatile(
+      "cp.async.ca.shared.global [%0], [%1], 4;\n"
+      "cp.async.commit_group;" ::"r"(smem_addr(dst)),
+      "l"(__cvta_generic_to_global(src))
+      : "memory");
+}
+__device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Programmatic dependent launch: let the combine kernel's launch begin while this grid runs.
 __device__ __forceinline__ void allow_dependent_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

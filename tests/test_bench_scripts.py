@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "scripts"))  # the scripts import each other as to
 import bench  # noqa: E402
 import bench_cases  # noqa: E402
 import bench_report  # noqa: E402
+import kernel_ab  # noqa: E402
 import ncu_compare  # noqa: E402
 import summarize_gpu_check  # noqa: E402
 from bench_cases import Case  # noqa: E402
@@ -325,3 +326,12 @@ def test_ncu_compare_runs_ncu_twice_and_prints_the_table(tmp_path, capsys, refus
     assert {p.name for p in out.iterdir()} >= {"flashmla_cupy.csv", "FlashMLA.csv", "compare.md", "FlashMLA.log"}
     assert ncu_compare.main(["--from", str(out)]) == 0
     assert "the profiles in" in capsys.readouterr().out
+
+
+def test_kernel_ab_variant_specs():
+    spec = kernel_ab.parse_variant("lazy: tree=kernels_src smem=230400 -DA=1 -DB")
+    assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
+    assert pathlib.Path(spec["tree"]).is_absolute()
+    for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
+        with pytest.raises(SystemExit):
+            kernel_ab.parse_variant(bad)

@@ -260,3 +260,11 @@ def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(dtype, compil
     assert "Compiling entry function" in log, "no ptxas report in the log to check"
     assert "serialized" not in log.lower(), log
     assert "wait_group is injected" not in log, log
+
+
+def test_unguarded_build_for_the_guard_cost_comparison_compiles(monkeypatch):
+    """scripts/kernel_ab.py measures what the kernels' guards cost against a build without them."""
+    monkeypatch.setattr(variants, "_DEFINES", {k: v + ("-DFLASHMLA_UNGUARDED=1",) for k, v in variants._DEFINES.items()})
+    for variant in (variants.decode_variant("bf16"), variants.combine_variant("bf16")):
+        kernel = compiler.compile_variant(variant)
+        assert (kernel.spill_stores, kernel.spill_loads, kernel.stack_bytes) == (0, 0, 0), kernel.log

@@ -1,0 +1,171 @@
+"""Kernel builds side by side in one device run: the shipped kernels against variants of them.
+
+A variant is the shipped sources compiled with extra defines, or another kernels_src tree (a
+candidate change, copied to a git-ignored folder), or both. Each build runs in its own child process
+with its own kernel cache, taking turns with the others for `--rounds` rounds, so that clock and
+thermal drift fall on every build alike. A child first checks its build against the float64
+reference on three small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes), then
+times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay, L2 flushed before
+every run, CUDA-event median). The report gives each build's median time per case over the rounds
+and its ratio to the shipped build.
+
+    python scripts/kernel_ab.py --variant "unguarded: -DFLASHMLA_UNGUARDED=1"       # what the guards cost
+    python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
+    python scripts/kernel_ab.py --variant "big: tree=/tmp/k smem=230400 -DX=1" --json ab.json
+
+Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
+`smem=BYTES` (the decode kernel's dynamic shared memory when the tree changes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BASE = "shipped"
+
+
+def parse_variant(text: str) -> dict:
+    name, _, items = text.partition(":")
+    spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None}
+    if not spec["name"] or spec["name"] == BASE:
+        raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
+    for item in items.split():
+        if item.startswith("-D"):
+            spec["defines"].append(item)
+        elif item.startswith("tree="):
+            spec["tree"] = str(pathlib.Path(item[5:]).resolve())
+        elif item.startswith("smem="):
+            spec["smem"] = int(item[5:])
+        else:
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES)")
+    return spec
+
+
+# ---- child: one build, one round -------------------------------------------------------------------
+
+def apply(spec: dict) -> None:
+    """Point the package at the variant's build before anything is compiled or loaded."""
+    from flashmla_cupy import compiler, variants
+
+    if spec["tree"]:
+        tree = pathlib.Path(spec["tree"])
+        compiler.kernels_dir = lambda: tree
+    if spec["smem"]:
+        variants.DECODE_SHARED_BYTES = spec["smem"]
+    extra = tuple(spec["defines"])
+    variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
+
+
+def check_build() -> list[str]:
+    """The build against the float64 reference on small random cases; the failures, as text."""
+    import numpy as np
+
+    from devtools.gpu_cases import check, fresh_seed, run
+    from flashmla_cupy import reference
+
+    failures = []
+    for b, s_q, h_q, h_kv, seqlens, causal, dtype in [
+            (3, 1, 128, 1, [700, 0, 130], False, "bf16"),
+            (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16"),
+            (6, 1, 64, 1, [64, 128, 191, 4000, 1, 65], False, "bf16")]:
+        seed = fresh_seed()
+        case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
+                                     causal=causal)
+        try:
+            check(case, *run(case), seed, "kernel_ab")
+        except AssertionError as exc:
+            failures.append(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} {dtype}: {str(exc)[:400]}")
+    return failures
+
+
+def child(spec: dict, cases: str, dtypes: str) -> dict:
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+    apply(spec)
+    import torch
+
+    import bench
+    import bench_cases
+
+    result = {"failures": check_build(), "us": {}}
+    timer = bench.Timer(torch)
+    for case in bench_cases.select(cases, dtypes.split(",")):
+        inputs = bench.make_inputs(torch, case, seed=1)
+        replay = bench.captured(torch, bench.ours(torch, case, inputs))
+        result["us"][f"{case.id}-{case.dtype}"] = timer.us(replay)
+        del inputs, replay
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---- parent: take turns, then compare --------------------------------------------------------------
+
+def run_child(spec: dict, args) -> dict:
+    env = dict(os.environ, FLASHMLA_CUPY_CACHE_DIR=os.path.join(args.cache_root, spec["name"]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
+                           "--dtype", args.dtype], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", default=[], help="NAME: ITEM ... (see above)")
+    parser.add_argument("--cases", default="issue", help="scripts/bench.py's case selection (default: issue)")
+    parser.add_argument("--dtype", default="bf16", help="comma-separated dtypes (default: bf16)")
+    parser.add_argument("--rounds", type=int, default=2, help="turns each build takes (default: 2)")
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--cache-root", default="/tmp/kernel_ab_cache", help="one kernel cache per build below it")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child), args.cases, args.dtype)))
+        return 0
+
+    builds = [{"name": BASE, "defines": [], "tree": None, "smem": None}] + [parse_variant(v) for v in args.variant]
+    runs = {b["name"]: [] for b in builds}
+    for round_ in range(args.rounds):
+        for build in builds:
+            result = run_child(build, args)
+            runs[build["name"]].append(result)
+            state = "error" if "error" in result else ("WRONG" if result["failures"] else "exact")
+            print(f"round {round_ + 1} {build['name']}: {state}", flush=True)
+            if "error" in result:
+                print(result["error"], file=sys.stderr)
+
+    report = {"builds": builds, "cases": {}, "exact": {}, "errors": {}}
+    for name, results in runs.items():
+        report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
+        report["errors"][name] = [r.get("error") or r["failures"] for r in results if r.get("error") or r["failures"]]
+    case_ids = [c for r in runs[BASE] if "us" in r for c in r["us"]]
+    for case_id in dict.fromkeys(case_ids):
+        row = {}
+        for name, results in runs.items():
+            times = [r["us"][case_id] for r in results if case_id in r.get("us", {})]
+            if times:
+                row[name] = {"median_us": statistics.median(times), "rounds_us": times}
+        base = row.get(BASE, {}).get("median_us")
+        for name, cell in row.items():
+            cell["over_shipped"] = cell["median_us"] / base if base else None
+        report["cases"][case_id] = row
+
+    names = list(runs)
+    print(f"\n{'case':32s}" + "".join(f"{n:>22s}" for n in names))
+    for case_id, row in report["cases"].items():
+        cells = [f"{row[n]['median_us']:9.1f} us ({row[n]['over_shipped']:.3f})" if n in row else "-" for n in names]
+        print(f"{case_id:32s}" + "".join(f"{c:>22s}" for c in cells))
+    print("exact: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in report["exact"].items()))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0 if all(report["exact"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
