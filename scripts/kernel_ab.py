@@ -92,7 +92,7 @@ def child(spec: dict, cases: str, dtypes: str) -> dict:
     import bench
     import bench_cases
 
-    result = {"failures": check_build(), "us": {}}
+    result = {"card": torch.cuda.get_device_name(), "failures": check_build(), "us": {}}
     timer = bench.Timer(torch)
     for case in bench_cases.select(cases, dtypes.split(",")):
         inputs = bench.make_inputs(torch, case, seed=1)
@@ -140,7 +140,14 @@ def main(argv=None) -> int:
             if "error" in result:
                 print(result["error"], file=sys.stderr)
 
-    report = {"builds": builds, "cases": {}, "exact": {}, "errors": {}}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    cards = {r["card"] for results in runs.values() for r in results if "card" in r}
+    report = {"card": ", ".join(sorted(cards)) or "unknown", "driver": bench.driver_version(), "commit": bench.commit(),
+              "how": "per build a child process per round, rounds interleaved; CUDA-graph replay, L2 flushed, "
+                     "CUDA-event median; median over rounds",
+              "builds": builds, "cases": {}, "exact": {}, "errors": {}}
     for name, results in runs.items():
         report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
         report["errors"][name] = [r.get("error") or r["failures"] for r in results if r.get("error") or r["failures"]]
