@@ -30,6 +30,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // vector load instruction of the warp reads 512 contiguous bytes.
 constexpr int kVecPerLane = kHeadDimV / (4 * kWarpSize);
 constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
+// Pieces of a row whose partial values are loaded at once (each takes 16 registers of a lane).
+constexpr int kPiecesInFlight = 8;
 
 // Four floats rounded to the output dtype, packed into 8 bytes.
 __device__ __forceinline__ uint2 pack4(float4 v) {
@@ -117,19 +119,34 @@ flashmla_combine(const flashmla::CombineParams p) {
     // is not guaranteed to be finite.
     const float4* values = reinterpret_cast<const float4*>(p.out_partial) + first_row * (kHeadDimV / 4);
     const long long piece_stride = row_stride * (kHeadDimV / 4);  // in float4
+    // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
+    // request (tens of pieces) paid one memory latency per piece.
     for (int base = 0; base < pieces; base += kWarpSize) {
       const float my_weight = base + lane < pieces ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
       const int count = min(kWarpSize, pieces - base);
-      for (int i = 0; i < count; ++i) {
-        const float weight = __shfl_sync(kFullMask, my_weight, i);
-        if (weight == 0.0f) continue;
-        const float4* piece = values + (base + i) * piece_stride;
-        for (int v = 0; v < kVecPerLane; ++v) {
-          const float4 x = piece[v * kWarpSize + lane];
-          acc[v].x = fmaf(weight, x.x, acc[v].x);
-          acc[v].y = fmaf(weight, x.y, acc[v].y);
-          acc[v].z = fmaf(weight, x.z, acc[v].z);
-          acc[v].w = fmaf(weight, x.w, acc[v].w);
+      for (int first = 0; first < count; first += kPiecesInFlight) {
+        float weight[kPiecesInFlight];
+        float4 x[kPiecesInFlight][kVecPerLane];
+#pragma unroll
+        for (int u = 0; u < kPiecesInFlight; ++u) {
+          weight[u] = __shfl_sync(kFullMask, my_weight, (first + u) % kWarpSize);
+          if (first + u >= count) weight[u] = 0.0f;
+          const float4* piece = values + (base + first + u) * piece_stride;
+#pragma unroll
+          for (int v = 0; v < kVecPerLane; ++v) {
+            x[u][v] = weight[u] != 0.0f ? piece[v * kWarpSize + lane] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kPiecesInFlight; ++u) {
+          if (weight[u] == 0.0f) continue;
+#pragma unroll
+          for (int v = 0; v < kVecPerLane; ++v) {
+            acc[v].x = fmaf(weight[u], x[u][v].x, acc[v].x);
+            acc[v].y = fmaf(weight[u], x[u][v].y, acc[v].y);
+            acc[v].z = fmaf(weight[u], x[u][v].z, acc[v].z);
+            acc[v].w = fmaf(weight[u], x[u][v].w, acc[v].w);
+          }
         }
       }
     }

@@ -63,8 +63,10 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
 }
 
 // Load the 64 x 576 query tile of one request and KV head: tile row r is packed row
-// rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part;
-// the caller fences and synchronises before wgmma reads the tile.
+// rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part,
+// with asynchronous copies, so that all 18 of a thread's 16-byte chunks are in flight at once (loads
+// through registers went out a few at a time, each batch waiting a global-memory latency); the caller
+// fences and synchronises before wgmma reads the tile.
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& smem, int request,
                                             int kv_head, int rows_base) {
   constexpr int kChunksPerRow = kHeadDim / 8;
@@ -73,15 +75,16 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    uint4 value = make_uint4(0, 0, 0, 0);
+    const Element* src = q;  // rows past p.rows: zero-filled, nothing read
     if (row < p.rows) {
       const int s = row / p.heads_per_group;
       const int h = kv_head * p.heads_per_group + row % p.heads_per_group;
-      const Element* src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride;
-      value = *reinterpret_cast<const uint4*>(src + c * 8);
+      src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride + c * 8;
     }
-    *reinterpret_cast<uint4*>(smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8)) = value;
+    async_copy_16(smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8), src, row < p.rows ? 16 : 0);
   }
+  async_copy_commit();
+  async_copy_wait_all();
 }
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V

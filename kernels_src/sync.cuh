@@ -66,6 +66,14 @@ __device__ __forceinline__ void async_copy_u32(int* dst, const int* src) {
       "l"(__cvta_generic_to_global(src))
       : "memory");
 }
+// 16 bytes global -> shared without passing through registers; with `bytes` = 0 the destination is
+// zero-filled and nothing is read.
+__device__ __forceinline__ void async_copy_16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
+               "l"(__cvta_generic_to_global(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void async_copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // Programmatic dependent launch: let the combine kernel's launch begin while this grid runs.
