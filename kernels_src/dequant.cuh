@@ -16,11 +16,19 @@
 // Each warp overwrites only the FP8 rows it has read itself, so the warps need no barrier among them
 // and run ahead of each other. A warp follows the loaders' page order (the pages of each piece
 // alternate between buffers A and B), waits for each box to land, converts its rows, fences the
-// generic writes for wgmma and arrives on the box's "full" barrier (4 arrivals complete it). The
-// consumer warpgroups wait on "full" exactly as for a 16-bit cache, so their code is unchanged. The
+// generic writes for wgmma and arrives on the box's "full" barrier (every converter thread arrives).
+// The consumer warpgroups wait on "full" exactly as for a 16-bit cache, so their code is unchanged. The
 // converter gives most of its registers to them (setmaxnreg): it needs about 40, they all they can get.
-// A first version converted whole boxes with the warpgroup, a warpgroup barrier between the reads and
-// the writes of each box: FP8 ran 25 % slower than bf16 in the memory-bound cases (H200, 2026-11-30).
+//
+// Measured (H200, 2026-11-30, e4m3 q and cache, b = 128; benchmarks/results/2026-11-30-h200-fp8-*):
+// this is correct but slower than our own bf16 kernel, at about 0.55 of FlashMLA's FP8 kernel. Whole
+// boxes converted by the warpgroup (a warpgroup barrier between the reads and the writes of each box):
+// h_q = 16, 4096 in 224 us; split by warps as here: 229 us; fp16 compute for an e4m3 q and two boxes a
+// step: 213 us (bf16 cache and q: 177 us; FlashMLA FP8: 118 us). So the conversion is not what limits
+// it: in place, a buffer holds one page, so only two FP8 pages (72 KB) are in flight per SM where the
+// bf16 kernel keeps 144 KB in flight, and the page's round trip (load, convert, use) is latency-bound.
+// Faster FP8 needs FP8 staging beside the 16-bit boxes (less Q tile, or fewer 16-bit boxes: a schedule
+// that converts half a page at a time), or FP8 tensor cores on K (wgmma e4m3 with V transposed).
 //
 // NaN in stale slots converts to NaN; the consumers zero stale V rows and mask stale scores after the
 // conversion, as for a 16-bit cache.
@@ -92,7 +100,7 @@ constexpr int kLandingsPerBox = kConverterWarps;            // one TMA sub-box p
 constexpr int kLandingTokens = kPageSize / kLandingsPerBox;  // 16 tokens, 64 e4m3 bytes each
 constexpr int kLandingBytes = kLandingTokens * kBoxCols;     // 1 KB of FP8
 constexpr int kLandingStride = kLandingTokens * kRowBytes;   // 2 KB: the same rows in 16-bit form
-constexpr int kFullArrivals = kConverterWarps;               // a box is full once every warp wrote its rows
+constexpr int kFullArrivals = kConverterThreads;             // a box is full once every converter thread wrote
 // Registers after the hand-over (setmaxnreg): 232 + 232 + 40 = 3 x 168, the launch's share per warpgroup.
 constexpr int kConverterRegisters = 40;
 constexpr int kConsumerRegisters = 232;
@@ -153,8 +161,8 @@ __device__ __forceinline__ void convert_rows(uint8_t* rows, int lane) {
 }
 
 // Boxes [box, box + kCount) of a buffer's page, one warp's rows: wait for them to land, convert, make
-// the writes visible to wgmma, then count the warp in on each box's "full" barrier. (Neighbouring boxes
-// land together: one loader issues each half page.)
+// the writes visible to wgmma, then arrive on each box's "full" barrier. (Neighbouring boxes land
+// together: one loader issues each half page.)
 template <int kCount>
 __device__ __forceinline__ void convert_step(SharedStorage& smem, int buffer, int box, int phase, int warp,
                                              int lane) {
@@ -163,10 +171,11 @@ __device__ __forceinline__ void convert_step(SharedStorage& smem, int buffer, in
   convert_rows<kCount>(smem.kv[buffer] + box * kBoxBytes + warp * kLandingStride, lane);
   fence_generic_to_async_smem();
   __syncwarp();
-  if (lane == 0) {
+  // Every thread arrives after its own writes. With one arrival per warp after __syncwarp, racecheck
+  // reported write-write hazards between the converter's stores and the consumers' stale-row zeroing
+  // (8 errors on scripts/sanitize_cases.py --fp8); with one per thread it reports none (H200, 2026-11-30).
 #pragma unroll
-    for (int b = 0; b < kCount; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
-  }
+  for (int b = 0; b < kCount; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
 }
 
 // A converter warp's whole work: its rows of every page of the part, in the loaders' order.

@@ -531,7 +531,7 @@ def main(argv=None) -> int:
         "timing": f"CUDA-event median, L2 flushed ({FLUSH_BYTES >> 20} MiB memset) before every run, "
                   f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls; page 64, shuffled pages",
         "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
-                 f"<= {CHECK_COS:g}, all finite",
+                 f"<= {CHECK_COS:g} (fp8 rows: {CHECK_COS_FP8:g}), all finite",
         "results": [],
     }
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
