@@ -15,7 +15,8 @@ from flashmla_cupy.tensors import contiguous_strides as contiguous   # also fake
 KDL_CPU = 1
 KDL_CUDA = 2
 BASE_PTR = 0x7F00_0000_0000   # a 256-byte aligned fake device address
-DTYPES = {"bf16": (4, 16), "fp16": (2, 16), "fp32": (2, 32), "int32": (0, 32), "int64": (0, 64)}
+DTYPES = {"bf16": (4, 16), "fp16": (2, 16), "fp32": (2, 32), "int32": (0, 32), "int64": (0, 64),
+          "e4m3": (10, 8), "uint8": (1, 8)}
 FLAG_IS_COPIED = 1 << 1
 
 

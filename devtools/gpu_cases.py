@@ -2,7 +2,8 @@
 frameworks, running a reference.Case through the public API and checking it against the float64
 reference, and launching the planner or the combine kernel alone.
 
-bf16 and fp16 arrays travel as their 16-bit patterns, so no framework needs to convert them.
+bf16 and fp16 arrays travel as their 16-bit patterns, e4m3 ones as bytes, so no framework needs to
+convert them; CuPy (which has no float8 dtype) keeps e4m3 as uint8 and the call says kv_dtype="fp8_e4m3".
 """
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ from flashmla_cupy.reference import HEAD_DIM_V
 
 def to_device(framework: str, x: np.ndarray):
     bits = x.view(np.uint16) if x.dtype.itemsize == 2 and x.dtype != np.int16 else None
+    e4m3 = x.dtype == reference.as_dtype("e4m3")
     if framework == "cupy":
         import cupy
+        if e4m3:
+            return cupy.asarray(x.view(np.uint8))
         return cupy.asarray(bits).view(x.dtype) if bits is not None else cupy.asarray(x)
     if framework == "torch":
         import torch
+        if e4m3:
+            return torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
         if bits is not None:
             t = torch.from_numpy(bits.view(np.int16)).cuda()
             return t.view(torch.bfloat16 if x.dtype == reference.as_dtype("bf16") else torch.float16)
@@ -69,10 +75,21 @@ def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, 
     _, s_q, h_q, _ = q.shape
     h_kv = case.heads_kv
     meta, splits = flashmla_cupy.get_mla_metadata(seqlens_dev, s_q * h_q // h_kv, h_kv)
+    fp8 = {}
+    if case.fp8:
+        fp8 = dict(descale_q=descale_on_device(framework, case.descale_q),
+                   descale_k=descale_on_device(framework, case.descale_k))
+        if framework == "cupy":
+            fp8["kv_dtype"] = "fp8_e4m3"
     out, lse = flashmla_cupy.flash_mla_with_kvcache(
         q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
-        softmax_scale=case.softmax_scale, causal=case.causal)
+        softmax_scale=case.softmax_scale, causal=case.causal, **fp8)
     return to_numpy(framework, out, case.dtype), to_numpy(framework, lse)
+
+
+def descale_on_device(framework: str, descale):
+    """A float32 [1] device array holding `descale`, or None."""
+    return None if descale is None else to_device(framework, np.array([descale], dtype=np.float32))
 
 
 def lengths(rng, kind: str, batch: int) -> np.ndarray:

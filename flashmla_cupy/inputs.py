@@ -29,6 +29,11 @@ MAX_QUERY_ROWS = 4 * 65535
 
 DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "bf16", np.dtype(np.float16): "fp16"}
 INT32 = np.dtype(np.int32)
+FLOAT32 = np.dtype(np.float32)
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+UINT8 = np.dtype(np.uint8)
+# kv_dtype= values: how to read a uint8 k_cache (and q) that a producer could not export as FP8.
+KV_DTYPES = {"fp8_e4m3": E4M3}
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class DecodeProblem:
     heads_kv: int
     heads_per_group: int       # h_q // h_kv query heads share one KV head
     rows: int                  # query rows per KV head: seqlen_q * heads_per_group
-    dtype_name: str            # "bf16" | "fp16"
+    dtype_name: str            # "bf16" | "fp16": the type the kernels compute and write out in
     causal: bool               # False when seqlen_q == 1: the mask changes nothing then
     softmax_scale: float
     num_parts: int             # rows of tile_scheduler_metadata
@@ -61,6 +66,20 @@ class DecodeProblem:
     block_table: View
     out: View | None = None    # caller-provided outputs (out=, lse=), else allocated per call
     lse: View | None = None
+    q_dtype_name: str = ""     # "bf16" | "fp16" | "e4m3" (q as stored; "" means dtype_name)
+    kv_name: str | None = None   # "e4m3" for an FP8 cache, None for a cache of q's 16-bit type
+    descale_q: View | None = None   # float32 [1] device descales of an FP8 call (None: 1)
+    descale_k: View | None = None
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype of `out`: q's, or bf16 for an e4m3 q."""
+        return np.dtype(ml_dtypes.bfloat16) if self.dtype_name == "bf16" else np.dtype(np.float16)
+
+    @property
+    def descales(self) -> tuple[str, ...]:
+        """The names of the descales given, in argument order (their pointers follow the six inputs)."""
+        return tuple(n for n, v in (("descale_q", self.descale_q), ("descale_k", self.descale_k)) if v is not None)
 
     @property
     def scale_log2(self) -> float:
@@ -177,7 +196,7 @@ def _check_seqlens(rules: _Rules, view: View | None, batch: int | None) -> None:
 
 
 def check_metadata_args(cache_seqlens: View | None, num_q_tokens_per_head_k: Any, num_heads_k: Any,
-                        failed: tuple[Violation, ...] = ()) -> MetadataProblem:
+                        is_fp8_kvcache: Any = False, failed: tuple[Violation, ...] = ()) -> MetadataProblem:
     """Check a `get_mla_metadata` call; raises InvalidInputError listing every violated rule and the
     `failed` ones (arguments that could not be viewed, whose views are None)."""
     rules = _Rules("get_mla_metadata", failed)
@@ -190,16 +209,21 @@ def check_metadata_args(cache_seqlens: View | None, num_q_tokens_per_head_k: Any
     heads_kv = _as_int(num_heads_k)
     if heads_kv is None or heads_kv < 1:
         rules.add("num_heads_k", repr(num_heads_k), "an int >= 1", "pass h_kv, k_cache.shape[2]")
+    if not isinstance(is_fp8_kvcache, (bool, np.bool_)):
+        rules.add("is_fp8_kvcache", repr(is_fp8_kvcache), "a bool", "pass True for an FP8 (e4m3) k_cache")
     rules.raise_if_any()
     return MetadataProblem(batch=cache_seqlens.shape[0], rows=rows, heads_kv=heads_kv, device_id=device_id)
 
 
-def _check_q(rules: _Rules, q: View | None) -> bool:
-    """q: [b, s_q, h_q, 576] bf16/fp16, last dim contiguous. True when its shape can be used."""
+def _check_q(rules: _Rules, q: View | None, q_dtype: np.dtype | None) -> bool:
+    """q: [b, s_q, h_q, 576] bf16/fp16 (or e4m3, `q_dtype`: its dtype as read), last dim contiguous.
+    True when its shape can be used."""
     if q is None:
         return False
     layout = f"[batch, seqlen_q, heads_q, {HEAD_DIM}]"
-    rules.dtype("q", q, tuple(DTYPE_NAMES), "cast q to bfloat16 or float16")
+    if q_dtype not in (*DTYPE_NAMES, E4M3) and q.dtype != UINT8:   # (uint8 was reported by _as_read)
+        rules.add("q.dtype", q.dtype.name, "bfloat16 or float16 (or float8_e4m3fn with an FP8 k_cache)",
+                  "cast q to bfloat16 or float16")
     if not rules.rank("q", q, 4, layout):
         return False
     usable = rules.dim("q", q, 3, HEAD_DIM, "d = 512 latent + 64 rope",
@@ -221,15 +245,26 @@ def _check_q(rules: _Rules, q: View | None) -> bool:
     return usable
 
 
-def _check_k_cache(rules: _Rules, k: View | None, q: View | None, q_ok: bool) -> None:
-    """k_cache: [num_blocks, 64, h_kv, 576], q's dtype, TMA-compatible layout."""
+def _check_k_cache(rules: _Rules, k: View | None, k_dtype: np.dtype | None, q: View | None,
+                   q_dtype: np.dtype | None, q_ok: bool) -> None:
+    """k_cache: [num_blocks, 64, h_kv, 576], q's dtype or e4m3 (`k_dtype`: its dtype as read), TMA-compatible
+    layout. An e4m3 q needs an e4m3 cache."""
     if k is None:
         return
     layout = f"[num_blocks, {PAGE_SIZE}, heads_kv, {HEAD_DIM}]"
-    if q is not None and q.dtype in DTYPE_NAMES:
-        rules.dtype("k_cache", k, (q.dtype,), f"cast k_cache to {q.dtype.name}, the dtype of q")
-    else:
-        rules.dtype("k_cache", k, tuple(DTYPE_NAMES), "cast k_cache to bfloat16 or float16")
+    if k_dtype is None and k.dtype == UINT8:
+        pass   # reported by _as_read
+    elif q_dtype == E4M3:
+        if k_dtype != E4M3:
+            rules.add("k_cache.dtype", k.dtype.name, "float8_e4m3fn, as q is",
+                      "store the cache in float8_e4m3fn, or pass a 16-bit q")
+    elif q_dtype in DTYPE_NAMES:
+        if k_dtype not in (q_dtype, E4M3):
+            rules.add("k_cache.dtype", k.dtype.name, f"{q_dtype.name} (the dtype of q) or float8_e4m3fn",
+                      f"cast k_cache to {q_dtype.name}, or store it in float8_e4m3fn")
+    elif k_dtype not in (*DTYPE_NAMES, E4M3):
+        rules.add("k_cache.dtype", k.dtype.name, "bfloat16, float16 or float8_e4m3fn",
+                  "cast k_cache to bfloat16 or float16")
     if not rules.rank("k_cache", k, 4, layout):
         return
     rules.dim("k_cache", k, 1, PAGE_SIZE, "page_size", f"store the cache in pages of {PAGE_SIZE} tokens")
@@ -247,6 +282,47 @@ def _check_k_cache(rules: _Rules, k: View | None, q: View | None, q_ok: bool) ->
     rules.non_negative_strides("k_cache", k)
     rules.aligned("k_cache", k, TMA_ALIGN, "the kernel reads k_cache through a TMA descriptor", "TMA",
                   "pass a contiguous k_cache, or pad rows to a multiple of 8 elements")
+
+
+def _as_read(rules: _Rules, name: str, view: View | None, kv_dtype: Any) -> np.dtype | None:
+    """The dtype `view` is read as: its own, or e4m3 for a uint8 view when kv_dtype="fp8_e4m3"."""
+    if view is None:
+        return None
+    if view.dtype != UINT8:
+        return view.dtype
+    if isinstance(kv_dtype, str) and kv_dtype in KV_DTYPES:
+        return KV_DTYPES[kv_dtype]
+    if kv_dtype is None:   # (a bad kv_dtype is reported by _check_fp8)
+        rules.add(f"{name}.dtype", "uint8", "a floating type, or uint8 with kv_dtype=\"fp8_e4m3\"",
+                  f"pass kv_dtype=\"fp8_e4m3\" if {name} holds e4m3 bytes")
+    return None   # reported: the dtype rules skip it
+
+
+def _check_fp8(rules: _Rules, q: View | None, q_dtype: np.dtype | None, k: View | None,
+               k_dtype: np.dtype | None, kv_dtype: Any, descale_q: View | None, descale_k: View | None) -> None:
+    """kv_dtype only names e4m3 for uint8 views; descale_q only with an e4m3 q, descale_k only with an e4m3
+    cache, each float32 [1]."""
+    if kv_dtype is not None:
+        if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+            rules.add("kv_dtype", repr(kv_dtype), f"None or one of {sorted(KV_DTYPES)}",
+                      "pass kv_dtype=\"fp8_e4m3\" with a uint8 view of an e4m3 cache, or leave it out")
+        elif k is not None and k.dtype not in (UINT8, E4M3):
+            rules.add("kv_dtype", repr(kv_dtype), f"only with a uint8 (or float8_e4m3fn) k_cache, not {k.dtype.name}",
+                      "leave kv_dtype out for a 16-bit cache")
+    for name, view, fp8, owner in (("descale_q", descale_q, q_dtype == E4M3, "q"),
+                                   ("descale_k", descale_k, k_dtype == E4M3, "k_cache")):
+        if view is None:
+            continue
+        if not fp8:
+            rules.add(name, f"a descale for a {owner} that is not float8_e4m3fn",
+                      f"None unless {owner} is float8_e4m3fn",
+                      f"drop {name}: only FP8 data has a descale" + (
+                          " (a 16-bit q with an FP8 cache takes descale_k alone)" if owner == "q" else ""))
+        if view.shape not in ((1,), ()):
+            rules.add(f"{name}.shape", list(view.shape), "[1] (one per-tensor descale)", f"pass {name} of shape [1]")
+        rules.dtype(name, view, (FLOAT32,), f"pass {name} as float32")
+        if view.ptr % FLOAT32.itemsize:
+            rules.add(f"{name}.data_ptr", hex(view.ptr), "a 4-byte aligned address", f"pass {name} on its own")
 
 
 def _check_block_table(rules: _Rules, table: View | None, batch: int | None) -> None:
@@ -316,13 +392,14 @@ def _check_output(rules: _Rules, name: str, view: View, shape: tuple | None, dty
                   f"allocate {name} on its own, or slice it at {align}-byte boundaries")
 
 
-def _check_outputs(rules: _Rules, out: View | None, lse: View | None, q: View | None, q_ok: bool) -> None:
-    """out: [b, s_q, h_q, 512] in q's dtype; lse: float32 [b, h_q, s_q]; both C-contiguous. An output
-    that could not be viewed (None) was reported already."""
+def _check_outputs(rules: _Rules, out: View | None, lse: View | None, q: View | None, q_dtype: np.dtype | None,
+                   q_ok: bool) -> None:
+    """out: [b, s_q, h_q, 512] in q's dtype (bf16 for an e4m3 q); lse: float32 [b, h_q, s_q]; both
+    C-contiguous. An output that could not be viewed (None) was reported already."""
     b, s_q, h_q = q.shape[:3] if q_ok else (None, None, None)
+    out_dtype = q_dtype if q_dtype in DTYPE_NAMES else np.dtype(ml_dtypes.bfloat16) if q_dtype == E4M3 else None
     if out is not None:
-        _check_output(rules, "out", out, (b, s_q, h_q, HEAD_DIM_V) if q_ok else None,
-                      q.dtype if q is not None and q.dtype in DTYPE_NAMES else None,
+        _check_output(rules, "out", out, (b, s_q, h_q, HEAD_DIM_V) if q_ok else None, out_dtype,
                       f"[batch, seqlen_q, heads_q, {HEAD_DIM_V}]", VECTOR_ALIGN)
     if lse is not None:
         _check_output(rules, "lse", lse, (b, h_q, s_q) if q_ok else None, np.dtype(np.float32),
@@ -348,23 +425,27 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
                       cache_seqlens: View | None, head_dim_v: Any, tile_scheduler_metadata: View | None,
                       num_splits: View | None, softmax_scale: Any, causal: Any, check: Any = None,
                       out: View | None = None, lse: View | None = None,
-                      failed: tuple[Violation, ...] = ()) -> DecodeProblem:
-    """Check a `flash_mla_with_kvcache` call (with the caller's `out`/`lse` buffers when given);
-    raises InvalidInputError listing every violated rule and the `failed` ones (arguments that could
-    not be viewed, whose views are None)."""
+                      failed: tuple[Violation, ...] = (), descale_q: View | None = None,
+                      descale_k: View | None = None, kv_dtype: Any = None) -> DecodeProblem:
+    """Check a `flash_mla_with_kvcache` call (with the caller's `out`/`lse` buffers and an FP8 call's
+    descales when given); raises InvalidInputError listing every violated rule and the `failed` ones
+    (arguments that could not be viewed, whose views are None)."""
     rules = _Rules("flash_mla_with_kvcache", failed)
     views = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits}
-    views.update((name, view) for name, view in (("out", out), ("lse", lse)) if view is not None)
+    views.update((name, view) for name, view in (("descale_q", descale_q), ("descale_k", descale_k),
+                                                 ("out", out), ("lse", lse)) if view is not None)
     device_id = rules.on_cuda(views)
-    q_ok = _check_q(rules, q)
+    q_dtype, k_dtype = _as_read(rules, "q", q, kv_dtype), _as_read(rules, "k_cache", k_cache, kv_dtype)
+    q_ok = _check_q(rules, q, q_dtype)
     batch = q.shape[0] if q is not None and q.ndim == 4 else None
-    _check_k_cache(rules, k_cache, q, q_ok)
+    _check_k_cache(rules, k_cache, k_dtype, q, q_dtype, q_ok)
+    _check_fp8(rules, q, q_dtype, k_cache, k_dtype, kv_dtype, descale_q, descale_k)
     _check_block_table(rules, block_table, batch)
     _check_seqlens(rules, cache_seqlens, batch)
     _check_plan(rules, tile_scheduler_metadata, num_splits, batch)
     _check_scalars(rules, head_dim_v, softmax_scale, causal, check)
-    _check_outputs(rules, out, lse, q, q_ok)
+    _check_outputs(rules, out, lse, q, q_dtype, q_ok)
     rules.raise_if_any()  # q and k_cache are usable from here: each way of failing added a violation
 
     batch, seqlen_q, heads_q, _ = q.shape
@@ -374,6 +455,8 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
     return DecodeProblem(
         batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
         heads_per_group=heads_per_group, rows=seqlen_q * heads_per_group,
-        dtype_name=DTYPE_NAMES[q.dtype], causal=bool(causal) and seqlen_q > 1,
+        dtype_name=DTYPE_NAMES.get(q_dtype, "bf16"), causal=bool(causal) and seqlen_q > 1,
         softmax_scale=scale, num_parts=tile_scheduler_metadata.shape[0], device_id=device_id,
-        q=q, k_cache=k_cache, block_table=block_table, out=out, lse=lse)
+        q=q, k_cache=k_cache, block_table=block_table, out=out, lse=lse,
+        q_dtype_name=DTYPE_NAMES.get(q_dtype, "e4m3"), kv_name="e4m3" if k_dtype == E4M3 else None,
+        descale_q=descale_q, descale_k=descale_k)

@@ -124,10 +124,12 @@ def _metadata(views: tuple, arrays: tuple, scalars: tuple) -> tuple:
 
 def _decode(views: tuple, arrays: tuple, scalars: tuple) -> tuple:
     q, k_cache, block_table, seqlens, metadata, num_splits, *given = views
-    head_dim_v, softmax_scale, causal, check, *given_names = scalars
-    outputs = dict(zip(given_names[0], given)) if given_names else {}
+    head_dim_v, softmax_scale, causal, check, kv_dtype, *given_names = scalars
+    optional = dict(zip(given_names[0], given)) if given_names else {}
     problem = inputs.check_decode_args(q, k_cache, block_table, seqlens, head_dim_v, metadata, num_splits,
-                                       softmax_scale, causal, check, outputs.get("out"), outputs.get("lse"))
+                                       softmax_scale, causal, check, optional.get("out"), optional.get("lse"),
+                                       descale_q=optional.get("descale_q"), descale_k=optional.get("descale_k"),
+                                       kv_dtype=kv_dtype)
     install.require_hopper(problem.device_id)
     calls = _PerDevice(lambda device_id: prepared.DecodeCall(dataclasses.replace(problem, device_id=device_id), "jax"),
                        problem.device_id)
@@ -138,8 +140,9 @@ def _decode(views: tuple, arrays: tuple, scalars: tuple) -> tuple:
                      _address(lse), _address(workspace))
 
     p = problem
-    shapes = (jax.ShapeDtypeStruct((p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), q.dtype),
+    shapes = (jax.ShapeDtypeStruct((p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.out_dtype),
               jax.ShapeDtypeStruct((p.batch, p.heads_q, p.seqlen_q), np.float32),
               jax.ShapeDtypeStruct((calls.get(p.device_id).workspace_floats,), np.float32))
-    out, lse, _ = buffer_callback(callback, shapes, command_buffer_compatible=True)(*arrays[:6])
+    # The inputs and the descales given (out=/lse= were refused: JAX arrays are immutable).
+    out, lse, _ = buffer_callback(callback, shapes, command_buffer_compatible=True)(*arrays[:6 + len(p.descales)])
     return out, lse

@@ -16,7 +16,6 @@ SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
 CHECK_THREADS = 128         # kCheckThreads in check.cu
 INT32_BYTES = 4
 COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
-DECODE_THREADS = 256        # kThreads in decode_config.cuh: two warpgroups
 FLOAT32_BYTES = 4           # the partial buffers are fp32
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache descriptors kept per decode launcher (typically one per layer)
 
@@ -59,7 +58,8 @@ class CombineLaunch:
 
 class DecodeLaunch:
     """The split-KV decode kernel of one checked layout (a DecodeProblem): grid (row tiles, heads_kv,
-    parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values."""
+    parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values. An FP8 call's
+    descales (device addresses) are passed to each call, in the order of `problem.descales`."""
 
     def __init__(self, problem):
         q, bt = problem.q, problem.block_table
@@ -78,13 +78,15 @@ class DecodeLaunch:
         k = problem.k_cache
         self._k_layout = (k.shape, k.strides, k.dtype)
         self._k_ptr, self._maps = None, {}
-        fn = launch.get_function(variants.decode_variant(problem.dtype_name), problem.device_id)
+        self._descales = problem.descales
+        variant = variants.decode_variant(problem.q_dtype_name or problem.dtype_name, problem.kv_name)
+        fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
-        self._launch = launch.Launch(fn, grid, (DECODE_THREADS, 1, 1), [self._params, no_map_yet])
+        self._launch = launch.Launch(fn, grid, (variant.threads, 1, 1), [self._params, no_map_yet])
 
     def __call__(self, q: int, k_cache: int, block_table: int, seqlens: int, metadata: int, num_splits: int,
-                 out: int, lse: int, workspace: int, stream: int) -> tuple[int, int]:
+                 out: int, lse: int, workspace: int, stream: int, descales=()) -> tuple[int, int]:
         """Launch on `stream` over the arrays at these addresses (`workspace`: workspace_floats fp32).
         Returns the addresses of out_partial and lse_partial in the workspace, for the combine."""
         if k_cache != self._k_ptr:
@@ -93,6 +95,8 @@ class DecodeLaunch:
         p = self._params
         p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
         p.out, p.lse = out, lse
+        for name, address in zip(self._descales, descales):
+            setattr(p, name, address)
         lse_partial = workspace + self._lse_partial_offset
         p.out_partial, p.lse_partial = workspace, lse_partial
         self._launch(stream)

@@ -176,29 +176,35 @@ def stream_context(stream: int):
 
 # --- TMA descriptors -------------------------------------------------------------------------------
 
-# CU_TENSOR_MAP_DATA_TYPE_FLOAT16 and _BFLOAT16
-_TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9}
+# CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16 and _UINT8 (an e4m3 cache, or its uint8 view: bytes)
+_TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(ml_dtypes.float8_e4m3fn): 0,
+              np.dtype("uint8"): 0}
 
+_SWIZZLE_NONE = 0
 _SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
-_BOX_COLS = 64  # 64 columns of 16-bit values: one 128-byte swizzle span
+_BOX_COLS = 64  # 64 columns: one 128-byte swizzle span of 16-bit values, or a 64-byte FP8 row
 
 
 def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype):
     """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576] at `ptr`, with
-    `strides` in elements. A host-only driver call; kernels.DecodeLaunch keeps one per k_cache address."""
+    `strides` in elements. A host-only driver call; kernels.DecodeLaunch keeps one per k_cache address.
+    16-bit boxes land 128-byte swizzled (the wgmma layout); FP8 boxes land plain, to be converted into
+    that layout (kernels_src/dequant.cuh)."""
     num_blocks, page_size, heads_kv, head_dim = shape
     itemsize = dtype.itemsize
     # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x 64 tokens x 1.
     dims = (ctypes.c_uint64 * 4)(head_dim, heads_kv, page_size, num_blocks)
     byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
-    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, page_size, 1)
+    # FP8 boxes land as sub-boxes of variants.FP8_LANDING_TOKENS tokens (kLandingTokens, dequant.cuh).
+    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, page_size if itemsize == 2 else variants.FP8_LANDING_TOKENS, 1)
     element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
     tensor_map = (ctypes.c_uint64 * 16)()
     _check(
         _driver().cuTensorMapEncodeTiled(
             ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
-            dims, byte_strides, box, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE_128B),
+            dims, byte_strides, box, element_strides, ctypes.c_int(0),
+            ctypes.c_int(_SWIZZLE_128B if itemsize == 2 else _SWIZZLE_NONE),
             ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(0),
         ),
         "cuTensorMapEncodeTiled(k_cache)",

@@ -49,11 +49,14 @@ class DecodeCall:
         p = problem
         self.device_id = device_id = p.device_id
         self._decode = kernels.DecodeLaunch(p)
+        # The pointers of a call: q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+        # num_splits, then the descales given (problem.descales), then out/lse where given.
+        self._inputs = 6 + len(p.descales)
         self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.num_parts,
                                               device_id)
         # Outputs the caller provides (out=, lse=; DecodeIntoCall) get no allocator.
         self._new_out = None if p.out is not None else tensors.allocator(
-            framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.q.dtype, device_id)
+            framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.out_dtype, device_id)
         self._new_lse = None if p.lse is not None else tensors.allocator(
             framework, (p.batch, p.heads_q, p.seqlen_q), np.float32, device_id)
         # Both partial buffers in one workspace allocation, apart from the outputs so that it goes back
@@ -63,24 +66,25 @@ class DecodeCall:
                                                 workspace=True)
 
     def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
-        """`pointers`: q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits.
-        Returns (out, lse), native arrays."""
-        q, k_cache, block_table, seqlens, metadata, num_splits = pointers
+        """`pointers`: q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits and
+        the descales given. Returns (out, lse), native arrays."""
+        q, k_cache, block_table, seqlens, metadata, num_splits, *descales = pointers
         out, out_ptr = self._new_out(alloc_stream)
         lse, lse_ptr = self._new_lse(alloc_stream)
         workspace, workspace_ptr = self._new_workspace(alloc_stream)
         # The launch() body, inlined: this is the hot path of every eager decode.
         out_partial, lse_partial = self._decode(q, k_cache, block_table, seqlens, metadata, num_splits,
-                                                out_ptr, lse_ptr, workspace_ptr, stream)
+                                                out_ptr, lse_ptr, workspace_ptr, stream, descales)
         self._combine(out_partial, lse_partial, num_splits, out_ptr, lse_ptr, stream)
         return out, lse
 
     def launch(self, arrays: list[int], out: int, lse: int, workspace: int, stream: int) -> None:
         """Both kernels on `stream`: `arrays` are the addresses of q, k_cache, block_table,
-        cache_seqlens, tile_scheduler_metadata, num_splits; `workspace` holds workspace_floats fp32."""
-        q, k_cache, block_table, seqlens, metadata, num_splits = arrays
+        cache_seqlens, tile_scheduler_metadata, num_splits and the descales given; `workspace` holds
+        workspace_floats fp32."""
+        q, k_cache, block_table, seqlens, metadata, num_splits, *descales = arrays
         out_partial, lse_partial = self._decode(q, k_cache, block_table, seqlens, metadata, num_splits,
-                                                out, lse, workspace, stream)
+                                                out, lse, workspace, stream, descales)
         self._combine(out_partial, lse_partial, num_splits, out, lse, stream)
 
 
@@ -90,11 +94,11 @@ class DecodeIntoCall(DecodeCall):
     def __call__(self, pointers: list[int], stream: int, alloc_stream: int | None) -> tuple[Any, Any]:
         """`pointers`: those of DecodeCall, then out and lse where the caller provides them. Returns
         (out, lse) with None for each output the caller provided."""
-        given = iter(pointers[6:])
+        given = iter(pointers[self._inputs:])
         out, out_ptr = self._new_out(alloc_stream) if self._new_out else (None, next(given))
         lse, lse_ptr = self._new_lse(alloc_stream) if self._new_lse else (None, next(given))
         workspace, workspace_ptr = self._new_workspace(alloc_stream)
-        self.launch(pointers[:6], out_ptr, lse_ptr, workspace_ptr, stream)
+        self.launch(pointers[:self._inputs], out_ptr, lse_ptr, workspace_ptr, stream)
         return out, lse
 
 

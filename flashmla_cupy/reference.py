@@ -23,16 +23,19 @@ OUT_MAX_COS_DIFF = 5e-6
 LSE_ATOL = 1e-6
 LSE_RTOL = 8 / 65536
 
-_DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+_DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16),
+           "e4m3": np.dtype(ml_dtypes.float8_e4m3fn)}
+E4M3_MAX = 448.0   # the largest finite e4m3 value
 
 
 def as_dtype(dtype) -> np.dtype:
-    """numpy dtype of "bf16" / "fp16" or of a numpy dtype-like."""
+    """numpy dtype of "bf16" / "fp16" / "e4m3" or of a numpy dtype-like."""
     return _DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
 
 
 def to_float64(x) -> np.ndarray:
-    """Exact float64 copy of an array; bf16 goes through its bit pattern (ml_dtypes' cast is slow)."""
+    """Exact float64 copy of an array (e4m3 too: every e4m3 value is a float64); bf16 goes through its
+    bit pattern (ml_dtypes' cast is slow)."""
     x = np.asarray(x)
     if x.dtype == _DTYPES["bf16"]:
         x = (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -40,8 +43,12 @@ def to_float64(x) -> np.ndarray:
 
 
 def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int = HEAD_DIM_V,
-                         softmax_scale: float | None = None, causal: bool = False):
+                         softmax_scale: float | None = None, causal: bool = False, descale_q: float | None = None,
+                         descale_k: float | None = None):
     """`(out float64 [b, s_q, h_q, dv], lse float64 [b, h_q, s_q])` of MLA decode, in float64.
+
+    FP8 (e4m3) q or k_cache are read exactly and their descales applied in float64: the scores are
+    `softmax_scale * descale_q * descale_k * q.k`, the output `descale_k * softmax @ V` (None: 1).
 
     Reads only the cache slots visible to each request and only the block-table entries of its pages,
     so garbage (NaN, huge page numbers) anywhere else cannot reach the result. Rows that see no key
@@ -55,6 +62,9 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int
     page_size, heads_kv = k_cache.shape[1], k_cache.shape[2]
     per_group = heads_q // heads_kv
     scale = dim ** -0.5 if softmax_scale is None else softmax_scale
+    descale_q = 1.0 if descale_q is None else float(descale_q)
+    descale_k = 1.0 if descale_k is None else float(descale_k)
+    scale = scale * descale_q * descale_k
 
     out = np.zeros((batch, seqlen_q, heads_q, head_dim_v))
     lse = np.full((batch, heads_q, seqlen_q), np.inf)
@@ -79,7 +89,7 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int
             row_sum = probs.sum(axis=-1)                                    # [s_q, hpg]
             seen = row_sum > 0
             values = probs @ keys[:, g, :head_dim_v]                         # [s_q, hpg, dv]
-            out[i, :, heads, :] = values / np.where(seen, row_sum, 1.0)[..., None]
+            out[i, :, heads, :] = descale_k * values / np.where(seen, row_sum, 1.0)[..., None]
             lse[i, heads, :] = np.where(seen, row_max[..., 0] + np.log(np.where(seen, row_sum, 1.0)), np.inf).T
     return out, lse
 
@@ -94,10 +104,18 @@ class Case:
     causal: bool
     softmax_scale: float | None
     head_dim_v: int = HEAD_DIM_V
+    descale_q: np.float32 | None = None   # FP8 data: the real values are the stored ones times these
+    descale_k: np.float32 | None = None
 
     @property
     def dtype(self) -> np.dtype:
-        return self.q.dtype
+        """The dtype of the output: q's, bf16 for an e4m3 q."""
+        return _DTYPES["bf16"] if self.q.dtype == _DTYPES["e4m3"] else self.q.dtype
+
+    @property
+    def fp8(self) -> bool:
+        """The cache is e4m3."""
+        return self.k_cache.dtype == _DTYPES["e4m3"]
 
     @property
     def heads_kv(self) -> int:
@@ -106,7 +124,7 @@ class Case:
     def reference(self):
         """`mla_decode_reference` of this case."""
         return mla_decode_reference(self.q, self.k_cache, self.block_table, self.cache_seqlens,
-                                    self.head_dim_v, self.softmax_scale, self.causal)
+                                    self.head_dim_v, self.softmax_scale, self.causal, self.descale_q, self.descale_k)
 
 
 def perf_accounting(total_seqlen: int, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
@@ -118,21 +136,31 @@ def perf_accounting(total_seqlen: int, batch: int, seqlen_q: int, heads_q: int, 
     return flops, nbytes
 
 
-def _random_values(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
-    """randn / 10 clamped to [-1, 1], rounded to dtype; drawn in slabs to bound float32 temporaries."""
+def _random_values(rng: np.random.Generator, shape, dtype: np.dtype, descale: float = 1.0) -> np.ndarray:
+    """randn / 10 clamped to [-1, 1], divided by `descale` and rounded to dtype (an FP8 tensor's real values
+    are the stored ones times its descale); drawn in slabs to bound float32 temporaries."""
     out = np.empty(shape, dtype)
     flat = out.reshape(shape[0], -1)
     slab = max(1, (1 << 24) // max(1, flat.shape[1]))
     for begin in range(0, shape[0], slab):
         x = rng.standard_normal(flat[begin:begin + slab].shape, dtype=np.float32) / 10
-        flat[begin:begin + slab] = np.clip(x, -1, 1).astype(dtype)
+        flat[begin:begin + slab] = (np.clip(x, -1, 1) / np.float32(descale)).astype(dtype)
     return out
+
+
+def fp8_descale(rng: np.random.Generator) -> np.float32:
+    """A per-tensor descale for data in [-1, 1]: the stored e4m3 values then reach 224 .. 448."""
+    return np.float32(rng.uniform(1.0, 2.0) / E4M3_MAX)
 
 
 def random_case(rng: np.random.Generator, batch: int, seqlen_q: int, heads_q: int, heads_kv: int,
                 seqlens, dtype, causal: bool = False, softmax_scale: float | None = None,
-                spare_pages: int = 4, bt_pad: int = 2) -> Case:
+                spare_pages: int = 4, bt_pad: int = 2, kv_dtype=None, descales: bool = True) -> Case:
     """A fresh random case following docs/API.md's test-data rules (section 6).
+
+    `dtype` is q's ("bf16", "fp16", or "e4m3" with an e4m3 cache); `kv_dtype` the cache's when it is not
+    q's ("e4m3"). FP8 tensors get random descales (`descales=False`: none, i.e. 1) and hold randn/10
+    divided by their descale, rounded to e4m3.
 
     `seqlens` is one length for all requests or one per request. Pages are handed out from a random
     permutation of `num_blocks = pages used + spare_pages`; every slot not visible to its request (the
@@ -140,12 +168,16 @@ def random_case(rng: np.random.Generator, batch: int, seqlen_q: int, heads_q: in
     page (including `bt_pad` extra columns) hold huge page numbers that would fault if read.
     """
     dtype = as_dtype(dtype)
+    kv_dtype = dtype if kv_dtype is None else as_dtype(kv_dtype)
+    e4m3 = _DTYPES["e4m3"]
+    descale_q = fp8_descale(rng) if dtype == e4m3 and descales else None
+    descale_k = fp8_descale(rng) if kv_dtype == e4m3 and descales else None
     seqlens = np.broadcast_to(np.asarray(seqlens, dtype=np.int64), (batch,)).astype(np.int32)
     pages = -(-np.maximum(seqlens, 0) // PAGE_SIZE)
     num_blocks = max(1, int(pages.sum()) + spare_pages)
 
-    q = _random_values(rng, (batch, seqlen_q, heads_q, HEAD_DIM), dtype)
-    k_cache = _random_values(rng, (num_blocks, PAGE_SIZE, heads_kv, HEAD_DIM), dtype)
+    q = _random_values(rng, (batch, seqlen_q, heads_q, HEAD_DIM), dtype, descale_q or 1.0)
+    k_cache = _random_values(rng, (num_blocks, PAGE_SIZE, heads_kv, HEAD_DIM), kv_dtype, descale_k or 1.0)
 
     max_blocks = max(1, int(pages.max(initial=0))) + bt_pad
     block_table = rng.integers(2**30, 2**31 - 1, size=(batch, max_blocks), dtype=np.int64).astype(np.int32)
@@ -160,8 +192,8 @@ def random_case(rng: np.random.Generator, batch: int, seqlen_q: int, heads_q: in
         tail = int(seqlens[i]) % PAGE_SIZE
         if tail:
             k_cache[mine[-1], tail:] = np.nan
-    k_cache[~used] = np.nan
-    return Case(q, k_cache, block_table, seqlens, causal, softmax_scale)
+    k_cache[~used] = np.nan   # e4m3: 0x7F
+    return Case(q, k_cache, block_table, seqlens, causal, softmax_scale, descale_q=descale_q, descale_k=descale_k)
 
 
 def _worst(bad: np.ndarray, err: np.ndarray) -> tuple[int, ...] | None:

@@ -25,7 +25,8 @@ DEVICE_CUDA = 2
 DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal",
                 10: "rocm", 11: "rocm_host", 13: "cuda_managed", 14: "oneapi"}
 
-# (DLDataTypeCode, bits) -> numpy dtype. Codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool.
+# (DLDataTypeCode, bits) -> numpy dtype. Codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool,
+# 10 float8_e4m3fn (DLPack 1.1; torch and JAX export it).
 _DTYPES = {
     (0, 8): np.dtype(np.int8), (0, 16): np.dtype(np.int16),
     (0, 32): np.dtype(np.int32), (0, 64): np.dtype(np.int64),
@@ -35,6 +36,7 @@ _DTYPES = {
     (4, 16): np.dtype(ml_dtypes.bfloat16),
     (5, 64): np.dtype(np.complex64), (5, 128): np.dtype(np.complex128),
     (6, 8): np.dtype(np.bool_),
+    (10, 8): np.dtype(ml_dtypes.float8_e4m3fn),
 }
 
 
@@ -392,6 +394,9 @@ def torch_dtypes() -> dict:
             torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.int16: np.dtype(np.int16),
             torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
         }
+        fp8 = getattr(torch, "float8_e4m3fn", None)   # torch >= 2.1
+        if fp8 is not None:
+            _TORCH_DTYPES[fp8] = np.dtype(ml_dtypes.float8_e4m3fn)
     return _TORCH_DTYPES
 
 

@@ -13,13 +13,26 @@ from . import params
 
 # Element types of q / k_cache / out; the C++ side selects its type with the matching define.
 DTYPES = ("bf16", "fp16")
-_DEFINES = {"bf16": ("-DFLASHMLA_BF16=1",), "fp16": ("-DFLASHMLA_FP16=1",)}
+# Query types of the FP8 (e4m3) cache: 16-bit queries (out in q's dtype) or e4m3 ones (out bf16).
+FP8_QUERY_DTYPES = ("bf16", "fp16", "e4m3")
+_DEFINES = {"bf16": ("-DFLASHMLA_BF16=1",), "fp16": ("-DFLASHMLA_FP16=1",),
+            # an e4m3 q and cache compute in fp16 (both convert to it exactly, in one instruction per
+            # two values) and write bf16 (element.cuh)
+            "e4m3": ("-DFLASHMLA_FP16=1", "-DFLASHMLA_Q_E4M3=1")}
+_KV_DEFINES = {"e4m3": ("-DFLASHMLA_KV_E4M3=1",)}
 # Dynamic shared memory the decode kernel is launched with: flashmla::kSharedBytes of
 # decode_config.cuh, needed before the module is loaded. A static_assert compiled into the program
 # (see `pinned_constants`) fails the build when the two disagree.
 DECODE_SHARED_BYTES = 224256
+# Threads of a decode block: two consumer warpgroups, plus the converter warpgroup with an FP8 cache
+# (kLaunchThreads of decode_config.cuh, pinned likewise).
+DECODE_THREADS = {None: 256, "e4m3": 384}
+# Tokens of one TMA sub-box of an FP8 page (kLandingTokens of dequant.cuh, pinned likewise): launch.py
+# encodes k_cache's tensor map with it.
+FP8_LANDING_TOKENS = 16
 # numpy / ml_dtypes spellings accepted by the lookup functions.
-_DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+_DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                  "e4m3": "e4m3", "float8_e4m3fn": "e4m3", "fp8_e4m3": "e4m3"}
 
 
 @dataclass(frozen=True)
@@ -27,12 +40,14 @@ class Variant:
     """One NVRTC program compiled with one set of defines: kernels_src/<program>.cu."""
 
     program: str        # "decode" | "combine" | "scheduler" | "check"
-    dtype: str | None   # "bf16" | "fp16", or None for the dtype-free scheduler and check
+    dtype: str | None   # "bf16" | "fp16" (| "e4m3": decode's q), or None for the dtype-free scheduler and check
+    kv: str | None = None   # decode's k_cache type when it is not q's: "e4m3" (an FP8 cache)
 
     @property
     def name(self) -> str:
-        """Stable human-readable id, e.g. "decode_bf16"; also names the cache entry."""
-        return f"{self.program}_{self.dtype}" if self.dtype else self.program
+        """Stable human-readable id, e.g. "decode_bf16", "decode_e4m3_kv_e4m3"; also names the cache entry."""
+        name = f"{self.program}_{self.dtype}" if self.dtype else self.program
+        return f"{name}_kv_{self.kv}" if self.kv else name
 
     @property
     def kernel_name(self) -> str:
@@ -41,7 +56,12 @@ class Variant:
 
     @property
     def defines(self) -> tuple[str, ...]:
-        return _DEFINES[self.dtype] if self.dtype else ()
+        return (_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
+
+    @property
+    def threads(self) -> int:
+        """Threads per decode block."""
+        return DECODE_THREADS[self.kv]
 
     @property
     def uses_cute(self) -> bool:
@@ -57,7 +77,10 @@ class Variant:
     def pinned_constants(self) -> dict[str, int]:
         """C++ constants whose values the Python side relies on; compiled in as static_asserts."""
         if self.program == "decode":
-            return {"flashmla::kSharedBytes": DECODE_SHARED_BYTES}
+            pinned = {"flashmla::kSharedBytes": DECODE_SHARED_BYTES, "flashmla::kLaunchThreads": self.threads}
+            if self.kv:
+                pinned["flashmla::kLandingTokens"] = FP8_LANDING_TOKENS
+            return pinned
         if self.program == "check":
             return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
         return {}
@@ -75,24 +98,32 @@ def all_variants() -> list[Variant]:
     """Every variant the package can launch, in warm-up order (the slow CuTe programs first)."""
     return (
         [Variant("decode", dt) for dt in DTYPES]
+        + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("combine", dt) for dt in DTYPES]
         + [Variant("scheduler", None), Variant("check", None)]
     )
 
 
+def _alias(dtype) -> str | None:
+    return None if dtype is None else _DTYPE_ALIASES.get(str(getattr(dtype, "name", dtype)).lower())
+
+
 @functools.lru_cache(maxsize=None)
-def _find(program: str, dtype) -> Variant:
-    key = None if dtype is None else _DTYPE_ALIASES.get(str(getattr(dtype, "name", dtype)).lower())
+def _find(program: str, dtype, kv=None) -> Variant:
+    key, kv_key = _alias(dtype), _alias(kv)
+    if kv_key == key and program == "decode" and key in DTYPES:
+        kv_key = None   # a 16-bit cache of q's own type
     for v in all_variants():
-        if v.program == program and v.dtype == key:
+        if v.program == program and v.dtype == key and v.kv == kv_key:
             return v
     known = ", ".join(v.name for v in all_variants() if v.program == program)
-    raise ValueError(f"no {program} kernel for dtype {dtype!r}; compiled variants: {known}")
+    raise ValueError(f"no {program} kernel for dtype {dtype!r} (cache {kv!r}); compiled variants: {known}")
 
 
-def decode_variant(dtype) -> Variant:
-    """The decode variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype)."""
-    return _find("decode", dtype)
+def decode_variant(dtype, kv=None) -> Variant:
+    """The decode variant for q's element type ("bf16"/"fp16"/"e4m3", or a numpy/ml_dtypes dtype) and,
+    for an FP8 cache, the cache's ("e4m3"; None: q's own)."""
+    return _find("decode", dtype, kv)
 
 
 def combine_variant(dtype) -> Variant:

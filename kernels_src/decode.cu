@@ -2,6 +2,8 @@
 //
 // Grid (ceil(rows / 64), heads_kv, num_parts), 256 threads (two warpgroups), kSharedBytes of dynamic
 // shared memory: the Q tile and two 72 KB page buffers, A and B (V is the first 512 columns of K).
+// An FP8 cache (-DFLASHMLA_KV_E4M3) adds a third warpgroup that dequantises each page in place before
+// the two read it (dequant.cuh); the main loop is the same.
 //
 // Schedule ("seesaw"): the pages of a piece go in pairs (a, b). Warpgroup 0 scores page a, warpgroup 1
 // page b; each keeps one half of O (256 columns) and multiplies both pages' P into it. Per pair:
@@ -31,6 +33,7 @@
 #include "softmax.cuh"
 #include "plan.cuh"
 #include "epilogue.cuh"
+#include "dequant.cuh"
 
 namespace flashmla {
 
@@ -82,12 +85,13 @@ struct PieceContext {
   uint64_t hint;
   int limit[2];     // visible tokens of the thread's two rows
   int mask_from;    // pages reaching past this token need the masked softmax
+  Descales scales;  // score and output scales (an FP8 cache's descales folded in)
 
   __device__ __forceinline__ PieceContext(const DecodeParams& params, const PartPlan& plan, SharedStorage& s,
                                           const TensorMap* m, const Piece& pc, int t, int head, int base,
-                                          uint64_t h)
+                                          uint64_t h, const Descales& d)
       : p(params), part(plan), smem(s), map(m), piece(pc), at(t), thread(t), kv_head(head), rows_base(base),
-        hint(h) {
+        hint(h), scales(d) {
     row_limits(p, piece.seqlen, rows_base, at.row, limit);
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
@@ -115,11 +119,11 @@ struct PieceContext {
   __device__ __forceinline__ void softmax(ScoreTile& s, const PageMask& mask, const float (&running)[2],
                                           float (&new_max)[2], float (&sum)[2]) const {
     if (needs_mask(mask)) {
-      page_max<true>(s, at, mask, p.scale_log2, running, new_max);
+      page_max<true>(s, at, mask, scales.scale_log2, running, new_max);
     } else {
-      page_max<false>(s, at, mask, p.scale_log2, running, new_max);
+      page_max<false>(s, at, mask, scales.scale_log2, running, new_max);
     }
-    exponentiate(s, at, p.scale_log2, new_max, sum);
+    exponentiate(s, at, scales.scale_log2, new_max, sum);
   }
 
   // Hand P and the new max of a page to the other warpgroup: P into the page's rope box. Both
@@ -290,7 +294,7 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     total[i] = c.smem.row_sum[0][c.at.row[i]] + c.smem.row_sum[1][c.at.row[i]];
-    inv_sum[i] = total[i] == 0.f ? 0.f : 1.f / total[i];  // NaN (poisoned) stays NaN
+    inv_sum[i] = total[i] == 0.f ? 0.f : c.scales.out_scale / total[i];  // NaN (poisoned) stays NaN
   }
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
   store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum);
@@ -300,7 +304,7 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
 
 using namespace flashmla;
 
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
+extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     flashmla_decode(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
   extern __shared__ uint8_t smem_raw[];
   // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
@@ -318,7 +322,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int buffer = 0; buffer < kPageBuffers; ++buffer) {
-      for (int box = 0; box < kBoxes; ++box) mbarrier_init(&smem.full[buffer][box], 1);
+      for (int box = 0; box < kBoxes; ++box) {
+        mbarrier_init(&smem.full[buffer][box], kFullArrivals);
+#if defined(FLASHMLA_KV_E4M3)
+        mbarrier_init(&smem.landed[buffer][box], 1);
+#endif
+      }
     }
     fence_barrier_init();
   }
@@ -328,6 +337,15 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
   // the wgmmas behind the role branch.
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
   const int thread = threadIdx.x % kWarpgroupThreads;
+#if defined(FLASHMLA_KV_E4M3)
+  if (warpgroup == kConverterWarpgroup) {
+    release_registers();
+    convert_part(p, part, smem, thread);
+    return;
+  }
+  claim_registers();
+#endif
+  const Descales scales = read_descales(p);
   Producer producer(p, part, smem, warpgroup, thread == 0);
   producer.refill(p, part, smem, &kv_map, kBufferA, kv_head, hint);
   producer.refill(p, part, smem, &kv_map, kBufferB, kv_head, hint);
@@ -340,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierCta, kThreads);
 
-    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, hint);
+    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, hint, scales);
     RowState rows;
     OutputHalf o;
 #pragma unroll

@@ -23,8 +23,20 @@ constexpr int kBoxes = kHeadDim / kBoxCols;       // 9 per K tile
 constexpr int kRopeBox = kBoxes - 1;              // box 8: key columns 512..575, not part of V
 constexpr int kTileBytes = kBoxes * kBoxBytes;    // 72 KB
 
+// Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` inside a 128-byte-swizzled box.
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
+}
+
 constexpr int kWarpgroupThreads = 128;
-constexpr int kThreads = 2 * kWarpgroupThreads;
+constexpr int kThreads = 2 * kWarpgroupThreads;  // the two consumer warpgroups of the main loop
+// An FP8 cache adds a third warpgroup that dequantises its pages in shared memory (dequant.cuh).
+constexpr int kConverterThreads = kWarpgroupThreads;
+#if defined(FLASHMLA_KV_E4M3)
+constexpr int kLaunchThreads = kThreads + kConverterThreads;
+#else
+constexpr int kLaunchThreads = kThreads;
+#endif
 // Each warpgroup holds the output columns [wg * 256, wg * 256 + 256): 128 fp32 registers a thread.
 constexpr int kHalfV = kHeadDimV / 2;
 constexpr int kBoxesPerHalf = kHalfV / kBoxCols;  // 4
@@ -47,6 +59,7 @@ enum NamedBarrier : int {
   kBarrierPageBReady = 3,  // warpgroup 1 -> 0: max_b and P of page b are in smem
   kBarrierWarpgroup0 = 4,  // one warpgroup alone: its zeroed stale V rows before its own wgmma
   kBarrierWarpgroup1 = 5,
+  kBarrierConverter = 6,   // the FP8 converter warpgroup alone: a box's source read before it is overwritten
 };
 
 }  // namespace flashmla

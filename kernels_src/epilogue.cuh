@@ -26,13 +26,13 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
     } else {
       const int s = row / p.heads_per_group;
       const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
-      Element* dst = static_cast<Element*>(p.out) +
-                     ((int64_t(piece.request) * p.seqlen_q + s) * p.heads_q + head) * kHeadDimV + half * kHalfV +
-                     at.column;
+      OutElement* dst = static_cast<OutElement*>(p.out) +
+                        ((int64_t(piece.request) * p.seqlen_q + s) * p.heads_q + head) * kHeadDimV + half * kHalfV +
+                        at.column;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<Element2*>(dst + 8 * j) =
-            to_element2(o.v[4 * j + 2 * i] * inv_sum[i], o.v[4 * j + 2 * i + 1] * inv_sum[i]);
+        *reinterpret_cast<OutElement2*>(dst + 8 * j) =
+            to_out_element2(o.v[4 * j + 2 * i] * inv_sum[i], o.v[4 * j + 2 * i + 1] * inv_sum[i]);
       }
     }
   }

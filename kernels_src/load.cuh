@@ -2,11 +2,13 @@
 #pragma once
 #include "shared_storage.cuh"
 #include "sync.cuh"
+#include "dequant.cuh"
 
 namespace flashmla {
 
 // The host encodes a 4-D tensor map over k_cache [num_blocks, page, h_kv, 576] with a 64 x 1 x 64 x 1
-// box and 128-byte swizzle; it arrives as a __grid_constant__ kernel parameter.
+// box and 128-byte swizzle (FP8: 64 x 1 x kLandingTokens x 1, no swizzle); it arrives as a
+// __grid_constant__ kernel parameter.
 struct alignas(64) TensorMap {
   uint64_t opaque[16];
 };
@@ -44,47 +46,56 @@ static_assert((boxes_loaded_by(kBufferA, 0) & boxes_loaded_by(kBufferA, 1)) == 0
 static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0, "no box of B is loaded twice");
 
 // Issue the boxes `mask` of one KV page into a buffer; each box completes its own barrier, so QK^T
-// can start on the first box. Called by one thread.
+// can start on the first box (an FP8 box lands as four sub-boxes inside its 16-bit box and completes
+// its "landed" barrier, for the converter: dequant.cuh). Called by one thread.
 __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
                                                 uint32_t mask, int block, int head, uint64_t hint) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     if (mask & (1u << box)) {
-      uint64_t* bar = &smem.full[buffer][box];
-      mbarrier_arrive_expect_tx(bar, kBoxBytes);
-      tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes, box * kBoxCols, head, 0, block, hint);
+      uint64_t* bar = landing_barrier(smem, buffer, box);
+      mbarrier_arrive_expect_tx(bar, kLandedBoxBytes);
+#pragma unroll
+      for (int part = 0; part < kLandingsPerBox; ++part) {
+        tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes + landing_offset(part), box * kBoxCols, head,
+                     part * kLandingTokens, block, hint);
+      }
     }
   }
 }
 
-// Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` inside a 128-byte-swizzled box.
-__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
-  return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
-}
-
 // Load the 64 x 576 query tile of one request and KV head: tile row r is packed row
-// rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part,
-// with asynchronous copies, so that all 18 of a thread's 16-byte chunks are in flight at once (loads
-// through registers went out a few at a time, each batch waiting a global-memory latency); the caller
-// fences and synchronises before wgmma reads the tile.
+// rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part.
+// A 16-bit q goes through asynchronous copies, so that all 18 of a thread's 16-byte chunks are in
+// flight at once (loads through registers went out a few at a time, each batch waiting a global-memory
+// latency); an e4m3 q passes through registers to be converted to Element, exactly. The caller fences
+// and synchronises before wgmma reads the tile.
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& smem, int request,
                                             int kv_head, int rows_base) {
   constexpr int kChunksPerRow = kHeadDim / 8;
-  const Element* q = static_cast<const Element*>(p.q);
+  constexpr bool kCopied = sizeof(QElement) == sizeof(Element);
+  const QElement* q = static_cast<const QElement*>(p.q);
   for (int idx = threadIdx.x; idx < kTileRows * kChunksPerRow; idx += kThreads) {
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    const Element* src = q;  // rows past p.rows: zero-filled, nothing read
+    const QElement* src = q;  // rows past p.rows: zeros, nothing read
     if (row < p.rows) {
       const int s = row / p.heads_per_group;
       const int h = kv_head * p.heads_per_group + row % p.heads_per_group;
       src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride + c * 8;
     }
-    async_copy_16(smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8), src, row < p.rows ? 16 : 0);
+    uint8_t* dst = smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8);
+    if constexpr (kCopied) {
+      async_copy_16(dst, src, row < p.rows ? 16 : 0);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = row < p.rows ? load_q_chunk(src) : make_uint4(0, 0, 0, 0);
+    }
   }
-  async_copy_commit();
-  async_copy_wait_all();
+  if constexpr (kCopied) {
+    async_copy_commit();
+    async_copy_wait_all();
+  }
 }
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V

@@ -57,6 +57,10 @@ struct DecodeParams {
   int block_table_width;    // block_table.shape[1]: pages past it read as NaN, the table is not read
   int partial_slots;        // capacity of out_partial / lse_partial, in pieces
   int padding;
+  // An FP8 cache's per-tensor descales, float32 [1] on the device (null: 1): scores are scaled by
+  // descale_q * descale_k, the output by descale_k. Read by the kernel, so CUDA graphs may change them.
+  const float* descale_q;
+  const float* descale_k;
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.

@@ -18,6 +18,9 @@ struct SharedStorage {
   int poisoned[kPageBuffers][2];
   PageStream streams[2][kPageBuffers];  // [warpgroup][buffer]: each warpgroup's loading thread's state
   alignas(8) uint64_t full[kPageBuffers][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
+#if defined(FLASHMLA_KV_E4M3)
+  uint64_t landed[kPageBuffers][kBoxes];  // an FP8 box has landed (TMA); `full` then says it is converted
+#endif
 };
 
 // Dynamic shared memory asked for at launch: the struct plus slack to align it to 1024 bytes

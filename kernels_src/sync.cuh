@@ -18,6 +18,11 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
+// One plain arrival (the FP8 converter's "this box is converted").
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Whether the phase with the given parity has completed (the thread may be suspended a while first).
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
   uint32_t done;

@@ -16,12 +16,12 @@ import zlib
 
 import numpy as np
 
-from flashmla_cupy.reference import PAGE_SIZE, perf_accounting
+from flashmla_cupy.reference import HEAD_DIM_V, PAGE_SIZE, perf_accounting
 
-# Bytes per element of q, the cache and out. An FP8 KV cache (issue 10) adds its own row here and in
-# bench.TORCH_DTYPES (its cache element is 1 byte, q and out stay 16-bit, so its accounting is its own),
-# and FlashMLA's FP8 path joins as a library whose `dtypes` hold only it.
-ITEMSIZE = {"bf16": 2, "fp16": 2}
+# Bytes per element of q and the cache. "fp8" (issue 10) is FlashMLA's FP8 decode: q and cache in e4m3
+# with per-tensor descales, out in bf16 (2 bytes: Case.accounting adds them).
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
+OUT_ITEMSIZE = 2
 DTYPES = tuple(ITEMSIZE)
 
 # At most this many query rows per KV head fill one row tile: the kernel streams the cache
@@ -95,8 +95,11 @@ class Case:
 
     def accounting(self) -> tuple[int, int]:
         """(FLOPs, bytes) of one call, docs/API.md section 7."""
-        return perf_accounting(sum(self.seqlens()), self.batch, self.seqlen_q, self.heads_q, self.heads_kv,
-                               ITEMSIZE[self.dtype])
+        flops, nbytes = perf_accounting(sum(self.seqlens()), self.batch, self.seqlen_q, self.heads_q,
+                                        self.heads_kv, ITEMSIZE[self.dtype])
+        # perf_accounting counts out in the input's element size; an FP8 call writes bf16.
+        out_elements = self.batch * self.seqlen_q * self.heads_q * HEAD_DIM_V
+        return flops, nbytes + out_elements * (OUT_ITEMSIZE - ITEMSIZE[self.dtype])
 
 
 def parse(case_id: str, dtype: str = "bf16") -> Case:

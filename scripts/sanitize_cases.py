@@ -2,7 +2,8 @@
 
 Small on purpose (the sanitizers slow kernels down by orders of magnitude) but covering: split and
 unsplit requests, zero-length requests, a partial last page with NaN behind it, causal s_q > 1,
-h_kv > 1, two row tiles, and several requests per CTA. Exits non-zero on a wrong result.
+h_kv > 1, two row tiles, and several requests per CTA; an FP8 (e4m3) cache with both query forms,
+whose converter warpgroup racecheck watches (`--fp8`: those cases alone). Exits non-zero on a wrong result.
 """
 from __future__ import annotations
 
@@ -16,20 +17,25 @@ from gpu_cases import check, fresh_seed, run  # noqa: E402
 
 from flashmla_cupy import reference  # noqa: E402
 
-CASES = [  # batch, seqlen_q, heads_q, heads_kv, seqlens, causal, dtype
-    (3, 1, 128, 1, [700, 0, 130], False, "bf16"),
-    (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16"),
-    (40, 1, 32, 1, [100] * 40, False, "bf16"),
+CASES = [  # batch, seqlen_q, heads_q, heads_kv, seqlens, causal, dtype (q's), kv_dtype (None: q's)
+    (3, 1, 128, 1, [700, 0, 130], False, "bf16", None),
+    (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16", None),
+    (40, 1, 32, 1, [100] * 40, False, "bf16", None),
+]
+FP8_CASES = [
+    (3, 1, 128, 1, [700, 0, 130], False, "e4m3", "e4m3"),
+    (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "bf16", "e4m3"),
 ]
 
 
 def main() -> int:
-    for b, s_q, h_q, h_kv, seqlens, causal, dtype in CASES:
+    cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
+    for b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype in cases:
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
-                                     causal=causal)
+                                     causal=causal, kv_dtype=kv_dtype)
         report = check(case, *run(case), seed, f"sanitize b={b} h_q={h_q}")
-        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv}: ok, worst out abs {report['out_max_abs']:.2e}")
+        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}: ok, worst out abs {report['out_max_abs']:.2e}")
     return 0
 
 

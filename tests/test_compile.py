@@ -234,15 +234,19 @@ def _cuobjdump() -> str | None:
     return shutil.which("cuobjdump")
 
 
-@pytest.mark.parametrize("dtype", variants.DTYPES)
-def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path, compiled):
-    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL."""
+DECODE_VARIANTS = [v for v in variants.all_variants() if v.program == "decode"]
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
+def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
+    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL; the
+    FP8 cache's variants too (and their converter hands registers to the consumers: setmaxnreg)."""
     import subprocess
 
     tool = _cuobjdump()
     assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
     cubin = tmp_path / "decode.cubin"
-    cubin.write_bytes(compiled[variants.decode_variant(dtype).name].cubin)
+    cubin.write_bytes(compiled[variant.name].cubin)
     done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
     assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
     sass = done.stdout
@@ -250,13 +254,15 @@ def test_decode_sass_uses_wgmma_and_tma_without_local_memory(dtype, tmp_path, co
     assert " HMMA" not in sass
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
+    if variant.kv:
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
 
 
-@pytest.mark.parametrize("dtype", variants.DTYPES)
-def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(dtype, compiled):
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
+def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(variant, compiled):
     """ptxas reports (in the -v log) when it serialises wgmmas or inserts a wgmma.wait_group of its own;
     either would undo the overlap of one warpgroup's softmax with the other's tensor-core work."""
-    log = compiled[variants.decode_variant(dtype).name].log
+    log = compiled[variant.name].log
     assert "Compiling entry function" in log, "no ptxas report in the log to check"
     assert "serialized" not in log.lower(), log
     assert "wait_group is injected" not in log, log

@@ -55,7 +55,7 @@ def test_wrong_dtype(gpu):
 
 def test_k_cache_dtype_must_match_q(gpu):
     v = reject(gpu, k_cache=FakeTorch((8, 64, 1, 576), "fp16"))
-    assert arguments(v) == ["k_cache.dtype"] and v[0].expected == "bfloat16"
+    assert arguments(v) == ["k_cache.dtype"] and v[0].expected == "bfloat16 (the dtype of q) or float8_e4m3fn"
 
 
 def test_wrong_rank(gpu):
@@ -215,7 +215,7 @@ def test_many_errors_at_once(gpu):
         "block_table.dtype", "num_splits.shape[0]", "head_dim_v", "softmax_scale"]
     message = str(info.value)
     assert message.startswith("flash_mla_with_kvcache: 8 invalid inputs:")
-    assert "q.dtype: got float32, expected bfloat16 or float16. Fix: cast q" in message
+    assert "q.dtype: got float32, expected bfloat16 or float16 (or float8_e4m3fn with an FP8 k_cache). Fix: cast q" in message
 
 
 def test_error_is_value_error_and_type_error(gpu):

@@ -41,13 +41,14 @@ def cuda_inputs(b=B, s_q=S_Q, h_q=H_Q, pages=PAGES, dtype=torch.bfloat16, device
 def test_schemas():
     ops = torch.ops.flashmla_cupy
     assert str(ops.get_mla_metadata.default._schema) == (
-        "flashmla_cupy::get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k) "
-        "-> (Tensor, Tensor)")
+        "flashmla_cupy::get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, "
+        "bool is_fp8_kvcache=False) -> (Tensor, Tensor)")
     decode_args = ("Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
                    "Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale, bool causal, bool? check")
-    assert str(ops.decode.default._schema) == f"flashmla_cupy::decode({decode_args}) -> (Tensor, Tensor)"
+    fp8_args = "Tensor? descale_q=None, Tensor? descale_k=None, str? kv_dtype=None"
+    assert str(ops.decode.default._schema) == f"flashmla_cupy::decode({decode_args}, {fp8_args}) -> (Tensor, Tensor)"
     assert str(ops.decode_out.default._schema) == (
-        f"flashmla_cupy::decode_out({decode_args}, Tensor(a!) out, Tensor(b!) lse) -> ()")
+        f"flashmla_cupy::decode_out({decode_args}, Tensor(a!) out, Tensor(b!) lse, {fp8_args}) -> ()")
 
 
 def test_fakes_give_the_output_shapes():

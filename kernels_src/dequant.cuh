@@ -1,0 +1,223 @@
+// The FP8 (e4m3) KV cache: pages land in FP8 and are dequantised in shared memory, exactly, into the
+// 16-bit boxes that the main loop reads, so that the main loop runs unchanged.
+//
+// Why exact: every e4m3 value (and NaN) is representable in fp16 and in bf16 (3 mantissa bits, exponents
+// 2^-9 .. 2^8), so the 16-bit copy holds the same numbers; the per-tensor descales are folded into the
+// score scale (descale_q * descale_k) and into the output (descale_k), never into the data.
+//
+// Why in place: the Q tile and the two 72 KB page buffers fill 219 of the 227 KB of shared memory, and an
+// FP8 page is 36 KB. So each 16-bit box is converted from FP8 rows that landed inside it: box k of a page
+// (64 tokens x 64 columns) is fetched as four TMA sub-boxes of 16 tokens (1 KB each, no swizzle), and
+// sub-box w lands in the upper half of the 2 KB that its 16 rows take in 16-bit form. The boxes keep
+// their owners: a loading thread refills exactly the boxes it refilled before (load.cuh,
+// boxes_loaded_by); the TMA now completes a "landed" barrier per box instead of the "full" one.
+//
+// Who converts: a third warpgroup, the converter; its warp w converts rows 16w .. 16w + 15 of every box.
+// Each warp overwrites only the FP8 rows it has read itself, so the warps need no barrier among them
+// and run ahead of each other. A warp follows the loaders' page order (the pages of each piece
+// alternate between buffers A and B), waits for each box to land, converts its rows, fences the
+// generic writes for wgmma and arrives on the box's "full" barrier (every converter thread arrives).
+// The consumer warpgroups wait on "full" exactly as for a 16-bit cache, so their code is unchanged. The
+// converter gives most of its registers to them (setmaxnreg): it needs about 40, they all they can get.
+//
+// Measured (H200, 2026-11-30, e4m3 q and cache, b = 128; benchmarks/results/2026-11-30-h200-fp8-*):
+// this is correct but slower than our own bf16 kernel, at about 0.55 of FlashMLA's FP8 kernel. Whole
+// boxes converted by the warpgroup (a warpgroup barrier between the reads and the writes of each box):
+// h_q = 16, 4096 in 224 us; split by warps as here: 229 us; fp16 compute for an e4m3 q and two boxes a
+// step: 213 us (bf16 cache and q: 177 us; FlashMLA FP8: 118 us). So the conversion is not what limits
+// it: in place, a buffer holds one page, so only two FP8 pages (72 KB) are in flight per SM where the
+// bf16 kernel keeps 144 KB in flight, and the page's round trip (load, convert, use) is latency-bound.
+// Faster FP8 needs FP8 staging beside the 16-bit boxes (less Q tile, or fewer 16-bit boxes: a schedule
+// that converts half a page at a time), or FP8 tensor cores on K (wgmma e4m3 with V transposed).
+//
+// NaN in stale slots converts to NaN; the consumers zero stale V rows and mask stale scores after the
+// conversion, as for a 16-bit cache.
+#pragma once
+#include "shared_storage.cuh"
+#include "sync.cuh"
+#include "plan.cuh"
+
+namespace flashmla {
+
+// The descales folded into the softmax: scores are scaled by scale_log2 (softmax_scale * log2 e, times
+// descale_q * descale_k for an FP8 cache), the normalised output by out_scale (descale_k). Read on the
+// device at every launch, so that a CUDA graph replays with new descales. A null pointer means 1.
+struct Descales {
+  float scale_log2;
+  float out_scale;
+};
+
+__device__ __forceinline__ Descales read_descales(const DecodeParams& p) {
+#if defined(FLASHMLA_KV_E4M3)
+  const float q = p.descale_q != nullptr ? *p.descale_q : 1.f;
+  const float k = p.descale_k != nullptr ? *p.descale_k : 1.f;
+  return {p.scale_log2 * q * k, k};
+#else
+  return {p.scale_log2, 1.f};
+#endif
+}
+
+// Two e4m3 values (low byte first) -> two 16-bit elements (Element2 bits), exactly.
+__device__ __forceinline__ uint32_t e4m3x2_to_element2(uint32_t pair) {
+  uint32_t half2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(half2) : "h"(static_cast<unsigned short>(pair)));
+#if defined(FLASHMLA_BF16)
+  // fp16 -> fp32 -> bf16 is exact for these values (and keeps NaN a NaN).
+  uint32_t bf162;
+  asm("{\n"
+      ".reg .b16 lo, hi;\n"
+      ".reg .f32 a, b;\n"
+      "mov.b32 {lo, hi}, %1;\n"
+      "cvt.f32.f16 a, lo;\n"
+      "cvt.f32.f16 b, hi;\n"
+      "cvt.rn.bf16x2.f32 %0, b, a;\n"
+      "}\n"
+      : "=r"(bf162)
+      : "r"(half2));
+  return bf162;
+#else
+  return half2;
+#endif
+}
+
+// Eight e4m3 values -> eight 16-bit elements: one 16-byte chunk of a 16-bit row.
+__device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
+  return make_uint4(e4m3x2_to_element2(fp8.x), e4m3x2_to_element2(fp8.x >> 16), e4m3x2_to_element2(fp8.y),
+                    e4m3x2_to_element2(fp8.y >> 16));
+}
+
+// One 16-byte chunk (8 values) of a query row, as 16-bit elements.
+__device__ __forceinline__ uint4 load_q_chunk(const Element* src) { return *reinterpret_cast<const uint4*>(src); }
+__device__ __forceinline__ uint4 load_q_chunk(const uint8_t* src) {
+  return e4m3x8_to_chunk(*reinterpret_cast<const uint2*>(src));
+}
+
+#if defined(FLASHMLA_KV_E4M3)
+
+constexpr int kConverterWarpgroup = 2;                      // after the two consumers
+constexpr int kConverterWarps = kConverterThreads / 32;
+constexpr int kLandingsPerBox = kConverterWarps;            // one TMA sub-box per converter warp
+constexpr int kLandingTokens = kPageSize / kLandingsPerBox;  // 16 tokens, 64 e4m3 bytes each
+constexpr int kLandingBytes = kLandingTokens * kBoxCols;     // 1 KB of FP8
+constexpr int kLandingStride = kLandingTokens * kRowBytes;   // 2 KB: the same rows in 16-bit form
+constexpr int kFullArrivals = kConverterThreads;             // a box is full once every converter thread wrote
+// Registers after the hand-over (setmaxnreg): 232 + 232 + 40 = 3 x 168, the launch's share per warpgroup.
+constexpr int kConverterRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+static_assert(2 * kConsumerRegisters + kConverterRegisters == 3 * 168, "the registers handed over add up");
+static_assert(kLandingBytes == 2 * 16 * 32, "a warp reads its landing in two 16-byte chunks per lane");
+// Boxes converted per step (convert_step). Two boxes a step halve the waits, fences and arrivals per
+// box; converting to fp16, ptxas then needs one register more than the converter's 40 (a spill), so fp16
+// goes box by box (its conversion is a quarter of bf16's instructions anyway).
+#if defined(FLASHMLA_BF16)
+constexpr int kBoxesPerStep = 2;
+#else
+constexpr int kBoxesPerStep = 1;
+#endif
+
+// Where landing `part` of a box goes, from the box's start: the upper half of its rows' 16-bit bytes.
+__host__ __device__ constexpr int landing_offset(int part) { return part * kLandingStride + kLandingStride / 2; }
+
+__device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int buffer, int box) {
+  return &smem.landed[buffer][box];
+}
+
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kConverterRegisters));
+}
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
+}
+
+// A warp's 16 rows of `boxes` consecutive landed boxes, converted in place. `rows` is the first 16-bit
+// byte of its rows in the first box; their FP8 bytes lie in the upper half. FP8 chunk c (16 bytes: row
+// c / 4, columns 16 (c % 4) ..) becomes the 16-bit chunks 2 (c % 4) and 2 (c % 4) + 1 of its row, at
+// their 128-byte-swizzled places (rows 16w .. keep the swizzle phase of rows 0 ..). Consecutive lanes
+// read consecutive chunks, and each store fills every bank group 4 times: no bank conflicts. All the
+// reads come first: a warp overwrites only FP8 bytes it has read itself.
+template <int kCount>
+__device__ __forceinline__ void convert_rows(uint8_t* rows, int lane) {
+  uint4 raw[kCount][2];
+#pragma unroll
+  for (int b = 0; b < kCount; ++b) {
+    const uint8_t* fp8 = rows + b * kBoxBytes + kLandingStride / 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) raw[b][i] = *reinterpret_cast<const uint4*>(fp8 + (lane + 32 * i) * 16);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int b = 0; b < kCount; ++b) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int chunk = lane + 32 * i;
+      uint8_t* row = rows + b * kBoxBytes;
+      const int first = 2 * (chunk % 4);
+      *reinterpret_cast<uint4*>(row + swizzled_offset(chunk / 4, first)) =
+          e4m3x8_to_chunk(make_uint2(raw[b][i].x, raw[b][i].y));
+      *reinterpret_cast<uint4*>(row + swizzled_offset(chunk / 4, first + 1)) =
+          e4m3x8_to_chunk(make_uint2(raw[b][i].z, raw[b][i].w));
+    }
+  }
+}
+
+// Boxes [box, box + kCount) of a buffer's page, one warp's rows: wait for them to land, convert, make
+// the writes visible to wgmma, then arrive on each box's "full" barrier. (Neighbouring boxes land
+// together: one loader issues each half page.)
+template <int kCount>
+__device__ __forceinline__ void convert_step(SharedStorage& smem, int buffer, int box, int phase, int warp,
+                                             int lane) {
+#pragma unroll
+  for (int b = 0; b < kCount; ++b) mbarrier_wait_uniform(landing_barrier(smem, buffer, box + b), phase);
+  convert_rows<kCount>(smem.kv[buffer] + box * kBoxBytes + warp * kLandingStride, lane);
+  fence_generic_to_async_smem();
+  __syncwarp();
+  // Every thread arrives after its own writes. With one arrival per warp after __syncwarp, racecheck
+  // reported write-write hazards between the converter's stores and the consumers' stale-row zeroing
+  // (8 errors on scripts/sanitize_cases.py --fp8); with one per thread it reports none (H200, 2026-11-30).
+#pragma unroll
+  for (int b = 0; b < kCount; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
+}
+
+// A converter warp's whole work: its rows of every page of the part, in the loaders' order.
+__device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                             int thread) {
+  const int warp = thread / 32;
+  const int lane = thread % 32;
+  uint32_t phases = 0;  // bit b: parity of buffer b's barriers (pages converted from it, mod 2); a
+                        // bit mask, as an array indexed at run time would live in local memory
+  for (int request = part.begin_request; request <= part.end_request; ++request) {
+    const Piece piece = Piece::of(p, part, request);
+    for (int page = piece.page_begin; page < piece.page_end; ++page) {
+      const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
+      const int phase = (phases >> buffer) & 1;
+#pragma unroll 1
+      for (int box = 0; box + kBoxesPerStep <= kBoxes; box += kBoxesPerStep) {
+        convert_step<kBoxesPerStep>(smem, buffer, box, phase, warp, lane);
+      }
+      if constexpr (kBoxes % kBoxesPerStep != 0) {  // the rope box
+        convert_step<kBoxes % kBoxesPerStep>(smem, buffer, kBoxes - kBoxes % kBoxesPerStep, phase, warp, lane);
+      }
+      phases ^= 1u << buffer;
+    }
+  }
+}
+
+#else
+
+constexpr int kLandingsPerBox = 1;  // a 16-bit box lands whole, swizzled: it is its own final form
+constexpr int kLandingTokens = kPageSize;
+constexpr int kLandingBytes = kBoxBytes;
+constexpr int kFullArrivals = 1;  // the TMA's own arrival
+
+__host__ __device__ constexpr int landing_offset(int) { return 0; }
+
+__device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int buffer, int box) {
+  return &smem.full[buffer][box];
+}
+
+#endif
+
+// Bytes one box's TMA loads bring.
+constexpr uint32_t kLandedBoxBytes = kLandingsPerBox * kLandingBytes;
+
+}  // namespace flashmla

@@ -1,0 +1,116 @@
+"""The FP8 (e4m3) KV cache on the GPU against the float64 reference, which dequantises exactly.
+
+Both query forms: a 16-bit q (bf16, fp16) with descale_k, out in q's dtype; an e4m3 q with descale_q
+and descale_k, out in bf16. Same test data rules as test_decode_gpu.py: fresh random data, FP8 NaN
+(0x7F) in every cache slot no request sees, huge page numbers in unused block-table entries. The
+accuracy bar is SPEC's output bar, unloosened: the kernel converts FP8 to 16 bits exactly.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from flashmla_cupy import reference
+from flashmla_cupy.reference import HEAD_DIM_V
+from gpu_cases import check, descale_on_device, fresh_seed, lengths, run, to_device, to_numpy
+
+pytestmark = pytest.mark.gpu
+
+HEADS = [(16, 1), (128, 1), (64, 2), (32, 8), (9, 3), (128, 2), (3, 1), (63, 1), (126, 3), (1, 1)]
+BATCH_LENGTHS = [(3, "var:1:300"), (64, "fixed:4096"), (128, "var:1:2048"), (64, "halfzero:1:3000"),
+                 (6, "var:1:16384"), (2, "fixed:65"), (300, "halfzero:1:700"), (6, "fixed:4097")]
+QUERY_DTYPES = ["e4m3", "bf16", "fp16"]
+MATRIX = [
+    dict(heads=heads, batch_lengths=BATCH_LENGTHS[i % len(BATCH_LENGTHS)], seqlen_q=1 + i % 3,
+         causal=i % 4 != 0, q_dtype=QUERY_DTYPES[i % 3], custom_scale=i % 5 == 2, descales=i % 7 != 3)
+    for i, heads in enumerate(itertools.islice(itertools.cycle(HEADS), 24))
+]
+
+
+def _id(c):
+    (h_q, h_kv), (b, kind) = c["heads"], c["batch_lengths"]
+    return (f"q{c['q_dtype']}-b{b}-{kind}-sq{c['seqlen_q']}-h{h_q}x{h_kv}{'-causal' if c['causal'] else ''}"
+            f"{'-scale' if c['custom_scale'] else ''}{'' if c['descales'] else '-nodescale'}")
+
+
+def _case(rng, b, s_q, h_q, h_kv, seqlens, q_dtype, causal=False, scale=None, descales=True):
+    return reference.random_case(rng, b, s_q, h_q, h_kv, seqlens, q_dtype, causal=causal, softmax_scale=scale,
+                                 kv_dtype="e4m3", descales=descales)
+
+
+@pytest.mark.parametrize("config", MATRIX, ids=[_id(c) for c in MATRIX])
+def test_fp8_matrix(config):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
+    scale = float(rng.uniform(0.02, 0.2)) if config["custom_scale"] else None
+    case = _case(rng, b, config["seqlen_q"], h_q, h_kv, lengths(rng, kind, b), config["q_dtype"],
+                 config["causal"], scale, config["descales"])
+    out, lse = run(case)
+    check(case, out, lse, seed, "fp8-" + _id(config))
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax", "cupy"])
+@pytest.mark.parametrize("q_dtype", ["e4m3", "bf16"])
+def test_fp8_frameworks(framework, q_dtype):
+    """float8_e4m3fn through torch's and JAX's DLPack, a uint8 view with kv_dtype from CuPy."""
+    pytest.importorskip(framework)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 5, 2, 32, 1, lengths(rng, "var:1:3000", 5), q_dtype, causal=True)
+    out, lse = run(case, framework, strided_q=True, wide_block_table=True)
+    check(case, out, lse, seed, f"fp8-{framework}-q{q_dtype}")
+
+
+@pytest.mark.parametrize("q_dtype", ["e4m3", "fp16"])
+def test_fp8_long_requests_beside_short_and_empty_ones(q_dtype):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    seqlens = np.array([65536, 17, 0, 131072, 4000, 64, 1, 0])
+    case = _case(rng, len(seqlens), 2, 64, 1, seqlens, q_dtype, causal=True)
+    out, lse = run(case)
+    check(case, out, lse, seed, f"fp8-long-q{q_dtype}")
+
+
+def test_fp8_all_requests_empty():
+    seed = fresh_seed()
+    case = _case(np.random.default_rng(seed), 4, 1, 16, 1, np.zeros(4), "e4m3")
+    out, lse = run(case)
+    assert np.all(out.astype(np.float32) == 0) and np.all(np.isposinf(lse))
+
+
+def test_fp8_descales_are_read_on_the_device():
+    """The same prepared call with new descale values in the same arrays gives the new result (what a
+    replayed CUDA graph relies on)."""
+    cupy = pytest.importorskip("cupy")
+    import flashmla_cupy
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 8, 1, 64, 1, lengths(rng, "var:1:2000", 8), "e4m3")
+    q, k, bt, sl = (to_device("cupy", a) for a in (case.q, case.k_cache, case.block_table, case.cache_seqlens))
+    dq, dk = descale_on_device("cupy", case.descale_q), descale_on_device("cupy", case.descale_k)
+    meta, splits = flashmla_cupy.get_mla_metadata(sl, 64, 1, is_fp8_kvcache=True)
+    for factor in (1.0, 0.5):
+        dq[...] = np.float32(case.descale_q * factor)
+        dk[...] = np.float32(case.descale_k * factor)
+        out, lse = flashmla_cupy.flash_mla_with_kvcache(q, k, bt, sl, HEAD_DIM_V, meta, splits, None, False, dq, dk,
+                                                        kv_dtype="fp8_e4m3")
+        moved = reference.Case(case.q, case.k_cache, case.block_table, case.cache_seqlens, False, None,
+                               descale_q=np.float32(case.descale_q * factor),
+                               descale_k=np.float32(case.descale_k * factor))
+        check(moved, to_numpy("cupy", out, moved.dtype), cupy.asnumpy(lse), seed, f"fp8-descale-x{factor}")
+
+
+def test_fp8_poisoned_page_gives_nan_rows():
+    """A used page whose block index is outside the cache poisons its request's rows, as with bf16."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 3, 1, 16, 1, np.array([200, 300, 100]), "bf16")
+    case.block_table[1, 2] = case.k_cache.shape[0] + 5
+    out, lse = run(case)
+    assert np.isnan(out[1].astype(np.float32)).all() and np.isnan(lse[1]).all()
+    for i in (0, 2):
+        assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
