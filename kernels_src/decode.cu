@@ -33,6 +33,7 @@
 #include "softmax.cuh"
 #include "plan.cuh"
 #include "epilogue.cuh"
+#include "trace.cuh"
 #include "dequant.cuh"
 
 namespace flashmla {
@@ -185,12 +186,16 @@ struct RowState {
 // Warpgroup 0, one pair: page a (scored here) and, with kHasB, page b (scored by warpgroup 1).
 template <bool kHasB>
 __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer& producer, int page_a,
-                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o) {
+                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o,
+                                                Tracer& trace) {
   SharedStorage& smem = c.smem;
   ScoreTile s;
+  trace.mark(kMarkPairStart);
   issue_qk(smem.q, smem.kv[kBufferA], smem.full[kBufferA], uses[kBufferA] & 1, s);
+  trace.mark(kMarkScoresIssued);
   const PageMask mask = c.mask_of(page_a, kBufferA);
   cute::warpgroup_wait<0>();
+  trace.mark(kMarkScoresIn);
 
   float max_a[2], sum[2];
   c.softmax(s, mask, rows.max, max_a, sum);
@@ -200,15 +205,18 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   ProbFragment prob;
   pack_probabilities(s, prob);
   c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
+  trace.mark(kMarkProbsPublished);
 
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
   c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, to_a, o, uses);
+  trace.mark(kMarkOwnPvDone);
   rows.max[0] = max_a[0];
   rows.max[1] = max_a[1];
 
   if constexpr (kHasB) {
     // O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, 0:256], P_b from warpgroup 1 through smem.
     named_barrier_sync(kBarrierPageBReady, kThreads);
+    trace.mark(kMarkHandoffIn);
     const float max_b[2] = {smem.max_b[c.at.row[0]], smem.max_b[c.at.row[1]]};
     const MaxMove to_b(max_a, max_b);
     rows.sum[0] *= to_b.factor[0];
@@ -218,7 +226,9 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
     to_b.rescale(o);
     issue_pv_from_smem(c.p_box(kBufferB), smem.kv[kBufferB], 0, o);
     cute::warpgroup_wait<0>();
+    trace.mark(kMarkRemotePvDone);
     producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
+    trace.mark(kMarkLoaded);
     ++uses[kBufferB];
     rows.max[0] = max_b[0];
     rows.max[1] = max_b[1];
@@ -228,12 +238,15 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
 // Warpgroup 1, one pair: page a (scored by warpgroup 0) and, with kHasB, page b (scored here).
 template <bool kHasB>
 __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer& producer, int page_a,
-                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o) {
+                                                int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o,
+                                                Tracer& trace) {
   SharedStorage& smem = c.smem;
   ScoreTile s;
   PageMask mask_b;
+  trace.mark(kMarkPairStart);
   if constexpr (kHasB) {
     issue_qk(smem.q, smem.kv[kBufferB], smem.full[kBufferB], uses[kBufferB] & 1, s);
+    trace.mark(kMarkScoresIssued);
     mask_b = c.mask_of(page_a + 1, kBufferB);
   }
   // A no-op at run time (S_b is the only batch in flight), but it tells ptxas that O is no longer
@@ -242,6 +255,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 
   // O_R = O_R * 2^(m - m_a) + P_a V_a[:, 256:512], P_a from warpgroup 0 through smem.
   named_barrier_sync(kBarrierPageAReady, kThreads);
+  trace.mark(kMarkHandoffIn);
   const float max_a[2] = {smem.max_a[c.at.row[0]], smem.max_a[c.at.row[1]]};
   const MaxMove to_a(rows.max, max_a);
   rows.sum[0] *= to_a.factor[0];
@@ -253,6 +267,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
+    trace.mark(kMarkScoresIn);
     float max_b[2], sum[2];
     c.softmax(s, mask_b, max_a, max_b, sum);
     const MaxMove to_b(max_a, max_b);
@@ -261,18 +276,24 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     ProbFragment prob;
     pack_probabilities(s, prob);
     c.publish(prob, kBufferB, smem.max_b, max_b, kBarrierPageBReady);
+    trace.mark(kMarkProbsPublished);
 
     cute::warpgroup_wait<0>();
+    trace.mark(kMarkRemotePvDone);
     producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
+    trace.mark(kMarkLoaded);
     ++uses[kBufferA];
 
     // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
     c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, to_b, o, uses);
+    trace.mark(kMarkOwnPvDone);
     rows.max[0] = max_b[0];
     rows.max[1] = max_b[1];
   } else {
     cute::warpgroup_wait<0>();
+    trace.mark(kMarkRemotePvDone);
     producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
+    trace.mark(kMarkLoaded);
     ++uses[kBufferA];
     rows.max[0] = max_a[0];
     rows.max[1] = max_a[1];
@@ -346,6 +367,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   claim_registers();
 #endif
   const Descales scales = read_descales(p);
+  Tracer trace(warpgroup, thread);
   Producer producer(p, part, smem, warpgroup, thread == 0);
   producer.refill(p, part, smem, &kv_map, kBufferA, kv_head, hint);
   producer.refill(p, part, smem, &kv_map, kBufferB, kv_head, hint);
@@ -357,6 +379,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     load_q_tile(p, smem, request, kv_head, rows_base);
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierCta, kThreads);
+    trace.mark(kMarkPieceStart);
 
     const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, hint, scales);
     RowState rows;
@@ -365,12 +388,13 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     for (int i = 0; i < 128; ++i) o.v[i] = 0.f;
     int page = piece.page_begin;
     if (warpgroup == 0) {
-      for (; page + 1 < piece.page_end; page += 2) warpgroup0_pair<true>(c, producer, page, uses, rows, o);
-      if (page < piece.page_end) warpgroup0_pair<false>(c, producer, page, uses, rows, o);
+      for (; page + 1 < piece.page_end; page += 2) warpgroup0_pair<true>(c, producer, page, uses, rows, o, trace);
+      if (page < piece.page_end) warpgroup0_pair<false>(c, producer, page, uses, rows, o, trace);
     } else {
-      for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o);
-      if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o);
+      for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o, trace);
+      if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o, trace);
     }
     finish_piece(c, warpgroup, rows, o);
+    trace.mark(kMarkPieceEnd);
   }
 }

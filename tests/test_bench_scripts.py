@@ -18,6 +18,7 @@ import bench  # noqa: E402
 import bench_cases  # noqa: E402
 import bench_report  # noqa: E402
 import kernel_ab  # noqa: E402
+import kernel_trace  # noqa: E402
 import ncu_compare  # noqa: E402
 import summarize_gpu_check  # noqa: E402
 from bench_cases import Case  # noqa: E402
@@ -335,3 +336,28 @@ def test_kernel_ab_variant_specs():
     for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
+
+
+def test_kernel_trace_marks_match_the_kernel_and_summarize():
+    import re
+    enum = (REPO / "kernels_src/trace.cuh").read_text()
+    values = {int(v) for v in re.findall(r"kMark\w+ = (\d+),", enum)}
+    assert values == set(range(len(kernel_trace.MARKS))) | {kernel_trace.HEADER}
+    for name, value in (("kTraceCtas", kernel_trace.TRACE_CTAS), ("kTraceWarpgroups", kernel_trace.TRACE_WARPGROUPS),
+                        ("kTraceRecords", kernel_trace.TRACE_RECORDS)):
+        assert f"constexpr int {name} = {value};" in enum
+
+    def word(mark, cycles):
+        return (mark << kernel_trace.CYCLE_BITS) | cycles
+
+    pair, scores_in, published = (kernel_trace.MARKS.index(m) for m in ("pair start", "scores in", "probs published"))
+    words = [word(kernel_trace.HEADER, 7)] + [word(pair, 0), word(scores_in, 100), word(published, 130),
+                                              word(pair, 200), word(scores_in, 310), word(published, 340), 0, 0]
+    sm, marks = kernel_trace.decode_record(words)
+    assert sm == 7 and len(marks) == 6
+    assert kernel_trace.decode_record([0] * 4) == (None, [])
+    report = kernel_trace.summarize({(0, 0): marks}, clock_khz=2_000_000)
+    steps = report["warpgroup 0"]["steps"]
+    assert steps["pair start -> scores in"] == {"count": 2, "median_cycles": 105.0, "total_cycles": 210,
+                                                 "share": 210 / 340}
+    assert report["warpgroup 0"]["median_pair_cycles"] == 200 and report["warpgroup 0"]["median_pair_us"] == 0.1

@@ -268,9 +268,15 @@ def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(variant, comp
     assert "wait_group is injected" not in log, log
 
 
-def test_unguarded_build_for_the_guard_cost_comparison_compiles(monkeypatch):
-    """scripts/kernel_ab.py measures what the kernels' guards cost against a build without them."""
-    monkeypatch.setattr(variants, "_DEFINES", {k: v + ("-DFLASHMLA_UNGUARDED=1",) for k, v in variants._DEFINES.items()})
+@pytest.mark.parametrize("define", ["-DFLASHMLA_UNGUARDED=1", "-DFLASHMLA_TRACE=1"])
+def test_measurement_builds_compile(define, monkeypatch):
+    """The builds the measurement scripts make: without the kernels' guards (scripts/kernel_ab.py, what
+    the guards cost) and with phase marks (scripts/kernel_trace.py). Never shipped, but they must build
+    as the shipped kernels do: no spills, no serialised or awaited wgmmas."""
+    monkeypatch.setattr(variants, "_DEFINES", {k: v + (define,) for k, v in variants._DEFINES.items()})
     for variant in (variants.decode_variant("bf16"), variants.combine_variant("bf16")):
         kernel = compiler.compile_variant(variant)
         assert (kernel.spill_stores, kernel.spill_loads, kernel.stack_bytes) == (0, 0, 0), kernel.log
+        assert "serialized" not in kernel.log.lower() and "wait_group is injected" not in kernel.log, kernel.log
+    if define == "-DFLASHMLA_TRACE=1":
+        assert b"flashmla_trace" in compiler.compile_variant(variants.decode_variant("bf16")).cubin

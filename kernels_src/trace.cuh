@@ -1,0 +1,63 @@
+// Phase marks of the decode kernel, for scripts/kernel_trace.py: where each warpgroup's time goes
+// within a pair of pages, measured inside the kernel.
+//
+// Built with -DFLASHMLA_TRACE=1 only (never shipped): thread 0 of each consumer warpgroup of the first
+// kTraceCtas CTAs writes (mark, clock64) words into the buffer the host points `flashmla_trace` at:
+// [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 | cycles (56 bits); the
+// first word of a record holds kMarkHeader and the SM id. Without the define a mark is nothing.
+#pragma once
+#include "decode_config.cuh"
+
+namespace flashmla {
+
+// scripts/kernel_trace.py's MARKS lists these names in this order.
+enum TraceMark : uint32_t {
+  kMarkPieceStart = 0,      // the piece's Q tile is in
+  kMarkPairStart = 1,
+  kMarkScoresIssued = 2,    // QK^T issued (its issue waits for the page's boxes)
+  kMarkScoresIn = 3,        // QK^T complete
+  kMarkProbsPublished = 4,  // P and the max handed to the other warpgroup
+  kMarkHandoffIn = 5,       // the other warpgroup's P and max are here
+  kMarkRemotePvDone = 6,    // PV with the other warpgroup's P complete
+  kMarkOwnPvDone = 7,       // PV with this warpgroup's P complete and its buffer refilled
+  kMarkLoaded = 8,          // the buffer read by the remote PV refilled
+  kMarkPieceEnd = 9,        // output written
+  kMarkHeader = 255,
+};
+
+#if defined(FLASHMLA_TRACE)
+constexpr int kTraceCtas = 16;
+constexpr int kTraceWarpgroups = 3;
+constexpr int kTraceRecords = 4096;
+constexpr uint64_t kTraceCycleMask = (1ull << 56) - 1;
+}  // namespace flashmla
+
+extern "C" __device__ unsigned long long* flashmla_trace = nullptr;
+
+namespace flashmla {
+
+struct Tracer {
+  unsigned long long* slot;  // this thread's record, or null: not traced
+  int count;
+
+  __device__ __forceinline__ Tracer(int warpgroup, int thread) : slot(nullptr), count(0) {
+    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (flashmla_trace != nullptr && thread == 0 && cta < kTraceCtas) {
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      slot = flashmla_trace + (int64_t(cta) * kTraceWarpgroups + warpgroup) * kTraceRecords;
+      slot[count++] = (uint64_t(kMarkHeader) << 56) | sm;
+    }
+  }
+  __device__ __forceinline__ void mark(TraceMark m) {
+    if (slot != nullptr && count < kTraceRecords) slot[count++] = (uint64_t(m) << 56) | (clock64() & kTraceCycleMask);
+  }
+};
+#else
+struct Tracer {
+  __device__ __forceinline__ Tracer(int, int) {}
+  __device__ __forceinline__ void mark(TraceMark) {}
+};
+#endif
+
+}  // namespace flashmla

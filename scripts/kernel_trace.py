@@ -1,0 +1,134 @@
+"""Where the decode kernel's time goes inside a pair of pages, per warpgroup, measured in the kernel.
+
+Builds the kernels with -DFLASHMLA_TRACE=1 (kernels_src/trace.cuh; in its own kernel cache), runs one
+benchmark case once to load them, points the module's `flashmla_trace` at a buffer, runs the case
+again and reads the marks that thread 0 of each consumer warpgroup of the first 16 CTAs wrote
+(clock64 at each phase boundary). The report gives, per warpgroup, every step between two marks
+("scores in -> probs published": the softmax and the hand-off) with its count, median and share of the
+warpgroup's traced time, and the median pair time. Marks perturb the kernel a little (a store each);
+read the shares, not the absolute times.
+
+    python scripts/kernel_trace.py --case b128-q1-h128-4096 [--dtype bf16] [--json trace.json]
+    python scripts/kernel_trace.py --case b64-q1-h128-1024 --tree .scratch/candidate/kernels_src
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# trace.cuh's TraceMark names in order, its buffer shape and word layout.
+MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs published", "handoff in",
+         "remote pv done", "own pv done (+load)", "loaded", "piece end")
+HEADER = 255
+TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096
+CYCLE_BITS = 56
+
+
+def decode_record(words) -> tuple[int | None, list[tuple[int, int]]]:
+    """One (CTA, warpgroup) record -> (SM id or None when untraced, [(mark, cycles), ...])."""
+    words = [int(w) for w in words]
+    if not words or words[0] >> CYCLE_BITS != HEADER:
+        return None, []
+    marks = []
+    for word in words[1:]:
+        if word == 0:
+            break
+        marks.append((word >> CYCLE_BITS, word & ((1 << CYCLE_BITS) - 1)))
+    return words[0] & 0xFFFFFFFF, marks
+
+
+def summarize(records: dict[tuple[int, int], list[tuple[int, int]]], clock_khz: float | None) -> dict:
+    """Steps between consecutive marks, per warpgroup: count, median and total cycles, share of time."""
+    per_wg: dict[int, dict] = {}
+    for (_, wg), marks in records.items():
+        entry = per_wg.setdefault(wg, {"steps": {}, "pairs": [], "cycles": 0})
+        for (m0, t0), (m1, t1) in zip(marks, marks[1:]):
+            label = f"{MARKS[m0] if m0 < len(MARKS) else m0} -> {MARKS[m1] if m1 < len(MARKS) else m1}"
+            entry["steps"].setdefault(label, []).append(t1 - t0)
+            entry["cycles"] += t1 - t0
+        starts = [t for m, t in marks if m == MARKS.index("pair start")]
+        entry["pairs"] += [b - a for a, b in zip(starts, starts[1:])]
+    report = {}
+    for wg, entry in sorted(per_wg.items()):
+        steps = {label: {"count": len(v), "median_cycles": statistics.median(v), "total_cycles": sum(v),
+                         "share": sum(v) / entry["cycles"] if entry["cycles"] else 0.0}
+                 for label, v in entry["steps"].items()}
+        pair = statistics.median(entry["pairs"]) if entry["pairs"] else None
+        report[f"warpgroup {wg}"] = {
+            "median_pair_cycles": pair,
+            "median_pair_us": pair / clock_khz * 1e3 if pair and clock_khz else None,
+            "steps": dict(sorted(steps.items(), key=lambda kv: -kv[1]["total_cycles"])),
+        }
+    return report
+
+
+def print_report(report: dict) -> None:
+    for wg, entry in report.items():
+        pair_us = f", ~{entry['median_pair_us']:.2f} us at the max clock" if entry["median_pair_us"] else ""
+        print(f"\n{wg}: median pair {entry['median_pair_cycles']} cycles{pair_us}")
+        print(f"  {'step':48s} {'count':>6s} {'median cyc':>11s} {'share':>7s}")
+        for label, step in entry["steps"].items():
+            print(f"  {label:48s} {step['count']:6d} {step['median_cycles']:11.0f} {step['share']:7.1%}")
+
+
+def trace(case_id: str, dtype: str, tree: str | None) -> dict:
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+    import kernel_ab
+
+    kernel_ab.apply({"defines": ["-DFLASHMLA_TRACE=1"], "tree": tree, "smem": None})
+    import cupy
+    import torch
+
+    import bench
+    import bench_cases
+    from flashmla_cupy import launch
+
+    case = bench_cases.parse(case_id, dtype)
+    fn = bench.ours(torch, case, bench.make_inputs(torch, case, seed=1))
+    fn()
+    torch.cuda.synchronize()
+    [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program == "decode"]
+    words = cupy.zeros(TRACE_CTAS * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
+    pointer = loaded.module.get_global_var("flashmla_trace")
+    cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
+    fn()
+    torch.cuda.synchronize()
+    table = cupy.asnumpy(words).reshape(TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS)
+    records, sms = {}, {}
+    for cta in range(TRACE_CTAS):
+        for wg in range(TRACE_WARPGROUPS):
+            sm, marks = decode_record(table[cta, wg])
+            if sm is not None:
+                records[cta, wg], sms[cta] = marks, sm
+    clock_khz = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrClockRate, 0)
+    report = {"case": case_id, "dtype": dtype, "card": torch.cuda.get_device_name(), "commit": bench.commit(),
+              "traced_ctas": len(sms), "max_clock_khz": clock_khz, **summarize(records, clock_khz)}
+    report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="b128-q1-h128-4096", help="a scripts/bench.py case id")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--tree", help="another kernels_src directory to trace")
+    parser.add_argument("--json", help="write the report (with the raw marks) here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
+    report = trace(args.case, args.dtype, args.tree)
+    print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
+          f"{report['traced_ctas']} CTAs traced")
+    print_report({k: v for k, v in report.items() if k.startswith("warpgroup")})
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
