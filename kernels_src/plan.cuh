@@ -7,11 +7,10 @@
 // "poisoned" (their rows come out NaN); partial slots outside the workspace are never written.
 #pragma once
 #include "decode_config.cuh"
+#include "pages.cuh"
 #include "sync.cuh"
 
 namespace flashmla {
-
-__device__ __forceinline__ int pages_of(int seqlen) { return seqlen <= 0 ? 0 : (seqlen - 1) / kPageSize + 1; }
 
 // One row of tile_scheduler_metadata, read once and clamped to the batch.
 struct PartPlan {
@@ -39,8 +38,9 @@ struct PartPlan {
 __device__ __forceinline__ void page_range(const DecodeParams& p, const PartPlan& part, int request, int seqlen,
                                            int& begin, int& end) {
   begin = request == part.begin_request ? max(part.begin_page, 0) : 0;
-  end = request == part.end_request ? part.end_page : pages_of(seqlen);
-  end = kGuards ? min(end, min(pages_of(seqlen), p.block_table_width + 1)) : min(end, pages_of(seqlen));
+  end = request == part.end_request ? part.end_page : pages_of(seqlen, kPageSize);
+  end = kGuards ? min(end, min(pages_of(seqlen, kPageSize), p.block_table_width + 1))
+                : min(end, pages_of(seqlen, kPageSize));
 }
 
 // One request's share of this CTA's part.

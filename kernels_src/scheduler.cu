@@ -12,6 +12,7 @@
 // request at a time only where a part boundary falls (at most num_parts times).
 #include <cuda/std/cstdint>  // before params.cuh: NVRTC predefines no int64_t
 
+#include "pages.cuh"
 #include "params.cuh"
 
 namespace {
@@ -22,11 +23,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Requests whose page counts are staged in shared memory at a time (32 KiB).
 constexpr int kChunk = 8192;
 
-__device__ __forceinline__ int pages_of(int seqlen, int page_size) {
-  // A negative length is invalid input; counting it as empty matches plan.py and keeps the walk sane.
-  // (seqlen - 1) / page_size + 1 cannot overflow, unlike seqlen + page_size - 1.
-  return seqlen <= 0 ? 0 : (seqlen - 1) / page_size + 1;
-}
+using flashmla::pages_of;
 
 __device__ __forceinline__ long long warp_sum(long long v) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
