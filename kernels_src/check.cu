@@ -12,7 +12,6 @@
 // any, counts itself into the header and ORs its bits there (the header must be zeroed before).
 #include <cuda/std/cstdint>  // before params.cuh: NVRTC predefines no int64_t
 
-#include "pages.cuh"
 #include "params.cuh"
 
 namespace flashmla {
@@ -64,7 +63,7 @@ __device__ int request_faults(const flashmla::CheckParams& p, int i) {
   }
   // The pages the decode kernel would read: those of the length, within the table's width.
   const long long visible = seqlen < 0 ? 0 : (seqlen < capacity ? seqlen : capacity);
-  const int pages = flashmla::pages_of(static_cast<int>(visible), p.page_size);
+  const int pages = static_cast<int>((visible + p.page_size - 1) / p.page_size);
   const int* row = p.block_table + static_cast<long long>(i) * p.block_table_stride;
   for (int j = threadIdx.x; j < pages; j += blockDim.x) {
     const int block = row[j];

@@ -165,6 +165,27 @@ struct PieceContext {
     ++uses[buffer];
   }
 
+  // O = O * move + P V[:, half] over a page the other warpgroup scored (P in the page's rope box),
+  // issued only; `finish_remote_pv` waits for it.
+  __device__ __forceinline__ void issue_remote_pv(int page, int buffer, int half, NamedBarrier own, const MaxMove& move,
+                                                  OutputHalf& o, const int (&uses)[kPageBuffers]) const {
+    see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);
+    clear_stale_rows(page, buffer, half, own);
+    move.rescale(o);
+    issue_pv_from_smem(p_box(buffer), smem.kv[buffer], half, o);
+  }
+
+  // Wait for the PV over the other warpgroup's page, then refill the boxes of `buffer` this warpgroup
+  // read last.
+  __device__ __forceinline__ void finish_remote_pv(Producer& producer, int buffer, int (&uses)[kPageBuffers],
+                                                   Tracer& trace) const {
+    cute::warpgroup_wait<0>();
+    trace.mark(kMarkRemotePvDone);
+    producer.refill(p, part, smem, map, buffer, kv_head, hint);
+    trace.mark(kMarkLoaded);
+    ++uses[buffer];
+  }
+
   // Wait (again) for boxes this warpgroup did not score itself: the TMA data is complete already,
   // the wait makes it visible to this warpgroup.
   __device__ __forceinline__ void see_boxes(int buffer, int first_box, int phase) const {
@@ -180,6 +201,20 @@ struct RowState {
   float max[2];   // running max (scaled, base 2); both warpgroups hold the same values between pairs
   float sum[2];   // this thread's share of this warpgroup's row sums, relative to `max`
   __device__ __forceinline__ RowState() : max{kInitialMax, kInitialMax}, sum{0.f, 0.f} {}
+
+  // The sums brought along a move of the max, then a page's own sums (taken against the new max) added.
+  __device__ __forceinline__ void move_sums(const MaxMove& move) {
+    sum[0] *= move.factor[0];
+    sum[1] *= move.factor[1];
+  }
+  __device__ __forceinline__ void move_sums(const MaxMove& move, const float (&page)[2]) {
+    sum[0] = sum[0] * move.factor[0] + page[0];
+    sum[1] = sum[1] * move.factor[1] + page[1];
+  }
+  __device__ __forceinline__ void set_max(const float (&m)[2]) {
+    max[0] = m[0];
+    max[1] = m[1];
+  }
 };
 
 
@@ -200,8 +235,7 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   float max_a[2], sum[2];
   c.softmax(s, mask, rows.max, max_a, sum);
   const MaxMove to_a(rows.max, max_a);
-  rows.sum[0] = rows.sum[0] * to_a.factor[0] + sum[0];
-  rows.sum[1] = rows.sum[1] * to_a.factor[1] + sum[1];
+  rows.move_sums(to_a, sum);
   ProbFragment prob;
   pack_probabilities(s, prob);
   c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
@@ -210,8 +244,7 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
   c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, to_a, o, uses);
   trace.mark(kMarkOwnPvDone);
-  rows.max[0] = max_a[0];
-  rows.max[1] = max_a[1];
+  rows.set_max(max_a);
 
   if constexpr (kHasB) {
     // O_L = O_L * 2^(m_a - m_b) + P_b V_b[:, 0:256], P_b from warpgroup 1 through smem.
@@ -219,19 +252,10 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
     trace.mark(kMarkHandoffIn);
     const float max_b[2] = {smem.max_b[c.at.row[0]], smem.max_b[c.at.row[1]]};
     const MaxMove to_b(max_a, max_b);
-    rows.sum[0] *= to_b.factor[0];
-    rows.sum[1] *= to_b.factor[1];
-    c.see_boxes(kBufferB, 0, uses[kBufferB] & 1);
-    c.clear_stale_rows(page_a + 1, kBufferB, 0, kBarrierWarpgroup0);
-    to_b.rescale(o);
-    issue_pv_from_smem(c.p_box(kBufferB), smem.kv[kBufferB], 0, o);
-    cute::warpgroup_wait<0>();
-    trace.mark(kMarkRemotePvDone);
-    producer.refill(c.p, c.part, smem, c.map, kBufferB, c.kv_head, c.hint);
-    trace.mark(kMarkLoaded);
-    ++uses[kBufferB];
-    rows.max[0] = max_b[0];
-    rows.max[1] = max_b[1];
+    rows.move_sums(to_b);
+    c.issue_remote_pv(page_a + 1, kBufferB, 0, kBarrierWarpgroup0, to_b, o, uses);
+    c.finish_remote_pv(producer, kBufferB, uses, trace);
+    rows.set_max(max_b);
   }
 }
 
@@ -258,12 +282,8 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   trace.mark(kMarkHandoffIn);
   const float max_a[2] = {smem.max_a[c.at.row[0]], smem.max_a[c.at.row[1]]};
   const MaxMove to_a(rows.max, max_a);
-  rows.sum[0] *= to_a.factor[0];
-  rows.sum[1] *= to_a.factor[1];
-  c.see_boxes(kBufferA, kBoxesPerHalf, uses[kBufferA] & 1);
-  c.clear_stale_rows(page_a, kBufferA, 1, kBarrierWarpgroup1);
-  to_a.rescale(o);
-  issue_pv_from_smem(c.p_box(kBufferA), smem.kv[kBufferA], 1, o);
+  rows.move_sums(to_a);
+  c.issue_remote_pv(page_a, kBufferA, 1, kBarrierWarpgroup1, to_a, o, uses);
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
@@ -271,32 +291,21 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     float max_b[2], sum[2];
     c.softmax(s, mask_b, max_a, max_b, sum);
     const MaxMove to_b(max_a, max_b);
-    rows.sum[0] = rows.sum[0] * to_b.factor[0] + sum[0];
-    rows.sum[1] = rows.sum[1] * to_b.factor[1] + sum[1];
+    rows.move_sums(to_b, sum);
     ProbFragment prob;
     pack_probabilities(s, prob);
     c.publish(prob, kBufferB, smem.max_b, max_b, kBarrierPageBReady);
     trace.mark(kMarkProbsPublished);
 
-    cute::warpgroup_wait<0>();
-    trace.mark(kMarkRemotePvDone);
-    producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
-    trace.mark(kMarkLoaded);
-    ++uses[kBufferA];
+    c.finish_remote_pv(producer, kBufferA, uses, trace);
 
     // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
     c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, to_b, o, uses);
     trace.mark(kMarkOwnPvDone);
-    rows.max[0] = max_b[0];
-    rows.max[1] = max_b[1];
+    rows.set_max(max_b);
   } else {
-    cute::warpgroup_wait<0>();
-    trace.mark(kMarkRemotePvDone);
-    producer.refill(c.p, c.part, smem, c.map, kBufferA, c.kv_head, c.hint);
-    trace.mark(kMarkLoaded);
-    ++uses[kBufferA];
-    rows.max[0] = max_a[0];
-    rows.max[1] = max_a[1];
+    c.finish_remote_pv(producer, kBufferA, uses, trace);
+    rows.set_max(max_a);
   }
 }
 

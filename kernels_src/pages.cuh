@@ -1,5 +1,6 @@
-// How many KV pages a cached length takes: the one definition that the planner (scheduler.cu), the
-// checked mode (check.cu) and the decode kernel (plan.cuh) share; flashmla_cupy/plan.py mirrors it.
+// How many KV pages a cached length takes: the one definition that the planner (scheduler.cu) and the
+// decode kernel (plan.cuh) share; flashmla_cupy/plan.py mirrors it. (check.cu counts the pages of a
+// length already clamped to the table's capacity, in 64-bit arithmetic, the same number.)
 #pragma once
 
 namespace flashmla {
