@@ -444,14 +444,20 @@ def run_cases(report: dict, cases: list[Case], measure: Callable[[int, Case], di
 
 
 def commit() -> str:
-    """FLASHMLA_COMMIT (set by whoever copied the tree to the device), else git, else 'unknown'."""
+    """FLASHMLA_COMMIT (set by whoever copied the tree to the device), else git, else 'unknown'. A tree
+    whose tracked files differ from git's HEAD says so ("<sha>-modified"): a copy of a working tree
+    can carry a stale .git (it named an older commit in three of this project's device runs)."""
     if os.environ.get("FLASHMLA_COMMIT"):
         return os.environ["FLASHMLA_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=here, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=30, cwd=here, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return f"{head}-modified" if changed else head
 
 
 def driver_version() -> str:

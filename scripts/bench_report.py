@@ -36,6 +36,12 @@ class Headline(NamedTuple):
     ratio: float | None         # ours / best peer
 
 
+def short_commit(commit) -> str:
+    """A commit as the reports name it: 7 hex digits, keeping the "-modified" mark of bench.commit()."""
+    text = str(commit)
+    return text[:7] + ("-modified" if text.endswith("-modified") else "")
+
+
 def headline(row: dict, mode: str = "graph") -> Headline:
     """The figure that judges one case in one mode (MODES), for every library timed in it."""
     memory = bench_cases.memory_bound(row["seqlen_q"], row["heads_q"], row["heads_kv"])
@@ -91,7 +97,7 @@ def card_tag(card: str) -> str:
 
 def stem(report: dict) -> str:
     """<date>-<card>-<commit>: how benchmarks/results/ names one run's files."""
-    return f"{report.get('date', 'undated')}-{card_tag(report.get('card'))}-{str(report.get('commit'))[:7]}"
+    return f"{report.get('date', 'undated')}-{card_tag(report.get('card'))}-{short_commit(report.get('commit'))}"
 
 
 def library_names(report: dict) -> list[str]:
@@ -179,7 +185,7 @@ def problems(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     names = library_names(report)
-    out = [f"# MLA decode benchmark: {report.get('card')}, commit {str(report.get('commit'))[:7]}, "
+    out = [f"# MLA decode benchmark: {report.get('card')}, commit {short_commit(report.get('commit'))}, "
            f"{report.get('date')}", "",
            f"- driver {report.get('driver', '?')}, CUDA {report.get('cuda', '?')}, torch {report.get('torch', '?')}, "
            f"Python {report.get('python', '?')}",
@@ -208,7 +214,7 @@ def markdown(report: dict) -> str:
 def brief(report: dict) -> str:
     """A few lines for a console: issue 7's table (CUDA-graph replay) and the spread of the rest."""
     names = library_names(report)
-    out = [f"{report.get('card')}  commit {str(report.get('commit'))[:7]}  CUDA-graph replay, "
+    out = [f"{report.get('card')}  commit {short_commit(report.get('commit'))}  CUDA-graph replay, "
            f"ceilings: {ceilings_line(report)}"]
     for dtype in dtypes_of(report):
         rows = [row for row in report["results"] if row["dtype"] == dtype]
@@ -279,7 +285,7 @@ def png(report: dict, path: str) -> None:
         ax.grid(axis="y", alpha=0.3, zorder=0)
         ax.legend(fontsize=8, loc="upper right", ncol=len(drawn))
     fig.suptitle(f"MLA decode, CUDA-graph replay, L2 flushed\n{report.get('card')}, "
-                 f"commit {str(report.get('commit'))[:7]}, {report.get('date')}", fontsize=11)
+                 f"commit {short_commit(report.get('commit'))}, {report.get('date')}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # 0.7 inch for the two-line title
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -361,3 +361,9 @@ def test_kernel_trace_marks_match_the_kernel_and_summarize():
     assert steps["pair start -> scores in"] == {"count": 2, "median_cycles": 105.0, "total_cycles": 210,
                                                  "share": 210 / 340}
     assert report["warpgroup 0"]["median_pair_cycles"] == 200 and report["warpgroup 0"]["median_pair_us"] == 0.1
+
+
+def test_reports_keep_the_mark_of_a_modified_tree():
+    assert bench_report.short_commit("0123456789abcdef") == "0123456"
+    assert bench_report.short_commit("0123456789abcdef-modified") == "0123456-modified"
+    assert bench_report.short_commit(None) == "None"
