@@ -36,6 +36,12 @@ UINT8 = np.dtype(np.uint8)
 KV_DTYPES = {"fp8_e4m3": E4M3}
 
 
+def out_dtype_of(q_dtype: np.dtype | None) -> np.dtype | None:
+    """The dtype of `out` for a q read as `q_dtype`: q's own, bf16 for an e4m3 q (the FP8 forks'
+    output); None for a dtype q may not have."""
+    return q_dtype if q_dtype in DTYPE_NAMES else np.dtype(ml_dtypes.bfloat16) if q_dtype == E4M3 else None
+
+
 @dataclass(frozen=True)
 class MetadataProblem:
     """A checked `get_mla_metadata` call."""
@@ -56,7 +62,7 @@ class DecodeProblem:
     heads_kv: int
     heads_per_group: int       # h_q // h_kv query heads share one KV head
     rows: int                  # query rows per KV head: seqlen_q * heads_per_group
-    dtype_name: str            # "bf16" | "fp16": the type the kernels compute and write out in
+    dtype_name: str            # "bf16" | "fp16": the dtype of out (an e4m3 q computes in fp16, writes bf16)
     causal: bool               # False when seqlen_q == 1: the mask changes nothing then
     softmax_scale: float
     num_parts: int             # rows of tile_scheduler_metadata
@@ -397,7 +403,7 @@ def _check_outputs(rules: _Rules, out: View | None, lse: View | None, q: View | 
     """out: [b, s_q, h_q, 512] in q's dtype (bf16 for an e4m3 q); lse: float32 [b, h_q, s_q]; both
     C-contiguous. An output that could not be viewed (None) was reported already."""
     b, s_q, h_q = q.shape[:3] if q_ok else (None, None, None)
-    out_dtype = q_dtype if q_dtype in DTYPE_NAMES else np.dtype(ml_dtypes.bfloat16) if q_dtype == E4M3 else None
+    out_dtype = out_dtype_of(q_dtype)
     if out is not None:
         _check_output(rules, "out", out, (b, s_q, h_q, HEAD_DIM_V) if q_ok else None, out_dtype,
                       f"[batch, seqlen_q, heads_q, {HEAD_DIM_V}]", VECTOR_ALIGN)
@@ -455,7 +461,7 @@ def check_decode_args(q: View | None, k_cache: View | None, block_table: View | 
     return DecodeProblem(
         batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
         heads_per_group=heads_per_group, rows=seqlen_q * heads_per_group,
-        dtype_name=DTYPE_NAMES.get(q_dtype, "bf16"), causal=bool(causal) and seqlen_q > 1,
+        dtype_name=DTYPE_NAMES[out_dtype_of(q_dtype)], causal=bool(causal) and seqlen_q > 1,
         softmax_scale=scale, num_parts=tile_scheduler_metadata.shape[0], device_id=device_id,
         q=q, k_cache=k_cache, block_table=block_table, out=out, lse=lse,
         q_dtype_name=DTYPE_NAMES.get(q_dtype, "e4m3"), kv_name="e4m3" if k_dtype == E4M3 else None,
