@@ -54,16 +54,16 @@ struct Producer {
     }
   }
 
-  // Load this warpgroup's boxes of `buffer`'s next page. The poisoned flag is written before the TMA
-  // barriers are armed, so whoever waits on them sees it.
+  // Load this warpgroup's boxes of `buffer`'s next page. A bad page's flag (kFlagBadPages) is written
+  // before the TMA barriers are armed, so whoever waits on them sees it.
   __device__ __forceinline__ void refill(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                          const TensorMap* map, int buffer, int kv_head, uint64_t hint) {
     if (active) {
       PageStream& s = stream[buffer];
       if (s.valid()) {
-        bool poisoned;
-        const int block = s.block_index(p, poisoned);
-        smem.poisoned[buffer][warpgroup] = poisoned;
+        bool flagged;
+        const int block = s.block_index(p, flagged);
+        if constexpr (kFlagBadPages) smem.poisoned[buffer][warpgroup] = flagged;
         load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, warpgroup), block, kv_head, hint);
         s.advance(p, part);
       }
@@ -97,15 +97,15 @@ struct PieceContext {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
 
-  // Read once the page's TMA barriers have been waited on (the poisoned flags are written before
-  // they are armed), and before waiting for its QK^T: the shared-memory read then hides behind the
-  // wgmmas instead of delaying the softmax.
+  // Read once the page's TMA barriers have been waited on (bad-page flags are written before they
+  // are armed), and before waiting for its QK^T: the shared-memory read then hides behind the wgmmas
+  // instead of delaying the softmax.
   __device__ __forceinline__ PageMask mask_of(int page, int buffer) const {
     PageMask mask;
     mask.token0 = page * kPageSize;
     mask.limit[0] = limit[0];
     mask.limit[1] = limit[1];
-    mask.poisoned = kGuards && (smem.poisoned[buffer][0] | smem.poisoned[buffer][1]);
+    mask.poisoned = kFlagBadPages && (smem.poisoned[buffer][0] | smem.poisoned[buffer][1]);
     return mask;
   }
   __device__ __forceinline__ bool needs_mask(const PageMask& mask) const {
@@ -314,7 +314,10 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
                                              const OutputHalf& o) {
   cute::warpgroup_wait<0>();  // nothing is in flight here; saying so keeps ptxas from adding a wait
   float* own = c.smem.row_sum[warpgroup];
-  const float share[2] = {quad_sum(rows.sum[0]), quad_sum(rows.sum[1])};
+  // A bad page that TMA filled with NaN makes O NaN in every row of the request (P is 0 or NaN, V is
+  // NaN), but not the sums of causal rows that see none of its tokens (their P is 0): carry O's NaN into
+  // the sums so that their lse is NaN too. (Register 0 is row 0's, 2 is row 1's.)
+  const float share[2] = {quad_sum(rows.sum[0] + 0.f * o.v[0]), quad_sum(rows.sum[1] + 0.f * o.v[2])};
   if (c.at.publishes()) {
     own[c.at.row[0]] = share[0];
     own[c.at.row[1]] = share[1];
@@ -377,6 +380,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
 #endif
   const Descales scales = read_descales(p);
   Tracer trace(warpgroup, thread);
+  trace.mark(kMarkKernelStart);
   Producer producer(p, part, smem, warpgroup, thread == 0);
   producer.refill(p, part, smem, &kv_map, kBufferA, kv_head, hint);
   producer.refill(p, part, smem, &kv_map, kBufferB, kv_head, hint);

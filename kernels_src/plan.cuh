@@ -3,14 +3,28 @@
 //
 // Nothing here trusts device-side contents: a plan made for other lengths or another batch, lengths
 // past the block table's capacity and block indices outside the cache never make the kernel touch
-// memory outside its tensors. Pages past the block table and out-of-range block indices are
-// "poisoned" (their rows come out NaN); partial slots outside the workspace are never written.
+// memory outside its tensors. Pages past the block table and out-of-range block indices are "bad"
+// (their request's rows come out NaN); partial slots outside the workspace are never written.
 #pragma once
 #include "decode_config.cuh"
 #include "pages.cuh"
 #include "sync.cuh"
 
 namespace flashmla {
+
+// How a bad page stays out of memory the kernel does not own. A 16-bit cache hands the block index to
+// TMA unchecked: a box outside the tensor map is never read but filled with NaN (the host encodes the
+// map with the NaN fill), and the NaN reaches the scores, P, the row sums and O by itself, with nothing
+// on the loading thread's path (range checks there cost 3 % at h_q = 128: docs/PERF_NOTES.md). TMA fills
+// only floating-point maps with NaN, and an FP8 cache is mapped as bytes (filled with zeros), so its
+// loading thread checks the index and flags the page, and the consumer turns the page's scores into NaN.
+#if defined(FLASHMLA_KV_E4M3)
+constexpr bool kFlagBadPages = kGuards;
+#else
+constexpr bool kFlagBadPages = false;
+#endif
+// The block a page past the block table loads: outside every tensor map.
+constexpr int kBlockOutsideCache = -1;
 
 // One row of tile_scheduler_metadata, read once and clamped to the batch.
 struct PartPlan {
@@ -76,7 +90,7 @@ struct Piece {
 struct PageStream {
   int request, page, page_end;  // the page the buffer loads at its next refill
   int block;                    // its block-table entry, copied in asynchronously one refill ahead of its use
-  bool past_table;              // it lies past the block table's width: poisoned, the table is not read
+  bool past_table;              // it lies past the block table's width: bad, the table is not read
   int parity;                   // 0: buffer A's pages, 1: buffer B's
 
   __device__ __forceinline__ void start(const DecodeParams& p, const PartPlan& part, int buffer) {
@@ -89,12 +103,13 @@ struct PageStream {
   }
   __device__ __forceinline__ bool valid() const { return page < page_end; }
 
-  // The cache block of the page and whether it is poisoned (past the table, or an index outside
-  // [0, num_blocks)); a poisoned page loads block 0, which exists, and is never used.
-  __device__ __forceinline__ int block_index(const DecodeParams& p, bool& poisoned) const {
+  // The cache block of the page. With kFlagBadPages, also whether the page is bad (past the table, or
+  // an index outside [0, num_blocks)); a flagged page loads block 0, which exists, and is never used.
+  // Otherwise the index goes to TMA as it is (kBlockOutsideCache past the table).
+  __device__ __forceinline__ int block_index(const DecodeParams& p, bool& flagged) const {
     async_copy_wait_all();
-    poisoned = kGuards && (past_table || block < 0 || block >= p.num_blocks);
-    return poisoned ? 0 : block;
+    flagged = kFlagBadPages && (past_table || block < 0 || block >= p.num_blocks);
+    return flagged ? 0 : block;
   }
 
   __device__ __forceinline__ void advance(const DecodeParams& p, const PartPlan& part) {
@@ -115,7 +130,7 @@ struct PageStream {
     if (valid() && !(kGuards && past_table)) {
       async_copy_u32(&block, p.block_table + int64_t(request) * p.block_table_stride + page);
     } else {
-      block = 0;
+      block = kBlockOutsideCache;  // past the table (or past the part: never loaded)
     }
   }
 };

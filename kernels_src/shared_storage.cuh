@@ -13,8 +13,8 @@ struct SharedStorage {
   float max_a[kTileRows];        // running max after page a (warpgroup 0 -> 1)
   float max_b[kTileRows];        // running max after page b (warpgroup 1 -> 0)
   float row_sum[2][kTileRows];   // epilogue: each warpgroup's share of the row sums
-  // Per buffer and loading warpgroup: the page's block index was outside the block table or the
-  // cache; the warpgroup scoring the page turns its scores into NaN.
+  // Per buffer and loading warpgroup, with kFlagBadPages (FP8): the page's block index was outside the
+  // block table or the cache; the warpgroup scoring the page turns its scores into NaN.
   int poisoned[kPageBuffers][2];
   PageStream streams[2][kPageBuffers];  // [warpgroup][buffer]: each warpgroup's loading thread's state
   alignas(8) uint64_t full[kPageBuffers][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB

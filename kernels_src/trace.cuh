@@ -22,6 +22,7 @@ enum TraceMark : uint32_t {
   kMarkOwnPvDone = 7,       // PV with this warpgroup's P complete and its buffer refilled
   kMarkLoaded = 8,          // the buffer read by the remote PV refilled
   kMarkPieceEnd = 9,        // output written
+  kMarkKernelStart = 10,    // the warpgroup's first instruction after the set-up (barrier init, plan row)
   kMarkHeader = 255,
 };
 

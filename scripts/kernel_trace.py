@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # trace.cuh's TraceMark names in order, its buffer shape and word layout.
 MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs published", "handoff in",
-         "remote pv done", "own pv done (+load)", "loaded", "piece end")
+         "remote pv done", "own pv done (+load)", "loaded", "piece end", "kernel start")
 HEADER = 255
 TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096
 CYCLE_BITS = 56
@@ -95,7 +95,8 @@ def trace(case_id: str, dtype: str, tree: str | None) -> dict:
     torch.cuda.synchronize()
     [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program == "decode"]
     words = cupy.zeros(TRACE_CTAS * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
-    pointer = loaded.module.get_global_var("flashmla_trace")
+    address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
+    pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
     cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
     fn()
     torch.cuda.synchronize()

@@ -41,6 +41,27 @@ def test_unchecked_fault_gives_the_documented_result(case, build):
     faults.verify(good, *faults.run(c, good), c, ref)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_bad_last_page_makes_every_causal_row_nan(dtype):
+    """Causal rows may see none of a bad page: here the victim's last page holds one token, which the
+    first three of its four query rows do not see. Their P there is 0, so only V's NaN reaches their
+    out, and their lse must come out NaN too (the epilogue carries O's NaN into the row sums)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    seqlens = np.array([129, 700, 65], dtype=np.int32)  # requests 0 and 2 end on a one-token page
+    c = reference.random_case(rng, len(seqlens), 4, 16, 1, seqlens, dtype, causal=True)
+    ref = c.reference()
+    for victim, value in ((0, c.k_cache.shape[0]), (2, -1)):
+        table = c.block_table.copy()
+        table[victim, faults.pages(seqlens[victim]) - 1] = value
+        fault = faults.Fault(f"block {value} on the last page of request {victim}", block_table=table,
+                             nan=[victim], exact=[i for i in range(len(seqlens)) if i != victim])
+        try:
+            faults.verify(fault, *faults.run(c, fault), c, ref)
+        except AssertionError as exc:
+            raise AssertionError(f"seed {seed}: {exc}") from None
+
+
 @pytest.mark.parametrize("build", [b for _, b in faults.CHECKED], ids=[n for n, _ in faults.CHECKED])
 def test_checked_mode_names_each_fault(case, build):
     seed, c, _ = case
