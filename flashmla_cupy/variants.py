@@ -24,9 +24,9 @@ _KV_DEFINES = {"e4m3": ("-DFLASHMLA_KV_E4M3=1",)}
 # decode_config.cuh, needed before the module is loaded. A static_assert compiled into the program
 # (see `pinned_constants`) fails the build when the two disagree.
 DECODE_SHARED_BYTES = 224256
-# Threads of a decode block: two consumer warpgroups, plus the converter warpgroup with an FP8 cache
-# (kLaunchThreads of decode_config.cuh, pinned likewise).
-DECODE_THREADS = {None: 256, "e4m3": 384}
+# Threads of a decode block: two consumer warpgroups and a helper warpgroup, the loader of a 16-bit
+# cache or the converter of an FP8 one (kLaunchThreads of decode_config.cuh, pinned likewise).
+DECODE_THREADS = {None: 384, "e4m3": 384}
 # Tokens of one TMA sub-box of an FP8 page (kLandingTokens of dequant.cuh, pinned likewise): launch.py
 # encodes k_cache's tensor map with it.
 FP8_LANDING_TOKENS = 16

@@ -1,9 +1,10 @@
 // Split-KV MLA decode for sm_90a: one CTA = 64 packed query rows x one KV head x one part of the plan.
 //
-// Grid (ceil(rows / 64), heads_kv, num_parts), 256 threads (two warpgroups), kSharedBytes of dynamic
-// shared memory: the Q tile and two 72 KB page buffers, A and B (V is the first 512 columns of K).
-// An FP8 cache (-DFLASHMLA_KV_E4M3) adds a third warpgroup that dequantises each page in place before
-// the two read it (dequant.cuh); the main loop is the same.
+// Grid (ceil(rows / 64), heads_kv, num_parts), 384 threads, kSharedBytes of dynamic shared memory: the
+// Q tile and two 72 KB page buffers, A and B (V is the first 512 columns of K). Two consumer warpgroups
+// run the main loop below; a helper warpgroup feeds them: with a 16-bit cache it issues the page loads
+// (loader_warp), with an FP8 cache (-DFLASHMLA_KV_E4M3) it dequantises each page in place before the
+// consumers read it (dequant.cuh) and the consumers issue their own loads; the main loop is the same.
 //
 // Schedule ("seesaw"): the pages of a piece go in pairs (a, b). Warpgroup 0 scores page a, warpgroup 1
 // page b; each keeps one half of O (256 columns) and multiplies both pages' P into it. Per pair:
@@ -13,13 +14,14 @@
 //   warpgroup 1:                  (issue S_b)         softmax(b) from m_a -> P_b, m_b    | rescale O_R to m_b
 //
 // so one warpgroup's softmax runs while the tensor cores work for the other. Each page's P travels to
-// the other warpgroup in the page's own rope box (its QK^T is done with it). A warpgroup refills the
-// boxes it read last as soon as its wgmma on them has completed (load.cuh, boxes_loaded_by), with the
-// next page of that buffer's stream, possibly of the next piece.
+// the other warpgroup in the page's own rope box (its QK^T is done with it). A warpgroup releases the
+// boxes it read last as soon as its wgmma on them has completed (load.cuh, boxes_loaded_by), and they
+// are refilled with the next page of that buffer's stream, possibly of the next piece.
 //
 // Handshakes (named barriers, synced by both warpgroups): page A ready (0 -> 1: max_a, P_a), page B
 // ready (1 -> 0: max_b, P_b);
-// TMA barriers, one per box and buffer; a CTA barrier around each Q reload and the epilogue.
+// TMA barriers, one per box and buffer ("full"); per buffer and consumer an "empty" barrier (its boxes
+// released to the loader); a consumers' barrier around each Q reload and the epilogue.
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA loads, mbarriers, named barriers and the swizzled-box
 // descriptors are hand-written PTX: CuTe's TMA atoms are built by host helpers that NVRTC compiles out,
@@ -38,34 +40,69 @@
 
 namespace flashmla {
 
-// One thread of each warpgroup issues the TMA loads of the boxes its warpgroup reads last. Its page
-// streams live in shared memory: registers are the scarce resource of the other 127 threads.
+// The next page of a buffer's stream into the boxes of that buffer that `consumer` reads last. Run by
+// the one thread that follows the stream. A bad page's flag (kFlagBadPages) is written before the TMA
+// barriers are armed, so whoever waits on them sees it.
+__device__ __forceinline__ void load_next_page(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                               const TensorMap* map, PageStream& stream, int buffer, int consumer,
+                                               int kv_head, uint64_t hint) {
+  bool flagged;
+  const int block = stream.block_index(p, flagged);
+  if constexpr (kFlagBadPages) smem.poisoned[buffer][consumer] = flagged;
+  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
+  stream.advance(p, part);
+}
+
+// The loader (16-bit cache): warp w of the helper warpgroup follows buffer w / 2's page stream for
+// consumer warpgroup w % 2, one lane. It loads the first page at once, then each next page as soon as
+// the consumer has released the boxes (the "empty" barrier): the TMA issue, the block-table reads and
+// the stream's bookkeeping all stay off the consumers' path.
+__device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                            const TensorMap* map, int kv_head, uint64_t hint, int warp) {
+  const int consumer = warp % 2;
+  const int buffer = warp / 2;
+  PageStream& stream = smem.streams[consumer][buffer];
+  stream.start(p, part, buffer);
+  for (int loaded = 0; stream.valid(); ++loaded) {
+    if (loaded > 0) mbarrier_wait_single(&smem.empty[buffer][consumer], (loaded - 1) & 1);
+    load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head, hint);
+  }
+}
+
+// A consumer warpgroup's side of the page loads. Once its last wgmma on the boxes of a buffer that it
+// reads last (load.cuh, boxes_loaded_by) has completed, thread 0 releases them to the next page of the
+// buffer's stream: with a 16-bit cache by one arrival on their "empty" barrier, which wakes the loader;
+// with an FP8 cache (whose helper warpgroup converts) by issuing the loads itself.
 struct Producer {
-  PageStream* stream;  // [kPageBuffers], smem.streams[warpgroup]
+  PageStream* stream;  // [kPageBuffers], smem.streams[warpgroup]: FP8 only
   int warpgroup;
   bool active;
 
   __device__ __forceinline__ Producer(const DecodeParams& p, const PartPlan& part, SharedStorage& smem, int wg,
                                       bool is_issuer)
       : stream(smem.streams[wg]), warpgroup(wg), active(is_issuer) {
-    if (active) {
+    if (!kLoaderWarpgroup && active) {
       stream[kBufferA].start(p, part, kBufferA);
       stream[kBufferB].start(p, part, kBufferB);
     }
   }
 
-  // Load this warpgroup's boxes of `buffer`'s next page. A bad page's flag (kFlagBadPages) is written
-  // before the TMA barriers are armed, so whoever waits on them sees it.
-  __device__ __forceinline__ void refill(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                         const TensorMap* map, int buffer, int kv_head, uint64_t hint) {
+  // The first page of each buffer (FP8; the loader does this itself).
+  __device__ __forceinline__ void first_loads(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                              const TensorMap* map, int kv_head, uint64_t hint) {
+    if constexpr (!kLoaderWarpgroup) {
+      release(p, part, smem, map, kBufferA, kv_head, hint);
+      release(p, part, smem, map, kBufferB, kv_head, hint);
+    }
+  }
+
+  __device__ __forceinline__ void release(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                          const TensorMap* map, int buffer, int kv_head, uint64_t hint) {
     if (active) {
-      PageStream& s = stream[buffer];
-      if (s.valid()) {
-        bool flagged;
-        const int block = s.block_index(p, flagged);
-        if constexpr (kFlagBadPages) smem.poisoned[buffer][warpgroup] = flagged;
-        load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, warpgroup), block, kv_head, hint);
-        s.advance(p, part);
+      if constexpr (kLoaderWarpgroup) {
+        mbarrier_arrive(&smem.empty[buffer][warpgroup]);
+      } else if (stream[buffer].valid()) {
+        load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, hint);
       }
     }
     __syncwarp();
@@ -161,7 +198,7 @@ struct PieceContext {
     move.rescale(o);
     issue_pv_from_regs(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
-    producer.refill(p, part, smem, map, buffer, kv_head, hint);
+    producer.release(p, part, smem, map, buffer, kv_head, hint);
     ++uses[buffer];
   }
 
@@ -181,7 +218,7 @@ struct PieceContext {
                                                    Tracer& trace) const {
     cute::warpgroup_wait<0>();
     trace.mark(kMarkRemotePvDone);
-    producer.refill(p, part, smem, map, buffer, kv_head, hint);
+    producer.release(p, part, smem, map, buffer, kv_head, hint);
     trace.mark(kMarkLoaded);
     ++uses[buffer];
   }
@@ -361,6 +398,8 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
         mbarrier_init(&smem.landed[buffer][box], 1);
 #endif
       }
+      mbarrier_init(&smem.empty[buffer][0], 1);
+      mbarrier_init(&smem.empty[buffer][1], 1);
     }
     fence_barrier_init();
   }
@@ -370,20 +409,21 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   // the wgmmas behind the role branch.
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
   const int thread = threadIdx.x % kWarpgroupThreads;
-#if defined(FLASHMLA_KV_E4M3)
-  if (warpgroup == kConverterWarpgroup) {
+  if (warpgroup == kHelperWarpgroup) {
     release_registers();
+#if defined(FLASHMLA_KV_E4M3)
     convert_part(p, part, smem, thread);
+#else
+    if (thread % 32 == 0 && thread / 32 < 2 * kPageBuffers) loader_warp(p, part, smem, &kv_map, kv_head, hint, thread / 32);
+#endif
     return;
   }
   claim_registers();
-#endif
   const Descales scales = read_descales(p);
   Tracer trace(warpgroup, thread);
   trace.mark(kMarkKernelStart);
   Producer producer(p, part, smem, warpgroup, thread == 0);
-  producer.refill(p, part, smem, &kv_map, kBufferA, kv_head, hint);
-  producer.refill(p, part, smem, &kv_map, kBufferB, kv_head, hint);
+  producer.first_loads(p, part, smem, &kv_map, kv_head, hint);
 
   int uses[kPageBuffers] = {0, 0};  // pages consumed from each buffer: the parity of its TMA barriers
   for (int request = part.begin_request; request <= part.end_request; ++request) {

@@ -30,12 +30,19 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
 
 constexpr int kWarpgroupThreads = 128;
 constexpr int kThreads = 2 * kWarpgroupThreads;  // the two consumer warpgroups of the main loop
-// An FP8 cache adds a third warpgroup that dequantises its pages in shared memory (dequant.cuh).
-constexpr int kConverterThreads = kWarpgroupThreads;
+// A third warpgroup helps them: with a 16-bit cache it issues the page loads (the loader, decode.cu),
+// with an FP8 cache it dequantises the pages in shared memory (the converter, dequant.cuh). It gives
+// most of its registers to the consumers (setmaxnreg): it needs about 40, they all they can get.
+constexpr int kHelperWarpgroup = 2;
+constexpr int kHelperThreads = kWarpgroupThreads;
+constexpr int kLaunchThreads = kThreads + kHelperThreads;
+constexpr int kHelperRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+static_assert(2 * kConsumerRegisters + kHelperRegisters == 3 * 168, "the registers handed over add up");
 #if defined(FLASHMLA_KV_E4M3)
-constexpr int kLaunchThreads = kThreads + kConverterThreads;
+constexpr bool kLoaderWarpgroup = false;  // the helper converts; each consumer issues its own loads
 #else
-constexpr int kLaunchThreads = kThreads;
+constexpr bool kLoaderWarpgroup = true;
 #endif
 // Each warpgroup holds the output columns [wg * 256, wg * 256 + 256): 128 fp32 registers a thread.
 constexpr int kHalfV = kHeadDimV / 2;

@@ -18,7 +18,8 @@
 // alternate between buffers A and B), waits for each box to land, converts its rows, fences the
 // generic writes for wgmma and arrives on the box's "full" barrier (every converter thread arrives).
 // The consumer warpgroups wait on "full" exactly as for a 16-bit cache, so their code is unchanged. The
-// converter gives most of its registers to them (setmaxnreg): it needs about 40, they all they can get.
+// converter is the helper warpgroup (decode_config.cuh): a 16-bit cache's helper issues the loads, an
+// FP8 cache's consumers issue their own.
 //
 // Measured (H200, 2026-11-30, e4m3 q and cache, b = 128; benchmarks/results/2026-11-30-h200-fp8-*):
 // this is correct but slower than our own bf16 kernel, at about 0.55 of FlashMLA's FP8 kernel. Whole
@@ -94,17 +95,12 @@ __device__ __forceinline__ uint4 load_q_chunk(const uint8_t* src) {
 
 #if defined(FLASHMLA_KV_E4M3)
 
-constexpr int kConverterWarpgroup = 2;                      // after the two consumers
-constexpr int kConverterWarps = kConverterThreads / 32;
+constexpr int kConverterWarps = kHelperThreads / 32;
 constexpr int kLandingsPerBox = kConverterWarps;            // one TMA sub-box per converter warp
 constexpr int kLandingTokens = kPageSize / kLandingsPerBox;  // 16 tokens, 64 e4m3 bytes each
 constexpr int kLandingBytes = kLandingTokens * kBoxCols;     // 1 KB of FP8
 constexpr int kLandingStride = kLandingTokens * kRowBytes;   // 2 KB: the same rows in 16-bit form
-constexpr int kFullArrivals = kConverterThreads;             // a box is full once every converter thread wrote
-// Registers after the hand-over (setmaxnreg): 232 + 232 + 40 = 3 x 168, the launch's share per warpgroup.
-constexpr int kConverterRegisters = 40;
-constexpr int kConsumerRegisters = 232;
-static_assert(2 * kConsumerRegisters + kConverterRegisters == 3 * 168, "the registers handed over add up");
+constexpr int kFullArrivals = kHelperThreads;                // a box is full once every converter thread wrote
 static_assert(kLandingBytes == 2 * 16 * 32, "a warp reads its landing in two 16-byte chunks per lane");
 // Boxes converted per step (convert_step). Two boxes a step halve the waits, fences and arrivals per
 // box; converting to fp16, ptxas then needs one register more than the converter's 40 (a spill), so fp16
@@ -120,13 +116,6 @@ __host__ __device__ constexpr int landing_offset(int part) { return part * kLand
 
 __device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int buffer, int box) {
   return &smem.landed[buffer][box];
-}
-
-__device__ __forceinline__ void release_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kConverterRegisters));
-}
-__device__ __forceinline__ void claim_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
 }
 
 // A warp's 16 rows of `boxes` consecutive landed boxes, converted in place. `rows` is the first 16-bit

@@ -16,8 +16,11 @@ struct SharedStorage {
   // Per buffer and loading warpgroup, with kFlagBadPages (FP8): the page's block index was outside the
   // block table or the cache; the warpgroup scoring the page turns its scores into NaN.
   int poisoned[kPageBuffers][2];
-  PageStream streams[2][kPageBuffers];  // [warpgroup][buffer]: each warpgroup's loading thread's state
+  PageStream streams[2][kPageBuffers];  // [consumer warpgroup][buffer]: the state of the thread loading its boxes
   alignas(8) uint64_t full[kPageBuffers][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
+  // [buffer][consumer warpgroup]: the boxes of the buffer it reads last are free again (a 16-bit cache's
+  // loader waits on it before loading them with the next page).
+  uint64_t empty[kPageBuffers][2];
 #if defined(FLASHMLA_KV_E4M3)
   uint64_t landed[kPageBuffers][kBoxes];  // an FP8 box has landed (TMA); `full` then says it is converted
 #endif

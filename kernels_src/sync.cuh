@@ -18,7 +18,7 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 
-// One plain arrival (the FP8 converter's "this box is converted").
+// One plain arrival (a consumer's "these boxes are free", the FP8 converter's "this box is converted").
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
@@ -36,6 +36,12 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
       : "r"(smem_addr(bar)), "r"(parity)
       : "memory");
   return done != 0;
+}
+
+// Spin until the phase has completed; for a single thread (a loader lane).
+__device__ __forceinline__ void mbarrier_wait_single(uint64_t* bar, int parity) {
+  while (!mbarrier_try_wait(bar, parity)) {
+  }
 }
 
 // Spin until the phase has completed, with a loop condition the compiler can see is warp-uniform. Used
@@ -84,6 +90,14 @@ __device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.w
 // Programmatic dependent launch: let the combine kernel's launch begin while this grid runs.
 __device__ __forceinline__ void allow_dependent_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// The helper warpgroup hands registers to the consumers (decode_config.cuh, kHelperRegisters).
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kHelperRegisters));
+}
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
 }
 
 }  // namespace flashmla

@@ -14,7 +14,8 @@ and its ratio to the shipped build.
     python scripts/kernel_ab.py --variant "big: tree=/tmp/k smem=230400 -DX=1" --json ab.json
 
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
-`smem=BYTES` (the decode kernel's dynamic shared memory when the tree changes it).
+`smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
+changes them).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ BASE = "shipped"
 
 def parse_variant(text: str) -> dict:
     name, _, items = text.partition(":")
-    spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None}
+    spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None, "threads": None}
     if not spec["name"] or spec["name"] == BASE:
         raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
     for item in items.split():
@@ -42,8 +43,10 @@ def parse_variant(text: str) -> dict:
             spec["tree"] = str(pathlib.Path(item[5:]).resolve())
         elif item.startswith("smem="):
             spec["smem"] = int(item[5:])
+        elif item.startswith("threads="):
+            spec["threads"] = int(item[8:])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES)")
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N)")
     return spec
 
 
@@ -58,6 +61,8 @@ def apply(spec: dict) -> None:
         compiler.kernels_dir = lambda: tree
     if spec["smem"]:
         variants.DECODE_SHARED_BYTES = spec["smem"]
+    if spec.get("threads"):
+        variants.DECODE_THREADS = {kv: spec["threads"] for kv in variants.DECODE_THREADS}
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
 

@@ -277,7 +277,7 @@ def test_decode_call(gpu):
     decode, combine = gpu.driver.launches
     p = params.DecodeParams.from_buffer_copy(decode["args"][0])
     assert (decode["function"], decode["stream"], decode["pdl"]) == (fake_cuda.DECODE_FN, STREAM, False)
-    assert decode["grid"] == (1, 2, 6) and decode["block"] == (256, 1, 1)
+    assert decode["grid"] == (1, 2, 6) and decode["block"] == (384, 1, 1)
     assert (p.batch, p.seqlen_q, p.heads_q, p.heads_kv) == (3, 2, 32, 2)
     assert (p.heads_per_group, p.rows, p.num_parts, p.causal) == (16, 32, 6, 1)
     assert p.scale_log2 == pytest.approx(576 ** -0.5 * math.log2(math.e))
