@@ -367,7 +367,8 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
     inv_sum[i] = total[i] == 0.f ? 0.f : c.scales.out_scale / total[i];  // NaN (poisoned) stays NaN
   }
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
-  store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum);
+  store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum, c.smem.q, c.thread,
+               warpgroup == 0 ? kBarrierWarpgroup0 : kBarrierWarpgroup1);
 }
 
 }  // namespace flashmla
