@@ -82,12 +82,14 @@ STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.
 STALL_ROWS = 12
 
 _PREFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_SCALED_UNIT = re.compile(r"([numKMGT]?)(second|byte|byte/second)")
+# Both spellings occur: 'usecond', 'Gbyte/second' (older ncu) and 'us', 'Tbyte/s', 'Kbyte/block' (the
+# H200 image's ncu, 2026-11-30).
+_SCALED_UNIT = re.compile(r"([numKMGT]?)(second|s|byte|byte/second|byte/s|byte/block)")
 
 
 def to_base(value: float, unit: str) -> float:
-    """A value in ncu's printed unit ('usecond', 'Kbyte', 'Gbyte/second', ...) in seconds, bytes or
-    bytes per second; other units (%, cycle, inst, ...) are left as they are."""
+    """A value in ncu's printed unit ('usecond' or 'us', 'Kbyte', 'Gbyte/second' or 'Tbyte/s', ...) in
+    seconds, bytes or bytes per second; other units (%, cycle, inst, ...) are left as they are."""
     match = _SCALED_UNIT.fullmatch(unit.strip())
     return value * _PREFIX[match.group(1)] if match else value
 

@@ -258,6 +258,20 @@ LONG_CSV = """"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Met
 "0","k","s","dram__bytes.sum.per_second","Gbyte/second","3,512.5"
 "0","k","s","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","inst","1.75"
 """
+# The short unit spellings of the ncu on the H200 image.
+SHORT_UNITS_CSV = """"ID","Kernel Name","gpu__time_duration.sum","dram__bytes.sum.per_second",\
+"launch__shared_mem_per_block_dynamic","dram__bytes_read.sum"
+"","","us","Tbyte/s","Kbyte/block","Mbyte"
+"0","k","238.912","2.62309","230.816","622.99776"
+"""
+
+
+def test_ncu_short_unit_spellings():
+    (kernel,) = ncu_compare.parse_raw_csv(SHORT_UNITS_CSV)
+    assert kernel["gpu__time_duration.sum"] == pytest.approx(238.912e-6)
+    assert kernel["dram__bytes.sum.per_second"] == pytest.approx(2.62309e12)
+    assert kernel["launch__shared_mem_per_block_dynamic"] == pytest.approx(230816)
+    assert kernel["dram__bytes_read.sum"] == pytest.approx(622.99776e6)
 
 
 def test_ncu_csv_in_both_forms_and_the_side_by_side_table():
