@@ -261,8 +261,10 @@ def captured(torch, fn):
     return graph.replay
 
 
-def kernel_breakdown(torch, fn, calls: int = 20) -> dict[str, float]:
-    """GPU time per call of each kernel `fn` launches (torch profiler), in microseconds."""
+def kernel_breakdown(torch, fn, calls: int = 20) -> tuple[dict[str, float], dict | None]:
+    """GPU time per call of each kernel `fn` launches (torch profiler), in microseconds, and the split of
+    each call's span over its kernels (`critical_path`; None when the trace cannot be cut into calls)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -278,7 +280,32 @@ def kernel_breakdown(torch, fn, calls: int = 20) -> dict[str, float]:
             device_us = getattr(event, "cuda_time_total", 0.0)
         if device_us > 0:
             totals[event.key[:60]] = device_us / calls
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+    spans = [(e.name[:60], e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6]), critical_path(spans, calls)
+
+
+def critical_path(spans: list[tuple[str, float, float]], calls: int) -> dict | None:
+    """Cut (kernel, start, end) device intervals, in launch order, into `calls` equal calls and split each
+    call's span (first start to last end) over its kernels: each kernel is charged the time by which it
+    moves the call's end past the kernels that ended before it. A kernel launched early and waiting
+    (PDL) is charged only for what it adds after its primary, unlike its profiled duration. Medians over
+    the calls, in the trace's unit (us); None when the kernels do not divide evenly into calls."""
+    if calls <= 0 or not spans or len(spans) % calls:
+        return None
+    ordered = sorted(spans, key=lambda s: s[1])
+    per_call = len(ordered) // calls
+    charged: dict[str, list[float]] = {}
+    span_of_call = []
+    for c in range(calls):
+        chunk = ordered[c * per_call:(c + 1) * per_call]
+        reached = min(start for _, start, _ in chunk)
+        for name, _, end in sorted(chunk, key=lambda s: s[2]):
+            charged.setdefault(name, []).append(max(0.0, end - reached))
+            reached = max(reached, end)
+        span_of_call.append(reached - min(start for _, start, _ in chunk))
+    return {"span_us": statistics.median(span_of_call),
+            "charged_us": {name: statistics.median(v) for name, v in charged.items()}}
 
 
 def rates(us: float, flops: int, nbytes: int) -> dict:
@@ -325,7 +352,7 @@ def measure_library(torch, timer: Timer, lib: Library, case: Case, inputs: Input
         entry["host_us"] = host_time_us(torch, fn)
         if kernels:
             try:
-                entry["kernels_us"] = kernel_breakdown(torch, fn)
+                entry["kernels_us"], entry["kernels_critical_path"] = kernel_breakdown(torch, fn)
             except Exception as exc:  # the breakdown is extra: its failure keeps the timings
                 entry["kernels_error"] = error_text(exc)
     except Exception as exc:  # a library that fails on a case is reported for it, the run goes on
@@ -481,7 +508,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help=f"timed runs per measurement (default: about {TARGET_S * 1000:.0f} "
                                                  f"ms worth, {MIN_REPS}-{MAX_REPS})")
     parser.add_argument("--budget-s", type=float, help="start no case that would likely end after this many seconds")
-    parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel (torch profiler)")
+    parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel and the split of a call's span over its kernels (torch profiler)")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit (no GPU needed)")
     args = parser.parse_args(argv)
     args.cases = args.cases or ("issue" if args.quick else "all")

@@ -343,6 +343,20 @@ def test_ncu_compare_runs_ncu_twice_and_prints_the_table(tmp_path, capsys, refus
     assert "the profiles in" in capsys.readouterr().out
 
 
+def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
+    # Two calls of (decode 0-100, combine launched at 10 under PDL, ending at 104), then a call whose
+    # combine ends before a straggling memset: each kernel is charged what it moves the call's end.
+    spans = [("decode", 0.0, 100.0), ("combine", 10.0, 104.0),
+             ("decode", 200.0, 298.0), ("combine", 205.0, 304.0),
+             ("decode", 400.0, 500.0), ("combine", 401.0, 503.0)]
+    split = bench.critical_path(spans, 3)
+    assert split["span_us"] == pytest.approx(104.0)
+    assert split["charged_us"] == {"decode": pytest.approx(100.0), "combine": pytest.approx(4.0)}
+    assert bench.critical_path(spans, 4) is None and bench.critical_path([], 2) is None
+    memset_last = bench.critical_path([("k", 0.0, 10.0), ("memset", 2.0, 12.0)], 1)
+    assert memset_last["charged_us"] == {"k": 10.0, "memset": 2.0}
+
+
 def test_kernel_ab_variant_specs():
     spec = kernel_ab.parse_variant("lazy: tree=kernels_src smem=230400 -DA=1 -DB")
     assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
