@@ -19,8 +19,8 @@ enum TraceMark : uint32_t {
   kMarkProbsPublished = 4,  // P and the max handed to the other warpgroup
   kMarkHandoffIn = 5,       // the other warpgroup's P and max are here
   kMarkRemotePvDone = 6,    // PV with the other warpgroup's P complete
-  kMarkOwnPvDone = 7,       // PV with this warpgroup's P complete and its buffer refilled
-  kMarkLoaded = 8,          // the buffer read by the remote PV refilled
+  kMarkOwnPvDone = 7,       // PV with this warpgroup's P complete and its boxes released (FP8: reloaded)
+  kMarkLoaded = 8,          // the boxes read by the remote PV released (FP8: reloaded)
   kMarkPieceEnd = 9,        // output written
   kMarkKernelStart = 10,    // the warpgroup's first instruction after the set-up (barrier init, plan row)
   kMarkHeader = 255,
