@@ -254,6 +254,21 @@ struct RowState {
   }
 };
 
+// A page this warpgroup scored: its softmax against the running max `from` gives the new max `to`; the
+// row sums follow the move, P is packed (returned in `prob` for this warpgroup's own PV) and handed to
+// the other warpgroup with `to`. Returns the move, which O still has to follow.
+__device__ __forceinline__ MaxMove score_own_page(const PieceContext& c, ScoreTile& s, const PageMask& mask,
+                                                  const float (&from)[2], float (&to)[2], RowState& rows,
+                                                  ProbFragment& prob, int buffer, float* max_out,
+                                                  NamedBarrier ready) {
+  float sum[2];
+  c.softmax(s, mask, from, to, sum);
+  const MaxMove move(from, to);
+  rows.move_sums(move, sum);
+  pack_probabilities(s, prob);
+  c.publish(prob, buffer, max_out, to, ready);
+  return move;
+}
 
 // Warpgroup 0, one pair: page a (scored here) and, with kHasB, page b (scored by warpgroup 1).
 template <bool kHasB>
@@ -269,13 +284,10 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   cute::warpgroup_wait<0>();
   trace.mark(kMarkScoresIn);
 
-  float max_a[2], sum[2];
-  c.softmax(s, mask, rows.max, max_a, sum);
-  const MaxMove to_a(rows.max, max_a);
-  rows.move_sums(to_a, sum);
+  float max_a[2];
   ProbFragment prob;
-  pack_probabilities(s, prob);
-  c.publish(prob, kBufferA, smem.max_a, max_a, kBarrierPageAReady);
+  const MaxMove to_a =
+      score_own_page(c, s, mask, rows.max, max_a, rows, prob, kBufferA, smem.max_a, kBarrierPageAReady);
   trace.mark(kMarkProbsPublished);
 
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
@@ -325,13 +337,10 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
     trace.mark(kMarkScoresIn);
-    float max_b[2], sum[2];
-    c.softmax(s, mask_b, max_a, max_b, sum);
-    const MaxMove to_b(max_a, max_b);
-    rows.move_sums(to_b, sum);
+    float max_b[2];
     ProbFragment prob;
-    pack_probabilities(s, prob);
-    c.publish(prob, kBufferB, smem.max_b, max_b, kBarrierPageBReady);
+    const MaxMove to_b =
+        score_own_page(c, s, mask_b, max_a, max_b, rows, prob, kBufferB, smem.max_b, kBarrierPageBReady);
     trace.mark(kMarkProbsPublished);
 
     c.finish_remote_pv(producer, kBufferA, uses, trace);
