@@ -103,6 +103,23 @@ def lengths(rng, kind: str, batch: int) -> np.ndarray:
     return values
 
 
+def matrix_case(rng, config: dict, q_dtype: str, **extra) -> reference.Case:
+    """The random case of one feature-matrix config (heads, batch_lengths, seqlen_q, causal,
+    custom_scale): lengths of the config's kind, a random softmax scale where asked. `extra` goes to
+    reference.random_case (an FP8 cache's kv_dtype and descales)."""
+    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
+    scale = float(rng.uniform(0.02, 0.2)) if config["custom_scale"] else None
+    return reference.random_case(rng, b, config["seqlen_q"], h_q, h_kv, lengths(rng, kind, b), q_dtype,
+                                 causal=config["causal"], softmax_scale=scale, **extra)
+
+
+def matrix_id(config: dict, label: str) -> str:
+    """A feature-matrix config as a test id, after `label` (the dtypes)."""
+    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
+    return (f"{label}-b{b}-{kind}-sq{config['seqlen_q']}-h{h_q}x{h_kv}"
+            f"{'-causal' if config['causal'] else ''}{'-scale' if config['custom_scale'] else ''}")
+
+
 def check(case, out, lse, seed, label):
     """check_close against the float64 reference; every report is kept for the run's JSON summary."""
     ref_out, ref_lse = case.reference()

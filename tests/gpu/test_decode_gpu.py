@@ -12,7 +12,7 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import check, fresh_seed, lengths, run, to_device, to_numpy
+from gpu_cases import check, fresh_seed, lengths, matrix_case, matrix_id, run, to_device, to_numpy
 
 pytestmark = pytest.mark.gpu
 
@@ -32,19 +32,13 @@ MATRIX = [
 
 
 def _matrix_id(c):
-    (h_q, h_kv), (b, kind) = c["heads"], c["batch_lengths"]
-    return (f"{c['dtype']}-b{b}-{kind}-sq{c['seqlen_q']}-h{h_q}x{h_kv}"
-            f"{'-causal' if c['causal'] else ''}{'-scale' if c['custom_scale'] else ''}")
+    return matrix_id(c, c["dtype"])
 
 
 @pytest.mark.parametrize("config", MATRIX, ids=[_matrix_id(c) for c in MATRIX])
 def test_matrix(config):
     seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
-    scale = float(rng.uniform(0.02, 0.2)) if config["custom_scale"] else None
-    case = reference.random_case(rng, b, config["seqlen_q"], h_q, h_kv, lengths(rng, kind, b), config["dtype"],
-                                 causal=config["causal"], softmax_scale=scale)
+    case = matrix_case(np.random.default_rng(seed), config, config["dtype"])
     out, lse = run(case)
     check(case, out, lse, seed, _matrix_id(config))
 

@@ -14,7 +14,8 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import check, descale_on_device, fresh_seed, lengths, run, to_device, to_numpy
+from gpu_cases import (check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, run, to_device,
+                       to_numpy)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,9 +31,7 @@ MATRIX = [
 
 
 def _id(c):
-    (h_q, h_kv), (b, kind) = c["heads"], c["batch_lengths"]
-    return (f"q{c['q_dtype']}-b{b}-{kind}-sq{c['seqlen_q']}-h{h_q}x{h_kv}{'-causal' if c['causal'] else ''}"
-            f"{'-scale' if c['custom_scale'] else ''}{'' if c['descales'] else '-nodescale'}")
+    return matrix_id(c, f"q{c['q_dtype']}") + ("" if c["descales"] else "-nodescale")
 
 
 def _case(rng, b, s_q, h_q, h_kv, seqlens, q_dtype, causal=False, scale=None, descales=True):
@@ -43,11 +42,8 @@ def _case(rng, b, s_q, h_q, h_kv, seqlens, q_dtype, causal=False, scale=None, de
 @pytest.mark.parametrize("config", MATRIX, ids=[_id(c) for c in MATRIX])
 def test_fp8_matrix(config):
     seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    (h_q, h_kv), (b, kind) = config["heads"], config["batch_lengths"]
-    scale = float(rng.uniform(0.02, 0.2)) if config["custom_scale"] else None
-    case = _case(rng, b, config["seqlen_q"], h_q, h_kv, lengths(rng, kind, b), config["q_dtype"],
-                 config["causal"], scale, config["descales"])
+    case = matrix_case(np.random.default_rng(seed), config, config["q_dtype"], kv_dtype="e4m3",
+                       descales=config["descales"])
     out, lse = run(case)
     check(case, out, lse, seed, "fp8-" + _id(config))
 
