@@ -41,7 +41,7 @@ __device__ __forceinline__ uint2 pack4(float4 v) {
 }
 
 // Running (max, sum of exp2(x - max)) of log2-domain values; -inf values contribute nothing, and a
-// NaN (a piece that read a poisoned page) makes the sum NaN for good.
+// NaN (a piece that read a bad page) makes the sum NaN for good.
 struct Lse2 {
   float max = -kInf;
   float sum = 0.0f;

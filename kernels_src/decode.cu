@@ -48,7 +48,7 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
                                                int kv_head, uint64_t hint) {
   bool flagged;
   const int block = stream.block_index(p, flagged);
-  if constexpr (kFlagBadPages) smem.poisoned[buffer][consumer] = flagged;
+  if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
   load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
   stream.advance(p, part);
 }
@@ -142,11 +142,11 @@ struct PieceContext {
     mask.token0 = page * kPageSize;
     mask.limit[0] = limit[0];
     mask.limit[1] = limit[1];
-    mask.poisoned = kFlagBadPages && (smem.poisoned[buffer][0] | smem.poisoned[buffer][1]);
+    mask.bad = kFlagBadPages && (smem.bad_page[buffer][0] | smem.bad_page[buffer][1]);
     return mask;
   }
   __device__ __forceinline__ bool needs_mask(const PageMask& mask) const {
-    return mask.poisoned || mask.token0 + kPageSize > mask_from;
+    return mask.bad || mask.token0 + kPageSize > mask_from;
   }
   // Tokens of the page that exist (< 64 only on the request's last page, whose tail may hold NaN).
   __device__ __forceinline__ int valid_tokens(int page) const { return piece.seqlen - page * kPageSize; }
@@ -373,7 +373,7 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     total[i] = c.smem.row_sum[0][c.at.row[i]] + c.smem.row_sum[1][c.at.row[i]];
-    inv_sum[i] = total[i] == 0.f ? 0.f : c.scales.out_scale / total[i];  // NaN (poisoned) stays NaN
+    inv_sum[i] = total[i] == 0.f ? 0.f : c.scales.out_scale / total[i];  // NaN (a bad page) stays NaN
   }
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
   store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum, c.smem.q, c.thread,

@@ -47,7 +47,8 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
     }
   }
   named_barrier_sync(own, kWarpgroupThreads);
-  constexpr int kChunksPerRow = kHalfV * 2 / 16;  // 32: one per lane
+  constexpr int kChunksPerRow = kHalfV * 2 / 16;
+  static_assert(kChunksPerRow == 32, "a warp copies one row, 16 bytes a lane");
   const int lane = thread % 32;
   for (int r = thread / 32; r < kTileRows; r += kWarpgroupThreads / 32) {
     const int row = rows_base + r;
@@ -56,14 +57,13 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
     const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
     OutElement* dst = static_cast<OutElement*>(p.out) +
                       ((int64_t(piece.request) * p.seqlen_q + s) * p.heads_q + head) * kHeadDimV + half * kHalfV;
-    static_assert(kChunksPerRow == 32, "a warp copies one row");
     reinterpret_cast<uint4*>(dst)[lane] = *reinterpret_cast<const uint4*>(mine + r * kStagedRowBytes + 16 * lane);
   }
 }
 
 // Log-sum-exp of the two rows (one thread of each quad writes): natural log in `lse`, +inf when the
 // row saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row. A NaN row sum
-// (a poisoned page) stays NaN.
+// (a bad page) stays NaN.
 __device__ __forceinline__ void store_lse(const DecodeParams& p, const Piece& piece, int kv_head, int rows_base,
                                           const FragmentCoords& at, const float (&row_max)[2],
                                           const float (&row_sum)[2]) {

@@ -48,7 +48,7 @@ struct PartPlan {
 
 // Pages [begin, end) of `request` that the part processes. Pages past the length are cut off (they
 // hold no visible key), and so is everything after the first page past the block table (that one is
-// poisoned, which is all the request's rows need).
+// bad, which is all the request's rows need).
 __device__ __forceinline__ void page_range(const DecodeParams& p, const PartPlan& part, int request, int seqlen,
                                            int& begin, int& end) {
   begin = request == part.begin_request ? max(part.begin_page, 0) : 0;

@@ -15,7 +15,7 @@ struct SharedStorage {
   float row_sum[2][kTileRows];   // epilogue: each warpgroup's share of the row sums
   // Per buffer and loading warpgroup, with kFlagBadPages (FP8): the page's block index was outside the
   // block table or the cache; the warpgroup scoring the page turns its scores into NaN.
-  int poisoned[kPageBuffers][2];
+  int bad_page[kPageBuffers][2];
   PageStream streams[2][kPageBuffers];  // [consumer warpgroup][buffer]: the state of the thread loading its boxes
   alignas(8) uint64_t full[kPageBuffers][kBoxes];  // one TMA barrier per box: QK^T starts on the first 8 KB
   // [buffer][consumer warpgroup]: the boxes of the buffer it reads last are free again (a 16-bit cache's

@@ -58,7 +58,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 struct PageMask {
   int token0;      // first token of the page
   int limit[2];    // row i sees tokens < limit[i] (causal: bottom-right aligned)
-  bool poisoned;   // the page's block index was out of range: every score becomes NaN
+  bool bad;        // a flagged bad page (FP8: plan.cuh, kFlagBadPages): every score becomes NaN
 };
 
 // The running max moves only when a page's row max exceeds it by more than this (base 2): until then
@@ -70,7 +70,7 @@ constexpr float kMaxSlack = 8.0f;
 // Mask the raw scores of one page in place and return the new running max (in scaled, base-2 units)
 // of the thread's two rows: the page's scaled row max where it exceeds `running` by more than
 // kMaxSlack, else `running`. Masked scores become -inf (a select, so NaN in stale slots vanishes); a
-// poisoned page's become NaN, which then reaches P, the row sums and the output. `kMasked` is false
+// flagged bad page's become NaN, which then reaches P, the row sums and the output. `kMasked` is false
 // for pages every row sees whole.
 template <bool kMasked>
 __device__ __forceinline__ void page_max(ScoreTile& s, const FragmentCoords& at, const PageMask& mask,
@@ -79,7 +79,7 @@ __device__ __forceinline__ void page_max(ScoreTile& s, const FragmentCoords& at,
   for_each_score(at, [&](int k, int i, int column) {
     float x = s.v[k];
     if (kMasked && mask.token0 + column >= mask.limit[i]) x = -positive_infinity();
-    if (kMasked && mask.poisoned) x = quiet_nan();
+    if (kMasked && mask.bad) x = quiet_nan();
     s.v[k] = x;
     raw_max[i] = fmaxf(raw_max[i], x);
   });
