@@ -6,7 +6,11 @@
 //   grid  = (batch, ceil(heads_kv * rows / kCombineWarpsPerBlock), 1)
 //   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory,
 // launched as a programmatic dependent of the decode kernel (PDL): it may start before the decode
-// kernel ends, and waits for it with griddepcontrol.wait before it reads anything.
+// kernel ends, and waits for it with griddepcontrol.wait before it reads any of its results. The plan
+// (num_splits) is read before that wait: the scheduler kernel that wrote it had completed before the
+// decode kernel (launched without PDL) began. So the blocks of unsplit requests (all of them, when
+// the plan cut nothing) leave at once, on SMs that the decode kernel's tail leaves idle, instead of
+// holding their slots until the decode grid has ended (one block still waits: see below).
 // The request is on x (limit 2^31 - 1) and the warps of one request on y (limit 65535, so
 // heads_kv * rows = seqlen_q * heads_q <= 4 * 65535): the index math stays 32-bit, where a 64-bit
 // division would be a slow subroutine call.
@@ -70,13 +74,19 @@ flashmla_combine(const flashmla::CombineParams p) {
   const int row = row_of_request % p.rows;
   const int g = row_of_request / p.rows;
 
-  // The decode kernel, our PDL primary, writes every input we read: wait for it first.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (g >= p.heads_kv) return;  // the last block of a request may have idle warps
-
+  // The plan, complete before the decode kernel began (see the top): no wait needed to read it.
   const int first_slot = p.num_splits[request];
   const int pieces = p.num_splits[request + 1] - first_slot;
-  if (pieces <= 1) return;  // written directly by the decode kernel
+  if (pieces <= 1) {  // written directly by the decode kernel
+    // One block waits all the same, so that this grid never completes before the decode grid: work
+    // queued after the combine may read out and lse of any request.
+    if (blockIdx.x == 0 && blockIdx.y == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
+    return;
+  }
+
+  // The decode kernel, our PDL primary, writes everything else we read: wait for it.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (g >= p.heads_kv) return;  // the last block of a request may have idle warps
 
   // Output row and lse element of this (request, query token s, query head h).
   const int s = row / p.heads_per_group;

@@ -57,15 +57,25 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
 // consumer warpgroup w % 2, one lane. It loads the first page at once, then each next page as soon as
 // the consumer has released the boxes (the "empty" barrier): the TMA issue, the block-table reads and
 // the stream's bookkeeping all stay off the consumers' path.
+// After its first load, the loader also asks L2 for the stream's second page: at the start of a part
+// every SM asks for its query tile and first pages at once, and the first refills waited for DRAM.
+// (Asking L2 ahead for every page was 10-22 % slower on long parts: benchmarks/results/
+// 2026-11-30-h200-ab9-*; the first page only: 0-2 % faster.)
 __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                             const TensorMap* map, int kv_head, uint64_t hint, int warp) {
   const int consumer = warp % 2;
   const int buffer = warp / 2;
+  const uint32_t boxes = boxes_loaded_by(buffer, consumer);
   PageStream& stream = smem.streams[consumer][buffer];
   stream.start(p, part, buffer);
   for (int loaded = 0; stream.valid(); ++loaded) {
     if (loaded > 0) mbarrier_wait_single(&smem.empty[buffer][consumer], (loaded - 1) & 1);
     load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head, hint);
+    if (loaded == 0 && stream.valid()) {
+      bool flagged;
+      const int block = stream.block_index(p, flagged);
+      if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
+    }
   }
 }
 

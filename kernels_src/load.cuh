@@ -27,6 +27,14 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
+// Ask L2 for a box ahead of its load (no shared memory, no barrier): the load then finds it there.
+__device__ __forceinline__ void tma_prefetch_box(const TensorMap* map, int col, int head, int token, int block) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(head), "r"(token), "r"(block)
+               : "memory");
+}
+
 // Which boxes of a page buffer each warpgroup loads: the ones whose last reader it is, so that it can
 // refill them as soon as its own wgmma on them has completed. Bit i = box i.
 //   buffer A: warpgroup 0 reads V columns 0..255 last (its PV); warpgroup 1 reads V 256..511 and the
@@ -59,6 +67,19 @@ __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStor
       for (int part = 0; part < kLandingsPerBox; ++part) {
         tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes + landing_offset(part), box * kBoxCols, head,
                      part * kLandingTokens, block, hint);
+      }
+    }
+  }
+}
+
+// The boxes `mask` of one KV page into L2, for a load_page_boxes of the same page later.
+__device__ __forceinline__ void prefetch_page_boxes(const TensorMap* map, uint32_t mask, int block, int head) {
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box) {
+    if (mask & (1u << box)) {
+#pragma unroll
+      for (int part = 0; part < kLandingsPerBox; ++part) {
+        tma_prefetch_box(map, box * kBoxCols, head, part * kLandingTokens, block);
       }
     }
   }

@@ -112,7 +112,7 @@ if [[ $MODE == reliability ]]; then
     case $part in
       fresh)
         step "reliability: fresh processes, first call compiles (torch, JAX, CuPy imported first)"
-        timeout 480 $PY scripts/reliability.py fresh-processes --json "$OUT/reliability_fresh_processes.json" 2>&1 \
+        timeout 480 $PY scripts/reliability.py fresh-processes --in-a-row --json "$OUT/reliability_fresh_processes.json" 2>&1 \
           | tail -n 25 || status=1 ;;
       warmups)
         step "reliability: concurrent cold warm-ups, one cache dir and separate dirs"

@@ -1,9 +1,11 @@
 """Reliability evidence on a Hopper machine (issue 8): each part writes one JSON report and exits non-zero
 when anything in it failed.
 
-    python scripts/reliability.py fresh-processes [--processes 20] [--frameworks torch,jax,cupy] [--parallel 8]
+    python scripts/reliability.py fresh-processes [--processes 20] [--frameworks torch,jax,cupy]
+                                                  [--parallel 8 | --in-a-row]
         fresh processes, each with an empty cache dir and the framework imported first: the first call
-        compiles what it needs in-process and must match the float64 reference
+        compiles what it needs in-process and must match the float64 reference; --in-a-row runs each
+        framework's processes one after another (the frameworks side by side)
     python scripts/reliability.py concurrent-warmups [--count 8] [--jobs 2]
         `count` cold `python -m flashmla_cupy warmup`s at once into one cache dir, then `count` at once
         into separate dirs: all succeed, and every dir then holds exactly one valid entry per variant
@@ -102,15 +104,22 @@ def fresh_processes(args) -> dict:
                     "error": (done.stderr or done.stdout)[-3000:]}
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(one, jobs))
+    if args.in_a_row:   # each framework's processes one after another; the frameworks side by side
+        def in_a_row(framework):
+            return [one(job) for job in jobs if job[0] == framework]
+
+        with concurrent.futures.ThreadPoolExecutor(len(frameworks)) as pool:
+            results = [r for rows in pool.map(in_a_row, frameworks) for r in rows]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+            results = list(pool.map(one, jobs))
     for r in results:
         print(f"{r['framework']:5s} #{r['index']:2d}: {'ok' if r['passed'] else 'FAILED ' + r['error'][-300:]}",
               flush=True)
     empty_logs = sum(1 for r in results if r["passed"] and 0 in r["compiled"].values())
     succeeded = sum(r["passed"] for r in results)
     return {"passed": succeeded == len(results), "processes": len(results), "succeeded": succeeded,
-            "parallel": args.parallel,
+            "in_a_row": args.in_a_row, "parallel": len(frameworks) if args.in_a_row else args.parallel,
             "wall_seconds": round(time.perf_counter() - start, 1),
             "processes_with_an_empty_nvrtc_log": empty_logs, "results": results}
 
@@ -356,6 +365,8 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", type=int, default=20, help="fresh-processes: per framework")
     parser.add_argument("--frameworks", default="torch,jax,cupy", help="fresh-processes: imported first, in turn")
     parser.add_argument("--parallel", type=int, default=8, help="fresh-processes: at once")
+    parser.add_argument("--in-a-row", action="store_true",
+                        help="fresh-processes: each framework's processes one after another (frameworks side by side)")
     parser.add_argument("--count", type=int, default=8, help="concurrent-warmups: warm-ups at once")
     parser.add_argument("--jobs", type=int, default=2, help="concurrent-warmups: compiler processes of each")
     parser.add_argument("--repetitions", type=int, default=100, help="threads")
