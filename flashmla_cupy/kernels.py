@@ -16,6 +16,9 @@ SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
 CHECK_THREADS = 128         # kCheckThreads in check.cu
 INT32_BYTES = 4
 COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
+# Parts per request from which every row is merged by a whole block (combine.cu, W > 1): such requests
+# are cut into about this many pieces or more, and one warp per row would leave most SMs idle.
+COMBINE_BLOCK_PER_ROW_PARTS = 16
 FLOAT32_BYTES = 4           # the partial buffers are fp32
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache descriptors kept per decode launcher (typically one per layer)
 
@@ -35,6 +38,12 @@ class SchedulerLaunch:
         self._launch(stream)
 
 
+def combine_warps_per_row(batch: int, num_parts: int) -> int:
+    """Warps that merge one output row: a whole block when the plan has at least
+    COMBINE_BLOCK_PER_ROW_PARTS parts per request (few requests, each cut into many pieces), else one."""
+    return COMBINE_WARPS_PER_BLOCK if batch * COMBINE_BLOCK_PER_ROW_PARTS <= num_parts else 1
+
+
 class CombineLaunch:
     """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
 
@@ -42,11 +51,13 @@ class CombineLaunch:
                  device_id: int):
         heads_per_group = heads_q // heads_kv
         rows = seqlen_q * heads_per_group
+        warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
+            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts),
+            warps_per_row=warps_per_row)
         fn = launch.get_function(variants.combine_variant(dtype), device_id)
-        grid = (batch, -(-(heads_kv * rows) // COMBINE_WARPS_PER_BLOCK), 1)
+        grid = (batch, -(-(heads_kv * rows * warps_per_row) // COMBINE_WARPS_PER_BLOCK), 1)
         self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
 
     def __call__(self, out_partial: int, lse_partial: int, num_splits: int, out: int, lse: int,

@@ -2,9 +2,13 @@
 // final `out` and `lse` rows. Requests with a single piece were written directly by the decode kernel
 // and are skipped. Partial-result format: docs/ARCHITECTURE.md ("Partial results").
 //
-// Launch geometry: one warp per (request, KV head, query row), blocks of kCombineWarpsPerBlock warps:
-//   grid  = (batch, ceil(heads_kv * rows / kCombineWarpsPerBlock), 1)
+// Launch geometry: p.warps_per_row (W = 1 or kCombineWarpsPerBlock) warps per (request, KV head, query
+// row), blocks of kCombineWarpsPerBlock warps:
+//   grid  = (batch, ceil(heads_kv * rows * W / kCombineWarpsPerBlock), 1)
 //   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory,
+// With W > 1 (few requests cut into many pieces, e.g. one long request over every SM), the warps of a
+// row take a contiguous share of its pieces each and add up their sums in shared memory: one warp a
+// row would leave most SMs idle and pay a memory latency per kPiecesInFlight pieces.
 // launched as a programmatic dependent of the decode kernel (PDL): it may start before the decode
 // kernel ends, and waits for it with griddepcontrol.wait before it reads any of its results. The plan
 // (num_splits) is read before that wait: the scheduler kernel that wrote it had completed before the
@@ -70,7 +74,10 @@ extern "C" __global__ void __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
 flashmla_combine(const flashmla::CombineParams p) {
   const int lane = threadIdx.x % kWarpSize;
   const long long request = blockIdx.x;
-  const int row_of_request = blockIdx.y * kCombineWarpsPerBlock + threadIdx.x / kWarpSize;  // over heads_kv * rows
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps_per_row = p.warps_per_row;  // W: 1 or kCombineWarpsPerBlock, set by the host
+  const int share = warp % warps_per_row;     // which share of the row's pieces this warp takes
+  const int row_of_request = (blockIdx.y * kCombineWarpsPerBlock + warp) / warps_per_row;  // over heads_kv * rows
   const int row = row_of_request % p.rows;
   const int g = row_of_request / p.rows;
 
@@ -102,8 +109,10 @@ flashmla_combine(const flashmla::CombineParams p) {
   // there, and say so with NaN rows.
   if (flashmla::kGuards && (first_slot < 0 || first_slot > p.partial_slots - pieces)) {
     const float nan = cuda::std::numeric_limits<float>::quiet_NaN();
-    for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(make_float4(nan, nan, nan, nan));
-    if (lane == 0) *lse_out = nan;
+    if (share == 0) {
+      for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(make_float4(nan, nan, nan, nan));
+      if (lane == 0) *lse_out = nan;
+    }
     return;
   }
 
@@ -112,7 +121,8 @@ flashmla_combine(const flashmla::CombineParams p) {
   const long long first_row = static_cast<long long>(first_slot) * row_stride + static_cast<long long>(g) * p.rows + row;
   const float* lse_piece = p.lse_partial + first_row;  // piece j at lse_piece[j * row_stride]
 
-  // 1. max M and S = sum_j exp2(lse_j - M) over the pieces, lane-strided then across the warp.
+  // 1. max M and S = sum_j exp2(lse_j - M) over all the pieces, lane-strided then across the warp (each
+  // of a row's warps computes them).
   Lse2 total;
   for (int j = lane; j < pieces; j += kWarpSize) total.add(lse_piece[j * row_stride]);
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
@@ -122,7 +132,7 @@ flashmla_combine(const flashmla::CombineParams p) {
   }
 
   if (total.sum == 0.0f) {  // no piece saw a key for this row (a NaN sum goes on, to NaN rows)
-    if (lane == 0) *lse_out = kInf;
+    if (lane == 0 && share == 0) *lse_out = kInf;
   } else {
     // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S. Weights are computed 32 pieces at a time,
     // one per lane, and broadcast. A piece of weight 0 is skipped: it saw no key, and its partial row
@@ -131,9 +141,13 @@ flashmla_combine(const flashmla::CombineParams p) {
     const long long piece_stride = row_stride * (kHeadDimV / 4);  // in float4
     // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
     // request (tens of pieces) paid one memory latency per piece.
-    for (int base = 0; base < pieces; base += kWarpSize) {
-      const float my_weight = base + lane < pieces ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
-      const int count = min(kWarpSize, pieces - base);
+    // This warp's share: pieces [begin, end).
+    const int per_warp = (pieces + warps_per_row - 1) / warps_per_row;
+    const int begin = min(pieces, share * per_warp);
+    const int end = min(pieces, begin + per_warp);
+    for (int base = begin; base < end; base += kWarpSize) {
+      const float my_weight = base + lane < end ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
+      const int count = min(kWarpSize, end - base);
       for (int first = 0; first < count; first += kPiecesInFlight) {
         float weight[kPiecesInFlight];
         float4 x[kPiecesInFlight][kVecPerLane];
@@ -168,8 +182,23 @@ flashmla_combine(const flashmla::CombineParams p) {
       acc[v].w *= inv_sum;
     }
     // Natural-log lse: log2(sum_t 2^x_t) = M + log2(S), times ln 2.
-    if (lane == 0) *lse_out = (total.max + log2f(total.sum)) * kLn2;
+    if (lane == 0 && share == 0) *lse_out = (total.max + log2f(total.sum)) * kLn2;
   }
 
-  for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
+  if (warps_per_row == 1) {
+    for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
+    return;
+  }
+  // W > 1: the block's warps are one row's (all of them got here, as every branch above depends on the
+  // row alone). Add up their sums; warp w writes the w-th group of the row's columns.
+  static_assert(kVecPerLane == kCombineWarpsPerBlock, "one group of columns per warp");
+  __shared__ float4 sums[kCombineWarpsPerBlock][kVecPerLane * kWarpSize];
+  for (int v = 0; v < kVecPerLane; ++v) sums[warp][v * kWarpSize + lane] = acc[v];
+  __syncthreads();
+  float4 row_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int w = 0; w < kCombineWarpsPerBlock; ++w) {
+    const float4 x = sums[w][warp * kWarpSize + lane];
+    row_sum = make_float4(row_sum.x + x.x, row_sum.y + x.y, row_sum.z + x.z, row_sum.w + x.w);
+  }
+  out[warp * kWarpSize + lane] = pack4(row_sum);
 }
