@@ -5,7 +5,7 @@
 // Launch geometry: p.warps_per_row (W = 1 or kCombineWarpsPerBlock) warps per (request, KV head, query
 // row), blocks of kCombineWarpsPerBlock warps:
 //   grid  = (batch, ceil(heads_kv * rows * W / kCombineWarpsPerBlock), 1)
-//   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory,
+//   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory (8 KB static, used when W > 1),
 // With W > 1 (few requests cut into many pieces, e.g. one long request over every SM), the warps of a
 // row take a contiguous share of its pieces each and add up their sums in shared memory: one warp a
 // row would leave most SMs idle and pay a memory latency per kPiecesInFlight pieces.

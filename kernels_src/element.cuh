@@ -2,27 +2,32 @@
 // -DFLASHMLA_FP16=1), and the constants of the output that the decode and combine kernels share.
 #pragma once
 
-#if defined(FLASHMLA_BF16)
-#include <cuda_bf16.h>
-#elif defined(FLASHMLA_FP16)
-#include <cuda_fp16.h>
-#if defined(FLASHMLA_Q_E4M3)
-#include <cuda_bf16.h>
-#endif
-#else
+#if !defined(FLASHMLA_BF16) && !defined(FLASHMLA_FP16)
 #error "define FLASHMLA_BF16 or FLASHMLA_FP16"
 #endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace flashmla {
+
+// Two floats rounded to a pair of 16-bit values, the pair's type chosen by the caller.
+template <class Pair>
+__device__ __forceinline__ Pair round_pair(float a, float b);
+template <>
+__device__ __forceinline__ __nv_bfloat162 round_pair<__nv_bfloat162>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ __half2 round_pair<__half2>(float a, float b) {
+  return __floats2half2_rn(a, b);
+}
 
 #if defined(FLASHMLA_BF16)
 using Element = __nv_bfloat16;
 using Element2 = __nv_bfloat162;
-__device__ __forceinline__ Element2 to_element2(float a, float b) { return __floats2bfloat162_rn(a, b); }
 #else
 using Element = __half;
 using Element2 = __half2;
-__device__ __forceinline__ Element2 to_element2(float a, float b) { return __floats2half2_rn(a, b); }
 #endif
 
 // The element type of q as stored: e4m3 bytes (-DFLASHMLA_Q_E4M3=1, with an FP8 cache), else Element.
@@ -33,13 +38,14 @@ __device__ __forceinline__ Element2 to_element2(float a, float b) { return __flo
 using QElement = unsigned char;
 using OutElement = __nv_bfloat16;
 using OutElement2 = __nv_bfloat162;
-__device__ __forceinline__ OutElement2 to_out_element2(float a, float b) { return __floats2bfloat162_rn(a, b); }
 #else
 using QElement = Element;
 using OutElement = Element;
 using OutElement2 = Element2;
-__device__ __forceinline__ OutElement2 to_out_element2(float a, float b) { return to_element2(a, b); }
 #endif
+
+__device__ __forceinline__ Element2 to_element2(float a, float b) { return round_pair<Element2>(a, b); }
+__device__ __forceinline__ OutElement2 to_out_element2(float a, float b) { return round_pair<OutElement2>(a, b); }
 
 constexpr int kHeadDimV = 512;  // the value is the first 512 columns of the key row
 constexpr float kLn2 = 0.69314718055994531f;
