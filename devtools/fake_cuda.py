@@ -312,8 +312,9 @@ class FakeModule:
         self.events.append(("unload", id(self)))
 
 
-KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_combine": COMBINE_FN, "flashmla_scheduler": SCHEDULER_FN,
-                  "flashmla_check": CHECK_FN}
+# The narrow decode kernel takes the decode kernel's arguments and plays its part in a call: one handle.
+KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_decode_narrow": DECODE_FN, "flashmla_combine": COMBINE_FN,
+                  "flashmla_scheduler": SCHEDULER_FN, "flashmla_check": CHECK_FN}
 
 
 class _NoDevice:

@@ -67,6 +67,19 @@ class CombineLaunch:
         self._launch(stream)
 
 
+# Query rows per KV head up to which a 16-bit cache goes to the narrow decode kernel (decode_narrow.cu:
+# tokens on wgmma's M, so few rows do not pay for a 64-row tile); 0 sends every call to decode.cu.
+NARROW_MAX_ROWS = variants.NARROW_ROWS[-1]
+
+
+def decode_kernel(problem) -> tuple[variants.Variant, int]:
+    """The decode variant for a checked problem, and its query rows per CTA (the grid's x tiles)."""
+    if problem.kv_name is None and problem.rows <= NARROW_MAX_ROWS:
+        variant = variants.narrow_variant(problem.dtype_name, problem.rows)
+        return variant, variant.rows
+    return variants.decode_variant(problem.q_dtype_name or problem.dtype_name, problem.kv_name), plan.TILE_ROWS
+
+
 class DecodeLaunch:
     """The split-KV decode kernel of one checked layout (a DecodeProblem): grid (row tiles, heads_kv,
     parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values. An FP8 call's
@@ -90,9 +103,9 @@ class DecodeLaunch:
         self._k_layout = (k.shape, k.strides, k.dtype)
         self._k_ptr, self._maps = None, {}
         self._descales = problem.descales
-        variant = variants.decode_variant(problem.q_dtype_name or problem.dtype_name, problem.kv_name)
+        variant, tile_rows = decode_kernel(problem)
         fn = launch.get_function(variant, problem.device_id)
-        grid = (-(-problem.rows // plan.TILE_ROWS), problem.heads_kv, problem.num_parts)
+        grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
         self._launch = launch.Launch(fn, grid, (variant.threads, 1, 1), [self._params, no_map_yet])
 

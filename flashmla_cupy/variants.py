@@ -27,6 +27,13 @@ DECODE_SHARED_BYTES = 224256
 # Threads of a decode block: two consumer warpgroups and a helper warpgroup, the loader of a 16-bit
 # cache or the converter of an FP8 one (kLaunchThreads of decode_config.cuh, pinned likewise).
 DECODE_THREADS = {None: 384, "e4m3": 384}
+# The narrow decode kernel (decode_narrow.cu: few query rows, 16-bit cache), built for 16 query rows
+# per CTA (kNarrowRows; the source also takes 32, which measured 3-4 % slower than decode.cu on the
+# H200, docs/PERF_NOTES.md): its dynamic shared memory (kNarrowSharedBytes) per row count and its
+# threads (kNarrowThreads), pinned likewise.
+NARROW_ROWS = (16,)
+NARROW_SHARED_BYTES = {16: 228352, 32: 224256}
+NARROW_THREADS = 160
 # Tokens of one TMA sub-box of an FP8 page (kLandingTokens of dequant.cuh, pinned likewise): launch.py
 # encodes k_cache's tensor map with it.
 FP8_LANDING_TOKENS = 16
@@ -39,15 +46,17 @@ _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16":
 class Variant:
     """One NVRTC program compiled with one set of defines: kernels_src/<program>.cu."""
 
-    program: str        # "decode" | "combine" | "scheduler" | "check"
+    program: str        # "decode" | "decode_narrow" | "combine" | "scheduler" | "check"
     dtype: str | None   # "bf16" | "fp16" (| "e4m3": decode's q), or None for the dtype-free scheduler and check
     kv: str | None = None   # decode's k_cache type when it is not q's: "e4m3" (an FP8 cache)
+    rows: int | None = None  # decode_narrow's query rows per CTA (NARROW_ROWS)
 
     @property
     def name(self) -> str:
         """Stable human-readable id, e.g. "decode_bf16", "decode_e4m3_kv_e4m3"; also names the cache entry."""
         name = f"{self.program}_{self.dtype}" if self.dtype else self.program
-        return f"{name}_kv_{self.kv}" if self.kv else name
+        name = f"{name}_kv_{self.kv}" if self.kv else name
+        return f"{name}_r{self.rows}" if self.rows else name
 
     @property
     def kernel_name(self) -> str:
@@ -56,21 +65,24 @@ class Variant:
 
     @property
     def defines(self) -> tuple[str, ...]:
-        return (_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
+        return ((_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
+                + ((f"-DFLASHMLA_NARROW_ROWS={self.rows}",) if self.rows else ()))
 
     @property
     def threads(self) -> int:
         """Threads per decode block."""
-        return DECODE_THREADS[self.kv]
+        return NARROW_THREADS if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
 
     @property
     def uses_cute(self) -> bool:
-        """Only decode includes CuTe, so only it pays for (and needs) the CUTLASS headers."""
-        return self.program == "decode"
+        """Only the decode kernels include CuTe, so only they pay for (and need) the CUTLASS headers."""
+        return self.program in ("decode", "decode_narrow")
 
     @property
     def shared_bytes(self) -> int:
         """Dynamic shared memory per block at launch (the small kernels use static smem only)."""
+        if self.program == "decode_narrow":
+            return NARROW_SHARED_BYTES[self.rows]
         return DECODE_SHARED_BYTES if self.program == "decode" else 0
 
     @property
@@ -81,6 +93,9 @@ class Variant:
             if self.kv:
                 pinned["flashmla::kLandingTokens"] = FP8_LANDING_TOKENS
             return pinned
+        if self.program == "decode_narrow":
+            return {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[self.rows],
+                    "flashmla::kNarrowThreads": NARROW_THREADS, "flashmla::kNarrowRows": self.rows}
         if self.program == "check":
             return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
         return {}
@@ -99,6 +114,7 @@ def all_variants() -> list[Variant]:
     return (
         [Variant("decode", dt) for dt in DTYPES]
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
+        + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("combine", dt) for dt in DTYPES]
         + [Variant("scheduler", None), Variant("check", None)]
     )
@@ -109,12 +125,12 @@ def _alias(dtype) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _find(program: str, dtype, kv=None) -> Variant:
+def _find(program: str, dtype, kv=None, rows=None) -> Variant:
     key, kv_key = _alias(dtype), _alias(kv)
     if kv_key == key and program == "decode" and key in DTYPES:
         kv_key = None   # a 16-bit cache of q's own type
     for v in all_variants():
-        if v.program == program and v.dtype == key and v.kv == kv_key:
+        if v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows:
             return v
     known = ", ".join(v.name for v in all_variants() if v.program == program)
     raise ValueError(f"no {program} kernel for dtype {dtype!r} (cache {kv!r}); compiled variants: {known}")
@@ -124,6 +140,15 @@ def decode_variant(dtype, kv=None) -> Variant:
     """The decode variant for q's element type ("bf16"/"fp16"/"e4m3", or a numpy/ml_dtypes dtype) and,
     for an FP8 cache, the cache's ("e4m3"; None: q's own)."""
     return _find("decode", dtype, kv)
+
+
+def narrow_variant(dtype, rows: int) -> Variant:
+    """The narrow decode variant (16-bit cache of q's type) for q's element type and up to `rows` query
+    rows per KV head: the smallest of NARROW_ROWS that holds them."""
+    fit = next((n for n in NARROW_ROWS if rows <= n), None)
+    if fit is None:
+        raise ValueError(f"the narrow decode kernel takes at most {NARROW_ROWS[-1]} query rows, not {rows}")
+    return _find("decode_narrow", dtype, None, fit)
 
 
 def combine_variant(dtype) -> Variant:

@@ -85,13 +85,15 @@ struct Piece {
 };
 
 // The pages loaded into one page buffer, in order over the whole part: buffer A takes the first page
-// of every pair of every piece, buffer B the second. The loads of a piece's first pages are thus issued
-// while the previous piece is still being computed.
-struct PageStream {
+// of every pair of every piece, buffer B the second (kStride 2). The loads of a piece's first pages are
+// thus issued while the previous piece is still being computed. With kStride 1 (decode_narrow.cu's
+// ring of boxes) one stream takes every page.
+template <int kStride>
+struct PageStreamOf {
   int request, page, page_end;  // the page the buffer loads at its next refill
   int block;                    // its block-table entry, copied in asynchronously one refill ahead of its use
   bool past_table;              // it lies past the block table's width: bad, the table is not read
-  int parity;                   // 0: buffer A's pages, 1: buffer B's
+  int parity;                   // kStride 2: 0 for buffer A's pages, 1 for buffer B's; kStride 1: 0
 
   __device__ __forceinline__ void start(const DecodeParams& p, const PartPlan& part, int buffer) {
     parity = buffer;
@@ -113,7 +115,7 @@ struct PageStream {
   }
 
   __device__ __forceinline__ void advance(const DecodeParams& p, const PartPlan& part) {
-    page += 2;
+    page += kStride;
     settle(p, part);
   }
 
@@ -134,6 +136,8 @@ struct PageStream {
     }
   }
 };
+
+using PageStream = PageStreamOf<kPageBuffers>;
 
 // Per-row visibility limits of the two rows a thread owns (causal: bottom-right aligned).
 __device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[2],

@@ -15,7 +15,7 @@ and its ratio to the shipped build.
 
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
-changes them).
+changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none).
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def parse_variant(text: str) -> dict:
             spec["smem"] = int(item[5:])
         elif item.startswith("threads="):
             spec["threads"] = int(item[8:])
+        elif item.startswith("narrow="):
+            spec["narrow"] = int(item[7:])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N)")
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, narrow=ROWS)")
     return spec
 
 
@@ -54,7 +56,7 @@ def parse_variant(text: str) -> dict:
 
 def apply(spec: dict) -> None:
     """Point the package at the variant's build before anything is compiled or loaded."""
-    from flashmla_cupy import compiler, variants
+    from flashmla_cupy import compiler, kernels, variants
 
     if spec["tree"]:
         tree = pathlib.Path(spec["tree"])
@@ -63,6 +65,8 @@ def apply(spec: dict) -> None:
         variants.DECODE_SHARED_BYTES = spec["smem"]
     if spec.get("threads"):
         variants.DECODE_THREADS = {kv: spec["threads"] for kv in variants.DECODE_THREADS}
+    if spec.get("narrow") is not None:
+        kernels.NARROW_MAX_ROWS = spec["narrow"]
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
 

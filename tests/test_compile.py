@@ -257,7 +257,47 @@ def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, 
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
+NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_narrow"]
+
+
+@pytest.mark.parametrize("variant", NARROW_VARIANTS, ids=lambda v: v.name)
+def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
+    """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs), its pages
+    come through bulk tensor loads, and nothing lives in local memory."""
+    import subprocess
+
+    tool = _cuobjdump()
+    assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
+    cubin = tmp_path / "decode_narrow.cubin"
+    cubin.write_bytes(compiled[variant.name].cubin)
+    done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
+    assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
+    sass = done.stdout
+    assert f"HGMMA.64x{variant.rows}x16.F32" in sass
+    assert "HGMMA.64x64x16" not in sass and "HGMMA.64x256x16" not in sass and " HMMA" not in sass
+    assert "UTMALDG" in sass
+    assert "LDL" not in sass and "STL" not in sass
+
+
+def test_narrow_kernel_takes_few_rows_of_a_16_bit_cache():
+    """Dispatch: rows <= NARROW_MAX_ROWS of a 16-bit cache go to decode_narrow, the rest (and every FP8
+    cache) to decode."""
+    from types import SimpleNamespace
+
+    from flashmla_cupy import kernels
+
+    def pick(rows, kv=None):
+        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name="bf16")
+        variant, tile_rows = kernels.decode_kernel(problem)
+        return variant.program, tile_rows
+
+    assert pick(1) == ("decode_narrow", 16)
+    assert pick(kernels.NARROW_MAX_ROWS) == ("decode_narrow", 16)
+    assert pick(kernels.NARROW_MAX_ROWS + 1) == ("decode", 64)
+    assert pick(16, kv="e4m3")[0] == "decode"
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS + NARROW_VARIANTS, ids=lambda v: v.name)
 def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(variant, compiled):
     """ptxas reports (in the -v log) when it serialises wgmmas or inserts a wgmma.wait_group of its own;
     either would undo the overlap of one warpgroup's softmax with the other's tensor-core work."""

@@ -15,7 +15,8 @@ import pytest
 
 import fake_cuda
 from fake_dlpack import BASE_PTR, KDL_CPU, FakeJax, FakeTorch, decode_args
-from flashmla_cupy import flash_mla_with_kvcache, get_mla_metadata, inputs, kernels, launch, params, plan, tensors
+from flashmla_cupy import (flash_mla_with_kvcache, get_mla_metadata, inputs, kernels, launch, params, plan, tensors,
+                           variants)
 from flashmla_cupy.errors import InvalidInputError, UnsupportedDeviceError
 
 STREAM = 0x5000
@@ -264,6 +265,19 @@ def test_metadata_call(gpu):
     assert run["function"] == fake_cuda.SCHEDULER_FN and run["stream"] == STREAM
     assert (p.seqlens, p.batch, p.num_parts, p.page_size) == (BASE_PTR, 5, parts, plan.PAGE_SIZE)
     assert seqlens.streams == [STREAM]
+
+
+def test_few_rows_launch_the_narrow_kernel(gpu):
+    """16 query rows per KV head of a 16-bit cache: decode_narrow's geometry (16 rows a CTA, 160
+    threads, its own shared memory), the same parameters and the same combine."""
+    args = decode_args(batch=3, seqlen_q=1, heads_q=32, heads_kv=2, num_parts=6, producer=FakeJax)
+    flash_mla_with_kvcache(**args, stream=STREAM)
+    decode, combine = gpu.driver.launches
+    p = params.DecodeParams.from_buffer_copy(decode["args"][0])
+    assert decode["grid"] == (1, 2, 6) and decode["block"] == (variants.NARROW_THREADS, 1, 1)
+    assert decode["shared_bytes"] == variants.NARROW_SHARED_BYTES[16]
+    assert (p.rows, p.heads_per_group, p.num_parts) == (16, 16, 6)
+    assert combine["function"] == fake_cuda.COMBINE_FN and combine["pdl"]
 
 
 def test_decode_call(gpu):

@@ -1,0 +1,509 @@
+// Split-KV MLA decode for few query rows (memory-bound: rows = s_q * h_q / h_kv <= 16), sm_90a, 16-bit
+// cache. One CTA = up to kNarrowRows (-DFLASHMLA_NARROW_ROWS: 16 is shipped; 32 builds but measured 3-4 %
+// slower than decode.cu on the H200, docs/PERF_NOTES.md) packed query rows x one KV head x one part of
+// the plan, as decode.cu.
+//
+// Why a second kernel: wgmma's M is at least 64, and decode.cu puts the query rows on M, so with 16 rows
+// three quarters of its tensor work multiply padding. Here every product is transposed, tokens and value
+// columns on M and the query rows on N:
+//
+//   S^T = K Q^T       (64 tokens x N rows, k = 576)       A = the page's K boxes, K-major (as loaded)
+//   O^T += V^T P^T    (512 columns x N rows, k = 64)      A = the page's V boxes, MN-major (as loaded)
+//
+// so the tensor work per page is N / 64 of decode.cu's, and what is left is streaming the cache. The
+// softmax runs down the columns of S^T: a column (query row) is spread over the warpgroup's four warps,
+// so its max goes through shared memory (one warpgroup barrier a page), while its sum stays in each
+// thread until the piece ends.
+//
+// Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
+// columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
+// pages are in flight or resident (two whole-page buffers would be two). A page's slots are released
+// together once its PV has completed.
+//
+// Grid (ceil(rows / kNarrowRows), heads_kv, num_parts), 160 threads, kNarrowSharedBytes of dynamic
+// shared memory. Warpgroup 0 computes; warp 4 is the loader (one lane). Per page, in one warpgroup: S^T
+// of page j+1 is issued right behind PV of page j, so the tensor cores run the two back to back.
+//
+// Handshakes: per ring slot a TMA barrier ("full") and an "empty" barrier (the slot's page is done
+// with: the loader refills it); one warpgroup barrier per page (column maxima and P^T written), one
+// around each Q reload and the epilogue.
+//
+// CuTe supplies the wgmma atoms; TMA, mbarriers and descriptors are decode.cu's hand-written PTX.
+#include "decode_config.cuh"
+#include "sync.cuh"
+#include "mma.cuh"
+#include "softmax.cuh"
+#include "plan.cuh"
+#include "load.cuh"
+
+namespace flashmla {
+
+#if !defined(FLASHMLA_NARROW_ROWS)
+#error "define FLASHMLA_NARROW_ROWS (16 or 32)"
+#endif
+constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
+static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
+constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
+constexpr int kNarrowQBytes = kBoxes * kNarrowBoxBytes;
+constexpr int kNarrowWarps = kWarpgroupThreads / 32;          // warps of the computing warpgroup
+constexpr int kNarrowThreads = kWarpgroupThreads + 32;        // + the loader warp
+constexpr int kValueTiles = kHeadDimV / kBoxCols;             // 8 M-tiles of O^T, one per V box
+constexpr int kRowSlots = kNarrowRows / 4;                    // query rows a thread owns
+constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers of one m64nN tile
+// The ring fills what the Q and P^T tiles leave of the 227 KB (a 1 KB margin for the small fields).
+constexpr int kRingBoxes = (227 * 1024 - 1024 - 1024 - kNarrowQBytes - kNarrowBoxBytes - 2048) / kBoxBytes;
+
+template <int N, bool kBf16> struct NarrowAtoms;
+template <> struct NarrowAtoms<32, true> {
+  using Scores = gmma::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
+  using Output = gmma::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::MN, gmma::Major::K>;
+};
+template <> struct NarrowAtoms<16, true> {
+  using Scores = gmma::MMA_64x16x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
+  using Output = gmma::MMA_64x16x16_F32BF16BF16_SS<gmma::Major::MN, gmma::Major::K>;
+};
+template <> struct NarrowAtoms<32, false> {
+  using Scores = gmma::MMA_64x32x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>;
+  using Output = gmma::MMA_64x32x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::K>;
+};
+template <> struct NarrowAtoms<16, false> {
+  using Scores = gmma::MMA_64x16x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>;
+  using Output = gmma::MMA_64x16x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::K>;
+};
+#if defined(FLASHMLA_BF16)
+using MmaScoresT = NarrowAtoms<kNarrowRows, true>::Scores;
+using MmaOutputT = NarrowAtoms<kNarrowRows, true>::Output;
+#else
+using MmaScoresT = NarrowAtoms<kNarrowRows, false>::Scores;
+using MmaOutputT = NarrowAtoms<kNarrowRows, false>::Output;
+#endif
+
+struct NarrowStorage {
+  alignas(1024) uint8_t q[kNarrowQBytes];                // Q, 9 boxes of N rows x 64 columns
+  alignas(1024) uint8_t ring[kRingBoxes][kBoxBytes];     // K/V boxes of 64 tokens x 64 columns
+  alignas(1024) uint8_t p[kNarrowBoxBytes];              // P^T of the current page: N rows x 64 tokens
+  float warp_max[2][kNarrowWarps][kNarrowRows];          // [page parity][warp]: each warp's column maxima
+  float warp_sum[kNarrowWarps][kNarrowRows];             // epilogue: each warp's share of the row sums
+  PageStreamOf<1> stream;
+  alignas(8) uint64_t full[kRingBoxes];
+  uint64_t empty[kRingBoxes];
+};
+constexpr int kNarrowSharedBytes = int(sizeof(NarrowStorage)) + 1024;
+static_assert(kNarrowSharedBytes <= 227 * 1024, "fits the SM's shared memory");
+
+// Where box `box` of the n-th page this CTA reads lies in the ring, and the parity of that slot's use.
+struct RingSlot {
+  int slot, phase;
+  __device__ __forceinline__ RingSlot(uint32_t page_seq, int box) {
+    const uint32_t index = page_seq * kBoxes + box;
+    slot = int(index % kRingBoxes);
+    phase = int((index / kRingBoxes) & 1);
+  }
+};
+
+// Accumulator coordinates of an m64n32 tile (softmax.cuh's layout with M and N in these roles):
+// register 4*j + 2*i + c holds M index 16*warp + lane/4 + 8*i and query row 8*j + 2*(lane%4) + c. Slot
+// 2*j + c names the query row; i picks one of the thread's two M indices.
+struct ColumnCoords {
+  int m;             // first M index (a token of the page, or a value column inside a tile)
+  int row[kRowSlots];   // query row of each slot
+  __device__ __forceinline__ explicit ColumnCoords(int thread) {
+    const int warp = thread / 32;
+    const int lane = thread % 32;
+    m = warp * 16 + lane / 4;
+#pragma unroll
+    for (int s = 0; s < kRowSlots; ++s) row[s] = 8 * (s / 2) + 2 * (lane % 4) + s % 2;
+  }
+  // Lanes 0..3 of a warp hold every query row between them.
+  __device__ __forceinline__ bool publishes() const { return m % 16 == 0; }
+};
+__device__ __forceinline__ int reg_of(int slot, int i) { return 4 * (slot / 2) + 2 * i + slot % 2; }
+
+struct ScoresT {
+  float v[kAccumulators];
+};
+struct OutputT {
+  float v[kValueTiles][kAccumulators];
+};
+
+// The reduction of a slot's value over the 8 lanes of the warp that share its query row (lane / 4).
+__device__ __forceinline__ float column_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+__device__ __forceinline__ float column_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+// S^T = K Q^T over the 576 columns, box by box as the page's boxes land. Committed, not awaited.
+__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s) {
+  const SmemDesc q = k_major_desc(smem.q);
+  fence_fragment(s.v);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box) {
+    const RingSlot at(page_seq, box);
+    mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+    const SmemDesc k = k_major_desc(smem.ring[at.slot]);
+#pragma unroll
+    for (int i = 0; i < kStepsPerBox; ++i) {
+      const uint32_t in_box = i * kMmaK * 2;
+      mma_ss<MmaScoresT>(k.at(in_box), q.at(box * kNarrowBoxBytes + in_box), s.v, box > 0 || i > 0,
+                         cuda::std::make_index_sequence<kAccumulators>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+  fence_fragment(s.v);
+}
+
+// O^T += V^T P^T: value tile t is the page's V box t read MN-major (tokens are its rows); P^T is
+// K-major (a row of 64 tokens per query row). Committed, not awaited.
+__device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_seq, OutputT& o) {
+  const SmemDesc p = k_major_desc(smem.p);
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) {
+    const SmemDesc v(smem.ring[RingSlot(page_seq, t).slot], kBoxBytes, kSwizzleAtomBytes);
+#pragma unroll
+    for (int step = 0; step < kPVSteps; ++step) {
+      mma_ss<MmaOutputT>(v.at(v_step_offset(step)), p.at(step * kMmaK * 2), o.v[t], true,
+                         cuda::std::make_index_sequence<kAccumulators>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+}
+
+// The loader (one lane): every page of the part in order, box by box into the ring, each slot as soon
+// as the page that held it has been released. After the first page it asks L2 for the second
+// (decode.cu's loader does the same).
+__device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
+                                              const TensorMap* map, int kv_head, uint64_t hint) {
+  constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
+  PageStreamOf<1>& stream = smem.stream;
+  stream.start(p, part, 0);
+  int slot = 0, use = 0;  // the next slot to fill, and how many times it was filled before
+  for (int loaded = 0; stream.valid(); ++loaded) {
+    bool flagged;
+    const int block = stream.block_index(p, flagged);
+#pragma unroll 1
+    for (int box = 0; box < kBoxes; ++box) {
+      if (use > 0) mbarrier_wait_single(&smem.empty[slot], (use - 1) & 1);
+      mbarrier_arrive_expect_tx(&smem.full[slot], kBoxBytes);
+      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block, hint);
+      if (++slot == kRingBoxes) {
+        slot = 0;
+        ++use;
+      }
+    }
+    stream.advance(p, part);
+    if (loaded == 0 && stream.valid()) {
+      const int next = stream.block_index(p, flagged);
+      if (next >= 0 && next < p.num_blocks) prefetch_page_boxes(map, kAllBoxes, next, kv_head);
+    }
+  }
+}
+
+// The Q tile of one request and KV head: tile row r is packed row rows_base + r; rows past p.rows are
+// zeros. The computing warpgroup's threads copy it; the caller fences and synchronises.
+__device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStorage& smem, int request, int kv_head,
+                                              int rows_base, int thread) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  const Element* q = static_cast<const Element*>(p.q);
+  for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kWarpgroupThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = idx % kChunksPerRow;
+    const int row = rows_base + r;
+    const Element* src = q;
+    if (row < p.rows) {
+      const int s = row / p.heads_per_group;
+      const int h = kv_head * p.heads_per_group + row % p.heads_per_group;
+      src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride + c * 8;
+    }
+    async_copy_16(smem.q + (c / 8) * kNarrowBoxBytes + swizzled_offset(r, c % 8), src, row < p.rows ? 16 : 0);
+  }
+  async_copy_commit();
+  async_copy_wait_all();
+}
+
+// One piece: the pages of one request in this part, then its rows written.
+struct NarrowPiece {
+  const DecodeParams& p;
+  NarrowStorage& smem;
+  Piece piece;
+  ColumnCoords at;
+  int thread, kv_head, rows_base;
+  int limit[kRowSlots];   // visible tokens of each slot's query row
+  int mask_from;       // pages reaching past this token need the masked softmax
+  float max[kRowSlots];   // running max per slot (scaled, base 2): the same in every thread holding the row
+  float sum[kRowSlots];   // this thread's share of the row sums, relative to `max`
+
+  __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
+                                         int head, int base)
+      : p(params), smem(s), piece(pc), at(t), thread(t), kv_head(head), rows_base(base) {
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      const int row = rows_base + at.row[k];
+      const int sq = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
+      limit[k] = piece.seqlen - (p.causal ? p.seqlen_q - 1 - sq : 0);
+      max[k] = kInitialMax;
+      sum[k] = 0.f;
+    }
+    mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+  }
+
+  // Scores of page `page` (in s) -> P^T in smem, the running max moved where a row's page max exceeds
+  // it by more than kMaxSlack (softmax.cuh), O and the sums following it.
+  template <bool kMasked>
+  __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o) {
+    const int token0 = page * kPageSize + at.m;
+    const int parity = page & 1;
+    float page_max[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      float m = -positive_infinity();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float& x = s.v[reg_of(k, i)];
+        if (kMasked && token0 + 8 * i >= limit[k]) x = -positive_infinity();
+        m = fmaxf(m, x);
+      }
+      page_max[k] = column_max(m);
+    }
+    const int warp = thread / 32;
+    if (at.publishes()) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) smem.warp_max[parity][warp][at.row[k]] = page_max[k];
+    }
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    float factor[kRowSlots];
+    bool moved = false;
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      float m = smem.warp_max[parity][0][at.row[k]];
+#pragma unroll
+      for (int w = 1; w < kNarrowWarps; ++w) m = fmaxf(m, smem.warp_max[parity][w][at.row[k]]);
+      const float scaled = m * scale_log2;
+      const float to = scaled > max[k] + kMaxSlack ? scaled : max[k];
+      factor[k] = fast_exp2(max[k] - to);
+      moved |= to != max[k];
+      max[k] = to;
+    }
+    // Every thread sees every row's max (the warps read the same values): uniform across the warpgroup.
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+        for (int k = 0; k < kRowSlots; ++k) {
+          o.v[t][reg_of(k, 0)] *= factor[k];
+          o.v[t][reg_of(k, 1)] *= factor[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      float page_sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float& x = s.v[reg_of(k, i)];
+        x = fast_exp2(fmaf(x, scale_log2, -max[k]));
+        page_sum += x;
+      }
+      sum[k] = sum[k] * factor[k] + page_sum;
+    }
+    // P^T[row][token], 128-byte swizzled rows of 64 tokens.
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      const int row = at.row[k];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int token = at.m + 8 * i;
+        *reinterpret_cast<Element*>(smem.p + row * kRowBytes + (((token / 8) ^ (row & 7)) << 4) + (token % 8) * 2) =
+            to_element2(s.v[reg_of(k, i)], 0.f).x;
+      }
+    }
+  }
+
+  // Zero the V rows of the last page's stale tokens (they may hold NaN, and 0 * NaN = NaN). Whole
+  // 128-byte rows, which is independent of the swizzle; `valid` is clamped, so lengths that disagree with
+  // the plan never write outside the ring.
+  __device__ __forceinline__ void clear_stale_rows(int page, uint32_t page_seq) {
+    const int valid = piece.seqlen - page * kPageSize;
+    if (valid >= kPageSize) return;
+    const int first = valid > 0 ? valid * kRowBytes : 0;
+    constexpr int kTileChunks = kBoxBytes / 16;
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+      uint8_t* box = smem.ring[RingSlot(page_seq, t).slot];
+      for (int offset = first + thread * 16; offset < kTileChunks * 16; offset += kWarpgroupThreads * 16) {
+        *reinterpret_cast<uint4*>(box + offset) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+
+  // The page's slots are done with (its PV has completed): to the loader.
+  __device__ __forceinline__ void release(uint32_t page_seq) const {
+    if (thread == 0) {
+#pragma unroll
+      for (int box = 0; box < kBoxes; ++box) mbarrier_arrive(&smem.empty[RingSlot(page_seq, box).slot]);
+    }
+  }
+
+  // One page whose S^T is in flight (behind the previous page's PV, if any): its softmax and PV, and
+  // with kNext the next page's S^T issued behind that PV. `page_seq` counts the pages this CTA read.
+  template <bool kNext>
+  __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o) {
+    if (page > piece.page_begin) {
+      cute::warpgroup_wait<1>();  // the previous page's PV: its slots are free
+      release(page_seq - 1);
+    }
+    cute::warpgroup_wait<0>();
+    if (page * kPageSize + kPageSize > mask_from) {
+      softmax<true>(s, page, scale_log2, o);
+    } else {
+      softmax<false>(s, page, scale_log2, o);
+    }
+    clear_stale_rows(page, page_seq);
+    fence_generic_to_async_smem();
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    issue_output(smem, page_seq, o);
+    if constexpr (kNext) issue_scores(smem, page_seq + 1, s);
+  }
+
+  // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
+  __device__ __forceinline__ void finish(const OutputT& o, float out_scale) {
+    const int warp = thread / 32;
+    float share[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      // A bad page (TMA's NaN fill) makes O NaN: carry it into the sums, as decode.cu does.
+      share[k] = column_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
+    }
+    if (at.publishes()) {  // warp_sum's readers of the previous piece passed the piece's first barrier
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[warp][at.row[k]] = share[k];
+    }
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    if (!piece.writable) return;
+    float inv[kRowSlots];
+    float total[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      total[k] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kNarrowWarps; ++w) total[k] += smem.warp_sum[w][at.row[k]];
+      inv[k] = total[k] == 0.f ? 0.f : out_scale / total[k];
+    }
+    if (warp == 0 && at.publishes()) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        const int row = rows_base + at.row[k];
+        if (row >= p.rows) continue;
+        const bool empty = total[k] == 0.f;
+        const float lse2 = max[k] + log2f(total[k]);
+        if (piece.split) {
+          p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] =
+              empty ? -positive_infinity() : lse2;
+        } else {
+          const int sq = row / p.heads_per_group;
+          const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
+          p.lse[(int64_t(piece.request) * p.heads_q + head) * p.seqlen_q + sq] = empty ? positive_infinity() : lse2 * kLn2;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      const int row = rows_base + at.row[k];
+      if (row >= p.rows) continue;
+      if (piece.split) {
+        float* dst = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV + at.m;
+#pragma unroll
+        for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = o.v[t][reg_of(k, i)] * inv[k];
+        }
+      } else {
+        const int sq = row / p.heads_per_group;
+        const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
+        OutElement* dst = static_cast<OutElement*>(p.out) +
+                          ((int64_t(piece.request) * p.seqlen_q + sq) * p.heads_q + head) * kHeadDimV + at.m;
+#pragma unroll
+        for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = to_out_element2(o.v[t][reg_of(k, i)] * inv[k], 0.f).x;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace flashmla
+
+using namespace flashmla;
+
+extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
+    flashmla_decode_narrow(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t misalignment = smem_addr(smem_raw) & 1023;
+  NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + ((1024 - misalignment) & 1023));
+
+  const PartPlan part = PartPlan::load(p, blockIdx.z);
+  if (part.empty(p)) return;
+  const int kv_head = blockIdx.y;
+  const int rows_base = blockIdx.x * kNarrowRows;
+  const uint64_t hint = gridDim.x > 1 ? kCacheHintEvictNormal : kCacheHintEvictFirst;
+
+  allow_dependent_launch();
+
+  if (threadIdx.x == 0) {
+    for (int slot = 0; slot < kRingBoxes; ++slot) {
+      mbarrier_init(&smem.full[slot], 1);
+      mbarrier_init(&smem.empty[slot], 1);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warp = __shfl_sync(0xffffffffu, threadIdx.x / 32, 0);
+  if (warp == kNarrowWarps) {
+    if (threadIdx.x % 32 == 0) narrow_loader(p, part, smem, &kv_map, kv_head, hint);
+    return;
+  }
+  const int thread = threadIdx.x;
+  const float scale_log2 = p.scale_log2;
+
+  uint32_t page_seq = 0;  // pages this CTA has read: where the next page's boxes lie in the ring
+  for (int request = part.begin_request; request <= part.end_request; ++request) {
+    const Piece piece = Piece::of(p, part, request);
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);  // nobody still reads the previous Q tile
+    load_narrow_q(p, smem, request, kv_head, rows_base, thread);
+    fence_generic_to_async_smem();
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+
+    NarrowPiece c(p, smem, piece, thread, kv_head, rows_base);
+    OutputT o;
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+      for (int r = 0; r < kAccumulators; ++r) o.v[t][r] = 0.f;
+      fence_fragment(o.v[t]);  // zeroed here, not between the first S^T's issue and its wait (C7515)
+    }
+    if (piece.page_begin < piece.page_end) {
+      ScoresT s;
+      issue_scores(smem, page_seq, s);
+      int page = piece.page_begin;
+      for (; page + 1 < piece.page_end; ++page, ++page_seq) c.page_step<true>(s, page, page_seq, scale_log2, o);
+      c.page_step<false>(s, page, page_seq, scale_log2, o);
+      cute::warpgroup_wait<0>();
+      c.release(page_seq);
+      ++page_seq;
+    }
+    c.finish(o, 1.f);
+  }
+}
