@@ -237,19 +237,24 @@ def _cuobjdump() -> str | None:
 DECODE_VARIANTS = [v for v in variants.all_variants() if v.program == "decode"]
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
-def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
-    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL, and
-    the helper warpgroup (loader or FP8 converter) hands its registers to the consumers (setmaxnreg)."""
+def _sass(variant, tmp_path, compiled) -> str:
+    """The variant's SASS, by cuobjdump."""
     import subprocess
 
     tool = _cuobjdump()
     assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
-    cubin = tmp_path / "decode.cubin"
+    cubin = tmp_path / f"{variant.name}.cubin"
     cubin.write_bytes(compiled[variant.name].cubin)
     done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
     assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
-    sass = done.stdout
+    return done.stdout
+
+
+@pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
+def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
+    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL, and
+    the helper warpgroup (loader or FP8 converter) hands its registers to the consumers (setmaxnreg)."""
+    sass = _sass(variant, tmp_path, compiled)
     assert "HGMMA.64x64x16.F32" in sass and "HGMMA.64x256x16.F32" in sass
     assert " HMMA" not in sass
     assert "UTMALDG" in sass
@@ -264,15 +269,7 @@ NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_na
 def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
     """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs), its pages
     come through bulk tensor loads, and nothing lives in local memory."""
-    import subprocess
-
-    tool = _cuobjdump()
-    assert tool, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
-    cubin = tmp_path / "decode_narrow.cubin"
-    cubin.write_bytes(compiled[variant.name].cubin)
-    done = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
-    assert done.returncode == 0, f"{tool} -sass failed (it needs nvdisasm beside it): {done.stderr.strip()}"
-    sass = done.stdout
+    sass = _sass(variant, tmp_path, compiled)
     assert f"HGMMA.64x{variant.rows}x16.F32" in sass
     assert "HGMMA.64x64x16" not in sass and "HGMMA.64x256x16" not in sass and " HMMA" not in sass
     assert "UTMALDG" in sass
