@@ -4,9 +4,9 @@ A variant is the shipped sources compiled with extra defines, or another kernels
 candidate change, copied to a git-ignored folder), or both. Each build runs in its own child process
 with its own kernel cache, taking turns with the others for `--rounds` rounds, so that clock and
 thermal drift fall on every build alike. A child first checks its build against the float64
-reference on three small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes), then
-times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay, L2 flushed before
-every run, CUDA-event median). The report gives each build's median time per case over the rounds
+reference on five small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes, the narrow
+kernel's 16 rows, an FP8 cache with both query forms), then times the selected benchmark cases as
+scripts/bench.py does (CUDA-graph replay, L2 flushed before every run, CUDA-event median). The report gives each build's median time per case over the rounds
 and its ratio to the shipped build.
 
     python scripts/kernel_ab.py --variant "unguarded: -DFLASHMLA_UNGUARDED=1"       # what the guards cost
@@ -79,17 +79,19 @@ def check_build() -> list[str]:
     from flashmla_cupy import reference
 
     failures = []
-    for b, s_q, h_q, h_kv, seqlens, causal, dtype in [
-            (3, 1, 128, 1, [700, 0, 130], False, "bf16"),
-            (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16"),
-            (6, 1, 64, 1, [64, 128, 191, 4000, 1, 65], False, "bf16")]:
+    for b, s_q, h_q, h_kv, seqlens, causal, dtype, kv in [
+            (3, 1, 128, 1, [700, 0, 130], False, "bf16", None),
+            (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16", None),    # 16 rows: the narrow kernel
+            (6, 1, 64, 1, [64, 128, 191, 4000, 1, 65], False, "bf16", None),
+            (4, 1, 16, 1, [1, 63, 2000, 0], False, "e4m3", "e4m3"),      # FP8, both query forms
+            (3, 2, 64, 2, [65, 700, 129], True, "bf16", "e4m3")]:
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
-                                     causal=causal)
+                                     causal=causal, kv_dtype=kv)
         try:
             check(case, *run(case), seed, "kernel_ab")
         except AssertionError as exc:
-            failures.append(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} {dtype}: {str(exc)[:400]}")
+            failures.append(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv or dtype}: {str(exc)[:400]}")
     return failures
 
 
