@@ -35,6 +35,7 @@
 #include "softmax.cuh"
 #include "plan.cuh"
 #include "load.cuh"
+#include "epilogue.cuh"
 
 namespace flashmla {
 
@@ -101,7 +102,7 @@ struct RingSlot {
   }
 };
 
-// Accumulator coordinates of an m64n32 tile (softmax.cuh's layout with M and N in these roles):
+// Accumulator coordinates of an m64nN tile (softmax.cuh's layout with M and N in these roles):
 // register 4*j + 2*i + c holds M index 16*warp + lane/4 + 8*i and query row 8*j + 2*(lane%4) + c. Slot
 // 2*j + c names the query row; i picks one of the thread's two M indices.
 struct ColumnCoords {
@@ -222,9 +223,8 @@ __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStora
     const int row = rows_base + r;
     const Element* src = q;
     if (row < p.rows) {
-      const int s = row / p.heads_per_group;
-      const int h = kv_head * p.heads_per_group + row % p.heads_per_group;
-      src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride + c * 8;
+      const PackedQuery query = packed_query(p, kv_head, row);
+      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * 8;
     }
     async_copy_16(smem.q + (c / 8) * kNarrowBoxBytes + swizzled_offset(r, c % 8), src, row < p.rows ? 16 : 0);
   }
@@ -247,11 +247,9 @@ struct NarrowPiece {
   __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
                                          int head, int base)
       : p(params), smem(s), piece(pc), at(t), thread(t), kv_head(head), rows_base(base) {
+    row_limits(p, piece.seqlen, rows_base, at.row, limit);
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
-      const int row = rows_base + at.row[k];
-      const int sq = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
-      limit[k] = piece.seqlen - (p.causal ? p.seqlen_q - 1 - sq : 0);
       max[k] = kInitialMax;
       sum[k] = 0.f;
     }
@@ -404,17 +402,7 @@ struct NarrowPiece {
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
         const int row = rows_base + at.row[k];
-        if (row >= p.rows) continue;
-        const bool empty = total[k] == 0.f;
-        const float lse2 = max[k] + log2f(total[k]);
-        if (piece.split) {
-          p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] =
-              empty ? -positive_infinity() : lse2;
-        } else {
-          const int sq = row / p.heads_per_group;
-          const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
-          p.lse[(int64_t(piece.request) * p.heads_q + head) * p.seqlen_q + sq] = empty ? positive_infinity() : lse2 * kLn2;
-        }
+        if (row < p.rows) store_row_lse(p, piece, kv_head, row, max[k], total[k]);
       }
     }
 #pragma unroll
@@ -429,10 +417,9 @@ struct NarrowPiece {
           for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = o.v[t][reg_of(k, i)] * inv[k];
         }
       } else {
-        const int sq = row / p.heads_per_group;
-        const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
+        const PackedQuery query = packed_query(p, kv_head, row);
         OutElement* dst = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + sq) * p.heads_q + head) * kHeadDimV + at.m;
+                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV + at.m;
 #pragma unroll
         for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll

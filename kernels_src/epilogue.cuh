@@ -53,17 +53,31 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
   for (int r = thread / 32; r < kTileRows; r += kWarpgroupThreads / 32) {
     const int row = rows_base + r;
     if (row >= p.rows) break;
-    const int s = row / p.heads_per_group;
-    const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
+    const PackedQuery query = packed_query(p, kv_head, row);
     OutElement* dst = static_cast<OutElement*>(p.out) +
-                      ((int64_t(piece.request) * p.seqlen_q + s) * p.heads_q + head) * kHeadDimV + half * kHalfV;
+                      ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV +
+                      half * kHalfV;
     reinterpret_cast<uint4*>(dst)[lane] = *reinterpret_cast<const uint4*>(mine + r * kStagedRowBytes + 16 * lane);
   }
 }
 
-// Log-sum-exp of the two rows (one thread of each quad writes): natural log in `lse`, +inf when the
-// row saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row. A NaN row sum
-// (a bad page) stays NaN.
+// Log-sum-exp of one packed row (< p.rows) of a writable piece: natural log in `lse`, +inf when the row
+// saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row. A NaN row sum (a bad
+// page) stays NaN. Shared with decode_narrow.cu.
+__device__ __forceinline__ void store_row_lse(const DecodeParams& p, const Piece& piece, int kv_head, int row,
+                                              float row_max, float row_sum) {
+  const bool empty = row_sum == 0.f;
+  const float lse2 = row_max + log2f(row_sum);
+  if (piece.split) {
+    p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] = empty ? -positive_infinity() : lse2;
+  } else {
+    const PackedQuery query = packed_query(p, kv_head, row);
+    p.lse[(int64_t(piece.request) * p.heads_q + query.head) * p.seqlen_q + query.s] =
+        empty ? positive_infinity() : lse2 * kLn2;
+  }
+}
+
+// The log-sum-exp of the thread's two rows (one thread of each quad writes).
 __device__ __forceinline__ void store_lse(const DecodeParams& p, const Piece& piece, int kv_head, int rows_base,
                                           const FragmentCoords& at, const float (&row_max)[2],
                                           const float (&row_sum)[2]) {
@@ -72,15 +86,7 @@ __device__ __forceinline__ void store_lse(const DecodeParams& p, const Piece& pi
   for (int i = 0; i < 2; ++i) {
     const int row = rows_base + at.row[i];
     if (row >= p.rows) continue;
-    const bool empty = row_sum[i] == 0.f;
-    const float lse2 = row_max[i] + log2f(row_sum[i]);
-    if (piece.split) {
-      p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] = empty ? -positive_infinity() : lse2;
-    } else {
-      const int s = row / p.heads_per_group;
-      const int head = kv_head * p.heads_per_group + row % p.heads_per_group;
-      p.lse[(int64_t(piece.request) * p.heads_q + head) * p.seqlen_q + s] = empty ? positive_infinity() : lse2 * kLn2;
-    }
+    store_row_lse(p, piece, kv_head, row, row_max[i], row_sum[i]);
   }
 }
 

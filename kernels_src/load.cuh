@@ -103,9 +103,8 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
     const int row = rows_base + r;
     const QElement* src = q;  // rows past p.rows: zeros, nothing read
     if (row < p.rows) {
-      const int s = row / p.heads_per_group;
-      const int h = kv_head * p.heads_per_group + row % p.heads_per_group;
-      src = q + request * p.q_batch_stride + s * p.q_seq_stride + h * p.q_head_stride + c * 8;
+      const PackedQuery at = packed_query(p, kv_head, row);
+      src = q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + c * 8;
     }
     uint8_t* dst = smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8);
     if constexpr (kCopied) {

@@ -139,11 +139,21 @@ struct PageStreamOf {
 
 using PageStream = PageStreamOf<kPageBuffers>;
 
-// Per-row visibility limits of the two rows a thread owns (causal: bottom-right aligned).
-__device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[2],
-                                           int (&limit)[2]) {
+// The query a packed row of a KV head stands for: row = s * heads_per_group + h_in_group is query position
+// s of query head kv_head * heads_per_group + h_in_group.
+struct PackedQuery {
+  int s, head;
+};
+__device__ __forceinline__ PackedQuery packed_query(const DecodeParams& p, int kv_head, int row) {
+  return {row / p.heads_per_group, kv_head * p.heads_per_group + row % p.heads_per_group};
+}
+
+// Per-row visibility limits of the rows a thread owns (causal: bottom-right aligned).
+template <int N>
+__device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[N],
+                                           int (&limit)[N]) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < N; ++i) {
     const int row = rows_base + rows[i];
     const int s = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
     limit[i] = seqlen - (p.causal ? p.seqlen_q - 1 - s : 0);
