@@ -67,15 +67,18 @@ class CombineLaunch:
         self._launch(stream)
 
 
-# Query rows per KV head up to which a 16-bit cache goes to the narrow decode kernel (decode_narrow.cu:
-# tokens on wgmma's M, so few rows do not pay for a 64-row tile); 0 sends every call to decode.cu.
+# Query rows per KV head up to which a call goes to the narrow decode kernel (decode_narrow.cu: tokens on
+# wgmma's M, so few rows do not pay for a 64-row tile; an FP8 cache stays FP8 in shared memory there);
+# 0 sends every call to decode.cu. An FP8 cache goes there with an e4m3 q only: with a 16-bit q the
+# narrow kernel would convert K in registers, which measured slower than decode.cu on the H200.
 NARROW_MAX_ROWS = variants.NARROW_ROWS[-1]
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
     """The decode variant for a checked problem, and its query rows per CTA (the grid's x tiles)."""
-    if problem.kv_name is None and problem.rows <= NARROW_MAX_ROWS:
-        variant = variants.narrow_variant(problem.dtype_name, problem.rows)
+    q_name = problem.q_dtype_name or problem.dtype_name
+    if problem.rows <= NARROW_MAX_ROWS and (problem.kv_name is None or q_name == "e4m3"):
+        variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
     return variants.decode_variant(problem.q_dtype_name or problem.dtype_name, problem.kv_name), plan.TILE_ROWS
 
@@ -104,6 +107,7 @@ class DecodeLaunch:
         self._k_ptr, self._maps = None, {}
         self._descales = problem.descales
         variant, tile_rows = decode_kernel(problem)
+        self._k_layout = (*self._k_layout, *variant.kv_box)
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor

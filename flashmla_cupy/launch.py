@@ -180,35 +180,34 @@ def stream_context(stream: int):
 _TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(ml_dtypes.float8_e4m3fn): 0,
               np.dtype("uint8"): 0}
 
-_SWIZZLE_NONE = 0
-_SWIZZLE_128B = 3
+_SWIZZLE = {0: 0, 64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_NONE, _64B, _128B
 _L2_PROMOTION_256B = 3
 _OOB_FILL_ZERO = 0
 _OOB_FILL_NAN = 1  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA: floating-point maps only
 _BOX_COLS = 64  # 64 columns: one 128-byte swizzle span of 16-bit values, or a 64-byte FP8 row
 
 
-def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype):
+def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_tokens: int, swizzle: int):
     """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576] at `ptr`, with
-    `strides` in elements. A host-only driver call; kernels.DecodeLaunch keeps one per k_cache address.
-    16-bit boxes land 128-byte swizzled (the wgmma layout); FP8 boxes land plain, to be converted into
-    that layout (kernels_src/dequant.cuh). A 16-bit box outside the map (a bad block index) is never
+    `strides` in elements, boxes of 64 columns x `box_tokens` tokens landing with `swizzle` bytes of
+    swizzle (the kernel variant's `kv_box`). A host-only driver call; kernels.DecodeLaunch keeps one per
+    k_cache address. 16-bit boxes land 128-byte swizzled (the wgmma layout); decode.cu's FP8 boxes land
+    plain, to be converted into that layout (kernels_src/dequant.cuh), the narrow kernel's 64-byte
+    swizzled (the wgmma layout of FP8 rows). A 16-bit box outside the map (a bad block index) is never
     read and lands as NaN: that is how the decode kernel keeps bad pages out of the result (plan.cuh,
     kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its kernel checks indices itself."""
     num_blocks, page_size, heads_kv, head_dim = shape
     itemsize = dtype.itemsize
-    # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x 64 tokens x 1.
+    # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x box_tokens x 1.
     dims = (ctypes.c_uint64 * 4)(head_dim, heads_kv, page_size, num_blocks)
     byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
-    # FP8 boxes land as sub-boxes of variants.FP8_LANDING_TOKENS tokens (kLandingTokens, dequant.cuh).
-    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, page_size if itemsize == 2 else variants.FP8_LANDING_TOKENS, 1)
+    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, box_tokens, 1)
     element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
     tensor_map = (ctypes.c_uint64 * 16)()
     _check(
         _driver().cuTensorMapEncodeTiled(
             ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
-            dims, byte_strides, box, element_strides, ctypes.c_int(0),
-            ctypes.c_int(_SWIZZLE_128B if itemsize == 2 else _SWIZZLE_NONE),
+            dims, byte_strides, box, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE[swizzle]),
             ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(_OOB_FILL_NAN if itemsize == 2 else _OOB_FILL_ZERO),
         ),
         "cuTensorMapEncodeTiled(k_cache)",

@@ -32,11 +32,14 @@ DECODE_THREADS = {None: 384, "e4m3": 384}
 # H200, docs/PERF_NOTES.md): its dynamic shared memory (kNarrowSharedBytes) per row count and its
 # threads (kNarrowThreads), pinned likewise.
 NARROW_ROWS = (16,)
-NARROW_SHARED_BYTES = {16: 228352, 32: 224256}
+NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 228352}
 NARROW_THREADS = 160
-# Tokens of one TMA sub-box of an FP8 page (kLandingTokens of dequant.cuh, pinned likewise): launch.py
-# encodes k_cache's tensor map with it.
+# Tokens of one TMA sub-box of an FP8 page in decode.cu (kLandingTokens of dequant.cuh, pinned
+# likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel lands an FP8 box whole,
+# 64-byte swizzled (kFp8SwizzleBytes of decode_narrow.cu, pinned likewise): the wgmma layout of FP8 rows.
 FP8_LANDING_TOKENS = 16
+NARROW_FP8_SWIZZLE_BYTES = 64
+PAGE_SIZE = 64
 # numpy / ml_dtypes spellings accepted by the lookup functions.
 _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                   "e4m3": "e4m3", "float8_e4m3fn": "e4m3", "fp8_e4m3": "e4m3"}
@@ -82,8 +85,17 @@ class Variant:
     def shared_bytes(self) -> int:
         """Dynamic shared memory per block at launch (the small kernels use static smem only)."""
         if self.program == "decode_narrow":
-            return NARROW_SHARED_BYTES[self.rows]
+            return NARROW_SHARED_BYTES[(self.rows, self.kv)]
         return DECODE_SHARED_BYTES if self.program == "decode" else 0
+
+    @property
+    def kv_box(self) -> tuple[int, int]:
+        """How a decode variant's TMA lands k_cache: (tokens per box, swizzle bytes; 0: none)."""
+        if self.kv is None:
+            return PAGE_SIZE, 128
+        if self.program == "decode_narrow":
+            return PAGE_SIZE, NARROW_FP8_SWIZZLE_BYTES
+        return FP8_LANDING_TOKENS, 0
 
     @property
     def pinned_constants(self) -> dict[str, int]:
@@ -94,8 +106,11 @@ class Variant:
                 pinned["flashmla::kLandingTokens"] = FP8_LANDING_TOKENS
             return pinned
         if self.program == "decode_narrow":
-            return {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[self.rows],
-                    "flashmla::kNarrowThreads": NARROW_THREADS, "flashmla::kNarrowRows": self.rows}
+            pinned = {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[(self.rows, self.kv)],
+                      "flashmla::kNarrowThreads": NARROW_THREADS, "flashmla::kNarrowRows": self.rows}
+            if self.kv:
+                pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
+            return pinned
         if self.program == "check":
             return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
         return {}
@@ -115,6 +130,7 @@ def all_variants() -> list[Variant]:
         [Variant("decode", dt) for dt in DTYPES]
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
+        + [Variant("decode_narrow", "e4m3", "e4m3", rows=16)]
         + [Variant("combine", dt) for dt in DTYPES]
         + [Variant("scheduler", None), Variant("check", None)]
     )
@@ -142,13 +158,15 @@ def decode_variant(dtype, kv=None) -> Variant:
     return _find("decode", dtype, kv)
 
 
-def narrow_variant(dtype, rows: int) -> Variant:
-    """The narrow decode variant (16-bit cache of q's type) for q's element type and up to `rows` query
-    rows per KV head: the smallest of NARROW_ROWS that holds them."""
-    fit = next((n for n in NARROW_ROWS if rows <= n), None)
+def narrow_variant(dtype, rows: int, kv=None) -> Variant:
+    """The narrow decode variant for q's element type, the cache's (None: q's own 16-bit type; "e4m3":
+    FP8, with an e4m3 q only, 16 rows) and up to `rows` query rows per KV head: the smallest of
+    NARROW_ROWS that holds them."""
+    sizes = (16,) if _alias(kv) == "e4m3" else NARROW_ROWS
+    fit = next((n for n in sizes if rows <= n), None)
     if fit is None:
-        raise ValueError(f"the narrow decode kernel takes at most {NARROW_ROWS[-1]} query rows, not {rows}")
-    return _find("decode_narrow", dtype, None, fit)
+        raise ValueError(f"the narrow decode kernel takes at most {sizes[-1]} query rows, not {rows}")
+    return _find("decode_narrow", dtype, kv, fit)
 
 
 def combine_variant(dtype) -> Variant:

@@ -15,6 +15,16 @@
 // so its max goes through shared memory (one warpgroup barrier a page), while its sum stays in each
 // thread until the piece ends.
 //
+// An FP8 (e4m3) cache with an e4m3 q (-DFLASHMLA_KV_E4M3 -DFLASHMLA_Q_E4M3, 16 rows) stays FP8 in
+// shared memory: 4 KB boxes landed 64-byte swizzled (the wgmma layout of FP8 rows), a ring of 50 (5.5
+// pages), no converter warpgroup. S^T runs on FP8 wgmmas straight from shared memory (Q stays e4m3
+// too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
+// registers, which each thread fills from the FP8 bytes with exact conversions to fp16 (issue_output:
+// O^T's rows are taken in an order that makes every thread's bytes contiguous); stale tokens of the
+// last page load as zeros, and a page whose block index the loader found bad makes its request's rows
+// NaN. (With a 16-bit q, K would have to be converted too, in registers: measured slower than
+// decode.cu's converter warpgroup, so those calls go there.)
+//
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
 // pages are in flight or resident (two whole-page buffers would be two). A page's slots are released
@@ -36,6 +46,7 @@
 #include "plan.cuh"
 #include "load.cuh"
 #include "epilogue.cuh"
+#include "dequant.cuh"
 
 namespace flashmla {
 
@@ -51,8 +62,32 @@ constexpr int kNarrowThreads = kWarpgroupThreads + 32;        // + the loader wa
 constexpr int kValueTiles = kHeadDimV / kBoxCols;             // 8 M-tiles of O^T, one per V box
 constexpr int kRowSlots = kNarrowRows / 4;                    // query rows a thread owns
 constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers of one m64nN tile
+#if defined(FLASHMLA_KV_E4M3)
+// An FP8 cache stays FP8 in shared memory: a box is 64 tokens x 64 one-byte columns, rows of 64 bytes,
+// landed by one TMA load 64-byte swizzled (16-byte chunk c of row r at chunk c ^ (r / 2 % 4)): twice the
+// pages in flight of a 16-bit cache.
+constexpr int kRingBoxBytes = kPageSize * kBoxCols;       // 4 KB
+constexpr int kFp8RowBytes = kBoxCols;                     // 64
+constexpr int kFp8SwizzleBytes = 64;                       // the tensor map's swizzle (variants.py pins it)
+constexpr int kFp8SwizzleAtomBytes = 8 * kFp8RowBytes;     // 8 rows x 64 B: one swizzle pattern
+constexpr int kBadPageFlags = 8;                           // a ring of page flags; the loader is < 8 pages ahead
+__device__ __forceinline__ int fp8_offset(int row, int chunk) {
+  return row * kFp8RowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+// A K-major operand of 64-byte swizzled FP8 rows (a ring box, or a box of the e4m3 Q tile).
+__device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
+  SmemDesc d(tile, 16, kFp8SwizzleAtomBytes);
+  d.base = (d.base & ~(3ull << 62)) | (2ull << 62);  // layout type 2: 64-byte swizzle
+  return d;
+}
+#else
+constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzled as TMA lands it
+#endif
 // The ring fills what the Q and P^T tiles leave of the 227 KB (a 1 KB margin for the small fields).
-constexpr int kRingBoxes = (227 * 1024 - 1024 - 1024 - kNarrowQBytes - kNarrowBoxBytes - 2048) / kBoxBytes;
+constexpr int kRingBoxes = (227 * 1024 - 1024 - 1024 - kNarrowQBytes - kNarrowBoxBytes - 2048) / kRingBoxBytes;
+#if defined(FLASHMLA_KV_E4M3)
+static_assert(kRingBoxes / kBoxes + 2 <= kBadPageFlags, "the loader stays fewer than kBadPageFlags pages ahead");
+#endif
 
 template <int N, bool kBf16> struct NarrowAtoms;
 template <> struct NarrowAtoms<32, true> {
@@ -78,14 +113,30 @@ using MmaOutputT = NarrowAtoms<kNarrowRows, true>::Output;
 using MmaScoresT = NarrowAtoms<kNarrowRows, false>::Scores;
 using MmaOutputT = NarrowAtoms<kNarrowRows, false>::Output;
 #endif
+#if defined(FLASHMLA_KV_E4M3)
+static_assert(kNarrowRows == 16, "the FP8 narrow kernel is built for 16 rows");
+#if !defined(FLASHMLA_Q_E4M3) || defined(FLASHMLA_BF16)
+#error "the FP8 narrow kernel takes an e4m3 q (and computes PV in fp16)"
+#endif
+// S^T on FP8 wgmmas (k = 32), K and Q from shared memory.
+using MmaScoresFp8 = gmma::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
+constexpr int kFp8MmaK = 32;
+constexpr int kFp8StepsPerBox = kBoxCols / kFp8MmaK;       // 2
+constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // 1 KB: 16 rows x 64 e4m3 columns
+// O^T += V^T P^T with V^T from registers (fp16, converted from the FP8 bytes).
+using MmaOutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
+#endif
 
 struct NarrowStorage {
   alignas(1024) uint8_t q[kNarrowQBytes];                // Q, 9 boxes of N rows x 64 columns
-  alignas(1024) uint8_t ring[kRingBoxes][kBoxBytes];     // K/V boxes of 64 tokens x 64 columns
+  alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
   alignas(1024) uint8_t p[kNarrowBoxBytes];              // P^T of the current page: N rows x 64 tokens
   float warp_max[2][kNarrowWarps][kNarrowRows];          // [page parity][warp]: each warp's column maxima
   float warp_sum[kNarrowWarps][kNarrowRows];             // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream;
+#if defined(FLASHMLA_KV_E4M3)
+  int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
+#endif
   alignas(8) uint64_t full[kRingBoxes];
   uint64_t empty[kRingBoxes];
 };
@@ -139,8 +190,89 @@ __device__ __forceinline__ float column_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
+#if defined(FLASHMLA_KV_E4M3)
+// S^T = K Q^T over the 576 columns on FP8 wgmmas, box by box as the page's boxes land: K and Q are both
+// e4m3 and K-major in shared memory, so nothing is converted. Committed, not awaited.
+__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
+  const SmemDesc q = fp8_k_major_desc(smem.q);
+  fence_fragment(s.v);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box) {
+    const RingSlot at(page_seq, box);
+    mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+    const SmemDesc k = fp8_k_major_desc(smem.ring[at.slot]);
+#pragma unroll
+    for (int i = 0; i < kFp8StepsPerBox; ++i) {
+      mma_ss<MmaScoresFp8>(k.at(i * kFp8MmaK), q.at(box * kFp8QBoxBytes + i * kFp8MmaK), s.v, box > 0 || i > 0,
+                           cuda::std::make_index_sequence<kAccumulators>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+  fence_fragment(s.v);
+}
+
+#endif
+
+#if defined(FLASHMLA_KV_E4M3)
+// The A fragments of PV: two sets of the eight value tiles' (issue_output).
+using OutputFragments = uint32_t[2][kValueTiles][4];
+
+// O^T += V^T P^T with V^T from registers. The thread's rows of O^T (value columns) are taken in the
+// order that makes its 16 columns contiguous: row 16*warp + lane/4 + 8*i of tile t is value column
+// value_column(t, i) = 128*warp + 16*(lane/4) + 2*t + i, so one 16-byte load per token gives the
+// thread's part of all eight tiles; byte permutes pair each column's two tokens. Stale tokens of the
+// last page (>= valid; FP8 NaN there) load as zeros. Two sets of fragments, the wgmmas of step s - 2
+// awaited before step s's are built; the last two steps' are still running when this returns (the
+// caller awaits them before `frags` go out of scope).
+__device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_seq, OutputT& o, int valid,
+                                             int thread, OutputFragments& frags) {
+  const SmemDesc p = k_major_desc(smem.p);
+  const int warp = thread / 32;
+  const int lane = thread % 32;
+  const int box = 2 * warp + (lane / 4) / 4;
+  // Chunk (lane / 4) % 4 of each token; the tokens below all have the swizzle phase lane % 4.
+  const uint8_t* columns = smem.ring[RingSlot(page_seq, box).slot] + ((((lane / 4) % 4) ^ (lane % 4)) << 4);
+  const int pair = 2 * (lane % 4);  // tokens pair, pair + 1, pair + 8, pair + 9 of each 16-token step
+#pragma unroll
+  for (int step = 0; step < kPVSteps; ++step) {
+    if (step >= 2) cute::warpgroup_wait<1>();
+    uint4 v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int token = step * kMmaK + pair + (k % 2) + 8 * (k / 2);
+      v[k] = token < valid ? *reinterpret_cast<const uint4*>(columns + token * kFp8RowBytes) : make_uint4(0, 0, 0, 0);
+    }
+    uint32_t (&a)[kValueTiles][4] = frags[step % 2];
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+      const uint32_t selector = t % 2 == 0 ? 0x5140u : 0x7362u;  // bytes (2t, 2t + 1) of both tokens
+      const uint32_t word[4] = {(&v[0].x)[t / 2], (&v[1].x)[t / 2], (&v[2].x)[t / 2], (&v[3].x)[t / 2]};
+      const uint32_t low = __byte_perm(word[0], word[1], selector);   // tokens pair, pair + 1
+      const uint32_t high = __byte_perm(word[2], word[3], selector);  // tokens pair + 8, pair + 9
+      a[t][0] = e4m3x2_to_element2(low);
+      a[t][1] = e4m3x2_to_element2(low >> 16);
+      a[t][2] = e4m3x2_to_element2(high);
+      a[t][3] = e4m3x2_to_element2(high >> 16);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(a[t][r]);
+    }
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+      mma_rs<MmaOutputFromRegs>(a[t], p.at(step * kMmaK * 2), o.v[t], cuda::std::make_index_sequence<kAccumulators>{});
+    }
+    cute::warpgroup_commit_batch();
+  }
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+}
+
+#else
 // S^T = K Q^T over the 576 columns, box by box as the page's boxes land. Committed, not awaited.
-__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s) {
+__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
   const SmemDesc q = k_major_desc(smem.q);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
@@ -181,6 +313,8 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
   for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
 }
 
+#endif
+
 // The loader (one lane): every page of the part in order, box by box into the ring, each slot as soon
 // as the page that held it has been released. After the first page it asks L2 for the second
 // (decode.cu's loader does the same).
@@ -193,10 +327,14 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
     const int block = stream.block_index(p, flagged);
+#if defined(FLASHMLA_KV_E4M3)
+    // Written before the page's TMA barriers are armed, so whoever waits on them sees it.
+    smem.bad_page[loaded % kBadPageFlags] = flagged;
+#endif
 #pragma unroll 1
     for (int box = 0; box < kBoxes; ++box) {
       if (use > 0) mbarrier_wait_single(&smem.empty[slot], (use - 1) & 1);
-      mbarrier_arrive_expect_tx(&smem.full[slot], kBoxBytes);
+      mbarrier_arrive_expect_tx(&smem.full[slot], kRingBoxBytes);
       tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block, hint);
       if (++slot == kRingBoxes) {
         slot = 0;
@@ -206,11 +344,35 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     stream.advance(p, part);
     if (loaded == 0 && stream.valid()) {
       const int next = stream.block_index(p, flagged);
-      if (next >= 0 && next < p.num_blocks) prefetch_page_boxes(map, kAllBoxes, next, kv_head);
+      if (next >= 0 && next < p.num_blocks) prefetch_page_boxes<1>(map, kAllBoxes, next, kv_head);  // whole boxes
     }
   }
 }
 
+#if defined(FLASHMLA_KV_E4M3)
+// The Q tile of one request and KV head, e4m3 as the K boxes: box b holds columns 64b .. 64b + 63 of the
+// 16 rows, 64-byte swizzled. Tile row r is packed row rows_base + r; rows past p.rows are zeros. The
+// computing warpgroup's threads copy it; the caller fences and synchronises.
+__device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStorage& smem, int request, int kv_head,
+                                              int rows_base, int thread) {
+  constexpr int kChunksPerRow = kHeadDim / 16;
+  const uint8_t* q = static_cast<const uint8_t*>(p.q);
+  for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kWarpgroupThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = idx % kChunksPerRow;
+    const int row = rows_base + r;
+    const uint8_t* src = q;
+    if (row < p.rows) {
+      const PackedQuery query = packed_query(p, kv_head, row);
+      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * 16;
+    }
+    async_copy_16(smem.q + (c / 4) * kFp8QBoxBytes + fp8_offset(r, c % 4), src, row < p.rows ? 16 : 0);
+  }
+  async_copy_commit();
+  async_copy_wait_all();
+}
+
+#else
 // The Q tile of one request and KV head: tile row r is packed row rows_base + r; rows past p.rows are
 // zeros. The computing warpgroup's threads copy it; the caller fences and synchronises.
 __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStorage& smem, int request, int kv_head,
@@ -231,6 +393,8 @@ __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStora
   async_copy_commit();
   async_copy_wait_all();
 }
+
+#endif
 
 // One piece: the pages of one request in this part, then its rows written.
 struct NarrowPiece {
@@ -259,7 +423,7 @@ struct NarrowPiece {
   // Scores of page `page` (in s) -> P^T in smem, the running max moved where a row's page max exceeds
   // it by more than kMaxSlack (softmax.cuh), O and the sums following it.
   template <bool kMasked>
-  __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o) {
+  __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o, bool bad) {
     const int token0 = page * kPageSize + at.m;
     const int parity = page & 1;
     float page_max[kRowSlots];
@@ -270,6 +434,7 @@ struct NarrowPiece {
       for (int i = 0; i < 2; ++i) {
         float& x = s.v[reg_of(k, i)];
         if (kMasked && token0 + 8 * i >= limit[k]) x = -positive_infinity();
+        if (kMasked && bad) x = quiet_nan();  // a flagged FP8 page: its request's rows come out NaN
         m = fmaxf(m, x);
       }
       page_max[k] = column_max(m);
@@ -328,6 +493,7 @@ struct NarrowPiece {
     }
   }
 
+#if !defined(FLASHMLA_KV_E4M3)
   // Zero the V rows of the last page's stale tokens (they may hold NaN, and 0 * NaN = NaN). Whole
   // 128-byte rows, which is independent of the swizzle; `valid` is clamped, so lengths that disagree with
   // the plan never write outside the ring.
@@ -344,6 +510,7 @@ struct NarrowPiece {
       }
     }
   }
+#endif
 
   // The page's slots are done with (its PV has completed): to the loader.
   __device__ __forceinline__ void release(uint32_t page_seq) const {
@@ -353,6 +520,37 @@ struct NarrowPiece {
     }
   }
 
+#if defined(FLASHMLA_KV_E4M3)
+  // One page whose S^T is in flight: its softmax and PV, with kNext the next page's S^T issued behind
+  // the PV, then the page released once its PV has completed (the PV's A fragments live in registers
+  // of this function: they are awaited here, not at the next step).
+  template <bool kNext>
+  __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o) {
+    cute::warpgroup_wait<0>();
+    const bool bad = kFlagBadPages && smem.bad_page[page_seq % kBadPageFlags];
+    if (bad || page * kPageSize + kPageSize > mask_from) {
+      softmax<true>(s, page, scale_log2, o, bad);
+    } else {
+      softmax<false>(s, page, scale_log2, o, false);
+    }
+    fence_generic_to_async_smem();
+    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    OutputFragments frags;
+    issue_output(smem, page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
+    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
+    cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frags[b][t][r]);  // live until here
+      }
+    }
+    release(page_seq);
+  }
+  static constexpr bool kReleasesItsPage = true;
+#else
   // One page whose S^T is in flight (behind the previous page's PV, if any): its softmax and PV, and
   // with kNext the next page's S^T issued behind that PV. `page_seq` counts the pages this CTA read.
   template <bool kNext>
@@ -363,16 +561,18 @@ struct NarrowPiece {
     }
     cute::warpgroup_wait<0>();
     if (page * kPageSize + kPageSize > mask_from) {
-      softmax<true>(s, page, scale_log2, o);
+      softmax<true>(s, page, scale_log2, o, false);
     } else {
-      softmax<false>(s, page, scale_log2, o);
+      softmax<false>(s, page, scale_log2, o, false);
     }
     clear_stale_rows(page, page_seq);
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
     issue_output(smem, page_seq, o);
-    if constexpr (kNext) issue_scores(smem, page_seq + 1, s);
+    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
   }
+  static constexpr bool kReleasesItsPage = false;  // the page's slots go back at the next step
+#endif
 
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
   __device__ __forceinline__ void finish(const OutputT& o, float out_scale) {
@@ -409,6 +609,36 @@ struct NarrowPiece {
     for (int k = 0; k < kRowSlots; ++k) {
       const int row = rows_base + at.row[k];
       if (row >= p.rows) continue;
+#if defined(FLASHMLA_KV_E4M3)
+      // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
+      const int first = 128 * warp + 16 * ((thread % 32) / 4);
+      float v[16];
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv[k];
+      }
+      if (piece.split) {
+        float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        }
+      } else {
+        const PackedQuery query = packed_query(p, kv_head, row);
+        OutElement* out = static_cast<OutElement*>(p.out) +
+                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
+        uint32_t packed[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
+          packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        reinterpret_cast<uint4*>(out + first)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        reinterpret_cast<uint4*>(out + first)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      }
+#else
+      // Column 64 t + m + 8 i: a warp's 8 lanes of one row write 8 neighbouring columns.
       if (piece.split) {
         float* dst = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV + at.m;
 #pragma unroll
@@ -426,6 +656,7 @@ struct NarrowPiece {
           for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = to_out_element2(o.v[t][reg_of(k, i)] * inv[k], 0.f).x;
         }
       }
+#endif
     }
   }
 };
@@ -463,7 +694,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     return;
   }
   const int thread = threadIdx.x;
-  const float scale_log2 = p.scale_log2;
+  const Descales scales = read_descales(p);  // an FP8 cache's descales folded in (dequant.cuh)
 
   uint32_t page_seq = 0;  // pages this CTA has read: where the next page's boxes lie in the ring
   for (int request = part.begin_request; request <= part.end_request; ++request) {
@@ -483,14 +714,18 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     }
     if (piece.page_begin < piece.page_end) {
       ScoresT s;
-      issue_scores(smem, page_seq, s);
+      issue_scores(smem, page_seq, s, thread);
       int page = piece.page_begin;
-      for (; page + 1 < piece.page_end; ++page, ++page_seq) c.page_step<true>(s, page, page_seq, scale_log2, o);
-      c.page_step<false>(s, page, page_seq, scale_log2, o);
-      cute::warpgroup_wait<0>();
-      c.release(page_seq);
+      for (; page + 1 < piece.page_end; ++page, ++page_seq) {
+        c.page_step<true>(s, page, page_seq, scales.scale_log2, o);
+      }
+      c.page_step<false>(s, page, page_seq, scales.scale_log2, o);
+      if constexpr (!NarrowPiece::kReleasesItsPage) {
+        cute::warpgroup_wait<0>();
+        c.release(page_seq);
+      }
       ++page_seq;
     }
-    c.finish(o, 1.f);
+    c.finish(o, scales.out_scale);
   }
 }

@@ -73,14 +73,16 @@ __device__ __forceinline__ void load_page_boxes(const TensorMap* map, Storage& s
   }
 }
 
-// The boxes `mask` of one KV page into L2, for a load_page_boxes of the same page later.
+// The boxes `mask` of one KV page into L2, for a load_page_boxes of the same page later; a box is
+// kParts TMA boxes of the map (the narrow kernel's FP8 map has whole boxes).
+template <int kParts = kLandingsPerBox>
 __device__ __forceinline__ void prefetch_page_boxes(const TensorMap* map, uint32_t mask, int block, int head) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     if (mask & (1u << box)) {
 #pragma unroll
-      for (int part = 0; part < kLandingsPerBox; ++part) {
-        tma_prefetch_box(map, box * kBoxCols, head, part * kLandingTokens, block);
+      for (int part = 0; part < kParts; ++part) {
+        tma_prefetch_box(map, box * kBoxCols, head, part * (kPageSize / kParts), block);
       }
     }
   }

@@ -267,31 +267,36 @@ NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_na
 
 @pytest.mark.parametrize("variant", NARROW_VARIANTS, ids=lambda v: v.name)
 def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
-    """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs), its pages
-    come through bulk tensor loads, and nothing lives in local memory."""
+    """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs; with an FP8
+    cache S^T on FP8 ones, 64 x rows x 32), its pages come through bulk tensor loads, and nothing lives
+    in local memory."""
     sass = _sass(variant, tmp_path, compiled)
     assert f"HGMMA.64x{variant.rows}x16.F32" in sass
+    if variant.kv == "e4m3":
+        assert f"QGMMA.64x{variant.rows}x32.F32.E4M3.E4M3" in sass  # SASS names FP8 wgmmas QGMMA
     assert "HGMMA.64x64x16" not in sass and "HGMMA.64x256x16" not in sass and " HMMA" not in sass
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
 
 
-def test_narrow_kernel_takes_few_rows_of_a_16_bit_cache():
-    """Dispatch: rows <= NARROW_MAX_ROWS of a 16-bit cache go to decode_narrow, the rest (and every FP8
-    cache) to decode."""
+def test_narrow_kernel_takes_few_rows():
+    """Dispatch: rows <= NARROW_MAX_ROWS go to decode_narrow (16-bit or FP8 cache), the rest to decode."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
 
-    def pick(rows, kv=None):
-        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name="bf16")
+    def pick(rows, kv=None, q="bf16"):
+        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name=q)
         variant, tile_rows = kernels.decode_kernel(problem)
         return variant.program, tile_rows
 
     assert pick(1) == ("decode_narrow", 16)
     assert pick(kernels.NARROW_MAX_ROWS) == ("decode_narrow", 16)
     assert pick(kernels.NARROW_MAX_ROWS + 1) == ("decode", 64)
-    assert pick(16, kv="e4m3")[0] == "decode"
+    assert pick(16, kv="e4m3", q="e4m3") == ("decode_narrow", 16)
+    assert pick(17, kv="e4m3", q="e4m3")[0] == "decode"
+    assert pick(1, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q with an FP8 cache: decode.cu
+    assert pick(1, kv="e4m3", q="fp16")[0] == "decode"
 
 
 @pytest.mark.parametrize("variant", DECODE_VARIANTS + NARROW_VARIANTS, ids=lambda v: v.name)
