@@ -166,7 +166,7 @@ def verify(fault: Fault, out: np.ndarray, lse: np.ndarray, c: reference.Case, re
         ref_out, ref_lse = ref
         keep = fault.exact
         try:
-            report = reference.check_close(out[keep], lse[keep], ref_out[keep], ref_lse[keep], c.dtype)
+            report = reference.check_close(out[keep], lse[keep], ref_out[keep], ref_lse[keep], c.dtype, c.lse_atol)
         except AssertionError as exc:
             raise AssertionError(f"{fault.name}: requests {keep}: {exc}") from None
     return {"nan_requests": fault.nan, "exact_requests": fault.exact, **report}

@@ -117,6 +117,11 @@ class Case:
         return _DTYPES["bf16"] if self.q.dtype == _DTYPES["e4m3"] else self.q.dtype
 
     @property
+    def lse_atol(self) -> float:
+        """The absolute lse bar of check_close for this case: LSE_ATOL_E4M3_Q for an e4m3 q, else LSE_ATOL."""
+        return LSE_ATOL_E4M3_Q if self.q.dtype == _DTYPES["e4m3"] else LSE_ATOL
+
+    @property
     def fp8(self) -> bool:
         """The cache is e4m3."""
         return self.k_cache.dtype == _DTYPES["e4m3"]
@@ -208,14 +213,15 @@ def _worst(bad: np.ndarray, err: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(flat)), bad.shape))
 
 
-def check_close(out, lse, ref_out, ref_lse, dtype) -> dict:
+def check_close(out, lse, ref_out, ref_lse, dtype, lse_atol: float = LSE_ATOL) -> dict:
     """docs/API.md section 6: compare a kernel's `(out, lse)` with the float64 reference.
 
     out: every element within OUT_ATOL or OUT_RTOL (relative) of the reference rounded to `dtype`,
     and the cosine difference `1 - 2 sum(xy) / sum(x^2 + y^2)` against the float64 reference at most
-    OUT_MAX_COS_DIFF. lse: every finite element within LSE_ATOL (LSE_ATOL_E4M3_Q for an e4m3 q) or
-    LSE_RTOL, and +inf / -inf / NaN exactly where the reference has them. Returns the worst errors; raises AssertionError naming
-    every violated rule, the number of bad elements and the worst one.
+    OUT_MAX_COS_DIFF (`dtype`: the output's). lse: every finite element within `lse_atol` (LSE_ATOL;
+    Case.lse_atol gives an e4m3 q's) or LSE_RTOL, and +inf / -inf / NaN exactly where the reference
+    has them. Returns the worst errors; raises AssertionError naming every violated rule, the number of
+    bad elements and the worst one.
     """
     out = to_float64(out)
     lse = to_float64(lse)
@@ -249,7 +255,6 @@ def check_close(out, lse, ref_out, ref_lse, dtype) -> dict:
     lse_ref_finite = np.where(finite, ref_lse, 0.0)
     lse_err = np.abs(np.where(finite, lse, 0.0) - lse_ref_finite)  # inf - inf would warn
     lse_rel = lse_err / np.maximum(np.abs(lse_ref_finite), np.finfo(np.float64).tiny)
-    lse_atol = LSE_ATOL_E4M3_Q if dtype == "e4m3" else LSE_ATOL
     lse_bad = finite & ~((lse_err <= lse_atol) | (lse_err <= LSE_RTOL * np.abs(lse_ref_finite)))
     if lse_bad.any():
         at = _worst(lse_bad, lse_err)

@@ -193,6 +193,24 @@ def test_check_close_lse_tolerance():
         check_close(out, bad, out, lse, "bf16")
 
 
+def test_check_close_lse_bar_of_an_e4m3_q():
+    """docs/API.md section 6: with an e4m3 q lse may be off by LSE_ATOL_E4M3_Q (FP8 tensor cores for
+    QK^T), and only then; check_close takes the bar from the case."""
+    from flashmla_cupy import reference
+
+    out, _ = reference_case()
+    lse = np.full(out.shape[:1] + out.shape[2:3] + out.shape[1:2], 0.01)  # near 0: the absolute bar decides
+    off = lse + 0.5 * reference.LSE_ATOL_E4M3_Q
+    check_close(out, off, out, lse, "bf16", reference.LSE_ATOL_E4M3_Q)
+    with pytest.raises(AssertionError, match="lse"):
+        check_close(out, off, out, lse, "bf16")
+    rng = np.random.default_rng(3)
+    e4m3 = reference.random_case(rng, 1, 1, 16, 1, np.array([5]), "e4m3", kv_dtype="e4m3")
+    bf16_q = reference.random_case(rng, 1, 1, 16, 1, np.array([5]), "bf16", kv_dtype="e4m3")
+    assert e4m3.lse_atol == reference.LSE_ATOL_E4M3_Q
+    assert bf16_q.lse_atol == reference.LSE_ATOL
+
+
 def test_check_close_rejects_shape_mismatch():
     out, lse = reference_case()
     with pytest.raises(AssertionError, match="shape"):
