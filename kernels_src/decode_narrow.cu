@@ -127,6 +127,23 @@ constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // 1 KB: 16 rows x 64
 using MmaOutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 #endif
 
+// S^T's operands as they lie in shared memory, K's ring boxes and the Q tile's boxes alike: the wgmma
+// atom, its k-steps per 64-column box (32 bytes of a row each), a Q box's bytes, a box's descriptor and
+// where 16-byte chunk c of Q row r goes.
+#if defined(FLASHMLA_KV_E4M3)
+using ScoresAtom = MmaScoresFp8;
+constexpr int kScoreStepsPerBox = kFp8StepsPerBox;
+constexpr int kQBoxBytes = kFp8QBoxBytes;
+__device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return fp8_k_major_desc(box); }
+__device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 4) * kQBoxBytes + fp8_offset(r, c % 4); }
+#else
+using ScoresAtom = MmaScoresT;
+constexpr int kScoreStepsPerBox = kStepsPerBox;
+constexpr int kQBoxBytes = kNarrowBoxBytes;
+__device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return k_major_desc(box); }
+__device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * kQBoxBytes + swizzled_offset(r, c % 8); }
+#endif
+
 struct NarrowStorage {
   alignas(1024) uint8_t q[kNarrowQBytes];                // Q, 9 boxes of N rows x 64 columns
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
@@ -190,29 +207,28 @@ __device__ __forceinline__ float column_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
-#if defined(FLASHMLA_KV_E4M3)
-// S^T = K Q^T over the 576 columns on FP8 wgmmas, box by box as the page's boxes land: K and Q are both
-// e4m3 and K-major in shared memory, so nothing is converted. Committed, not awaited.
+// S^T = K Q^T over the 576 columns, box by box as the page's boxes land (with an FP8 cache on FP8
+// wgmmas, K and the e4m3 Q tile as they are: nothing is converted). Committed, not awaited.
 __device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
-  const SmemDesc q = fp8_k_major_desc(smem.q);
+  const SmemDesc q = box_desc(smem.q);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     const RingSlot at(page_seq, box);
     mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
-    const SmemDesc k = fp8_k_major_desc(smem.ring[at.slot]);
+    const SmemDesc k = box_desc(smem.ring[at.slot]);
 #pragma unroll
-    for (int i = 0; i < kFp8StepsPerBox; ++i) {
-      mma_ss<MmaScoresFp8>(k.at(i * kFp8MmaK), q.at(box * kFp8QBoxBytes + i * kFp8MmaK), s.v, box > 0 || i > 0,
-                           cuda::std::make_index_sequence<kAccumulators>{});
+    for (int i = 0; i < kScoreStepsPerBox; ++i) {
+      const uint32_t in_box = i * 32;
+      mma_ss<ScoresAtom>(k.at(in_box), q.at(box * kQBoxBytes + in_box), s.v, box > 0 || i > 0,
+                         cuda::std::make_index_sequence<kAccumulators>{});
     }
   }
   cute::warpgroup_commit_batch();
   fence_fragment(s.v);
 }
 
-#endif
 
 #if defined(FLASHMLA_KV_E4M3)
 // The A fragments of PV: two sets of the eight value tiles' (issue_output).
@@ -271,27 +287,6 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 }
 
 #else
-// S^T = K Q^T over the 576 columns, box by box as the page's boxes land. Committed, not awaited.
-__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
-  const SmemDesc q = k_major_desc(smem.q);
-  fence_fragment(s.v);
-  cute::warpgroup_arrive();
-#pragma unroll
-  for (int box = 0; box < kBoxes; ++box) {
-    const RingSlot at(page_seq, box);
-    mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
-    const SmemDesc k = k_major_desc(smem.ring[at.slot]);
-#pragma unroll
-    for (int i = 0; i < kStepsPerBox; ++i) {
-      const uint32_t in_box = i * kMmaK * 2;
-      mma_ss<MmaScoresT>(k.at(in_box), q.at(box * kNarrowBoxBytes + in_box), s.v, box > 0 || i > 0,
-                         cuda::std::make_index_sequence<kAccumulators>{});
-    }
-  }
-  cute::warpgroup_commit_batch();
-  fence_fragment(s.v);
-}
-
 // O^T += V^T P^T: value tile t is the page's V box t read MN-major (tokens are its rows); P^T is
 // K-major (a row of 64 tokens per query row). Committed, not awaited.
 __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_seq, OutputT& o) {
@@ -349,52 +344,28 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   }
 }
 
-#if defined(FLASHMLA_KV_E4M3)
-// The Q tile of one request and KV head, e4m3 as the K boxes: box b holds columns 64b .. 64b + 63 of the
-// 16 rows, 64-byte swizzled. Tile row r is packed row rows_base + r; rows past p.rows are zeros. The
-// computing warpgroup's threads copy it; the caller fences and synchronises.
+// The Q tile of one request and KV head, as stored (16-bit, or e4m3 with an FP8 cache) and laid out as
+// the K boxes: tile row r is packed row rows_base + r; rows past p.rows are zeros. The computing
+// warpgroup's threads copy it; the caller fences and synchronises.
 __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStorage& smem, int request, int kv_head,
                                               int rows_base, int thread) {
-  constexpr int kChunksPerRow = kHeadDim / 16;
-  const uint8_t* q = static_cast<const uint8_t*>(p.q);
+  constexpr int kPerChunk = 16 / sizeof(QElement);
+  constexpr int kChunksPerRow = kHeadDim / kPerChunk;
+  const QElement* q = static_cast<const QElement*>(p.q);
   for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kWarpgroupThreads) {
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    const uint8_t* src = q;
+    const QElement* src = q;
     if (row < p.rows) {
       const PackedQuery query = packed_query(p, kv_head, row);
-      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * 16;
+      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * kPerChunk;
     }
-    async_copy_16(smem.q + (c / 4) * kFp8QBoxBytes + fp8_offset(r, c % 4), src, row < p.rows ? 16 : 0);
+    async_copy_16(smem.q + q_chunk_offset(r, c), src, row < p.rows ? 16 : 0);
   }
   async_copy_commit();
   async_copy_wait_all();
 }
-
-#else
-// The Q tile of one request and KV head: tile row r is packed row rows_base + r; rows past p.rows are
-// zeros. The computing warpgroup's threads copy it; the caller fences and synchronises.
-__device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStorage& smem, int request, int kv_head,
-                                              int rows_base, int thread) {
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  const Element* q = static_cast<const Element*>(p.q);
-  for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kWarpgroupThreads) {
-    const int r = idx / kChunksPerRow;
-    const int c = idx % kChunksPerRow;
-    const int row = rows_base + r;
-    const Element* src = q;
-    if (row < p.rows) {
-      const PackedQuery query = packed_query(p, kv_head, row);
-      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * 8;
-    }
-    async_copy_16(smem.q + (c / 8) * kNarrowBoxBytes + swizzled_offset(r, c % 8), src, row < p.rows ? 16 : 0);
-  }
-  async_copy_commit();
-  async_copy_wait_all();
-}
-
-#endif
 
 // One piece: the pages of one request in this part, then its rows written.
 struct NarrowPiece {
