@@ -357,6 +357,27 @@ def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
     assert memset_last["charged_us"] == {"k": 10.0, "memset": 2.0}
 
 
+def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_path, capsys):
+    """The parent's side of kernel_ab (the children need a GPU): each build's median over the rounds,
+    its ratio to the shipped build, whether every check passed and the largest share of each accuracy
+    bar that its passing checks used."""
+    turns = iter([
+        {"card": "H200", "failures": [], "tolerance_used": {"out": 0.5, "lse": 0.25}, "us": {"c-fp8": 100.0}},
+        {"card": "H200", "failures": ["b=4 ...: lse"], "tolerance_used": {"out": 0.5, "lse": 0.5}, "us": {"c-fp8": 80.0}},
+        {"card": "H200", "failures": [], "tolerance_used": {"out": 0.25, "lse": 0.75}, "us": {"c-fp8": 110.0}},
+        {"card": "H200", "failures": [], "tolerance_used": {"out": 0.5, "lse": 0.5}, "us": {"c-fp8": 90.0}},
+    ])
+    monkeypatch.setattr(kernel_ab, "run_child", lambda spec, args: next(turns))
+    out = tmp_path / "ab.json"
+    assert kernel_ab.main(["--variant", "fast: -DX=1", "--checks", "3", "--json", str(out)]) == 1  # one check failed
+    report = json.loads(out.read_text())
+    assert report["cases"]["c-fp8"]["shipped"]["median_us"] == 105.0
+    assert report["cases"]["c-fp8"]["fast"]["over_shipped"] == 85.0 / 105.0
+    assert report["exact"] == {"shipped": True, "fast": False}
+    assert report["tolerance_used"] == {"shipped": {"out": 0.5, "lse": 0.75}, "fast": {"out": 0.5, "lse": 0.5}}
+    assert "round 2 shipped: exact (bars used: out 0.25, lse 0.75)" in capsys.readouterr().out
+
+
 def test_kernel_ab_variant_specs():
     spec = kernel_ab.parse_variant("lazy: tree=kernels_src smem=230400 -DA=1 -DB")
     assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
