@@ -80,7 +80,7 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
     if problem.rows <= NARROW_MAX_ROWS and (problem.kv_name is None or q_name == "e4m3"):
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
-    return variants.decode_variant(problem.q_dtype_name or problem.dtype_name, problem.kv_name), plan.TILE_ROWS
+    return variants.decode_variant(q_name, problem.kv_name), plan.TILE_ROWS
 
 
 class DecodeLaunch:

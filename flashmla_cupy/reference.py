@@ -121,6 +121,12 @@ class Case:
         """The absolute lse bar of check_close for this case: LSE_ATOL_E4M3_Q for an e4m3 q, else LSE_ATOL."""
         return LSE_ATOL_E4M3_Q if self.q.dtype == _DTYPES["e4m3"] else LSE_ATOL
 
+    def check(self, out, lse, reference=None) -> dict:
+        """check_close of a kernel's `(out, lse)` for this case, with the case's own bars (its output
+        dtype, its lse_atol), against `reference` (this case's `(out, lse)` computed already) or a fresh one."""
+        ref_out, ref_lse = reference if reference is not None else self.reference()
+        return check_close(out, lse, ref_out, ref_lse, self.dtype, self.lse_atol)
+
     @property
     def fp8(self) -> bool:
         """The cache is e4m3."""

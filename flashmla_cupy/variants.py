@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from . import params
+from .plan import PAGE_SIZE
 
 # Element types of q / k_cache / out; the C++ side selects its type with the matching define.
 DTYPES = ("bf16", "fp16")
@@ -39,7 +40,6 @@ NARROW_THREADS = 160
 # 64-byte swizzled (kFp8SwizzleBytes of decode_narrow.cu, pinned likewise): the wgmma layout of FP8 rows.
 FP8_LANDING_TOKENS = 16
 NARROW_FP8_SWIZZLE_BYTES = 64
-PAGE_SIZE = 64
 # numpy / ml_dtypes spellings accepted by the lookup functions.
 _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                   "e4m3": "e4m3", "float8_e4m3fn": "e4m3", "fp8_e4m3": "e4m3"}

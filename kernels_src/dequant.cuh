@@ -200,8 +200,7 @@ constexpr int kFullArrivals = 1;  // the TMA's own arrival
 
 __host__ __device__ constexpr int landing_offset(int) { return 0; }
 
-template <class Storage>  // SharedStorage, or the narrow kernel's NarrowStorage
-__device__ __forceinline__ uint64_t* landing_barrier(Storage& smem, int buffer, int box) {
+__device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int buffer, int box) {
   return &smem.full[buffer][box];
 }
 

@@ -56,8 +56,7 @@ static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0
 // Issue the boxes `mask` of one KV page into a buffer; each box completes its own barrier, so QK^T
 // can start on the first box (an FP8 box lands as four sub-boxes inside its 16-bit box and completes
 // its "landed" barrier, for the converter: dequant.cuh). Called by one thread.
-template <class Storage>
-__device__ __forceinline__ void load_page_boxes(const TensorMap* map, Storage& smem, int buffer,
+__device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
                                                 uint32_t mask, int block, int head, uint64_t hint) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {

@@ -68,12 +68,12 @@ def first_call(framework: str, seed: int) -> dict:
     imported = time.perf_counter()
     from gpu_cases import run
 
-    from flashmla_cupy import cache, reference
+    from flashmla_cupy import cache
 
     case = random_case(seed)
     out, lse = run(case, framework)
     called = time.perf_counter()
-    errors = reference.check_close(out, lse, *case.reference(), case.dtype, case.lse_atol)
+    errors = case.check(out, lse)
     return {"framework": framework, "seed": seed, "import_seconds": round(imported - start, 2),
             "first_call_seconds": round(called - imported, 2),
             "compiled": {k.variant.name: len(k.log) for k in cache._memory.values()},   # log length: 0 = empty log
@@ -196,7 +196,7 @@ def _threads(repetitions: int) -> dict:
     from gpu_cases import to_device, to_numpy
 
     import flashmla_cupy
-    from flashmla_cupy import launch, lookup, reference
+    from flashmla_cupy import launch, lookup
 
     cases = [random_case(int.from_bytes(os.urandom(4), "little")) for _ in range(2)]
     inputs = [tuple(to_device("cupy", x) for x in (c.q, c.k_cache, c.block_table, c.cache_seqlens)) for c in cases]
@@ -236,7 +236,7 @@ def _threads(repetitions: int) -> dict:
             if first[i] is None:
                 first[i] = (out, lse)
                 try:
-                    reference.check_close(out, lse, *cases[i].reference(), cases[i].dtype, cases[i].lse_atol)
+                    cases[i].check(out, lse)
                 except AssertionError as exc:
                     failures.append(f"repetition {rep}, thread {i} against the reference: {str(exc)[:500]}")
             elif not (np.array_equal(out.view(np.uint16), first[i][0].view(np.uint16))
@@ -256,14 +256,13 @@ def devices(args) -> dict:
     from gpu_cases import to_numpy
 
     import flashmla_cupy
-    from flashmla_cupy import reference, tensors
+    from flashmla_cupy import tensors
 
     report, failures = {}, []
 
     def check(label, case, out, lse, framework):
         try:
-            errors = reference.check_close(to_numpy(framework, out, case.dtype), to_numpy(framework, lse),
-                                           *case.reference(), case.dtype, case.lse_atol)
+            errors = case.check(to_numpy(framework, out, case.dtype), to_numpy(framework, lse))
             report[label] = {"passed": True, "out_max_abs": errors["out_max_abs"]}
         except AssertionError as exc:
             report[label] = {"passed": False, "error": str(exc)[:1000]}

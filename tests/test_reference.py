@@ -209,6 +209,17 @@ def test_check_close_lse_bar_of_an_e4m3_q():
     bf16_q = reference.random_case(rng, 1, 1, 16, 1, np.array([5]), "bf16", kv_dtype="e4m3")
     assert e4m3.lse_atol == reference.LSE_ATOL_E4M3_Q
     assert bf16_q.lse_atol == reference.LSE_ATOL
+    # Case.check applies the case's own bar: one key per request, so lse is a score near 0.
+    for case, passes in ((reference.random_case(rng, 2, 1, 16, 1, np.array([1, 1]), "e4m3", kv_dtype="e4m3"), True),
+                         (reference.random_case(rng, 2, 1, 16, 1, np.array([1, 1]), "bf16", kv_dtype="e4m3"), False)):
+        ref_out, ref_lse = case.reference()
+        assert np.abs(ref_lse).max() < 1
+        shifted = ref_lse + 0.5 * reference.LSE_ATOL_E4M3_Q
+        if passes:
+            case.check(ref_out.astype(case.dtype), shifted)
+        else:
+            with pytest.raises(AssertionError, match="lse"):
+                case.check(ref_out.astype(case.dtype), shifted)
 
 
 def test_check_close_rejects_shape_mismatch():
