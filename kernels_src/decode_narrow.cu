@@ -28,7 +28,8 @@
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
 // pages are in flight or resident (two whole-page buffers would be two). A page's slots are released
-// together once its PV has completed.
+// together once its PV has completed; with an FP8 cache each slot as soon as it has been read (the rope
+// box after S^T, the value boxes once converted into registers).
 //
 // Grid (ceil(rows / kNarrowRows), heads_kv, num_parts), 160 threads, kNarrowSharedBytes of dynamic
 // shared memory. Warpgroup 0 computes; warp 4 is the loader (one lane). Per page, in one warpgroup: S^T
@@ -492,13 +493,26 @@ struct NarrowPiece {
   }
 
 #if defined(FLASHMLA_KV_E4M3)
+  // With an FP8 cache a slot goes back to the loader as soon as nothing reads it any more, which keeps
+  // more of the ring in flight: the rope box once S^T has completed; each warp's two value boxes once the
+  // warp holds them in registers (PV reads no slot: its A operand is the converted registers).
+  __device__ __forceinline__ void release_rope(uint32_t page_seq) const {
+    if (thread == 0) mbarrier_arrive(&smem.empty[RingSlot(page_seq, kBoxes - 1).slot]);
+  }
+  __device__ __forceinline__ void release_values(uint32_t page_seq) const {
+    __syncwarp();  // every lane's loads of the warp's boxes are done
+    const int lane = thread % 32;
+    if (lane < 2) mbarrier_arrive(&smem.empty[RingSlot(page_seq, 2 * (thread / 32) + lane).slot]);
+  }
+
   // One page whose S^T is in flight: its softmax and PV, with kNext the next page's S^T issued behind
-  // the PV, then the page released once its PV has completed (the PV's A fragments live in registers
-  // of this function: they are awaited here, not at the next step).
+  // the PV; its slots go back as soon as they are read. The PV is awaited here, not at the next step:
+  // its A fragments live in registers of this function.
   template <bool kNext>
   __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o) {
     cute::warpgroup_wait<0>();
     const bool bad = kFlagBadPages && smem.bad_page[page_seq % kBadPageFlags];
+    release_rope(page_seq);  // (the value boxes, still held, keep the loader 8 pages from this flag)
     if (bad || page * kPageSize + kPageSize > mask_from) {
       softmax<true>(s, page, scale_log2, o, bad);
     } else {
@@ -508,6 +522,7 @@ struct NarrowPiece {
     named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
     OutputFragments frags;
     issue_output(smem, page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
+    release_values(page_seq);
     if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
     cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
 #pragma unroll
@@ -518,7 +533,6 @@ struct NarrowPiece {
         for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frags[b][t][r]);  // live until here
       }
     }
-    release(page_seq);
   }
   static constexpr bool kReleasesItsPage = true;
 #else
