@@ -28,7 +28,7 @@ import bench_cases
 
 # Regular expressions over kernel names (ncu --kernel-name regex:...): each library's decode kernel.
 KERNELS = {"flashmla_cupy": "flashmla_decode", "FlashMLA": "flash_fwd_splitkv_mla",
-           "FlashInfer-fa3": "BatchMLAPageAttentionHopper"}
+           "FlashMLA-fp8": "flash_fwd_splitkv_mla", "FlashInfer-fa3": "BatchMLAPageAttentionHopper"}
 WARMUP_LAUNCHES = 2
 NCU_TIMEOUT_S = 300
 
