@@ -33,8 +33,9 @@ DECODE_THREADS = {None: 384, "e4m3": 384}
 # H200, docs/PERF_NOTES.md): its dynamic shared memory (kNarrowSharedBytes) per row count and its
 # threads (kNarrowThreads), pinned likewise.
 NARROW_ROWS = (16,)
-NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 228352}
-NARROW_THREADS = 160
+NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400}
+# one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
+NARROW_THREADS = {None: 160, "e4m3": 384}
 # Tokens of one TMA sub-box of an FP8 page in decode.cu (kLandingTokens of dequant.cuh, pinned
 # likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel lands an FP8 box whole,
 # 64-byte swizzled (kFp8SwizzleBytes of decode_narrow.cu, pinned likewise): the wgmma layout of FP8 rows.
@@ -74,7 +75,7 @@ class Variant:
     @property
     def threads(self) -> int:
         """Threads per decode block."""
-        return NARROW_THREADS if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
+        return NARROW_THREADS[self.kv] if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
 
     @property
     def uses_cute(self) -> bool:
@@ -107,7 +108,7 @@ class Variant:
             return pinned
         if self.program == "decode_narrow":
             pinned = {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[(self.rows, self.kv)],
-                      "flashmla::kNarrowThreads": NARROW_THREADS, "flashmla::kNarrowRows": self.rows}
+                      "flashmla::kNarrowThreads": NARROW_THREADS[self.kv], "flashmla::kNarrowRows": self.rows}
             if self.kv:
                 pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
             return pinned
