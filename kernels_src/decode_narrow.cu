@@ -444,6 +444,18 @@ struct NarrowPiece {
     named_barrier_sync(NamedBarrier(kBarrierWarpgroup0 + consumer()), kWarpgroupThreads);
   }
 
+  // O's columns (query rows) times each row slot's factor.
+  static __device__ __forceinline__ void scale_rows(OutputT& o, const float (&factor)[kRowSlots]) {
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        o.v[t][reg_of(k, 0)] *= factor[k];
+        o.v[t][reg_of(k, 1)] *= factor[k];
+      }
+    }
+  }
+
   // Scores of page `page` (in s) -> P^T in smem, the running max moved where a row's page max exceeds
   // it by more than kMaxSlack (softmax.cuh), O and the sums following it.
   template <bool kMasked>
@@ -483,16 +495,7 @@ struct NarrowPiece {
       max[k] = to;
     }
     // Every thread sees every row's max (the warps read the same values): uniform across the warpgroup.
-    if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-        for (int k = 0; k < kRowSlots; ++k) {
-          o.v[t][reg_of(k, 0)] *= factor[k];
-          o.v[t][reg_of(k, 1)] *= factor[k];
-        }
-      }
-    }
+    if (__any_sync(0xffffffffu, moved)) scale_rows(o, factor);
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       float page_sum = 0.f;
@@ -644,14 +647,7 @@ struct NarrowPiece {
       max[k] = common;
       sum[k] *= factor[k];
     }
-#pragma unroll
-    for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        o.v[t][reg_of(k, 0)] *= factor[k];
-        o.v[t][reg_of(k, 1)] *= factor[k];
-      }
-    }
+    scale_rows(o, factor);
     constexpr int kQuads = kAccumulators / 4;  // float4s of one tile
     constexpr int kTilesPerRound = 2;
     static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
