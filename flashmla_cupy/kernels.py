@@ -68,16 +68,19 @@ class CombineLaunch:
 
 
 # Query rows per KV head up to which a call goes to the narrow decode kernel (decode_narrow.cu: tokens on
-# wgmma's M, so few rows do not pay for a 64-row tile; an FP8 cache stays FP8 in shared memory there);
-# 0 sends every call to decode.cu. An FP8 cache goes there with an e4m3 q only: with a 16-bit q the
-# narrow kernel would convert K in registers, which measured slower than decode.cu on the H200.
+# wgmma's M, so few rows do not pay for a 64-row tile; an FP8 cache stays FP8 in shared memory there), for
+# a 16-bit cache and for an FP8 one; 0 sends every such call to decode.cu. An FP8 cache goes there with an
+# e4m3 q only: with a 16-bit q the narrow kernel would convert K in registers, which measured slower than
+# decode.cu on the H200.
 NARROW_MAX_ROWS = variants.NARROW_ROWS[-1]
+NARROW_FP8_MAX_ROWS = variants.NARROW_FP8_ROWS[-1]
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
     """The decode variant for a checked problem, and its query rows per CTA (the grid's x tiles)."""
     q_name = problem.q_dtype_name or problem.dtype_name
-    if problem.rows <= NARROW_MAX_ROWS and (problem.kv_name is None or q_name == "e4m3"):
+    narrow_rows = NARROW_MAX_ROWS if problem.kv_name is None else NARROW_FP8_MAX_ROWS
+    if problem.rows <= narrow_rows and (problem.kv_name is None or q_name == "e4m3"):
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
     return variants.decode_variant(q_name, problem.kv_name), plan.TILE_ROWS

@@ -33,8 +33,11 @@ DECODE_THREADS = {None: 384, "e4m3": 384}
 # H200, docs/PERF_NOTES.md): its dynamic shared memory (kNarrowSharedBytes) per row count and its
 # threads (kNarrowThreads), pinned likewise.
 NARROW_ROWS = (16,)
-NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 228352}
-NARROW_THREADS = 160
+# With an FP8 cache (and an e4m3 q) also 32 rows: two computing warpgroups of 16 rows each.
+NARROW_FP8_ROWS = (16, 32)
+NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 231424}
+# one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
+NARROW_THREADS = {None: 160, "e4m3": 384}
 # Tokens of one TMA sub-box of an FP8 page in decode.cu (kLandingTokens of dequant.cuh, pinned
 # likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel lands an FP8 box whole,
 # 64-byte swizzled (kFp8SwizzleBytes of decode_narrow.cu, pinned likewise): the wgmma layout of FP8 rows.
@@ -74,7 +77,7 @@ class Variant:
     @property
     def threads(self) -> int:
         """Threads per decode block."""
-        return NARROW_THREADS if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
+        return NARROW_THREADS[self.kv] if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
 
     @property
     def uses_cute(self) -> bool:
@@ -107,7 +110,7 @@ class Variant:
             return pinned
         if self.program == "decode_narrow":
             pinned = {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[(self.rows, self.kv)],
-                      "flashmla::kNarrowThreads": NARROW_THREADS, "flashmla::kNarrowRows": self.rows}
+                      "flashmla::kNarrowThreads": NARROW_THREADS[self.kv], "flashmla::kNarrowRows": self.rows}
             if self.kv:
                 pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
             return pinned
@@ -130,7 +133,7 @@ def all_variants() -> list[Variant]:
         [Variant("decode", dt) for dt in DTYPES]
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
-        + [Variant("decode_narrow", "e4m3", "e4m3", rows=16)]
+        + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
         + [Variant("combine", dt) for dt in DTYPES]
         + [Variant("scheduler", None), Variant("check", None)]
     )
@@ -160,9 +163,9 @@ def decode_variant(dtype, kv=None) -> Variant:
 
 def narrow_variant(dtype, rows: int, kv=None) -> Variant:
     """The narrow decode variant for q's element type, the cache's (None: q's own 16-bit type; "e4m3":
-    FP8, with an e4m3 q only, 16 rows) and up to `rows` query rows per KV head: the smallest of
-    NARROW_ROWS that holds them."""
-    sizes = (16,) if _alias(kv) == "e4m3" else NARROW_ROWS
+    FP8, with an e4m3 q only) and up to `rows` query rows per KV head: the smallest of NARROW_ROWS
+    (NARROW_FP8_ROWS for an FP8 cache) that holds them."""
+    sizes = NARROW_FP8_ROWS if _alias(kv) == "e4m3" else NARROW_ROWS
     fit = next((n for n in sizes if rows <= n), None)
     if fit is None:
         raise ValueError(f"the narrow decode kernel takes at most {sizes[-1]} query rows, not {rows}")

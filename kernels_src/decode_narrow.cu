@@ -15,15 +15,20 @@
 // so its max goes through shared memory (one warpgroup barrier a page), while its sum stays in each
 // thread until the piece ends.
 //
-// An FP8 (e4m3) cache with an e4m3 q (-DFLASHMLA_KV_E4M3 -DFLASHMLA_Q_E4M3, 16 rows) stays FP8 in
-// shared memory: 4 KB boxes landed 64-byte swizzled (the wgmma layout of FP8 rows), a ring of 50 (5.5
+// An FP8 (e4m3) cache with an e4m3 q (-DFLASHMLA_KV_E4M3 -DFLASHMLA_Q_E4M3, 16 or 32 rows) stays FP8 in
+// shared memory: 4 KB boxes landed 64-byte swizzled (the wgmma layout of FP8 rows), a ring of 50 (5.6
 // pages), no converter warpgroup. S^T runs on FP8 wgmmas straight from shared memory (Q stays e4m3
 // too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
 // registers, which each thread fills from the FP8 bytes with exact conversions to fp16 (issue_output:
 // O^T's rows are taken in an order that makes every thread's bytes contiguous); stale tokens of the
 // last page load as zeros, and a page whose block index the loader found bad makes its request's rows
 // NaN. (With a 16-bit q, K would have to be converted too, in registers: measured slower than
-// decode.cu's converter warpgroup, so those calls go there.)
+// decode.cu's converter warpgroup, so those calls go there.) Two computing warpgroups, each with its own
+// S^T, O^T, P^T and running max, so that one's softmax and V^T conversion run beside the other's
+// wgmmas: with 16 rows both take the same rows and every other page of a piece, and at the piece's end
+// warpgroup 1's O goes to warpgroup 0 through a buffer of their own; with 32 rows each takes 16 rows
+// and every page (each converts the page's V^T for itself; a slot goes back once both have read it).
+// The loader is then a warpgroup that hands its registers over (setmaxnreg).
 //
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
@@ -31,13 +36,16 @@
 // together once its PV has completed; with an FP8 cache each slot as soon as it has been read (the rope
 // box after S^T, the value boxes once converted into registers).
 //
-// Grid (ceil(rows / kNarrowRows), heads_kv, num_parts), 160 threads, kNarrowSharedBytes of dynamic
-// shared memory. Warpgroup 0 computes; warp 4 is the loader (one lane). Per page, in one warpgroup: S^T
-// of page j+1 is issued right behind PV of page j, so the tensor cores run the two back to back.
+// Grid (ceil(rows / kNarrowRows), heads_kv, num_parts), kNarrowThreads threads, kNarrowSharedBytes of
+// dynamic shared memory. 16-bit cache: 160 threads, warpgroup 0 computes, warp 4 is the loader (one
+// lane). FP8 cache: 384 threads, warpgroups 0 and 1 compute, warpgroup 2 is the loader (one lane). Per
+// page, in its warpgroup: S^T of that warpgroup's next page is issued right behind this page's PV, so the
+// tensor cores run the two back to back.
 //
 // Handshakes: per ring slot a TMA barrier ("full") and an "empty" barrier (the slot's page is done
 // with: the loader refills it); one warpgroup barrier per page (column maxima and P^T written), one
-// around each Q reload and the epilogue.
+// around each Q reload and the epilogue; with two computing warpgroups, each warpgroup's own per page,
+// and the computing threads' barrier around each round of the O merge (merge_warpgroups).
 //
 // CuTe supplies the wgmma atoms; TMA, mbarriers and descriptors are decode.cu's hand-written PTX.
 #include "decode_config.cuh"
@@ -54,15 +62,40 @@ namespace flashmla {
 #if !defined(FLASHMLA_NARROW_ROWS)
 #error "define FLASHMLA_NARROW_ROWS (16 or 32)"
 #endif
-constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
+constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
-constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
-constexpr int kNarrowQBytes = kBoxes * kNarrowBoxBytes;
-constexpr int kNarrowWarps = kWarpgroupThreads / 32;          // warps of the computing warpgroup
-constexpr int kNarrowThreads = kWarpgroupThreads + 32;        // + the loader warp
+constexpr int kNarrowWarps = kWarpgroupThreads / 32;          // warps of a computing warpgroup
+#if defined(FLASHMLA_KV_E4M3)
+// Two computing warpgroups. With 16 rows both take the same rows and every other page of a piece (their
+// O merged at the piece's end); with 32 rows each takes 16 of them and every page (nothing to merge).
+constexpr int kNarrowConsumers = 2;
+constexpr int kRowGroups = kNarrowRows / 16;
+#else
+constexpr int kNarrowConsumers = 1;
+constexpr int kRowGroups = 1;
+#endif
+constexpr int kPageGroups = kNarrowConsumers / kRowGroups;   // warpgroups on the same rows, pages in turn
+constexpr int kGroupRows = kNarrowRows / kRowGroups;         // a warpgroup's rows: N of its wgmmas
+constexpr int kPTileBytes = kGroupRows * kRowBytes;          // a warpgroup's P^T: its rows x 64 tokens
+constexpr int kConsumerThreads = kNarrowConsumers * kWarpgroupThreads;
+// + the loader: a warp, or with two computing warpgroups a whole one (decode.cu's helper warpgroup) that
+// hands its registers to them: 9 warps would leave ptxas 168 registers a thread (three warps on one SM
+// sub-partition), and the computing warpgroups need more.
+constexpr int kLoaderThreads = kNarrowConsumers > 1 ? kHelperThreads : 32;
+constexpr int kNarrowThreads = kConsumerThreads + kLoaderThreads;
+// All computing threads: the Q tile's reloads and the epilogue's exchanges.
+constexpr NamedBarrier kBarrierConsumers = kNarrowConsumers > 1 ? kBarrierCta : kBarrierWarpgroup0;
 constexpr int kValueTiles = kHeadDimV / kBoxCols;             // 8 M-tiles of O^T, one per V box
-constexpr int kRowSlots = kNarrowRows / 4;                    // query rows a thread owns
-constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers of one m64nN tile
+constexpr int kRowSlots = kGroupRows / 4;                     // query rows a thread owns
+constexpr int kAccumulators = kGroupRows / 2;                 // fp32 registers of one m64nN tile
+// Measurement hooks (scripts/kernel_ab.py -D...; PERF_NOTES has what they showed): the loader alone,
+// each page released as soon as it lands; or the computing warpgroups alone, on stale slots.
+#ifndef FLASHMLA_LOAD_ONLY
+#define FLASHMLA_LOAD_ONLY 0
+#endif
+#ifndef FLASHMLA_COMPUTE_ONLY
+#define FLASHMLA_COMPUTE_ONLY 0
+#endif
 #if defined(FLASHMLA_KV_E4M3)
 // An FP8 cache stays FP8 in shared memory: a box is 64 tokens x 64 one-byte columns, rows of 64 bytes,
 // landed by one TMA load 64-byte swizzled (16-byte chunk c of row r at chunk c ^ (r / 2 % 4)): twice the
@@ -84,8 +117,19 @@ __device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
 #else
 constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzled as TMA lands it
 #endif
+#if defined(FLASHMLA_KV_E4M3)
+constexpr int kQTileBytes = kBoxes * kNarrowRows * kBoxCols;  // e4m3 Q, 9 KB
+#else
+constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a Q box: N rows x 64 columns
+constexpr int kQTileBytes = kBoxes * kNarrowBoxBytes;
+#endif
 // The ring fills what the Q and P^T tiles leave of the 227 KB (a 1 KB margin for the small fields).
-constexpr int kRingBoxes = (227 * 1024 - 1024 - 1024 - kNarrowQBytes - kNarrowBoxBytes - 2048) / kRingBoxBytes;
+// Warpgroups taking pages in turn merge their O at a piece's end through a buffer of their own: a round
+// of two value tiles, 16 bytes per thread and float4.
+constexpr int kHandoverBytes = kPageGroups > 1 ? 2 * kAccumulators * kWarpgroupThreads * 4 : 0;
+constexpr int kRingBoxes =
+    (227 * 1024 - 1024 - 1024 - kQTileBytes - kNarrowConsumers * kPTileBytes - kHandoverBytes - 2048) /
+    kRingBoxBytes;
 #if defined(FLASHMLA_KV_E4M3)
 static_assert(kRingBoxes / kBoxes + 2 <= kBadPageFlags, "the loader stays fewer than kBadPageFlags pages ahead");
 #endif
@@ -108,14 +152,14 @@ template <> struct NarrowAtoms<16, false> {
   using Output = gmma::MMA_64x16x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::K>;
 };
 #if defined(FLASHMLA_BF16)
-using MmaScoresT = NarrowAtoms<kNarrowRows, true>::Scores;
-using MmaOutputT = NarrowAtoms<kNarrowRows, true>::Output;
+using MmaScoresT = NarrowAtoms<kGroupRows, true>::Scores;
+using MmaOutputT = NarrowAtoms<kGroupRows, true>::Output;
 #else
-using MmaScoresT = NarrowAtoms<kNarrowRows, false>::Scores;
-using MmaOutputT = NarrowAtoms<kNarrowRows, false>::Output;
+using MmaScoresT = NarrowAtoms<kGroupRows, false>::Scores;
+using MmaOutputT = NarrowAtoms<kGroupRows, false>::Output;
 #endif
 #if defined(FLASHMLA_KV_E4M3)
-static_assert(kNarrowRows == 16, "the FP8 narrow kernel is built for 16 rows");
+static_assert(kGroupRows == 16, "the FP8 narrow kernel's warpgroups take 16 rows each");
 #if !defined(FLASHMLA_Q_E4M3) || defined(FLASHMLA_BF16)
 #error "the FP8 narrow kernel takes an e4m3 q (and computes PV in fp16)"
 #endif
@@ -123,37 +167,44 @@ static_assert(kNarrowRows == 16, "the FP8 narrow kernel is built for 16 rows");
 using MmaScoresFp8 = gmma::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
 constexpr int kFp8MmaK = 32;
 constexpr int kFp8StepsPerBox = kBoxCols / kFp8MmaK;       // 2
-constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // 1 KB: 16 rows x 64 e4m3 columns
+constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // N rows x 64 e4m3 columns (1 KB a 16 rows)
 // O^T += V^T P^T with V^T from registers (fp16, converted from the FP8 bytes).
 using MmaOutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 #endif
 
 // S^T's operands as they lie in shared memory, K's ring boxes and the Q tile's boxes alike: the wgmma
 // atom, its k-steps per 64-column box (32 bytes of a row each), a Q box's bytes, a box's descriptor and
-// where 16-byte chunk c of Q row r goes.
+// where 16-byte chunk c of Q row r goes (a row group's rows start kGroupRows rows in: a whole number of
+// swizzle patterns).
 #if defined(FLASHMLA_KV_E4M3)
 using ScoresAtom = MmaScoresFp8;
 constexpr int kScoreStepsPerBox = kFp8StepsPerBox;
 constexpr int kQBoxBytes = kFp8QBoxBytes;
+constexpr int kQRowBytes = kFp8RowBytes;
 __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return fp8_k_major_desc(box); }
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 4) * kQBoxBytes + fp8_offset(r, c % 4); }
 #else
 using ScoresAtom = MmaScoresT;
 constexpr int kScoreStepsPerBox = kStepsPerBox;
 constexpr int kQBoxBytes = kNarrowBoxBytes;
+constexpr int kQRowBytes = kRowBytes;
 __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return k_major_desc(box); }
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * kQBoxBytes + swizzled_offset(r, c % 8); }
 #endif
 
 struct NarrowStorage {
-  alignas(1024) uint8_t q[kNarrowQBytes];                // Q, 9 boxes of N rows x 64 columns
+  alignas(1024) uint8_t q[kQTileBytes];                  // Q, 9 boxes of N rows x 64 columns
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
-  alignas(1024) uint8_t p[kNarrowBoxBytes];              // P^T of the current page: N rows x 64 tokens
-  float warp_max[2][kNarrowWarps][kNarrowRows];          // [page parity][warp]: each warp's column maxima
-  float warp_sum[kNarrowWarps][kNarrowRows];             // epilogue: each warp's share of the row sums
+  alignas(1024) uint8_t p[kNarrowConsumers][kPTileBytes];  // [warpgroup] P^T of its page: its rows x 64 tokens
+#if defined(FLASHMLA_KV_E4M3)
+  alignas(16) uint8_t handover[kHandoverBytes > 0 ? kHandoverBytes : 16];  // merge_warpgroups: a round at a time
+#endif
+  float warp_max[kNarrowConsumers][2][kNarrowWarps][kGroupRows];  // [warpgroup][page parity][warp]: column maxima
+  float warp_sum[kNarrowConsumers][kNarrowWarps][kGroupRows];     // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream;
 #if defined(FLASHMLA_KV_E4M3)
   int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
+  float row_max[kNarrowConsumers][kGroupRows];           // epilogue: each warpgroup's running max per row
 #endif
   alignas(8) uint64_t full[kRingBoxes];
   uint64_t empty[kRingBoxes];
@@ -210,14 +261,16 @@ __device__ __forceinline__ float column_sum(float x) {
 
 // S^T = K Q^T over the 576 columns, box by box as the page's boxes land (with an FP8 cache on FP8
 // wgmmas, K and the e4m3 Q tile as they are: nothing is converted). Committed, not awaited.
-__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
-  const SmemDesc q = box_desc(smem.q);
+__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int row_group) {
+  const SmemDesc q = box_desc(smem.q + row_group * kGroupRows * kQRowBytes);  // the warpgroup's rows of Q
   fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     const RingSlot at(page_seq, box);
+#if !FLASHMLA_COMPUTE_ONLY
     mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+#endif
     const SmemDesc k = box_desc(smem.ring[at.slot]);
 #pragma unroll
     for (int i = 0; i < kScoreStepsPerBox; ++i) {
@@ -242,9 +295,9 @@ using OutputFragments = uint32_t[2][kValueTiles][4];
 // last page (>= valid; FP8 NaN there) load as zeros. Two sets of fragments, the wgmmas of step s - 2
 // awaited before step s's are built; the last two steps' are still running when this returns (the
 // caller awaits them before `frags` go out of scope).
-__device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_seq, OutputT& o, int valid,
-                                             int thread, OutputFragments& frags) {
-  const SmemDesc p = k_major_desc(smem.p);
+__device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t* p_tile, uint32_t page_seq,
+                                             OutputT& o, int valid, int thread, OutputFragments& frags) {
+  const SmemDesc p = k_major_desc(p_tile);
   const int warp = thread / 32;
   const int lane = thread % 32;
   const int box = 2 * warp + (lane / 4) / 4;
@@ -291,7 +344,7 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 // O^T += V^T P^T: value tile t is the page's V box t read MN-major (tokens are its rows); P^T is
 // K-major (a row of 64 tokens per query row). Committed, not awaited.
 __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_seq, OutputT& o) {
-  const SmemDesc p = k_major_desc(smem.p);
+  const SmemDesc p = k_major_desc(smem.p[0]);
 #pragma unroll
   for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
   cute::warpgroup_arrive();
@@ -316,6 +369,7 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 // (decode.cu's loader does the same).
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
                                               const TensorMap* map, int kv_head, uint64_t hint) {
+  if (FLASHMLA_COMPUTE_ONLY) return;
   constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
   PageStreamOf<1>& stream = smem.stream;
   stream.start(p, part, 0);
@@ -353,7 +407,7 @@ __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStora
   constexpr int kPerChunk = 16 / sizeof(QElement);
   constexpr int kChunksPerRow = kHeadDim / kPerChunk;
   const QElement* q = static_cast<const QElement*>(p.q);
-  for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kWarpgroupThreads) {
+  for (int idx = thread; idx < kNarrowRows * kChunksPerRow; idx += kConsumerThreads) {
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
@@ -374,15 +428,15 @@ struct NarrowPiece {
   NarrowStorage& smem;
   Piece piece;
   ColumnCoords at;
-  int thread, kv_head, rows_base;
+  int thread, wg, kv_head, rows_base;  // thread: within its warpgroup; wg: which computing warpgroup
   int limit[kRowSlots];   // visible tokens of each slot's query row
   int mask_from;       // pages reaching past this token need the masked softmax
   float max[kRowSlots];   // running max per slot (scaled, base 2): the same in every thread holding the row
   float sum[kRowSlots];   // this thread's share of the row sums, relative to `max`
 
   __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
-                                         int head, int base)
-      : p(params), smem(s), piece(pc), at(t), thread(t), kv_head(head), rows_base(base) {
+                                         int group, int head, int base)
+      : p(params), smem(s), piece(pc), at(t), thread(t), wg(group), kv_head(head), rows_base(base) {
     row_limits(p, piece.seqlen, rows_base, at.row, limit);
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
@@ -392,12 +446,33 @@ struct NarrowPiece {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
 
+  // This warpgroup's index (a constant 0 with one computing warpgroup), its rows (row group) and its
+  // turn among the warpgroups sharing them (page phase), and its own barrier.
+  __device__ __forceinline__ int consumer() const { return kNarrowConsumers > 1 ? wg : 0; }
+  __device__ __forceinline__ int row_group() const { return consumer() % kRowGroups; }
+  __device__ __forceinline__ int page_phase() const { return consumer() / kRowGroups; }
+  __device__ __forceinline__ void warpgroup_sync() const {
+    named_barrier_sync(NamedBarrier(kBarrierWarpgroup0 + consumer()), kWarpgroupThreads);
+  }
+
+  // O's columns (query rows) times each row slot's factor.
+  static __device__ __forceinline__ void scale_rows(OutputT& o, const float (&factor)[kRowSlots]) {
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        o.v[t][reg_of(k, 0)] *= factor[k];
+        o.v[t][reg_of(k, 1)] *= factor[k];
+      }
+    }
+  }
+
   // Scores of page `page` (in s) -> P^T in smem, the running max moved where a row's page max exceeds
   // it by more than kMaxSlack (softmax.cuh), O and the sums following it.
   template <bool kMasked>
   __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o, bool bad) {
     const int token0 = page * kPageSize + at.m;
-    const int parity = page & 1;
+    const int parity = (page / kPageGroups) & 1;  // this warpgroup's pages alternate
     float page_max[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
@@ -414,16 +489,16 @@ struct NarrowPiece {
     const int warp = thread / 32;
     if (at.publishes()) {
 #pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) smem.warp_max[parity][warp][at.row[k]] = page_max[k];
+      for (int k = 0; k < kRowSlots; ++k) smem.warp_max[consumer()][parity][warp][at.row[k]] = page_max[k];
     }
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    warpgroup_sync();
     float factor[kRowSlots];
     bool moved = false;
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
-      float m = smem.warp_max[parity][0][at.row[k]];
+      float m = smem.warp_max[consumer()][parity][0][at.row[k]];
 #pragma unroll
-      for (int w = 1; w < kNarrowWarps; ++w) m = fmaxf(m, smem.warp_max[parity][w][at.row[k]]);
+      for (int w = 1; w < kNarrowWarps; ++w) m = fmaxf(m, smem.warp_max[consumer()][parity][w][at.row[k]]);
       const float scaled = m * scale_log2;
       const float to = scaled > max[k] + kMaxSlack ? scaled : max[k];
       factor[k] = fast_exp2(max[k] - to);
@@ -431,16 +506,7 @@ struct NarrowPiece {
       max[k] = to;
     }
     // Every thread sees every row's max (the warps read the same values): uniform across the warpgroup.
-    if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-        for (int k = 0; k < kRowSlots; ++k) {
-          o.v[t][reg_of(k, 0)] *= factor[k];
-          o.v[t][reg_of(k, 1)] *= factor[k];
-        }
-      }
-    }
+    if (__any_sync(0xffffffffu, moved)) scale_rows(o, factor);
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       float page_sum = 0.f;
@@ -459,7 +525,8 @@ struct NarrowPiece {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int token = at.m + 8 * i;
-        *reinterpret_cast<Element*>(smem.p + row * kRowBytes + (((token / 8) ^ (row & 7)) << 4) + (token % 8) * 2) =
+        *reinterpret_cast<Element*>(smem.p[consumer()] + row * kRowBytes + (((token / 8) ^ (row & 7)) << 4) +
+                                    (token % 8) * 2) =
             to_element2(s.v[reg_of(k, i)], 0.f).x;
       }
     }
@@ -486,7 +553,7 @@ struct NarrowPiece {
 
   // The page's slots are done with (its PV has completed): to the loader.
   __device__ __forceinline__ void release(uint32_t page_seq) const {
-    if (thread == 0) {
+    if (!FLASHMLA_COMPUTE_ONLY && thread == 0) {
 #pragma unroll
       for (int box = 0; box < kBoxes; ++box) mbarrier_arrive(&smem.empty[RingSlot(page_seq, box).slot]);
     }
@@ -497,14 +564,16 @@ struct NarrowPiece {
   // more of the ring in flight: the rope box once S^T has completed; each warp's two value boxes once the
   // warp holds them in registers (PV reads no slot: its A operand is the converted registers).
   __device__ __forceinline__ void release_rope(uint32_t page_seq) const {
-    if (thread == 0) mbarrier_arrive(&smem.empty[RingSlot(page_seq, kBoxes - 1).slot]);
+    if (!FLASHMLA_COMPUTE_ONLY && thread == 0) mbarrier_arrive(&smem.empty[RingSlot(page_seq, kBoxes - 1).slot]);
   }
   __device__ __forceinline__ void release_values(uint32_t page_seq) const {
     __syncwarp();  // every lane's loads of the warp's boxes are done
     const int lane = thread % 32;
-    if (lane < 2) mbarrier_arrive(&smem.empty[RingSlot(page_seq, 2 * (thread / 32) + lane).slot]);
+    if (!FLASHMLA_COMPUTE_ONLY && lane < 2) mbarrier_arrive(&smem.empty[RingSlot(page_seq, 2 * (thread / 32) + lane).slot]);
   }
+#endif
 
+#if defined(FLASHMLA_KV_E4M3)
   // One page whose S^T is in flight: its softmax and PV, with kNext the next page's S^T issued behind
   // the PV; its slots go back as soon as they are read. The PV is awaited here, not at the next step:
   // its A fragments live in registers of this function.
@@ -519,11 +588,11 @@ struct NarrowPiece {
       softmax<false>(s, page, scale_log2, o, false);
     }
     fence_generic_to_async_smem();
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    warpgroup_sync();
     OutputFragments frags;
-    issue_output(smem, page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
+    issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
     release_values(page_seq);
-    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
+    if constexpr (kNext) issue_scores(smem, page_seq + kPageGroups, s, row_group());  // its next page
     cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
@@ -534,7 +603,93 @@ struct NarrowPiece {
       }
     }
   }
-  static constexpr bool kReleasesItsPage = true;
+
+  // This warpgroup's pages of the piece: every kPageGroups-th one, from page_begin + its page phase.
+  // `page_seq` counts the pages this CTA read, and goes past the whole piece.
+  __device__ __forceinline__ void run_pages(uint32_t& page_seq, float scale_log2, OutputT& o) {
+    int page = piece.page_begin + page_phase();
+    uint32_t seq = page_seq + page_phase();
+#if FLASHMLA_LOAD_ONLY
+    // Experiment: the loader alone; each page released as soon as it has landed.
+    for (; page < piece.page_end; page += kPageGroups, seq += kPageGroups) {
+      for (int box = 0; box < kBoxes; ++box) {
+        const RingSlot at(seq, box);
+        mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+      }
+      release(seq);
+    }
+    page = piece.page_end;
+#endif
+    if (page < piece.page_end) {
+      ScoresT s;
+      issue_scores(smem, seq, s, row_group());
+      for (; page + kPageGroups < piece.page_end; page += kPageGroups, seq += kPageGroups) {
+        page_step<true>(s, page, seq, scale_log2, o);
+      }
+      page_step<false>(s, page, seq, scale_log2, o);
+    }
+    if (kPageGroups > 1 && page_phase() == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
+      // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
+      // compute-sanitizer's racecheck reports false WAR hazards in the merge below when the two
+      // warpgroups have passed different numbers of their own barriers (shown on a 60-line kernel:
+      // benchmarks/results/2026-11-30-h200-2wg-racecheck-investigation.txt).
+      warpgroup_sync();
+      warpgroup_sync();
+      __syncwarp();
+    }
+    page_seq += piece.page_end - piece.page_begin;
+  }
+
+  // Both warpgroups' pages into warpgroup 0's O, max and sums (with 16 rows; called by both before
+  // finish): each
+  // moves its O and sums to the rows' common max, then warpgroup 1 hands its O over through the
+  // handover buffer, two value tiles a round, in its register order (the two warpgroups' accumulator
+  // layouts are the same), and warpgroup 0 adds it.
+  __device__ __forceinline__ void merge_warpgroups(OutputT& o) {
+    if (thread < 32 && at.publishes()) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) smem.row_max[wg][at.row[k]] = max[k];
+    }
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    float factor[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      const float common = fmaxf(smem.row_max[0][at.row[k]], smem.row_max[1][at.row[k]]);
+      factor[k] = fast_exp2(max[k] - common);
+      max[k] = common;
+      sum[k] *= factor[k];
+    }
+    scale_rows(o, factor);
+    constexpr int kQuads = kAccumulators / 4;  // float4s of one tile
+    constexpr int kTilesPerRound = 2;
+    static_assert(kPageGroups == 1 || kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes,
+                  "a round fills the buffer");
+    constexpr int kRounds = kValueTiles / kTilesPerRound;
+    float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
+#pragma unroll
+    for (int round = 0; round < kRounds; ++round) {
+      if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
+      if (wg == 1) {
+#pragma unroll
+        for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
+          const float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
+          handover[i * kWarpgroupThreads + thread] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+      }
+      named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+      if (wg == 0) {
+#pragma unroll
+        for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
+          float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
+          const float4 other = handover[i * kWarpgroupThreads + thread];
+          v[0] += other.x;
+          v[1] += other.y;
+          v[2] += other.z;
+          v[3] += other.w;
+        }
+      }
+    }
+  }
 #else
   // One page whose S^T is in flight (behind the previous page's PV, if any): its softmax and PV, and
   // with kNext the next page's S^T issued behind that PV. `page_seq` counts the pages this CTA read.
@@ -552,11 +707,10 @@ struct NarrowPiece {
     }
     clear_stale_rows(page, page_seq);
     fence_generic_to_async_smem();
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    warpgroup_sync();
     issue_output(smem, page_seq, o);
-    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
+    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, 0);
   }
-  static constexpr bool kReleasesItsPage = false;  // the page's slots go back at the next step
 #endif
 
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
@@ -570,17 +724,20 @@ struct NarrowPiece {
     }
     if (at.publishes()) {  // warp_sum's readers of the previous piece passed the piece's first barrier
 #pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[warp][at.row[k]] = share[k];
+      for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[consumer()][warp][at.row[k]] = share[k];
     }
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
-    if (!piece.writable) return;
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    if (!piece.writable || page_phase() != 0) return;  // with 16 rows warpgroup 0 writes (its O holds both's pages)
     float inv[kRowSlots];
     float total[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       total[k] = 0.f;
 #pragma unroll
-      for (int w = 0; w < kNarrowWarps; ++w) total[k] += smem.warp_sum[w][at.row[k]];
+      for (int c = row_group(); c < kNarrowConsumers; c += kRowGroups) {  // the warpgroups on these rows
+#pragma unroll
+        for (int w = 0; w < kNarrowWarps; ++w) total[k] += smem.warp_sum[c][w][at.row[k]];
+      }
       inv[k] = total[k] == 0.f ? 0.f : out_scale / total[k];
     }
     if (warp == 0 && at.publishes()) {
@@ -667,29 +824,33 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kRingBoxes; ++slot) {
       mbarrier_init(&smem.full[slot], 1);
-      mbarrier_init(&smem.empty[slot], 1);
+      mbarrier_init(&smem.empty[slot], kRowGroups);  // each row group's warpgroup releases every page
     }
     fence_barrier_init();
   }
   __syncthreads();
 
   const int warp = __shfl_sync(0xffffffffu, threadIdx.x / 32, 0);
-  if (warp == kNarrowWarps) {
-    if (threadIdx.x % 32 == 0) narrow_loader(p, part, smem, &kv_map, kv_head, hint);
+  constexpr int kLoaderWarp = kNarrowConsumers * kNarrowWarps;
+  if (kNarrowConsumers > 1 ? warp >= kLoaderWarp : warp == kLoaderWarp) {
+    if constexpr (kNarrowConsumers > 1) release_registers();
+    if (threadIdx.x % kLoaderThreads == 0) narrow_loader(p, part, smem, &kv_map, kv_head, hint);
     return;
   }
-  const int thread = threadIdx.x;
+  if constexpr (kNarrowConsumers > 1) claim_registers();
+  const int wg = kNarrowConsumers > 1 ? warp / kNarrowWarps : 0;  // which computing warpgroup
+  const int thread = kNarrowConsumers > 1 ? int(threadIdx.x) % kWarpgroupThreads : int(threadIdx.x);
   const Descales scales = read_descales(p);  // an FP8 cache's descales folded in (dequant.cuh)
 
   uint32_t page_seq = 0;  // pages this CTA has read: where the next page's boxes lie in the ring
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);  // nobody still reads the previous Q tile
-    load_narrow_q(p, smem, request, kv_head, rows_base, thread);
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // nobody still reads the previous Q tile
+    load_narrow_q(p, smem, request, kv_head, rows_base, threadIdx.x);
     fence_generic_to_async_smem();
-    named_barrier_sync(kBarrierWarpgroup0, kWarpgroupThreads);
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
 
-    NarrowPiece c(p, smem, piece, thread, kv_head, rows_base);
+    NarrowPiece c(p, smem, piece, thread, wg, kv_head, rows_base + (wg % kRowGroups) * kGroupRows);
     OutputT o;
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) {
@@ -697,20 +858,23 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
       for (int r = 0; r < kAccumulators; ++r) o.v[t][r] = 0.f;
       fence_fragment(o.v[t]);  // zeroed here, not between the first S^T's issue and its wait (C7515)
     }
+#if defined(FLASHMLA_KV_E4M3)
+    c.run_pages(page_seq, scales.scale_log2, o);
+    if constexpr (kPageGroups > 1) c.merge_warpgroups(o);
+#else
     if (piece.page_begin < piece.page_end) {
       ScoresT s;
-      issue_scores(smem, page_seq, s, thread);
+      issue_scores(smem, page_seq, s, 0);
       int page = piece.page_begin;
       for (; page + 1 < piece.page_end; ++page, ++page_seq) {
         c.page_step<true>(s, page, page_seq, scales.scale_log2, o);
       }
       c.page_step<false>(s, page, page_seq, scales.scale_log2, o);
-      if constexpr (!NarrowPiece::kReleasesItsPage) {
-        cute::warpgroup_wait<0>();
-        c.release(page_seq);
-      }
+      cute::warpgroup_wait<0>();
+      c.release(page_seq);  // the last page's slots
       ++page_seq;
     }
+#endif
     c.finish(o, scales.out_scale);
   }
 }

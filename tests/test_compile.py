@@ -268,19 +268,22 @@ NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_na
 @pytest.mark.parametrize("variant", NARROW_VARIANTS, ids=lambda v: v.name)
 def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
     """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs; with an FP8
-    cache S^T on FP8 ones, 64 x rows x 32), its pages come through bulk tensor loads, and nothing lives
-    in local memory."""
+    cache S^T on FP8 ones, 64 x rows x 32, and each computing warpgroup takes 16 rows), its pages come
+    through bulk tensor loads, and nothing lives in local memory."""
     sass = _sass(variant, tmp_path, compiled)
-    assert f"HGMMA.64x{variant.rows}x16.F32" in sass
+    n = 16 if variant.kv == "e4m3" else variant.rows   # a warpgroup's rows
+    assert f"HGMMA.64x{n}x16.F32" in sass
     if variant.kv == "e4m3":
-        assert f"QGMMA.64x{variant.rows}x32.F32.E4M3.E4M3" in sass  # SASS names FP8 wgmmas QGMMA
+        assert f"QGMMA.64x{n}x32.F32.E4M3.E4M3" in sass  # SASS names FP8 wgmmas QGMMA
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass  # the loader's registers
     assert "HGMMA.64x64x16" not in sass and "HGMMA.64x256x16" not in sass and " HMMA" not in sass
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
 
 
 def test_narrow_kernel_takes_few_rows():
-    """Dispatch: rows <= NARROW_MAX_ROWS go to decode_narrow (16-bit or FP8 cache), the rest to decode."""
+    """Dispatch: rows <= NARROW_MAX_ROWS (16-bit cache) or NARROW_FP8_MAX_ROWS (FP8 cache, e4m3 q) go to
+    decode_narrow, the rest to decode."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -294,7 +297,9 @@ def test_narrow_kernel_takes_few_rows():
     assert pick(kernels.NARROW_MAX_ROWS) == ("decode_narrow", 16)
     assert pick(kernels.NARROW_MAX_ROWS + 1) == ("decode", 64)
     assert pick(16, kv="e4m3", q="e4m3") == ("decode_narrow", 16)
-    assert pick(17, kv="e4m3", q="e4m3")[0] == "decode"
+    assert pick(17, kv="e4m3", q="e4m3") == ("decode_narrow", 32)   # two warpgroups of 16 rows
+    assert pick(kernels.NARROW_FP8_MAX_ROWS, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
+    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3")[0] == "decode"
     assert pick(1, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q with an FP8 cache: decode.cu
     assert pick(1, kv="e4m3", q="fp16")[0] == "decode"
 

@@ -274,7 +274,7 @@ def test_few_rows_launch_the_narrow_kernel(gpu):
     flash_mla_with_kvcache(**args, stream=STREAM)
     decode, combine = gpu.driver.launches
     p = params.DecodeParams.from_buffer_copy(decode["args"][0])
-    assert decode["grid"] == (1, 2, 6) and decode["block"] == (variants.NARROW_THREADS, 1, 1)
+    assert decode["grid"] == (1, 2, 6) and decode["block"] == (variants.NARROW_THREADS[None], 1, 1)
     assert decode["shared_bytes"] == variants.NARROW_SHARED_BYTES[(16, None)]
     assert (p.rows, p.heads_per_group, p.num_parts) == (16, 16, 6)
     assert combine["function"] == fake_cuda.COMBINE_FN and combine["pdl"]

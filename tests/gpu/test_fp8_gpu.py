@@ -60,6 +60,18 @@ def test_fp8_frameworks(framework, q_dtype):
     check(case, out, lse, seed, f"fp8-{framework}-q{q_dtype}")
 
 
+@pytest.mark.parametrize("b, s_q, h_q, h_kv, causal", [(7, 2, 16, 1, True), (5, 1, 32, 1, False), (4, 2, 48, 3, True),
+                                                      (3, 1, 17, 1, False)])
+def test_fp8_e4m3_query_rows_17_to_32(b, s_q, h_q, h_kv, causal):
+    """17-32 query rows per KV head with an e4m3 q: the narrow kernel's two warpgroups of 16 rows each
+    (the second partly padding at 17 rows), causal rows of two positions split across them."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, b, s_q, h_q, h_kv, lengths(rng, "var:1:5000", b), "e4m3", causal=causal)
+    out, lse = run(case)
+    check(case, out, lse, seed, f"fp8-rows{s_q * h_q // h_kv}-b{b}-sq{s_q}-h{h_q}x{h_kv}")
+
+
 @pytest.mark.parametrize("q_dtype", ["e4m3", "fp16"])
 def test_fp8_long_requests_beside_short_and_empty_ones(q_dtype):
     seed = fresh_seed()
