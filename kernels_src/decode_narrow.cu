@@ -17,18 +17,16 @@
 //
 // An FP8 (e4m3) cache with an e4m3 q (-DFLASHMLA_KV_E4M3 -DFLASHMLA_Q_E4M3, 16 or 32 rows) stays FP8 in
 // shared memory: 4 KB boxes landed 64-byte swizzled (the wgmma layout of FP8 rows), a ring of 50 (5.6
-// pages), no converter warpgroup. S^T runs on FP8 wgmmas straight from shared memory (Q stays e4m3
-// too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
+// pages; 44 with 32 rows), no converter warpgroup. S^T runs on FP8 wgmmas straight from shared memory
+// (Q stays e4m3 too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
 // registers, which each thread fills from the FP8 bytes with exact conversions to fp16 (issue_output:
 // O^T's rows are taken in an order that makes every thread's bytes contiguous); stale tokens of the
 // last page load as zeros, and a page whose block index the loader found bad makes its request's rows
 // NaN. (With a 16-bit q, K would have to be converted too, in registers: measured slower than
-// decode.cu's converter warpgroup, so those calls go there.) Two computing warpgroups, each with its own
-// S^T, O^T, P^T and running max, so that one's softmax and V^T conversion run beside the other's
-// wgmmas: with 16 rows both take the same rows and every other page of a piece, and at the piece's end
-// warpgroup 1's O goes to warpgroup 0 through a buffer of their own; with 32 rows each takes 16 rows
-// and every page (each converts the page's V^T for itself; a slot goes back once both have read it).
-// The loader is then a warpgroup that hands its registers over (setmaxnreg).
+// decode.cu's converter warpgroup, so those calls go there.) Two computing warpgroups take every other
+// page of a piece, each with its own S^T, O^T, P^T and running max, so that one's softmax and V^T
+// conversion run beside the other's wgmmas; at the piece's end warpgroup 1's O goes to warpgroup 0
+// through a buffer of their own. The loader is then a warpgroup that hands its registers over (setmaxnreg).
 //
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
@@ -62,32 +60,34 @@ namespace flashmla {
 #if !defined(FLASHMLA_NARROW_ROWS)
 #error "define FLASHMLA_NARROW_ROWS (16 or 32)"
 #endif
-constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA
+constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
+constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
 constexpr int kNarrowWarps = kWarpgroupThreads / 32;          // warps of a computing warpgroup
 #if defined(FLASHMLA_KV_E4M3)
-// Two computing warpgroups. With 16 rows both take the same rows and every other page of a piece (their
-// O merged at the piece's end); with 32 rows each takes 16 of them and every page (nothing to merge).
+// Two computing warpgroups, each taking every row and every other page of a piece. (For 32 rows, each
+// taking 16 rows, or half the value columns, and every page measured 0.71 of FlashMLA FP8 at h32 against
+// 0.97 this way: each warpgroup then runs every page's chain of waits.)
 constexpr int kNarrowConsumers = 2;
-constexpr int kRowGroups = kNarrowRows / 16;
 #else
 constexpr int kNarrowConsumers = 1;
-constexpr int kRowGroups = 1;
 #endif
-constexpr int kPageGroups = kNarrowConsumers / kRowGroups;   // warpgroups on the same rows, pages in turn
-constexpr int kGroupRows = kNarrowRows / kRowGroups;         // a warpgroup's rows: N of its wgmmas
-constexpr int kPTileBytes = kGroupRows * kRowBytes;          // a warpgroup's P^T: its rows x 64 tokens
 constexpr int kConsumerThreads = kNarrowConsumers * kWarpgroupThreads;
 // + the loader: a warp, or with two computing warpgroups a whole one (decode.cu's helper warpgroup) that
 // hands its registers to them: 9 warps would leave ptxas 168 registers a thread (three warps on one SM
 // sub-partition), and the computing warpgroups need more.
 constexpr int kLoaderThreads = kNarrowConsumers > 1 ? kHelperThreads : 32;
 constexpr int kNarrowThreads = kConsumerThreads + kLoaderThreads;
+// Registers a thread after the hand-over: with 32 rows O^T alone takes 128 of a computing thread's, and
+// the loader (one lane issuing TMA loads) needs few.
+constexpr int kNarrowLoaderRegisters = kNarrowRows > 16 ? 24 : kHelperRegisters;
+constexpr int kNarrowConsumerRegisters = kNarrowRows > 16 ? 240 : kConsumerRegisters;
+static_assert(2 * kNarrowConsumerRegisters + kNarrowLoaderRegisters == 3 * 168, "the registers handed over add up");
 // All computing threads: the Q tile's reloads and the epilogue's exchanges.
 constexpr NamedBarrier kBarrierConsumers = kNarrowConsumers > 1 ? kBarrierCta : kBarrierWarpgroup0;
 constexpr int kValueTiles = kHeadDimV / kBoxCols;             // 8 M-tiles of O^T, one per V box
-constexpr int kRowSlots = kGroupRows / 4;                     // query rows a thread owns
-constexpr int kAccumulators = kGroupRows / 2;                 // fp32 registers of one m64nN tile
+constexpr int kRowSlots = kNarrowRows / 4;                    // query rows a thread owns
+constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers of one m64nN tile
 // Measurement hooks (scripts/kernel_ab.py -D...; PERF_NOTES has what they showed): the loader alone,
 // each page released as soon as it lands; or the computing warpgroups alone, on stale slots.
 #ifndef FLASHMLA_LOAD_ONLY
@@ -120,16 +120,21 @@ constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzle
 #if defined(FLASHMLA_KV_E4M3)
 constexpr int kQTileBytes = kBoxes * kNarrowRows * kBoxCols;  // e4m3 Q, 9 KB
 #else
-constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a Q box: N rows x 64 columns
 constexpr int kQTileBytes = kBoxes * kNarrowBoxBytes;
 #endif
-// The ring fills what the Q and P^T tiles leave of the 227 KB (a 1 KB margin for the small fields).
-// Warpgroups taking pages in turn merge their O at a piece's end through a buffer of their own: a round
-// of two value tiles, 16 bytes per thread and float4.
-constexpr int kHandoverBytes = kPageGroups > 1 ? 2 * kAccumulators * kWarpgroupThreads * 4 : 0;
-constexpr int kRingBoxes =
-    (227 * 1024 - 1024 - 1024 - kQTileBytes - kNarrowConsumers * kPTileBytes - kHandoverBytes - 2048) /
-    kRingBoxBytes;
+// The ring fills what the Q and P^T tiles, the handover buffer and the per-row fields leave of the 227 KB
+// (a 1 KB margin for the other small fields).
+#if defined(FLASHMLA_KV_E4M3)
+// Two computing warpgroups merge their O at a piece's end through a buffer of their own: a round of
+// two value tiles, 16 bytes per thread and float4.
+constexpr int kHandoverBytes = 2 * (kNarrowRows / 2) * kWarpgroupThreads * 4;
+#else
+constexpr int kHandoverBytes = 0;
+#endif
+constexpr int kRowFieldBytes = 3 * kNarrowConsumers * kNarrowWarps * kNarrowRows * 4;  // warp_max, warp_sum
+constexpr int kRingBoxes = (227 * 1024 - 1024 - kRowFieldBytes - kQTileBytes - kNarrowConsumers * kNarrowBoxBytes -
+                            kHandoverBytes - 2048) /
+                           kRingBoxBytes;
 #if defined(FLASHMLA_KV_E4M3)
 static_assert(kRingBoxes / kBoxes + 2 <= kBadPageFlags, "the loader stays fewer than kBadPageFlags pages ahead");
 #endif
@@ -152,42 +157,47 @@ template <> struct NarrowAtoms<16, false> {
   using Output = gmma::MMA_64x16x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::K>;
 };
 #if defined(FLASHMLA_BF16)
-using MmaScoresT = NarrowAtoms<kGroupRows, true>::Scores;
-using MmaOutputT = NarrowAtoms<kGroupRows, true>::Output;
+using MmaScoresT = NarrowAtoms<kNarrowRows, true>::Scores;
+using MmaOutputT = NarrowAtoms<kNarrowRows, true>::Output;
 #else
-using MmaScoresT = NarrowAtoms<kGroupRows, false>::Scores;
-using MmaOutputT = NarrowAtoms<kGroupRows, false>::Output;
+using MmaScoresT = NarrowAtoms<kNarrowRows, false>::Scores;
+using MmaOutputT = NarrowAtoms<kNarrowRows, false>::Output;
 #endif
 #if defined(FLASHMLA_KV_E4M3)
-static_assert(kGroupRows == 16, "the FP8 narrow kernel's warpgroups take 16 rows each");
 #if !defined(FLASHMLA_Q_E4M3) || defined(FLASHMLA_BF16)
 #error "the FP8 narrow kernel takes an e4m3 q (and computes PV in fp16)"
 #endif
-// S^T on FP8 wgmmas (k = 32), K and Q from shared memory.
-using MmaScoresFp8 = gmma::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
+// S^T on FP8 wgmmas (k = 32), K and Q from shared memory; O^T += V^T P^T with V^T from registers (fp16,
+// converted from the FP8 bytes).
+template <int N> struct NarrowFp8Atoms;
+template <> struct NarrowFp8Atoms<16> {
+  using Scores = gmma::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
+  using OutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
+};
+template <> struct NarrowFp8Atoms<32> {
+  using Scores = gmma::MMA_64x32x32_F32E4M3E4M3_SS_TN<>;
+  using OutputFromRegs = gmma::MMA_64x32x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
+};
+using MmaScoresFp8 = NarrowFp8Atoms<kNarrowRows>::Scores;
+using MmaOutputFromRegs = NarrowFp8Atoms<kNarrowRows>::OutputFromRegs;
 constexpr int kFp8MmaK = 32;
 constexpr int kFp8StepsPerBox = kBoxCols / kFp8MmaK;       // 2
-constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // N rows x 64 e4m3 columns (1 KB a 16 rows)
-// O^T += V^T P^T with V^T from registers (fp16, converted from the FP8 bytes).
-using MmaOutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
+constexpr int kFp8QBoxBytes = kNarrowRows * kFp8RowBytes;  // N rows x 64 e4m3 columns
 #endif
 
 // S^T's operands as they lie in shared memory, K's ring boxes and the Q tile's boxes alike: the wgmma
 // atom, its k-steps per 64-column box (32 bytes of a row each), a Q box's bytes, a box's descriptor and
-// where 16-byte chunk c of Q row r goes (a row group's rows start kGroupRows rows in: a whole number of
-// swizzle patterns).
+// where 16-byte chunk c of Q row r goes.
 #if defined(FLASHMLA_KV_E4M3)
 using ScoresAtom = MmaScoresFp8;
 constexpr int kScoreStepsPerBox = kFp8StepsPerBox;
 constexpr int kQBoxBytes = kFp8QBoxBytes;
-constexpr int kQRowBytes = kFp8RowBytes;
 __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return fp8_k_major_desc(box); }
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 4) * kQBoxBytes + fp8_offset(r, c % 4); }
 #else
 using ScoresAtom = MmaScoresT;
 constexpr int kScoreStepsPerBox = kStepsPerBox;
 constexpr int kQBoxBytes = kNarrowBoxBytes;
-constexpr int kQRowBytes = kRowBytes;
 __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return k_major_desc(box); }
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * kQBoxBytes + swizzled_offset(r, c % 8); }
 #endif
@@ -195,16 +205,16 @@ __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * k
 struct NarrowStorage {
   alignas(1024) uint8_t q[kQTileBytes];                  // Q, 9 boxes of N rows x 64 columns
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
-  alignas(1024) uint8_t p[kNarrowConsumers][kPTileBytes];  // [warpgroup] P^T of its page: its rows x 64 tokens
+  alignas(1024) uint8_t p[kNarrowConsumers][kNarrowBoxBytes];  // [warpgroup] P^T of its page: N rows x 64 tokens
 #if defined(FLASHMLA_KV_E4M3)
-  alignas(16) uint8_t handover[kHandoverBytes > 0 ? kHandoverBytes : 16];  // merge_warpgroups: a round at a time
+  alignas(16) uint8_t handover[kHandoverBytes];           // merge_warpgroups: warpgroup 1's O, a round at a time
 #endif
-  float warp_max[kNarrowConsumers][2][kNarrowWarps][kGroupRows];  // [warpgroup][page parity][warp]: column maxima
-  float warp_sum[kNarrowConsumers][kNarrowWarps][kGroupRows];     // epilogue: each warp's share of the row sums
+  float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
+  float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream;
 #if defined(FLASHMLA_KV_E4M3)
   int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
-  float row_max[kNarrowConsumers][kGroupRows];           // epilogue: each warpgroup's running max per row
+  float row_max[kNarrowConsumers][kNarrowRows];          // epilogue: each warpgroup's running max per row
 #endif
   alignas(8) uint64_t full[kRingBoxes];
   uint64_t empty[kRingBoxes];
@@ -261,8 +271,8 @@ __device__ __forceinline__ float column_sum(float x) {
 
 // S^T = K Q^T over the 576 columns, box by box as the page's boxes land (with an FP8 cache on FP8
 // wgmmas, K and the e4m3 Q tile as they are: nothing is converted). Committed, not awaited.
-__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int row_group) {
-  const SmemDesc q = box_desc(smem.q + row_group * kGroupRows * kQRowBytes);  // the warpgroup's rows of Q
+__device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
+  const SmemDesc q = box_desc(smem.q);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
@@ -285,8 +295,11 @@ __device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_
 
 
 #if defined(FLASHMLA_KV_E4M3)
-// The A fragments of PV: two sets of the eight value tiles' (issue_output).
-using OutputFragments = uint32_t[2][kValueTiles][4];
+// The A fragments of PV: two sets of the eight value tiles' (issue_output). With 32 rows O^T takes 128
+// registers a thread: one set then (each step's wgmmas awaited before the next step's fragments are
+// built; the other warpgroup's keep the tensor cores busy meanwhile).
+constexpr int kFragmentSets = kNarrowRows == 16 ? 2 : 1;
+using OutputFragments = uint32_t[kFragmentSets][kValueTiles][4];
 
 // O^T += V^T P^T with V^T from registers. The thread's rows of O^T (value columns) are taken in the
 // order that makes its 16 columns contiguous: row 16*warp + lane/4 + 8*i of tile t is value column
@@ -306,14 +319,14 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
   const int pair = 2 * (lane % 4);  // tokens pair, pair + 1, pair + 8, pair + 9 of each 16-token step
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
-    if (step >= 2) cute::warpgroup_wait<1>();
+    if (step >= kFragmentSets) cute::warpgroup_wait<kFragmentSets - 1>();
     uint4 v[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int token = step * kMmaK + pair + (k % 2) + 8 * (k / 2);
       v[k] = token < valid ? *reinterpret_cast<const uint4*>(columns + token * kFp8RowBytes) : make_uint4(0, 0, 0, 0);
     }
-    uint32_t (&a)[kValueTiles][4] = frags[step % 2];
+    uint32_t (&a)[kValueTiles][4] = frags[step % kFragmentSets];
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) {
       const uint32_t selector = t % 2 == 0 ? 0x5140u : 0x7362u;  // bytes (2t, 2t + 1) of both tokens
@@ -429,7 +442,6 @@ struct NarrowPiece {
   Piece piece;
   ColumnCoords at;
   int thread, wg, kv_head, rows_base;  // thread: within its warpgroup; wg: which computing warpgroup
-  int limit[kRowSlots];   // visible tokens of each slot's query row
   int mask_from;       // pages reaching past this token need the masked softmax
   float max[kRowSlots];   // running max per slot (scaled, base 2): the same in every thread holding the row
   float sum[kRowSlots];   // this thread's share of the row sums, relative to `max`
@@ -437,7 +449,6 @@ struct NarrowPiece {
   __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
                                          int group, int head, int base)
       : p(params), smem(s), piece(pc), at(t), thread(t), wg(group), kv_head(head), rows_base(base) {
-    row_limits(p, piece.seqlen, rows_base, at.row, limit);
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       max[k] = kInitialMax;
@@ -446,11 +457,14 @@ struct NarrowPiece {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
 
-  // This warpgroup's index (a constant 0 with one computing warpgroup), its rows (row group) and its
-  // turn among the warpgroups sharing them (page phase), and its own barrier.
+  // Visible tokens of each slot's query row: worked out where the masked softmax needs them, not held
+  // (with 32 rows the registers are short).
+  __device__ __forceinline__ void row_limits_now(int (&limit)[kRowSlots]) const {
+    row_limits(p, piece.seqlen, rows_base, at.row, limit);
+  }
+
+  // This warpgroup's index (a constant 0 with one computing warpgroup), and its own barrier.
   __device__ __forceinline__ int consumer() const { return kNarrowConsumers > 1 ? wg : 0; }
-  __device__ __forceinline__ int row_group() const { return consumer() % kRowGroups; }
-  __device__ __forceinline__ int page_phase() const { return consumer() / kRowGroups; }
   __device__ __forceinline__ void warpgroup_sync() const {
     named_barrier_sync(NamedBarrier(kBarrierWarpgroup0 + consumer()), kWarpgroupThreads);
   }
@@ -472,7 +486,9 @@ struct NarrowPiece {
   template <bool kMasked>
   __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o, bool bad) {
     const int token0 = page * kPageSize + at.m;
-    const int parity = (page / kPageGroups) & 1;  // this warpgroup's pages alternate
+    int limit[kRowSlots];
+    if (kMasked) row_limits_now(limit);
+    const int parity = (page / kNarrowConsumers) & 1;  // this warpgroup's pages alternate
     float page_max[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
@@ -592,10 +608,10 @@ struct NarrowPiece {
     OutputFragments frags;
     issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
     release_values(page_seq);
-    if constexpr (kNext) issue_scores(smem, page_seq + kPageGroups, s, row_group());  // its next page
+    if constexpr (kNext) issue_scores(smem, page_seq + kNarrowConsumers, s, thread);  // its next page
     cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
 #pragma unroll
-    for (int b = 0; b < 2; ++b) {
+    for (int b = 0; b < kFragmentSets; ++b) {
 #pragma unroll
       for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
@@ -604,14 +620,14 @@ struct NarrowPiece {
     }
   }
 
-  // This warpgroup's pages of the piece: every kPageGroups-th one, from page_begin + its page phase.
-  // `page_seq` counts the pages this CTA read, and goes past the whole piece.
+  // This warpgroup's pages of the piece: every other one, from page_begin + wg. `page_seq` counts the
+  // pages this CTA read (both warpgroups'), and goes past the whole piece.
   __device__ __forceinline__ void run_pages(uint32_t& page_seq, float scale_log2, OutputT& o) {
-    int page = piece.page_begin + page_phase();
-    uint32_t seq = page_seq + page_phase();
+    int page = piece.page_begin + wg;
+    uint32_t seq = page_seq + wg;
 #if FLASHMLA_LOAD_ONLY
     // Experiment: the loader alone; each page released as soon as it has landed.
-    for (; page < piece.page_end; page += kPageGroups, seq += kPageGroups) {
+    for (; page < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
       for (int box = 0; box < kBoxes; ++box) {
         const RingSlot at(seq, box);
         mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
@@ -622,13 +638,13 @@ struct NarrowPiece {
 #endif
     if (page < piece.page_end) {
       ScoresT s;
-      issue_scores(smem, seq, s, row_group());
-      for (; page + kPageGroups < piece.page_end; page += kPageGroups, seq += kPageGroups) {
+      issue_scores(smem, seq, s, thread);
+      for (; page + kNarrowConsumers < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
         page_step<true>(s, page, seq, scale_log2, o);
       }
       page_step<false>(s, page, seq, scale_log2, o);
     }
-    if (kPageGroups > 1 && page_phase() == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
+    if (wg == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
       // compute-sanitizer's racecheck reports false WAR hazards in the merge below when the two
       // warpgroups have passed different numbers of their own barriers (shown on a 60-line kernel:
@@ -640,8 +656,7 @@ struct NarrowPiece {
     page_seq += piece.page_end - piece.page_begin;
   }
 
-  // Both warpgroups' pages into warpgroup 0's O, max and sums (with 16 rows; called by both before
-  // finish): each
+  // Both warpgroups' pages into warpgroup 0's O, max and sums (called by both before finish): each
   // moves its O and sums to the rows' common max, then warpgroup 1 hands its O over through the
   // handover buffer, two value tiles a round, in its register order (the two warpgroups' accumulator
   // layouts are the same), and warpgroup 0 adds it.
@@ -662,8 +677,7 @@ struct NarrowPiece {
     scale_rows(o, factor);
     constexpr int kQuads = kAccumulators / 4;  // float4s of one tile
     constexpr int kTilesPerRound = 2;
-    static_assert(kPageGroups == 1 || kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes,
-                  "a round fills the buffer");
+    static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
     constexpr int kRounds = kValueTiles / kTilesPerRound;
     float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
 #pragma unroll
@@ -709,7 +723,7 @@ struct NarrowPiece {
     fence_generic_to_async_smem();
     warpgroup_sync();
     issue_output(smem, page_seq, o);
-    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, 0);
+    if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
   }
 #endif
 
@@ -727,14 +741,14 @@ struct NarrowPiece {
       for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[consumer()][warp][at.row[k]] = share[k];
     }
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
-    if (!piece.writable || page_phase() != 0) return;  // with 16 rows warpgroup 0 writes (its O holds both's pages)
+    if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
     float inv[kRowSlots];
     float total[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       total[k] = 0.f;
 #pragma unroll
-      for (int c = row_group(); c < kNarrowConsumers; c += kRowGroups) {  // the warpgroups on these rows
+      for (int c = 0; c < kNarrowConsumers; ++c) {
 #pragma unroll
         for (int w = 0; w < kNarrowWarps; ++w) total[k] += smem.warp_sum[c][w][at.row[k]];
       }
@@ -824,7 +838,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kRingBoxes; ++slot) {
       mbarrier_init(&smem.full[slot], 1);
-      mbarrier_init(&smem.empty[slot], kRowGroups);  // each row group's warpgroup releases every page
+      mbarrier_init(&smem.empty[slot], 1);
     }
     fence_barrier_init();
   }
@@ -833,11 +847,11 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   const int warp = __shfl_sync(0xffffffffu, threadIdx.x / 32, 0);
   constexpr int kLoaderWarp = kNarrowConsumers * kNarrowWarps;
   if (kNarrowConsumers > 1 ? warp >= kLoaderWarp : warp == kLoaderWarp) {
-    if constexpr (kNarrowConsumers > 1) release_registers();
+    if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
     if (threadIdx.x % kLoaderThreads == 0) narrow_loader(p, part, smem, &kv_map, kv_head, hint);
     return;
   }
-  if constexpr (kNarrowConsumers > 1) claim_registers();
+  if constexpr (kNarrowConsumers > 1) claim_registers<kNarrowConsumerRegisters>();
   const int wg = kNarrowConsumers > 1 ? warp / kNarrowWarps : 0;  // which computing warpgroup
   const int thread = kNarrowConsumers > 1 ? int(threadIdx.x) % kWarpgroupThreads : int(threadIdx.x);
   const Descales scales = read_descales(p);  // an FP8 cache's descales folded in (dequant.cuh)
@@ -850,7 +864,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
 
-    NarrowPiece c(p, smem, piece, thread, wg, kv_head, rows_base + (wg % kRowGroups) * kGroupRows);
+    NarrowPiece c(p, smem, piece, thread, wg, kv_head, rows_base);
     OutputT o;
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) {
@@ -860,11 +874,11 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     }
 #if defined(FLASHMLA_KV_E4M3)
     c.run_pages(page_seq, scales.scale_log2, o);
-    if constexpr (kPageGroups > 1) c.merge_warpgroups(o);
+    c.merge_warpgroups(o);
 #else
     if (piece.page_begin < piece.page_end) {
       ScoresT s;
-      issue_scores(smem, page_seq, s, 0);
+      issue_scores(smem, page_seq, s, thread);
       int page = piece.page_begin;
       for (; page + 1 < piece.page_end; ++page, ++page_seq) {
         c.page_step<true>(s, page, page_seq, scales.scale_log2, o);

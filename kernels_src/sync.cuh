@@ -93,11 +93,13 @@ __device__ __forceinline__ void allow_dependent_launch() {
 }
 
 // The helper warpgroup hands registers to the consumers (decode_config.cuh, kHelperRegisters).
+template <int kRegisters = kHelperRegisters>
 __device__ __forceinline__ void release_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kHelperRegisters));
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
+template <int kRegisters = kConsumerRegisters>
 __device__ __forceinline__ void claim_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
 }  // namespace flashmla

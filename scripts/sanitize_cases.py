@@ -4,7 +4,7 @@ Small on purpose (the sanitizers slow kernels down by orders of magnitude) but c
 unsplit requests, zero-length requests, a partial last page with NaN behind it, causal s_q > 1,
 h_kv > 1, two row tiles, and several requests per CTA; an FP8 (e4m3) cache with both query forms,
 whose converter warpgroup racecheck watches, and 16 and 32 rows of it with an e4m3 q (the narrow
-kernel's FP8 ring; its warpgroups taking pages in turn, or 16 rows each) (`--fp8`: those cases alone).
+kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows) (`--fp8`: those cases alone).
 Exits non-zero on a wrong result.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ FP8_CASES = [
     (3, 1, 128, 1, [700, 0, 130], False, "e4m3", "e4m3"),
     (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "bf16", "e4m3"),
     (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),   # 16 rows, e4m3 q: the narrow kernel
-    (5, 2, 16, 1, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),   # 32 rows: its two warpgroups of 16
+    (5, 2, 16, 1, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),   # 32 rows: wgmma N = 32
 ]
 
 

@@ -268,10 +268,10 @@ NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_na
 @pytest.mark.parametrize("variant", NARROW_VARIANTS, ids=lambda v: v.name)
 def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
     """The narrow kernel's products put the query rows on wgmma's N (64 x rows x 16 HGMMAs; with an FP8
-    cache S^T on FP8 ones, 64 x rows x 32, and each computing warpgroup takes 16 rows), its pages come
-    through bulk tensor loads, and nothing lives in local memory."""
+    cache S^T on FP8 ones, 64 x rows x 32), its pages come through bulk tensor loads, and nothing lives
+    in local memory."""
     sass = _sass(variant, tmp_path, compiled)
-    n = 16 if variant.kv == "e4m3" else variant.rows   # a warpgroup's rows
+    n = variant.rows
     assert f"HGMMA.64x{n}x16.F32" in sass
     if variant.kv == "e4m3":
         assert f"QGMMA.64x{n}x32.F32.E4M3.E4M3" in sass  # SASS names FP8 wgmmas QGMMA
@@ -297,7 +297,7 @@ def test_narrow_kernel_takes_few_rows():
     assert pick(kernels.NARROW_MAX_ROWS) == ("decode_narrow", 16)
     assert pick(kernels.NARROW_MAX_ROWS + 1) == ("decode", 64)
     assert pick(16, kv="e4m3", q="e4m3") == ("decode_narrow", 16)
-    assert pick(17, kv="e4m3", q="e4m3") == ("decode_narrow", 32)   # two warpgroups of 16 rows
+    assert pick(17, kv="e4m3", q="e4m3") == ("decode_narrow", 32)   # wgmma N = 32
     assert pick(kernels.NARROW_FP8_MAX_ROWS, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
     assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3")[0] == "decode"
     assert pick(1, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q with an FP8 cache: decode.cu

@@ -63,8 +63,8 @@ def test_fp8_frameworks(framework, q_dtype):
 @pytest.mark.parametrize("b, s_q, h_q, h_kv, causal", [(7, 2, 16, 1, True), (5, 1, 32, 1, False), (4, 2, 48, 3, True),
                                                       (3, 1, 17, 1, False)])
 def test_fp8_e4m3_query_rows_17_to_32(b, s_q, h_q, h_kv, causal):
-    """17-32 query rows per KV head with an e4m3 q: the narrow kernel's two warpgroups of 16 rows each
-    (the second partly padding at 17 rows), causal rows of two positions split across them."""
+    """17-32 query rows per KV head with an e4m3 q: the narrow kernel with wgmma N = 32 (partly padding
+    at 17 rows), its two warpgroups taking pages in turn, causal rows of two positions."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     case = _case(rng, b, s_q, h_q, h_kv, lengths(rng, "var:1:5000", b), "e4m3", causal=causal)
