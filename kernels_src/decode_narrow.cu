@@ -534,15 +534,24 @@ struct NarrowPiece {
       }
       sum[k] = sum[k] * factor[k] + page_sum;
     }
-    // P^T[row][token], 128-byte swizzled rows of 64 tokens.
+    // P^T[row][token], 128-byte swizzled rows of 64 tokens. A slot's row is 8 (k / 2) + at.row[k % 2],
+    // so its swizzle phase (row & 7) is that of slot k % 2: four offsets serve every slot, the rest
+    // are constants (with 32 rows, sixteen addresses held through the pages would spill).
+    uint8_t* const tile = smem.p[consumer()];
+    int offset[2][2];
 #pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      const int row = at.row[k];
+    for (int c = 0; c < 2; ++c) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int token = at.m + 8 * i;
-        *reinterpret_cast<Element*>(smem.p[consumer()] + row * kRowBytes + (((token / 8) ^ (row & 7)) << 4) +
-                                    (token % 8) * 2) =
+        offset[c][i] = at.row[c] * kRowBytes + (((token / 8) ^ (at.row[c] & 7)) << 4) + (token % 8) * 2;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        *reinterpret_cast<Element*>(tile + offset[k % 2][i] + 8 * (k / 2) * kRowBytes) =
             to_element2(s.v[reg_of(k, i)], 0.f).x;
       }
     }
@@ -742,29 +751,19 @@ struct NarrowPiece {
     }
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
     if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
-    float inv[kRowSlots];
-    float total[kRowSlots];
-#pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      total[k] = 0.f;
-#pragma unroll
-      for (int c = 0; c < kNarrowConsumers; ++c) {
-#pragma unroll
-        for (int w = 0; w < kNarrowWarps; ++w) total[k] += smem.warp_sum[c][w][at.row[k]];
-      }
-      inv[k] = total[k] == 0.f ? 0.f : out_scale / total[k];
-    }
-    if (warp == 0 && at.publishes()) {
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        const int row = rows_base + at.row[k];
-        if (row < p.rows) store_row_lse(p, piece, kv_head, row, max[k], total[k]);
-      }
-    }
+    // A row at a time, its sum and lse included: with 32 rows O alone takes 128 registers.
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       const int row = rows_base + at.row[k];
       if (row >= p.rows) continue;
+      float total = 0.f;
+#pragma unroll
+      for (int c = 0; c < kNarrowConsumers; ++c) {
+#pragma unroll
+        for (int w = 0; w < kNarrowWarps; ++w) total += smem.warp_sum[c][w][at.row[k]];
+      }
+      const float inv = total == 0.f ? 0.f : out_scale / total;
+      if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
 #if defined(FLASHMLA_KV_E4M3)
       // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
       const int first = 128 * warp + 16 * ((thread % 32) / 4);
@@ -772,7 +771,7 @@ struct NarrowPiece {
 #pragma unroll
       for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv[k];
+        for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv;
       }
       if (piece.split) {
         float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
@@ -800,7 +799,7 @@ struct NarrowPiece {
 #pragma unroll
         for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = o.v[t][reg_of(k, i)] * inv[k];
+          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = o.v[t][reg_of(k, i)] * inv;
         }
       } else {
         const PackedQuery query = packed_query(p, kv_head, row);
@@ -809,7 +808,7 @@ struct NarrowPiece {
 #pragma unroll
         for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = to_out_element2(o.v[t][reg_of(k, i)] * inv[k], 0.f).x;
+          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = to_out_element2(o.v[t][reg_of(k, i)] * inv, 0.f).x;
         }
       }
 #endif
