@@ -1,5 +1,7 @@
 """The decode benchmark: flashmla_cupy beside FlashMLA (sgl-flash-mla's dense legacy kernel) and FlashInfer
-(its fa3 MLA backend), on issue 7's table and docs/API.md section 7's standard matrix, bf16 and fp16.
+(its fa3 MLA backend), on issue 7's table and docs/API.md section 7's standard matrix, bf16 and fp16; and
+fp8 (e4m3 q and cache, per-tensor descales) beside sgl-flash-mla's dense FP8 kernel and FlashInfer's fa3
+MLA with an FP8 cache (a bf16 query there, holding q's e4m3 values).
 
 Runs on a Hopper GPU with torch. Every library gets the same torch inputs (page 64, shuffled pages,
 random data). Per case, our output comes first; each peer's output is checked against it before the
@@ -137,7 +139,9 @@ def flashmla_fp8(torch, case: Case, x: Inputs):
         is_fp8_kvcache=True, use_legacy=True, descale_q=x.descale_q, descale_k=x.descale_k)[0]
 
 
-def flashinfer_fa3(torch, case: Case, x: Inputs):
+def _flashinfer_mla(torch, case: Case, x: Inputs, q, sm_scale: float, kv_scale: float | None):
+    """FlashInfer's FA3 MLA wrapper over our inputs (page table as CSR); with `kv_scale` the cache is FP8
+    with that per-tensor scale for its latent part (K and V) and its rope part."""
     import flashinfer
 
     if case.heads_kv != 1:
@@ -153,18 +157,32 @@ def flashinfer_fa3(torch, case: Case, x: Inputs):
     qo_indptr = torch.arange(0, b + 1, dtype=torch.int32, device="cuda") * s_q
     ckv = x.k_cache[:, :, 0, :HEAD_DIM_V]
     kpe = x.k_cache[:, :, 0, HEAD_DIM_V:]
-    q_nope = x.q[..., :HEAD_DIM_V].reshape(b * s_q, h_q, HEAD_DIM_V)
-    q_pe = x.q[..., HEAD_DIM_V:].reshape(b * s_q, h_q, HEAD_DIM - HEAD_DIM_V)
+    q_nope = q[..., :HEAD_DIM_V].reshape(b * s_q, h_q, HEAD_DIM_V)
+    q_pe = q[..., HEAD_DIM_V:].reshape(b * s_q, h_q, HEAD_DIM - HEAD_DIM_V)
+    scales = {} if kv_scale is None else {"ckv_scale": kv_scale, "kpe_scale": kv_scale}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapper.plan(qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices, kv_len_arr=x.seqlens,
                      num_heads=h_q, head_dim_ckv=HEAD_DIM_V, head_dim_kpe=HEAD_DIM - HEAD_DIM_V, page_size=PAGE,
-                     causal=case.causal, sm_scale=SCALE, q_data_type=x.q.dtype, kv_data_type=x.k_cache.dtype)
+                     causal=case.causal, sm_scale=sm_scale, q_data_type=q.dtype, kv_data_type=x.k_cache.dtype)
 
         def fn():
-            return wrapper.run(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv, kpe_cache=kpe)
+            return wrapper.run(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv, kpe_cache=kpe, **scales)
         fn()  # the first run builds (JIT) and loads the kernel
     return fn
+
+
+def flashinfer_fa3(torch, case: Case, x: Inputs):
+    return _flashinfer_mla(torch, case, x, x.q, SCALE, None)
+
+
+def flashinfer_fa3_fp8(torch, case: Case, x: Inputs):
+    """FlashInfer's FA3 MLA with an FP8 cache (Hopper). Its query must be bf16: q's e4m3 values go in as
+    bf16 (exact), descale_q folded into the softmax scale and descale_k as the cache's per-tensor
+    scales, which is the arithmetic of our e4m3-q form; the conversion is not timed."""
+    q = x.q.to(torch.bfloat16)
+    descale_q, descale_k = float(x.descale_q.item()), float(x.descale_k.item())
+    return _flashinfer_mla(torch, case, x, q, SCALE * descale_q, descale_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +199,7 @@ LIBRARIES = (
     Library("FlashMLA", flashmla, "flash_mla", "sgl-flash-mla"),
     Library("FlashMLA-fp8", flashmla_fp8, "flash_mla", "sgl-flash-mla", frozenset({"fp8"})),
     Library("FlashInfer-fa3", flashinfer_fa3, "flashinfer", "flashinfer-python"),
+    Library("FlashInfer-fa3-fp8", flashinfer_fa3_fp8, "flashinfer", "flashinfer-python", frozenset({"fp8"})),
 )
 
 
