@@ -416,3 +416,25 @@ def test_reports_keep_the_mark_of_a_modified_tree():
     assert bench_report.short_commit("0123456789abcdef") == "0123456"
     assert bench_report.short_commit("0123456789abcdef-modified") == "0123456-modified"
     assert bench_report.short_commit(None) == "None"
+
+
+def test_bench_trees_summarises_each_trees_rounds(tmp_path):
+    """bench_trees.sh with no rounds to run: the medians of each tree's recorded rounds, per case, and
+    each tree's time over the first's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    trees = [tmp_path / "a", tmp_path / "b"]
+    for tree in trees:
+        tree.mkdir()
+
+    def report(us):
+        return {"results": [{"dtype": "fp8", "id": "b128-q1-h16-4096",
+                             "libraries": {"flashmla_cupy": {"graph": {"us": us}}}}]}
+    for name, rounds in (("t1-a", (100.0, 102.0, 104.0)), ("t2-b", (90.0, 91.0, 80.0))):
+        for i, us in enumerate(rounds, 1):
+            (out / f"{name}-{i}.json").write_text(json.dumps(report(us)))
+    run = subprocess.run(["bash", str(REPO / "scripts/bench_trees.sh"), str(out), "0", "", *map(str, trees)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr
+    assert "fp8 b128-q1-h16-4096: 102.0 | 90.0 | 0.882" in run.stdout
+    assert (out / "trees.tgz").exists()
