@@ -112,11 +112,16 @@ def test_fp8_descales_are_read_on_the_device():
         check(moved, to_numpy("cupy", out, moved.dtype), cupy.asnumpy(lse), seed, f"fp8-descale-x{factor}")
 
 
-def test_fp8_poisoned_page_gives_nan_rows():
-    """A used page whose block index is outside the cache poisons its request's rows, as with bf16."""
+@pytest.mark.parametrize("q_dtype,s_q,h_q", [("bf16", 1, 16),    # decode.cu, every page converted
+                                             ("e4m3", 1, 16),    # the narrow kernel, 16 rows
+                                             ("e4m3", 2, 16),    # the narrow kernel, 32 rows
+                                             ("e4m3", 1, 128)])  # decode.cu with an e4m3 q
+def test_fp8_poisoned_page_gives_nan_rows(q_dtype, s_q, h_q):
+    """A used page whose block index is outside the cache poisons its request's rows, as with bf16: the
+    FP8 tensor map fills it with zeros, so each kernel flags the index itself."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    case = _case(rng, 3, 1, 16, 1, np.array([200, 300, 100]), "bf16")
+    case = _case(rng, 3, s_q, h_q, 1, np.array([200, 300, 100]), q_dtype)
     case.block_table[1, 2] = case.k_cache.shape[0] + 5
     out, lse = run(case)
     assert np.isnan(out[1].astype(np.float32)).all() and np.isnan(lse[1]).all()
