@@ -457,12 +457,6 @@ struct NarrowPiece {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
 
-  // Visible tokens of each slot's query row: worked out where the masked softmax needs them, not held
-  // (with 32 rows the registers are short).
-  __device__ __forceinline__ void row_limits_now(int (&limit)[kRowSlots]) const {
-    row_limits(p, piece.seqlen, rows_base, at.row, limit);
-  }
-
   // This warpgroup's index (a constant 0 with one computing warpgroup), and its own barrier.
   __device__ __forceinline__ int consumer() const { return kNarrowConsumers > 1 ? wg : 0; }
   __device__ __forceinline__ void warpgroup_sync() const {
@@ -486,8 +480,10 @@ struct NarrowPiece {
   template <bool kMasked>
   __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o, bool bad) {
     const int token0 = page * kPageSize + at.m;
+    // Visible tokens of each slot's query row, worked out only where masking needs them: held through
+    // the pages they would cost registers (with 32 rows O^T alone takes 128).
     int limit[kRowSlots];
-    if (kMasked) row_limits_now(limit);
+    if (kMasked) row_limits(p, piece.seqlen, rows_base, at.row, limit);
     const int parity = (page / kNarrowConsumers) & 1;  // this warpgroup's pages alternate
     float page_max[kRowSlots];
 #pragma unroll

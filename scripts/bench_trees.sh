@@ -9,25 +9,18 @@
 #   e.g. git archive main | tar -x -C .scratch/main    (a tree: flashmla_cupy/, kernels_src/, scripts/)
 #        bash scripts/bench_trees.sh /tmp/ab 2 "--dtype fp8 --cases issue" .scratch/main .
 #
-# The carried wheels (.whl/, .peerwheels/) of the repository this script is in are installed first, as
-# in gpu_check.sh; BENCH ARGS may say --only to leave the peers out. Results: OUT/<tree>-<round>.json
-# (bench.py's; <tree> is t<position>-<directory>) and the printed table; OUT/trees.tgz bundles them
-# (the device returns few files).
+# The carried wheels (.whl/, .peerwheels/) of the repository this script is in are installed first
+# (carried.sh, as for gpu_check.sh); BENCH ARGS may say --only to leave the peers out. Results:
+# OUT/<tree>-<round>.json (bench.py's; <tree> is t<position>-<directory>) and the printed table;
+# OUT/trees.tgz bundles them (the device returns few files).
 set -uo pipefail
 OUT=$1; ROUNDS=$2; ARGS=$3; shift 3
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=$(command -v "${PYTHON:-python3}") || exit 1
 [[ $PY == /* ]] || PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # the trees run from their own directories
-SITE=${GPU_CHECK_SITE:-/tmp/fmla_site}
-EXTRA=
-if ls "$HERE"/.whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$HERE"/.whl/*.whl
-  EXTRA=$SITE
-fi
-if ls "$HERE"/.peerwheels/*.tar.xz >/dev/null 2>&1; then
-  mkdir -p "$SITE-peers" && for f in "$HERE"/.peerwheels/*.tar.xz; do tar -C "$SITE-peers" -xJf "$f"; done
-  EXTRA=${EXTRA:+$EXTRA:}$SITE-peers
-fi
+source "$HERE/scripts/carried.sh"
+carry_wheels "$HERE" "$PY"
+EXTRA=$CARRIED_SITE${CARRIED_PEERS:+${CARRIED_SITE:+:}$CARRIED_PEERS}
 mkdir -p "$OUT"
 names=()  # t1-<dir>, t2-<dir>, ...: two trees may share a directory name
 i=0

@@ -32,7 +32,7 @@
 # H200; split the parts over several commands where a command may run 10 minutes at most.
 #
 # Carried wheels in .whl/ (nvidia-cutlass) and peer tarballs in .peerwheels/ (made by
-# scripts/peer_wheels.sh) are installed into temp dirs first when present.
+# scripts/peer_wheels.sh) are installed into temp dirs first when present (scripts/carried.sh).
 set -uo pipefail
 MODE=${1:-full}
 cd "$(dirname "$0")/.."
@@ -41,17 +41,10 @@ LOGS=$(mktemp -d)  # plain-text step outputs: they are in the printed log alread
 export PYTHONUNBUFFERED=1
 export FLASHMLA_CUPY_CACHE_DIR=${FLASHMLA_CUPY_CACHE_DIR:-/tmp/flashmla_cupy_cache}
 PY=${PYTHON:-python3}
-EXTRA=$PWD
-# Where the carried wheels are unpacked; give concurrent checks (one per GPU) their own.
-SITE=${GPU_CHECK_SITE:-/tmp/fmla_site}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-  EXTRA=$EXTRA:$SITE
-fi
-if ls .peerwheels/*.tar.xz >/dev/null 2>&1; then
-  mkdir -p "$SITE-peers" && for f in .peerwheels/*.tar.xz; do tar -C "$SITE-peers" -xJf "$f"; done
-  PEERS=$SITE-peers
-fi
+source scripts/carried.sh
+carry_wheels "$PWD" "$PY"
+EXTRA=$PWD${CARRIED_SITE:+:$CARRIED_SITE}
+PEERS=$CARRIED_PEERS
 export PYTHONPATH=$EXTRA${PYTHONPATH:+:$PYTHONPATH}
 status=0
 step() { echo; echo "=== $1"; }
