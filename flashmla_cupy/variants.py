@@ -38,9 +38,10 @@ NARROW_FP8_ROWS = (16, 32)
 NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 228352}
 # one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
 NARROW_THREADS = {None: 160, "e4m3": 384}
-# Tokens of one TMA sub-box of an FP8 page in decode.cu (kLandingTokens of dequant.cuh, pinned
-# likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel lands an FP8 box whole,
-# 64-byte swizzled (kFp8SwizzleBytes of decode_narrow.cu, pinned likewise): the wgmma layout of FP8 rows.
+# Tokens of one TMA sub-box of an FP8 page in decode.cu with a 16-bit q (kLandingTokens of dequant.cuh,
+# pinned likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel, and decode.cu with
+# an e4m3 q, land an FP8 box whole, 64-byte swizzled (kFp8SwizzleBytes of decode_config.cuh, pinned
+# likewise): the wgmma layout of FP8 rows (Variant.fp8_boxes).
 FP8_LANDING_TOKENS = 16
 NARROW_FP8_SWIZZLE_BYTES = 64
 # numpy / ml_dtypes spellings accepted by the lookup functions.
@@ -92,11 +93,17 @@ class Variant:
         return DECODE_SHARED_BYTES if self.program == "decode" else 0
 
     @property
+    def fp8_boxes(self) -> bool:
+        """An FP8 cache landed as whole 64-byte-swizzled boxes for FP8 QK^T: the narrow kernel's, and
+        decode.cu's with an e4m3 q (dequant.cuh)."""
+        return self.kv == "e4m3" and (self.program == "decode_narrow" or self.dtype == "e4m3")
+
+    @property
     def kv_box(self) -> tuple[int, int]:
         """How a decode variant's TMA lands k_cache: (tokens per box, swizzle bytes; 0: none)."""
         if self.kv is None:
             return PAGE_SIZE, 128
-        if self.program == "decode_narrow":
+        if self.fp8_boxes:
             return PAGE_SIZE, NARROW_FP8_SWIZZLE_BYTES
         return FP8_LANDING_TOKENS, 0
 
@@ -106,7 +113,9 @@ class Variant:
         if self.program == "decode":
             pinned = {"flashmla::kSharedBytes": DECODE_SHARED_BYTES, "flashmla::kLaunchThreads": self.threads}
             if self.kv:
-                pinned["flashmla::kLandingTokens"] = FP8_LANDING_TOKENS
+                pinned["flashmla::kLandingTokens"] = self.kv_box[0]
+            if self.fp8_boxes:
+                pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
             return pinned
         if self.program == "decode_narrow":
             pinned = {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[(self.rows, self.kv)],

@@ -3,8 +3,9 @@
 // Grid (ceil(rows / 64), heads_kv, num_parts), 384 threads, kSharedBytes of dynamic shared memory: the
 // Q tile and two 72 KB page buffers, A and B (V is the first 512 columns of K). Two consumer warpgroups
 // run the main loop below; a helper warpgroup feeds them: with a 16-bit cache it issues the page loads
-// (loader_warp), with an FP8 cache (-DFLASHMLA_KV_E4M3) it dequantises each page in place before the
-// consumers read it (dequant.cuh) and the consumers issue their own loads; the main loop is the same.
+// (loader_warp), with an FP8 cache (-DFLASHMLA_KV_E4M3) it dequantises each page in place (dequant.cuh)
+// and the consumers issue their own loads; the main loop is the same. (With an e4m3 q too, QK^T runs on
+// FP8 wgmmas from the landed page and only V is dequantised, once the page is scored: issue_scores.)
 //
 // Schedule ("seesaw"): the pages of a piece go in pairs (a, b). Warpgroup 0 scores page a, warpgroup 1
 // page b; each keeps one half of O (256 columns) and multiplies both pages' P into it. Per pair:
@@ -119,6 +120,25 @@ struct Producer {
   }
 };
 
+// S = Q K^T of the page in `buffer`: with an e4m3 q and cache on FP8 wgmmas straight from the landed FP8
+// page (dequant.cuh), else from the 16-bit boxes. Committed, not awaited.
+__device__ __forceinline__ void issue_scores(SharedStorage& smem, int buffer, int phase, ScoreTile& s) {
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+  issue_qk_fp8(smem.q, smem.kv[buffer], smem.landed[buffer], phase, s);
+#else
+  issue_qk(smem.q, smem.kv[buffer], smem.full[buffer], phase, s);
+#endif
+}
+
+// The page in `buffer` has been scored (this warp's wait for its QK^T has returned): with FP8 scores
+// the converter may now overwrite its FP8 V in place (one arrival per warp).
+__device__ __forceinline__ void mark_scored(SharedStorage& smem, int buffer, int thread) {
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+  __syncwarp();
+  if (thread % 32 == 0) mbarrier_arrive(&smem.scored[buffer]);
+#endif
+}
+
 // What both warpgroups need to process the pages of one piece.
 struct PieceContext {
   const DecodeParams& p;
@@ -204,6 +224,7 @@ struct PieceContext {
   __device__ __forceinline__ void own_page_pv(Producer& producer, const ProbFragment& prob, int page, int buffer,
                                               int half, NamedBarrier own, const MaxMove& move, OutputHalf& o,
                                               int (&uses)[kPageBuffers]) const {
+    if constexpr (kFp8Scores) see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);  // V converted
     clear_stale_rows(page, buffer, half, own);
     move.rescale(o);
     issue_pv_from_regs(prob, smem.kv[buffer], half, o);
@@ -234,7 +255,8 @@ struct PieceContext {
   }
 
   // Wait (again) for boxes this warpgroup did not score itself: the TMA data is complete already,
-  // the wait makes it visible to this warpgroup.
+  // the wait makes it visible to this warpgroup. (With FP8 scores, the V boxes of any page: their
+  // conversion follows the page's QK^T.)
   __device__ __forceinline__ void see_boxes(int buffer, int first_box, int phase) const {
 #pragma unroll
     for (int box = first_box; box < first_box + kBoxesPerHalf; ++box) {
@@ -288,10 +310,11 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   SharedStorage& smem = c.smem;
   ScoreTile s;
   trace.mark(kMarkPairStart);
-  issue_qk(smem.q, smem.kv[kBufferA], smem.full[kBufferA], uses[kBufferA] & 1, s);
+  issue_scores(smem, kBufferA, uses[kBufferA] & 1, s);
   trace.mark(kMarkScoresIssued);
   const PageMask mask = c.mask_of(page_a, kBufferA);
   cute::warpgroup_wait<0>();
+  mark_scored(smem, kBufferA, c.thread);
   trace.mark(kMarkScoresIn);
 
   float max_a[2];
@@ -328,7 +351,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   PageMask mask_b;
   trace.mark(kMarkPairStart);
   if constexpr (kHasB) {
-    issue_qk(smem.q, smem.kv[kBufferB], smem.full[kBufferB], uses[kBufferB] & 1, s);
+    issue_scores(smem, kBufferB, uses[kBufferB] & 1, s);
     trace.mark(kMarkScoresIssued);
     mask_b = c.mask_of(page_a + 1, kBufferB);
   }
@@ -346,6 +369,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
+    mark_scored(smem, kBufferB, c.thread);
     trace.mark(kMarkScoresIn);
     float max_b[2];
     ProbFragment prob;
@@ -420,6 +444,9 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       }
       mbarrier_init(&smem.empty[buffer][0], 1);
       mbarrier_init(&smem.empty[buffer][1], 1);
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+      mbarrier_init(&smem.scored[buffer], kScoredArrivals);
+#endif
     }
     fence_barrier_init();
   }

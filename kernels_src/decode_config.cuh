@@ -28,6 +28,16 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
   return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
 }
 
+// An FP8 (e4m3) box of the same 64 x 64 values: rows of 64 bytes, 64-byte swizzled as TMA lands it (16-byte
+// chunk c of row r at chunk c ^ (r / 2 % 4)), which is the K-major wgmma layout of FP8 rows.
+constexpr int kFp8RowBytes = kBoxCols;                     // 64
+constexpr int kFp8BoxBytes = kPageSize * kFp8RowBytes;     // 4 KB
+constexpr int kFp8SwizzleBytes = 64;                       // the tensor map's swizzle (variants.py pins it)
+constexpr int kFp8SwizzleAtomBytes = 8 * kFp8RowBytes;     // 8 rows x 64 B: one swizzle pattern
+__device__ __forceinline__ int fp8_offset(int row, int chunk) {
+  return row * kFp8RowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
 constexpr int kWarpgroupThreads = 128;
 constexpr int kThreads = 2 * kWarpgroupThreads;  // the two consumer warpgroups of the main loop
 // A third warpgroup helps them: with a 16-bit cache it issues the page loads (the loader, decode.cu),

@@ -100,20 +100,8 @@ constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers 
 // An FP8 cache stays FP8 in shared memory: a box is 64 tokens x 64 one-byte columns, rows of 64 bytes,
 // landed by one TMA load 64-byte swizzled (16-byte chunk c of row r at chunk c ^ (r / 2 % 4)): twice the
 // pages in flight of a 16-bit cache.
-constexpr int kRingBoxBytes = kPageSize * kBoxCols;       // 4 KB
-constexpr int kFp8RowBytes = kBoxCols;                     // 64
-constexpr int kFp8SwizzleBytes = 64;                       // the tensor map's swizzle (variants.py pins it)
-constexpr int kFp8SwizzleAtomBytes = 8 * kFp8RowBytes;     // 8 rows x 64 B: one swizzle pattern
+constexpr int kRingBoxBytes = kFp8BoxBytes;               // 4 KB (decode_config.cuh: the FP8 box layout)
 constexpr int kBadPageFlags = 8;                           // a ring of page flags; the loader is < 8 pages ahead
-__device__ __forceinline__ int fp8_offset(int row, int chunk) {
-  return row * kFp8RowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
-}
-// A K-major operand of 64-byte swizzled FP8 rows (a ring box, or a box of the e4m3 Q tile).
-__device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
-  SmemDesc d(tile, 16, kFp8SwizzleAtomBytes);
-  d.base = (d.base & ~(3ull << 62)) | (2ull << 62);  // layout type 2: 64-byte swizzle
-  return d;
-}
 #else
 constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzled as TMA lands it
 #endif

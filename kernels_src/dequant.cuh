@@ -93,8 +93,82 @@ __device__ __forceinline__ uint4 load_q_chunk(const uint8_t* src) {
   return e4m3x8_to_chunk(*reinterpret_cast<const uint2*>(src));
 }
 
-#if defined(FLASHMLA_KV_E4M3)
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
 
+// With an e4m3 q (decode.cu; not yet measured on a GPU) QK^T runs on FP8 wgmmas straight from the
+// landed page, as in decode_narrow.cu, and only V is converted, after that QK^T:
+// - box k of a page lands whole (64 tokens x 64 bytes, 64-byte swizzled: decode_config.cuh's FP8 box) in
+//   the upper half of its 16-bit box, completing its "landed" barrier; the Q tile is e4m3 in the same
+//   layout (load_q_tile). The warpgroup scoring the page waits on "landed" and, once its QK^T has
+//   completed, arrives on the buffer's "scored" barrier (one arrival per warp).
+// - the converter waits on "scored", then turns each V box (0..7) into 16-bit rows in place: every
+//   thread reads its two 16-byte chunks of the FP8 box, the converter warpgroup passes a barrier (the
+//   16-bit rows 32..63 overwrite FP8 bytes other threads read), then writes them converted, fences and
+//   arrives on the box's "full" barrier, which PV waits on. The rope box is not converted: its QK^T is
+//   its only use, and then it carries P as for a 16-bit cache.
+// So the conversion runs beside the softmax, not between the load and QK^T, and QK^T costs half.
+constexpr bool kFp8Scores = true;
+constexpr int kLandingsPerBox = 1;
+constexpr int kLandingTokens = kPageSize;
+constexpr int kLandingBytes = kFp8BoxBytes;
+constexpr int kFullArrivals = kHelperThreads;  // a V box is full once every converter thread wrote
+constexpr int kScoredArrivals = kWarpgroupThreads / 32;
+
+__host__ __device__ constexpr int landing_offset(int) { return kBoxBytes / 2; }
+
+__device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int buffer, int box) {
+  return &smem.landed[buffer][box];
+}
+
+// One V box of a page, FP8 in its upper half, into 16-bit rows over the whole box. FP8 chunk c (16
+// bytes: row c / 4, columns 16 (c % 4) ..) becomes the 16-bit chunks 2 (c % 4) and 2 (c % 4) + 1 of its
+// row. A warp reads 512 contiguous bytes and writes four chunks of each of 8 rows: no bank conflicts.
+__device__ __forceinline__ void convert_box_in_place(uint8_t* box, int thread) {
+  constexpr int kChunks = kFp8BoxBytes / 16 / kHelperThreads;  // 2 a thread
+  const uint8_t* fp8 = box + kBoxBytes / 2;
+  uint4 raw[kChunks];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int chunk = thread + kHelperThreads * i;
+    raw[i] = *reinterpret_cast<const uint4*>(fp8 + fp8_offset(chunk / 4, chunk % 4));
+  }
+  named_barrier_sync(kBarrierConverter, kHelperThreads);  // every FP8 byte read before any is overwritten
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int chunk = thread + kHelperThreads * i;
+    const int row = chunk / 4;
+    const int first = 2 * (chunk % 4);
+    *reinterpret_cast<uint4*>(box + swizzled_offset(row, first)) = e4m3x8_to_chunk(make_uint2(raw[i].x, raw[i].y));
+    *reinterpret_cast<uint4*>(box + swizzled_offset(row, first + 1)) = e4m3x8_to_chunk(make_uint2(raw[i].z, raw[i].w));
+  }
+}
+
+// The converter's whole work: the V boxes of every page of the part, in the loaders' order, each page
+// once its QK^T is done.
+__device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
+                                             int thread) {
+  uint32_t phases = 0;  // bit b: parity of buffer b's barriers (a bit mask: see below)
+  for (int request = part.begin_request; request <= part.end_request; ++request) {
+    const Piece piece = Piece::of(p, part, request);
+    for (int page = piece.page_begin; page < piece.page_end; ++page) {
+      const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
+      const int phase = (phases >> buffer) & 1;
+      mbarrier_wait_uniform(&smem.scored[buffer], phase);
+#pragma unroll 1
+      for (int box = 0; box < kRopeBox; ++box) {
+        mbarrier_wait_uniform(&smem.landed[buffer][box], phase);
+        convert_box_in_place(smem.kv[buffer] + box * kBoxBytes, thread);
+        fence_generic_to_async_smem();
+        mbarrier_arrive(&smem.full[buffer][box]);
+      }
+      phases ^= 1u << buffer;
+    }
+  }
+}
+
+#elif defined(FLASHMLA_KV_E4M3)
+
+constexpr bool kFp8Scores = false;
 constexpr int kConverterWarps = kHelperThreads / 32;
 constexpr int kLandingsPerBox = kConverterWarps;            // one TMA sub-box per converter warp
 constexpr int kLandingTokens = kPageSize / kLandingsPerBox;  // 16 tokens, 64 e4m3 bytes each
@@ -193,6 +267,7 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
 
 #else
 
+constexpr bool kFp8Scores = false;
 constexpr int kLandingsPerBox = 1;  // a 16-bit box lands whole, swizzled: it is its own final form
 constexpr int kLandingTokens = kPageSize;
 constexpr int kLandingBytes = kBoxBytes;

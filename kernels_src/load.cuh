@@ -95,6 +95,25 @@ __device__ __forceinline__ void prefetch_page_boxes(const TensorMap* map, uint32
 // and synchronises before wgmma reads the tile.
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& smem, int request,
                                             int kv_head, int rows_base) {
+  if constexpr (kFp8Scores) {
+    // An e4m3 q for FP8 QK^T: copied as it is, in FP8 boxes (9 x 4 KB, decode_config.cuh's layout).
+    constexpr int kChunksPerRow = kHeadDim / 16;
+    const uint8_t* q = static_cast<const uint8_t*>(p.q);
+    for (int idx = threadIdx.x; idx < kTileRows * kChunksPerRow; idx += kThreads) {
+      const int r = idx / kChunksPerRow;
+      const int c = idx % kChunksPerRow;
+      const int row = rows_base + r;
+      const uint8_t* src = q;
+      if (row < p.rows) {
+        const PackedQuery at = packed_query(p, kv_head, row);
+        src = q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + c * 16;
+      }
+      async_copy_16(smem.q + (c / 4) * kFp8BoxBytes + fp8_offset(r, c % 4), src, row < p.rows ? 16 : 0);
+    }
+    async_copy_commit();
+    async_copy_wait_all();
+    return;
+  }
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr bool kCopied = sizeof(QElement) == sizeof(Element);
   const QElement* q = static_cast<const QElement*>(p.q);

@@ -65,6 +65,14 @@ __host__ __device__ constexpr uint32_t k_step_offset(int step) {
   return (step / kStepsPerBox) * kBoxBytes + (step % kStepsPerBox) * kMmaK * 2;
 }
 
+// A K-major operand of 64-byte swizzled FP8 rows (decode_config.cuh's FP8 box: a page's K box, or a box of
+// an e4m3 Q tile); k-step i of a box starts 32 bytes further inside a row.
+__device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
+  SmemDesc d(tile, 16, kFp8SwizzleAtomBytes);
+  d.base = (d.base & ~(3ull << 62)) | (2ull << 62);  // layout type 2: 64-byte swizzle
+  return d;
+}
+
 // The V half `half` (columns half*256 .. +256) of a page; PV k-step `step` covers 16 tokens.
 __device__ __forceinline__ SmemDesc v_desc(const uint8_t* tile, int half) {
   return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kSwizzleAtomBytes);
@@ -110,6 +118,32 @@ __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const uint8_t* k
   cute::warpgroup_commit_batch();
   fence_fragment(s.v);
 }
+
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+// S = Q K^T on FP8 wgmmas (k = 32), Q and K both e4m3 in FP8 boxes: Q's at q_tile + 4 KB * box, K's
+// landed in the upper half of each 16-bit box of the page (dequant.cuh). Same accumulator layout as
+// issue_qk. Committed, not awaited.
+using MmaQKFp8 = gmma::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
+__device__ __forceinline__ void issue_qk_fp8(const uint8_t* q_tile, const uint8_t* k_tile, uint64_t* landed,
+                                             int phase, ScoreTile& s) {
+  constexpr int kSteps = kBoxCols / 32;  // k-steps of 32 bytes per box row
+  const SmemDesc q = fp8_k_major_desc(q_tile);
+  const SmemDesc k = fp8_k_major_desc(k_tile + kBoxBytes / 2);
+  fence_fragment(s.v);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box) {
+    mbarrier_wait_uniform(&landed[box], phase);
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      mma_ss<MmaQKFp8>(q.at(box * kFp8BoxBytes + 32 * i), k.at(box * kBoxBytes + 32 * i), s.v, box > 0 || i > 0,
+                       cuda::std::make_index_sequence<32>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+  fence_fragment(s.v);
+}
+#endif
 
 // O[:, half] += P V[:, half] with P held in registers as wgmma A fragments (the page's own scorer).
 __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const uint8_t* v_tile, int half,

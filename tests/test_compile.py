@@ -252,10 +252,15 @@ def _sass(variant, tmp_path, compiled) -> str:
 
 @pytest.mark.parametrize("variant", DECODE_VARIANTS, ids=lambda v: v.name)
 def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, compiled):
-    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA), bulk tensor loads, no LDL/STL, and
-    the helper warpgroup (loader or FP8 converter) hands its registers to the consumers (setmaxnreg)."""
+    """The decode kernel is on Hopper's fast paths: HGMMA (not HMMA; with an e4m3 q and cache QK^T on FP8
+    ones, QGMMA 64 x 64 x 32), bulk tensor loads, no LDL/STL, and the helper warpgroup (loader or FP8
+    converter) hands its registers to the consumers (setmaxnreg)."""
     sass = _sass(variant, tmp_path, compiled)
-    assert "HGMMA.64x64x16.F32" in sass and "HGMMA.64x256x16.F32" in sass
+    if variant.fp8_boxes:
+        assert "QGMMA.64x64x32.F32.E4M3.E4M3" in sass and "HGMMA.64x64x16" not in sass
+    else:
+        assert "HGMMA.64x64x16.F32" in sass
+    assert "HGMMA.64x256x16.F32" in sass
     assert " HMMA" not in sass
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
