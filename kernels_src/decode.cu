@@ -209,8 +209,10 @@ struct PieceContext {
     named_barrier_sync(ready, kThreads);
   }
 
-  // Zero the stale V rows of this warpgroup's half of `buffer` before its PV reads them.
+  // Zero the stale V rows of this warpgroup's half of `buffer` before its PV reads them. (With FP8
+  // scores the converter writes them as zeros.)
   __device__ __forceinline__ void clear_stale_rows(int page, int buffer, int half, NamedBarrier own) const {
+    if constexpr (kFp8Scores) return;
     const int valid = valid_tokens(page);
     if (valid < kPageSize) {
       zero_stale_v_rows(smem.kv[buffer], half, valid, thread);

@@ -38,6 +38,23 @@ __device__ __forceinline__ int fp8_offset(int row, int chunk) {
   return row * kFp8RowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
+// Where a token's 16-bit row lies in a V box, and how PV's descriptors step over the rows (mma.cuh's
+// v_desc). A 16-bit cache lands rows in token order: PV k-step s (tokens 16s .. 16s+15) starts at row 16s
+// and its two 8-token groups lie 1 KB apart. With FP8 scores (an e4m3 q and cache: dequant.cuh) the
+// converter writes 8-token group g at slot 4 (g % 2) + g / 2 of the box (1 KB slots), so that each
+// converter warp's 16 tokens become 16-bit rows only over FP8 bytes it has read itself (slot 4 + w, in
+// the box's upper half where the FP8 box landed) and over the free lower half (slot w): k-step s then
+// starts at slot s, and its two groups lie 4 KB apart.
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+constexpr int kVGroupStrideBytes = 4 * 8 * kRowBytes;
+constexpr int kVStepBytes = 8 * kRowBytes;
+__host__ __device__ constexpr int v_row(int token) { return (token / 8 % 2 * 4 + token / 16) * 8 + token % 8; }
+#else
+constexpr int kVGroupStrideBytes = 8 * kRowBytes;
+constexpr int kVStepBytes = 16 * kRowBytes;
+__host__ __device__ constexpr int v_row(int token) { return token; }
+#endif
+
 constexpr int kWarpgroupThreads = 128;
 constexpr int kThreads = 2 * kWarpgroupThreads;  // the two consumer warpgroups of the main loop
 // A third warpgroup helps them: with a 16-bit cache it issues the page loads (the loader, decode.cu),
@@ -76,7 +93,6 @@ enum NamedBarrier : int {
   kBarrierPageBReady = 3,  // warpgroup 1 -> 0: max_b and P of page b are in smem
   kBarrierWarpgroup0 = 4,  // one warpgroup alone: its zeroed stale V rows before its own wgmma
   kBarrierWarpgroup1 = 5,
-  kBarrierConverter = 6,   // the FP8 converter warpgroup alone: a box's source read before it is overwritten
 };
 
 }  // namespace flashmla

@@ -95,24 +95,35 @@ __device__ __forceinline__ uint4 load_q_chunk(const uint8_t* src) {
 
 #if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
 
-// With an e4m3 q (decode.cu; not yet measured on a GPU) QK^T runs on FP8 wgmmas straight from the
-// landed page, as in decode_narrow.cu, and only V is converted, after that QK^T:
+// With an e4m3 q (decode.cu) QK^T runs on FP8 wgmmas straight from the landed page, as in
+// decode_narrow.cu, and only V is converted, after that QK^T:
 // - box k of a page lands whole (64 tokens x 64 bytes, 64-byte swizzled: decode_config.cuh's FP8 box) in
 //   the upper half of its 16-bit box, completing its "landed" barrier; the Q tile is e4m3 in the same
 //   layout (load_q_tile). The warpgroup scoring the page waits on "landed" and, once its QK^T has
 //   completed, arrives on the buffer's "scored" barrier (one arrival per warp).
-// - the converter waits on "scored", then turns each V box (0..7) into 16-bit rows in place: every
-//   thread reads its two 16-byte chunks of the FP8 box, the converter warpgroup passes a barrier (the
-//   16-bit rows 32..63 overwrite FP8 bytes other threads read), then writes them converted, fences and
-//   arrives on the box's "full" barrier, which PV waits on. The rope box is not converted: its QK^T is
-//   its only use, and then it carries P as for a 16-bit cache.
+// - the converter waits on "scored", then turns the V boxes (0..7) into 16-bit rows in place, warp w the
+//   tokens 16w .. 16w+15 (one PV k-step) of each: it reads their FP8 rows (the 1 KB at slot 4 + w of the
+//   box), then writes them as 16-bit rows at slots w and 4 + w (decode_config.cuh's v_row), which cover
+//   only bytes it has read itself; so the warps never wait for each other. Each thread fences and
+//   arrives on the box's "full" barrier, which PV waits on. The stale tail of a request's last page
+//   (maybe NaN: P is 0 there, but 0 * NaN = NaN) is written as zeros. The rope box is not converted: its
+//   QK^T is its only use, and then it carries P as for a 16-bit cache.
 // So the conversion runs beside the softmax, not between the load and QK^T, and QK^T costs half.
+// (Measured, H200, 2026-11-30, h_q = 128, 4096: converting before QK^T, 411 us; after it, with rows in
+// token order, which needs a warpgroup barrier per box between the reads and the writes, 322 us; warp by
+// warp as here, 270 us.)
 constexpr bool kFp8Scores = true;
 constexpr int kLandingsPerBox = 1;
 constexpr int kLandingTokens = kPageSize;
 constexpr int kLandingBytes = kFp8BoxBytes;
 constexpr int kFullArrivals = kHelperThreads;  // a V box is full once every converter thread wrote
 constexpr int kScoredArrivals = kWarpgroupThreads / 32;
+constexpr int kConvertTokens = kPageSize / (kHelperThreads / 32);  // 16 per converter warp
+// Boxes per step, each step's reads in flight together and one fence and arrival for them. Measured
+// (H200, h_q = 128, 4096): one box a step 302 us, two 270 us; more boxes a fence (4 or 8, in steps of 2
+// or 4, the converter given 56 or 72 registers), one arrival per warp, or 56 registers: 274-289 us.
+constexpr int kConvertBoxesPerStep = 2;
+static_assert(kConvertTokens * kFp8RowBytes == 2 * 16 * 32, "a warp reads its FP8 rows in two 16-byte chunks a lane");
 
 __host__ __device__ constexpr int landing_offset(int) { return kBoxBytes / 2; }
 
@@ -120,46 +131,63 @@ __device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int bu
   return &smem.landed[buffer][box];
 }
 
-// One V box of a page, FP8 in its upper half, into 16-bit rows over the whole box. FP8 chunk c (16
-// bytes: row c / 4, columns 16 (c % 4) ..) becomes the 16-bit chunks 2 (c % 4) and 2 (c % 4) + 1 of its
-// row. A warp reads 512 contiguous bytes and writes four chunks of each of 8 rows: no bank conflicts.
-__device__ __forceinline__ void convert_box_in_place(uint8_t* box, int thread) {
-  constexpr int kChunks = kFp8BoxBytes / 16 / kHelperThreads;  // 2 a thread
-  const uint8_t* fp8 = box + kBoxBytes / 2;
-  uint4 raw[kChunks];
+// A converter warp's tokens of kCount consecutive V boxes, from `first_box` on. Lane l reads the physical
+// FP8 chunks l and l + 32 of the warp's rows (16 bytes each: token 16w + l / 4, and the same columns of
+// token + 8, whose row is the k-step's second group: kVGroupStrideBytes further); a chunk holding columns
+// 16c .. 16c + 15 (c = l % 4 ^ the 64-byte swizzle) becomes the 16-bit chunks 2c and 2c + 1 of the
+// token's row, which differ in bit 4 of the offset only. A warp reads 512 contiguous bytes and writes
+// four chunks of each of 8 rows of one 8-row group: no bank conflicts.
+template <int kCount>
+__device__ __forceinline__ void convert_v_rows(uint8_t* first_box, int warp, int lane, int valid) {
+  const int token = warp * kConvertTokens + lane / 4;
+  const uint8_t* fp8 = first_box + kBoxBytes / 2 + warp * kConvertTokens * kFp8RowBytes + lane * 16;
+  uint4 raw[kCount][2];  // e4m3 zeros for stale tokens
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int chunk = thread + kHelperThreads * i;
-    raw[i] = *reinterpret_cast<const uint4*>(fp8 + fp8_offset(chunk / 4, chunk % 4));
+  for (int b = 0; b < kCount; ++b) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      raw[b][i] = token + 8 * i >= valid ? make_uint4(0, 0, 0, 0)
+                                         : *reinterpret_cast<const uint4*>(fp8 + b * kBoxBytes + 512 * i);
+    }
   }
-  named_barrier_sync(kBarrierConverter, kHelperThreads);  // every FP8 byte read before any is overwritten
+  __syncwarp();  // the warp's FP8 bytes all read before its slot 4 + w is overwritten
+  const int first = 2 * ((lane % 4) ^ ((token >> 1) & 3));  // the FP8 box's 64-byte swizzle undone
+  uint8_t* lo = first_box + swizzled_offset(v_row(token), first);
+  uint8_t* hi = first_box + swizzled_offset(v_row(token), first + 1);
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int chunk = thread + kHelperThreads * i;
-    const int row = chunk / 4;
-    const int first = 2 * (chunk % 4);
-    *reinterpret_cast<uint4*>(box + swizzled_offset(row, first)) = e4m3x8_to_chunk(make_uint2(raw[i].x, raw[i].y));
-    *reinterpret_cast<uint4*>(box + swizzled_offset(row, first + 1)) = e4m3x8_to_chunk(make_uint2(raw[i].z, raw[i].w));
+  for (int b = 0; b < kCount; ++b) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint4 v = raw[b][i];
+      const int at = b * kBoxBytes + i * kVGroupStrideBytes;
+      *reinterpret_cast<uint4*>(lo + at) = e4m3x8_to_chunk(make_uint2(v.x, v.y));
+      *reinterpret_cast<uint4*>(hi + at) = e4m3x8_to_chunk(make_uint2(v.z, v.w));
+    }
   }
 }
 
 // The converter's whole work: the V boxes of every page of the part, in the loaders' order, each page
-// once its QK^T is done.
+// once its QK^T is done; kConvertBoxesPerStep boxes per fence and arrival.
 __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                              int thread) {
+  const int warp = thread / 32;
+  const int lane = thread % 32;
   uint32_t phases = 0;  // bit b: parity of buffer b's barriers (a bit mask: see below)
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
     for (int page = piece.page_begin; page < piece.page_end; ++page) {
       const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
       const int phase = (phases >> buffer) & 1;
+      const int valid = piece.seqlen - page * kPageSize;  // tokens of the page that exist
       mbarrier_wait_uniform(&smem.scored[buffer], phase);
 #pragma unroll 1
-      for (int box = 0; box < kRopeBox; ++box) {
-        mbarrier_wait_uniform(&smem.landed[buffer][box], phase);
-        convert_box_in_place(smem.kv[buffer] + box * kBoxBytes, thread);
+      for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
+#pragma unroll
+        for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_wait_uniform(&smem.landed[buffer][box + b], phase);
+        convert_v_rows<kConvertBoxesPerStep>(smem.kv[buffer] + box * kBoxBytes, warp, lane, valid);
         fence_generic_to_async_smem();
-        mbarrier_arrive(&smem.full[buffer][box]);
+#pragma unroll
+        for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
       }
       phases ^= 1u << buffer;
     }

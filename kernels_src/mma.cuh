@@ -73,11 +73,20 @@ __device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
   return d;
 }
 
-// The V half `half` (columns half*256 .. +256) of a page; PV k-step `step` covers 16 tokens.
+// The V half `half` (columns half*256 .. +256) of a page; PV k-step `step` covers 16 tokens, in two
+// groups of 8 rows (decode_config.cuh's v_row: where they lie).
 __device__ __forceinline__ SmemDesc v_desc(const uint8_t* tile, int half) {
-  return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kSwizzleAtomBytes);
+  return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kVGroupStrideBytes);
 }
-__host__ __device__ constexpr uint32_t v_step_offset(int step) { return step * kMmaK * kRowBytes; }
+__host__ __device__ constexpr uint32_t v_step_offset(int step) { return step * kVStepBytes; }
+__host__ __device__ constexpr bool v_steps_read_v_rows() {
+  for (int token = 0; token < kPageSize; ++token) {
+    const int step = token / kMmaK, group = token % kMmaK / 8;
+    if (v_row(token) * kRowBytes != int(v_step_offset(step)) + group * kVGroupStrideBytes + token % 8 * kRowBytes) return false;
+  }
+  return true;
+}
+static_assert(v_steps_read_v_rows(), "PV's descriptors find every token's V row where v_row puts it");
 
 template <int N>
 __device__ __forceinline__ void fence_fragment(float (&frag)[N]) {
