@@ -356,6 +356,12 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     issue_scores(smem, kBufferB, uses[kBufferB] & 1, s);
     trace.mark(kMarkScoresIssued);
     mask_b = c.mask_of(page_a + 1, kBufferB);
+    if constexpr (kFp8Scores) {
+      // Say at once that page b is scored, so that the converter turns to V_b straight after V_a
+      // (S_b is done long before warpgroup 0's softmax(a)): 0-2 % faster than after P_a V_a's issue.
+      cute::warpgroup_wait<0>();
+      mark_scored(smem, kBufferB, c.thread);
+    }
   }
   // A no-op at run time (S_b is the only batch in flight), but it tells ptxas that O is no longer
   // a wgmma accumulator, so that rescaling O below does not make it wait for S_b (C7517).
@@ -371,7 +377,6 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
-    mark_scored(smem, kBufferB, c.thread);
     trace.mark(kMarkScoresIn);
     float max_b[2];
     ProbFragment prob;

@@ -322,9 +322,9 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
       const uint32_t low = __byte_perm(word[0], word[1], selector);   // tokens pair, pair + 1
       const uint32_t high = __byte_perm(word[2], word[3], selector);  // tokens pair + 8, pair + 9
       a[t][0] = e4m3x2_to_element2(low);
-      a[t][1] = e4m3x2_to_element2(low >> 16);
+      a[t][1] = e4m3x2_high_to_element2(low);
       a[t][2] = e4m3x2_to_element2(high);
-      a[t][3] = e4m3x2_to_element2(high >> 16);
+      a[t][3] = e4m3x2_high_to_element2(high);
 #pragma unroll
       for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(a[t][r]);
     }

@@ -4,11 +4,12 @@ A variant is the shipped sources compiled with extra defines, or another kernels
 candidate change, copied to a git-ignored folder), or both. Each build runs in its own child process
 with its own kernel cache, taking turns with the others for `--rounds` rounds, so that clock and
 thermal drift fall on every build alike. A child first checks its build against the float64
-reference on six small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes, the narrow
-kernel's 16 rows, an FP8 cache with both query forms and with 32 rows; `--checks N`: N times, with
-fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay, L2
-flushed before every run, CUDA-event median). The report gives each build's median time per case over the rounds and its
-ratio to the shipped build, and the largest share of each accuracy bar its passing checks used.
+reference on seven small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes, the narrow
+kernel's 16 rows, an FP8 cache with both query forms and with 32 and 128 rows; `--checks N`: N times,
+with fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay,
+L2 flushed before every run, CUDA-event median). The report gives each build's median time per case
+over the rounds and its ratio to the shipped build, and the largest share of each accuracy bar its
+passing checks used.
 
     python scripts/kernel_ab.py --variant "unguarded: -DFLASHMLA_UNGUARDED=1"       # what the guards cost
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
@@ -89,7 +90,8 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
             (6, 1, 64, 1, [64, 128, 191, 4000, 1, 65], False, "bf16", None),
             (4, 1, 16, 1, [1, 63, 2000, 0], False, "e4m3", "e4m3"),      # FP8, both query forms
             (3, 2, 16, 1, [70, 2500, 1], True, "e4m3", "e4m3"),          # FP8, 32 rows
-            (3, 2, 64, 2, [65, 700, 129], True, "bf16", "e4m3")]:
+            (3, 2, 64, 2, [65, 700, 129], True, "bf16", "e4m3"),
+            (3, 2, 64, 1, [65, 700, 130], True, "e4m3", "e4m3")]:       # FP8, 128 rows: FP8 scores
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", help="comma-separated dtypes (default: bf16)")
     parser.add_argument("--rounds", type=int, default=2, help="turns each build takes (default: 2)")
     parser.add_argument("--checks", type=int, default=1,
-                        help="times each turn checks the build on the six random cases (default: 1)")
+                        help="times each turn checks the build on the seven random cases (default: 1)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--cache-root", default="/tmp/kernel_ab_cache", help="one kernel cache per build below it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
