@@ -412,11 +412,7 @@ __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStora
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    const QElement* src = q;
-    if (row < p.rows) {
-      const PackedQuery query = packed_query(p, kv_head, row);
-      src = q + request * p.q_batch_stride + query.s * p.q_seq_stride + query.head * p.q_head_stride + c * kPerChunk;
-    }
+    const QElement* src = query_row_at(p, q, request, kv_head, row, c * kPerChunk);
     async_copy_16(smem.q + q_chunk_offset(r, c), src, row < p.rows ? 16 : 0);
   }
   async_copy_commit();

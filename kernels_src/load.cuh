@@ -103,11 +103,7 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
       const int r = idx / kChunksPerRow;
       const int c = idx % kChunksPerRow;
       const int row = rows_base + r;
-      const uint8_t* src = q;
-      if (row < p.rows) {
-        const PackedQuery at = packed_query(p, kv_head, row);
-        src = q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + c * 16;
-      }
+      const uint8_t* src = query_row_at(p, q, request, kv_head, row, c * 16);
       async_copy_16(smem.q + (c / 4) * kFp8BoxBytes + fp8_offset(r, c % 4), src, row < p.rows ? 16 : 0);
     }
     async_copy_commit();
@@ -121,11 +117,7 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    const QElement* src = q;  // rows past p.rows: zeros, nothing read
-    if (row < p.rows) {
-      const PackedQuery at = packed_query(p, kv_head, row);
-      src = q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + c * 8;
-    }
+    const QElement* src = query_row_at(p, q, request, kv_head, row, c * 8);
     uint8_t* dst = smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8);
     if constexpr (kCopied) {
       async_copy_16(dst, src, row < p.rows ? 16 : 0);

@@ -148,6 +148,16 @@ __device__ __forceinline__ PackedQuery packed_query(const DecodeParams& p, int k
   return {row / p.heads_per_group, kv_head * p.heads_per_group + row % p.heads_per_group};
 }
 
+// Where element `element` of packed row `row` of a request's query lies in q (strides in elements of
+// q). Rows past p.rows get q itself: the tile loaders copy zeros for them and read nothing there.
+template <class T>
+__device__ __forceinline__ const T* query_row_at(const DecodeParams& p, const T* q, int request, int kv_head,
+                                                 int row, int element) {
+  if (row >= p.rows) return q;
+  const PackedQuery at = packed_query(p, kv_head, row);
+  return q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + element;
+}
+
 // Per-row visibility limits of the rows a thread owns (causal: bottom-right aligned).
 template <int N>
 __device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[N],
