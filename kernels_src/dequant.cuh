@@ -106,12 +106,6 @@ __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
                     e4m3x2_high_to_element2(fp8.y));
 }
 
-// One 16-byte chunk (8 values) of a query row, as 16-bit elements.
-__device__ __forceinline__ uint4 load_q_chunk(const Element* src) { return *reinterpret_cast<const uint4*>(src); }
-__device__ __forceinline__ uint4 load_q_chunk(const uint8_t* src) {
-  return e4m3x8_to_chunk(*reinterpret_cast<const uint2*>(src));
-}
-
 #if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
 
 // With an e4m3 q (decode.cu) QK^T runs on FP8 wgmmas straight from the landed page, as in

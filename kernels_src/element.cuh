@@ -31,9 +31,9 @@ using Element2 = __half2;
 #endif
 
 // The element type of q as stored: e4m3 bytes (-DFLASHMLA_Q_E4M3=1, with an FP8 cache), else Element.
-// Its tile is converted to Element in shared memory (load.cuh). The output's type: bf16 for an e4m3 q
-// (the FP8 forks' output), which computes in fp16: e4m3 converts to fp16 exactly in one instruction
-// per two values, to bf16 in four (dequant.cuh).
+// An e4m3 Q tile stays e4m3 in shared memory (QK^T on FP8 tensor cores, in both decode kernels). The
+// output's type: bf16 for an e4m3 q (the FP8 forks' output), which computes in fp16 (P and V): e4m3
+// converts to fp16 exactly in one instruction per two values, to bf16 in four (dequant.cuh).
 #if defined(FLASHMLA_Q_E4M3)
 using QElement = unsigned char;
 using OutElement = __nv_bfloat16;

@@ -89,46 +89,29 @@ __device__ __forceinline__ void prefetch_page_boxes(const TensorMap* map, uint32
 
 // Load the 64 x 576 query tile of one request and KV head: tile row r is packed row
 // rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part.
-// A 16-bit q goes through asynchronous copies, so that all 18 of a thread's 16-byte chunks are in
+// q is copied as it is, through asynchronous copies, so that all of a thread's 16-byte chunks are in
 // flight at once (loads through registers went out a few at a time, each batch waiting a global-memory
-// latency); an e4m3 q passes through registers to be converted to Element, exactly. The caller fences
-// and synchronises before wgmma reads the tile.
+// latency): a 16-bit q into 16-bit boxes, an e4m3 q (FP8 scores) into FP8 boxes (9 x 4 KB,
+// decode_config.cuh's layout). The caller fences and synchronises before wgmma reads the tile.
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& smem, int request,
                                             int kv_head, int rows_base) {
-  if constexpr (kFp8Scores) {
-    // An e4m3 q for FP8 QK^T: copied as it is, in FP8 boxes (9 x 4 KB, decode_config.cuh's layout).
-    constexpr int kChunksPerRow = kHeadDim / 16;
-    const uint8_t* q = static_cast<const uint8_t*>(p.q);
-    for (int idx = threadIdx.x; idx < kTileRows * kChunksPerRow; idx += kThreads) {
-      const int r = idx / kChunksPerRow;
-      const int c = idx % kChunksPerRow;
-      const int row = rows_base + r;
-      const uint8_t* src = query_row_at(p, q, request, kv_head, row, c * 16);
-      async_copy_16(smem.q + (c / 4) * kFp8BoxBytes + fp8_offset(r, c % 4), src, row < p.rows ? 16 : 0);
-    }
-    async_copy_commit();
-    async_copy_wait_all();
-    return;
-  }
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr bool kCopied = sizeof(QElement) == sizeof(Element);
+  static_assert(kFp8Scores == (sizeof(QElement) == 1), "an e4m3 q goes to decode.cu only with FP8 scores");
+  constexpr int kPerChunk = 16 / sizeof(QElement);  // q's elements in 16 bytes
+  constexpr int kChunksPerRow = kHeadDim / kPerChunk;
+  constexpr int kChunksPerBox = kBoxCols / kPerChunk;
+  constexpr int kQBoxBytes = kFp8Scores ? kFp8BoxBytes : kBoxBytes;
   const QElement* q = static_cast<const QElement*>(p.q);
   for (int idx = threadIdx.x; idx < kTileRows * kChunksPerRow; idx += kThreads) {
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
-    const QElement* src = query_row_at(p, q, request, kv_head, row, c * 8);
-    uint8_t* dst = smem.q + (c / 8) * kBoxBytes + swizzled_offset(r, c % 8);
-    if constexpr (kCopied) {
-      async_copy_16(dst, src, row < p.rows ? 16 : 0);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = row < p.rows ? load_q_chunk(src) : make_uint4(0, 0, 0, 0);
-    }
+    const QElement* src = query_row_at(p, q, request, kv_head, row, c * kPerChunk);
+    uint8_t* dst = smem.q + (c / kChunksPerBox) * kQBoxBytes +
+                   (kFp8Scores ? fp8_offset(r, c % kChunksPerBox) : swizzled_offset(r, c % kChunksPerBox));
+    async_copy_16(dst, src, row < p.rows ? 16 : 0);
   }
-  if constexpr (kCopied) {
-    async_copy_commit();
-    async_copy_wait_all();
-  }
+  async_copy_commit();
+  async_copy_wait_all();
 }
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V
