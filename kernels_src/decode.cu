@@ -466,7 +466,9 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   if (warpgroup == kHelperWarpgroup) {
     release_registers();
 #if defined(FLASHMLA_KV_E4M3)
-    convert_part(p, part, smem, thread);
+    Tracer trace(warpgroup, thread);
+    trace.mark(kMarkKernelStart);
+    convert_part(p, part, smem, thread, trace);
 #else
     if (thread % 32 == 0 && thread / 32 < 2 * kPageBuffers) loader_warp(p, part, smem, &kv_map, kv_head, hint, thread / 32);
 #endif

@@ -37,6 +37,7 @@
 #include "shared_storage.cuh"
 #include "sync.cuh"
 #include "plan.cuh"
+#include "trace.cuh"
 
 namespace flashmla {
 
@@ -182,7 +183,7 @@ __device__ __forceinline__ void convert_v_rows(uint8_t* first_box, int warp, int
 // The converter's whole work: the V boxes of every page of the part, in the loaders' order, each page
 // once its QK^T is done; kConvertBoxesPerStep boxes per fence and arrival.
 __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                             int thread) {
+                                             int thread, Tracer& trace) {
   const int warp = thread / 32;
   const int lane = thread % 32;
   uint32_t phases = 0;  // bit b: parity of buffer b's barriers (a bit mask: see below)
@@ -193,6 +194,7 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
       const int phase = (phases >> buffer) & 1;
       const int valid = piece.seqlen - page * kPageSize;  // tokens of the page that exist
       mbarrier_wait_uniform(&smem.scored[buffer], phase);
+      trace.mark(kMarkConvertStart);
 #pragma unroll 1
       for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
 #pragma unroll
@@ -201,7 +203,9 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
         fence_generic_to_async_smem();
 #pragma unroll
         for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
+        if (box + kConvertBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
       }
+      trace.mark(kMarkConverted);
       phases ^= 1u << buffer;
     }
   }
@@ -284,7 +288,7 @@ __device__ __forceinline__ void convert_step(SharedStorage& smem, int buffer, in
 
 // A converter warp's whole work: its rows of every page of the part, in the loaders' order.
 __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                             int thread) {
+                                             int thread, Tracer& trace) {
   const int warp = thread / 32;
   const int lane = thread % 32;
   uint32_t phases = 0;  // bit b: parity of buffer b's barriers (pages converted from it, mod 2); a
@@ -294,13 +298,16 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
     for (int page = piece.page_begin; page < piece.page_end; ++page) {
       const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
       const int phase = (phases >> buffer) & 1;
+      trace.mark(kMarkConvertStart);  // (its first boxes' wait is inside the first step)
 #pragma unroll 1
       for (int box = 0; box + kBoxesPerStep <= kBoxes; box += kBoxesPerStep) {
         convert_step<kBoxesPerStep>(smem, buffer, box, phase, warp, lane);
+        if (box + kBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
       }
       if constexpr (kBoxes % kBoxesPerStep != 0) {  // the rope box
         convert_step<kBoxes % kBoxesPerStep>(smem, buffer, kBoxes - kBoxes % kBoxesPerStep, phase, warp, lane);
       }
+      trace.mark(kMarkConverted);
       phases ^= 1u << buffer;
     }
   }

@@ -1,8 +1,8 @@
 // Phase marks of the decode kernel, for scripts/kernel_trace.py: where each warpgroup's time goes
 // within a pair of pages, measured inside the kernel.
 //
-// Built with -DFLASHMLA_TRACE=1 only (never shipped): thread 0 of each consumer warpgroup of the first
-// kTraceCtas CTAs writes (mark, clock64) words into the buffer the host points `flashmla_trace` at:
+// Built with -DFLASHMLA_TRACE=1 only (never shipped): thread 0 of each consumer warpgroup (and of the
+// FP8 converter) of the first kTraceCtas CTAs writes (mark, clock64) words into the buffer the host points `flashmla_trace` at:
 // [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 | cycles (56 bits); the
 // first word of a record holds kMarkHeader and the SM id. Without the define a mark is nothing.
 #pragma once
@@ -23,6 +23,10 @@ enum TraceMark : uint32_t {
   kMarkLoaded = 8,          // the boxes read by the remote PV released (FP8: reloaded)
   kMarkPieceEnd = 9,        // output written
   kMarkKernelStart = 10,    // the warpgroup's first instruction after the set-up (barrier init, plan row)
+  // The FP8 converter (helper warpgroup, dequant.cuh), per page:
+  kMarkConvertStart = 11,   // its wait for the page (scores in, or boxes landed) has returned
+  kMarkConvertedHalf = 12,  // V's first half (boxes 0..3) converted and arrived on
+  kMarkConverted = 13,      // every box it converts done
   kMarkHeader = 255,
 };
 
