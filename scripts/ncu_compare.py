@@ -11,6 +11,10 @@ first.
                                   [--out DIR] [--ncu PATH]
     python scripts/ncu_compare.py --from DIR [--libs ...]    # the table again from DIR's CSVs; no GPU
 
+With `--source`, ncu also samples where the warps stall (its SourceCounters section), and the SASS
+instructions with the most stall samples are listed per library (from `--page source`, saved as
+<library>-source.csv), so that a stall reason can be traced to the instructions that wait.
+
 Peers must import (scripts/gpu_check.sh ncu sets that up on the device).
 """
 from __future__ import annotations
@@ -80,6 +84,7 @@ ROWS = (
 )
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
 STALL_ROWS = 12
+SOURCE_ROWS = 20  # instructions listed per library with --source
 
 _PREFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 # Both spellings occur: 'usecond', 'Gbyte/second' (older ncu) and 'us', 'Tbyte/s', 'Kbyte/block' (the
@@ -178,8 +183,47 @@ def extra_metrics(known: set[str] | None) -> list[str]:
     return [] if known is None else [m for m in EXTRA_METRICS if m.split(".")[0] in known]
 
 
-def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str]) -> list[str]:
-    sections = [arg for section in SECTIONS for arg in ("--section", section)]
+def hot_instructions(text: str, top: int = SOURCE_ROWS) -> list[tuple[str, str, float, float | None]]:
+    """The instructions of an `ncu --import R --page source --csv --print-source sass` listing with the
+    most warp stall samples: (address, SASS, all samples, not-issued samples or None), most first. The
+    columns are found by name ("Address", "Source", "Warp Stall Sampling (All Samples)", ... "(Not-issued
+    Samples)"), so that a few spellings across ncu releases read alike; [] when there are none."""
+    rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("==")))
+    for at, header in enumerate(rows):
+        sampled = [i for i, name in enumerate(header) if name.startswith("Warp Stall Sampling (All")]
+        if sampled:
+            break
+    else:
+        return []
+    def column(*names):
+        return next((i for i, name in enumerate(header) if name.strip("# ") in names), None)
+    address, source = column("Address"), column("Source")
+    not_issued = next((i for i, name in enumerate(header) if name.startswith("Warp Stall Sampling (Not")), None)
+    found = []
+    for row in rows[at + 1:]:
+        if len(row) != len(header):
+            continue
+        samples = _number(row[sampled[0]])
+        if samples:
+            found.append((row[address] if address is not None else "", row[source] if source is not None else "",
+                          samples, _number(row[not_issued]) if not_issued is not None else None))
+    return sorted(found, key=lambda item: -item[2])[:top]
+
+
+def hot_table(library: str, hot: list[tuple[str, str, float, float | None]]) -> str:
+    """Markdown: a library's most stalled instructions with their share of its stall samples."""
+    total = sum(samples for _, _, samples, _ in hot) or 1.0
+    lines = [f"{library}: the {len(hot)} SASS instructions with the most warp stall samples",
+             "", "| address | instruction | samples (all) | not issued | share of these |", "|---|---|---|---|---|"]
+    for address, sass, samples, not_issued in hot:
+        shown = "n/a" if not_issued is None else f"{not_issued:.0f}"
+        lines.append(f"| {address} | `{sass.strip()}` | {samples:.0f} | {shown} | {samples / total:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str],
+                source: bool = False) -> list[str]:
+    sections = [arg for section in SECTIONS + (("SourceCounters",) if source else ()) for arg in ("--section", section)]
     metrics = ["--metrics", ",".join(extra)] if extra else []
     return [ncu, "--clock-control", "none", "--target-processes", "all",
             "--kernel-name", f"regex:{KERNELS[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
@@ -187,10 +231,12 @@ def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, ext
             sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype]
 
 
-def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str]) -> str:
-    """Profile one library; returns the path of the raw-page CSV. Raises RuntimeError with ncu's output."""
+def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str],
+            source: bool = False) -> str:
+    """Profile one library; returns the path of the raw-page CSV (and, with `source`, writes the source
+    page's CSV beside it, or says in the log why not). Raises RuntimeError with ncu's output."""
     export = os.path.join(out_dir, library)
-    run = subprocess.run(ncu_command(ncu, library, case, export, extra), capture_output=True, text=True,
+    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source), capture_output=True, text=True,
                          timeout=NCU_TIMEOUT_S)
     with open(export + ".log", "w") as f:
         f.write(run.stdout + run.stderr)
@@ -202,6 +248,15 @@ def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra:
         raise RuntimeError(f"ncu --import for {library} exited {listing.returncode}:\n{listing.stderr[-3000:]}")
     with open(export + ".csv", "w") as f:
         f.write(listing.stdout)
+    if source:
+        page = subprocess.run([ncu, "--import", export + ".ncu-rep", "--page", "source", "--csv", "--print-source",
+                               "sass"], capture_output=True, text=True, timeout=NCU_TIMEOUT_S)
+        if page.returncode == 0:
+            with open(export + "-source.csv", "w") as f:
+                f.write(page.stdout)
+        else:  # the metrics table still stands
+            with open(export + ".log", "a") as f:
+                f.write(f"\nncu --page source exited {page.returncode}:\n{page.stdout}{page.stderr}")
     return export + ".csv"
 
 
@@ -238,6 +293,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ncu", default="ncu", help="the ncu executable")
     parser.add_argument("--from", dest="from_dir", metavar="DIR",
                         help="print the table from DIR's CSVs, profile nothing")
+    parser.add_argument("--source", action="store_true",
+                        help="also sample stalls per instruction and list each library's most stalled ones")
     parser.add_argument("--launch", help=argparse.SUPPRESS)  # the profiled child process
     args = parser.parse_args(argv)
     try:
@@ -265,7 +322,7 @@ def main(argv=None) -> int:
             print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
             for metrics in ([extra, []] if extra else [[]]):  # then without the extras, should ncu refuse one
                 try:
-                    profile(args.ncu, library, case, out_dir, metrics)
+                    profile(args.ncu, library, case, out_dir, metrics, args.source)
                     break
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     print(exc, file=sys.stderr)
@@ -278,6 +335,12 @@ def main(argv=None) -> int:
     what = case.label if args.from_dir is None else f"the profiles in {out_dir}"
     table = (f"ncu --clock-control none, {what}, decode kernel only (regex per library: "
              + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
+    for library in profiles:  # the source pages found (--source now, or in a --from directory)
+        path = os.path.join(out_dir, library + "-source.csv")
+        if os.path.exists(path):
+            with open(path) as f:
+                hot = hot_instructions(f.read())
+            table += "\n" + (hot_table(library, hot) if hot else f"{library}: no stall samples in {path}\n")
     if args.from_dir is None:  # a --from directory may be read-only (files fetched from the device)
         with open(os.path.join(out_dir, "compare.md"), "w") as f:
             f.write(table)

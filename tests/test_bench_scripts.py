@@ -317,6 +317,8 @@ import sys
 args = sys.argv[1:]
 if args == ["--query-metrics"]:
     print("Device NVIDIA H200 (GH100)\\nMetric Name   Metric Description\\ndram__bytes_read   # of bytes read")
+elif args[0] == "--import" and "source" in args:
+    print(open({csv!r}.replace("wide.csv", "source.csv")).read())
 elif args[0] == "--import":
     print(open({csv!r}).read().replace("flashmla_decode", args[1]))
 else:
@@ -341,6 +343,42 @@ def test_ncu_compare_runs_ncu_twice_and_prints_the_table(tmp_path, capsys, refus
     assert {p.name for p in out.iterdir()} >= {"flashmla_cupy.csv", "FlashMLA.csv", "compare.md", "FlashMLA.log"}
     assert ncu_compare.main(["--from", str(out)]) == 0
     assert "the profiles in" in capsys.readouterr().out
+
+
+SOURCE_CSV = """==PROF== Connected to process
+"# Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
+"0x100","LDGSTS.E [R3], desc[UR4][R4.64]","12","10","64"
+"0x110","SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3","300","290","9000"
+"0x120","HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], R24","","","128"
+"0x130","F2FP.F16.E4M3.UNPACK_B R21, R4.H1","88","20","4096"
+"""
+
+
+def test_ncu_compare_lists_the_most_stalled_instructions():
+    hot = ncu_compare.hot_instructions(SOURCE_CSV, top=2)
+    assert hot == [("0x110", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3", 300.0, 290.0),
+                   ("0x130", "F2FP.F16.E4M3.UNPACK_B R21, R4.H1", 88.0, 20.0)]
+    assert len(ncu_compare.hot_instructions(SOURCE_CSV)) == 3  # unsampled instructions are left out
+    assert ncu_compare.hot_instructions("no,samples\n1,2\n") == []
+    table = ncu_compare.hot_table("flashmla_cupy", hot)
+    assert "| 0x110 | `SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3` | 300 | 290 | 77.3% |" in table
+
+
+def test_ncu_compare_source_asks_for_the_sampling_section_and_lists_each_library(tmp_path, capsys):
+    case = bench_cases.parse("b128-q1-h128-4096", "bf16")
+    assert "SourceCounters" in ncu_compare.ncu_command("ncu", "FlashMLA", case, "x", [], source=True)
+    assert "SourceCounters" not in ncu_compare.ncu_command("ncu", "FlashMLA", case, "x", [])
+    (tmp_path / "wide.csv").write_text(WIDE_CSV)
+    (tmp_path / "source.csv").write_text(SOURCE_CSV)
+    fake = tmp_path / "ncu"
+    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(tmp_path / "wide.csv"), refuse_extras=False))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    assert ncu_compare.main(["--ncu", str(fake), "--out", str(out), "--source"]) == 0
+    printed = capsys.readouterr().out
+    assert "flashmla_cupy: the 3 SASS instructions with the most warp stall samples" in printed
+    assert "FlashMLA: the 3 SASS" in printed and (out / "FlashMLA-source.csv").exists()
+    assert ncu_compare.main(["--from", str(out)]) == 0 and "TRYWAIT" in capsys.readouterr().out
 
 
 def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
