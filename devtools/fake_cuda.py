@@ -93,7 +93,8 @@ class FakeTorchModule(types.ModuleType):
     def __init__(self, allocations: list | None = None):
         super().__init__("torch")
         for name, size in (("bfloat16", 2), ("float16", 2), ("float32", 4), ("float64", 8), ("int8", 1),
-                           ("int16", 2), ("int32", 4), ("int64", 8), ("uint8", 1), ("bool", 1)):
+                           ("int16", 2), ("int32", 4), ("int64", 8), ("uint8", 1), ("bool", 1),
+                           ("float8_e4m3fn", 1)):
             setattr(self, name, _Dtype(name, size))
         self.next_ptr = FIRST_PTR
         self.allocations = [] if allocations is None else allocations

@@ -17,6 +17,8 @@ from . import env, inputs, install, lookup, prepared
 
 _METADATA_ARRAYS = ("cache_seqlens",)
 _DECODE_ARRAYS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
+_DESCALES = ("descale_q", "descale_k")
+_DECODE_ARRAYS_DESCALED = _DECODE_ARRAYS + _DESCALES
 
 
 # torch_ops, once an eager call has imported it (importing it imports torch and registers the ops).
@@ -171,8 +173,12 @@ def flash_mla_with_kvcache(q: Any, k_cache: Any, block_table: Any, cache_seqlens
                                           lse, stream, check)
     arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
     scalars = (head_dim_v, softmax_scale, causal, check, kv_dtype)
-    if out is None and lse is None and descale_q is None and descale_k is None:
-        return lookup.call(_DECODE_ARRAYS, arrays, scalars, stream, _prepare_decode)
+    if out is None and lse is None:
+        if descale_q is None and descale_k is None:
+            return lookup.call(_DECODE_ARRAYS, arrays, scalars, stream, _prepare_decode)
+        if descale_q is not None and descale_k is not None:  # an e4m3 q and cache: _decode_with's key, made once
+            return lookup.call(_DECODE_ARRAYS_DESCALED, (*arrays, descale_q, descale_k), (*scalars, _DESCALES),
+                               stream, _prepare_decode)
     return _decode_with(arrays, scalars, (("descale_q", descale_q), ("descale_k", descale_k), ("out", out),
                                           ("lse", lse)), stream)
 

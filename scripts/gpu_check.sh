@@ -66,6 +66,7 @@ fi
 if [[ $MODE == full || $MODE == bench ]]; then
   step "host time per call"
   timeout 60 $PY scripts/host_profile.py --repeats 5 2>&1 | head -n 45
+  timeout 60 $PY scripts/host_profile.py --repeats 5 --dtype fp8 --no-profile 2>&1
   step "benchmark"
   # The benchmark stops itself (results kept) before its budget; the timeout is the backstop.
   if [[ $MODE == full ]]; then bench_args="--cases issue"; budget=150; else bench_args="--cases all"; budget=450; fi

@@ -6,7 +6,7 @@ launch queue would fill and the burst would time the GPU instead. The host path 
 sizes (h_q = 128 keeps the two-row-tile launch of real decode shapes). Prints microseconds per call,
 then the cProfile functions with the most own time.
 
-    python scripts/host_profile.py [--calls 300]
+    python scripts/host_profile.py [--calls 300] [--dtype fp8]   # fp8: e4m3 q and cache, with both descales
     python scripts/host_profile.py --cpu-mock   # no GPU: fake torch, no-op driver (devtools/fake_cuda.py)
     python scripts/host_profile.py --baseline DIR [--rounds 5] [--cpu-mock]   # before/after
 
@@ -36,23 +36,24 @@ from bench_cases import Case
 B, S_Q, H_Q, PAGES = 4, 1, 128, 2  # GPU work per call well below the host work (see above)
 
 
-def gpu_inputs():
+def gpu_inputs(dtype: str):
     import torch
 
-    x = bench.make_inputs(torch, Case(B, S_Q, H_Q, PAGES * 64), seed=0)
-    return torch, (x.q, x.k_cache, x.block_table, x.seqlens)
+    x = bench.make_inputs(torch, Case(B, S_Q, H_Q, PAGES * 64, dtype=dtype), seed=0)
+    return torch, (x.q, x.k_cache, x.block_table, x.seqlens), (x.descale_q, x.descale_k)
 
 
-def mock_inputs():
+def mock_inputs(dtype: str):
     """The same shapes as fake torch tensors, with the package pointed at a fake H100."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "devtools"))
     import fake_cuda
 
     torch = fake_cuda.FakeTorchModule()
     fake_cuda.install(setattr, dict.__setitem__, fake_cuda.stub_driver(), torch)
-    return torch, (torch.tensor((B, S_Q, H_Q, 576), torch.bfloat16),
-                   torch.tensor((B * PAGES, 64, 1, 576), torch.bfloat16),
-                   torch.tensor((B, PAGES), torch.int32), torch.tensor((B,), torch.int32))
+    element = getattr(torch, bench.TORCH_DTYPES[dtype])
+    descales = (torch.tensor((1,), torch.float32), torch.tensor((1,), torch.float32)) if dtype == "fp8" else (None, None)
+    return torch, (torch.tensor((B, S_Q, H_Q, 576), element), torch.tensor((B * PAGES, 64, 1, 576), element),
+                   torch.tensor((B, PAGES), torch.int32), torch.tensor((B,), torch.int32)), descales
 
 
 FUNCTIONS = ("flash_mla_with_kvcache", "get_mla_metadata")
@@ -91,26 +92,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="bursts to time; the best is reported too")
     parser.add_argument("--cpu-mock", action="store_true", help="no GPU: fake torch and driver (see above)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile listing")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(bench.TORCH_DTYPES),
+                        help="q and cache type (fp8: e4m3 q and cache with both descales)")
     parser.add_argument("--baseline", metavar="DIR", help="also time the source tree DIR and compare (see above)")
     parser.add_argument("--rounds", type=int, default=5, help="with --baseline: runs of each tree")
     args = parser.parse_args()
     if args.baseline:
         compare(args.baseline, ["--calls", str(args.calls), "--repeats", str(args.repeats)]
+                + (["--dtype", args.dtype] if args.dtype != "bf16" else [])   # older trees know bf16 alone
                 + (["--cpu-mock"] if args.cpu_mock else []), args.rounds)
         return
 
-    torch, (q, k_cache, block_table, seqlens) = mock_inputs() if args.cpu_mock else gpu_inputs()
+    torch, (q, k_cache, block_table, seqlens), (descale_q, descale_k) = (
+        mock_inputs(args.dtype) if args.cpu_mock else gpu_inputs(args.dtype))
     import flashmla_cupy
 
-    meta, splits = flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1)
+    fp8 = args.dtype == "fp8"
+    meta, splits = flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1, is_fp8_kvcache=fp8)
 
     def call():
-        return flashmla_cupy.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits)
+        return flashmla_cupy.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits,
+                                                    descale_q=descale_q, descale_k=descale_k)
 
     def plan():
-        return flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1)
+        return flashmla_cupy.get_mla_metadata(seqlens, S_Q * H_Q, 1, is_fp8_kvcache=fp8)
 
-    label = "CPU-mocked (fake torch, no-op driver)" if args.cpu_mock else "GPU"
+    label = ("CPU-mocked (fake torch, no-op driver)" if args.cpu_mock else "GPU") + (f", {args.dtype}" if fp8 else "")
     for name, fn in (("flash_mla_with_kvcache", call), ("get_mla_metadata", plan)):
         for _ in range(20):
             fn()

@@ -304,9 +304,10 @@ def test_ncu_command_profiles_one_warm_decode_launch_with_clocks_untouched(tmp_p
     assert list(ncu_compare.read_profiles(str(tmp_path), ["flashmla_cupy", "FlashMLA"])) == ["flashmla_cupy"]
 
 
-def test_host_profile_cpu_mock_still_runs():
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_host_profile_cpu_mock_still_runs(dtype):
     run = subprocess.run([sys.executable, str(REPO / "scripts/host_profile.py"), "--cpu-mock", "--calls", "20",
-                          "--no-profile"], capture_output=True, text=True, timeout=300,
+                          "--no-profile", "--dtype", dtype], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "host time per flash_mla_with_kvcache call" in run.stdout
