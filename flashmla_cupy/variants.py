@@ -33,7 +33,8 @@ DECODE_THREADS = {None: 384, "e4m3": 384}
 # H200, docs/PERF_NOTES.md): its dynamic shared memory (kNarrowSharedBytes) per row count and its
 # threads (kNarrowThreads), pinned likewise.
 NARROW_ROWS = (16,)
-# With an FP8 cache (and an e4m3 q) also 32 rows (wgmma N = 32, the two computing warpgroups taking pages in turn).
+# With an FP8 cache (and an e4m3 q) also 32 rows (wgmma N = 32, the two computing warpgroups taking
+# pages in turn).
 NARROW_FP8_ROWS = (16, 32)
 NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 228352}
 # one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup

@@ -123,7 +123,7 @@ struct Producer {
 // S = Q K^T of the page in `buffer`: with an e4m3 q and cache on FP8 wgmmas straight from the landed FP8
 // page (dequant.cuh), else from the 16-bit boxes. Committed, not awaited.
 __device__ __forceinline__ void issue_scores(SharedStorage& smem, int buffer, int phase, ScoreTile& s) {
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
   issue_qk_fp8(smem.q, smem.kv[buffer], smem.landed[buffer], phase, s);
 #else
   issue_qk(smem.q, smem.kv[buffer], smem.full[buffer], phase, s);
@@ -133,7 +133,7 @@ __device__ __forceinline__ void issue_scores(SharedStorage& smem, int buffer, in
 // The page in `buffer` has been scored (this warp's wait for its QK^T has returned): with FP8 scores
 // the converter may now overwrite its FP8 V in place (one arrival per warp).
 __device__ __forceinline__ void mark_scored(SharedStorage& smem, int buffer, int thread) {
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
   __syncwarp();
   if (thread % 32 == 0) mbarrier_arrive(&smem.scored[buffer]);
 #endif
@@ -451,7 +451,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       }
       mbarrier_init(&smem.empty[buffer][0], 1);
       mbarrier_init(&smem.empty[buffer][1], 1);
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
       mbarrier_init(&smem.scored[buffer], kScoredArrivals);
 #endif
     }

@@ -38,6 +38,15 @@ __device__ __forceinline__ int fp8_offset(int row, int chunk) {
   return row * kFp8RowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
+// FP8 scores: an e4m3 q with an FP8 cache, whose QK^T runs on FP8 wgmmas straight from the landed page
+// (dequant.cuh); every other variant scores 16-bit boxes.
+#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#define FLASHMLA_FP8_SCORES 1
+constexpr bool kFp8Scores = true;
+#else
+constexpr bool kFp8Scores = false;
+#endif
+
 // Where a token's 16-bit row lies in a V box, and how PV's descriptors step over the rows (mma.cuh's
 // v_desc). A 16-bit cache lands rows in token order: PV k-step s (tokens 16s .. 16s+15) starts at row 16s
 // and its two 8-token groups lie 1 KB apart. With FP8 scores (an e4m3 q and cache: dequant.cuh) the
@@ -45,7 +54,7 @@ __device__ __forceinline__ int fp8_offset(int row, int chunk) {
 // converter warp's 16 tokens become 16-bit rows only over FP8 bytes it has read itself (slot 4 + w, in
 // the box's upper half where the FP8 box landed) and over the free lower half (slot w): k-step s then
 // starts at slot s, and its two groups lie 4 KB apart.
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
 constexpr int kVGroupStrideBytes = 4 * 8 * kRowBytes;
 constexpr int kVStepBytes = 8 * kRowBytes;
 __host__ __device__ constexpr int v_row(int token) { return (token / 8 % 2 * 4 + token / 16) * 8 + token % 8; }

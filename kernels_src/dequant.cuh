@@ -107,7 +107,7 @@ __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
                     e4m3x2_high_to_element2(fp8.y));
 }
 
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
 
 // With an e4m3 q (decode.cu) QK^T runs on FP8 wgmmas straight from the landed page, as in
 // decode_narrow.cu, and only V is converted, after that QK^T:
@@ -126,7 +126,6 @@ __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
 // (Measured, H200, 2026-11-30, h_q = 128, 4096: converting before QK^T, 411 us; after it, with rows in
 // token order, which needs a warpgroup barrier per box between the reads and the writes, 322 us; warp by
 // warp as here, 270 us.)
-constexpr bool kFp8Scores = true;
 constexpr int kLandingsPerBox = 1;
 constexpr int kLandingTokens = kPageSize;
 constexpr int kLandingBytes = kFp8BoxBytes;
@@ -213,7 +212,6 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
 
 #elif defined(FLASHMLA_KV_E4M3)
 
-constexpr bool kFp8Scores = false;
 constexpr int kConverterWarps = kHelperThreads / 32;
 constexpr int kLandingsPerBox = kConverterWarps;            // one TMA sub-box per converter warp
 constexpr int kLandingTokens = kPageSize / kLandingsPerBox;  // 16 tokens, 64 e4m3 bytes each
@@ -315,7 +313,6 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
 
 #else
 
-constexpr bool kFp8Scores = false;
 constexpr int kLandingsPerBox = 1;  // a 16-bit box lands whole, swizzled: it is its own final form
 constexpr int kLandingTokens = kPageSize;
 constexpr int kLandingBytes = kBoxBytes;

@@ -54,8 +54,8 @@ static_assert((boxes_loaded_by(kBufferA, 0) & boxes_loaded_by(kBufferA, 1)) == 0
 static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0, "no box of B is loaded twice");
 
 // Issue the boxes `mask` of one KV page into a buffer; each box completes its own barrier, so QK^T
-// can start on the first box (an FP8 box lands as four sub-boxes inside its 16-bit box and completes
-// its "landed" barrier, for the converter: dequant.cuh). Called by one thread.
+// can start on the first box (an FP8 box lands inside its 16-bit box, whole or as four sub-boxes, and
+// completes its "landed" barrier: dequant.cuh). Called by one thread.
 __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
                                                 uint32_t mask, int block, int head, uint64_t hint) {
 #pragma unroll

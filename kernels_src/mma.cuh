@@ -128,7 +128,7 @@ __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const uint8_t* k
   fence_fragment(s.v);
 }
 
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
 // S = Q K^T on FP8 wgmmas (k = 32), Q and K both e4m3 in FP8 boxes: Q's at q_tile + 4 KB * box, K's
 // landed in the upper half of each 16-bit box of the page (dequant.cuh). Same accumulator layout as
 // issue_qk. Committed, not awaited.

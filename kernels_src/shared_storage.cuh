@@ -24,7 +24,7 @@ struct SharedStorage {
 #if defined(FLASHMLA_KV_E4M3)
   uint64_t landed[kPageBuffers][kBoxes];  // an FP8 box has landed (TMA); `full` then says it is converted
 #endif
-#if defined(FLASHMLA_KV_E4M3) && defined(FLASHMLA_Q_E4M3)
+#if defined(FLASHMLA_FP8_SCORES)
   uint64_t scored[kPageBuffers];  // the buffer's page has been scored: its FP8 V may be converted in place
 #endif
 };

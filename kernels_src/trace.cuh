@@ -2,8 +2,8 @@
 // within a pair of pages, measured inside the kernel.
 //
 // Built with -DFLASHMLA_TRACE=1 only (never shipped): thread 0 of each consumer warpgroup (and of the
-// FP8 converter) of the first kTraceCtas CTAs writes (mark, clock64) words into the buffer the host points `flashmla_trace` at:
-// [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 | cycles (56 bits); the
+// FP8 converter) of the first kTraceCtas CTAs writes (mark, clock64) words into the buffer the host
+// points `flashmla_trace` at: [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 | cycles (56 bits); the
 // first word of a record holds kMarkHeader and the SM id. Without the define a mark is nothing.
 #pragma once
 #include "decode_config.cuh"
