@@ -115,26 +115,30 @@ __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
 //   the upper half of its 16-bit box, completing its "landed" barrier; the Q tile is e4m3 in the same
 //   layout (load_q_tile). The warpgroup scoring the page waits on "landed" and, once its QK^T has
 //   completed, arrives on the buffer's "scored" barrier (one arrival per warp).
-// - the converter waits on "scored", then turns the V boxes (0..7) into 16-bit rows in place, warp w the
-//   tokens 16w .. 16w+15 (one PV k-step) of each: it reads their FP8 rows (the 1 KB at slot 4 + w of the
-//   box), then writes them as 16-bit rows at slots w and 4 + w (decode_config.cuh's v_row), which cover
-//   only bytes it has read itself; so the warps never wait for each other. Each thread fences and
-//   arrives on the box's "full" barrier, which PV waits on. The stale tail of a request's last page
-//   (maybe NaN: P is 0 there, but 0 * NaN = NaN) is written as zeros. The rope box is not converted: its
-//   QK^T is its only use, and then it carries P as for a 16-bit cache.
-// So the conversion runs beside the softmax, not between the load and QK^T, and QK^T costs half.
+// - the converter turns the V boxes (0..7) into 16-bit rows in place, warp w the tokens 16w .. 16w+15
+//   (one PV k-step) of each, from their FP8 rows (the 1 KB at slot 4 + w of the box) to 16-bit rows at
+//   slots w and 4 + w (decode_config.cuh's v_row), which cover only bytes it has read itself; so the
+//   warps never wait for each other. Slot w lies in the box's lower half, which QK^T does not read: the
+//   first 8 tokens go there as soon as the page lands, beside its QK^T. Slot 4 + w overwrites the FP8
+//   rows: the last 8 tokens go there once the page is scored (the "scored" barrier), then each thread
+//   fences and arrives on the box's "full" barrier, which PV waits on. The stale tail of a request's
+//   last page (maybe NaN: P is 0 there, but 0 * NaN = NaN) is written as zeros. The rope box is not
+//   converted: its QK^T is its only use, and then it carries P as for a 16-bit cache.
+// So half the conversion runs beside QK^T and the rest beside the softmax, and QK^T costs half.
 // (Measured, H200, 2026-11-30, h_q = 128, 4096: converting before QK^T, 411 us; after it, with rows in
 // token order, which needs a warpgroup barrier per box between the reads and the writes, 322 us; warp by
-// warp as here, 270 us.)
+// warp, all of it after the scores, 270 us; half of it before the scores as here, 259-260 us (2-4 % on
+// every 128-row cell, but 1.7 % slower at h_q = 64, 16384); with no conversion at all (not exact) 234 us.)
 constexpr int kLandingsPerBox = 1;
 constexpr int kLandingTokens = kPageSize;
 constexpr int kLandingBytes = kFp8BoxBytes;
 constexpr int kFullArrivals = kHelperThreads;  // a V box is full once every converter thread wrote
 constexpr int kScoredArrivals = kWarpgroupThreads / 32;
 constexpr int kConvertTokens = kPageSize / (kHelperThreads / 32);  // 16 per converter warp
-// Boxes per step, each step's reads in flight together and one fence and arrival for them. Measured
-// (H200, h_q = 128, 4096): one box a step 302 us, two 270 us; more boxes a fence (4 or 8, in steps of 2
-// or 4, the converter given 56 or 72 registers), one arrival per warp, or 56 registers: 274-289 us.
+// Boxes per step, each step's reads in flight together (and after the scores one fence and arrival for
+// them). Measured (H200, h_q = 128, 4096) when both groups went after the scores: one box a step 302 us,
+// two 270 us; more boxes a fence (4 or 8, in steps of 2 or 4, the converter given 56 or 72 registers),
+// one arrival per warp, or 56 registers: 274-289 us. (4 boxes a step of one group: spills under 13.0.)
 constexpr int kConvertBoxesPerStep = 2;
 static_assert(kConvertTokens * kFp8RowBytes == 2 * 16 * 32, "a warp reads its FP8 rows in two 16-byte chunks a lane");
 
@@ -144,43 +148,37 @@ __device__ __forceinline__ uint64_t* landing_barrier(SharedStorage& smem, int bu
   return &smem.landed[buffer][box];
 }
 
-// A converter warp's tokens of kCount consecutive V boxes, from `first_box` on. Lane l reads the physical
-// FP8 chunks l and l + 32 of the warp's rows (16 bytes each: token 16w + l / 4, and the same columns of
-// token + 8, whose row is the k-step's second group: kVGroupStrideBytes further); a chunk holding columns
+// One 8-token group of a converter warp's 16 tokens, in kCount consecutive V boxes from `first_box` on:
+// kGroup 0, tokens 16w .. 16w+7, go to slot w of the box's free lower half, which QK^T does not read,
+// so they are converted as soon as the page has landed; kGroup 1, tokens 16w+8 .. 16w+15, go to slot
+// 4 + w, over the warp's own FP8 rows, so only once the page is scored. Lane l reads the physical FP8
+// chunk l of the group's rows (16 bytes: token 16w + 8 kGroup + l / 4); a chunk holding columns
 // 16c .. 16c + 15 (c = l % 4 ^ the 64-byte swizzle) becomes the 16-bit chunks 2c and 2c + 1 of the
-// token's row, which differ in bit 4 of the offset only. A warp reads 512 contiguous bytes and writes
-// four chunks of each of 8 rows of one 8-row group: no bank conflicts.
-template <int kCount>
-__device__ __forceinline__ void convert_v_rows(uint8_t* first_box, int warp, int lane, int valid) {
-  const int token = warp * kConvertTokens + lane / 4;
-  const uint8_t* fp8 = first_box + kBoxBytes / 2 + warp * kConvertTokens * kFp8RowBytes + lane * 16;
-  uint4 raw[kCount][2];  // e4m3 zeros for stale tokens
+// token's row. A warp reads 512 contiguous bytes and writes four chunks of each of 8 rows of one 8-row
+// group: no bank conflicts. Stale tokens are written as zeros.
+template <int kCount, int kGroup>
+__device__ __forceinline__ void convert_v_group(uint8_t* first_box, int warp, int lane, int valid) {
+  const int token = warp * kConvertTokens + 8 * kGroup + lane / 4;
+  const uint8_t* fp8 = first_box + kBoxBytes / 2 + (warp * kConvertTokens + 8 * kGroup) * kFp8RowBytes + lane * 16;
+  uint4 raw[kCount];
 #pragma unroll
   for (int b = 0; b < kCount; ++b) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      raw[b][i] = token + 8 * i >= valid ? make_uint4(0, 0, 0, 0)
-                                         : *reinterpret_cast<const uint4*>(fp8 + b * kBoxBytes + 512 * i);
-    }
+    raw[b] = token >= valid ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(fp8 + b * kBoxBytes);
   }
-  __syncwarp();  // the warp's FP8 bytes all read before its slot 4 + w is overwritten
+  if constexpr (kGroup == 1) __syncwarp();  // the warp's FP8 bytes all read before slot 4 + w is overwritten
   const int first = 2 * ((lane % 4) ^ ((token >> 1) & 3));  // the FP8 box's 64-byte swizzle undone
   uint8_t* lo = first_box + swizzled_offset(v_row(token), first);
   uint8_t* hi = first_box + swizzled_offset(v_row(token), first + 1);
 #pragma unroll
   for (int b = 0; b < kCount; ++b) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint4 v = raw[b][i];
-      const int at = b * kBoxBytes + i * kVGroupStrideBytes;
-      *reinterpret_cast<uint4*>(lo + at) = e4m3x8_to_chunk(make_uint2(v.x, v.y));
-      *reinterpret_cast<uint4*>(hi + at) = e4m3x8_to_chunk(make_uint2(v.z, v.w));
-    }
+    *reinterpret_cast<uint4*>(lo + b * kBoxBytes) = e4m3x8_to_chunk(make_uint2(raw[b].x, raw[b].y));
+    *reinterpret_cast<uint4*>(hi + b * kBoxBytes) = e4m3x8_to_chunk(make_uint2(raw[b].z, raw[b].w));
   }
 }
 
-// The converter's whole work: the V boxes of every page of the part, in the loaders' order, each page
-// once its QK^T is done; kConvertBoxesPerStep boxes per fence and arrival.
+// The converter's whole work: the V boxes of every page of the part, in the loaders' order. Each page's
+// first groups as soon as its boxes land (beside its QK^T), its second groups once it is scored, a step
+// of kConvertBoxesPerStep boxes per fence and arrival on their "full" barriers.
 __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                              int thread, Tracer& trace) {
   const int warp = thread / 32;
@@ -192,14 +190,19 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
       const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
       const int phase = (phases >> buffer) & 1;
       const int valid = piece.seqlen - page * kPageSize;  // tokens of the page that exist
-      mbarrier_wait_uniform(&smem.scored[buffer], phase);
-      trace.mark(kMarkConvertStart);
+      uint8_t* boxes = smem.kv[buffer];
 #pragma unroll 1
       for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
 #pragma unroll
         for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_wait_uniform(&smem.landed[buffer][box + b], phase);
-        convert_v_rows<kConvertBoxesPerStep>(smem.kv[buffer] + box * kBoxBytes, warp, lane, valid);
-        fence_generic_to_async_smem();
+        convert_v_group<kConvertBoxesPerStep, 0>(boxes + box * kBoxBytes, warp, lane, valid);
+      }
+      mbarrier_wait_uniform(&smem.scored[buffer], phase);
+      trace.mark(kMarkConvertStart);
+#pragma unroll 1
+      for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
+        convert_v_group<kConvertBoxesPerStep, 1>(boxes + box * kBoxBytes, warp, lane, valid);
+        fence_generic_to_async_smem();  // both groups' writes, for PV's wgmma
 #pragma unroll
         for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
         if (box + kConvertBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
