@@ -107,6 +107,23 @@ __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
                     e4m3x2_high_to_element2(fp8.y));
 }
 
+// The converter's walk over the pages of a part, in the loaders' order (PageStream's: the pages of a
+// piece in pairs, a -> buffer A, b -> buffer B): f(buffer, phase, valid) per page, with the parity of
+// that buffer's barriers and the page's tokens that exist (< 64 only on a request's last page).
+template <class F>
+__device__ __forceinline__ void for_each_converted_page(const DecodeParams& p, const PartPlan& part, F&& f) {
+  uint32_t phases = 0;  // bit b: parity of buffer b's barriers (pages converted from it, mod 2); a
+                        // bit mask, as an array indexed at run time would live in local memory
+  for (int request = part.begin_request; request <= part.end_request; ++request) {
+    const Piece piece = Piece::of(p, part, request);
+    for (int page = piece.page_begin; page < piece.page_end; ++page) {
+      const int buffer = (page - piece.page_begin) & 1;
+      f(buffer, int(phases >> buffer) & 1, piece.seqlen - page * kPageSize);
+      phases ^= 1u << buffer;
+    }
+  }
+}
+
 #if defined(FLASHMLA_FP8_SCORES)
 
 // With an e4m3 q (decode.cu) QK^T runs on FP8 wgmmas straight from the landed page, as in
@@ -183,34 +200,26 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
                                              int thread, Tracer& trace) {
   const int warp = thread / 32;
   const int lane = thread % 32;
-  uint32_t phases = 0;  // bit b: parity of buffer b's barriers (a bit mask: see below)
-  for (int request = part.begin_request; request <= part.end_request; ++request) {
-    const Piece piece = Piece::of(p, part, request);
-    for (int page = piece.page_begin; page < piece.page_end; ++page) {
-      const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
-      const int phase = (phases >> buffer) & 1;
-      const int valid = piece.seqlen - page * kPageSize;  // tokens of the page that exist
-      uint8_t* boxes = smem.kv[buffer];
+  for_each_converted_page(p, part, [&](int buffer, int phase, int valid) {
+    uint8_t* boxes = smem.kv[buffer];
 #pragma unroll 1
-      for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
+    for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
 #pragma unroll
-        for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_wait_uniform(&smem.landed[buffer][box + b], phase);
-        convert_v_group<kConvertBoxesPerStep, 0>(boxes + box * kBoxBytes, warp, lane, valid);
-      }
-      mbarrier_wait_uniform(&smem.scored[buffer], phase);
-      trace.mark(kMarkConvertStart);
-#pragma unroll 1
-      for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
-        convert_v_group<kConvertBoxesPerStep, 1>(boxes + box * kBoxBytes, warp, lane, valid);
-        fence_generic_to_async_smem();  // both groups' writes, for PV's wgmma
-#pragma unroll
-        for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
-        if (box + kConvertBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
-      }
-      trace.mark(kMarkConverted);
-      phases ^= 1u << buffer;
+      for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_wait_uniform(&smem.landed[buffer][box + b], phase);
+      convert_v_group<kConvertBoxesPerStep, 0>(boxes + box * kBoxBytes, warp, lane, valid);
     }
-  }
+    mbarrier_wait_uniform(&smem.scored[buffer], phase);
+    trace.mark(kMarkConvertStart);
+#pragma unroll 1
+    for (int box = 0; box < kRopeBox; box += kConvertBoxesPerStep) {
+      convert_v_group<kConvertBoxesPerStep, 1>(boxes + box * kBoxBytes, warp, lane, valid);
+      fence_generic_to_async_smem();  // both groups' writes, for PV's wgmma
+#pragma unroll
+      for (int b = 0; b < kConvertBoxesPerStep; ++b) mbarrier_arrive(&smem.full[buffer][box + b]);
+      if (box + kConvertBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
+    }
+    trace.mark(kMarkConverted);
+  });
 }
 
 #elif defined(FLASHMLA_KV_E4M3)
@@ -292,26 +301,18 @@ __device__ __forceinline__ void convert_part(const DecodeParams& p, const PartPl
                                              int thread, Tracer& trace) {
   const int warp = thread / 32;
   const int lane = thread % 32;
-  uint32_t phases = 0;  // bit b: parity of buffer b's barriers (pages converted from it, mod 2); a
-                        // bit mask, as an array indexed at run time would live in local memory
-  for (int request = part.begin_request; request <= part.end_request; ++request) {
-    const Piece piece = Piece::of(p, part, request);
-    for (int page = piece.page_begin; page < piece.page_end; ++page) {
-      const int buffer = (page - piece.page_begin) & 1;  // pairs: a -> A, b -> B (PageStream's parity)
-      const int phase = (phases >> buffer) & 1;
-      trace.mark(kMarkConvertStart);  // (its first boxes' wait is inside the first step)
+  for_each_converted_page(p, part, [&](int buffer, int phase, int) {
+    trace.mark(kMarkConvertStart);  // (its first boxes' wait is inside the first step)
 #pragma unroll 1
-      for (int box = 0; box + kBoxesPerStep <= kBoxes; box += kBoxesPerStep) {
-        convert_step<kBoxesPerStep>(smem, buffer, box, phase, warp, lane);
-        if (box + kBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
-      }
-      if constexpr (kBoxes % kBoxesPerStep != 0) {  // the rope box
-        convert_step<kBoxes % kBoxesPerStep>(smem, buffer, kBoxes - kBoxes % kBoxesPerStep, phase, warp, lane);
-      }
-      trace.mark(kMarkConverted);
-      phases ^= 1u << buffer;
+    for (int box = 0; box + kBoxesPerStep <= kBoxes; box += kBoxesPerStep) {
+      convert_step<kBoxesPerStep>(smem, buffer, box, phase, warp, lane);
+      if (box + kBoxesPerStep == kBoxesPerHalf) trace.mark(kMarkConvertedHalf);
     }
-  }
+    if constexpr (kBoxes % kBoxesPerStep != 0) {  // the rope box
+      convert_step<kBoxes % kBoxesPerStep>(smem, buffer, kBoxes - kBoxes % kBoxesPerStep, phase, warp, lane);
+    }
+    trace.mark(kMarkConverted);
+  });
 }
 
 #else
