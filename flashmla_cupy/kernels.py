@@ -54,9 +54,9 @@ class CombineLaunch:
         warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts),
-            warps_per_row=warps_per_row)
-        fn = launch.get_function(variants.combine_variant(dtype), device_id)
+            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
+        self.warps_per_row = warps_per_row
+        fn = launch.get_function(variants.combine_variant(dtype, warps_per_row), device_id)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // COMBINE_WARPS_PER_BLOCK), 1)
         self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
 

@@ -48,7 +48,7 @@ class CombineParams(ctypes.Structure):
     _fields_ = [
         ("out_partial", _p), ("lse_partial", _p), ("num_splits", _p), ("out", _p), ("lse", _p),
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
-        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32), ("warps_per_row", _i32),
+        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32),
     ]
 
 

@@ -37,6 +37,10 @@ NARROW_ROWS = (16,)
 # pages in turn).
 NARROW_FP8_ROWS = (16, 32)
 NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 228352}
+# The combine kernel, built per warps merging one output row (kWarpsPerRow of combine.cu, pinned): 1 (a
+# warp a row, many rows of a few pieces: few pieces in flight, few registers, more blocks an SM) or 4 (a
+# block a row, few rows of many pieces: more in flight). kernels.combine_warps_per_row picks one.
+COMBINE_WARPS_PER_ROW = (1, 4)
 # one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
 NARROW_THREADS = {None: 160, "e4m3": 384}
 # Tokens of one TMA sub-box of an FP8 page in decode.cu with a 16-bit q (kLandingTokens of dequant.cuh,
@@ -58,12 +62,14 @@ class Variant:
     dtype: str | None   # "bf16" | "fp16" (| "e4m3": decode's q), or None for the dtype-free scheduler and check
     kv: str | None = None   # decode's k_cache type when it is not q's: "e4m3" (an FP8 cache)
     rows: int | None = None  # decode_narrow's query rows per CTA (NARROW_ROWS)
+    warps: int | None = None  # combine's warps per output row when more than one (COMBINE_WARPS_PER_ROW)
 
     @property
     def name(self) -> str:
         """Stable human-readable id, e.g. "decode_bf16", "decode_e4m3_kv_e4m3"; also names the cache entry."""
         name = f"{self.program}_{self.dtype}" if self.dtype else self.program
         name = f"{name}_kv_{self.kv}" if self.kv else name
+        name = f"{name}_w{self.warps}" if self.warps else name
         return f"{name}_r{self.rows}" if self.rows else name
 
     @property
@@ -74,7 +80,8 @@ class Variant:
     @property
     def defines(self) -> tuple[str, ...]:
         return ((_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
-                + ((f"-DFLASHMLA_NARROW_ROWS={self.rows}",) if self.rows else ()))
+                + ((f"-DFLASHMLA_NARROW_ROWS={self.rows}",) if self.rows else ())
+                + ((f"-DFLASHMLA_COMBINE_WARPS_PER_ROW={self.warps}",) if self.warps else ()))
 
     @property
     def threads(self) -> int:
@@ -126,6 +133,8 @@ class Variant:
             return pinned
         if self.program == "check":
             return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
+        if self.program == "combine":
+            return {"kWarpsPerRow": self.warps or 1}
         return {}
 
 
@@ -144,7 +153,7 @@ def all_variants() -> list[Variant]:
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
-        + [Variant("combine", dt) for dt in DTYPES]
+        + [Variant("combine", dt, warps=None if w == 1 else w) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
         + [Variant("scheduler", None), Variant("check", None)]
     )
 
@@ -154,12 +163,12 @@ def _alias(dtype) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _find(program: str, dtype, kv=None, rows=None) -> Variant:
+def _find(program: str, dtype, kv=None, rows=None, warps=None) -> Variant:
     key, kv_key = _alias(dtype), _alias(kv)
     if kv_key == key and program == "decode" and key in DTYPES:
         kv_key = None   # a 16-bit cache of q's own type
     for v in all_variants():
-        if v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows:
+        if v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows and v.warps == warps:
             return v
     known = ", ".join(v.name for v in all_variants() if v.program == program)
     raise ValueError(f"no {program} kernel for dtype {dtype!r} (cache {kv!r}); compiled variants: {known}")
@@ -182,9 +191,10 @@ def narrow_variant(dtype, rows: int, kv=None) -> Variant:
     return _find("decode_narrow", dtype, kv, fit)
 
 
-def combine_variant(dtype) -> Variant:
-    """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype)."""
-    return _find("combine", dtype)
+def combine_variant(dtype, warps_per_row: int = 1) -> Variant:
+    """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype) and the
+    warps that merge one output row (COMBINE_WARPS_PER_ROW)."""
+    return _find("combine", dtype, warps=None if warps_per_row == 1 else warps_per_row)
 
 
 def scheduler_variant() -> Variant:

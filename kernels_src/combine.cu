@@ -2,7 +2,7 @@
 // final `out` and `lse` rows. Requests with a single piece were written directly by the decode kernel
 // and are skipped. Partial-result format: docs/ARCHITECTURE.md ("Partial results").
 //
-// Launch geometry: p.warps_per_row (W = 1 or kCombineWarpsPerBlock) warps per (request, KV head, query
+// Launch geometry: kWarpsPerRow (W = 1 or kCombineWarpsPerBlock, one build each) warps per (request, KV head, query
 // row), blocks of kCombineWarpsPerBlock warps:
 //   grid  = (batch, ceil(heads_kv * rows * W / kCombineWarpsPerBlock), 1)
 //   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory (8 KB static, used when W > 1),
@@ -38,8 +38,18 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // vector load instruction of the warp reads 512 contiguous bytes.
 constexpr int kVecPerLane = kHeadDimV / (4 * kWarpSize);
 constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
-// Pieces of a row whose partial values are loaded at once (each takes 16 registers of a lane).
-constexpr int kPiecesInFlight = 8;
+// Warps that merge one output row, a build each (-DFLASHMLA_COMBINE_WARPS_PER_ROW, variants.py's
+// COMBINE_WARPS_PER_ROW): 1, or the whole block (kCombineWarpsPerBlock).
+#ifndef FLASHMLA_COMBINE_WARPS_PER_ROW
+#define FLASHMLA_COMBINE_WARPS_PER_ROW 1
+#endif
+constexpr int kWarpsPerRow = FLASHMLA_COMBINE_WARPS_PER_ROW;
+static_assert(kWarpsPerRow == 1 || kWarpsPerRow == kCombineWarpsPerBlock, "a warp or a block a row");
+// Pieces of a row whose partial values a warp loads at once (each takes 16 registers of a lane). A warp
+// a row merges few pieces beside many other rows, in waves: 4 keep it at 120 registers, four blocks an
+// SM (8: 185, two); a block a row gives each warp ~17 pieces of few rows: 8 take fewer batches. (H200,
+// one build with 4: b32/8k -3.4 %, b16/2k -5.1 %, b1/32k +7.6 %: benchmarks/results/2026-11-30-h200-ab38-*.)
+constexpr int kPiecesInFlight = kWarpsPerRow == 1 ? 4 : 8;
 
 // Four floats rounded to the output dtype, packed into 8 bytes.
 __device__ __forceinline__ uint2 pack4(float4 v) {
@@ -75,9 +85,8 @@ flashmla_combine(const flashmla::CombineParams p) {
   const int lane = threadIdx.x % kWarpSize;
   const long long request = blockIdx.x;
   const int warp = threadIdx.x / kWarpSize;
-  const int warps_per_row = p.warps_per_row;  // W: 1 or kCombineWarpsPerBlock, set by the host
-  const int share = warp % warps_per_row;     // which share of the row's pieces this warp takes
-  const int row_of_request = (blockIdx.y * kCombineWarpsPerBlock + warp) / warps_per_row;  // over heads_kv * rows
+  const int share = warp % kWarpsPerRow;  // which share of the row's pieces this warp takes
+  const int row_of_request = (blockIdx.y * kCombineWarpsPerBlock + warp) / kWarpsPerRow;  // over heads_kv * rows
   const int row = row_of_request % p.rows;
   const int g = row_of_request / p.rows;
 
@@ -142,7 +151,7 @@ flashmla_combine(const flashmla::CombineParams p) {
     // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
     // request (tens of pieces) paid one memory latency per piece.
     // This warp's share: pieces [begin, end).
-    const int per_warp = (pieces + warps_per_row - 1) / warps_per_row;
+    const int per_warp = (pieces + kWarpsPerRow - 1) / kWarpsPerRow;
     const int begin = min(pieces, share * per_warp);
     const int end = min(pieces, begin + per_warp);
     for (int base = begin; base < end; base += kWarpSize) {
@@ -185,20 +194,20 @@ flashmla_combine(const flashmla::CombineParams p) {
     if (lane == 0 && share == 0) *lse_out = (total.max + log2f(total.sum)) * kLn2;
   }
 
-  if (warps_per_row == 1) {
+  if constexpr (kWarpsPerRow == 1) {
     for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
-    return;
+  } else {
+    // The block's warps are one row's (all of them got here, as every branch above depends on the row
+    // alone). Add up their sums; warp w writes the w-th group of the row's columns.
+    static_assert(kVecPerLane == kCombineWarpsPerBlock, "one group of columns per warp");
+    __shared__ float4 sums[kCombineWarpsPerBlock][kVecPerLane * kWarpSize];
+    for (int v = 0; v < kVecPerLane; ++v) sums[warp][v * kWarpSize + lane] = acc[v];
+    __syncthreads();
+    float4 row_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int w = 0; w < kCombineWarpsPerBlock; ++w) {
+      const float4 x = sums[w][warp * kWarpSize + lane];
+      row_sum = make_float4(row_sum.x + x.x, row_sum.y + x.y, row_sum.z + x.z, row_sum.w + x.w);
+    }
+    out[warp * kWarpSize + lane] = pack4(row_sum);
   }
-  // W > 1: the block's warps are one row's (all of them got here, as every branch above depends on the
-  // row alone). Add up their sums; warp w writes the w-th group of the row's columns.
-  static_assert(kVecPerLane == kCombineWarpsPerBlock, "one group of columns per warp");
-  __shared__ float4 sums[kCombineWarpsPerBlock][kVecPerLane * kWarpSize];
-  for (int v = 0; v < kVecPerLane; ++v) sums[warp][v * kWarpSize + lane] = acc[v];
-  __syncthreads();
-  float4 row_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  for (int w = 0; w < kCombineWarpsPerBlock; ++w) {
-    const float4 x = sums[w][warp * kWarpSize + lane];
-    row_sum = make_float4(row_sum.x + x.x, row_sum.y + x.y, row_sum.z + x.z, row_sum.w + x.w);
-  }
-  out[warp * kWarpSize + lane] = pack4(row_sum);
 }

@@ -77,7 +77,6 @@ struct CombineParams {
   int heads_per_group;
   int rows;
   int partial_slots;         // as DecodeParams: split requests whose slots fall outside get NaN rows
-  int warps_per_row;         // 1 or kCombineWarpsPerBlock (combine.cu): warps that merge one row
 };
 
 // Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.

@@ -302,18 +302,23 @@ def test_decode_call(gpu):
     assert (combine["function"], combine["stream"], combine["pdl"]) == (fake_cuda.COMBINE_FN, STREAM, True)
     assert (c.out, c.lse, c.out_partial, c.lse_partial) == (p.out, p.lse, p.out_partial, p.lse_partial)
     assert c.num_splits == p.num_splits == BASE_PTR + (5 << 30)
-    assert c.warps_per_row == 1 and combine["grid"] == (3, 2 * 32 // kernels.COMBINE_WARPS_PER_BLOCK, 1)
+    assert combine["grid"] == (3, 2 * 32 // kernels.COMBINE_WARPS_PER_BLOCK, 1)
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
 
 
 @pytest.mark.parametrize("batch, num_parts, warps_per_row", [(1, 66, 4), (4, 66, 4), (5, 66, 1), (64, 66, 1)])
-def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, batch, num_parts, warps_per_row):
+def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, monkeypatch, batch, num_parts,
+                                                                           warps_per_row):
     """Few requests over many parts (each cut into ~num_parts / batch pieces): a block merges each row;
-    otherwise a warp does. The grid covers every row with its warps either way."""
+    otherwise a warp does, each in its own build of the combine. The grid covers every row with its
+    warps either way."""
+    loaded = []
+    get_function = launch.get_function
+    monkeypatch.setattr(launch, "get_function", lambda variant, device: loaded.append(variant) or get_function(variant, device))
     flash_mla_with_kvcache(**decode_args(batch=batch, heads_q=128, num_parts=num_parts), stream=STREAM)
     combine = gpu.driver.launches[-1]
-    c = params.CombineParams.from_buffer_copy(combine["args"][0])
-    assert c.warps_per_row == warps_per_row
+    assert [v.name for v in loaded if v.program == "combine"] == [variants.combine_variant("bf16", warps_per_row).name]
+    assert variants.combine_variant("bf16", warps_per_row).pinned_constants == {"kWarpsPerRow": warps_per_row}
     assert combine["grid"] == (batch, 128 * warps_per_row // kernels.COMBINE_WARPS_PER_BLOCK, 1)
     assert combine["block"] == (32 * kernels.COMBINE_WARPS_PER_BLOCK, 1, 1)
 
