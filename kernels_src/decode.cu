@@ -46,11 +46,13 @@ namespace flashmla {
 // barriers are armed, so whoever waits on them sees it.
 __device__ __forceinline__ void load_next_page(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                                const TensorMap* map, PageStream& stream, int buffer, int consumer,
-                                               int kv_head, uint64_t hint) {
+                                               int kv_head, uint64_t hint, Tracer* trace = nullptr) {
   bool flagged;
   const int block = stream.block_index(p, flagged);
+  if (trace != nullptr) trace->mark(kMarkBlockIndexed);
   if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
   load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
+  if (trace != nullptr) trace->mark(kMarkBoxesIssued);
   stream.advance(p, part);
 }
 
@@ -108,12 +110,13 @@ struct Producer {
   }
 
   __device__ __forceinline__ void release(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                          const TensorMap* map, int buffer, int kv_head, uint64_t hint) {
+                                          const TensorMap* map, int buffer, int kv_head, uint64_t hint,
+                                          Tracer* trace = nullptr) {
     if (active) {
       if constexpr (kLoaderWarpgroup) {
         mbarrier_arrive(&smem.empty[buffer][warpgroup]);
       } else if (stream[buffer].valid()) {
-        load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, hint);
+        load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, hint, trace);
       }
     }
     __syncwarp();
@@ -251,7 +254,7 @@ struct PieceContext {
                                                    Tracer& trace) const {
     cute::warpgroup_wait<0>();
     trace.mark(kMarkRemotePvDone);
-    producer.release(p, part, smem, map, buffer, kv_head, hint);
+    producer.release(p, part, smem, map, buffer, kv_head, hint, &trace);
     trace.mark(kMarkLoaded);
     ++uses[buffer];
   }

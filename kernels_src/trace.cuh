@@ -27,6 +27,9 @@ enum TraceMark : uint32_t {
   kMarkConvertStart = 11,   // its wait for the page (scores in, or boxes landed) has returned
   kMarkConvertedHalf = 12,  // V's first half (boxes 0..3) converted and arrived on
   kMarkConverted = 13,      // every box it converts done
+  // A consumer loading its own boxes (an FP8 cache), after its remote PV:
+  kMarkBlockIndexed = 14,   // the page's block index read (its cp.async waited for)
+  kMarkBoxesIssued = 15,    // the page's TMA boxes issued
   kMarkHeader = 255,
 };
 

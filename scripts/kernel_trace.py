@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # trace.cuh's TraceMark names in order, its buffer shape and word layout.
 MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs published", "handoff in",
          "remote pv done", "own pv done (+load)", "loaded", "piece end", "kernel start",
-         "convert start", "v half converted", "v converted")
+         "convert start", "v half converted", "v converted", "block indexed", "boxes issued")
 HEADER = 255
 TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096
 CYCLE_BITS = 56
