@@ -55,7 +55,6 @@ class CombineLaunch:
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
             heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
-        self.warps_per_row = warps_per_row
         fn = launch.get_function(variants.combine_variant(dtype, warps_per_row), device_id)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // COMBINE_WARPS_PER_BLOCK), 1)
         self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
