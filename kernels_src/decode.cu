@@ -41,19 +41,26 @@
 
 namespace flashmla {
 
-// The next page of a buffer's stream into the boxes of that buffer that `consumer` reads last. Run by
-// the one thread that follows the stream. A bad page's flag (kFlagBadPages) is written before the TMA
-// barriers are armed, so whoever waits on them sees it.
+// The next page of a buffer's stream, if any, into the boxes of that buffer that `consumer` reads last.
+// Run by the one thread that follows the stream. A bad page's flag (kFlagBadPages) is written before the
+// TMA barriers are armed, so whoever waits on them sees it. With an FP8 cache this runs on a consumer's
+// path, so the stream's state is read at once, into registers (PageStream::snapshot); the 16-bit
+// loader works on it in place (its 40 registers hold its loop's addresses).
 __device__ __forceinline__ void load_next_page(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                                const TensorMap* map, PageStream& stream, int buffer, int consumer,
                                                int kv_head, uint64_t hint, Tracer* trace = nullptr) {
+  PageStream held;
+  if constexpr (kLoaderWarpgroup) async_copy_wait_all(); else held = stream.snapshot();
+  PageStream& next = kLoaderWarpgroup ? stream : held;
+  if (!next.valid()) return;
   bool flagged;
-  const int block = stream.block_index(p, flagged);
+  const int block = next.checked_block(p, flagged);
   if (trace != nullptr) trace->mark(kMarkBlockIndexed);
   if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
   load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
   if (trace != nullptr) trace->mark(kMarkBoxesIssued);
-  stream.advance(p, part);
+  next.step(p, part);
+  stream.follow(next, p);
 }
 
 // The loader (16-bit cache): warp w of the helper warpgroup follows buffer w / 2's page stream for
@@ -115,7 +122,7 @@ struct Producer {
     if (active) {
       if constexpr (kLoaderWarpgroup) {
         mbarrier_arrive(&smem.empty[buffer][warpgroup]);
-      } else if (stream[buffer].valid()) {
+      } else {
         load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, hint, trace);
       }
     }

@@ -88,11 +88,15 @@ struct Piece {
 // of every pair of every piece, buffer B the second (kStride 2). The loads of a piece's first pages are
 // thus issued while the previous piece is still being computed. With kStride 1 (decode_narrow.cu's
 // ring of boxes) one stream takes every page.
+//
+// A stream lives in shared memory and is followed by one thread. Where that thread is a consumer (an
+// FP8 cache), the refill reads the whole state at once into registers (`snapshot`) and writes the cursor
+// back (`follow`): with the tensor cores busy on shared memory, each dependent shared-memory read of a
+// refill cost ~100 cycles on that thread's path (trace: 311-368 cycles to read the block index alone).
 template <int kStride>
-struct PageStreamOf {
+struct alignas(16) PageStreamOf {
   int request, page, page_end;  // the page the buffer loads at its next refill
   int block;                    // its block-table entry, copied in asynchronously one refill ahead of its use
-  bool past_table;              // it lies past the block table's width: bad, the table is not read
   int parity;                   // kStride 2: 0 for buffer A's pages, 1 for buffer B's; kStride 1: 0
 
   __device__ __forceinline__ void start(const DecodeParams& p, const PartPlan& part, int buffer) {
@@ -102,25 +106,59 @@ struct PageStreamOf {
     page_range(p, part, request, p.seqlens[request], begin, page_end);
     page = begin + parity;
     settle(p, part);
+    fetch_block(p);
   }
   __device__ __forceinline__ bool valid() const { return page < page_end; }
 
-  // The cache block of the page. With kFlagBadPages, also whether the page is bad (past the table, or
-  // an index outside [0, num_blocks)); a flagged page loads block 0, which exists, and is never used.
-  // Otherwise the index goes to TMA as it is (kBlockOutsideCache past the table).
-  __device__ __forceinline__ int block_index(const DecodeParams& p, bool& flagged) const {
+  // The whole state, for registers, the block entry's copy waited for first (the calling thread issued it).
+  __device__ __forceinline__ PageStreamOf snapshot() const {
     async_copy_wait_all();
-    flagged = kFlagBadPages && (past_table || block < 0 || block >= p.num_blocks);
-    return flagged ? 0 : block;
+    const int4 first = *reinterpret_cast<const int4*>(this);  // one 16-byte read: the fields above
+    PageStreamOf s;
+    s.request = first.x;
+    s.page = first.y;
+    s.page_end = first.z;
+    s.block = first.w;
+    s.parity = parity;
+    return s;
   }
 
+  // The cache block of the page, once its copy has been waited for (block_index, snapshot). With
+  // kFlagBadPages, also whether the page is bad (past the table, or an index outside [0, num_blocks));
+  // a flagged page loads block 0, which exists, and is never used. Otherwise the index goes to TMA as
+  // it is (kBlockOutsideCache past the table).
+  __device__ __forceinline__ int checked_block(const DecodeParams& p, bool& flagged) const {
+    flagged = kFlagBadPages && (past_table(p) || block < 0 || block >= p.num_blocks);
+    return flagged ? 0 : block;
+  }
+  __device__ __forceinline__ int block_index(const DecodeParams& p, bool& flagged) const {
+    async_copy_wait_all();
+    return checked_block(p, flagged);
+  }
+
+  // On to the stream's next page, its block entry copied in.
   __device__ __forceinline__ void advance(const DecodeParams& p, const PartPlan& part) {
+    step(p, part);
+    fetch_block(p);
+  }
+  // The cursor only (on a snapshot): `follow` then makes it this stream's.
+  __device__ __forceinline__ void step(const DecodeParams& p, const PartPlan& part) {
     page += kStride;
     settle(p, part);
   }
+  // (`moved` may be this stream itself: then the cursor stays and only the entry is fetched.)
+  __device__ __forceinline__ void follow(const PageStreamOf& moved, const DecodeParams& p) {
+    request = moved.request;
+    page = moved.page;
+    page_end = moved.page_end;
+    fetch_block(p);
+  }
 
  private:
-  // Move past finished pieces and read the block-table entry of the page it lands on.
+  // The page lies past the block table's width: bad, the table is not read.
+  __device__ __forceinline__ bool past_table(const DecodeParams& p) const { return page >= p.block_table_width; }
+
+  // Move past finished pieces.
   __device__ __forceinline__ void settle(const DecodeParams& p, const PartPlan& part) {
     while (page >= page_end && request < part.end_request) {
       ++request;
@@ -128,8 +166,11 @@ struct PageStreamOf {
       page_range(p, part, request, p.seqlens[request], begin, page_end);
       page = begin + parity;
     }
-    past_table = page >= p.block_table_width;
-    if (valid() && !(kGuards && past_table)) {
+  }
+
+  // Read the block-table entry of the page it is on, asynchronously.
+  __device__ __forceinline__ void fetch_block(const DecodeParams& p) {
+    if (valid() && !(kGuards && past_table(p))) {
       async_copy_u32(&block, p.block_table + int64_t(request) * p.block_table_stride + page);
     } else {
       block = kBlockOutsideCache;  // past the table (or past the part: never loaded)
