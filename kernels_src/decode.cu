@@ -48,7 +48,7 @@ namespace flashmla {
 // loader works on it in place (its 40 registers hold its loop's addresses).
 __device__ __forceinline__ void load_next_page(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                                const TensorMap* map, PageStream& stream, int buffer, int consumer,
-                                               int kv_head, uint64_t hint, Tracer* trace = nullptr) {
+                                               int kv_head, Tracer* trace = nullptr) {
   PageStream held;
   if constexpr (kLoaderWarpgroup) async_copy_wait_all(); else held = stream.snapshot();
   PageStream& next = kLoaderWarpgroup ? stream : held;
@@ -57,7 +57,7 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
   const int block = next.checked_block(p, flagged);
   if (trace != nullptr) trace->mark(kMarkBlockIndexed);
   if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
-  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
+  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head);
   if (trace != nullptr) trace->mark(kMarkBoxesIssued);
   next.step(p, part);
   stream.follow(next, p);
@@ -72,7 +72,7 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
 // (Asking L2 ahead for every page was 10-22 % slower on long parts: benchmarks/results/
 // 2026-11-30-h200-ab9-*; the first page only: 0-2 % faster.)
 __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                            const TensorMap* map, int kv_head, uint64_t hint, int warp) {
+                                            const TensorMap* map, int kv_head, int warp) {
   const int consumer = warp % 2;
   const int buffer = warp / 2;
   const uint32_t boxes = boxes_loaded_by(buffer, consumer);
@@ -80,7 +80,7 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   stream.start(p, part, buffer);
   for (int loaded = 0; stream.valid(); ++loaded) {
     if (loaded > 0) mbarrier_wait_single(&smem.empty[buffer][consumer], (loaded - 1) & 1);
-    load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head, hint);
+    load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
     if (loaded == 0 && stream.valid()) {
       bool flagged;
       const int block = stream.block_index(p, flagged);
@@ -109,21 +109,21 @@ struct Producer {
 
   // The first page of each buffer (FP8; the loader does this itself).
   __device__ __forceinline__ void first_loads(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                              const TensorMap* map, int kv_head, uint64_t hint) {
+                                              const TensorMap* map, int kv_head) {
     if constexpr (!kLoaderWarpgroup) {
-      release(p, part, smem, map, kBufferA, kv_head, hint);
-      release(p, part, smem, map, kBufferB, kv_head, hint);
+      release(p, part, smem, map, kBufferA, kv_head);
+      release(p, part, smem, map, kBufferB, kv_head);
     }
   }
 
   __device__ __forceinline__ void release(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
-                                          const TensorMap* map, int buffer, int kv_head, uint64_t hint,
+                                          const TensorMap* map, int buffer, int kv_head,
                                           Tracer* trace = nullptr) {
     if (active) {
       if constexpr (kLoaderWarpgroup) {
         mbarrier_arrive(&smem.empty[buffer][warpgroup]);
       } else {
-        load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, hint, trace);
+        load_next_page(p, part, smem, map, stream[buffer], buffer, warpgroup, kv_head, trace);
       }
     }
     __syncwarp();
@@ -160,16 +160,14 @@ struct PieceContext {
   int thread;       // index inside the warpgroup
   int kv_head;
   int rows_base;
-  uint64_t hint;
   int limit[2];     // visible tokens of the thread's two rows
   int mask_from;    // pages reaching past this token need the masked softmax
   Descales scales;  // score and output scales (an FP8 cache's descales folded in)
 
   __device__ __forceinline__ PieceContext(const DecodeParams& params, const PartPlan& plan, SharedStorage& s,
                                           const TensorMap* m, const Piece& pc, int t, int head, int base,
-                                          uint64_t h, const Descales& d)
-      : p(params), part(plan), smem(s), map(m), piece(pc), at(t), thread(t), kv_head(head), rows_base(base),
-        hint(h), scales(d) {
+                                          const Descales& d)
+      : p(params), part(plan), smem(s), map(m), piece(pc), at(t), thread(t), kv_head(head), rows_base(base), scales(d) {
     row_limits(p, piece.seqlen, rows_base, at.row, limit);
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
   }
@@ -241,7 +239,7 @@ struct PieceContext {
     move.rescale(o);
     issue_pv_from_regs(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
-    producer.release(p, part, smem, map, buffer, kv_head, hint);
+    producer.release(p, part, smem, map, buffer, kv_head);
     ++uses[buffer];
   }
 
@@ -261,7 +259,7 @@ struct PieceContext {
                                                    Tracer& trace) const {
     cute::warpgroup_wait<0>();
     trace.mark(kMarkRemotePvDone);
-    producer.release(p, part, smem, map, buffer, kv_head, hint, &trace);
+    producer.release(p, part, smem, map, buffer, kv_head, &trace);
     trace.mark(kMarkLoaded);
     ++uses[buffer];
   }
@@ -446,8 +444,6 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   if (part.empty(p)) return;
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kTileRows;
-  // Several row tiles read the same pages: keep them in L2 for the siblings.
-  const uint64_t hint = gridDim.x > 1 ? kCacheHintEvictNormal : kCacheHintEvictFirst;
 
   allow_dependent_launch();
 
@@ -480,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     trace.mark(kMarkKernelStart);
     convert_part(p, part, smem, thread, trace);
 #else
-    if (thread % 32 == 0 && thread / 32 < 2 * kPageBuffers) loader_warp(p, part, smem, &kv_map, kv_head, hint, thread / 32);
+    if (thread % 32 == 0 && thread / 32 < 2 * kPageBuffers) loader_warp(p, part, smem, &kv_map, kv_head, thread / 32);
 #endif
     return;
   }
@@ -489,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   Tracer trace(warpgroup, thread);
   trace.mark(kMarkKernelStart);
   Producer producer(p, part, smem, warpgroup, thread == 0);
-  producer.first_loads(p, part, smem, &kv_map, kv_head, hint);
+  producer.first_loads(p, part, smem, &kv_map, kv_head);
 
   int uses[kPageBuffers] = {0, 0};  // pages consumed from each buffer: the parity of its TMA barriers
   for (int request = part.begin_request; request <= part.end_request; ++request) {
@@ -500,7 +496,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     named_barrier_sync(kBarrierCta, kThreads);
     trace.mark(kMarkPieceStart);
 
-    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, hint, scales);
+    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, scales);
     RowState rows;
     OutputHalf o;
 #pragma unroll

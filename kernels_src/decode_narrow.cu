@@ -369,7 +369,7 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 // as the page that held it has been released. After the first page it asks L2 for the second
 // (decode.cu's loader does the same).
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
-                                              const TensorMap* map, int kv_head, uint64_t hint) {
+                                              const TensorMap* map, int kv_head) {
   if (FLASHMLA_COMPUTE_ONLY) return;
   constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
   PageStreamOf<1>& stream = smem.stream;
@@ -386,7 +386,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     for (int box = 0; box < kBoxes; ++box) {
       if (use > 0) mbarrier_wait_single(&smem.empty[slot], (use - 1) & 1);
       mbarrier_arrive_expect_tx(&smem.full[slot], kRingBoxBytes);
-      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block, hint);
+      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block);
       if (++slot == kRingBoxes) {
         slot = 0;
         ++use;
@@ -810,7 +810,6 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   if (part.empty(p)) return;
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kNarrowRows;
-  const uint64_t hint = gridDim.x > 1 ? kCacheHintEvictNormal : kCacheHintEvictFirst;
 
   allow_dependent_launch();
 
@@ -827,7 +826,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   constexpr int kLoaderWarp = kNarrowConsumers * kNarrowWarps;
   if (kNarrowConsumers > 1 ? warp >= kLoaderWarp : warp == kLoaderWarp) {
     if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
-    if (threadIdx.x % kLoaderThreads == 0) narrow_loader(p, part, smem, &kv_map, kv_head, hint);
+    if (threadIdx.x % kLoaderThreads == 0) narrow_loader(p, part, smem, &kv_map, kv_head);
     return;
   }
   if constexpr (kNarrowConsumers > 1) claim_registers<kNarrowConsumerRegisters>();

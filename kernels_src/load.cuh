@@ -13,17 +13,21 @@ struct alignas(64) TensorMap {
   uint64_t opaque[16];
 };
 
-// L2 policies for the cache loads: evict-first when a page is read by one CTA only.
+// L2 policy of the cache loads: evict-first, also where two row tiles (128 query rows) read the same
+// pages: the second tile's request arrives while the first's is in flight, and cache lines kept out of
+// the way leave L2 to the split pieces' partials, which the combine reads back. (H200, 2026-11-30: with
+// evict-normal for shared pages, as before, b64/h128/1k and b16/h128/2k were 4-5 % slower, b1/32k 4 %;
+// evict-normal where one tile reads a page: h16/4k 1.7-3.6 % faster but b8/h16/16k 2-5 % slower,
+// benchmarks/results/2026-11-30-h200-663ad38-ab46-*, -ab47-*.)
 constexpr uint64_t kCacheHintEvictFirst = 0x12F0000000000000ull;
-constexpr uint64_t kCacheHintEvictNormal = 0x1000000000000000ull;
 
 __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar, void* dst, int col,
-                                             int head, int token, int block, uint64_t hint) {
+                                             int head, int token, int block) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(head), "r"(token),
-      "r"(block), "l"(hint)
+      "r"(block), "l"(kCacheHintEvictFirst)
       : "memory");
 }
 
@@ -57,7 +61,7 @@ static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0
 // can start on the first box (an FP8 box lands inside its 16-bit box, whole or as four sub-boxes, and
 // completes its "landed" barrier: dequant.cuh). Called by one thread.
 __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
-                                                uint32_t mask, int block, int head, uint64_t hint) {
+                                                uint32_t mask, int block, int head) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     if (mask & (1u << box)) {
@@ -66,7 +70,7 @@ __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStor
 #pragma unroll
       for (int part = 0; part < kLandingsPerBox; ++part) {
         tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes + landing_offset(part), box * kBoxCols, head,
-                     part * kLandingTokens, block, hint);
+                     part * kLandingTokens, block);
       }
     }
   }
