@@ -50,7 +50,11 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
                                                const TensorMap* map, PageStream& stream, int buffer, int consumer,
                                                int kv_head, Tracer* trace = nullptr) {
   PageStream held;
-  if constexpr (kLoaderWarpgroup) async_copy_wait_all(); else held = stream.snapshot();
+  if constexpr (kLoaderWarpgroup) {
+    async_copy_wait_all();  // the block entry copied in at the last refill
+  } else {
+    held = stream.snapshot();
+  }
   PageStream& next = kLoaderWarpgroup ? stream : held;
   if (!next.valid()) return;
   bool flagged;
