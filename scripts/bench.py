@@ -220,19 +220,35 @@ def library_info(lib: Library) -> dict:
         return {"version": str(getattr(module, "__version__", "unknown"))}
 
 
+# How the L2 is flushed before each timed run (--flush): "memset" (the standard, as FlashMLA's own benchmark
+# does) writes FLUSH_BYTES, which leaves L2 full of dirty lines that the timed kernels then write back;
+# "read" reads them instead (L2 left clean); "none" flushes nothing. The last two are diagnostics: what
+# part of a time is the flush's write-backs (docs/PERF_NOTES.md, twelfth session).
+FLUSH_MODES = ("memset", "read", "none")
+
+
 class Timer:
     """CUDA-event median of one call, each run after an L2 flush."""
 
-    def __init__(self, torch, reps: int | None = None):
+    def __init__(self, torch, reps: int | None = None, flush: str = "memset"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {FLUSH_MODES}, got {flush!r}")
         self.torch = torch
         self.reps = reps
-        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        self.mode = flush
+        self.flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush != "none" else None
+
+    def flush(self) -> None:
+        if self.mode == "memset":
+            self.flush_buffer.zero_()
+        elif self.mode == "read":
+            self.flush_buffer.view(self.torch.int64).sum()
 
     def _reps_for(self, fn) -> int:
         torch = self.torch
         torch.cuda.synchronize()
         start = time.perf_counter()
-        self.flush.zero_()
+        self.flush()
         fn()
         torch.cuda.synchronize()
         return max(MIN_REPS, min(MAX_REPS, int(TARGET_S / (time.perf_counter() - start))))
@@ -244,12 +260,18 @@ class Timer:
         reps = self.reps or self._reps_for(fn)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
-            self.flush.zero_()
+            self.flush()
             start.record()
             fn()
             end.record()
         torch.cuda.synchronize()
         return statistics.median(start.elapsed_time(end) for start, end in events) * 1000
+
+
+def flush_description(mode: str) -> str:
+    return {"memset": f"L2 flushed ({FLUSH_BYTES >> 20} MiB memset)",
+            "read": f"L2 flushed by reading {FLUSH_BYTES >> 20} MiB (left clean)",
+            "none": "L2 not flushed"}[mode]
 
 
 def per_call_us(fn, calls: int, repeats: int = 1) -> list[float]:
@@ -536,6 +558,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  f"ms worth, {MIN_REPS}-{MAX_REPS})")
     parser.add_argument("--budget-s", type=float, help="start no case that would likely end after this many seconds")
     parser.add_argument("--kernels", action="store_true", help="also record GPU time per kernel and the split of a call's span over its kernels (torch profiler)")
+    parser.add_argument("--flush", choices=FLUSH_MODES, default="memset",
+                        help="how L2 is flushed before each timed run: memset (the standard), read (L2 left clean), "
+                             "none; the last two are diagnostics")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit (no GPU needed)")
     args = parser.parse_args(argv)
     args.cases = args.cases or ("issue" if args.quick else "all")
@@ -588,7 +613,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda,
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "libraries": info,
-        "timing": f"CUDA-event median, L2 flushed ({FLUSH_BYTES >> 20} MiB memset) before every run, "
+        "timing": f"CUDA-event median, {flush_description(args.flush)} before every run, "
                   f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls; page 64, shuffled pages",
         "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
                  f"<= {CHECK_COS:g} (fp8 rows: {CHECK_ABS_FP8:g} of ours' largest magnitude, cosine difference "
@@ -600,7 +625,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stop = StopRequest()
     signal.signal(signal.SIGTERM, stop)
-    timer = Timer(torch, args.reps)
+    timer = Timer(torch, args.reps, args.flush)
     try:
         report["ceilings"] = measure_ceilings(torch, timer, list(dict.fromkeys(c.dtype for c in args.selected)))
     except Exception as exc:  # the cases still mean something without the ceilings

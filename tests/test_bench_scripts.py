@@ -95,9 +95,18 @@ def test_bench_arguments_and_list_need_no_gpu(capsys):
     args = bench.parse_args(["--only", "FlashMLA,flashmla_cupy"])
     assert [lib.name for lib in args.libraries] == ["flashmla_cupy", "FlashMLA"]  # ours first, whatever the order
     assert len(args.selected) == 207   # 69 shapes in bf16, fp16 and fp8
-    for bad in (["--only", "vllm"], ["--cases", "b0-*"], ["--dtype", "int8"]):
+    for bad in (["--only", "vllm"], ["--cases", "b0-*"], ["--dtype", "int8"], ["--flush", "evict"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_flush_modes_are_named_in_the_report():
+    assert bench.parse_args([]).flush == "memset"  # the standard, unless a diagnostic asks otherwise
+    assert bench.parse_args(["--flush", "read"]).flush == "read"
+    assert "256 MiB memset" in bench.flush_description("memset")
+    assert "left clean" in bench.flush_description("read") and "not flushed" in bench.flush_description("none")
+    with pytest.raises(ValueError):
+        bench.Timer(None, flush="evict")
 
 
 def _entry(us: float, case: Case, check: str = "agrees") -> dict:
