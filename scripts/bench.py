@@ -220,8 +220,8 @@ def library_info(lib: Library) -> dict:
         return {"version": str(getattr(module, "__version__", "unknown"))}
 
 
-# How the L2 is flushed before each timed run (--flush): "memset" (the standard, as FlashMLA's own benchmark
-# does) writes FLUSH_BYTES, which leaves L2 full of dirty lines that the timed kernels then write back;
+# How the L2 is flushed before each timed run (--flush): "memset" (the standard, as triton.testing.do_bench
+# flushes) writes FLUSH_BYTES, which leaves L2 full of dirty lines that the timed kernels then write back;
 # "read" reads them instead (L2 left clean); "none" flushes nothing. The last two are diagnostics: what
 # part of a time is the flush's write-backs (docs/PERF_NOTES.md, twelfth session).
 FLUSH_MODES = ("memset", "read", "none")
