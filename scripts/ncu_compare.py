@@ -11,6 +11,12 @@ first.
                                   [--out DIR] [--ncu PATH]
     python scripts/ncu_compare.py --from DIR [--libs ...]    # the table again from DIR's CSVs; no GPU
 
+With `--flush memset` (or `read`), ncu leaves the caches alone and replays the whole process for each
+pass (`--cache-control none --replay-mode application`), and the process flushes L2 before every call
+the way scripts/bench.py does (a 256 MiB memset, which leaves L2 full of dirty lines; or a read): the
+kernel as the benchmark times it, rather than on ncu's clean caches (`--flush ncu`, the default). It is
+slower: the process (torch import, inputs) runs once per pass, dozens of times with `--source`.
+
 With `--source`, ncu also samples where the warps stall (its SourceCounters section), and the SASS
 instructions with the most stall samples are listed per library (from `--page source`, saved as
 <library>-source.csv), so that a stall reason can be traced to the instructions that wait.
@@ -221,22 +227,30 @@ def hot_table(library: str, hot: list[tuple[str, str, float, float | None]]) -> 
     return "\n".join(lines) + "\n"
 
 
+# How L2 is flushed before the profiled launch: by ncu (clean caches), or by the process as bench.py does.
+FLUSH_MODES = ("ncu",) + tuple(mode for mode in bench.FLUSH_MODES if mode != "none")
+
+
 def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str],
-                source: bool = False) -> list[str]:
+                source: bool = False, flush: str = "ncu") -> list[str]:
     sections = [arg for section in SECTIONS + (("SourceCounters",) if source else ()) for arg in ("--section", section)]
     metrics = ["--metrics", ",".join(extra)] if extra else []
-    return [ncu, "--clock-control", "none", "--target-processes", "all",
+    # The process's own flush must precede the launch in every pass: application replay, caches untouched.
+    caches = [] if flush == "ncu" else ["--cache-control", "none", "--replay-mode", "application"]
+    child_flush = [] if flush == "ncu" else ["--flush", flush]
+    return [ncu, "--clock-control", "none", *caches, "--target-processes", "all",
             "--kernel-name", f"regex:{KERNELS[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
             *sections, *metrics, "--force-overwrite", "--export", export,
-            sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype]
+            sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype,
+            *child_flush]
 
 
 def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str],
-            source: bool = False) -> str:
+            source: bool = False, flush: str = "ncu") -> str:
     """Profile one library; returns the path of the raw-page CSV (and, with `source`, writes the source
     page's CSV beside it, or says in the log why not). Raises RuntimeError with ncu's output."""
     export = os.path.join(out_dir, library)
-    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source), capture_output=True, text=True,
+    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush), capture_output=True, text=True,
                          timeout=NCU_TIMEOUT_S)
     with open(export + ".log", "w") as f:
         f.write(run.stdout + run.stderr)
@@ -273,13 +287,17 @@ def read_profiles(out_dir: str, libraries: list[str]) -> dict[str, dict[str, flo
     return profiles
 
 
-def launch(library: str, case: bench_cases.Case) -> None:
-    """The profiled process: the benchmark's inputs, then enough calls for ncu to skip the warm-up ones."""
+def launch(library: str, case: bench_cases.Case, flush: str = "ncu") -> None:
+    """The profiled process: the benchmark's inputs, then enough calls for ncu to skip the warm-up ones,
+    each after the L2 flush bench.py does unless ncu flushes."""
     import torch
 
     lib = next(lib for lib in bench.LIBRARIES if lib.name == library)
     fn = lib.make(torch, case, bench.make_inputs(torch, case, seed=1))
+    flusher = bench.Timer(torch, flush=flush) if flush != "ncu" else None
     for _ in range(WARMUP_LAUNCHES + 1):
+        if flusher is not None:
+            flusher.flush()
         fn()
     torch.cuda.synchronize()
 
@@ -295,6 +313,9 @@ def main(argv=None) -> int:
                         help="print the table from DIR's CSVs, profile nothing")
     parser.add_argument("--source", action="store_true",
                         help="also sample stalls per instruction and list each library's most stalled ones")
+    parser.add_argument("--flush", choices=FLUSH_MODES, default="ncu",
+                        help="who flushes L2 before the profiled launch: ncu (clean caches, the default), or the "
+                             "process as bench.py does, by a memset (dirty lines, the benchmark's setting) or a read")
     parser.add_argument("--launch", help=argparse.SUPPRESS)  # the profiled child process
     args = parser.parse_args(argv)
     try:
@@ -306,7 +327,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--libs {', '.join(unknown)}: choose from {', '.join(KERNELS)}")
     if args.launch:
-        launch(args.launch, case)
+        launch(args.launch, case, args.flush)
         return 0
 
     out_dir = args.from_dir
@@ -322,7 +343,7 @@ def main(argv=None) -> int:
             print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
             for metrics in ([extra, []] if extra else [[]]):  # then without the extras, should ncu refuse one
                 try:
-                    profile(args.ncu, library, case, out_dir, metrics, args.source)
+                    profile(args.ncu, library, case, out_dir, metrics, args.source, args.flush)
                     break
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     print(exc, file=sys.stderr)
@@ -333,7 +354,8 @@ def main(argv=None) -> int:
         print(f"no profile in {out_dir}", file=sys.stderr)
         return 1
     what = case.label if args.from_dir is None else f"the profiles in {out_dir}"
-    table = (f"ncu --clock-control none, {what}, decode kernel only (regex per library: "
+    flushed = "" if args.flush == "ncu" or args.from_dir else f", L2 flushed by a {args.flush} in the process"
+    table = (f"ncu --clock-control none{flushed}, {what}, decode kernel only (regex per library: "
              + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
     for library in profiles:  # the source pages found (--source now, or in a --from directory)
         path = os.path.join(out_dir, library + "-source.csv")

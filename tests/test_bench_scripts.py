@@ -308,6 +308,16 @@ def test_ncu_command_profiles_one_warm_decode_launch_with_clocks_untouched(tmp_p
     assert command[-6:] == ["--launch", "FlashMLA", "--case", "b64-q1-h128-1024", "--dtype", "fp16"]
     assert ncu_compare.extra_metrics({"dram__bytes_read", "lts__t_sector_hit_rate"}) == [
         "dram__bytes_read.sum", "lts__t_sector_hit_rate.pct"]
+    assert "--cache-control" not in joined  # ncu's own flush: clean caches
+
+
+def test_ncu_command_with_the_benchmarks_flush_leaves_caches_to_the_process(tmp_path):
+    case = bench_cases.parse("b64-q1-h128-1024", "bf16")
+    command = ncu_compare.ncu_command("ncu", "flashmla_cupy", case, str(tmp_path / "ours"), [], flush="memset")
+    joined = " ".join(command)
+    assert "--cache-control none --replay-mode application" in joined  # each pass re-runs the flush
+    assert command[-2:] == ["--flush", "memset"]
+    assert ncu_compare.FLUSH_MODES == ("ncu", "memset", "read")
     assert ncu_compare.extra_metrics(None) == []
     (tmp_path / "flashmla_cupy.csv").write_text(WIDE_CSV)
     assert list(ncu_compare.read_profiles(str(tmp_path), ["flashmla_cupy", "FlashMLA"])) == ["flashmla_cupy"]
