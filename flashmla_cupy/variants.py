@@ -153,9 +153,14 @@ def all_variants() -> list[Variant]:
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
-        + [Variant("combine", dt, warps=None if w == 1 else w) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
+        + [Variant("combine", dt, warps=_combine_warps(w)) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
         + [Variant("scheduler", None), Variant("check", None)]
     )
+
+
+def _combine_warps(warps_per_row: int) -> int | None:
+    """Variant.warps for a combine merging a row with `warps_per_row` warps (None for one: the plain build)."""
+    return None if warps_per_row == 1 else warps_per_row
 
 
 def _alias(dtype) -> str | None:
@@ -194,7 +199,7 @@ def narrow_variant(dtype, rows: int, kv=None) -> Variant:
 def combine_variant(dtype, warps_per_row: int = 1) -> Variant:
     """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype) and the
     warps that merge one output row (COMBINE_WARPS_PER_ROW)."""
-    return _find("combine", dtype, warps=None if warps_per_row == 1 else warps_per_row)
+    return _find("combine", dtype, warps=_combine_warps(warps_per_row))
 
 
 def scheduler_variant() -> Variant:
