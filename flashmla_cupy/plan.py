@@ -36,12 +36,14 @@ from .params import (
     META_BEGIN_REQUEST,
     META_END_PAGE,
     META_END_REQUEST,
+    META_PAYLOAD,
     METADATA_FIELDS,
 )
 
 PAGE_SIZE = 64        # tokens per KV-cache page (the FlashMLA contract)
 OVERHEAD_PAGES = 5    # fixed cost of one piece, in pages of work (FP8 too: 3, 8 and 12 measured no better)
 TILE_ROWS = 64        # query rows per CTA: the M of one warpgroup's wgmma
+INT32_MAX = 2**31 - 1  # metadata is int32
 
 
 def num_sm_parts(sm_count: int, heads_kv: int, rows: int) -> int:
@@ -71,7 +73,9 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
 
     Returns `(metadata int32 [num_parts, METADATA_FIELDS], num_splits int32 [batch + 1])`. A metadata
     row is `[begin_request, begin_page, end_request (inclusive), end_page (exclusive), begin_piece,
-    0, 0, 0]`; a part that gets no work has `begin_request = end_request = batch` and zeros elsewhere.
+    payload, 0, 0]`; a part that gets no work has `begin_request = end_request = batch`, the payload,
+    and zeros elsewhere. The payload (every part's budget, in pages of work, capped at 2^31 - 1) is in
+    every row for the decode kernels, which choose their L2 policy by it (kernels_src/load.cuh).
     `num_splits` is the prefix sum of the number of pieces of each request; a zero-length request
     still gets one (empty) piece, so that its rows are written as out = 0, lse = +inf.
     """
@@ -84,6 +88,7 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
     metadata = np.zeros((num_parts, METADATA_FIELDS), dtype=np.int32)
     metadata[:, META_BEGIN_REQUEST] = batch
     metadata[:, META_END_REQUEST] = batch
+    metadata[:, META_PAYLOAD] = min(payload, INT32_MAX)
     pieces = [0] * batch
 
     # Cursor: request r, its next page p, and the index k of its next piece.

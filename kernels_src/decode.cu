@@ -61,7 +61,8 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
   const int block = next.checked_block(p, flagged);
   if (trace != nullptr) trace->mark(kMarkBlockIndexed);
   if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
-  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head);
+  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head,
+                  cache_load_hint(part.payload, gridDim.x));
   if (trace != nullptr) trace->mark(kMarkBoxesIssued);
   next.step(p, part);
   stream.follow(next, p);

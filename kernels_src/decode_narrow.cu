@@ -374,6 +374,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
   PageStreamOf<1>& stream = smem.stream;
   stream.start(p, part, 0);
+  const uint64_t hint = cache_load_hint(part.payload, 1);
   int slot = 0, use = 0;  // the next slot to fill, and how many times it was filled before
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
@@ -386,7 +387,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     for (int box = 0; box < kBoxes; ++box) {
       if (use > 0) mbarrier_wait_single(&smem.empty[slot], (use - 1) & 1);
       mbarrier_arrive_expect_tx(&smem.full[slot], kRingBoxBytes);
-      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block);
+      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block, hint);
       if (++slot == kRingBoxes) {
         slot = 0;
         ++use;

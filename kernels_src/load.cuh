@@ -13,21 +13,34 @@ struct alignas(64) TensorMap {
   uint64_t opaque[16];
 };
 
-// L2 policy of the cache loads: evict-first, also where two row tiles (128 query rows) read the same
-// pages: the second tile's request arrives while the first's is in flight, and cache lines kept out of
-// the way leave L2 to the split pieces' partials, which the combine reads back. (H200, 2026-11-30: with
-// evict-normal for shared pages, as before, b64/h128/1k and b16/h128/2k were 4-5 % slower, b1/32k 4 %;
-// evict-normal where one tile reads a page: h16/4k 1.7-3.6 % faster but b8/h16/16k 2-5 % slower,
-// benchmarks/results/2026-11-30-h200-663ad38-ab46-*, -ab47-*.)
+// L2 policy of the cache loads (H200, 2026-11-30, L2 left full of dirty lines by the benchmark's flush):
+// - evict-first where two row tiles (128 query rows) read the same pages: the second tile's request
+//   arrives while the first's is in flight, and lines kept out of the way leave L2 to the split pieces'
+//   partials, which the combine reads back (evict-normal there: b64/h128/1k, b16/h128/2k 4-5 % slower,
+//   b1/32k 4 %; benchmarks/results/2026-11-30-h200-663ad38-ab46-*, -ab47-*);
+// - evict-normal where one row tile streams a long part of a 16-bit cache (payload >= kLongPartPages):
+//   h16 at 4k-16k 1.8-3.6 % faster, h32/h64 at 4k-16k 1.7-3.3 %, q2-h16/4k causal 2.2 %;
+//   evict-first for short parts: h16/1k, h32/1k and b8/h16/16k (payload ~21) were 1.7-2.7 % slower
+//   with evict-normal (-ab51-*, -ab52-*), and so were the FP8 narrow cells (1 %), which keep evict-first.
 constexpr uint64_t kCacheHintEvictFirst = 0x12F0000000000000ull;
+constexpr uint64_t kCacheHintEvictNormal = 0x1000000000000000ull;
+constexpr int kLongPartPages = 48;
+
+__device__ __forceinline__ uint64_t cache_load_hint(int payload, int row_tiles) {
+#if defined(FLASHMLA_KV_E4M3)
+  return kCacheHintEvictFirst;
+#else
+  return row_tiles == 1 && payload >= kLongPartPages ? kCacheHintEvictNormal : kCacheHintEvictFirst;
+#endif
+}
 
 __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar, void* dst, int col,
-                                             int head, int token, int block) {
+                                             int head, int token, int block, uint64_t hint) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(head), "r"(token),
-      "r"(block), "l"(kCacheHintEvictFirst)
+      "r"(block), "l"(hint)
       : "memory");
 }
 
@@ -59,9 +72,9 @@ static_assert((boxes_loaded_by(kBufferB, 0) & boxes_loaded_by(kBufferB, 1)) == 0
 
 // Issue the boxes `mask` of one KV page into a buffer; each box completes its own barrier, so QK^T
 // can start on the first box (an FP8 box lands inside its 16-bit box, whole or as four sub-boxes, and
-// completes its "landed" barrier: dequant.cuh). Called by one thread.
+// completes its "landed" barrier: dequant.cuh). Called by one thread; `hint`: cache_load_hint.
 __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStorage& smem, int buffer,
-                                                uint32_t mask, int block, int head) {
+                                                uint32_t mask, int block, int head, uint64_t hint) {
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     if (mask & (1u << box)) {
@@ -70,7 +83,7 @@ __device__ __forceinline__ void load_page_boxes(const TensorMap* map, SharedStor
 #pragma unroll
       for (int part = 0; part < kLandingsPerBox; ++part) {
         tma_load_box(map, bar, smem.kv[buffer] + box * kBoxBytes + landing_offset(part), box * kBoxCols, head,
-                     part * kLandingTokens, block);
+                     part * kLandingTokens, block, hint);
       }
     }
   }

@@ -86,7 +86,8 @@ enum MetadataField : int {
   kEndRequest = 2,     // last request it touches (inclusive)
   kEndPage = 3,        // one past the last page of kEndRequest it processes
   kBeginPiece = 4,     // index of its piece of kBeginRequest among that request's pieces
-  kMetadataFields = 8  // fields 5..7 are zero
+  kPayload = 5,        // the plan's budget of every part, in pages of work (the same in every row)
+  kMetadataFields = 8  // fields 6..7 are zero
 };
 
 }  // namespace flashmla

@@ -29,6 +29,7 @@ constexpr int kBlockOutsideCache = -1;
 // One row of tile_scheduler_metadata, read once and clamped to the batch.
 struct PartPlan {
   int begin_request, begin_page, end_request, end_page, begin_piece;
+  int payload;  // every part's budget, in pages of work
 
   __device__ __forceinline__ static PartPlan load(const DecodeParams& p, int part) {
     const int* meta = p.metadata + part * kMetadataFields;
@@ -38,6 +39,7 @@ struct PartPlan {
     plan.end_request = kGuards ? min(meta[kEndRequest], p.batch - 1) : meta[kEndRequest];
     plan.end_page = meta[kEndPage];
     plan.begin_piece = meta[kBeginPiece];
+    plan.payload = meta[kPayload];
     return plan;
   }
   // The plan gave this part nothing (or nothing that exists).

@@ -57,8 +57,12 @@ struct Walk {
       row[flashmla::kBeginPage] = page;
       row[flashmla::kBeginPiece] = piece;
       for (int f = flashmla::kBeginPiece + 1; f < flashmla::kMetadataFields; ++f) row[f] = 0;
+      row[flashmla::kPayload] = stored_payload();
     }
   }
+
+  // The payload as every metadata row carries it (int32, capped as plan_numpy caps it).
+  __device__ int stored_payload() const { return payload < 0x7fffffffLL ? static_cast<int>(payload) : 0x7fffffff; }
 
   __device__ void close_part(int request, int end_page) {
     if (lane == 0 && part < p.num_parts) {
@@ -175,6 +179,7 @@ flashmla_scheduler(const flashmla::SchedulerParams p) {
       for (int f = 0; f < flashmla::kMetadataFields; ++f) row[f] = 0;
       row[flashmla::kBeginRequest] = p.batch;
       row[flashmla::kEndRequest] = p.batch;
+      row[flashmla::kPayload] = walk.stored_payload();
     }
   }
 }

@@ -10,6 +10,7 @@ from flashmla_cupy.params import (
     META_BEGIN_REQUEST,
     META_END_PAGE,
     META_END_REQUEST,
+    META_PAYLOAD,
     METADATA_FIELDS,
 )
 from flashmla_cupy.plan import (
@@ -35,9 +36,10 @@ def check_plan(seqlens: np.ndarray, num_parts: int, metadata: np.ndarray, num_sp
     cursor = (0, 0, 0)                           # where the next non-empty part must begin
     seen_empty = False
     for part, row in enumerate(metadata):
-        assert (row[META_BEGIN_PIECE + 1:] == 0).all(), f"part {part}: reserved fields {row}"
+        assert row[META_PAYLOAD] == min(payload, 2**31 - 1), f"part {part}: payload {row}, expected {payload}"
+        assert (row[META_PAYLOAD + 1:] == 0).all(), f"part {part}: reserved fields {row}"
         if row[META_BEGIN_REQUEST] >= batch:
-            assert list(row) == [batch, 0, batch, 0, 0, 0, 0, 0], f"empty part {part} is {row}"
+            assert list(row) == [batch, 0, batch, 0, 0, row[META_PAYLOAD], 0, 0], f"empty part {part} is {row}"
             seen_empty = True
             continue
         assert not seen_empty, f"part {part} has work after an empty part"
@@ -118,10 +120,10 @@ def test_handmade_example():
     # Parts 1 and 2: 28 more pages of request 2 each. Part 3: its last 7 pages, then requests 3 and 4.
     metadata, num_splits = plan_numpy(np.array([100, 0, 5000, 64, 65]), 4)
     assert metadata.tolist() == [
-        [0, 0, 2, 16, 0, 0, 0, 0],
-        [2, 16, 2, 44, 1, 0, 0, 0],
-        [2, 44, 2, 72, 2, 0, 0, 0],
-        [2, 72, 4, 2, 3, 0, 0, 0],
+        [0, 0, 2, 16, 0, 33, 0, 0],
+        [2, 16, 2, 44, 1, 33, 0, 0],
+        [2, 44, 2, 72, 2, 33, 0, 0],
+        [2, 72, 4, 2, 3, 33, 0, 0],
     ]
     assert num_splits.tolist() == [0, 1, 2, 6, 7, 8]
 
@@ -137,8 +139,8 @@ def test_one_long_request_is_cut_evenly():
 def test_more_parts_than_work_leaves_trailing_parts_empty():
     metadata, num_splits = plan_numpy(np.array([1, 1]), 8)
     # total 12, payload ceil(12 / 8) + 5 = 7: one request per part.
-    assert metadata.tolist()[:2] == [[0, 0, 0, 1, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]]
-    assert all(row == [2, 0, 2, 0, 0, 0, 0, 0] for row in metadata.tolist()[2:])
+    assert metadata.tolist()[:2] == [[0, 0, 0, 1, 0, 7, 0, 0], [1, 0, 1, 1, 0, 7, 0, 0]]
+    assert all(row == [2, 0, 2, 0, 0, 7, 0, 0] for row in metadata.tolist()[2:])
     assert num_splits.tolist() == [0, 1, 2]
 
 
@@ -146,7 +148,7 @@ def test_zero_length_requests_get_one_empty_piece():
     metadata, num_splits = plan_numpy(np.zeros(3, dtype=np.int32), 2)
     assert num_splits.tolist() == [0, 1, 2, 3]
     # total 15, payload 8 + 5 = 13: requests 0 and 1 (5 each) in part 0, request 2 in part 1.
-    assert metadata.tolist() == [[0, 0, 1, 0, 0, 0, 0, 0], [2, 0, 2, 0, 0, 0, 0, 0]]
+    assert metadata.tolist() == [[0, 0, 1, 0, 0, 13, 0, 0], [2, 0, 2, 0, 0, 13, 0, 0]]
 
 
 def test_part_that_cannot_afford_a_page_ends_before_the_next_request():
@@ -154,9 +156,9 @@ def test_part_that_cannot_afford_a_page_ends_before_the_next_request():
     # leaving 2 <= OVERHEAD: it stops without cutting request 2, which part 1 then takes whole.
     metadata, num_splits = plan_numpy(np.array([64, 64, 640]), 3)
     assert metadata.tolist() == [
-        [0, 0, 1, 1, 0, 0, 0, 0],
-        [2, 0, 2, 9, 0, 0, 0, 0],
-        [2, 9, 2, 10, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 14, 0, 0],
+        [2, 0, 2, 9, 0, 14, 0, 0],
+        [2, 9, 2, 10, 1, 14, 0, 0],
     ]
     assert num_splits.tolist() == [0, 1, 2, 4]
 
@@ -164,13 +166,13 @@ def test_part_that_cannot_afford_a_page_ends_before_the_next_request():
 def test_single_part_takes_everything_uncut():
     seqlens = np.array([0, 5, 70000, 64])
     metadata, num_splits = plan_numpy(seqlens, 1)
-    assert metadata.tolist() == [[0, 0, 3, 1, 0, 0, 0, 0]]
+    assert metadata.tolist() == [[0, 0, 3, 1, 0, 1121, 0, 0]]
     assert num_splits.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_negative_lengths_count_as_empty():
     metadata, num_splits = plan_numpy(np.array([-5, 64]), 1)
-    assert metadata.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0]]
+    assert metadata.tolist() == [[0, 0, 1, 1, 0, 16, 0, 0]]
     assert num_splits.tolist() == [0, 1, 2]
 
 
