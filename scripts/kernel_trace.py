@@ -10,6 +10,11 @@ read the shares, not the absolute times.
 
     python scripts/kernel_trace.py --case b128-q1-h128-4096 [--dtype bf16] [--json trace.json]
     python scripts/kernel_trace.py --case b64-q1-h128-1024 --tree .scratch/candidate/kernels_src
+    python scripts/kernel_trace.py --case b64-q1-h128-1024 --flush memset    # L2 as the benchmark leaves it
+
+`--flush` (memset, read or none, the default) flushes L2 before the traced run as scripts/bench.py
+does; the report then also says how long each warpgroup took from the kernel's start to its first
+pair and to its first scores, and to its last mark (the traced CTAs' whole run), medians over CTAs.
 """
 from __future__ import annotations
 
@@ -69,6 +74,25 @@ def summarize(records: dict[tuple[int, int], list[tuple[int, int]]], clock_khz: 
     return report
 
 
+def startup(records: dict[tuple[int, int], list[tuple[int, int]]]) -> dict:
+    """Per warpgroup, medians over the traced CTAs of the cycles from "kernel start" to its first "pair
+    start", to its first "scores in" and to its last mark."""
+    marks_of = {name: MARKS.index(name) for name in ("kernel start", "pair start", "scores in")}
+    spans: dict[int, dict[str, list[int]]] = {}
+    for (_, wg), marks in records.items():
+        starts = [t for m, t in marks if m == marks_of["kernel start"]]
+        if not starts:
+            continue
+        entry = spans.setdefault(wg, {"to first pair": [], "to first scores": [], "to last mark": []})
+        for label, name in (("to first pair", "pair start"), ("to first scores", "scores in")):
+            firsts = [t for m, t in marks if m == marks_of[name]]
+            if firsts:
+                entry[label].append(firsts[0] - starts[0])
+        entry["to last mark"].append(marks[-1][1] - starts[0])
+    return {f"warpgroup {wg}": {label: statistics.median(v) if v else None for label, v in entry.items()}
+            for wg, entry in sorted(spans.items())}
+
+
 def print_report(report: dict) -> None:
     for wg, entry in report.items():
         pair_us = f", ~{entry['median_pair_us']:.2f} us at the max clock" if entry["median_pair_us"] else ""
@@ -78,7 +102,7 @@ def print_report(report: dict) -> None:
             print(f"  {label:48s} {step['count']:6d} {step['median_cycles']:11.0f} {step['share']:7.1%}")
 
 
-def trace(case_id: str, dtype: str, tree: str | None) -> dict:
+def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
     import kernel_ab
 
@@ -99,6 +123,7 @@ def trace(case_id: str, dtype: str, tree: str | None) -> dict:
     address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
     pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
     cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
+    bench.Timer(torch, flush=flush).flush()
     fn()
     torch.cuda.synchronize()
     table = cupy.asnumpy(words).reshape(TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS)
@@ -110,7 +135,8 @@ def trace(case_id: str, dtype: str, tree: str | None) -> dict:
                 records[cta, wg], sms[cta] = marks, sm
     clock_khz = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrClockRate, 0)
     report = {"case": case_id, "dtype": dtype, "card": torch.cuda.get_device_name(), "commit": bench.commit(),
-              "traced_ctas": len(sms), "max_clock_khz": clock_khz, **summarize(records, clock_khz)}
+              "flush": flush, "traced_ctas": len(sms), "max_clock_khz": clock_khz,
+              "startup_cycles": startup(records), **summarize(records, clock_khz)}
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
 
@@ -121,11 +147,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--tree", help="another kernels_src directory to trace")
     parser.add_argument("--json", help="write the report (with the raw marks) here")
+    parser.add_argument("--flush", choices=("none", "memset", "read"), default="none",
+                        help="flush L2 before the traced run as scripts/bench.py does (default: none)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
-    report = trace(args.case, args.dtype, args.tree)
+    report = trace(args.case, args.dtype, args.tree, args.flush)
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
-          f"{report['traced_ctas']} CTAs traced")
+          f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
+    for wg, spans in report["startup_cycles"].items():
+        print(f"{wg}: from kernel start, cycles (median over CTAs): " +
+              ", ".join(f"{label} {value:.0f}" for label, value in spans.items() if value is not None))
     print_report({k: v for k, v in report.items() if k.startswith("warpgroup")})
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))

@@ -470,6 +470,19 @@ def test_kernel_trace_marks_match_the_kernel_and_summarize():
     assert report["warpgroup 0"]["median_pair_cycles"] == 200 and report["warpgroup 0"]["median_pair_us"] == 0.1
 
 
+def test_kernel_trace_startup_spans_are_medians_over_ctas():
+    start, pair, scores_in, end = (kernel_trace.MARKS.index(m)
+                                   for m in ("kernel start", "pair start", "scores in", "piece end"))
+    records = {
+        (0, 0): [(start, 1000), (pair, 1500), (scores_in, 1700), (pair, 2500), (scores_in, 2600), (end, 4000)],
+        (1, 0): [(start, 50), (pair, 750), (scores_in, 1050), (end, 2050)],
+        (2, 0): [(start, 0), (pair, 900), (scores_in, 1000), (end, 5000)],
+        (0, 1): [(pair, 10), (scores_in, 20)],  # no kernel start: left out
+    }
+    assert kernel_trace.startup(records) == {
+        "warpgroup 0": {"to first pair": 700, "to first scores": 1000, "to last mark": 3000}}
+
+
 def test_reports_keep_the_mark_of_a_modified_tree():
     assert bench_report.short_commit("0123456789abcdef") == "0123456"
     assert bench_report.short_commit("0123456789abcdef-modified") == "0123456-modified"
