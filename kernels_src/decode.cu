@@ -72,10 +72,12 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
 // consumer warpgroup w % 2, one lane. It loads the first page at once, then each next page as soon as
 // the consumer has released the boxes (the "empty" barrier): the TMA issue, the block-table reads and
 // the stream's bookkeeping all stay off the consumers' path.
-// After its first load, the loader also asks L2 for the stream's second page: at the start of a part
-// every SM asks for its query tile and first pages at once, and the first refills waited for DRAM.
-// (Asking L2 ahead for every page was 10-22 % slower on long parts: benchmarks/results/
-// 2026-11-30-h200-ab9-*; the first page only: 0-2 % faster.)
+// Once its first page has landed, the loader also asks L2 for the stream's second page: at the start of
+// a part every SM asks for its query tile and first pages at once, and the first refills waited for
+// DRAM. (Asking L2 ahead for every page was 10-22 % slower on long parts: benchmarks/results/
+// 2026-11-30-h200-ab9-*; the first page only: 0-2 % faster; asked once the first page has landed
+// rather than at once, so that the start's burst carries only query tiles and first pages: another
+// 0.5-1.4 % at b64/h128/1k, b128/h64/1k, b1/32k, q2-h64/4k causal: -ab53-*.)
 __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                             const TensorMap* map, int kv_head, int warp) {
   const int consumer = warp % 2;
@@ -87,6 +89,8 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
     if (loaded > 0) mbarrier_wait_single(&smem.empty[buffer][consumer], (loaded - 1) & 1);
     load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
     if (loaded == 0 && stream.valid()) {
+      // Once this first page has landed (the last of its boxes loaded here).
+      mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
       bool flagged;
       const int block = stream.block_index(p, flagged);
       if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
