@@ -366,8 +366,8 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 #endif
 
 // The loader (one lane): every page of the part in order, box by box into the ring, each slot as soon
-// as the page that held it has been released. After the first page it asks L2 for the second
-// (decode.cu's loader does the same).
+// as the page that held it has been released. Right after the first page it asks L2 for the second
+// (decode.cu's loader asks once its first page has landed; that order was measured there only).
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
                                               const TensorMap* map, int kv_head) {
   if (FLASHMLA_COMPUTE_ONLY) return;

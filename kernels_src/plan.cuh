@@ -181,6 +181,13 @@ struct alignas(16) PageStreamOf {
 };
 
 using PageStream = PageStreamOf<kPageBuffers>;
+// snapshot's one 16-byte read takes the first four fields in this order (checked where NVRTC takes
+// __builtin_offsetof in a constant expression: 13.5, which CI installs; params.py's layout_asserts alike).
+#if __CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1305
+static_assert(__builtin_offsetof(PageStream, request) == 0 && __builtin_offsetof(PageStream, page) == 4 &&
+                  __builtin_offsetof(PageStream, page_end) == 8 && __builtin_offsetof(PageStream, block) == 12,
+              "PageStreamOf starts with request, page, page_end, block");
+#endif
 
 // The query a packed row of a KV head stands for: row = s * heads_per_group + h_in_group is query position
 // s of query head kv_head * heads_per_group + h_in_group.
