@@ -85,16 +85,25 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   const uint32_t boxes = boxes_loaded_by(buffer, consumer);
   PageStream& stream = smem.streams[consumer][buffer];
   stream.start(p, part, buffer);
-  for (int loaded = 0; stream.valid(); ++loaded) {
-    if (loaded > 0) mbarrier_wait_single(&smem.empty[buffer][consumer], (loaded - 1) & 1);
+  // Buffer B's first page waits until the consumer's first query tile is in (its one extra arrival on
+  // the "empty" barrier, Producer::query_in), so that the start's burst is query tiles and pages a only:
+  // warpgroup 1 scores page b after warpgroup 0 starts on page a. So buffer B's refills wait for one
+  // arrival more: `arrivals` counts them, from buffer + 1 (kBufferB is 1). The first page is loaded
+  // apart from the loop: one loop for both, with its first-page branch, spilled in the lane's registers.
+  static_assert(kBufferA == 0 && kBufferB == 1, "buffer B waits for one arrival more");
+  if (!stream.valid()) return;
+  if (buffer == kBufferB) mbarrier_wait_single(&smem.empty[buffer][consumer], 0);
+  load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
+  if (stream.valid()) {
+    // Once this first page has landed (the last of its boxes loaded here).
+    mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
+    bool flagged;
+    const int block = stream.block_index(p, flagged);
+    if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
+  }
+  for (int arrivals = buffer + 1; stream.valid(); ++arrivals) {
+    mbarrier_wait_single(&smem.empty[buffer][consumer], (arrivals - 1) & 1);
     load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
-    if (loaded == 0 && stream.valid()) {
-      // Once this first page has landed (the last of its boxes loaded here).
-      mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
-      bool flagged;
-      const int block = stream.block_index(p, flagged);
-      if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
-    }
   }
 }
 
@@ -122,6 +131,13 @@ struct Producer {
     if constexpr (!kLoaderWarpgroup) {
       release(p, part, smem, map, kBufferA, kv_head);
       release(p, part, smem, map, kBufferB, kv_head);
+    }
+  }
+
+  // The part's first query tile is in: buffer B's loader may start (16-bit cache; loader_warp).
+  __device__ __forceinline__ void query_in(SharedStorage& smem) {
+    if constexpr (kLoaderWarpgroup) {
+      if (active) mbarrier_arrive(&smem.empty[kBufferB][warpgroup]);
     }
   }
 
@@ -503,6 +519,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     load_q_tile(p, smem, request, kv_head, rows_base);
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierCta, kThreads);
+    if (request == part.begin_request) producer.query_in(smem);
     trace.mark(kMarkPieceStart);
 
     const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, scales);
