@@ -41,28 +41,26 @@
 
 namespace flashmla {
 
-// The next page of a buffer's stream, if any, into the boxes of that buffer that `consumer` reads last.
-// Run by the one thread that follows the stream. A bad page's flag (kFlagBadPages) is written before the
-// TMA barriers are armed, so whoever waits on them sees it. With an FP8 cache this runs on a consumer's
-// path, so the stream's state is read at once, into registers (PageStream::snapshot); the 16-bit
-// loader works on it in place (its 40 registers hold its loop's addresses).
+// A page's loads into the boxes of `buffer` that `consumer` reads last. A bad page's flag (kFlagBadPages)
+// is written before the TMA barriers are armed, so whoever waits on them sees it.
+__device__ __forceinline__ void issue_page(const PartPlan& part, SharedStorage& smem, const TensorMap* map, int buffer,
+                                           int consumer, int block, bool flagged, int kv_head) {
+  if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
+  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head,
+                  cache_load_hint(part.payload, gridDim.x));
+}
+
+// An FP8 cache's refill, on a consumer's path: the next page of a buffer's stream, if any. The stream's
+// state is read at once, into registers (PageStream::snapshot), not field by field.
 __device__ __forceinline__ void load_next_page(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                                const TensorMap* map, PageStream& stream, int buffer, int consumer,
                                                int kv_head, Tracer* trace = nullptr) {
-  PageStream held;
-  if constexpr (kLoaderWarpgroup) {
-    async_copy_wait_all();  // the block entry copied in at the last refill
-  } else {
-    held = stream.snapshot();
-  }
-  PageStream& next = kLoaderWarpgroup ? stream : held;
+  PageStream next = stream.snapshot();
   if (!next.valid()) return;
   bool flagged;
   const int block = next.checked_block(p, flagged);
   if (trace != nullptr) trace->mark(kMarkBlockIndexed);
-  if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
-  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head,
-                  cache_load_hint(part.payload, gridDim.x));
+  issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
   if (trace != nullptr) trace->mark(kMarkBoxesIssued);
   next.step(p, part);
   stream.follow(next, p);
@@ -71,13 +69,18 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
 // The loader (16-bit cache): warp w of the helper warpgroup follows buffer w / 2's page stream for
 // consumer warpgroup w % 2, one lane. It loads the first page at once, then each next page as soon as
 // the consumer has released the boxes (the "empty" barrier): the TMA issue, the block-table reads and
-// the stream's bookkeeping all stay off the consumers' path.
+// the stream's bookkeeping all stay off the consumers' path. It works on the stream in place (its 40
+// registers hold its loop's addresses), and makes each page ready (block entry read, stream moved on)
+// before waiting for the boxes: shared-memory reads are slow while the tensor cores stream from it
+// (~300 cycles for the block entry, ~440 for the stream's step, traced on the H200), so after the
+// release only the flag and the TMA issue remain (1 % faster at h_q = 128: -ab60-*).
 // Once its first page has landed, the loader also asks L2 for the stream's second page: at the start of
 // a part every SM asks for its query tile and first pages at once, and the first refills waited for
 // DRAM. (Asking L2 ahead for every page was 10-22 % slower on long parts: benchmarks/results/
-// 2026-11-30-h200-ab9-*; the first page only: 0-2 % faster; asked once the first page has landed
-// rather than at once, so that the start's burst carries only query tiles and first pages: another
-// 0.5-1.4 % at b64/h128/1k, b128/h64/1k, b1/32k, q2-h64/4k causal: -ab53-*.)
+// 2026-11-30-h200-ab9-*, and 1.5-23 % even once each page has landed: -ab57-*; the first page only: 0-2 %
+// faster; asked once the first page has landed rather than at once, so that the start's burst carries
+// only query tiles and first pages: another 0.5-1.4 % at b64/h128/1k, b128/h64/1k, b1/32k, q2-h64/4k
+// causal: -ab53-*.)
 __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPlan& part, SharedStorage& smem,
                                             const TensorMap* map, int kv_head, int warp) {
   const int consumer = warp % 2;
@@ -92,18 +95,24 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   // apart from the loop: one loop for both, with its first-page branch, spilled in the lane's registers.
   static_assert(kBufferA == 0 && kBufferB == 1, "buffer B waits for one arrival more");
   if (!stream.valid()) return;
+  bool flagged;
+  int block = stream.block_index(p, flagged);
+  stream.step(p, part);
+  stream.follow(stream, p);
   if (buffer == kBufferB) mbarrier_wait_single(&smem.empty[buffer][consumer], 0);
-  load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
+  issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
   if (stream.valid()) {
     // Once this first page has landed (the last of its boxes loaded here).
     mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
-    bool flagged;
-    const int block = stream.block_index(p, flagged);
+    block = stream.block_index(p, flagged);
     if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
   }
   for (int arrivals = buffer + 1; stream.valid(); ++arrivals) {
+    block = stream.block_index(p, flagged);
+    stream.step(p, part);
+    stream.follow(stream, p);
     mbarrier_wait_single(&smem.empty[buffer][consumer], (arrivals - 1) & 1);
-    load_next_page(p, part, smem, map, stream, buffer, consumer, kv_head);
+    issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
   }
 }
 
