@@ -97,8 +97,7 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   if (!stream.valid()) return;
   bool flagged;
   int block = stream.block_index(p, flagged);
-  stream.step(p, part);
-  stream.follow(stream, p);
+  stream.advance(p, part);
   if (buffer == kBufferB) mbarrier_wait_single(&smem.empty[buffer][consumer], 0);
   issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
   if (stream.valid()) {
@@ -109,8 +108,7 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   }
   for (int arrivals = buffer + 1; stream.valid(); ++arrivals) {
     block = stream.block_index(p, flagged);
-    stream.step(p, part);
-    stream.follow(stream, p);
+    stream.advance(p, part);
     mbarrier_wait_single(&smem.empty[buffer][consumer], (arrivals - 1) & 1);
     issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
   }
