@@ -41,13 +41,12 @@
 
 namespace flashmla {
 
-// A page's loads into the boxes of `buffer` that `consumer` reads last. A bad page's flag (kFlagBadPages)
-// is written before the TMA barriers are armed, so whoever waits on them sees it.
-__device__ __forceinline__ void issue_page(const PartPlan& part, SharedStorage& smem, const TensorMap* map, int buffer,
-                                           int consumer, int block, bool flagged, int kv_head) {
+// A page's loads into the boxes of `buffer` that `consumer` reads last (`hint`: cache_load_hint). A bad
+// page's flag (kFlagBadPages) is written before the TMA barriers are armed, so whoever waits on them sees it.
+__device__ __forceinline__ void issue_page(SharedStorage& smem, const TensorMap* map, int buffer, int consumer,
+                                           int block, bool flagged, int kv_head, uint64_t hint) {
   if constexpr (kFlagBadPages) smem.bad_page[buffer][consumer] = flagged;
-  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head,
-                  cache_load_hint(part.payload, gridDim.x));
+  load_page_boxes(map, smem, buffer, boxes_loaded_by(buffer, consumer), block, kv_head, hint);
 }
 
 // An FP8 cache's refill, on a consumer's path: the next page of a buffer's stream, if any. The stream's
@@ -60,7 +59,7 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
   bool flagged;
   const int block = next.checked_block(p, flagged);
   if (trace != nullptr) trace->mark(kMarkBlockIndexed);
-  issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
+  issue_page(smem, map, buffer, consumer, block, flagged, kv_head, cache_load_hint(part.payload, gridDim.x));
   if (trace != nullptr) trace->mark(kMarkBoxesIssued);
   next.step(p, part);
   stream.follow(next, p);
@@ -95,11 +94,12 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   // apart from the loop: one loop for both, with its first-page branch, spilled in the lane's registers.
   static_assert(kBufferA == 0 && kBufferB == 1, "buffer B waits for one arrival more");
   if (!stream.valid()) return;
+  const uint64_t hint = cache_load_hint(part.payload, gridDim.x);
   bool flagged;
   int block = stream.block_index(p, flagged);
   stream.advance(p, part);
   if (buffer == kBufferB) mbarrier_wait_single(&smem.empty[buffer][consumer], 0);
-  issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
+  issue_page(smem, map, buffer, consumer, block, flagged, kv_head, hint);
   if (stream.valid()) {
     // Once this first page has landed (the last of its boxes loaded here).
     mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
@@ -110,7 +110,7 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
     block = stream.block_index(p, flagged);
     stream.advance(p, part);
     mbarrier_wait_single(&smem.empty[buffer][consumer], (arrivals - 1) & 1);
-    issue_page(part, smem, map, buffer, consumer, block, flagged, kv_head);
+    issue_page(smem, map, buffer, consumer, block, flagged, kv_head, hint);
   }
 }
 

@@ -148,7 +148,7 @@ struct alignas(16) PageStreamOf {
     page += kStride;
     settle(p, part);
   }
-  // (`moved` may be this stream itself: then the cursor stays and only the entry is fetched.)
+  // The cursor of a snapshot moved on with `step`, then its block entry's copy issued.
   __device__ __forceinline__ void follow(const PageStreamOf& moved, const DecodeParams& p) {
     request = moved.request;
     page = moved.page;
