@@ -12,10 +12,12 @@ namespace gmma = cute::SM90::GMMA;
 
 #if defined(FLASHMLA_BF16)
 using MmaQK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
+using MmaQKFromRegs = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>;
 using MmaPVFromRegs = gmma::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>;
 using MmaPVFromSmem = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>;
 #else
 using MmaQK = gmma::MMA_64x64x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>;
+using MmaQKFromRegs = gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 using MmaPVFromRegs = gmma::MMA_64x256x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>;
 using MmaPVFromSmem = gmma::MMA_64x256x16_F32F16F16_SS<gmma::Major::K, gmma::Major::MN>;
 #endif
@@ -39,6 +41,12 @@ struct OutputHalf {
 struct ProbFragment {
   uint32_t v[kPVSteps][4];
 };
+// The same fragments of the Q tile's rope box, held in registers for a whole piece (16 a thread). A
+// QK^T k-step of n = 64 reads 4 KB of shared memory (2 KB of Q, 2 KB of K) per 32 tensor cycles, the
+// whole of shared memory's 128 bytes a cycle, so QK^T is bound by shared-memory reads, which the TMA
+// landings and the PV operands share: the rope box's k-steps from registers read K alone (2-2.5 %
+// faster at h_q = 128: benchmarks/results/2026-11-30-h200-8f821d2-ab66-*).
+using RopeFragment = ProbFragment;
 
 // Shared-memory matrix descriptor of a 128-byte-swizzled operand, made once per tile and advanced by
 // adding to it: its lowest field is the start address >> 4 (14 bits), and a start address inside the
@@ -106,22 +114,29 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
   Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
 }
 
-// S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land. Leaves the wgmmas
-// committed but not awaited.
-__device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const uint8_t* k_tile, uint64_t* full,
-                                         int phase, ScoreTile& s) {
+// S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land; the rope box's Q from
+// registers. Leaves the wgmmas committed but not awaited. With kRightFirst the boxes go 4..7, 0..3, 8:
+// buffer B's right V half is released first (decode.cu, issue_scores).
+template <bool kRightFirst = false>
+__device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const RopeFragment& q_rope, const uint8_t* k_tile,
+                                         uint64_t* full, int phase, ScoreTile& s) {
   const SmemDesc q = k_major_desc(q_tile);
   const SmemDesc k = k_major_desc(k_tile);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int box = 0; box < kBoxes; ++box) {
+  for (int j = 0; j < kBoxes; ++j) {
+    const int box = !kRightFirst || j == kRopeBox ? j : (j + kBoxesPerHalf) % (2 * kBoxesPerHalf);
     mbarrier_wait_uniform(&full[box], phase);
 #pragma unroll
     for (int i = 0; i < kStepsPerBox; ++i) {
       const int step = box * kStepsPerBox + i;
-      mma_ss<MmaQK>(q.at(k_step_offset(step)), k.at(k_step_offset(step)), s.v, step > 0,
-                    cuda::std::make_index_sequence<32>{});
+      if (box == kRopeBox) {
+        mma_rs<MmaQKFromRegs>(q_rope.v[i], k.at(k_step_offset(step)), s.v, cuda::std::make_index_sequence<32>{});
+      } else {
+        mma_ss<MmaQK>(q.at(k_step_offset(step)), k.at(k_step_offset(step)), s.v, j > 0 || i > 0,
+                      cuda::std::make_index_sequence<32>{});
+      }
     }
   }
   cute::warpgroup_commit_batch();

@@ -135,6 +135,19 @@ __device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8
   }
 }
 
+// The inverse: a swizzled 64 x 64 box read back as wgmma A fragments (the Q tile's rope box).
+__device__ __forceinline__ void load_fragment(const uint8_t* box, const FragmentCoords& at, ProbFragment& p) {
+#pragma unroll
+  for (int step = 0; step < kPVSteps; ++step) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = 2 * step + r / 2;
+      const int row = at.row[r % 2];
+      p.v[step][r] = *reinterpret_cast<const uint32_t*>(box + row * kRowBytes + ((j ^ (row & 7)) << 4) + at.column * 2);
+    }
+  }
+}
+
 // A move of the running max of a thread's two rows, `from` -> `to`: the factors 2^(from - to) that
 // bring sums and outputs kept against `from` to `to`.
 struct MaxMove {
