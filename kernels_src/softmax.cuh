@@ -122,30 +122,30 @@ __device__ __forceinline__ void pack_probabilities(const ScoreTile& s, ProbFragm
   }
 }
 
-// Write the packed probabilities into a 64 x 64 swizzled box that the other warpgroup reads with wgmma.
-__device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8_t* box, const FragmentCoords& at) {
+// This thread's words of wgmma A fragments in a 64 x 64 swizzled box: f(step, r, row, chunk) for register
+// r of k-step `step`, which lies in tile row `row`, 16-byte chunk `chunk` (before the swizzle), at the
+// thread's column pair.
+template <class F>
+__device__ __forceinline__ void for_each_fragment_word(const FragmentCoords& at, F&& f) {
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int j = 2 * step + r / 2;
-      const int row = at.row[r % 2];
-      *reinterpret_cast<uint32_t*>(box + row * kRowBytes + ((j ^ (row & 7)) << 4) + at.column * 2) = p.v[step][r];
-    }
+    for (int r = 0; r < 4; ++r) f(step, r, at.row[r % 2], 2 * step + r / 2);
   }
+}
+
+// Write the packed probabilities into a 64 x 64 swizzled box that the other warpgroup reads with wgmma.
+__device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8_t* box, const FragmentCoords& at) {
+  for_each_fragment_word(at, [&](int step, int r, int row, int chunk) {
+    *reinterpret_cast<uint32_t*>(box + row * kRowBytes + ((chunk ^ (row & 7)) << 4) + at.column * 2) = p.v[step][r];
+  });
 }
 
 // The inverse: a swizzled 64 x 64 box read back as wgmma A fragments (the Q tile's rope box).
 __device__ __forceinline__ void load_fragment(const uint8_t* box, const FragmentCoords& at, ProbFragment& p) {
-#pragma unroll
-  for (int step = 0; step < kPVSteps; ++step) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int j = 2 * step + r / 2;
-      const int row = at.row[r % 2];
-      p.v[step][r] = *reinterpret_cast<const uint32_t*>(box + row * kRowBytes + ((j ^ (row & 7)) << 4) + at.column * 2);
-    }
-  }
+  for_each_fragment_word(at, [&](int step, int r, int row, int chunk) {
+    p.v[step][r] = *reinterpret_cast<const uint32_t*>(box + row * kRowBytes + ((chunk ^ (row & 7)) << 4) + at.column * 2);
+  });
 }
 
 // A move of the running max of a thread's two rows, `from` -> `to`: the factors 2^(from - to) that
