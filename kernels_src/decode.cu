@@ -66,7 +66,8 @@ __device__ __forceinline__ void load_next_page(const DecodeParams& p, const Part
 }
 
 // The loader (16-bit cache): warp w of the helper warpgroup follows buffer w / 2's page stream for
-// consumer warpgroup w % 2, one lane. It loads the first page at once, then each next page as soon as
+// consumer warpgroup w % 2, one lane. It loads the first page at once (buffer B's once the first Q tile
+// is in: Producer::query_in), then each next page as soon as
 // the consumer has released the boxes (the "empty" barrier): the TMA issue, the block-table reads and
 // the stream's bookkeeping all stay off the consumers' path. It works on the stream in place (its 40
 // registers hold its loop's addresses), and makes each page ready (block entry read, stream moved on)

@@ -21,7 +21,8 @@ struct alignas(64) TensorMap {
 // - evict-normal where one row tile streams a long part of a 16-bit cache (payload >= kLongPartPages):
 //   h16 at 4k-16k 1.8-3.6 % faster, h32/h64 at 4k-16k 1.7-3.3 %, q2-h16/4k causal 2.2 %;
 //   evict-first for short parts: h16/1k, h32/1k and b8/h16/16k (payload ~21) were 1.7-2.7 % slower
-//   with evict-normal (-ab51-*, -ab52-*), and so were the FP8 narrow cells (1 %), which keep evict-first.
+//   with evict-normal (-ab51-*, -ab52-*), and so were the FP8 narrow cells (1 %): every FP8 cache keeps
+//   evict-first (the wide FP8 kernel's cells were not measured with evict-normal).
 constexpr uint64_t kCacheHintEvictFirst = 0x12F0000000000000ull;
 constexpr uint64_t kCacheHintEvictNormal = 0x1000000000000000ull;
 constexpr int kLongPartPages = 48;

@@ -14,6 +14,7 @@ from flashmla_cupy.params import (
     METADATA_FIELDS,
 )
 from flashmla_cupy.plan import (
+    INT32_MAX,
     OVERHEAD_PAGES,
     PAGE_SIZE,
     num_sm_parts,
@@ -36,7 +37,7 @@ def check_plan(seqlens: np.ndarray, num_parts: int, metadata: np.ndarray, num_sp
     cursor = (0, 0, 0)                           # where the next non-empty part must begin
     seen_empty = False
     for part, row in enumerate(metadata):
-        assert row[META_PAYLOAD] == min(payload, 2**31 - 1), f"part {part}: payload {row}, expected {payload}"
+        assert row[META_PAYLOAD] == min(payload, INT32_MAX), f"part {part}: payload {row}, expected {payload}"
         assert (row[META_PAYLOAD + 1:] == 0).all(), f"part {part}: reserved fields {row}"
         if row[META_BEGIN_REQUEST] >= batch:
             assert list(row) == [batch, 0, batch, 0, 0, row[META_PAYLOAD], 0, 0], f"empty part {part} is {row}"
