@@ -179,7 +179,7 @@ class RecordingDriver:
         from flashmla_cupy import params
 
         # function handle -> byte size of each kernel argument
-        self.arg_sizes = {DECODE_FN: (ctypes.sizeof(params.DecodeParams), 128),
+        self.arg_sizes = {DECODE_FN: (ctypes.sizeof(params.DecodeParams), 128, 128),
                           COMBINE_FN: (ctypes.sizeof(params.CombineParams),),
                           SCHEDULER_FN: (ctypes.sizeof(params.SchedulerParams),),
                           CHECK_FN: (ctypes.sizeof(params.CheckParams),)}

@@ -20,7 +20,7 @@ COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
 # are cut into about this many pieces or more, and one warp per row would leave most SMs idle.
 COMBINE_BLOCK_PER_ROW_PARTS = 16
 FLOAT32_BYTES = 4           # the partial buffers are fp32
-_TMA_MAPS_PER_LAYOUT = 256  # k_cache descriptors kept per decode launcher (typically one per layer)
+_TMA_MAPS_PER_LAYOUT = 256  # k_cache (and q) descriptors kept per decode launcher (k: typically one per layer)
 
 
 class SchedulerLaunch:
@@ -85,6 +85,16 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
     return variants.decode_variant(q_name, problem.kv_name), plan.TILE_ROWS
 
 
+def q_tile_box(heads_per_group: int) -> tuple[int, int] | None:
+    """(heads, query positions) of a q tensor-map box that holds 64 packed rows (row = s * heads_per_group
+    + h) in order, or None where no box does (heads_per_group neither a multiple nor a divisor of 64)."""
+    if heads_per_group % plan.TILE_ROWS == 0:
+        return plan.TILE_ROWS, 1
+    if plan.TILE_ROWS % heads_per_group == 0:
+        return heads_per_group, plan.TILE_ROWS // heads_per_group
+    return None
+
+
 class DecodeLaunch:
     """The split-KV decode kernel of one checked layout (a DecodeProblem): grid (row tiles, heads_kv,
     parts). Its partial buffers live in one fp32 workspace of `workspace_floats` values. An FP8 call's
@@ -113,7 +123,13 @@ class DecodeLaunch:
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
-        self._launch = launch.Launch(fn, grid, (variant.threads, 1, 1), [self._params, no_map_yet])
+        # decode.cu's Q tile comes in through a q tensor map where its 64 packed rows form one box (the
+        # first call sets it). The narrow kernel takes no such argument and never reads the third slot.
+        box = q_tile_box(problem.heads_per_group) if variant.program == "decode" else None
+        self._q_layout = None if box is None else (q.shape, q.strides, q.dtype, *box)
+        self._q_ptr, self._q_maps = None, {}
+        no_q_map = (ctypes.c_uint64 * 16)()
+        self._launch = launch.Launch(fn, grid, (variant.threads, 1, 1), [self._params, no_map_yet, no_q_map])
 
     def __call__(self, q: int, k_cache: int, block_table: int, seqlens: int, metadata: int, num_splits: int,
                  out: int, lse: int, workspace: int, stream: int, descales=()) -> tuple[int, int]:
@@ -123,6 +139,12 @@ class DecodeLaunch:
             self._launch.set_arg(1, self._tensor_map(k_cache))
             self._k_ptr = k_cache
         p = self._params
+        if self._q_layout is not None and q != self._q_ptr:
+            q_map = self._q_tensor_map(q)
+            p.q_tma = int(q_map is not None)
+            if q_map is not None:
+                self._launch.set_arg(2, q_map)
+            self._q_ptr = q
         p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
         p.out, p.lse = out, lse
         for name, address in zip(self._descales, descales):
@@ -139,6 +161,20 @@ class DecodeLaunch:
             if len(self._maps) >= _TMA_MAPS_PER_LAYOUT:
                 self._maps.clear()
             tensor_map = self._maps[k_cache] = launch.kv_tensor_map(k_cache, *self._k_layout)
+        return tensor_map
+
+    def _q_tensor_map(self, q: int):
+        """The TMA descriptor of q at this address, or None where the driver refuses one (the kernel then
+        copies the Q tile with 16-byte loads, which need no more than the input rules ask)."""
+        if q in self._q_maps:
+            return self._q_maps[q]
+        if len(self._q_maps) >= _TMA_MAPS_PER_LAYOUT:
+            self._q_maps.clear()
+        try:
+            tensor_map = launch.q_tensor_map(q, *self._q_layout)
+        except RuntimeError:  # the driver refused it (launch._check)
+            tensor_map = None
+        self._q_maps[q] = tensor_map
         return tensor_map
 
 

@@ -216,6 +216,31 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     return tensor_map
 
 
+def q_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_heads: int, box_positions: int):
+    """128-byte TMA descriptor over q [batch, seqlen_q, heads_q, 576] at `ptr` (`strides` in elements) for
+    decode.cu's Q tile: boxes of 64 columns x `box_heads` heads x `box_positions` query positions, one
+    64-column box of the tile's 64 packed rows (row = s * heads_per_group + h), swizzled as the kernel's
+    K boxes (128 bytes; an e4m3 q 64 bytes). Positions past seqlen_q land as zeros. Host-only, like
+    kv_tensor_map; kernels.DecodeLaunch keeps one per q address."""
+    batch, seqlen_q, heads_q, head_dim = shape
+    itemsize = dtype.itemsize
+    # Innermost first: (column, head, query position, request).
+    dims = (ctypes.c_uint64 * 4)(head_dim, heads_q, seqlen_q, batch)
+    byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
+    box = (ctypes.c_uint32 * 4)(_BOX_COLS, box_heads, box_positions, 1)
+    element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    tensor_map = (ctypes.c_uint64 * 16)()
+    _check(
+        _driver().cuTensorMapEncodeTiled(
+            ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
+            dims, byte_strides, box, element_strides, ctypes.c_int(0),
+            ctypes.c_int(_SWIZZLE[_BOX_COLS * itemsize]), ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(_OOB_FILL_ZERO),
+        ),
+        "cuTensorMapEncodeTiled(q)",
+    )
+    return tensor_map
+
+
 # --- launches ---------------------------------------------------------------------------------------
 
 class _LaunchAttribute(ctypes.Structure):

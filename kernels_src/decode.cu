@@ -22,7 +22,10 @@
 // Handshakes (named barriers, synced by both warpgroups): page A ready (0 -> 1: max_a, P_a), page B
 // ready (1 -> 0: max_b, P_b);
 // TMA barriers, one per box and buffer ("full"); per buffer and consumer an "empty" barrier (its boxes
-// released to the loader); a consumers' barrier around each Q reload and the epilogue.
+// released to the loader); a consumers' barrier before each Q reload and in the epilogue. The Q tile
+// lands through TMA on its own barrier ("q_full"; the host's q tensor map, where 64 packed rows form one
+// box of q: load.cuh), issued by one thread, for a split piece's successor as soon as both warpgroups
+// are done with the tile; otherwise all consumer threads copy it (load_q_tile).
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA loads, mbarriers, named barriers and the swizzled-box
 // descriptors are hand-written PTX: CuTe's TMA atoms are built by host helpers that NVRTC compiles out,
@@ -196,6 +199,7 @@ struct PieceContext {
   const PartPlan& part;
   SharedStorage& smem;
   const TensorMap* map;
+  const TensorMap* q_map;  // the q tensor map (used where p.q_tma)
   Piece piece;
   FragmentCoords at;
   int thread;       // index inside the warpgroup
@@ -207,9 +211,10 @@ struct PieceContext {
   RopeFragment q_rope;  // the Q tile's rope box as wgmma A fragments (16-bit q)
 
   __device__ __forceinline__ PieceContext(const DecodeParams& params, const PartPlan& plan, SharedStorage& s,
-                                          const TensorMap* m, const Piece& pc, int t, int head, int base,
-                                          const Descales& d)
-      : p(params), part(plan), smem(s), map(m), piece(pc), at(t), thread(t), kv_head(head), rows_base(base), scales(d) {
+                                          const TensorMap* m, const TensorMap* qm, const Piece& pc, int t, int head,
+                                          int base, const Descales& d)
+      : p(params), part(plan), smem(s), map(m), q_map(qm), piece(pc), at(t), thread(t), kv_head(head),
+        rows_base(base), scales(d) {
     row_limits(p, piece.seqlen, rows_base, at.row, limit);
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
     if constexpr (!kFp8Scores) load_fragment(smem.q + kRopeBox * kBoxBytes, at, q_rope);
@@ -447,9 +452,12 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   }
 }
 
-// Both warpgroups: add up the row sums and write this piece's rows (each warpgroup its half).
-__device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
-                                             const OutputHalf& o) {
+// Both warpgroups: add up the row sums and write this piece's rows (each warpgroup its half). Where the
+// Q tile comes in through TMA and this piece's rows leave from registers (a split piece's partials), the
+// next piece's Q tile is issued as soon as both warpgroups are done with this one (by `q_issuer`), so
+// that it lands while the partials are written; returns whether it was.
+__device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
+                                             const OutputHalf& o, bool q_issuer) {
   cute::warpgroup_wait<0>();  // nothing is in flight here; saying so keeps ptxas from adding a wait
   float* own = c.smem.row_sum[warpgroup];
   // A bad page that TMA filled with NaN makes O NaN in every row of the request (P is 0 or NaN, V is
@@ -460,7 +468,10 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
     own[c.at.row[0]] = share[0];
     own[c.at.row[1]] = share[1];
   }
+  const bool next_q = c.p.q_tma && (c.piece.split || !c.piece.writable) && c.piece.request < c.part.end_request;
+  if (next_q) fence_generic_to_async_smem();  // the rope box's reads (generic) before TMA rewrites the tile
   named_barrier_sync(kBarrierCta, kThreads);
+  if (next_q && q_issuer) issue_q_tile_tma(c.p, c.q_map, c.smem, c.piece.request + 1, c.kv_head, c.rows_base);
   float total[2], inv_sum[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -470,6 +481,7 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
   store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum, c.smem.q, c.thread,
                warpgroup == 0 ? kBarrierWarpgroup0 : kBarrierWarpgroup1);
+  return next_q;
 }
 
 }  // namespace flashmla
@@ -477,7 +489,8 @@ __device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgrou
 using namespace flashmla;
 
 extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
-    flashmla_decode(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
+    flashmla_decode(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map,
+                    const __grid_constant__ TensorMap q_map) {
   extern __shared__ uint8_t smem_raw[];
   // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
@@ -504,6 +517,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       mbarrier_init(&smem.scored[buffer], kScoredArrivals);
 #endif
     }
+    mbarrier_init(&smem.q_full, 1);
     fence_barrier_init();
   }
   __syncthreads();
@@ -524,6 +538,9 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     return;
   }
   claim_registers();
+  // With p.q_tma one thread issues each Q tile through TMA: the part's first one at once.
+  const bool q_issuer = warpgroup == 0 && thread == 0;
+  if (p.q_tma && q_issuer) issue_q_tile_tma(p, &q_map, smem, part.begin_request, kv_head, rows_base);
   const Descales scales = read_descales(p);
   Tracer trace(warpgroup, thread);
   trace.mark(kMarkKernelStart);
@@ -531,16 +548,27 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   producer.first_loads(p, part, smem, &kv_map, kv_head);
 
   int uses[kPageBuffers] = {0, 0};  // pages consumed from each buffer: the parity of its TMA barriers
+  int q_tiles = 0;                  // Q tiles landed through TMA: the parity of q_full
+  bool q_issued = p.q_tma;          // the next Q tile's TMA is in flight already
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
-    named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
-    load_q_tile(p, smem, request, kv_head, rows_base);
-    fence_generic_to_async_smem();
-    named_barrier_sync(kBarrierCta, kThreads);
+    if (p.q_tma) {
+      // The staged output (generic accesses) is done with the tile before TMA rewrites it.
+      if (!q_issued) fence_generic_to_async_smem();
+      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
+      if (!q_issued && q_issuer) issue_q_tile_tma(p, &q_map, smem, request, kv_head, rows_base);
+      mbarrier_wait_uniform(&smem.q_full, q_tiles & 1);
+      ++q_tiles;
+    } else {
+      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
+      load_q_tile(p, smem, request, kv_head, rows_base);
+      fence_generic_to_async_smem();
+      named_barrier_sync(kBarrierCta, kThreads);
+    }
     if (request == part.begin_request) producer.query_in(smem);
     trace.mark(kMarkPieceStart);
 
-    const PieceContext c(p, part, smem, &kv_map, piece, thread, kv_head, rows_base, scales);
+    const PieceContext c(p, part, smem, &kv_map, &q_map, piece, thread, kv_head, rows_base, scales);
     RowState rows;
     OutputHalf o;
 #pragma unroll
@@ -553,7 +581,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o, trace);
       if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o, trace);
     }
-    finish_piece(c, warpgroup, rows, o);
+    q_issued = finish_piece(c, warpgroup, rows, o, q_issuer);
     trace.mark(kMarkPieceEnd);
   }
 }

@@ -1,4 +1,5 @@
-// Getting tiles into shared memory: KV boxes through TMA, the Q tile through 16-byte loads.
+// Getting tiles into shared memory: KV boxes through TMA, the Q tile through TMA too where the host
+// encodes a q tensor map (DecodeParams::q_tma), else through 16-byte asynchronous copies.
 #pragma once
 #include "shared_storage.cuh"
 #include "sync.cuh"
@@ -105,7 +106,11 @@ __device__ __forceinline__ void prefetch_page_boxes(const TensorMap* map, uint32
   }
 }
 
-// Load the 64 x 576 query tile of one request and KV head: tile row r is packed row
+// decode.cu's Q tile boxes: 16-bit, or FP8 with FP8 scores (an e4m3 q).
+constexpr int kQTileBoxBytes = kFp8Scores ? kFp8BoxBytes : kBoxBytes;
+
+// Load the 64 x 576 query tile of one request and KV head without a tensor map (the narrow kernel's
+// tiles and heads_per_group that no q box fits use copies like these): tile row r is packed row
 // rows_base + r = s * heads_per_group + h_in_group. Rows past p.rows become zeros. All threads take part.
 // q is copied as it is, through asynchronous copies, so that all of a thread's 16-byte chunks are in
 // flight at once (loads through registers went out a few at a time, each batch waiting a global-memory
@@ -117,19 +122,39 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
   constexpr int kPerChunk = 16 / sizeof(QElement);  // q's elements in 16 bytes
   constexpr int kChunksPerRow = kHeadDim / kPerChunk;
   constexpr int kChunksPerBox = kBoxCols / kPerChunk;
-  constexpr int kQBoxBytes = kFp8Scores ? kFp8BoxBytes : kBoxBytes;
   const QElement* q = static_cast<const QElement*>(p.q);
   for (int idx = threadIdx.x; idx < kTileRows * kChunksPerRow; idx += kThreads) {
     const int r = idx / kChunksPerRow;
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
     const QElement* src = query_row_at(p, q, request, kv_head, row, c * kPerChunk);
-    uint8_t* dst = smem.q + (c / kChunksPerBox) * kQBoxBytes +
+    uint8_t* dst = smem.q + (c / kChunksPerBox) * kQTileBoxBytes +
                    (kFp8Scores ? fp8_offset(r, c % kChunksPerBox) : swizzled_offset(r, c % kChunksPerBox));
     async_copy_16(dst, src, row < p.rows ? 16 : 0);
   }
   async_copy_commit();
   async_copy_wait_all();
+}
+
+// The same tile through TMA, issued by one thread, landing on `smem.q_full`: the host encodes a 4-D map
+// over q [batch, seqlen_q, heads_q, 576] (innermost first: column, head, query position, request) whose
+// box is 64 columns x min(heads_per_group, 64) heads x max(64 / heads_per_group, 1) positions, so that
+// one box is one 64-column box of the tile in packed-row order (row = s * heads_per_group + h), 128-byte
+// swizzled like the K boxes (an e4m3 q: 64-byte, the FP8 boxes' layout). Positions past seqlen_q land as
+// zeros. The tile's 64 rows start at query position rows_base / heads_per_group, head
+// kv_head * heads_per_group + rows_base % heads_per_group. load_q_tile's copies took 8000-10000 cycles a
+// tile (traced, H200) while the page streams ran; through TMA the h_q = 128 cells were 0.4-4.8 % faster
+// (benchmarks/results/2026-12-01-h200-*-ab71-*).
+__device__ __forceinline__ void issue_q_tile_tma(const DecodeParams& p, const TensorMap* q_map, SharedStorage& smem,
+                                                 int request, int kv_head, int rows_base) {
+  const int s = rows_base / p.heads_per_group;
+  const int head = kv_head * p.heads_per_group + rows_base % p.heads_per_group;
+  mbarrier_arrive_expect_tx(&smem.q_full, kBoxes * kQTileBoxBytes);
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box) {
+    tma_load_box(q_map, &smem.q_full, smem.q + box * kQTileBoxBytes, box * kBoxCols, head, s, request,
+                 kCacheHintEvictFirst);
+  }
 }
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V

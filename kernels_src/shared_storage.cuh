@@ -21,6 +21,7 @@ struct SharedStorage {
   // [buffer][consumer warpgroup]: the boxes of the buffer it reads last are free again (a 16-bit cache's
   // loader waits on it before loading them with the next page).
   uint64_t empty[kPageBuffers][2];
+  uint64_t q_full;  // the Q tile has landed (through TMA: DecodeParams::q_tma)
 #if defined(FLASHMLA_KV_E4M3)
   uint64_t landed[kPageBuffers][kBoxes];  // an FP8 box has landed (TMA); `full` then says it is converted
 #endif

@@ -129,6 +129,32 @@ def test_other_strides_or_aligned_offsets_are_calls_of_their_own(gpu):
     assert tensor_map_base(gpu.driver.launches[-2]) == shifted.data_ptr()
 
 
+def q_map_base(launch) -> int:
+    """Where the decode launch's q descriptor points (0: none; the narrow kernel never takes one)."""
+    return ctypes.c_uint64.from_buffer_copy(launch["args"][2]).value
+
+
+def test_the_q_tile_comes_through_tma_where_a_box_holds_its_rows(gpu):
+    t = gpu.torch
+    # 128 heads (two 64-row tiles), 32 heads at s_q = 2 (a tile of 2 positions x 32 heads): one box each.
+    for heads_q, seqlen_q in ((128, 1), (32, 2)):
+        qs = [t.tensor((2, seqlen_q, heads_q, 576), t.bfloat16) for _ in range(2)]
+        before = len(gpu.driver.tensor_maps)
+        for q in [qs[0], qs[1], qs[0]]:
+            flash_mla_with_kvcache(**torch_args(t, heads_q=heads_q, seqlen_q=seqlen_q) | {"q": q})
+            assert decode_params(gpu.driver.launches[-2]).q_tma == 1
+            assert q_map_base(gpu.driver.launches[-2]) == q.data_ptr()
+        encoded = gpu.driver.tensor_maps[before:]
+        assert [base for base in encoded if base in (qs[0].data_ptr(), qs[1].data_ptr())] == \
+            [qs[0].data_ptr(), qs[1].data_ptr()]   # once per address
+    # 48 heads per KV head: 64 packed rows are no box of q, the kernel copies them itself.
+    flash_mla_with_kvcache(**torch_args(t, heads_q=96, heads_kv=2) | {
+        "k_cache": t.tensor((8, 64, 2, 576), t.bfloat16)})
+    assert decode_params(gpu.driver.launches[-2]).q_tma == 0
+    flash_mla_with_kvcache(**torch_args(t))   # 16 rows: the narrow kernel
+    assert (decode_params(gpu.driver.launches[-2]).q_tma, q_map_base(gpu.driver.launches[-2])) == (0, 0)
+
+
 def test_every_layer_cache_is_encoded_once(gpu):
     t = gpu.torch
     caches = [t.tensor((8, 64, 1, 576), t.bfloat16) for _ in range(3)]

@@ -141,11 +141,12 @@ def test_callbacks_launch_on_xlas_stream_over_xlas_buffers(gpu):
         assert (d.q, d.block_table, d.seqlens, d.metadata, d.num_splits) == (0x10000, 0x20000, 0x1000, 0x2000, 0x3000)
         assert (d.out, d.lse, d.out_partial) == (0x60000, 0x70000, 0x80000)
         assert ctypes.c_uint64.from_buffer_copy(decode["args"][1]).value == k_cache
+        assert ctypes.c_uint64.from_buffer_copy(decode["args"][2]).value == 0x10000   # q's descriptor
         assert decode["stream"] == combine["stream"] == 0x5EED and combine["pdl"]
         # XLA's thread had no current context: the stream's is made current for the launches, then undone.
         assert decode["context"] == combine["context"] == fake_cuda.STREAM_CONTEXT
         assert gpu.driver.contexts == []
-    assert gpu.driver.tensor_maps == [0x40000, 0x50000]
+    assert gpu.driver.tensor_maps == [0x40000, 0x10000, 0x50000]   # q's at its one address
     assert gpu.allocations == []   # XLA owns every buffer
 
 
