@@ -17,7 +17,8 @@ passing checks used.
 
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
-changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none).
+changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
+`overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ BASE = "shipped"
 
 def parse_variant(text: str) -> dict:
     name, _, items = text.partition(":")
-    spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None, "threads": None}
+    spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None, "threads": None, "overhead": None}
     if not spec["name"] or spec["name"] == BASE:
         raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
     for item in items.split():
@@ -49,8 +50,11 @@ def parse_variant(text: str) -> dict:
             spec["threads"] = int(item[8:])
         elif item.startswith("narrow="):
             spec["narrow"] = int(item[7:])
+        elif item.startswith("overhead="):
+            spec["overhead"] = int(item[9:])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, narrow=ROWS)")
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} "
+                             "(-D..., tree=DIR, smem=BYTES, threads=N, narrow=ROWS, overhead=PAGES)")
     return spec
 
 
@@ -58,7 +62,7 @@ def parse_variant(text: str) -> dict:
 
 def apply(spec: dict) -> None:
     """Point the package at the variant's build before anything is compiled or loaded."""
-    from flashmla_cupy import compiler, kernels, variants
+    from flashmla_cupy import compiler, kernels, plan, variants
 
     if spec["tree"]:
         tree = pathlib.Path(spec["tree"])
@@ -70,6 +74,8 @@ def apply(spec: dict) -> None:
     if spec.get("narrow") is not None:   # at most the rows each narrow build takes
         kernels.NARROW_MAX_ROWS = min(spec["narrow"], kernels.NARROW_MAX_ROWS)
         kernels.NARROW_FP8_MAX_ROWS = min(spec["narrow"], kernels.NARROW_FP8_MAX_ROWS)
+    if spec.get("overhead") is not None:   # read when each planner launch is prepared
+        plan.OVERHEAD_PAGES = spec["overhead"]
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
 

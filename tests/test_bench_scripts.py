@@ -439,7 +439,8 @@ def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_
 def test_kernel_ab_variant_specs():
     spec = kernel_ab.parse_variant("lazy: tree=kernels_src smem=230400 -DA=1 -DB")
     assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
-    assert pathlib.Path(spec["tree"]).is_absolute()
+    assert pathlib.Path(spec["tree"]).is_absolute() and spec["overhead"] is None
+    assert kernel_ab.parse_variant("ov3: overhead=3")["overhead"] == 3
     for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
