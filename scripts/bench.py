@@ -227,22 +227,30 @@ def library_info(lib: Library) -> dict:
 FLUSH_MODES = ("memset", "read", "none")
 
 
+class L2Flush:
+    """One FLUSH_MODES flush of the L2 per call, on torch's current stream (its buffer made once)."""
+
+    def __init__(self, torch, mode: str = "memset"):
+        if mode not in FLUSH_MODES:
+            raise ValueError(f"flush must be one of {FLUSH_MODES}, got {mode!r}")
+        self.torch = torch
+        self.mode = mode
+        self.buffer = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if mode != "none" else None
+
+    def __call__(self) -> None:
+        if self.mode == "memset":
+            self.buffer.zero_()
+        elif self.mode == "read":
+            self.buffer.view(self.torch.int64).sum()
+
+
 class Timer:
     """CUDA-event median of one call, each run after an L2 flush."""
 
     def __init__(self, torch, reps: int | None = None, flush: str = "memset"):
-        if flush not in FLUSH_MODES:
-            raise ValueError(f"flush must be one of {FLUSH_MODES}, got {flush!r}")
         self.torch = torch
         self.reps = reps
-        self.mode = flush
-        self.flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush != "none" else None
-
-    def flush(self) -> None:
-        if self.mode == "memset":
-            self.flush_buffer.zero_()
-        elif self.mode == "read":
-            self.flush_buffer.view(self.torch.int64).sum()
+        self.flush = L2Flush(torch, flush)
 
     def _reps_for(self, fn) -> int:
         torch = self.torch

@@ -102,8 +102,14 @@ def print_report(report: dict) -> None:
             print(f"  {label:48s} {step['count']:6d} {step['median_cycles']:11.0f} {step['share']:7.1%}")
 
 
+def _scripts_on_path() -> None:
+    for entry in (str(ROOT / "scripts"), str(ROOT)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
 def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> dict:
-    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+    _scripts_on_path()
     import kernel_ab
 
     kernel_ab.apply({"defines": ["-DFLASHMLA_TRACE=1"], "tree": tree, "smem": None})
@@ -123,7 +129,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> di
     address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
     pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
     cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
-    bench.Timer(torch, flush=flush).flush()
+    bench.L2Flush(torch, flush)()
     fn()
     torch.cuda.synchronize()
     table = cupy.asnumpy(words).reshape(TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS)
@@ -142,12 +148,15 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> di
 
 
 def main(argv=None) -> int:
+    _scripts_on_path()
+    import bench  # imports no framework and compiles nothing: kernel_ab.apply still comes first in trace
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="b128-q1-h128-4096", help="a scripts/bench.py case id")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--tree", help="another kernels_src directory to trace")
     parser.add_argument("--json", help="write the report (with the raw marks) here")
-    parser.add_argument("--flush", choices=("none", "memset", "read"), default="none",
+    parser.add_argument("--flush", choices=bench.FLUSH_MODES, default="none",
                         help="flush L2 before the traced run as scripts/bench.py does (default: none)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")

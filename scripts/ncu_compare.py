@@ -294,10 +294,10 @@ def launch(library: str, case: bench_cases.Case, flush: str = "ncu") -> None:
 
     lib = next(lib for lib in bench.LIBRARIES if lib.name == library)
     fn = lib.make(torch, case, bench.make_inputs(torch, case, seed=1))
-    flusher = bench.Timer(torch, flush=flush) if flush != "ncu" else None
+    flush_l2 = bench.L2Flush(torch, flush) if flush != "ncu" else None
     for _ in range(WARMUP_LAUNCHES + 1):
-        if flusher is not None:
-            flusher.flush()
+        if flush_l2 is not None:
+            flush_l2()
         fn()
     torch.cuda.synchronize()
 
