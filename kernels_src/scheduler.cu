@@ -20,6 +20,7 @@ namespace {
 constexpr int kSchedulerThreads = 256;  // enough loads in flight to count 64K requests' pages quickly
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr long long kInt32Max = 0x7fffffff;  // metadata is int32 (plan.py's INT32_MAX)
 // Requests whose page counts are staged in shared memory at a time (32 KiB).
 constexpr int kChunk = 8192;
 
@@ -56,13 +57,13 @@ struct Walk {
       row[flashmla::kBeginRequest] = request;
       row[flashmla::kBeginPage] = page;
       row[flashmla::kBeginPiece] = piece;
-      for (int f = flashmla::kBeginPiece + 1; f < flashmla::kMetadataFields; ++f) row[f] = 0;
       row[flashmla::kPayload] = stored_payload();
+      for (int f = flashmla::kPayload + 1; f < flashmla::kMetadataFields; ++f) row[f] = 0;
     }
   }
 
   // The payload as every metadata row carries it (int32, capped as plan_numpy caps it).
-  __device__ int stored_payload() const { return payload < 0x7fffffffLL ? static_cast<int>(payload) : 0x7fffffff; }
+  __device__ int stored_payload() const { return static_cast<int>(payload < kInt32Max ? payload : kInt32Max); }
 
   __device__ void close_part(int request, int end_page) {
     if (lane == 0 && part < p.num_parts) {
