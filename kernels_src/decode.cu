@@ -457,7 +457,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 // next piece's Q tile is issued as soon as both warpgroups are done with this one (by `q_issuer`), so
 // that it lands while the partials are written; returns whether it was.
 __device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
-                                             const OutputHalf& o, bool q_issuer) {
+                                             const OutputHalf& o, bool q_issuer, Tracer& trace) {
   cute::warpgroup_wait<0>();  // nothing is in flight here; saying so keeps ptxas from adding a wait
   float* own = c.smem.row_sum[warpgroup];
   // A bad page that TMA filled with NaN makes O NaN in every row of the request (P is 0 or NaN, V is
@@ -471,6 +471,7 @@ __device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgrou
   const bool next_q = c.p.q_tma && (c.piece.split || !c.piece.writable) && c.piece.request < c.part.end_request;
   if (next_q) fence_generic_to_async_smem();  // the rope box's reads (generic) before TMA rewrites the tile
   named_barrier_sync(kBarrierCta, kThreads);
+  trace.mark(kMarkSumsExchanged);
   if (next_q && q_issuer) issue_q_tile_tma(c.p, c.q_map, c.smem, c.piece.request + 1, c.kv_head, c.rows_base);
   float total[2], inv_sum[2];
 #pragma unroll
@@ -479,8 +480,9 @@ __device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgrou
     inv_sum[i] = total[i] == 0.f ? 0.f : c.scales.out_scale / total[i];  // NaN (a bad page) stays NaN
   }
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
+  trace.mark(kMarkLseStored);
   store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum, c.smem.q, c.thread,
-               warpgroup == 0 ? kBarrierWarpgroup0 : kBarrierWarpgroup1);
+               warpgroup == 0 ? kBarrierWarpgroup0 : kBarrierWarpgroup1, trace);
   return next_q;
 }
 
@@ -556,11 +558,13 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       // The staged output (generic accesses) is done with the tile before TMA rewrites it.
       if (!q_issued) fence_generic_to_async_smem();
       named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
+      trace.mark(kMarkQTileFree);
       if (!q_issued && q_issuer) issue_q_tile_tma(p, &q_map, smem, request, kv_head, rows_base);
       mbarrier_wait_uniform(&smem.q_full, q_tiles & 1);
       ++q_tiles;
     } else {
       named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
+      trace.mark(kMarkQTileFree);
       load_q_tile(p, smem, request, kv_head, rows_base);
       fence_generic_to_async_smem();
       named_barrier_sync(kBarrierCta, kThreads);
@@ -581,7 +585,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o, trace);
       if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o, trace);
     }
-    q_issued = finish_piece(c, warpgroup, rows, o, q_issuer);
+    q_issued = finish_piece(c, warpgroup, rows, o, q_issuer, trace);
     trace.mark(kMarkPieceEnd);
   }
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include "plan.cuh"
 #include "softmax.cuh"
+#include "trace.cuh"
 
 namespace flashmla {
 
@@ -19,7 +20,7 @@ static_assert(2 * kStagedHalfBytes <= kTileBytes, "both halves fit in the Q tile
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece& piece, int kv_head,
                                              int rows_base, const FragmentCoords& at, int half,
                                              const OutputHalf& o, const float (&inv_sum)[2], uint8_t* staging,
-                                             int thread, NamedBarrier own) {
+                                             int thread, NamedBarrier own, Tracer& trace) {
   if (!piece.writable) return;
   if (piece.split) {
 #pragma unroll
@@ -47,6 +48,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
     }
   }
   named_barrier_sync(own, kWarpgroupThreads);
+  trace.mark(kMarkOutputStaged);
   constexpr int kChunksPerRow = kHalfV * 2 / 16;
   static_assert(kChunksPerRow == 32, "a warp copies one row, 16 bytes a lane");
   const int lane = thread % 32;

@@ -30,6 +30,11 @@ enum TraceMark : uint32_t {
   // A consumer loading its own boxes (an FP8 cache), after its remote PV:
   kMarkBlockIndexed = 14,   // the page's block index read (its cp.async waited for)
   kMarkBoxesIssued = 15,    // the page's TMA boxes issued
+  // A piece's end (decode.cu's finish_piece and the next piece's Q tile):
+  kMarkSumsExchanged = 16,  // both warpgroups' row sums are in (the epilogue's CTA barrier)
+  kMarkLseStored = 17,      // the lse written and the rows' normalisers computed
+  kMarkOutputStaged = 18,   // a single piece's 16-bit output staged in the Q tile (its copy-out follows)
+  kMarkQTileFree = 19,      // the next piece's Q reload may begin (the CTA barrier before it)
   kMarkHeader = 255,
 };
 
