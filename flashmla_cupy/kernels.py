@@ -156,26 +156,26 @@ class DecodeLaunch:
 
     def _tensor_map(self, k_cache: int):
         """The TMA descriptor of k_cache at this address; a model's layers each bring their own cache."""
-        tensor_map = self._maps.get(k_cache)
-        if tensor_map is None:
-            if len(self._maps) >= _TMA_MAPS_PER_LAYOUT:
-                self._maps.clear()
-            tensor_map = self._maps[k_cache] = launch.kv_tensor_map(k_cache, *self._k_layout)
-        return tensor_map
+        return _map_at(self._maps, k_cache, lambda: launch.kv_tensor_map(k_cache, *self._k_layout))
 
     def _q_tensor_map(self, q: int):
         """The TMA descriptor of q at this address, or None where the driver refuses one (the kernel then
         copies the Q tile with 16-byte loads, which need no more than the input rules ask)."""
-        if q in self._q_maps:
-            return self._q_maps[q]
-        if len(self._q_maps) >= _TMA_MAPS_PER_LAYOUT:
-            self._q_maps.clear()
-        try:
-            tensor_map = launch.q_tensor_map(q, *self._q_layout)
-        except RuntimeError:  # the driver refused it (launch._check)
-            tensor_map = None
-        self._q_maps[q] = tensor_map
-        return tensor_map
+        def encode():
+            try:
+                return launch.q_tensor_map(q, *self._q_layout)
+            except RuntimeError:  # the driver refused it (launch._check)
+                return None
+        return _map_at(self._q_maps, q, encode)
+
+
+def _map_at(maps: dict, address: int, encode):
+    """maps[address], encoded on the first call at that address; at most _TMA_MAPS_PER_LAYOUT kept."""
+    if address not in maps:
+        if len(maps) >= _TMA_MAPS_PER_LAYOUT:
+            maps.clear()
+        maps[address] = encode()
+    return maps[address]
 
 
 class CheckLaunch:

@@ -197,23 +197,9 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     the map (a bad block index) is never read and lands as NaN: that is how the decode kernel keeps bad
     pages out of the result (plan.cuh, kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its
     kernel checks indices itself."""
-    num_blocks, page_size, heads_kv, head_dim = shape
-    itemsize = dtype.itemsize
-    # Innermost first: (column, kv head, token in page, block); box = 64 columns x 1 x box_tokens x 1.
-    dims = (ctypes.c_uint64 * 4)(head_dim, heads_kv, page_size, num_blocks)
-    byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
-    box = (ctypes.c_uint32 * 4)(_BOX_COLS, 1, box_tokens, 1)
-    element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    tensor_map = (ctypes.c_uint64 * 16)()
-    _check(
-        _driver().cuTensorMapEncodeTiled(
-            ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
-            dims, byte_strides, box, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE[swizzle]),
-            ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(_OOB_FILL_NAN if itemsize == 2 else _OOB_FILL_ZERO),
-        ),
-        "cuTensorMapEncodeTiled(k_cache)",
-    )
-    return tensor_map
+    # (column, kv head, token in page, block); box = 64 columns x 1 x box_tokens x 1.
+    return _tensor_map_4d(ptr, shape, strides, dtype, (_BOX_COLS, 1, box_tokens, 1), swizzle,
+                          _OOB_FILL_NAN if dtype.itemsize == 2 else _OOB_FILL_ZERO, "k_cache")
 
 
 def q_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_heads: int, box_positions: int):
@@ -222,21 +208,28 @@ def q_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_he
     64-column box of the tile's 64 packed rows (row = s * heads_per_group + h), swizzled as the kernel's
     K boxes (128 bytes; an e4m3 q 64 bytes). Positions past seqlen_q land as zeros. Host-only, like
     kv_tensor_map; kernels.DecodeLaunch keeps one per q address."""
-    batch, seqlen_q, heads_q, head_dim = shape
+    # (column, head, query position, request); box = 64 columns x box_heads x box_positions x 1.
+    return _tensor_map_4d(ptr, shape, strides, dtype, (_BOX_COLS, box_heads, box_positions, 1),
+                          _BOX_COLS * dtype.itemsize, _OOB_FILL_ZERO, "q")
+
+
+def _tensor_map_4d(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box: tuple, swizzle: int,
+                   oob_fill: int, what: str):
+    """cuTensorMapEncodeTiled over a 4-D array whose last axis is contiguous: `shape` and `strides` (in
+    elements) outermost first, as the array has them; `box` innermost first, as the driver takes it."""
     itemsize = dtype.itemsize
-    # Innermost first: (column, head, query position, request).
-    dims = (ctypes.c_uint64 * 4)(head_dim, heads_q, seqlen_q, batch)
+    dims = (ctypes.c_uint64 * 4)(*reversed(shape))
     byte_strides = (ctypes.c_uint64 * 3)(strides[2] * itemsize, strides[1] * itemsize, strides[0] * itemsize)
-    box = (ctypes.c_uint32 * 4)(_BOX_COLS, box_heads, box_positions, 1)
+    box_dims = (ctypes.c_uint32 * 4)(*box)
     element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
     tensor_map = (ctypes.c_uint64 * 16)()
     _check(
         _driver().cuTensorMapEncodeTiled(
             ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
-            dims, byte_strides, box, element_strides, ctypes.c_int(0),
-            ctypes.c_int(_SWIZZLE[_BOX_COLS * itemsize]), ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(_OOB_FILL_ZERO),
+            dims, byte_strides, box_dims, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE[swizzle]),
+            ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(oob_fill),
         ),
-        "cuTensorMapEncodeTiled(q)",
+        f"cuTensorMapEncodeTiled({what})",
     )
     return tensor_map
 
