@@ -7,7 +7,7 @@ thermal drift fall on every build alike. A child first checks its build against 
 reference on seven small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes, the narrow
 kernel's 16 rows, an FP8 cache with both query forms and with 32 and 128 rows; `--checks N`: N times,
 with fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay,
-L2 flushed before every run, CUDA-event median). The report gives each build's median time per case
+L2 flushed before every run, CUDA-event median; with `--eager` also launched from the host). The report gives each build's median time per case
 over the rounds and its ratio to the shipped build, and the largest share of each accuracy bar its
 passing checks used.
 
@@ -111,7 +111,7 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
     return failures, used
 
 
-def child(spec: dict, cases: str, dtypes: str, checks: int) -> dict:
+def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False) -> dict:
     sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
     apply(spec)
     import torch
@@ -124,9 +124,12 @@ def child(spec: dict, cases: str, dtypes: str, checks: int) -> dict:
     timer = bench.Timer(torch)
     for case in bench_cases.select(cases, dtypes.split(",")):
         inputs = bench.make_inputs(torch, case, seed=1)
-        replay = bench.captured(torch, bench.ours(torch, case, inputs))
+        call = bench.ours(torch, case, inputs)
+        replay = bench.captured(torch, call)
         result["us"][f"{case.id}-{case.dtype}"] = timer.us(replay)
-        del inputs, replay
+        if eager:   # the same call launched from the host: a cost of graph replay alone shows as a gap
+            result["us"][f"{case.id}-{case.dtype}-eager"] = timer.us(call)
+        del inputs, call, replay
         torch.cuda.empty_cache()
     return result
 
@@ -137,8 +140,8 @@ def run_child(spec: dict, args) -> dict:
     env = dict(os.environ, FLASHMLA_CUPY_CACHE_DIR=os.path.join(args.cache_root, spec["name"]))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
-                           "--dtype", args.dtype, "--checks", str(args.checks)], capture_output=True, text=True,
-                          env=env)
+                           "--dtype", args.dtype, "--checks", str(args.checks)] + ["--eager"] * args.eager,
+                          capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout)[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,12 +155,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="turns each build takes (default: 2)")
     parser.add_argument("--checks", type=int, default=1,
                         help="times each turn checks the build on the seven random cases (default: 1)")
+    parser.add_argument("--eager", action="store_true",
+                        help="also time each case's calls launched eagerly (rows named CASE-eager)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--cache-root", default="/tmp/kernel_ab_cache", help="one kernel cache per build below it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child), args.cases, args.dtype, args.checks)))
+        print(json.dumps(child(json.loads(args.child), args.cases, args.dtype, args.checks, args.eager)))
         return 0
 
     builds = [{"name": BASE, "defines": [], "tree": None, "smem": None}] + [parse_variant(v) for v in args.variant]
