@@ -24,8 +24,9 @@
 // TMA barriers, one per box and buffer ("full"); per buffer and consumer an "empty" barrier (its boxes
 // released to the loader); a consumers' barrier before each Q reload and in the epilogue. The Q tile
 // lands through TMA on its own barrier ("q_full"; the host's q tensor map, where 64 packed rows form one
-// box of q: load.cuh), issued by one thread, for a split piece's successor as soon as both warpgroups
-// are done with the tile; otherwise all consumer threads copy it (load_q_tile).
+// box of q: load.cuh), issued by one thread, for the next piece as soon as both warpgroups are done
+// with the tile (the rows leave from registers, epilogue.cuh); otherwise all consumer threads copy it
+// (load_q_tile).
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA loads, mbarriers, named barriers and the swizzled-box
 // descriptors are hand-written PTX: CuTe's TMA atoms are built by host helpers that NVRTC compiles out,
@@ -453,10 +454,9 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
 }
 
 // Both warpgroups: add up the row sums and write this piece's rows (each warpgroup its half). Where the
-// Q tile comes in through TMA and this piece's rows leave from registers (a split piece's partials), the
-// next piece's Q tile is issued as soon as both warpgroups are done with this one (by `q_issuer`), so
-// that it lands while the partials are written; returns whether it was.
-__device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
+// Q tile comes in through TMA, the next piece's is issued as soon as both warpgroups are done with this
+// one (by `q_issuer`), so that it lands while the rows are written.
+__device__ __forceinline__ void finish_piece(const PieceContext& c, int warpgroup, const RowState& rows,
                                              const OutputHalf& o, bool q_issuer, Tracer& trace) {
   cute::warpgroup_wait<0>();  // nothing is in flight here; saying so keeps ptxas from adding a wait
   float* own = c.smem.row_sum[warpgroup];
@@ -468,7 +468,7 @@ __device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgrou
     own[c.at.row[0]] = share[0];
     own[c.at.row[1]] = share[1];
   }
-  const bool next_q = c.p.q_tma && (c.piece.split || !c.piece.writable) && c.piece.request < c.part.end_request;
+  const bool next_q = c.p.q_tma && c.piece.request < c.part.end_request;
   if (next_q) fence_generic_to_async_smem();  // the rope box's reads (generic) before TMA rewrites the tile
   named_barrier_sync(kBarrierCta, kThreads);
   trace.mark(kMarkSumsExchanged);
@@ -481,9 +481,8 @@ __device__ __forceinline__ bool finish_piece(const PieceContext& c, int warpgrou
   }
   if (warpgroup == 0 && c.at.publishes()) store_lse(c.p, c.piece, c.kv_head, c.rows_base, c.at, rows.max, total);
   trace.mark(kMarkLseStored);
-  store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum, c.smem.q, c.thread,
-               warpgroup == 0 ? kBarrierWarpgroup0 : kBarrierWarpgroup1, trace);
-  return next_q;
+  store_output(c.p, c.piece, c.kv_head, c.rows_base, c.at, warpgroup, o, inv_sum);
+  trace.mark(kMarkOutputStored);
 }
 
 }  // namespace flashmla
@@ -551,15 +550,12 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
 
   int uses[kPageBuffers] = {0, 0};  // pages consumed from each buffer: the parity of its TMA barriers
   int q_tiles = 0;                  // Q tiles landed through TMA: the parity of q_full
-  bool q_issued = p.q_tma;          // the next Q tile's TMA is in flight already
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
     if (p.q_tma) {
-      // The staged output (generic accesses) is done with the tile before TMA rewrites it.
-      if (!q_issued) fence_generic_to_async_smem();
-      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
+      // This Q tile was issued at the part's start or at the previous piece's end (finish_piece).
+      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous row sums
       trace.mark(kMarkQTileFree);
-      if (!q_issued && q_issuer) issue_q_tile_tma(p, &q_map, smem, request, kv_head, rows_base);
       mbarrier_wait_uniform(&smem.q_full, q_tiles & 1);
       ++q_tiles;
     } else {
@@ -585,7 +581,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
       for (; page + 1 < piece.page_end; page += 2) warpgroup1_pair<true>(c, producer, page, uses, rows, o, trace);
       if (page < piece.page_end) warpgroup1_pair<false>(c, producer, page, uses, rows, o, trace);
     }
-    q_issued = finish_piece(c, warpgroup, rows, o, q_issuer, trace);
+    finish_piece(c, warpgroup, rows, o, q_issuer, trace);
     trace.mark(kMarkPieceEnd);
   }
 }

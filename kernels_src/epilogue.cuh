@@ -1,26 +1,36 @@
-// Writing one piece's result: to out/lse when the request has a single piece (out through shared
-// memory), otherwise to the fp32 partial buffers that the combine kernel merges.
+// Writing one piece's result: to out/lse when the request has a single piece, otherwise to the fp32
+// partial buffers that the combine kernel merges.
 #pragma once
 #include "plan.cuh"
 #include "softmax.cuh"
-#include "trace.cuh"
 
 namespace flashmla {
 
-// A single piece's output half (64 rows x 256 columns, 16-bit) staged in shared memory: rows padded by
-// 16 bytes, so that the fragment writes (8 rows x 16 bytes a warp) hit 32 different banks.
-constexpr int kStagedRowBytes = kHalfV * 2 + 16;
-constexpr int kStagedHalfBytes = kTileRows * kStagedRowBytes;
-static_assert(2 * kStagedHalfBytes <= kTileBytes, "both halves fit in the Q tile");
+// The quad's output words for 16 adjacent columns: each lane holds the pairs of columns 2t and 8 + 2t
+// (`a`, `b`; t = lane % 4) and gets back columns 4t..4t+3, so that the quad's stores are one 32-byte
+// sector. Two swaps: across lane pairs {0,2} and {1,3} (lanes 0-1 collect the a's, 2-3 the b's), then
+// inside {0,1} and {2,3}.
+__device__ __forceinline__ uint2 quad_adjacent_words(uint32_t a, uint32_t b, int quad_lane) {
+  const bool low = quad_lane < 2;
+  const uint32_t got = __shfl_xor_sync(0xffffffffu, low ? b : a, 2);
+  const uint32_t first = low ? a : got, second = low ? got : b;
+  const bool even = (quad_lane & 1) == 0;
+  const uint32_t swapped = __shfl_xor_sync(0xffffffffu, even ? second : first, 1);
+  return even ? make_uint2(first, swapped) : make_uint2(swapped, second);
+}
 
-// Store this warpgroup's 256 output columns (`half`) of the piece, normalised. A split piece's fp32
-// partials go straight from registers (8 bytes a thread, whole 32-byte sectors a warp). A single
-// piece's 16-bit output is written into `staging` first (the Q tile, which no wgmma reads any more),
-// then copied out a row per warp and 16 bytes per lane: whole 512-byte rows, not 4-byte pieces of 8.
+__device__ __forceinline__ uint32_t out_word(float a, float b) {
+  const OutElement2 pair = to_out_element2(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// Store this warpgroup's 256 output columns (`half`) of the piece, normalised, straight from registers
+// in whole 32-byte sectors: a split piece's fp32 partials 8 bytes a thread as they lie, a single piece's
+// 16-bit output 8 bytes a thread once the quad has swapped words (quad_adjacent_words). Nothing goes
+// through shared memory, so the next piece's Q tile may land meanwhile (finish_piece).
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece& piece, int kv_head,
                                              int rows_base, const FragmentCoords& at, int half,
-                                             const OutputHalf& o, const float (&inv_sum)[2], uint8_t* staging,
-                                             int thread, NamedBarrier own, Tracer& trace) {
+                                             const OutputHalf& o, const float (&inv_sum)[2]) {
   if (!piece.writable) return;
   if (piece.split) {
 #pragma unroll
@@ -37,29 +47,25 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
     }
     return;
   }
-  uint8_t* mine = staging + half * kStagedHalfBytes;
+  const int quad_lane = at.column / 2;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    uint8_t* row = mine + at.row[i] * kStagedRowBytes + at.column * 2;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      *reinterpret_cast<OutElement2*>(row + 16 * j) =
-          to_out_element2(o.v[4 * j + 2 * i] * inv_sum[i], o.v[4 * j + 2 * i + 1] * inv_sum[i]);
+    const int row = rows_base + at.row[i];
+    const bool real = row < p.rows;  // the swaps below take every lane of the warp, real row or not
+    OutElement* dst = nullptr;
+    if (real) {
+      const PackedQuery query = packed_query(p, kv_head, row);
+      dst = static_cast<OutElement*>(p.out) +
+            ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV +
+            half * kHalfV + 4 * quad_lane;
     }
-  }
-  named_barrier_sync(own, kWarpgroupThreads);
-  trace.mark(kMarkOutputStaged);
-  constexpr int kChunksPerRow = kHalfV * 2 / 16;
-  static_assert(kChunksPerRow == 32, "a warp copies one row, 16 bytes a lane");
-  const int lane = thread % 32;
-  for (int r = thread / 32; r < kTileRows; r += kWarpgroupThreads / 32) {
-    const int row = rows_base + r;
-    if (row >= p.rows) break;
-    const PackedQuery query = packed_query(p, kv_head, row);
-    OutElement* dst = static_cast<OutElement*>(p.out) +
-                      ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV +
-                      half * kHalfV;
-    reinterpret_cast<uint4*>(dst)[lane] = *reinterpret_cast<const uint4*>(mine + r * kStagedRowBytes + 16 * lane);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int a = 4 * (2 * k) + 2 * i, b = 4 * (2 * k + 1) + 2 * i;  // columns 16k + 2t and 16k + 8 + 2t
+      const uint2 words = quad_adjacent_words(out_word(o.v[a] * inv_sum[i], o.v[a + 1] * inv_sum[i]),
+                                              out_word(o.v[b] * inv_sum[i], o.v[b + 1] * inv_sum[i]), quad_lane);
+      if (real) *reinterpret_cast<uint2*>(dst + 16 * k) = words;
+    }
   }
 }
 

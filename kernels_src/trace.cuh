@@ -33,8 +33,8 @@ enum TraceMark : uint32_t {
   // A piece's end (decode.cu's finish_piece and the next piece's Q tile):
   kMarkSumsExchanged = 16,  // both warpgroups' row sums are in (the epilogue's CTA barrier)
   kMarkLseStored = 17,      // the lse written and the rows' normalisers computed
-  kMarkOutputStaged = 18,   // a single piece's 16-bit output staged in the Q tile (its copy-out follows)
-  kMarkQTileFree = 19,      // the next piece's Q reload may begin (the CTA barrier before it)
+  kMarkOutputStored = 18,   // this warpgroup's rows of the piece stored (the stores issued)
+  kMarkQTileFree = 19,      // the loop top's CTA barrier, before the next Q tile's wait (TMA) or reload
   kMarkHeader = 255,
 };
 
