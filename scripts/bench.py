@@ -55,6 +55,11 @@ FLUSH_BYTES = 256 << 20
 WARMUP_CALLS = 3
 TARGET_S = 0.05
 MIN_REPS, MAX_REPS = 10, 100
+# A case's libraries are timed in ROUNDS rounds, the order rotating, each round a 1/ROUNDS share of the
+# runs; a library's time is the median of its rounds. The GPU carries the previous case's load into the
+# next: right after b=128, h_q=128, 4096 the first library timed at b=32, 8192 read 2-5 % slower than
+# the same calls two seconds later, whichever library it was (docs/PERF_NOTES.md, seventeenth session).
+ROUNDS = 3
 HOST_CALLS = 20
 
 # Ceilings: a device-to-device copy (bytes read + written) and a square matmul per dtype.
@@ -252,20 +257,21 @@ class Timer:
         self.reps = reps
         self.flush = L2Flush(torch, flush)
 
-    def _reps_for(self, fn) -> int:
+    def _reps_for(self, fn, share: float) -> int:
         torch = self.torch
         torch.cuda.synchronize()
         start = time.perf_counter()
         self.flush()
         fn()
         torch.cuda.synchronize()
-        return max(MIN_REPS, min(MAX_REPS, int(TARGET_S / (time.perf_counter() - start))))
+        return max(MIN_REPS, min(round(MAX_REPS * share), int(TARGET_S * share / (time.perf_counter() - start))))
 
-    def us(self, fn) -> float:
+    def us(self, fn, share: float = 1.0) -> float:
+        """The median time of fn; `share`: the part of a measurement's runs to take (a round's)."""
         torch = self.torch
         for _ in range(WARMUP_CALLS):
             fn()
-        reps = self.reps or self._reps_for(fn)
+        reps = max(1, round(self.reps * share)) if self.reps else self._reps_for(fn, share)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             self.flush()
@@ -384,11 +390,11 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:400]
 
 
-def measure_library(torch, timer: Timer, lib: Library, case: Case, inputs: Inputs, reference, kernels: bool):
-    """One library on one case: (entry for the report, its output or None)."""
-    flops, nbytes = case.accounting()
+def prepare_library(torch, lib: Library, case: Case, inputs: Inputs, reference):
+    """One library on one case, up to its timing: (entry for the report, its call or None, the call
+    captured in a CUDA graph or None, its output or None). A peer that disagrees with ours is not timed."""
     entry: dict = {}
-    out = None
+    fn = replay = out = None
     try:
         fn = lib.make(torch, case, inputs)
         out = fn().reshape(case.batch, case.seqlen_q, case.heads_q, HEAD_DIM_V)
@@ -400,21 +406,34 @@ def measure_library(torch, timer: Timer, lib: Library, case: Case, inputs: Input
         else:
             entry.update(agreement(torch, reference, out, fp8=case.dtype == "fp8"))
             if entry["check"] == "mismatch":
-                return entry, out
+                return entry, None, None, out
         try:
-            entry["graph"] = rates(timer.us(captured(torch, fn)), flops, nbytes)
+            replay = captured(torch, fn)
         except Exception as exc:  # a library that cannot be captured is still timed eagerly
             entry["graph_error"] = error_text(exc)
-        entry["eager"] = rates(timer.us(fn), flops, nbytes)
-        entry["host_us"] = host_time_us(torch, fn)
-        if kernels:
-            try:
-                entry["kernels_us"], entry["kernels_critical_path"] = kernel_breakdown(torch, fn)
-            except Exception as exc:  # the breakdown is extra: its failure keeps the timings
-                entry["kernels_error"] = error_text(exc)
     except Exception as exc:  # a library that fails on a case is reported for it, the run goes on
         entry["error"] = error_text(exc)
-    return entry, out
+        fn = replay = None
+    return entry, fn, replay, out
+
+
+def interleaved_us(timer: Timer, fns: dict, rounds: int = ROUNDS) -> dict:
+    """Each of `fns` (name -> function) timed in `rounds` rounds, the order rotating from round to round,
+    so that what the GPU carries over from before falls on every library alike: name -> the median of
+    its rounds' times, or the exception that stopped it."""
+    names = list(fns)
+    times: dict = {name: [] for name in names}
+    failed: dict = {}
+    for r in range(rounds):
+        shift = r % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            if name in failed:
+                continue
+            try:
+                times[name].append(timer.us(fns[name], share=1 / rounds))
+            except Exception as exc:  # that library's timing stops; the others go on
+                failed[name] = exc
+    return {name: failed[name] if name in failed else statistics.median(times[name]) for name in names}
 
 
 def case_row(case: Case) -> dict:
@@ -428,17 +447,45 @@ def case_row(case: Case) -> dict:
 
 def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int, kernels: bool) -> dict:
     row = case_row(case)
+    flops, nbytes = case.accounting()
     inputs = make_inputs(torch, case, seed)
     reference = None
+    calls, replays = {}, {}
     for lib in libs:  # ours first: its output is what the peers are checked against
         if case.dtype not in lib.dtypes:
             continue
-        entry, out = measure_library(torch, timer, lib, case, inputs, reference, kernels)
+        entry, fn, replay, out = prepare_library(torch, lib, case, inputs, reference)
         if lib.name == bench_report.OURS and out is not None:
             reference = out.clone()
         row["libraries"][lib.name] = entry
+        if fn is not None:
+            calls[lib.name] = fn
+        if replay is not None:
+            replays[lib.name] = replay
         del out
-    del inputs, reference
+    for mode, fns in (("graph", replays), ("eager", calls)):
+        for name, us in interleaved_us(timer, fns).items():
+            entry = row["libraries"][name]
+            if isinstance(us, Exception):
+                entry["error"] = error_text(us)
+                calls.pop(name, None)
+            else:
+                entry[mode] = rates(us, flops, nbytes)
+        if mode == "graph":
+            calls = {name: fn for name, fn in calls.items() if "error" not in row["libraries"][name]}
+    for name, fn in calls.items():
+        entry = row["libraries"][name]
+        try:
+            entry["host_us"] = host_time_us(torch, fn)
+        except Exception as exc:
+            entry["error"] = error_text(exc)
+            continue
+        if kernels:
+            try:
+                entry["kernels_us"], entry["kernels_critical_path"] = kernel_breakdown(torch, fn)
+            except Exception as exc:  # the breakdown is extra: its failure keeps the timings
+                entry["kernels_error"] = error_text(exc)
+    del inputs, reference, calls, replays
     torch.cuda.empty_cache()
     return bench_report.finish_row(row)
 
@@ -622,7 +669,9 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "libraries": info,
         "timing": f"CUDA-event median, {flush_description(args.flush)} before every run, "
-                  f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls; page 64, shuffled pages",
+                  f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls in each of {ROUNDS} rounds "
+                  "(a case's libraries in turn, the order rotating; the median of the rounds); page 64, "
+                  "shuffled pages",
         "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
                  f"<= {CHECK_COS:g} (fp8 rows: {CHECK_ABS_FP8:g} of ours' largest magnitude, cosine difference "
                  f"{CHECK_COS_FP8:g}), all finite",

@@ -415,6 +415,80 @@ def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
     assert memset_last["charged_us"] == {"k": 10.0, "memset": 2.0}
 
 
+class _RoundTimer:
+    """A Timer stand-in: records the order of its calls; each function's times come from a list."""
+
+    def __init__(self, times):
+        self.times, self.order, self.shares = {k: list(v) for k, v in times.items()}, [], set()
+
+    def us(self, fn, share=1.0):
+        self.order.append(fn)
+        self.shares.add(share)
+        if fn == "broken":
+            raise RuntimeError("lost the device")
+        return self.times[fn].pop(0)
+
+
+def test_libraries_are_timed_in_rounds_in_a_rotating_order():
+    # The first round's first place is the costly one (the GPU still carries the previous case): the
+    # median of three rounds drops it for whichever library takes it.
+    timer = _RoundTimer({"a": [110.0, 100.0, 101.0], "b": [50.0, 51.0, 60.0], "c": [10.0, 12.0, 11.0]})
+    got = bench.interleaved_us(timer, {"ours": "a", "peer": "b", "other": "c"})
+    assert got == {"ours": 101.0, "peer": 51.0, "other": 11.0}
+    assert timer.order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert timer.shares == {1 / bench.ROUNDS}
+    failing = _RoundTimer({"a": [1.0, 2.0, 3.0]})
+    got = bench.interleaved_us(failing, {"ours": "a", "peer": "broken"})
+    assert got["ours"] == 2.0 and isinstance(got["peer"], RuntimeError)
+    assert failing.order.count("broken") == 1   # not tried again after it failed
+    assert bench.interleaved_us(_RoundTimer({}), {}) == {}
+
+
+def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
+    """measure_case without a GPU: ours and the peers prepared in turn (a peer that disagrees, or that
+    cannot be captured, keeps what it has), then graph and eager timings, host time per library."""
+    case = bench_cases.select("b64-q1-h128-1024", ["bf16"])[0]
+    libs = [bench.Library(bench_report.OURS, None, "x", "x"), bench.Library("Agrees", None, "x", "x"),
+            bench.Library("NoGraph", None, "x", "x"), bench.Library("Mismatch", None, "x", "x")]
+    prepared = {
+        bench_report.OURS: ({"check": "ours"}, "ours_fn", "ours_graph"),
+        "Agrees": ({"check": "agrees"}, "agrees_fn", "agrees_graph"),
+        "NoGraph": ({"check": "agrees", "graph_error": "no"}, "nograph_fn", None),
+        "Mismatch": ({"check": "mismatch"}, None, None)}
+
+    class FakeOut:
+        def clone(self):
+            return "reference"
+
+    references = []
+
+    def prepare(torch, lib, case, inputs, reference):
+        references.append(reference)
+        entry, fn, replay = prepared[lib.name]
+        return dict(entry), fn, replay, FakeOut()
+
+    class FakeTorch:
+        class cuda:
+            @staticmethod
+            def empty_cache():
+                pass
+
+    times = {"ours_graph": [40.0] * 3, "agrees_graph": [42.0] * 3, "ours_fn": [41.0] * 3,
+             "agrees_fn": [43.0] * 3, "nograph_fn": [50.0] * 3}
+    timer = _RoundTimer(times)
+    monkeypatch.setattr(bench, "make_inputs", lambda torch, case, seed: "inputs")
+    monkeypatch.setattr(bench, "prepare_library", prepare)
+    monkeypatch.setattr(bench, "host_time_us", lambda torch, fn: {"ours_fn": 20.0}.get(fn, 30.0))
+    row = bench.measure_case(FakeTorch, timer, libs, case, 1, kernels=False)
+    assert references == [None, "reference", "reference", "reference"]   # the peers are checked against ours
+    got = row["libraries"]
+    assert got[bench_report.OURS]["graph"]["us"] == 40.0 and got[bench_report.OURS]["eager"]["us"] == 41.0
+    assert got["Agrees"]["graph"]["us"] == 42.0 and got["Agrees"]["host_us"] == 30.0
+    assert "graph" not in got["NoGraph"] and got["NoGraph"]["eager"]["us"] == 50.0
+    assert got["Mismatch"] == {"check": "mismatch"}
+    assert got[bench_report.OURS]["host_us"] == 20.0
+
+
 def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_path, capsys):
     """The parent's side of kernel_ab (the children need a GPU): each build's median over the rounds,
     its ratio to the shipped build, whether every check passed and the largest share of each accuracy
