@@ -419,8 +419,8 @@ def prepare_library(torch, lib: Library, case: Case, inputs: Inputs, reference):
 
 def interleaved_us(timer: Timer, fns: dict, rounds: int = ROUNDS) -> dict:
     """Each of `fns` (name -> function) timed in `rounds` rounds, the order rotating from round to round,
-    so that what the GPU carries over from before falls on every library alike: name -> the median of
-    its rounds' times, or the exception that stopped it."""
+    so that what the GPU carries over from before falls on every library alike: name -> its rounds'
+    times (their median is the library's time), or the exception that stopped it."""
     names = list(fns)
     times: dict = {name: [] for name in names}
     failed: dict = {}
@@ -433,7 +433,7 @@ def interleaved_us(timer: Timer, fns: dict, rounds: int = ROUNDS) -> dict:
                 times[name].append(timer.us(fns[name], share=1 / rounds))
             except Exception as exc:  # that library's timing stops; the others go on
                 failed[name] = exc
-    return {name: failed[name] if name in failed else statistics.median(times[name]) for name in names}
+    return {name: failed.get(name, times[name]) for name in names}
 
 
 def case_row(case: Case) -> dict:
@@ -464,13 +464,13 @@ def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int
             replays[lib.name] = replay
         del out
     for mode, fns in (("graph", replays), ("eager", calls)):
-        for name, us in interleaved_us(timer, fns).items():
+        for name, rounds in interleaved_us(timer, fns).items():
             entry = row["libraries"][name]
-            if isinstance(us, Exception):
-                entry["error"] = error_text(us)
+            if isinstance(rounds, Exception):
+                entry["error"] = error_text(rounds)
                 calls.pop(name, None)
             else:
-                entry[mode] = rates(us, flops, nbytes)
+                entry[mode] = dict(rates(statistics.median(rounds), flops, nbytes), rounds_us=rounds)
         if mode == "graph":
             calls = {name: fn for name, fn in calls.items() if "error" not in row["libraries"][name]}
     for name, fn in calls.items():

@@ -27,7 +27,8 @@ from flashmla_cupy.reference import perf_accounting  # noqa: E402
 def _is_bench_report(path: str) -> bool:
     """Benchmark reports hold per-case rows with per-library figures; other results files (guard and
     reliability reports) hold rows of their own."""
-    rows = json.loads(pathlib.Path(path).read_text()).get("results")
+    report = json.loads(pathlib.Path(path).read_text())
+    rows = report.get("results") if isinstance(report, dict) else None
     return isinstance(rows, list) and bool(rows) and all("libraries" in row for row in rows)
 
 
@@ -434,12 +435,12 @@ def test_libraries_are_timed_in_rounds_in_a_rotating_order():
     # median of three rounds drops it for whichever library takes it.
     timer = _RoundTimer({"a": [110.0, 100.0, 101.0], "b": [50.0, 51.0, 60.0], "c": [10.0, 12.0, 11.0]})
     got = bench.interleaved_us(timer, {"ours": "a", "peer": "b", "other": "c"})
-    assert got == {"ours": 101.0, "peer": 51.0, "other": 11.0}
+    assert got == {"ours": [110.0, 100.0, 101.0], "peer": [50.0, 51.0, 60.0], "other": [10.0, 12.0, 11.0]}
     assert timer.order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert timer.shares == {1 / bench.ROUNDS}
     failing = _RoundTimer({"a": [1.0, 2.0, 3.0]})
     got = bench.interleaved_us(failing, {"ours": "a", "peer": "broken"})
-    assert got["ours"] == 2.0 and isinstance(got["peer"], RuntimeError)
+    assert got["ours"] == [1.0, 2.0, 3.0] and isinstance(got["peer"], RuntimeError)
     assert failing.order.count("broken") == 1   # not tried again after it failed
     assert bench.interleaved_us(_RoundTimer({}), {}) == {}
 
@@ -473,7 +474,7 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
             def empty_cache():
                 pass
 
-    times = {"ours_graph": [40.0] * 3, "agrees_graph": [42.0] * 3, "ours_fn": [41.0] * 3,
+    times = {"ours_graph": [44.0, 40.0, 39.0], "agrees_graph": [42.0] * 3, "ours_fn": [41.0] * 3,
              "agrees_fn": [43.0] * 3, "nograph_fn": [50.0] * 3}
     timer = _RoundTimer(times)
     monkeypatch.setattr(bench, "make_inputs", lambda torch, case, seed: "inputs")
@@ -483,6 +484,7 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     assert references == [None, "reference", "reference", "reference"]   # the peers are checked against ours
     got = row["libraries"]
     assert got[bench_report.OURS]["graph"]["us"] == 40.0 and got[bench_report.OURS]["eager"]["us"] == 41.0
+    assert got[bench_report.OURS]["graph"]["rounds_us"] == [44.0, 40.0, 39.0]   # the median's rounds
     assert got["Agrees"]["graph"]["us"] == 42.0 and got["Agrees"]["host_us"] == 30.0
     assert "graph" not in got["NoGraph"] and got["NoGraph"]["eager"]["us"] == 50.0
     assert got["Mismatch"] == {"check": "mismatch"}
