@@ -466,13 +466,11 @@ def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int
     for mode, fns in (("graph", replays), ("eager", calls)):
         for name, rounds in interleaved_us(timer, fns).items():
             entry = row["libraries"][name]
-            if isinstance(rounds, Exception):
+            if isinstance(rounds, Exception):  # that library is done with this case (calls is eager's fns)
                 entry["error"] = error_text(rounds)
                 calls.pop(name, None)
             else:
                 entry[mode] = dict(rates(statistics.median(rounds), flops, nbytes), rounds_us=rounds)
-        if mode == "graph":
-            calls = {name: fn for name, fn in calls.items() if "error" not in row["libraries"][name]}
     for name, fn in calls.items():
         entry = row["libraries"][name]
         try:

@@ -450,12 +450,14 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     cannot be captured, keeps what it has), then graph and eager timings, host time per library."""
     case = bench_cases.select("b64-q1-h128-1024", ["bf16"])[0]
     libs = [bench.Library(bench_report.OURS, None, "x", "x"), bench.Library("Agrees", None, "x", "x"),
-            bench.Library("NoGraph", None, "x", "x"), bench.Library("Mismatch", None, "x", "x")]
+            bench.Library("NoGraph", None, "x", "x"), bench.Library("Mismatch", None, "x", "x"),
+            bench.Library("Breaks", None, "x", "x")]
     prepared = {
         bench_report.OURS: ({"check": "ours"}, "ours_fn", "ours_graph"),
         "Agrees": ({"check": "agrees"}, "agrees_fn", "agrees_graph"),
         "NoGraph": ({"check": "agrees", "graph_error": "no"}, "nograph_fn", None),
-        "Mismatch": ({"check": "mismatch"}, None, None)}
+        "Mismatch": ({"check": "mismatch"}, None, None),
+        "Breaks": ({"check": "agrees"}, "breaks_fn", "broken")}
 
     class FakeOut:
         def clone(self):
@@ -481,7 +483,7 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     monkeypatch.setattr(bench, "prepare_library", prepare)
     monkeypatch.setattr(bench, "host_time_us", lambda torch, fn: {"ours_fn": 20.0}.get(fn, 30.0))
     row = bench.measure_case(FakeTorch, timer, libs, case, 1, kernels=False)
-    assert references == [None, "reference", "reference", "reference"]   # the peers are checked against ours
+    assert references == [None] + 4 * ["reference"]   # the peers are checked against ours
     got = row["libraries"]
     assert got[bench_report.OURS]["graph"]["us"] == 40.0 and got[bench_report.OURS]["eager"]["us"] == 41.0
     assert got[bench_report.OURS]["graph"]["rounds_us"] == [44.0, 40.0, 39.0]   # the median's rounds
@@ -489,6 +491,8 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     assert "graph" not in got["NoGraph"] and got["NoGraph"]["eager"]["us"] == 50.0
     assert got["Mismatch"] == {"check": "mismatch"}
     assert got[bench_report.OURS]["host_us"] == 20.0
+    assert "lost the device" in got["Breaks"]["error"] and "eager" not in got["Breaks"]   # not timed again
+    assert "breaks_fn" not in timer.order
 
 
 def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_path, capsys):
