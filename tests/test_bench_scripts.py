@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,6 +21,7 @@ import bench_report  # noqa: E402
 import kernel_ab  # noqa: E402
 import kernel_trace  # noqa: E402
 import ncu_compare  # noqa: E402
+import power_probe  # noqa: E402
 import summarize_gpu_check  # noqa: E402
 from bench_cases import Case  # noqa: E402
 from flashmla_cupy.reference import perf_accounting  # noqa: E402
@@ -493,6 +495,33 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     assert got[bench_report.OURS]["host_us"] == 20.0
     assert "lost the device" in got["Breaks"]["error"] and "eager" not in got["Breaks"]   # not timed again
     assert "breaks_fn" not in timer.order
+
+
+def test_power_probe_samples_until_stopped_and_summarises(tmp_path, monkeypatch):
+    """power_probe's sampler against a stand-in nvidia-smi that prints a line every few milliseconds
+    (one of them unreadable) until it is terminated; the GPU loop itself needs a device."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/usr/bin/env python3\nimport sys, time\n"
+                    "assert '--query-gpu=power.draw,clocks.sm,temperature.gpu' in sys.argv, sys.argv\n"
+                    "assert '--id=3' in sys.argv and '--loop-ms=20' in sys.argv, sys.argv\n"
+                    "print('[N/A], 1980, 40', flush=True)\n"
+                    "i = 0\nwhile True:\n    print(f'{600 + i % 3}.5, {1980 - 10 * (i % 2)}, {40 + i % 5}', flush=True)\n"
+                    "    i += 1\n    time.sleep(0.005)\n")
+    fake.chmod(0o755)
+    sampler = power_probe.Sampler(3, 20, exe=str(fake))
+    sampler.start()
+    time.sleep(0.5)
+    samples = sampler.stop()
+    assert len(samples) >= 5 and all(600 <= w <= 603 and mhz in (1970, 1980) for w, mhz, _ in samples)
+    got = power_probe.summarize([(600.0, 1980.0, 40.0), (610.0, 1970.0, 44.0), (620.0, 1960.0, 42.0)], 1000, 0.25)
+    assert got == {"us_per_call": 250.0, "samples": 3, "power_w": 610.0, "sm_mhz": 1970.0, "max_temp_c": 44.0,
+                   "mj_per_call": pytest.approx(152.5)}
+    assert power_probe.summarize([], 10, 1.0) == {"us_per_call": 100000.0, "samples": 0}
+    assert power_probe.parse_samples("1, 2\n700.0, 1755, 51\n[N/A], [N/A], 50\n") == [(700.0, 1755.0, 51.0)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert power_probe.smi_index(1) == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert power_probe.smi_index(1) == "1"
 
 
 def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_path, capsys):
