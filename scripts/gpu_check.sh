@@ -5,7 +5,7 @@
 # with summary.json (card, commit, test counts, worst errors, sanitizer verdicts, ours / best peer per
 # benchmark case); a short table is printed last.
 #
-#   bash scripts/gpu_check.sh [full|tests|bench|quick|ncu]     (default: full)
+#   bash scripts/gpu_check.sh [full|tests|bench|quick|ncu|power]     (default: full)
 #
 # full: everything, the benchmark on issue 7's table in bf16, fp16 and fp8 for at most 150 s (on an H200
 # the GPU tests, 148 with the FP8 ones, take ~5 min, and with the sanitizers fill the rest of a 10-minute
@@ -13,7 +13,9 @@
 # matrix, all dtypes, ~5-7 min); tests/quick: tests only; ncu: Nsight Compute on
 # our decode kernel and FlashMLA's (scripts/ncu_compare.py, arguments from NCU_ARGS, e.g.
 # NCU_ARGS="--case b64-q1-h128-1024"). BENCH_ARGS replaces the benchmark's case selection
-# (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode).
+# (e.g. BENCH_ARGS="--cases all" for the whole benchmark in full mode). power: power draw and SM clock
+# while ours and FlashMLA run a case for seconds in turns (scripts/power_probe.py, arguments from
+# POWER_ARGS; ~40 s).
 #
 #   bash scripts/gpu_check.sh integration
 #
@@ -77,6 +79,12 @@ if [[ $MODE == ncu ]]; then
   step "ncu: decode kernels side by side"
   PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 540 $PY scripts/ncu_compare.py ${NCU_ARGS-} --out "$OUT/ncu" 2>&1 \
     || status=1
+  exit $status
+fi
+if [[ $MODE == power ]]; then
+  step "power: each library's graph replay for seconds, in turns (scripts/power_probe.py, POWER_ARGS)"
+  PYTHONPATH=$PYTHONPATH${PEERS:+:$PEERS} timeout 300 $PY scripts/power_probe.py ${POWER_ARGS-} \
+    --json "$OUT/power.json" || status=1
   exit $status
 fi
 if [[ $MODE == full || $MODE == tests ]] && command -v compute-sanitizer >/dev/null; then
