@@ -55,11 +55,12 @@ FLUSH_BYTES = 256 << 20
 WARMUP_CALLS = 3
 TARGET_S = 0.05
 MIN_REPS, MAX_REPS = 10, 100
-# A case's libraries are timed in ROUNDS rounds, the order rotating, each round a 1/ROUNDS share of the
-# runs; a library's time is the median of its rounds. The GPU carries the previous case's load into the
-# next: right after b=128, h_q=128, 4096 the first library timed at b=32, 8192 read 2-5 % slower than
-# the same calls two seconds later, whichever library it was (docs/PERF_NOTES.md, seventeenth session).
-ROUNDS = 3
+# A case's libraries are timed run by run in turns (one run of each, the order changing from run to run,
+# every run after its own flush), so that they share one thermal and power state. The GPU carries a heavy
+# run's load into the next ones: right after b=128, h_q=128, 4096 the first library timed at b=32, 8192
+# read 2-5 % slower than the same calls two seconds later, and in rounds of a third of the runs each, the
+# order rotating, FlashInfer (the slowest) always came just before ours (docs/PERF_NOTES.md, seventeenth
+# and eighteenth sessions).
 HOST_CALLS = 20
 
 # Ceilings: a device-to-device copy (bytes read + written) and a square matmul per dtype.
@@ -257,29 +258,60 @@ class Timer:
         self.reps = reps
         self.flush = L2Flush(torch, flush)
 
-    def _reps_for(self, fn, share: float) -> int:
-        torch = self.torch
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.flush()
-        fn()
-        torch.cuda.synchronize()
-        return max(MIN_REPS, min(round(MAX_REPS * share), int(TARGET_S * share / (time.perf_counter() - start))))
+    def us(self, fn) -> float:
+        """The median time of fn."""
+        runs = self.runs({"fn": fn})["fn"]
+        if isinstance(runs, Exception):
+            raise runs
+        return statistics.median(runs)
 
-    def us(self, fn, share: float = 1.0) -> float:
-        """The median time of fn; `share`: the part of a measurement's runs to take (a round's)."""
+    def runs(self, fns: dict) -> dict:
+        """Each of `fns` (name -> function) timed run by run in turns: name -> its run times in the order
+        they ran, or the exception that stopped it (that library is not called again). The order of a turn
+        rotates from turn to turn and reverses every len(fns) turns, so each library follows each other."""
         torch = self.torch
-        for _ in range(WARMUP_CALLS):
-            fn()
-        reps = max(1, round(self.reps * share)) if self.reps else self._reps_for(fn, share)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            self.flush()
-            start.record()
-            fn()
-            end.record()
+        failed: dict = {}
+        for name, fn in fns.items():
+            try:
+                for _ in range(WARMUP_CALLS):
+                    fn()
+            except Exception as exc:
+                failed[name] = exc
+        live = [name for name in fns if name not in failed]
+        if self.reps:
+            reps = self.reps
+        elif live:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for name in live:
+                self.flush()
+                fns[name]()
+            torch.cuda.synchronize()
+            reps = max(MIN_REPS, min(MAX_REPS, int(TARGET_S * len(live) / (time.perf_counter() - start))))
+        else:
+            reps = 0
+        events: dict = {name: [] for name in live}
+        for turn in range(reps):
+            shift = turn % max(1, len(live))
+            order = live[shift:] + live[:shift]
+            if (turn // max(1, len(live))) % 2:
+                order.reverse()
+            for name in order:
+                if name in failed:
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.flush()
+                start.record()
+                try:
+                    fns[name]()
+                except Exception as exc:  # that library's timing stops; the others go on
+                    failed[name] = exc
+                    continue
+                end.record()
+                events[name].append((start, end))
         torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events) * 1000
+        return {name: failed[name] if name in failed else [s.elapsed_time(e) * 1000 for s, e in events[name]]
+                for name in fns}
 
 
 def flush_description(mode: str) -> str:
@@ -417,23 +449,11 @@ def prepare_library(torch, lib: Library, case: Case, inputs: Inputs, reference):
     return entry, fn, replay, out
 
 
-def interleaved_us(timer: Timer, fns: dict, rounds: int = ROUNDS) -> dict:
-    """Each of `fns` (name -> function) timed in `rounds` rounds, the order rotating from round to round,
-    so that what the GPU carries over from before falls on every library alike: name -> its rounds'
-    times (their median is the library's time), or the exception that stopped it."""
-    names = list(fns)
-    times: dict = {name: [] for name in names}
-    failed: dict = {}
-    for r in range(rounds):
-        shift = r % max(1, len(names))
-        for name in names[shift:] + names[:shift]:
-            if name in failed:
-                continue
-            try:
-                times[name].append(timer.us(fns[name], share=1 / rounds))
-            except Exception as exc:  # that library's timing stops; the others go on
-                failed[name] = exc
-    return {name: failed.get(name, times[name]) for name in names}
+def thirds_us(runs: list[float]) -> list[float]:
+    """The medians of the first, middle and last third of a library's runs (fewer parts below three
+    runs): whether its time drifted while the case ran."""
+    parts = min(3, len(runs))
+    return [statistics.median(runs[k * len(runs) // parts:(k + 1) * len(runs) // parts]) for k in range(parts)]
 
 
 def case_row(case: Case) -> dict:
@@ -464,13 +484,13 @@ def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int
             replays[lib.name] = replay
         del out
     for mode, fns in (("graph", replays), ("eager", calls)):
-        for name, rounds in interleaved_us(timer, fns).items():
+        for name, runs in timer.runs(fns).items():
             entry = row["libraries"][name]
-            if isinstance(rounds, Exception):  # that library is done with this case (calls is eager's fns)
-                entry["error"] = error_text(rounds)
+            if isinstance(runs, Exception):  # that library is done with this case (calls is eager's fns)
+                entry["error"] = error_text(runs)
                 calls.pop(name, None)
             else:
-                entry[mode] = dict(rates(statistics.median(rounds), flops, nbytes), rounds_us=rounds)
+                entry[mode] = dict(rates(statistics.median(runs), flops, nbytes), thirds_us=thirds_us(runs))
     for name, fn in calls.items():
         entry = row["libraries"][name]
         try:
@@ -667,8 +687,8 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "libraries": info,
         "timing": f"CUDA-event median, {flush_description(args.flush)} before every run, "
-                  f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls in each of {ROUNDS} rounds "
-                  "(a case's libraries in turn, the order rotating; the median of the rounds); page 64, "
+                  f"{MIN_REPS}-{MAX_REPS} runs of each library after {WARMUP_CALLS} warm-up calls, a case's "
+                  "libraries run by run in turns (the order rotating, and reversed every other cycle); page 64, "
                   "shuffled pages",
         "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
                  f"<= {CHECK_COS:g} (fp8 rows: {CHECK_ABS_FP8:g} of ours' largest magnitude, cosine difference "

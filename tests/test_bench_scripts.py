@@ -418,33 +418,74 @@ def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
     assert memset_last["charged_us"] == {"k": 10.0, "memset": 2.0}
 
 
-class _RoundTimer:
-    """A Timer stand-in: records the order of its calls; each function's times come from a list."""
+class _FakeEvent:
+    clock = [0.0]
+
+    def __init__(self, enable_timing=True):
+        self.at = None
+
+    def record(self):
+        self.at = _FakeEvent.clock[0]
+
+    def elapsed_time(self, end):  # milliseconds, as torch's
+        return end.at - self.at
+
+
+class _FakeCudaTorch:
+    """torch stand-in for Timer.runs: events read a clock that the timed functions move."""
+
+    class cuda:
+        Event = _FakeEvent
+
+        @staticmethod
+        def synchronize():
+            pass
+
+
+def test_libraries_are_timed_run_by_run_in_turns_each_following_each_other():
+    calls = []
+
+    def library(name, ms):
+        def fn():
+            calls.append(name)
+            _FakeEvent.clock[0] += ms
+        return fn
+
+    timer = bench.Timer(_FakeCudaTorch, reps=6, flush="none")
+    got = timer.runs({"a": library("a", 0.1), "b": library("b", 0.05), "c": library("c", 0.01)})
+    assert got["a"] == pytest.approx([100.0] * 6) and got["c"] == pytest.approx([10.0] * 6)
+    timed = calls[3 * bench.WARMUP_CALLS:]
+    assert timed == list("abc" "bca" "cab" "cba" "acb" "bac")   # rotated, then reversed
+    followers = {(x, y) for x, y in zip(timed, timed[1:])}
+    assert {("c", "a"), ("b", "a"), ("a", "b"), ("c", "b"), ("a", "c"), ("b", "c")} <= followers
+
+    state = {"n": 0}
+
+    def breaks_on_its_third_timed_run():
+        state["n"] += 1
+        if state["n"] == bench.WARMUP_CALLS + 3:
+            raise RuntimeError("lost the device")
+
+    got = timer.runs({"ours": library("a", 0.1), "peer": breaks_on_its_third_timed_run})
+    assert len(got["ours"]) == 6 and isinstance(got["peer"], RuntimeError)
+    assert state["n"] == bench.WARMUP_CALLS + 3   # not called again after it failed
+    assert bench.Timer(_FakeCudaTorch, reps=2, flush="none").runs({}) == {}
+    assert bench.thirds_us([1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 20.0, 21.0, 22.0]) == [2.0, 11.0, 21.0]
+    assert bench.thirds_us([5.0, 7.0]) == [5.0, 7.0]
+
+
+class _RunsTimer:
+    """A Timer stand-in: each function's run times come from a dict; records which functions ran."""
 
     def __init__(self, times):
-        self.times, self.order, self.shares = {k: list(v) for k, v in times.items()}, [], set()
+        self.times, self.order = times, []
 
-    def us(self, fn, share=1.0):
-        self.order.append(fn)
-        self.shares.add(share)
-        if fn == "broken":
-            raise RuntimeError("lost the device")
-        return self.times[fn].pop(0)
-
-
-def test_libraries_are_timed_in_rounds_in_a_rotating_order():
-    # The first round's first place is the costly one (the GPU still carries the previous case): the
-    # median of three rounds drops it for whichever library takes it.
-    timer = _RoundTimer({"a": [110.0, 100.0, 101.0], "b": [50.0, 51.0, 60.0], "c": [10.0, 12.0, 11.0]})
-    got = bench.interleaved_us(timer, {"ours": "a", "peer": "b", "other": "c"})
-    assert got == {"ours": [110.0, 100.0, 101.0], "peer": [50.0, 51.0, 60.0], "other": [10.0, 12.0, 11.0]}
-    assert timer.order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert timer.shares == {1 / bench.ROUNDS}
-    failing = _RoundTimer({"a": [1.0, 2.0, 3.0]})
-    got = bench.interleaved_us(failing, {"ours": "a", "peer": "broken"})
-    assert got["ours"] == [1.0, 2.0, 3.0] and isinstance(got["peer"], RuntimeError)
-    assert failing.order.count("broken") == 1   # not tried again after it failed
-    assert bench.interleaved_us(_RoundTimer({}), {}) == {}
+    def runs(self, fns):
+        out = {}
+        for name, fn in fns.items():
+            self.order.append(fn)
+            out[name] = RuntimeError("lost the device") if fn == "broken" else list(self.times[fn])
+        return out
 
 
 def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
@@ -480,7 +521,7 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
 
     times = {"ours_graph": [44.0, 40.0, 39.0], "agrees_graph": [42.0] * 3, "ours_fn": [41.0] * 3,
              "agrees_fn": [43.0] * 3, "nograph_fn": [50.0] * 3}
-    timer = _RoundTimer(times)
+    timer = _RunsTimer(times)
     monkeypatch.setattr(bench, "make_inputs", lambda torch, case, seed: "inputs")
     monkeypatch.setattr(bench, "prepare_library", prepare)
     monkeypatch.setattr(bench, "host_time_us", lambda torch, fn: {"ours_fn": 20.0}.get(fn, 30.0))
@@ -488,7 +529,7 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     assert references == [None] + 4 * ["reference"]   # the peers are checked against ours
     got = row["libraries"]
     assert got[bench_report.OURS]["graph"]["us"] == 40.0 and got[bench_report.OURS]["eager"]["us"] == 41.0
-    assert got[bench_report.OURS]["graph"]["rounds_us"] == [44.0, 40.0, 39.0]   # the median's rounds
+    assert got[bench_report.OURS]["graph"]["thirds_us"] == [44.0, 40.0, 39.0]   # drift over its runs
     assert got["Agrees"]["graph"]["us"] == 42.0 and got["Agrees"]["host_us"] == 30.0
     assert "graph" not in got["NoGraph"] and got["NoGraph"]["eager"]["us"] == 50.0
     assert got["Mismatch"] == {"check": "mismatch"}
