@@ -55,12 +55,15 @@ FLUSH_BYTES = 256 << 20
 WARMUP_CALLS = 3
 TARGET_S = 0.05
 MIN_REPS, MAX_REPS = 10, 100
-# A case's libraries are timed run by run in turns (one run of each, the order changing from run to run,
-# every run after its own flush), so that they share one thermal and power state. The GPU carries a heavy
-# run's load into the next ones: right after b=128, h_q=128, 4096 the first library timed at b=32, 8192
-# read 2-5 % slower than the same calls two seconds later, and in rounds of a third of the runs each, the
-# order rotating, FlashInfer (the slowest) always came just before ours (docs/PERF_NOTES.md, seventeenth
-# and eighteenth sessions).
+# A case's libraries are timed in rounds, each a share of the runs, in every rotation of their order and
+# every rotation reversed (2n rounds for n libraries), so that each library takes each place and follows
+# each other library alike; a library's time is the median of its rounds. The GPU carries a heavy run's
+# load into the next ones: right after b=128, h_q=128, 4096 the first library timed at b=32, 8192 read
+# 2-5 % slower than the same calls two seconds later, whichever library it was; and in three rotated
+# rounds (seventeenth session) FlashInfer, the slowest, always came just before ours (docs/PERF_NOTES.md,
+# eighteenth session). Timing the libraries run by run instead (one run of each in turn) made every run of
+# a short case several microseconds slower, FlashMLA's most (b=1, 32768: 44 -> 57 us): each kernel then
+# starts with another's code in the SM's instruction caches, which the L2 flush does not reach.
 HOST_CALLS = 20
 
 # Ceilings: a device-to-device copy (bytes read + written) and a square matmul per dtype.
@@ -258,60 +261,29 @@ class Timer:
         self.reps = reps
         self.flush = L2Flush(torch, flush)
 
-    def us(self, fn) -> float:
-        """The median time of fn."""
-        runs = self.runs({"fn": fn})["fn"]
-        if isinstance(runs, Exception):
-            raise runs
-        return statistics.median(runs)
-
-    def runs(self, fns: dict) -> dict:
-        """Each of `fns` (name -> function) timed run by run in turns: name -> its run times in the order
-        they ran, or the exception that stopped it (that library is not called again). The order of a turn
-        rotates from turn to turn and reverses every len(fns) turns, so each library follows each other."""
+    def _reps_for(self, fn, share: float) -> int:
         torch = self.torch
-        failed: dict = {}
-        for name, fn in fns.items():
-            try:
-                for _ in range(WARMUP_CALLS):
-                    fn()
-            except Exception as exc:
-                failed[name] = exc
-        live = [name for name in fns if name not in failed]
-        if self.reps:
-            reps = self.reps
-        elif live:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for name in live:
-                self.flush()
-                fns[name]()
-            torch.cuda.synchronize()
-            reps = max(MIN_REPS, min(MAX_REPS, int(TARGET_S * len(live) / (time.perf_counter() - start))))
-        else:
-            reps = 0
-        events: dict = {name: [] for name in live}
-        for turn in range(reps):
-            shift = turn % max(1, len(live))
-            order = live[shift:] + live[:shift]
-            if (turn // max(1, len(live))) % 2:
-                order.reverse()
-            for name in order:
-                if name in failed:
-                    continue
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                self.flush()
-                start.record()
-                try:
-                    fns[name]()
-                except Exception as exc:  # that library's timing stops; the others go on
-                    failed[name] = exc
-                    continue
-                end.record()
-                events[name].append((start, end))
         torch.cuda.synchronize()
-        return {name: failed[name] if name in failed else [s.elapsed_time(e) * 1000 for s, e in events[name]]
-                for name in fns}
+        start = time.perf_counter()
+        self.flush()
+        fn()
+        torch.cuda.synchronize()
+        return max(MIN_REPS, min(round(MAX_REPS * share), int(TARGET_S * share / (time.perf_counter() - start))))
+
+    def us(self, fn, share: float = 1.0) -> float:
+        """The median time of fn; `share`: the part of a measurement's runs to take (a round's)."""
+        torch = self.torch
+        for _ in range(WARMUP_CALLS):
+            fn()
+        reps = max(1, round(self.reps * share)) if self.reps else self._reps_for(fn, share)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            self.flush()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events) * 1000
 
 
 def flush_description(mode: str) -> str:
@@ -449,11 +421,32 @@ def prepare_library(torch, lib: Library, case: Case, inputs: Inputs, reference):
     return entry, fn, replay, out
 
 
-def thirds_us(runs: list[float]) -> list[float]:
-    """The medians of the first, middle and last third of a library's runs (fewer parts below three
-    runs): whether its time drifted while the case ran."""
-    parts = min(3, len(runs))
-    return [statistics.median(runs[k * len(runs) // parts:(k + 1) * len(runs) // parts]) for k in range(parts)]
+def round_orders(names: list) -> list[list]:
+    """Every rotation of `names`, then every rotation of it reversed: over these rounds each name takes
+    each place and comes right after each other name (a round's first after the previous round's last).
+    The reversed ones go in the order that keeps a name from following itself across rounds (from 3 names)."""
+    n = len(names)
+    rotations = [names[k:] + names[:k] for k in range(n)]
+    return rotations + [rotations[-k][::-1] for k in range(n)] if n > 1 else rotations
+
+
+def interleaved_us(timer: Timer, fns: dict) -> dict:
+    """Each of `fns` (name -> function) timed in rounds (round_orders), each a 1/rounds share of its runs,
+    so that what the GPU carries over from before falls on every library alike: name -> its rounds'
+    times (their median is the library's time), or the exception that stopped it."""
+    names = list(fns)
+    orders = round_orders(names)
+    times: dict = {name: [] for name in names}
+    failed: dict = {}
+    for order in orders:
+        for name in order:
+            if name in failed:
+                continue
+            try:
+                times[name].append(timer.us(fns[name], share=1 / len(orders)))
+            except Exception as exc:  # that library's timing stops; the others go on
+                failed[name] = exc
+    return {name: failed.get(name, times[name]) for name in names}
 
 
 def case_row(case: Case) -> dict:
@@ -484,13 +477,13 @@ def measure_case(torch, timer: Timer, libs: list[Library], case: Case, seed: int
             replays[lib.name] = replay
         del out
     for mode, fns in (("graph", replays), ("eager", calls)):
-        for name, runs in timer.runs(fns).items():
+        for name, rounds in interleaved_us(timer, fns).items():
             entry = row["libraries"][name]
-            if isinstance(runs, Exception):  # that library is done with this case (calls is eager's fns)
-                entry["error"] = error_text(runs)
+            if isinstance(rounds, Exception):  # that library is done with this case (calls is eager's fns)
+                entry["error"] = error_text(rounds)
                 calls.pop(name, None)
             else:
-                entry[mode] = dict(rates(statistics.median(runs), flops, nbytes), thirds_us=thirds_us(runs))
+                entry[mode] = dict(rates(statistics.median(rounds), flops, nbytes), rounds_us=rounds)
     for name, fn in calls.items():
         entry = row["libraries"][name]
         try:
@@ -687,9 +680,9 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
         "libraries": info,
         "timing": f"CUDA-event median, {flush_description(args.flush)} before every run, "
-                  f"{MIN_REPS}-{MAX_REPS} runs of each library after {WARMUP_CALLS} warm-up calls, a case's "
-                  "libraries run by run in turns (the order rotating, and reversed every other cycle); page 64, "
-                  "shuffled pages",
+                  f"{MIN_REPS}-{MAX_REPS} runs after {WARMUP_CALLS} warm-up calls in each of 2n rounds for n "
+                  "libraries (a case's libraries in turn, in every rotation of their order and its reverse; the "
+                  "median of the rounds); page 64, shuffled pages",
         "check": f"every element within {CHECK_ABS:g} or {CHECK_REL:g} relative of ours, cosine difference "
                  f"<= {CHECK_COS:g} (fp8 rows: {CHECK_ABS_FP8:g} of ours' largest magnitude, cosine difference "
                  f"{CHECK_COS_FP8:g}), all finite",

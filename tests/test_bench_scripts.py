@@ -418,74 +418,39 @@ def test_critical_path_charges_each_kernel_what_it_adds_to_the_call():
     assert memset_last["charged_us"] == {"k": 10.0, "memset": 2.0}
 
 
-class _FakeEvent:
-    clock = [0.0]
-
-    def __init__(self, enable_timing=True):
-        self.at = None
-
-    def record(self):
-        self.at = _FakeEvent.clock[0]
-
-    def elapsed_time(self, end):  # milliseconds, as torch's
-        return end.at - self.at
-
-
-class _FakeCudaTorch:
-    """torch stand-in for Timer.runs: events read a clock that the timed functions move."""
-
-    class cuda:
-        Event = _FakeEvent
-
-        @staticmethod
-        def synchronize():
-            pass
-
-
-def test_libraries_are_timed_run_by_run_in_turns_each_following_each_other():
-    calls = []
-
-    def library(name, ms):
-        def fn():
-            calls.append(name)
-            _FakeEvent.clock[0] += ms
-        return fn
-
-    timer = bench.Timer(_FakeCudaTorch, reps=6, flush="none")
-    got = timer.runs({"a": library("a", 0.1), "b": library("b", 0.05), "c": library("c", 0.01)})
-    assert got["a"] == pytest.approx([100.0] * 6) and got["c"] == pytest.approx([10.0] * 6)
-    timed = calls[3 * bench.WARMUP_CALLS:]
-    assert timed == list("abc" "bca" "cab" "cba" "acb" "bac")   # rotated, then reversed
-    followers = {(x, y) for x, y in zip(timed, timed[1:])}
-    assert {("c", "a"), ("b", "a"), ("a", "b"), ("c", "b"), ("a", "c"), ("b", "c")} <= followers
-
-    state = {"n": 0}
-
-    def breaks_on_its_third_timed_run():
-        state["n"] += 1
-        if state["n"] == bench.WARMUP_CALLS + 3:
-            raise RuntimeError("lost the device")
-
-    got = timer.runs({"ours": library("a", 0.1), "peer": breaks_on_its_third_timed_run})
-    assert len(got["ours"]) == 6 and isinstance(got["peer"], RuntimeError)
-    assert state["n"] == bench.WARMUP_CALLS + 3   # not called again after it failed
-    assert bench.Timer(_FakeCudaTorch, reps=2, flush="none").runs({}) == {}
-    assert bench.thirds_us([1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 20.0, 21.0, 22.0]) == [2.0, 11.0, 21.0]
-    assert bench.thirds_us([5.0, 7.0]) == [5.0, 7.0]
-
-
-class _RunsTimer:
-    """A Timer stand-in: each function's run times come from a dict; records which functions ran."""
+class _RoundTimer:
+    """A Timer stand-in: records the order of its calls; each function's times come from a list."""
 
     def __init__(self, times):
-        self.times, self.order = times, []
+        self.times, self.order, self.shares = {k: list(v) for k, v in times.items()}, [], set()
 
-    def runs(self, fns):
-        out = {}
-        for name, fn in fns.items():
-            self.order.append(fn)
-            out[name] = RuntimeError("lost the device") if fn == "broken" else list(self.times[fn])
-        return out
+    def us(self, fn, share=1.0):
+        self.order.append(fn)
+        self.shares.add(share)
+        if fn == "broken":
+            raise RuntimeError("lost the device")
+        return self.times[fn].pop(0)
+
+
+def test_libraries_are_timed_in_rounds_each_taking_each_place_and_following_each_other():
+    # A place right after a heavy library is the costly one: over the rounds every library takes it
+    # equally, and the median of the rounds drops the outliers.
+    times = {"a": [110.0, 100.0, 101.0, 99.0, 102.0, 100.0], "b": [50.0] * 6, "c": [10.0, 12.0, 11.0] * 2}
+    timer = _RoundTimer(times)
+    got = bench.interleaved_us(timer, {"ours": "a", "peer": "b", "other": "c"})
+    assert got == {"ours": times["a"], "peer": times["b"], "other": times["c"]}
+    assert timer.order == list("abc" "bca" "cab" "cba" "bac" "acb")
+    assert timer.shares == {1 / 6}
+    followers = {(x, y) for x, y in zip(timer.order, timer.order[1:])}
+    assert followers == {(x, y) for x in "abc" for y in "abc" if x != y}
+    for name in "abc":   # each place once forward, once reversed
+        assert sorted(order.index(name) for order in bench.round_orders(list("abc"))) == [0, 0, 1, 1, 2, 2]
+    assert bench.round_orders(["only"]) == [["only"]]
+    failing = _RoundTimer({"a": [1.0, 2.0, 3.0, 4.0]})
+    got = bench.interleaved_us(failing, {"ours": "a", "peer": "broken"})
+    assert got["ours"] == [1.0, 2.0, 3.0, 4.0] and isinstance(got["peer"], RuntimeError)
+    assert failing.order.count("broken") == 1   # not tried again after it failed
+    assert bench.interleaved_us(_RoundTimer({}), {}) == {}
 
 
 def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
@@ -519,17 +484,17 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
             def empty_cache():
                 pass
 
-    times = {"ours_graph": [44.0, 40.0, 39.0], "agrees_graph": [42.0] * 3, "ours_fn": [41.0] * 3,
-             "agrees_fn": [43.0] * 3, "nograph_fn": [50.0] * 3}
-    timer = _RunsTimer(times)
+    times = {"ours_graph": [44.0, 40.0, 39.0, 39.5, 40.5, 41.0], "agrees_graph": [42.0] * 6,
+             "ours_fn": [41.0] * 6, "agrees_fn": [43.0] * 6, "nograph_fn": [50.0] * 6}
+    timer = _RoundTimer(times)
     monkeypatch.setattr(bench, "make_inputs", lambda torch, case, seed: "inputs")
     monkeypatch.setattr(bench, "prepare_library", prepare)
     monkeypatch.setattr(bench, "host_time_us", lambda torch, fn: {"ours_fn": 20.0}.get(fn, 30.0))
     row = bench.measure_case(FakeTorch, timer, libs, case, 1, kernels=False)
     assert references == [None] + 4 * ["reference"]   # the peers are checked against ours
     got = row["libraries"]
-    assert got[bench_report.OURS]["graph"]["us"] == 40.0 and got[bench_report.OURS]["eager"]["us"] == 41.0
-    assert got[bench_report.OURS]["graph"]["thirds_us"] == [44.0, 40.0, 39.0]   # drift over its runs
+    assert got[bench_report.OURS]["graph"]["us"] == 40.25 and got[bench_report.OURS]["eager"]["us"] == 41.0
+    assert got[bench_report.OURS]["graph"]["rounds_us"] == [44.0, 40.0, 39.0, 39.5, 40.5, 41.0]   # the median's rounds
     assert got["Agrees"]["graph"]["us"] == 42.0 and got["Agrees"]["host_us"] == 30.0
     assert "graph" not in got["NoGraph"] and got["NoGraph"]["eager"]["us"] == 50.0
     assert got["Mismatch"] == {"check": "mismatch"}
