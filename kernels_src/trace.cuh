@@ -2,9 +2,12 @@
 // within a pair of pages, measured inside the kernel.
 //
 // Built with -DFLASHMLA_TRACE=1 only (never shipped): thread 0 of each consumer warpgroup (and of the
-// FP8 converter) of the first kTraceCtas CTAs writes (mark, clock64) words into the buffer the host
-// points `flashmla_trace` at: [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 | cycles (56 bits); the
-// first word of a record holds kMarkHeader and the SM id. Without the define a mark is nothing.
+// FP8 converter) of the first kTraceCtas CTAs writes (mark, time) words into the buffer the host points
+// `flashmla_trace` at: [kTraceCtas][kTraceWarpgroups][kTraceRecords] 64-bit words, word = mark << 56 |
+// time (56 bits). The time is the SM's clock64 (cycles), or with -DFLASHMLA_TRACE_GLOBALTIMER=1 the
+// %globaltimer (nanoseconds, one clock for all SMs, so CTAs can be compared). The first word of a record
+// holds kMarkHeader, the CTA's blockIdx.z (bits 40-55) and blockIdx.x (32-39), and the SM id. Without
+// the define a mark is nothing.
 #pragma once
 #include "decode_config.cuh"
 
@@ -49,6 +52,16 @@ extern "C" __device__ unsigned long long* flashmla_trace = nullptr;
 
 namespace flashmla {
 
+__device__ __forceinline__ uint64_t trace_time() {
+#if defined(FLASHMLA_TRACE_GLOBALTIMER)
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+#else
+  return clock64();
+#endif
+}
+
 struct Tracer {
   unsigned long long* slot;  // this thread's record, or null: not traced
   int count;
@@ -59,11 +72,12 @@ struct Tracer {
       uint32_t sm;
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       slot = flashmla_trace + (int64_t(cta) * kTraceWarpgroups + warpgroup) * kTraceRecords;
-      slot[count++] = (uint64_t(kMarkHeader) << 56) | sm;
+      slot[count++] = (uint64_t(kMarkHeader) << 56) | (uint64_t(blockIdx.z & 0xFFFF) << 40) |
+                      (uint64_t(blockIdx.x & 0xFF) << 32) | sm;
     }
   }
   __device__ __forceinline__ void mark(TraceMark m) {
-    if (slot != nullptr && count < kTraceRecords) slot[count++] = (uint64_t(m) << 56) | (clock64() & kTraceCycleMask);
+    if (slot != nullptr && count < kTraceRecords) slot[count++] = (uint64_t(m) << 56) | (trace_time() & kTraceCycleMask);
   }
 };
 #else

@@ -15,6 +15,14 @@ read the shares, not the absolute times.
 `--flush` (memset, read or none, the default) flushes L2 before the traced run as scripts/bench.py
 does; the report then also says how long each warpgroup took from the kernel's start to its first
 pair and to its first scores, and to its last mark (the traced CTAs' whole run), medians over CTAs.
+
+`--clock global` marks with %globaltimer (nanoseconds, one clock for every SM) instead of each SM's
+cycle counter, so that CTAs can be compared: the report then adds, for each part whose row tiles were
+traced together (grid x: the same pages, read by each tile's CTA), how far apart the tiles' CTAs start
+the same pair of pages ("tile lag"). Tiles that drift further apart than L2 keeps a page read each
+page from DRAM again.
+
+    python scripts/kernel_trace.py --case b128-q2-h128-8192-causal --clock global
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ CYCLE_BITS = 56
 
 
 def decode_record(words) -> tuple[int | None, list[tuple[int, int]]]:
-    """One (CTA, warpgroup) record -> (SM id or None when untraced, [(mark, cycles), ...])."""
+    """One (CTA, warpgroup) record -> (SM id or None when untraced, [(mark, time), ...])."""
     words = [int(w) for w in words]
     if not words or words[0] >> CYCLE_BITS != HEADER:
         return None, []
@@ -48,6 +56,38 @@ def decode_record(words) -> tuple[int | None, list[tuple[int, int]]]:
             break
         marks.append((word >> CYCLE_BITS, word & ((1 << CYCLE_BITS) - 1)))
     return words[0] & 0xFFFFFFFF, marks
+
+
+def decode_place(header: int) -> tuple[int, int]:
+    """A record's header word -> (row tile, part): the CTA's blockIdx.x and blockIdx.z."""
+    return (int(header) >> 32) & 0xFF, (int(header) >> 40) & 0xFFFF
+
+
+def tile_lag(records: dict[tuple[int, int], list[tuple[int, int]]], places: dict[int, tuple[int, int]],
+             warpgroup: int = 0) -> dict:
+    """With globaltimer marks: per part traced with two or more row tiles, the spread (latest minus
+    earliest, microseconds) of the tiles' "pair start" of each pair index, as median, largest and last,
+    and which tile finished its pairs first. Parts with one traced tile are left out."""
+    pair = MARKS.index("pair start")
+    by_part: dict[int, dict[int, list[int]]] = {}
+    for (cta, wg), marks in records.items():
+        if wg == warpgroup and cta in places:
+            tile, part = places[cta]
+            by_part.setdefault(part, {})[tile] = [t for m, t in marks if m == pair]
+    report = {}
+    for part, tiles in sorted(by_part.items()):
+        if len(tiles) < 2:
+            continue
+        pairs = min(len(starts) for starts in tiles.values())
+        spreads = [(max(s[k] for s in tiles.values()) - min(s[k] for s in tiles.values())) / 1e3
+                   for k in range(pairs)]
+        if not spreads:
+            continue
+        report[f"part {part}"] = {"tiles": sorted(tiles), "pairs": pairs,
+                                  "median_us": statistics.median(spreads), "max_us": max(spreads),
+                                  "last_us": spreads[-1],
+                                  "first_done": min(tiles, key=lambda tile: tiles[tile][pairs - 1])}
+    return report
 
 
 def summarize(records: dict[tuple[int, int], list[tuple[int, int]]], clock_khz: float | None) -> dict:
@@ -109,11 +149,12 @@ def _scripts_on_path() -> None:
             sys.path.insert(0, entry)
 
 
-def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> dict:
+def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm") -> dict:
     _scripts_on_path()
     import kernel_ab
 
-    kernel_ab.apply({"defines": ["-DFLASHMLA_TRACE=1"], "tree": tree, "smem": None})
+    defines = ["-DFLASHMLA_TRACE=1"] + (["-DFLASHMLA_TRACE_GLOBALTIMER=1"] if clock == "global" else [])
+    kernel_ab.apply({"defines": defines, "tree": tree, "smem": None})
     import cupy
     import torch
 
@@ -134,16 +175,21 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none") -> di
     fn()
     torch.cuda.synchronize()
     table = cupy.asnumpy(words).reshape(TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS)
-    records, sms = {}, {}
+    records, sms, places = {}, {}, {}
     for cta in range(TRACE_CTAS):
         for wg in range(TRACE_WARPGROUPS):
             sm, marks = decode_record(table[cta, wg])
             if sm is not None:
-                records[cta, wg], sms[cta] = marks, sm
+                records[cta, wg], sms[cta], places[cta] = marks, sm, decode_place(table[cta, wg, 0])
     clock_khz = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrClockRate, 0)
+    # With globaltimer marks the "cycles" below are nanoseconds: the per-pair times scale by 1e-3 / us.
     report = {"case": case_id, "dtype": dtype, "card": torch.cuda.get_device_name(), "commit": bench.commit(),
-              "flush": flush, "traced_ctas": len(sms), "max_clock_khz": clock_khz,
-              "startup_cycles": startup(records), **summarize(records, clock_khz)}
+              "flush": flush, "clock": clock, "traced_ctas": len(sms), "max_clock_khz": clock_khz,
+              "startup_cycles": startup(records),
+              **summarize(records, clock_khz if clock == "sm" else None)}
+    report["sms"] = {str(cta): sm for cta, sm in sms.items()}
+    if clock == "global":
+        report["tile_lag"] = tile_lag(records, places)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
 
@@ -159,15 +205,24 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the report (with the raw marks) here")
     parser.add_argument("--flush", choices=bench.FLUSH_MODES, default="none",
                         help="flush L2 before the traced run as scripts/bench.py does (default: none)")
+    parser.add_argument("--clock", choices=("sm", "global"), default="sm",
+                        help="mark with each SM's cycle counter (default) or with %%globaltimer (ns, comparable "
+                             "across CTAs; adds the row tiles' lag)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
-    report = trace(args.case, args.dtype, args.tree, args.flush)
+    report = trace(args.case, args.dtype, args.tree, args.flush, args.clock)
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
     for wg, spans in report["startup_cycles"].items():
         print(f"{wg}: from kernel start, cycles (median over CTAs): " +
               ", ".join(f"{label} {value:.0f}" for label, value in spans.items() if value is not None))
+    if args.clock == "global":
+        print("(marks from %globaltimer: the 'cycles' below are nanoseconds)")
     print_report({k: v for k, v in report.items() if k.startswith("warpgroup")})
+    for part, lag in report.get("tile_lag", {}).items():
+        print(f"{part}: tiles {lag['tiles']} over {lag['pairs']} pairs, start of a pair apart by median "
+              f"{lag['median_us']:.2f} us, at most {lag['max_us']:.2f}, at the last {lag['last_us']:.2f}; "
+              f"tile {lag['first_done']} first")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

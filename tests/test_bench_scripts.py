@@ -586,6 +586,23 @@ def test_kernel_trace_marks_match_the_kernel_and_summarize():
     assert report["warpgroup 0"]["median_pair_cycles"] == 200 and report["warpgroup 0"]["median_pair_us"] == 0.1
 
 
+def test_kernel_trace_tile_lag_compares_the_row_tiles_of_a_part():
+    header = (kernel_trace.HEADER << kernel_trace.CYCLE_BITS) | (5 << 40) | (3 << 32) | 77
+    assert kernel_trace.decode_record([header, 0])[0] == 77
+    assert kernel_trace.decode_place(header) == (3, 5)
+    pair, scores_in = (kernel_trace.MARKS.index(m) for m in ("pair start", "scores in"))
+
+    def starts(*ns):
+        return [m for t in ns for m in ((pair, t), (scores_in, t + 10))]
+
+    records = {(0, 0): starts(0, 2000, 4000), (1, 0): starts(500, 2500, 9000),   # part 0: tiles 0 and 1
+               (2, 0): starts(0, 1000),                                           # part 1: one tile only
+               (0, 1): starts(0, 99999, 99999)}                                   # warpgroup 1: not compared
+    places = {0: (0, 0), 1: (1, 0), 2: (0, 1)}
+    assert kernel_trace.tile_lag(records, places) == {
+        "part 0": {"tiles": [0, 1], "pairs": 3, "median_us": 0.5, "max_us": 5.0, "last_us": 5.0, "first_done": 0}}
+
+
 def test_kernel_trace_startup_spans_are_medians_over_ctas():
     start, pair, scores_in, end = (kernel_trace.MARKS.index(m)
                                    for m in ("kernel start", "pair start", "scores in", "piece end"))
