@@ -77,7 +77,9 @@ struct Tracer {
     }
   }
   __device__ __forceinline__ void mark(TraceMark m) {
-    if (slot != nullptr && count < kTraceRecords) slot[count++] = (uint64_t(m) << 56) | (trace_time() & kTraceCycleMask);
+    if (slot != nullptr && count < kTraceRecords) {
+      slot[count++] = (uint64_t(m) << 56) | (trace_time() & kTraceCycleMask);
+    }
   }
 };
 #else

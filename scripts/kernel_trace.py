@@ -182,7 +182,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
             if sm is not None:
                 records[cta, wg], sms[cta], places[cta] = marks, sm, decode_place(table[cta, wg, 0])
     clock_khz = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrClockRate, 0)
-    # With globaltimer marks the "cycles" below are nanoseconds: the per-pair times scale by 1e-3 / us.
+    # With globaltimer marks the steps' "cycles" are nanoseconds, and there is no clock to convert them by.
     report = {"case": case_id, "dtype": dtype, "card": torch.cuda.get_device_name(), "commit": bench.commit(),
               "flush": flush, "clock": clock, "traced_ctas": len(sms), "max_clock_khz": clock_khz,
               "startup_cycles": startup(records),
