@@ -4,9 +4,9 @@ A variant is the shipped sources compiled with extra defines, or another kernels
 candidate change, copied to a git-ignored folder), or both. Each build runs in its own child process
 with its own kernel cache, taking turns with the others for `--rounds` rounds, so that clock and
 thermal drift fall on every build alike. A child first checks its build against the float64
-reference on seven small random cases (odd lengths, s_q = 2 causal, h_kv = 2, both dtypes, the narrow
-kernel's 16 rows, an FP8 cache with both query forms and with 32 and 128 rows; `--checks N`: N times,
-with fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay,
+reference on eight small random cases (odd lengths, s_q = 2 causal, four row tiles, h_kv = 2, both
+dtypes, the narrow kernel's 16 rows, an FP8 cache with both query forms and with 32 and 128 rows;
+`--checks N`: N times, with fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay,
 L2 flushed before every run, CUDA-event median; with `--eager` also launched from the host). The report
 gives each build's median time per case over the rounds and its ratio to the shipped build, and the
 largest share of each accuracy bar its passing checks used.
@@ -92,6 +92,7 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
     failures, used = [], {"out": 0.0, "lse": 0.0}
     for b, s_q, h_q, h_kv, seqlens, causal, dtype, kv in repeats * [
             (3, 1, 128, 1, [700, 0, 130], False, "bf16", None),
+            (2, 2, 128, 1, [1300, 65], True, "bf16", None),               # 256 rows: four row tiles a part
             (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "fp16", None),    # 16 rows: the narrow kernel
             (6, 1, 64, 1, [64, 128, 191, 4000, 1, 65], False, "bf16", None),
             (4, 1, 16, 1, [1, 63, 2000, 0], False, "e4m3", "e4m3"),      # FP8, both query forms
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", help="comma-separated dtypes (default: bf16)")
     parser.add_argument("--rounds", type=int, default=2, help="turns each build takes (default: 2)")
     parser.add_argument("--checks", type=int, default=1,
-                        help="times each turn checks the build on the seven random cases (default: 1)")
+                        help="times each turn checks the build on the eight random cases (default: 1)")
     parser.add_argument("--eager", action="store_true",
                         help="also time each case's calls launched eagerly (rows named CASE-eager)")
     parser.add_argument("--json", help="write the report here")
