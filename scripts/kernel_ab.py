@@ -6,10 +6,10 @@ with its own kernel cache, taking turns with the others for `--rounds` rounds, s
 thermal drift fall on every build alike. A child first checks its build against the float64
 reference on eight small random cases (odd lengths, s_q = 2 causal, four row tiles, h_kv = 2, both
 dtypes, the narrow kernel's 16 rows, an FP8 cache with both query forms and with 32 and 128 rows;
-`--checks N`: N times, with fresh data), then times the selected benchmark cases as scripts/bench.py does (CUDA-graph replay,
-L2 flushed before every run, CUDA-event median; with `--eager` also launched from the host). The report
-gives each build's median time per case over the rounds and its ratio to the shipped build, and the
-largest share of each accuracy bar its passing checks used.
+`--checks N`: N times, with fresh data), then times the selected benchmark cases as scripts/bench.py
+does (CUDA-graph replay, L2 flushed before every run, CUDA-event median; with `--eager` also launched
+from the host). The report gives each build's median time per case over the rounds and its ratio to
+the shipped build, and the largest share of each accuracy bar its passing checks used.
 
     python scripts/kernel_ab.py --variant "unguarded: -DFLASHMLA_UNGUARDED=1"       # what the guards cost
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
