@@ -4,14 +4,16 @@ correctly? (GPU; CuPy.)
 On the lent H200 (2026-12-01, eighteenth session) the decode kernel launched with the cluster attribute
 (4, 1, 1) failed with CUDA error 912 (cluster misconfiguration), and cuOccupancyMaxActiveClusters refused
 every cluster shape, even 1 x 1 x 1, for both decode kernels
-(benchmarks/results/2026-12-01-h200-74f79e6-cluster-probe.txt). A design that keeps a part's four row
-tiles together in a cluster needs to know why first. This probe separates the machine from our path:
+(benchmarks/results/2026-12-01-h200-74f79e6-cluster-probe.txt). The cause was ours: the attribute's value
+was assigned as bytes to a c_char array, which stops at the first zero byte, so every shape reached the
+driver as (x, 0, 0) (fixed in launch.launch_attributes; nineteenth session: every step below passes and a
+part's four row tiles run as one cluster, -cluster-probe.json). This probe separates the machine from our path:
 
 1. a plain kernel launched plainly (CuPy): the baseline;
 2. a kernel compiled with `__cluster_dims__(2, 1, 1)`, launched plainly: does the machine run clusters?
 3. the plain kernel through cuLaunchKernelEx with the cluster attribute (2, 1, 1), built as
    flashmla_cupy.launch builds its configs: does our attribute work?
-4. cuOccupancyMaxActiveClusters for those and for our decode kernels at cluster sizes 1, 2 and 4.
+4. cuOccupancyMaxActiveClusters for those and for our decode kernels at cluster sizes 1 to 4.
 
 Each kernel writes, per block, its cluster size and rank (%cluster_nctarank, %cluster_ctarank), so a
 launch that "worked" without forming clusters shows size 1.
@@ -48,15 +50,12 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) ranks_fixed(unsigned* out) 
   if (threadIdx.x == 0) out[blockIdx.x] = cluster_size() << 16 | cluster_rank();
 }
 '''
-CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
 BLOCKS, THREADS = 4, 32
 
 
 def cluster_config(grid, block, shared_bytes: int, cluster):
     """A CUlaunchConfig with one cluster-dimension attribute (and the attribute, to keep it alive)."""
-    attr = (launch._LaunchAttribute * 1)()
-    attr[0].id = CLUSTER_DIMENSION
-    attr[0].value = b"".join(int(v).to_bytes(4, "little") for v in cluster) + bytes(52)
+    attr = launch.launch_attributes(cluster=cluster)
     config = launch._LaunchConfig(*grid, *block, shared_bytes, None,
                                   ctypes.cast(attr, ctypes.POINTER(launch._LaunchAttribute)), 1)
     return config, attr
@@ -106,18 +105,18 @@ def main() -> int:
     report["1 plain kernel, plain launch"] = plain_launch(plain, cp.zeros(BLOCKS, dtype=cp.uint32))
     report["2 __cluster_dims__(2) kernel, plain launch"] = plain_launch(fixed, cp.zeros(BLOCKS, dtype=cp.uint32))
     report["3 plain kernel, cuLaunchKernelEx with cluster (2, 1, 1)"] = attribute_launch(
-        plain.ptr, cp.zeros(BLOCKS, dtype=cp.uint32), (2, 1, 1))
+        plain.kernel.ptr, cp.zeros(BLOCKS, dtype=cp.uint32), (2, 1, 1))
     report["4 occupancy"] = {
-        "plain, cluster 1": occupancy(plain.ptr, grid, block, 0, (1, 1, 1)),
-        "plain, cluster 2": occupancy(plain.ptr, grid, block, 0, (2, 1, 1)),
-        "__cluster_dims__(2), cluster 2": occupancy(fixed.ptr, grid, block, 0, (2, 1, 1)),
+        "plain, cluster 1": occupancy(plain.kernel.ptr, grid, block, 0, (1, 1, 1)),
+        "plain, cluster 2": occupancy(plain.kernel.ptr, grid, block, 0, (2, 1, 1)),
+        "__cluster_dims__(2), cluster 2": occupancy(fixed.kernel.ptr, grid, block, 0, (2, 1, 1)),
     }
     for variant in variants.all_variants():
         if variant.name in ("decode_bf16", "decode_narrow_bf16_r16"):
             loaded = launch.get_function(variant, 0)
-            for size in (1, 2, 4):
+            for size in (1, 2, 3, 4):
                 report["4 occupancy"][f"{variant.name}, cluster {size}"] = occupancy(
-                    loaded.handle, (4, 1, 32), (variant.threads, 1, 1), variant.shared_bytes, (size, 1, 1))
+                    loaded.handle, (12, 1, 32), (variant.threads, 1, 1), variant.shared_bytes, (size, 1, 1))
     print(json.dumps(report, indent=1))
     return 0
 

@@ -236,8 +236,14 @@ def _tensor_map_4d(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box:
 
 # --- launches ---------------------------------------------------------------------------------------
 
+class _LaunchAttributeValue(ctypes.Union):
+    # CUlaunchAttributeValue: 64 bytes. Its fields are written as numbers: a bytes value assigned to a
+    # c_char array stops at its first zero byte, which once made every cluster shape (x, 0, 0).
+    _fields_ = [("raw", ctypes.c_ubyte * 64), ("int_value", ctypes.c_int), ("dims", ctypes.c_uint * 3)]
+
+
 class _LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _LaunchAttributeValue)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -249,17 +255,23 @@ class _LaunchConfig(ctypes.Structure):
     ]
 
 
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CLUSTER_DIMENSION = 4                    # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6    # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
-def _pdl_attribute() -> _LaunchAttribute:
-    attr = _LaunchAttribute()
-    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value = (1).to_bytes(4, "little") + bytes(60)
-    return attr
-
-
-_PDL = _pdl_attribute()
+def launch_attributes(pdl: bool = False, cluster=None):
+    """The launch attributes of a config, as a ctypes array (None for none): programmatic dependent
+    launch, and a cluster shape (x, y, z) in CTAs."""
+    attrs = []
+    if pdl:
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value.int_value = 1
+        attrs.append(attr)
+    if cluster is not None:
+        attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
+        attr.value.dims[:] = [int(v) for v in cluster]
+        attrs.append(attr)
+    return (_LaunchAttribute * len(attrs))(*attrs) if attrs else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,8 +290,10 @@ class Launch:
         self._loaded = loaded     # keeps the module loaded as long as this launch may run
         self._args = list(args)   # kept alive: the driver reads them through _pointers
         self._pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self._attrs = launch_attributes(pdl)   # kept alive: the config points at it
         self._config = _LaunchConfig(*grid, *block, loaded.shared_bytes, None,
-                                     ctypes.pointer(_PDL) if pdl else None, 1 if pdl else 0)
+                                     ctypes.cast(self._attrs, ctypes.POINTER(_LaunchAttribute)),
+                                     len(self._attrs) if self._attrs else 0)
         self._config_ref = ctypes.byref(self._config)
         self._function = ctypes.c_void_p(loaded.handle)
         self._launch_kernel = _driver().cuLaunchKernelEx

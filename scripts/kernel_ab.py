@@ -18,7 +18,8 @@ the shipped build, and the largest share of each accuracy bar its passing checks
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
-`overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels).
+`overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels)
+and `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs).
 """
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def parse_variant(text: str) -> dict:
             spec["narrow"] = int(item[7:])
         elif item.startswith("overhead="):
             spec["overhead"] = int(item[9:])
+        elif item.startswith("maxparts="):
+            spec["maxparts"] = int(item[9:])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} "
-                             "(-D..., tree=DIR, smem=BYTES, threads=N, narrow=ROWS, overhead=PAGES)")
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
+                             "narrow=ROWS, overhead=PAGES, maxparts=N)")
     return spec
 
 
@@ -76,6 +79,9 @@ def apply(spec: dict) -> None:
         kernels.NARROW_FP8_MAX_ROWS = min(spec["narrow"], kernels.NARROW_FP8_MAX_ROWS)
     if spec.get("overhead") is not None:   # read when each planner launch is prepared
         plan.OVERHEAD_PAGES = spec["overhead"]
+    if spec.get("maxparts"):
+        shipped_parts = plan.num_sm_parts
+        plan.num_sm_parts = lambda *a: min(spec["maxparts"], shipped_parts(*a))
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
 
