@@ -105,17 +105,18 @@ __device__ __forceinline__ void loader_warp(const DecodeParams& p, const PartPla
   stream.advance(p, part);
   if (buffer == kBufferB) mbarrier_wait_single(&smem.empty[buffer][consumer], 0);
   issue_page(smem, map, buffer, consumer, block, flagged, kv_head, hint);
-  if (stream.valid()) {
-    // Once this first page has landed (the last of its boxes loaded here).
-    mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
-    block = stream.block_index(p, flagged);
-    if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
-  }
-  for (int arrivals = buffer + 1; stream.valid(); ++arrivals) {
-    block = stream.block_index(p, flagged);
+  if (!stream.valid()) return;
+  // Once this first page has landed (the last of its boxes loaded here). Each next page's block entry
+  // is read before the stream moves on (advance copies the following entry into the same field).
+  mbarrier_wait_single(&smem.full[buffer][31 - __clz(boxes)], 0);
+  block = stream.block_index(p, flagged);
+  if (block >= 0 && block < p.num_blocks) prefetch_page_boxes(map, boxes, block, kv_head);
+  for (int arrivals = buffer + 1;; ++arrivals) {
     stream.advance(p, part);
     mbarrier_wait_single(&smem.empty[buffer][consumer], (arrivals - 1) & 1);
     issue_page(smem, map, buffer, consumer, block, flagged, kv_head, hint);
+    if (!stream.valid()) break;
+    block = stream.block_index(p, flagged);
   }
 }
 
@@ -552,15 +553,14 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   int q_tiles = 0;                  // Q tiles landed through TMA: the parity of q_full
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
+    // Nobody still reads the previous row sums, nor (where q comes without TMA) the previous Q tile.
+    named_barrier_sync(kBarrierCta, kThreads);
+    trace.mark(kMarkQTileFree);
     if (p.q_tma) {
       // This Q tile was issued at the part's start or at the previous piece's end (finish_piece).
-      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous row sums
-      trace.mark(kMarkQTileFree);
       mbarrier_wait_uniform(&smem.q_full, q_tiles & 1);
       ++q_tiles;
     } else {
-      named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
-      trace.mark(kMarkQTileFree);
       load_q_tile(p, smem, request, kv_head, rows_base);
       fence_generic_to_async_smem();
       named_barrier_sync(kBarrierCta, kThreads);

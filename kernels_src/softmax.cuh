@@ -135,6 +135,8 @@ __device__ __forceinline__ void for_each_fragment_word(const FragmentCoords& at,
 }
 
 // Write the packed probabilities into a 64 x 64 swizzled box that the other warpgroup reads with wgmma.
+// Here and in load_fragment the swizzle is spelled out rather than called as swizzled_offset: with the
+// helper, NVRTC 13.0.88 spills 4 bytes in the 16-bit-q FP8-cache variants (nineteenth session).
 __device__ __forceinline__ void store_probabilities(const ProbFragment& p, uint8_t* box, const FragmentCoords& at) {
   for_each_fragment_word(at, [&](int step, int r, int row, int chunk) {
     *reinterpret_cast<uint32_t*>(box + row * kRowBytes + ((chunk ^ (row & 7)) << 4) + at.column * 2) = p.v[step][r];
