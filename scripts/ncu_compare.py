@@ -21,6 +21,10 @@ With `--source`, ncu also samples where the warps stall (its SourceCounters sect
 instructions with the most stall samples are listed per library (from `--page source`, saved as
 <library>-source.csv), so that a stall reason can be traced to the instructions that wait.
 
+With `--variant "NAME: ITEM ..."` (scripts/kernel_ab.py's variant spec: `tree=DIR`, `-D...`,
+`maxparts=N`, ...) our library runs that build instead of the shipped one, so that a candidate is
+profiled beside the peers without a copy of the repository.
+
 Peers must import (scripts/gpu_check.sh ncu sets that up on the device).
 """
 from __future__ import annotations
@@ -232,26 +236,27 @@ FLUSH_MODES = ("ncu",) + tuple(mode for mode in bench.FLUSH_MODES if mode != "no
 
 
 def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str],
-                source: bool = False, flush: str = "ncu") -> list[str]:
+                source: bool = False, flush: str = "ncu", variant: str | None = None) -> list[str]:
     sections = [arg for section in SECTIONS + (("SourceCounters",) if source else ()) for arg in ("--section", section)]
     metrics = ["--metrics", ",".join(extra)] if extra else []
     # The process's own flush must precede the launch in every pass: application replay, caches untouched.
     caches = [] if flush == "ncu" else ["--cache-control", "none", "--replay-mode", "application"]
     child_flush = [] if flush == "ncu" else ["--flush", flush]
+    child_variant = ["--variant", variant] if variant and library == "flashmla_cupy" else []
     return [ncu, "--clock-control", "none", *caches, "--target-processes", "all",
             "--kernel-name", f"regex:{KERNELS[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
             *sections, *metrics, "--force-overwrite", "--export", export,
             sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype,
-            *child_flush]
+            *child_flush, *child_variant]
 
 
 def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str],
-            source: bool = False, flush: str = "ncu") -> str:
+            source: bool = False, flush: str = "ncu", variant: str | None = None) -> str:
     """Profile one library; returns the path of the raw-page CSV (and, with `source`, writes the source
     page's CSV beside it, or says in the log why not). Raises RuntimeError with ncu's output."""
     export = os.path.join(out_dir, library)
-    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush), capture_output=True, text=True,
-                         timeout=NCU_TIMEOUT_S)
+    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush, variant), capture_output=True,
+                         text=True, timeout=NCU_TIMEOUT_S)
     with open(export + ".log", "w") as f:
         f.write(run.stdout + run.stderr)
     if run.returncode != 0 or not os.path.exists(export + ".ncu-rep"):
@@ -287,9 +292,13 @@ def read_profiles(out_dir: str, libraries: list[str]) -> dict[str, dict[str, flo
     return profiles
 
 
-def launch(library: str, case: bench_cases.Case, flush: str = "ncu") -> None:
+def launch(library: str, case: bench_cases.Case, flush: str = "ncu", variant: str | None = None) -> None:
     """The profiled process: the benchmark's inputs, then enough calls for ncu to skip the warm-up ones,
-    each after the L2 flush bench.py does unless ncu flushes."""
+    each after the L2 flush bench.py does unless ncu flushes. `variant`: our build (kernel_ab's spec)."""
+    if variant:
+        import kernel_ab
+
+        kernel_ab.apply(kernel_ab.parse_variant(variant))
     import torch
 
     lib = next(lib for lib in bench.LIBRARIES if lib.name == library)
@@ -316,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flush", choices=FLUSH_MODES, default="ncu",
                         help="who flushes L2 before the profiled launch: ncu (clean caches, the default), or the "
                              "process as bench.py does, by a memset (dirty lines, the benchmark's setting) or a read")
+    parser.add_argument("--variant", metavar="'NAME: ITEM ...'",
+                        help="profile this build of our kernels (scripts/kernel_ab.py's variant spec)")
     parser.add_argument("--launch", help=argparse.SUPPRESS)  # the profiled child process
     args = parser.parse_args(argv)
     try:
@@ -327,8 +338,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--libs {', '.join(unknown)}: choose from {', '.join(KERNELS)}")
     if args.launch:
-        launch(args.launch, case, args.flush)
+        launch(args.launch, case, args.flush, args.variant)
         return 0
+    if args.variant:
+        import kernel_ab
+
+        kernel_ab.parse_variant(args.variant)  # a bad spec stops here, before ncu runs
 
     out_dir = args.from_dir
     failed = []
@@ -343,7 +358,7 @@ def main(argv=None) -> int:
             print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
             for metrics in ([extra, []] if extra else [[]]):  # then without the extras, should ncu refuse one
                 try:
-                    profile(args.ncu, library, case, out_dir, metrics, args.source, args.flush)
+                    profile(args.ncu, library, case, out_dir, metrics, args.source, args.flush, args.variant)
                     break
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     print(exc, file=sys.stderr)
@@ -355,6 +370,8 @@ def main(argv=None) -> int:
         return 1
     what = case.label if args.from_dir is None else f"the profiles in {out_dir}"
     flushed = "" if args.flush == "ncu" or args.from_dir else f", L2 flushed by a {args.flush} in the process"
+    if args.variant and args.from_dir is None:
+        flushed += f", ours built as {args.variant!r}"
     table = (f"ncu --clock-control none{flushed}, {what}, decode kernel only (regex per library: "
              + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
     for library in profiles:  # the source pages found (--source now, or in a --from directory)

@@ -326,6 +326,17 @@ def test_ncu_command_with_the_benchmarks_flush_leaves_caches_to_the_process(tmp_
     assert list(ncu_compare.read_profiles(str(tmp_path), ["flashmla_cupy", "FlashMLA"])) == ["flashmla_cupy"]
 
 
+def test_ncu_command_passes_a_variant_build_to_our_process_only(tmp_path):
+    case = bench_cases.parse("b128-q2-h128-8192-causal", "bf16")
+    spec = "n01: tree=/tmp/k/kernels_src -DFLASHMLA_HINT4=2"
+    ours = ncu_compare.ncu_command("ncu", "flashmla_cupy", case, str(tmp_path / "ours"), [], variant=spec)
+    assert ours[-2:] == ["--variant", spec]
+    peer = ncu_compare.ncu_command("ncu", "FlashMLA", case, str(tmp_path / "peer"), [], variant=spec)
+    assert "--variant" not in peer
+    with pytest.raises(SystemExit, match="unknown item"):
+        ncu_compare.main(["--variant", "bad: nothing=1", "--ncu", "/nonexistent/ncu"])
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_host_profile_cpu_mock_still_runs(dtype):
     run = subprocess.run([sys.executable, str(REPO / "scripts/host_profile.py"), "--cpu-mock", "--calls", "20",
