@@ -156,26 +156,29 @@ class DecodeLaunch:
 
     def _tensor_map(self, k_cache: int):
         """The TMA descriptor of k_cache at this address; a model's layers each bring their own cache."""
-        return _map_at(self._maps, k_cache, lambda: launch.kv_tensor_map(k_cache, *self._k_layout))
+        return _map_at(self._maps, k_cache, launch.kv_tensor_map, self._k_layout)
 
     def _q_tensor_map(self, q: int):
         """The TMA descriptor of q at this address, or None where the driver refuses one (the kernel then
         copies the Q tile with 16-byte loads, which need no more than the input rules ask)."""
-        def encode():
-            try:
-                return launch.q_tensor_map(q, *self._q_layout)
-            except RuntimeError:  # the driver refused it (launch._check)
-                return None
-        return _map_at(self._q_maps, q, encode)
+        return _map_at(self._q_maps, q, _q_map_or_none, self._q_layout)
 
 
-def _map_at(maps: dict, address: int, encode):
-    """maps[address], encoded on the first call at that address; at most _TMA_MAPS_PER_LAYOUT kept."""
+def _map_at(maps: dict, address: int, encode, layout: tuple):
+    """maps[address], `encode(address, *layout)` on the first call at that address; at most
+    _TMA_MAPS_PER_LAYOUT kept. (No closure per call: a model's layers change the address every call.)"""
     if address not in maps:
         if len(maps) >= _TMA_MAPS_PER_LAYOUT:
             maps.clear()
-        maps[address] = encode()
+        maps[address] = encode(address, *layout)
     return maps[address]
+
+
+def _q_map_or_none(q: int, *layout):
+    try:
+        return launch.q_tensor_map(q, *layout)
+    except RuntimeError:  # the driver refused it (launch._check)
+        return None
 
 
 class CheckLaunch:

@@ -213,11 +213,11 @@ def main(argv=None) -> int:
     report = trace(args.case, args.dtype, args.tree, args.flush, args.clock)
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
+    if args.clock == "global":
+        print("(marks from %globaltimer: the 'cycles' below are nanoseconds)")
     for wg, spans in report["startup_cycles"].items():
         print(f"{wg}: from kernel start, cycles (median over CTAs): " +
               ", ".join(f"{label} {value:.0f}" for label, value in spans.items() if value is not None))
-    if args.clock == "global":
-        print("(marks from %globaltimer: the 'cycles' below are nanoseconds)")
     print_report({k: v for k, v in report.items() if k.startswith("warpgroup")})
     for part, lag in report.get("tile_lag", {}).items():
         print(f"{part}: tiles {lag['tiles']} over {lag['pairs']} pairs, start of a pair apart by median "

@@ -369,10 +369,10 @@ def main(argv=None) -> int:
         print(f"no profile in {out_dir}", file=sys.stderr)
         return 1
     what = case.label if args.from_dir is None else f"the profiles in {out_dir}"
-    flushed = "" if args.flush == "ncu" or args.from_dir else f", L2 flushed by a {args.flush} in the process"
+    setting = "" if args.flush == "ncu" or args.from_dir else f", L2 flushed by a {args.flush} in the process"
     if args.variant and args.from_dir is None:
-        flushed += f", ours built as {args.variant!r}"
-    table = (f"ncu --clock-control none{flushed}, {what}, decode kernel only (regex per library: "
+        setting += f", ours built as {args.variant!r}"
+    table = (f"ncu --clock-control none{setting}, {what}, decode kernel only (regex per library: "
              + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
     for library in profiles:  # the source pages found (--source now, or in a --from directory)
         path = os.path.join(out_dir, library + "-source.csv")
