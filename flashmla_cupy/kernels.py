@@ -75,6 +75,13 @@ NARROW_MAX_ROWS = variants.NARROW_ROWS[-1]
 NARROW_FP8_MAX_ROWS = variants.NARROW_FP8_ROWS[-1]
 
 
+# Whether an e4m3 q and cache with more rows than the narrow kernel takes go to the ring kernel
+# (decode_ring.cu: FP8 pages in a ring of four, nothing converted in shared memory) instead of decode.cu's
+# FP8 path. Off: on the H200 the ring kernel is exact but measured 0.69 of decode.cu's speed there
+# (docs/PERF_NOTES.md, twentieth session); the GPU tests and the sanitizer cases run it with this set.
+RING_FP8 = False
+
+
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
     """The decode variant for a checked problem, and its query rows per CTA (the grid's x tiles)."""
     q_name = problem.q_dtype_name or problem.dtype_name
@@ -82,6 +89,8 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
     if problem.rows <= narrow_rows and (problem.kv_name is None or q_name == "e4m3"):
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
+    if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
+        return variants.ring_variant(), plan.TILE_ROWS
     return variants.decode_variant(q_name, problem.kv_name), plan.TILE_ROWS
 
 

@@ -43,6 +43,11 @@ NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230
 COMBINE_WARPS_PER_ROW = (1, 4)
 # one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
 NARROW_THREADS = {None: 160, "e4m3": 384}
+# The ring decode kernel (decode_ring.cu): an e4m3 q and cache with more rows than the narrow kernel
+# takes, pages kept FP8 in a ring of four. Its dynamic shared memory (kRingSharedBytes) and threads
+# (kRingThreads), pinned likewise.
+RING_SHARED_BYTES = 224256
+RING_THREADS = 384
 # Tokens of one TMA sub-box of an FP8 page in decode.cu with a 16-bit q (kLandingTokens of dequant.cuh,
 # pinned likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel, and decode.cu with
 # an e4m3 q, land an FP8 box whole, 64-byte swizzled (kFp8SwizzleBytes of decode_config.cuh, pinned
@@ -58,7 +63,7 @@ _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16":
 class Variant:
     """One NVRTC program compiled with one set of defines: kernels_src/<program>.cu."""
 
-    program: str        # "decode" | "decode_narrow" | "combine" | "scheduler" | "check"
+    program: str        # "decode" | "decode_narrow" | "decode_ring" | "combine" | "scheduler" | "check"
     dtype: str | None   # "bf16" | "fp16" (| "e4m3": decode's q), or None for the dtype-free scheduler and check
     kv: str | None = None   # decode's k_cache type when it is not q's: "e4m3" (an FP8 cache)
     rows: int | None = None  # decode_narrow's query rows per CTA (NARROW_ROWS)
@@ -86,25 +91,29 @@ class Variant:
     @property
     def threads(self) -> int:
         """Threads per decode block."""
+        if self.program == "decode_ring":
+            return RING_THREADS
         return NARROW_THREADS[self.kv] if self.program == "decode_narrow" else DECODE_THREADS[self.kv]
 
     @property
     def uses_cute(self) -> bool:
         """Only the decode kernels include CuTe, so only they pay for (and need) the CUTLASS headers."""
-        return self.program in ("decode", "decode_narrow")
+        return self.program in ("decode", "decode_narrow", "decode_ring")
 
     @property
     def shared_bytes(self) -> int:
         """Dynamic shared memory per block at launch (the small kernels use static smem only)."""
         if self.program == "decode_narrow":
             return NARROW_SHARED_BYTES[(self.rows, self.kv)]
+        if self.program == "decode_ring":
+            return RING_SHARED_BYTES
         return DECODE_SHARED_BYTES if self.program == "decode" else 0
 
     @property
     def fp8_boxes(self) -> bool:
-        """An FP8 cache landed as whole 64-byte-swizzled boxes for FP8 QK^T: the narrow kernel's, and
-        decode.cu's with an e4m3 q (dequant.cuh)."""
-        return self.kv == "e4m3" and (self.program == "decode_narrow" or self.dtype == "e4m3")
+        """An FP8 cache landed as whole 64-byte-swizzled boxes for FP8 QK^T: the narrow and ring kernels',
+        and decode.cu's with an e4m3 q (dequant.cuh)."""
+        return self.kv == "e4m3" and (self.program in ("decode_narrow", "decode_ring") or self.dtype == "e4m3")
 
     @property
     def kv_box(self) -> tuple[int, int]:
@@ -131,6 +140,9 @@ class Variant:
             if self.kv:
                 pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
             return pinned
+        if self.program == "decode_ring":
+            return {"flashmla::kRingSharedBytes": RING_SHARED_BYTES, "flashmla::kRingThreads": RING_THREADS,
+                    "flashmla::kFp8SwizzleBytes": NARROW_FP8_SWIZZLE_BYTES}
         if self.program == "check":
             return {f"flashmla::{name}": value for name, value in _CHECK_REPORT.items()}
         if self.program == "combine":
@@ -153,6 +165,7 @@ def all_variants() -> list[Variant]:
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
+        + [Variant("decode_ring", "e4m3", "e4m3")]
         + [Variant("combine", dt, warps=_combine_warps(w)) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
         + [Variant("scheduler", None), Variant("check", None)]
     )
@@ -194,6 +207,11 @@ def narrow_variant(dtype, rows: int, kv=None) -> Variant:
     if fit is None:
         raise ValueError(f"the narrow decode kernel takes at most {sizes[-1]} query rows, not {rows}")
     return _find("decode_narrow", dtype, kv, fit)
+
+
+def ring_variant() -> Variant:
+    """The ring decode variant: an e4m3 q and cache, any number of rows (64 a CTA)."""
+    return _find("decode_ring", "e4m3", "e4m3")
 
 
 def combine_variant(dtype, warps_per_row: int = 1) -> Variant:

@@ -18,8 +18,9 @@ the shipped build, and the largest share of each accuracy bar its passing checks
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
-`overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels)
-and `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs).
+`overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
+`maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
+q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu).
 """
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ def parse_variant(text: str) -> dict:
             spec["overhead"] = int(item[9:])
         elif item.startswith("maxparts="):
             spec["maxparts"] = int(item[9:])
+        elif item.startswith("ring="):
+            spec["ring"] = bool(int(item[5:]))
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, maxparts=N)")
+                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1)")
     return spec
 
 
@@ -79,6 +82,8 @@ def apply(spec: dict) -> None:
         kernels.NARROW_FP8_MAX_ROWS = min(spec["narrow"], kernels.NARROW_FP8_MAX_ROWS)
     if spec.get("overhead") is not None:   # read when each planner launch is prepared
         plan.OVERHEAD_PAGES = spec["overhead"]
+    if spec.get("ring") is not None:
+        kernels.RING_FP8 = spec["ring"]
     if spec.get("maxparts"):
         shipped_parts = plan.num_sm_parts
         plan.num_sm_parts = lambda *a: min(spec["maxparts"], shipped_parts(*a))
@@ -104,7 +109,8 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
             (4, 1, 16, 1, [1, 63, 2000, 0], False, "e4m3", "e4m3"),      # FP8, both query forms
             (3, 2, 16, 1, [70, 2500, 1], True, "e4m3", "e4m3"),          # FP8, 32 rows
             (3, 2, 64, 2, [65, 700, 129], True, "bf16", "e4m3"),
-            (3, 2, 64, 1, [65, 700, 130], True, "e4m3", "e4m3")]:       # FP8, 128 rows: FP8 scores
+            (3, 2, 64, 1, [65, 700, 130], True, "e4m3", "e4m3"),        # FP8, 128 rows: FP8 scores (ring=1: decode_ring.cu)
+            (2, 1, 128, 1, [8192, 4097], False, "e4m3", "e4m3")]:       # FP8, long pieces
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv)

@@ -4,7 +4,9 @@ Small on purpose (the sanitizers slow kernels down by orders of magnitude) but c
 unsplit requests, zero-length requests, a partial last page with NaN behind it, causal s_q > 1,
 h_kv > 1, two row tiles, and several requests per CTA; an FP8 (e4m3) cache with both query forms,
 whose converter warpgroup racecheck watches, and 16 and 32 rows of it with an e4m3 q (the narrow
-kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows) (`--fp8`: those cases alone).
+kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows), and 64 and 128 rows with an
+e4m3 q, through decode.cu and again through decode_ring.cu (its ring of FP8 pages and its seesaw, behind
+kernels.RING_FP8) (`--fp8`: those cases alone).
 Exits non-zero on a wrong result.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ CASES = [  # batch, seqlen_q, heads_q, heads_kv, seqlens, causal, dtype (q's), k
     (40, 1, 32, 1, [100] * 40, False, "bf16", None),
 ]
 FP8_CASES = [
-    (3, 1, 128, 1, [700, 0, 130], False, "e4m3", "e4m3"),
+    (3, 1, 128, 1, [700, 0, 130], False, "e4m3", "e4m3"),          # 128 rows, e4m3 q: FP8 scores
+    (5, 2, 64, 2, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),    # 64 rows, s_q = 2 causal, h_kv = 2
     (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "bf16", "e4m3"),
     (5, 2, 16, 2, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),   # 16 rows, e4m3 q: the narrow kernel
     (5, 2, 16, 1, [64, 1, 3000, 0, 257], True, "e4m3", "e4m3"),   # 32 rows: wgmma N = 32
@@ -33,13 +36,22 @@ FP8_CASES = [
 
 
 def main() -> int:
+    from flashmla_cupy import kernels, lookup
+
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
-    for b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype in cases:
+    # The e4m3 cases of more than 32 rows also run through decode_ring.cu (kernels.RING_FP8, off by default).
+    runs = [(case, False) for case in cases] + [(case, True) for case in cases if case[6] == case[7] == "e4m3"
+                                                and case[1] * case[2] // case[3] > 32]
+    for (b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype), ring in runs:
+        if ring != kernels.RING_FP8:
+            kernels.RING_FP8 = ring
+            lookup.remembered().clear()   # calls prepared with the other kernel
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv_dtype)
         report = check(case, *run(case), seed, f"sanitize b={b} h_q={h_q}")
-        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}: ok, worst out abs {report['out_max_abs']:.2e}")
+        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}{' (ring kernel)' if ring else ''}: "
+              f"ok, worst out abs {report['out_max_abs']:.2e}")
     return 0
 
 

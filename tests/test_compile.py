@@ -286,9 +286,26 @@ def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(v
     assert "LDL" not in sass and "STL" not in sass
 
 
-def test_narrow_kernel_takes_few_rows():
+RING_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_ring"]
+
+
+@pytest.mark.parametrize("variant", RING_VARIANTS, ids=lambda v: v.name)
+def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_memory(variant, tmp_path, compiled):
+    """The ring kernel (an e4m3 q and cache, more than 32 rows): S^T on FP8 wgmmas (64 tokens x 64 rows x
+    32), O^T on 64 x 64 x 16 fp16 ones with V^T from registers, pages through bulk tensor loads, the
+    loader's registers handed over, nothing in local memory."""
+    sass = _sass(variant, tmp_path, compiled)
+    assert "QGMMA.64x64x32.F32.E4M3.E4M3" in sass
+    assert "HGMMA.64x64x16.F32" in sass
+    assert "HGMMA.64x256x16" not in sass and " HMMA" not in sass
+    assert "UTMALDG" in sass
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert "LDL" not in sass and "STL" not in sass
+
+
+def test_narrow_kernel_takes_few_rows(monkeypatch):
     """Dispatch: rows <= NARROW_MAX_ROWS (16-bit cache) or NARROW_FP8_MAX_ROWS (FP8 cache, e4m3 q) go to
-    decode_narrow, the rest to decode."""
+    decode_narrow, the rest to decode; with kernels.RING_FP8, more rows of an e4m3 q and cache to decode_ring."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -304,12 +321,17 @@ def test_narrow_kernel_takes_few_rows():
     assert pick(16, kv="e4m3", q="e4m3") == ("decode_narrow", 16)
     assert pick(17, kv="e4m3", q="e4m3") == ("decode_narrow", 32)   # wgmma N = 32
     assert pick(kernels.NARROW_FP8_MAX_ROWS, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
-    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3")[0] == "decode"
+    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3") == ("decode", 64)
+    monkeypatch.setattr(kernels, "RING_FP8", True)   # the ring kernel, measured slower: off by default
+    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3") == ("decode_ring", 64)
+    assert pick(128, kv="e4m3", q="e4m3") == ("decode_ring", 64)
+    assert pick(128, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q keeps decode.cu's converter
+    assert pick(32, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
     assert pick(1, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q with an FP8 cache: decode.cu
     assert pick(1, kv="e4m3", q="fp16")[0] == "decode"
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS + NARROW_VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS + NARROW_VARIANTS + RING_VARIANTS, ids=lambda v: v.name)
 def test_decode_wgmmas_are_neither_serialized_nor_awaited_by_ptxas(variant, compiled):
     """ptxas reports (in the -v log) when it serialises wgmmas or inserts a wgmma.wait_group of its own;
     either would undo the overlap of one warpgroup's softmax with the other's tensor-core work."""
