@@ -207,8 +207,12 @@ struct OutputSteps {
     uint2 v[4];  // tokens 16 step + 2 quad + {0, 1} + 8 {0, 1}, the first two swapped on odd quads
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int token = kStep * kMmaK + 2 * quad + ((k % 2) ^ swap) + 8 * (k / 2);
-      v[k] = token < valid ? *reinterpret_cast<const uint2*>(columns + token * kFp8RowBytes) : make_uint2(0, 0);
+      // Token first + 16 step + 8 (k / 2), compared as first < room with a uniform room: a per-lane token
+      // index held from step to step spills under NVRTC 12.9.
+      const int first = 2 * quad + ((k % 2) ^ swap);
+      const int room = valid - (kStep * kMmaK + 8 * (k / 2));
+      v[k] = first < room ? *reinterpret_cast<const uint2*>(columns + (first + kStep * kMmaK + 8 * (k / 2)) * kFp8RowBytes)
+                          : make_uint2(0, 0);
     }
     uint32_t (&a)[kHalfTiles][4] = frags[kStep % 2];
 #pragma unroll
