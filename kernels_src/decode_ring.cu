@@ -42,8 +42,9 @@
 // Status (H200, 2026-12-01, docs/PERF_NOTES.md twentieth session): exact (the FP8 GPU tests, memcheck and
 // synccheck clean), but 0.69 of decode.cu's FP8 path at h_q = 128, 4096 (357 against 245 us), so
 // kernels.RING_FP8 keeps calls on decode.cu. Its trace: ~8650 cycles a pair against ~3200 of tensor work,
-// every phase of each warpgroup's chain (S^T issue, softmax down S^T's columns, V^T converted step by
-// step) latency-bound with two consumer warps a scheduler.
+// each warpgroup's chain latency-bound with two consumer warps a scheduler. Timed without its softmax it is
+// level with decode.cu (240.6 against 245.4 us) and without the V conversion unchanged: the softmax down
+// S^T's columns is the bound (devtools/candidates/ring-rowmajor-scores.patch scores row-major instead).
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
