@@ -313,9 +313,9 @@ class FakeModule:
         self.events.append(("unload", id(self)))
 
 
-# The narrow decode kernel takes the decode kernel's arguments and plays its part in a call: one handle.
-KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_decode_narrow": DECODE_FN, "flashmla_decode_ring": DECODE_FN, "flashmla_combine": COMBINE_FN,
-                  "flashmla_scheduler": SCHEDULER_FN, "flashmla_check": CHECK_FN}
+# The narrow and ring decode kernels take the decode kernel's arguments and play its part in a call: one handle.
+KERNEL_HANDLES = {"flashmla_decode": DECODE_FN, "flashmla_decode_narrow": DECODE_FN, "flashmla_decode_ring": DECODE_FN,
+                  "flashmla_combine": COMBINE_FN, "flashmla_scheduler": SCHEDULER_FN, "flashmla_check": CHECK_FN}
 
 
 class _NoDevice:

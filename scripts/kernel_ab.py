@@ -109,7 +109,7 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
             (4, 1, 16, 1, [1, 63, 2000, 0], False, "e4m3", "e4m3"),      # FP8, both query forms
             (3, 2, 16, 1, [70, 2500, 1], True, "e4m3", "e4m3"),          # FP8, 32 rows
             (3, 2, 64, 2, [65, 700, 129], True, "bf16", "e4m3"),
-            (3, 2, 64, 1, [65, 700, 130], True, "e4m3", "e4m3"),        # FP8, 128 rows: FP8 scores (ring=1: decode_ring.cu)
+            (3, 2, 64, 1, [65, 700, 130], True, "e4m3", "e4m3"),        # FP8, 128 rows (ring=1: decode_ring.cu)
             (2, 1, 128, 1, [8192, 4097], False, "e4m3", "e4m3")]:       # FP8, long pieces
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,

@@ -41,9 +41,9 @@ def main() -> int:
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
     # With --ring the e4m3 cases of more than 32 rows also run through decode_ring.cu (kernels.RING_FP8, off
     # by default; racecheck reports hazards on its running max that are not yet cleared: docs/PERF_NOTES.md).
-    ring = "--ring" in sys.argv[1:]
-    runs = [(case, False) for case in cases] + [(case, True) for case in cases if ring and case[6] == case[7] == "e4m3"
-                                                and case[1] * case[2] // case[3] > 32]
+    with_ring = "--ring" in sys.argv[1:]
+    ring_cases = [c for c in cases if with_ring and c[6] == c[7] == "e4m3" and c[1] * c[2] // c[3] > 32]
+    runs = [(case, False) for case in cases] + [(case, True) for case in ring_cases]
     for (b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype), ring in runs:
         if ring != kernels.RING_FP8:
             kernels.RING_FP8 = ring
@@ -52,7 +52,8 @@ def main() -> int:
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv_dtype)
         report = check(case, *run(case), seed, f"sanitize b={b} h_q={h_q}")
-        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}{' (ring kernel)' if ring else ''}: "
+        kernel = " (ring kernel)" if ring else ""
+        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}{kernel}: "
               f"ok, worst out abs {report['out_max_abs']:.2e}")
     return 0
 
