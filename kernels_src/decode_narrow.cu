@@ -245,18 +245,6 @@ struct OutputT {
   float v[kValueTiles][kAccumulators];
 };
 
-// The reduction of a slot's value over the 8 lanes of the warp that share its query row (lane / 4).
-__device__ __forceinline__ float column_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
-}
-__device__ __forceinline__ float column_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 4);
-  x += __shfl_xor_sync(0xffffffffu, x, 8);
-  return x + __shfl_xor_sync(0xffffffffu, x, 16);
-}
-
 // S^T = K Q^T over the 576 columns, box by box as the page's boxes land (with an FP8 cache on FP8
 // wgmmas, K and the e4m3 Q tile as they are: nothing is converted). Committed, not awaited.
 __device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int /*thread*/) {
@@ -481,7 +469,7 @@ struct NarrowPiece {
         if (kMasked && bad) x = quiet_nan();  // a flagged FP8 page: its request's rows come out NaN
         m = fmaxf(m, x);
       }
-      page_max[k] = column_max(m);
+      page_max[k] = octet_max(m);
     }
     const int warp = thread / 32;
     if (at.publishes()) {
@@ -724,7 +712,7 @@ struct NarrowPiece {
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       // A bad page (TMA's NaN fill) makes O NaN: carry it into the sums, as decode.cu does.
-      share[k] = column_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
+      share[k] = octet_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
     }
     if (at.publishes()) {  // warp_sum's readers of the previous piece passed the piece's first barrier
 #pragma unroll

@@ -137,18 +137,6 @@ __device__ __forceinline__ void stmatrix_trans_x4(uint32_t address, const uint32
                : "memory");
 }
 
-// The reductions of a slot's value over the 8 lanes of a warp that share its query row (lane % 4).
-__device__ __forceinline__ float row_max8(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
-}
-__device__ __forceinline__ float row_sum8(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 4);
-  x += __shfl_xor_sync(0xffffffffu, x, 8);
-  return x + __shfl_xor_sync(0xffffffffu, x, 16);
-}
-
 // S^T = K Q^T over the 576 columns of the page in `at`, once it has landed. Committed, not awaited.
 __device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& at, RingScores& s) {
   const SmemDesc q = fp8_k_major_desc(smem.q);
@@ -368,7 +356,7 @@ struct RingPiece {
       float* const own_max = &smem.warp_max[wg][warp][2 * q4];
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
-        const float m = row_max8(fmaxf(s.v[reg_of(k, 0)], s.v[reg_of(k, 1)]));
+        const float m = octet_max(fmaxf(s.v[reg_of(k, 0)], s.v[reg_of(k, 1)]));
         if (lane < 4) own_max[slot_row(k)] = m;
       }
     }
@@ -571,7 +559,7 @@ struct RingPiece {
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       // A bad page makes O NaN (its P is NaN): carry it into the sums, as decode.cu does.
-      const float share = row_sum8(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
+      const float share = octet_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
       if (lane < 4) own_sum[slot_row(k)] = share;
     }
     named_barrier_sync(kBarrierCta, kThreads);

@@ -46,6 +46,20 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The same over the 8 lanes of a warp that share lane % 4: a query row in the transposed kernels'
+// accumulators (decode_narrow.cu, decode_ring.cu), whose N holds the rows.
+__device__ __forceinline__ float octet_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+
+__device__ __forceinline__ float octet_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
 // 2^x on the special-function unit alone (no denormal fix-up: results below 2^-126 flush to 0, which
 // a probability may).
 __device__ __forceinline__ float fast_exp2(float x) {
