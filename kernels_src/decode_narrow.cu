@@ -236,7 +236,6 @@ struct ColumnCoords {
   // Lanes 0..3 of a warp hold every query row between them.
   __device__ __forceinline__ bool publishes() const { return m % 16 == 0; }
 };
-__device__ __forceinline__ int reg_of(int slot, int i) { return 4 * (slot / 2) + 2 * i + slot % 2; }
 
 struct ScoresT {
   float v[kAccumulators];

@@ -101,8 +101,7 @@ struct RingPage {
 
 // Accumulator coordinates of an m64n64 tile with M = tokens (S^T) or value columns (O^T) and N = query
 // rows: register 4 j + 2 i + c holds M index 16 warp + lane / 4 + 8 i and query row 8 j + 2 (lane % 4) + c.
-// Slot k = 2 j + c names the query row; i picks one of the thread's two M indices.
-__device__ __forceinline__ int reg_of(int slot, int i) { return 4 * (slot / 2) + 2 * i + slot % 2; }
+// Slot k = 2 j + c names the query row; i picks one of the thread's two M indices (softmax.cuh, reg_of).
 // A slot's query row is 2 (lane % 4) + slot_row(slot): per-row fields are addressed from one pointer per
 // thread at row 2 (lane % 4) plus these constants. (Sixteen row indices or addresses held through the
 // page loop spill: ptxas hoists them out of it. So does the lane's quad unless it is read where it is

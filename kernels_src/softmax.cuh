@@ -46,8 +46,12 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// The same over the 8 lanes of a warp that share lane % 4: a query row in the transposed kernels'
-// accumulators (decode_narrow.cu, decode_ring.cu), whose N holds the rows.
+// The transposed kernels' accumulators (decode_narrow.cu, decode_ring.cu: N holds the query rows, M tokens
+// or value columns): register reg_of(k, i) holds the thread's row slot k (row 8 (k / 2) + 2 (lane % 4) +
+// k % 2) at its M index i (16 warp + lane / 4 + 8 i). A row's reductions run over the 8 lanes of a warp
+// that share lane % 4.
+__device__ __forceinline__ int reg_of(int slot, int i) { return 4 * (slot / 2) + 2 * i + slot % 2; }
+
 __device__ __forceinline__ float octet_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
