@@ -77,9 +77,9 @@ NARROW_FP8_MAX_ROWS = variants.NARROW_FP8_ROWS[-1]
 
 # Whether an e4m3 q and cache with more rows than the narrow kernel takes go to the ring kernel
 # (decode_ring.cu: FP8 pages in a ring of four, nothing converted in shared memory) instead of decode.cu's
-# FP8 path. Off: on the H200 the ring kernel is exact but measured 0.69 of decode.cu's speed there
-# (docs/PERF_NOTES.md, twentieth session); the GPU tests and the sanitizer cases run it with this set.
-RING_FP8 = False
+# FP8 path. On: on the H200 it measured 0.94-1.02 of decode.cu's time on those cells (docs/PERF_NOTES.md,
+# twenty-first session). Off sends them to decode.cu, which stays built for it (scripts/kernel_ab.py ring=0).
+RING_FP8 = True
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:

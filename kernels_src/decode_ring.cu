@@ -7,44 +7,39 @@
 // two pages fit, and the refill of the second buffer sits on the critical path of every pair of pages
 // (docs/PERF_NOTES.md, nineteenth session). Here pages stay FP8 in shared memory, in a ring of four
 // 36 KB slots that a loader lane keeps up to three pages ahead, and nothing is converted in shared
-// memory. Every product is transposed as in decode_narrow.cu, tokens and value columns on wgmma's M and
-// the 64 query rows on N:
+// memory:
 //
-//   S^T = K Q^T         (64 tokens x 64 rows, k = 576)   FP8 wgmmas, K and Q e4m3 from shared memory
-//   O^T += V^T P^T      (256 columns x 64 rows, k = 64)  fp16 wgmmas, V^T from registers, P^T from smem
+//   S = Q K^T           (64 rows x 64 tokens, k = 576)   FP8 wgmmas, Q and K e4m3 from shared memory
+//   O^T += V^T P^T      (256 columns x 64 rows, k = 64)  fp16 wgmmas, V^T from registers, P from smem
 //
-// V^T's fragments are built by each thread from the page's FP8 bytes with exact e4m3 -> fp16 conversions
-// (O^T's rows are taken in the order that makes a thread's bytes contiguous: issue_output), so P V keeps
-// fp16 operands and fp32 accumulators: SPEC's output bar holds as in the 16-bit kernels.
+// The scores are row-major as in decode.cu, so the softmax is decode.cu's (softmax.cuh: a row's values
+// within a quad). The output is transposed as in decode_narrow.cu, value columns on wgmma's M: V^T's
+// fragments are built by each thread from the page's FP8 bytes with exact e4m3 -> fp16 conversions
+// (O^T's rows are taken in the order that makes a thread's bytes contiguous: OutputSteps), so P V keeps
+// fp16 operands and fp32 accumulators and SPEC's output bar holds as in the 16-bit kernels; P, stored in
+// decode.cu's [row][token] layout, is O^T's K-major B operand as it lies.
 //
 // Schedule: decode.cu's seesaw. The pages of a piece go in pairs (a, b): warpgroup 0 scores page a,
 // warpgroup 1 page b; warpgroup w keeps value columns [256 w, 256 w + 256) of O^T (128 fp32 registers a
-// thread) and multiplies both pages' P^T into them. Per pair:
+// thread) and multiplies both pages' P into them. Per pair:
 //
-//   warpgroup 0:  S_a; softmax(a) -> P^T_a, max_a  | rescale, O_L += V_a^T P_a^T | rescale, O_L += V_b^T P_b^T
-//   warpgroup 1:  S_b | rescale, O_R += V_a^T P_a^T; softmax(b) from max_a -> P^T_b, max_b | rescale, O_R += ...
+//   warpgroup 0:  S_a; softmax(a) -> P_a, max_a  | rescale, O_L += V_a^T P_a^T | rescale, O_L += V_b^T P_b^T
+//   warpgroup 1:  S_b | rescale, O_R += V_a^T P_a^T; softmax(b) from max_a -> P_b, max_b | rescale, O_R += ...
 //
-// The softmax runs down the columns of S^T (a query row is spread over the warpgroup's four warps, so
-// its page max goes through shared memory: one warpgroup barrier a page). A page's P^T goes to both
-// warpgroups through the P box of its ring slot, its running max through `max_after`; each warpgroup
-// rescales its own O^T columns (query rows) from the max it holds to the new one, reading both from
-// shared memory, so no factor is held in registers across the wgmmas.
+// A page's P goes to both warpgroups through the P box of its ring slot, its running max through
+// `max_after`; each warpgroup rescales its own O^T columns (query rows) from the max it holds to the new
+// one, reading both from shared memory, so no factor is held in registers across the wgmmas.
 //
-// Handshakes: per ring slot nine TMA barriers ("full", one per 64-column box, so S^T starts as the first
-// box lands) and an "empty" barrier with one arrival per computing warpgroup (its last wgmma reading the
-// slot, K, V or P^T, has completed); page A ready (warpgroup 0 -> 1: P^T_a and max_a written) and page B
-// ready (1 -> 0), both synced by both warpgroups as in decode.cu; each warpgroup's own barrier for its
-// column maxima; the consumers' barrier around each Q reload and in the epilogue.
+// Handshakes: per ring slot a TMA barrier ("full") and an "empty" barrier with one arrival per computing
+// warpgroup (its last wgmma reading the slot, K, V or P, has completed); page A ready (warpgroup 0 -> 1:
+// P_a and max_a written) and page B ready (1 -> 0), both synced by both warpgroups as in decode.cu; the
+// consumers' barrier around each Q reload and twice in the epilogue.
 //
-// CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers, stmatrix and the descriptors
-// are hand-written PTX, as in decode.cu and decode_narrow.cu.
+// CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers and the descriptors are
+// hand-written PTX, as in decode.cu and decode_narrow.cu.
 //
-// Status (H200, 2026-12-01, docs/PERF_NOTES.md twentieth session): exact (the FP8 GPU tests, memcheck and
-// synccheck clean), but 0.69 of decode.cu's FP8 path at h_q = 128, 4096 (357 against 245 us), so
-// kernels.RING_FP8 keeps calls on decode.cu. Its trace: ~8650 cycles a pair against ~3200 of tensor work,
-// each warpgroup's chain latency-bound with two consumer warps a scheduler. Timed without its softmax it is
-// level with decode.cu (240.6 against 245.4 us) and without the V conversion unchanged: the softmax down
-// S^T's columns is the bound (devtools/candidates/ring-rowmajor-scores.patch scores row-major instead).
+// Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path
+// on the FP8 cells of 64 and 128 rows, so kernels.RING_FP8 sends those calls here.
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
@@ -63,8 +58,7 @@ namespace flashmla {
 
 constexpr int kRingPages = 4;                           // ring slots, one FP8 page each
 constexpr int kFp8PageBytes = kBoxes * kFp8BoxBytes;    // 36 KB: nine 64 x 64-byte boxes
-constexpr int kProbBoxBytes = kTileRows * kRowBytes;    // P^T: 64 query rows x 64 tokens, fp16, 8 KB
-constexpr int kRingWarps = kWarpgroupThreads / 32;
+constexpr int kProbBoxBytes = kTileRows * kRowBytes;    // P: 64 query rows x 64 tokens, fp16, 8 KB
 constexpr int kRowSlots = kTileRows / 4;                // query rows a thread holds in an m64n64 tile
 constexpr int kHalfTiles = kHalfV / kBoxCols;           // O^T tiles (64 value columns) of a warpgroup: 4
 constexpr int kRingLoaderRegisters = 24;                // one lane issuing TMA loads
@@ -79,10 +73,11 @@ constexpr int kFp8StepBytes = 32;                       // one FP8 k-step: 32 e4
 struct RingStorage {
   alignas(1024) uint8_t q[kBoxes * kFp8BoxBytes];            // e4m3 Q: nine boxes of 64 rows x 64 bytes
   alignas(1024) uint8_t page[kRingPages][kFp8PageBytes];     // FP8 pages as landed
-  alignas(1024) uint8_t prob[kRingPages][kProbBoxBytes];     // P^T of the page in the same slot
-  float warp_max[2][kRingWarps][kTileRows];  // [warpgroup][warp][row]: a warp's page max per query row
+  alignas(1024) uint8_t prob[kRingPages][kProbBoxBytes];     // P of the page in the same slot
   float max_after[2][2][kTileRows];          // [pair parity][page a, b][row]: running max after the page
-  float warp_sum[2][kRingWarps][kTileRows];  // epilogue: each warp's share of the row sums
+  float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
+  float row_scale[kTileRows];                // epilogue: each row's normaliser
+  int64_t row_at[kTileRows];                 // epilogue: where each row goes in out or the partials (-1: nowhere)
   int row_limit[kTileRows];                  // the piece's visible tokens per query row (causal: fewer)
   PageStreamOf<1> stream;
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
@@ -99,10 +94,10 @@ struct RingPage {
       : slot(int(seq % kRingPages)), phase(int((seq / kRingPages) & 1)) {}
 };
 
-// Accumulator coordinates of an m64n64 tile with M = tokens (S^T) or value columns (O^T) and N = query
-// rows: register 4 j + 2 i + c holds M index 16 warp + lane / 4 + 8 i and query row 8 j + 2 (lane % 4) + c.
-// Slot k = 2 j + c names the query row; i picks one of the thread's two M indices (softmax.cuh, reg_of).
-// A slot's query row is 2 (lane % 4) + slot_row(slot): per-row fields are addressed from one pointer per
+// Accumulator coordinates of an m64n64 tile of O^T (M = value columns, N = query rows): register
+// 4 j + 2 i + c holds M index 16 warp + lane / 4 + 8 i and query row 8 j + 2 (lane % 4) + c. Slot
+// k = 2 j + c names the query row; i picks one of the thread's two M indices (softmax.cuh, reg_of). A
+// slot's query row is 2 (lane % 4) + slot_row(slot): per-row fields are addressed from one pointer per
 // thread at row 2 (lane % 4) plus these constants. (Sixteen row indices or addresses held through the
 // page loop spill: ptxas hoists them out of it. So does the lane's quad unless it is read where it is
 // used: lane_quad.)
@@ -119,25 +114,15 @@ __device__ __forceinline__ int thread_index() {
   return thread;
 }
 
-struct RingScores {
-  float v[32];
-};
 struct RingOutput {
   float v[kHalfTiles][32];
 };
 // V^T's A fragments of one P V k-step, for the warpgroup's four tiles; two sets take turns.
 using RingFragments = uint32_t[2][kHalfTiles][4];
 
-// Four 8 x 8 blocks of 16-bit values, each held in the mma fragment layout, stored transposed: lane L
-// gives the address of the stored row L % 8 of block L / 8 (16 bytes).
-__device__ __forceinline__ void stmatrix_trans_x4(uint32_t address, const uint32_t (&words)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(address),
-               "r"(words[0]), "r"(words[1]), "r"(words[2]), "r"(words[3])
-               : "memory");
-}
-
-// S^T = K Q^T over the 576 columns of the page in `at`, once it has landed. Committed, not awaited.
-__device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& at, RingScores& s) {
+// S = Q K^T over the 576 columns of the page in `at` (query rows on M, as in decode.cu, so that the
+// softmax is row-wise within a quad), once it has landed. Committed, not awaited.
+__device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& at, ScoreTile& s) {
   const SmemDesc q = fp8_k_major_desc(smem.q);
   const SmemDesc k = fp8_k_major_desc(smem.page[at.slot]);
   mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
@@ -148,7 +133,7 @@ __device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& 
 #pragma unroll
     for (int i = 0; i < kBoxCols / kFp8StepBytes; ++i) {
       const uint32_t offset = box * kFp8BoxBytes + i * kFp8StepBytes;
-      mma_ss<MmaScoresRing>(k.at(offset), q.at(offset), s.v, box > 0 || i > 0, cuda::std::make_index_sequence<32>{});
+      mma_ss<MmaScoresRing>(q.at(offset), k.at(offset), s.v, box > 0 || i > 0, cuda::std::make_index_sequence<32>{});
     }
   }
   cute::warpgroup_commit_batch();
@@ -168,7 +153,7 @@ __device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& 
 // flight when `step` returns (the caller waits for them before `frags` go out of scope).
 struct OutputSteps {
   const uint8_t* boxes;  // the page's first value box of this half (the warp's is `warp` boxes further)
-  const uint8_t* prob;   // its P^T
+  const uint8_t* prob;   // its P
   int valid;             // tokens of the page that exist
   int warp;
 
@@ -305,127 +290,64 @@ struct RingPiece {
   int thread, wg, kv_head, rows_base;  // thread: within the warpgroup; wg: 0 or 1, the half of O^T it keeps
   int mask_from;                       // pages reaching past this token need the masked softmax
   float scale_log2;
-  float sum[kRowSlots];                // this thread's share of the row sums of the pages this warpgroup scored
+  // The running max and this thread's share of the row sums of its two rows in the scores' layout
+  // (softmax.cuh's FragmentCoords): both warpgroups follow the same max; each sums the pages it scored.
+  float max[2];
+  float sum[2];
 
   __device__ __forceinline__ RingPiece(const DecodeParams& params, RingStorage& s, const Piece& pc, int t, int group,
                                        int head, int base, float scale)
       : p(params), smem(s), piece(pc), thread(t), wg(group), kv_head(head), rows_base(base), scale_log2(scale) {
     mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
-#pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) sum[k] = 0.f;
+    max[0] = max[1] = kInitialMax;
+    sum[0] = sum[1] = 0.f;
   }
 
   __device__ __forceinline__ int valid_tokens(int page) const { return piece.seqlen - page * kPageSize; }
 
-  // Scores of `page` (its S^T in s, completed) -> P^T into the slot's P box and the new running max into
+  // Scores of `page` (its S in s, completed) -> P into the slot's P box, rows of 64 tokens (the B operand
+  // of O^T's wgmmas, in the layout decode.cu hands P over in), and the new running max into
   // max_after[pair][which], both for the other warpgroup; this warpgroup's row sums follow the move. The
   // caller fences and passes the ready barrier. O^T is rescaled later (rescale), when no wgmma writes it.
-  // A query row is spread over the warpgroup's four warps, so its page max takes 24 shuffles a thread and
-  // an exchange through shared memory; but after a piece's first pages the running max rarely moves
-  // (softmax.cuh's slack), so a vote in the warpgroup's barrier first finds whether any row's max moves
-  // at all, and only then are the page maxima taken.
+  // (Scores transposed, S^T = K Q^T, put a query row across the warpgroup's four warps: its max took 24
+  // shuffles and an exchange through shared memory, and the kernel 1.4 times as long: PERF_NOTES.)
   template <bool kMasked>
-  __device__ __forceinline__ void score_page(RingScores& s, int page, const RingPage& at, int pair, int which) {
-    const int warp = thread / 32;
-    const int lane = lane_id();
-    const int q4 = lane % 4;
-    const int token0 = page * kPageSize + 16 * warp + lane / 4;
-    const bool bad = kMasked && kFlagBadPages && smem.bad_page[at.slot];
-    const float* const from_max = which == 1 ? &smem.max_after[pair & 1][0][2 * q4]
-                                  : pair == 0 ? nullptr
-                                              : &smem.max_after[(pair - 1) & 1][1][2 * q4];
-    const int* const limits = &smem.row_limit[2 * q4];
-    bool moves = false;
+  __device__ __forceinline__ void score_page(ScoreTile& s, int page, const RingPage& at, int pair, int which) {
+    const FragmentCoords fc(thread);
+    PageMask mask;
+    mask.token0 = page * kPageSize;
+    mask.limit[0] = kMasked ? smem.row_limit[fc.row[0]] : 0;
+    mask.limit[1] = kMasked ? smem.row_limit[fc.row[1]] : 0;
+    mask.bad = kMasked && kFlagBadPages && smem.bad_page[at.slot];
+    float to[2], page_sum[2];
+    page_max<kMasked>(s, fc, mask, scale_log2, max, to);
+    exponentiate(s, fc, scale_log2, to, page_sum);
 #pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      const float from = from_max == nullptr ? kInitialMax : from_max[slot_row(k)];
-      float m = -positive_infinity();
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float& x = s.v[reg_of(k, i)];
-        if (kMasked && token0 + 8 * i >= limits[slot_row(k)]) x = -positive_infinity();
-        if (kMasked && bad) x = quiet_nan();  // a flagged FP8 page: its request's rows come out NaN
-        m = fmaxf(m, x);
-      }
-      moves |= m * scale_log2 > from + kMaxSlack;
+    for (int i = 0; i < 2; ++i) {
+      sum[i] = sum[i] * fast_exp2(max[i] - to[i]) + page_sum[i];
+      max[i] = to[i];
+      if (fc.publishes()) smem.max_after[pair & 1][which][fc.row[i]] = to[i];
     }
-    const NamedBarrier own = NamedBarrier(kBarrierWarpgroup0 + wg);
-    moves = named_barrier_any(own, kWarpgroupThreads, moves);
-    if (moves) {  // the page's row maxima: over 8 lanes, then over the 4 warps through shared memory
-      float* const own_max = &smem.warp_max[wg][warp][2 * q4];
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        const float m = octet_max(fmaxf(s.v[reg_of(k, 0)], s.v[reg_of(k, 1)]));
-        if (lane < 4) own_max[slot_row(k)] = m;
-      }
-    }
-    // Passed whether or not the max moves, so that both warpgroups pass as many of their own barriers
-    // (compute-sanitizer's racecheck reports false hazards otherwise: run_pages in decode_narrow.cu).
-    named_barrier_sync(own, kWarpgroupThreads);
-    const float* const all_max = &smem.warp_max[wg][0][2 * q4];
-    float* const out_max = &smem.max_after[pair & 1][which][2 * q4];
-#pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      const float from = from_max == nullptr ? kInitialMax : from_max[slot_row(k)];
-      float to = from;
-      if (moves) {
-        float m = all_max[slot_row(k)];
-#pragma unroll
-        for (int w = 1; w < kRingWarps; ++w) m = fmaxf(m, all_max[w * kTileRows + slot_row(k)]);
-        const float scaled = m * scale_log2;
-        to = scaled > from + kMaxSlack ? scaled : from;
-      }
-      if (warp == 0 && lane < 4) out_max[slot_row(k)] = to;
-      float page_sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float& x = s.v[reg_of(k, i)];
-        x = fast_exp2(fmaf(x, scale_log2, -to));
-        page_sum += x;
-      }
-      sum[k] = (moves ? sum[k] * fast_exp2(from - to) : sum[k]) + page_sum;
-    }
-    store_probabilities(s, at, warp, lane);
-  }
-
-  // P^T[row][token] into the slot's P box: 128-byte swizzled rows of 64 tokens, the B operand of O^T's
-  // wgmmas. The accumulator's 8 x 8 blocks (8 tokens x 8 rows: j, i below) are the mma fragment layout,
-  // which stmatrix.trans writes transposed, a row of 8 tokens (16 bytes, one swizzle chunk) at a time:
-  // four instructions a thread for the page. Lane L gives the address of row L % 8 of block L / 8 of
-  // each group of four, blocks (j, 0), (j, 1), (j + 1, 0), (j + 1, 1) for j = 2 g: query row
-  // 16 g + 8 (L / 16) + L % 8, tokens 16 warp + 8 ((L / 8) % 2) + 0..7.
-  __device__ __forceinline__ void store_probabilities(const RingScores& s, const RingPage& at, int warp, int lane) const {
-    const int row = 8 * (lane / 16) + lane % 8;
-    const uint32_t base = smem_addr(smem.prob[at.slot]) + row * kRowBytes +
-                          (((2 * warp + (lane / 8) % 2) ^ (lane % 8)) << 4);
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      uint32_t words[4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const int j = 2 * g + b / 2, i = b % 2;  // block (j, i): registers 4 j + 2 i and + 1
-        const Element2 pair = to_element2(s.v[4 * j + 2 * i], s.v[4 * j + 2 * i + 1]);
-        words[b] = *reinterpret_cast<const uint32_t*>(&pair);
-      }
-      stmatrix_trans_x4(base + g * 16 * kRowBytes, words);
-    }
+    ProbFragment prob;
+    pack_probabilities(s, prob);
+    store_probabilities(prob, smem.prob[at.slot], fc);
   }
 
   // The scores of `page`, masked where the page needs it.
-  __device__ __forceinline__ void softmax(RingScores& s, int page, const RingPage& at, int pair, int which) {
+  __device__ __forceinline__ void softmax(ScoreTile& s, int page, const RingPage& at, int pair, int which) {
     const bool bad = kFlagBadPages && smem.bad_page[at.slot];
     if (bad || page * kPageSize + kPageSize > mask_from) {
       score_page<true>(s, page, at, pair, which);
     } else {
       score_page<false>(s, page, at, pair, which);
     }
-    fence_generic_to_async_smem();  // P^T (generic stores) before the wgmmas that read it
+    fence_generic_to_async_smem();  // P (generic stores) before the wgmmas that read it
   }
 
-  // O^T's columns (query rows) from the running max `from` to `to`, and with `sums` the row sums too.
-  // Nothing moves in most pages (softmax.cuh's slack): the multiplies are skipped where no row of the
-  // warp moved.
-  __device__ __forceinline__ void rescale(RingOutput& o, int pair, int to_page, bool sums) {
+  // O^T's columns (query rows) from the running max `from` to `to`, and with `follow` this warpgroup's
+  // row sums and max too (the other warpgroup scored the page). Nothing moves in most pages
+  // (softmax.cuh's slack): O^T's multiplies are skipped where no row of the warp moved.
+  __device__ __forceinline__ void rescale(RingOutput& o, int pair, int to_page, bool follow) {
     const int q4 = lane_quad();
     const float* const from_max = to_page == 1 ? &smem.max_after[pair & 1][0][2 * q4]
                                   : pair == 0  ? nullptr
@@ -449,9 +371,14 @@ struct RingPiece {
           o.v[t][reg_of(k, 1)] *= factor[k];
         }
       }
-      if (sums) {
+    }
+    if (follow) {
+      const FragmentCoords fc(thread);
 #pragma unroll
-        for (int k = 0; k < kRowSlots; ++k) sum[k] *= factor[k];
+      for (int i = 0; i < 2; ++i) {
+        const float to = smem.max_after[pair & 1][to_page][fc.row[i]];
+        sum[i] *= fast_exp2(max[i] - to);
+        max[i] = to;
       }
     }
   }
@@ -466,7 +393,7 @@ struct RingPiece {
   template <bool kHasB>
   __device__ __forceinline__ void warpgroup0_pair(int page, uint32_t seq, int pair, RingOutput& o, Tracer& trace) {
     const RingPage a(seq);
-    RingScores s;
+    ScoreTile s;
     trace.mark(kMarkPairStart);
     issue_scores(smem, a, s);
     trace.mark(kMarkScoresIssued);
@@ -499,7 +426,7 @@ struct RingPiece {
   template <bool kHasB>
   __device__ __forceinline__ void warpgroup1_pair(int page, uint32_t seq, int pair, RingOutput& o, Tracer& trace) {
     const RingPage a(seq), b(seq + 1);
-    RingScores s;
+    ScoreTile s;
     trace.mark(kMarkPairStart);
     if constexpr (kHasB) issue_scores(smem, b, s);
     trace.mark(kMarkScoresIssued);
@@ -527,13 +454,6 @@ struct RingPiece {
       pv.step<2>(o, frags);
       pv.step<3>(o, frags);
     }
-    if constexpr (!kHasB) {
-      // Warpgroup 0 passed its own barrier twice more (its softmax: the vote and the exchange): so does
-      // this one. Nothing needs them, but compute-sanitizer's racecheck reports false hazards when the two
-      // have passed different numbers of their own barriers (decode_narrow.cu, run_pages).
-      named_barrier_sync(kBarrierWarpgroup1, kWarpgroupThreads);
-      named_barrier_sync(kBarrierWarpgroup1, kWarpgroupThreads);
-    }
     cute::warpgroup_wait<0>();
     retire_fragments(frags);
     release(a);
@@ -549,61 +469,101 @@ struct RingPiece {
   }
 
   // Normalise and write this warpgroup's 256 value columns of the piece's rows: out / lse, or the partial
-  // buffers of a split request. `last_page` (0: a, 1: b) says where the piece's final max lies.
-  __device__ __forceinline__ void finish(const RingOutput& o, int last_pair, int last_page, float out_scale) {
-    const int warp = thread / 32;
-    const int lane = lane_id();
-    const int q4 = lane % 4;
-    float* const own_sum = &smem.warp_sum[wg][warp][2 * q4];
+  // buffers of a split request. `last_page` (0: a, 1: b) says where the piece's final max lies. One thread
+  // a row first works out the row's normaliser, its lse and where it goes; the unrolled row loop that
+  // reads O^T's registers then only scales and stores. This code runs once a piece, so its instructions
+  // come from L2: with the divisions, the lse and the address arithmetic unrolled sixteen times it took
+  // ~35000 cycles on the H200 (b1/h128/32k), with no store at all still 34500.
+  __device__ __forceinline__ void finish(const RingOutput& o, int last_pair, int last_page, float out_scale,
+                                         Tracer& trace) {
+    {
+      const FragmentCoords fc(thread);
 #pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      // A bad page makes O NaN (its P is NaN): carry it into the sums, as decode.cu does.
-      const float share = octet_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
-      if (lane < 4) own_sum[slot_row(k)] = share;
+      for (int i = 0; i < 2; ++i) {
+        // A bad page makes O NaN (its P is NaN): carry it into the sums, as decode.cu does.
+        const float share = quad_sum(sum[i] + 0.f * o.v[0][0]);
+        if (fc.publishes()) smem.row_sum[wg][fc.row[i]] = share;
+      }
     }
     named_barrier_sync(kBarrierCta, kThreads);
+    trace.mark(kMarkSumsExchanged);
     // Whether the piece is split, and its slot inside the workspace, read again here (Piece::of's): held
     // through the page loop they spill.
     const int first_slot = p.num_splits[piece.request];
     const bool split = p.num_splits[piece.request + 1] - first_slot > 1;
     if (kGuards && split && !(piece.slot >= 0 && piece.slot < p.partial_slots)) return;
-    const int first = kHalfV * wg + 64 * warp + 8 * (lane / 4);  // the thread's 8 value columns
-    const float* const all_sums = &smem.warp_sum[0][0][2 * q4];
-    const float* const final_max = last_pair < 0 ? nullptr : &smem.max_after[last_pair & 1][last_page][2 * q4];
-#pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      const int row = rows_base + 2 * q4 + slot_row(k);
-      if (row >= p.rows) continue;
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < 2 * kRingWarps; ++w) total += all_sums[w * kTileRows + slot_row(k)];
-      const float inv = total == 0.f ? 0.f : out_scale / total;
-      if (wg == 0 && warp == 0 && lane < 4) {
-        store_row_lse(p, piece, kv_head, row, final_max == nullptr ? kInitialMax : final_max[slot_row(k)], total);
-      }
-      float v[8];
-#pragma unroll
-      for (int t = 0; t < kHalfTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv;
-      }
-      if (split) {
-        float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
-        reinterpret_cast<float4*>(partial + first)[0] = make_float4(v[0], v[1], v[2], v[3]);
-        reinterpret_cast<float4*>(partial + first)[1] = make_float4(v[4], v[5], v[6], v[7]);
-      } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
-        OutElement* out = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
-        uint32_t packed[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
-          packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+    if (wg == 0 && thread < kTileRows) {
+      const int r = thread;
+      const int row = rows_base + r;
+      const float total = smem.row_sum[0][r] + smem.row_sum[1][r];
+      smem.row_scale[r] = total == 0.f ? 0.f : out_scale / total;  // NaN (a bad page) stays NaN
+      int64_t at = -1;
+      if (row < p.rows) {
+        store_row_lse(p, piece, kv_head, row, last_pair < 0 ? kInitialMax : smem.max_after[last_pair & 1][last_page][r],
+                      total);
+        if (split) {
+          at = ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
+        } else {
+          const PackedQuery query = packed_query(p, kv_head, row);
+          at = ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
         }
-        *reinterpret_cast<uint4*>(out + first) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      }
+      smem.row_at[r] = at;
+    }
+    named_barrier_sync(kBarrierCta, kThreads);
+    trace.mark(kMarkLseStored);
+    const int q4 = lane_quad();
+    const int first = kHalfV * wg + 64 * (thread / 32) + 8 * (lane_id() / 4);  // the thread's 8 value columns
+    const float* const scales = &smem.row_scale[2 * q4];
+    const int64_t* const at = &smem.row_at[2 * q4];
+    if (split) {
+      // The thread's 8 fp32 columns of a row are one 32-byte sector, more than one store takes; written
+      // as two halves by two stores, the partials took twice decode.cu's time on the H200. Lanes 2m and
+      // 2m + 1 of a quad (rows 2 apart, the same columns) swap half of theirs, so that each store writes
+      // whole sectors: both lanes store the even lane's row, then the odd lane's, the even lane the
+      // sector's first half.
+      const bool odd = (q4 & 1) != 0;
+      const int64_t* const even_at = at - (odd ? 2 : 0);
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        const float scale = scales[slot_row(k)];
+        float v[8];
+#pragma unroll
+        for (int t = 0; t < kHalfTiles; ++t) {
+          v[2 * t] = o.v[t][reg_of(k, 0)] * scale;
+          v[2 * t + 1] = o.v[t][reg_of(k, 1)] * scale;
+        }
+        float got[4];  // the even lane gets the odd row's first 4 columns, the odd lane the even row's last 4
+#pragma unroll
+        for (int j = 0; j < 4; ++j) got[j] = __shfl_xor_sync(0xffffffffu, odd ? v[j] : v[4 + j], 1);
+        const int64_t row_at[2] = {even_at[slot_row(k)], even_at[slot_row(k) + 2]};
+        const int half = odd ? 4 : 0;
+        if (row_at[0] >= 0) {
+          *reinterpret_cast<float4*>(p.out_partial + row_at[0] + first + half) =
+              odd ? make_float4(got[0], got[1], got[2], got[3]) : make_float4(v[0], v[1], v[2], v[3]);
+        }
+        if (row_at[1] >= 0) {
+          *reinterpret_cast<float4*>(p.out_partial + row_at[1] + first + half) =
+              odd ? make_float4(v[4], v[5], v[6], v[7]) : make_float4(got[0], got[1], got[2], got[3]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        const int64_t row_at = at[slot_row(k)];
+        if (row_at < 0) continue;
+        const float scale = scales[slot_row(k)];
+        uint32_t packed[kHalfTiles];
+#pragma unroll
+        for (int t = 0; t < kHalfTiles; ++t) {
+          const OutElement2 pair = to_out_element2(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
+          packed[t] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        *reinterpret_cast<uint4*>(static_cast<OutElement*>(p.out) + row_at + first) =
+            make_uint4(packed[0], packed[1], packed[2], packed[3]);
       }
     }
+    trace.mark(kMarkOutputStored);
   }
 };
 
@@ -682,7 +642,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
     if (pages % 2 == 1) ++seq;
     // The final max: after the last pair's page b, or its page a when the piece has an odd page count.
     const int last_pair = pages > 0 ? (pages - 1) / 2 : -1;
-    c.finish(o, last_pair, pages % 2 == 0 ? 1 : 0, scales.out_scale);
+    c.finish(o, last_pair, pages % 2 == 0 ? 1 : 0, scales.out_scale, trace);
     trace.mark(kMarkPieceEnd);
   }
 }

@@ -57,23 +57,6 @@ __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads)
   asm volatile("barrier.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
-// The same barrier, which also tells every thread whether `value` held in any of them (a reduction in the
-// barrier itself: one instruction, no shuffles or shared memory).
-__device__ __forceinline__ bool named_barrier_any(NamedBarrier id, int threads, bool value) {
-  uint32_t any;
-  asm volatile(
-      "{\n"
-      ".reg .pred vote, result;\n"
-      "setp.ne.u32 vote, %3, 0;\n"
-      "barrier.red.or.pred result, %1, %2, vote;\n"
-      "selp.u32 %0, 1, 0, result;\n"
-      "}\n"
-      : "=r"(any)
-      : "r"(int(id)), "r"(threads), "r"(uint32_t(value))
-      : "memory");
-  return any != 0;
-}
-
 // Ordinary smem stores that wgmma or TMA will read next must pass this fence before the barrier.
 __device__ __forceinline__ void fence_generic_to_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

@@ -23,6 +23,9 @@ the same pair of pages ("tile lag"). Tiles that drift further apart than L2 keep
 page from DRAM again.
 
     python scripts/kernel_trace.py --case b128-q2-h128-8192-causal --clock global
+
+`--ring 1` traces decode_ring.cu on an e4m3 case with more than 32 rows (kernels.RING_FP8), `--ring 0`
+decode.cu's FP8 path there.
 """
 from __future__ import annotations
 
@@ -149,12 +152,13 @@ def _scripts_on_path() -> None:
             sys.path.insert(0, entry)
 
 
-def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm") -> dict:
+def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm",
+          ring: bool | None = None) -> dict:
     _scripts_on_path()
     import kernel_ab
 
     defines = ["-DFLASHMLA_TRACE=1"] + (["-DFLASHMLA_TRACE_GLOBALTIMER=1"] if clock == "global" else [])
-    kernel_ab.apply({"defines": defines, "tree": tree, "smem": None})
+    kernel_ab.apply({"defines": defines, "tree": tree, "smem": None, "ring": ring})
     import cupy
     import torch
 
@@ -208,9 +212,13 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("sm", "global"), default="sm",
                         help="mark with each SM's cycle counter (default) or with %%globaltimer (ns, comparable "
                              "across CTAs; adds the row tiles' lag)")
+    parser.add_argument("--ring", type=int, choices=(0, 1),
+                        help="send an e4m3 q and cache with more than 32 rows to decode_ring.cu (1) or decode.cu "
+                             "(0); default: kernels.RING_FP8")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
-    report = trace(args.case, args.dtype, args.tree, args.flush, args.clock)
+    report = trace(args.case, args.dtype, args.tree, args.flush, args.clock,
+                   None if args.ring is None else bool(args.ring))
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
     if args.clock == "global":

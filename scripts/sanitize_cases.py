@@ -5,8 +5,8 @@ unsplit requests, zero-length requests, a partial last page with NaN behind it, 
 h_kv > 1, two row tiles, and several requests per CTA; an FP8 (e4m3) cache with both query forms,
 whose converter warpgroup racecheck watches, and 16 and 32 rows of it with an e4m3 q (the narrow
 kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows), and 64 and 128 rows with an
-e4m3 q through decode.cu (`--fp8`: those cases alone; `--ring`: those of more than 32 rows with an e4m3 q
-also through decode_ring.cu, behind kernels.RING_FP8).
+e4m3 q through decode_ring.cu (`--fp8`: those cases alone; `--decode-fp8`: those of more than 32 rows with
+an e4m3 q also through decode.cu's FP8 path, which kernels.RING_FP8 leaves undispatched).
 Exits non-zero on a wrong result.
 """
 from __future__ import annotations
@@ -39,11 +39,12 @@ def main() -> int:
     from flashmla_cupy import kernels, lookup
 
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
-    # With --ring the e4m3 cases of more than 32 rows also run through decode_ring.cu (kernels.RING_FP8, off
-    # by default; racecheck reports hazards on its running max that are not yet cleared: docs/PERF_NOTES.md).
-    with_ring = "--ring" in sys.argv[1:]
-    ring_cases = [c for c in cases if with_ring and c[6] == c[7] == "e4m3" and c[1] * c[2] // c[3] > 32]
-    runs = [(case, False) for case in cases] + [(case, True) for case in ring_cases]
+    # With --decode-fp8 the e4m3 cases of more than 32 rows also run through decode.cu's FP8 path
+    # (kernels.RING_FP8 off), the fallback that the ring kernel replaced.
+    shipped = kernels.RING_FP8
+    also = "--decode-fp8" in sys.argv[1:]
+    fallback_cases = [c for c in cases if also and c[6] == c[7] == "e4m3" and c[1] * c[2] // c[3] > 32]
+    runs = [(case, shipped) for case in cases] + [(case, not shipped) for case in fallback_cases]
     for (b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype), ring in runs:
         if ring != kernels.RING_FP8:
             kernels.RING_FP8 = ring
@@ -52,7 +53,7 @@ def main() -> int:
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv_dtype)
         report = check(case, *run(case), seed, f"sanitize b={b} h_q={h_q}")
-        kernel = " (ring kernel)" if ring else ""
+        kernel = f" (kernels.RING_FP8 = {ring})" if ring != shipped else ""
         print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} q {dtype} cache {kv_dtype or dtype}{kernel}: "
               f"ok, worst out abs {report['out_max_abs']:.2e}")
     return 0

@@ -305,7 +305,7 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
 
 def test_narrow_kernel_takes_few_rows(monkeypatch):
     """Dispatch: rows <= NARROW_MAX_ROWS (16-bit cache) or NARROW_FP8_MAX_ROWS (FP8 cache, e4m3 q) go to
-    decode_narrow, the rest to decode; with kernels.RING_FP8, more rows of an e4m3 q and cache to decode_ring."""
+    decode_narrow, the rest to decode; more rows of an e4m3 q and cache to decode_ring (kernels.RING_FP8)."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -321,10 +321,11 @@ def test_narrow_kernel_takes_few_rows(monkeypatch):
     assert pick(16, kv="e4m3", q="e4m3") == ("decode_narrow", 16)
     assert pick(17, kv="e4m3", q="e4m3") == ("decode_narrow", 32)   # wgmma N = 32
     assert pick(kernels.NARROW_FP8_MAX_ROWS, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
-    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3") == ("decode", 64)
-    monkeypatch.setattr(kernels, "RING_FP8", True)   # the ring kernel, measured slower: off by default
     assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3") == ("decode_ring", 64)
     assert pick(128, kv="e4m3", q="e4m3") == ("decode_ring", 64)
+    monkeypatch.setattr(kernels, "RING_FP8", False)   # decode.cu's FP8 path instead, the fallback
+    assert pick(kernels.NARROW_FP8_MAX_ROWS + 1, kv="e4m3", q="e4m3") == ("decode", 64)
+    assert pick(128, kv="e4m3", q="e4m3") == ("decode", 64)
     assert pick(128, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q keeps decode.cu's converter
     assert pick(32, kv="e4m3", q="e4m3") == ("decode_narrow", 32)
     assert pick(1, kv="e4m3", q="bf16")[0] == "decode"   # a 16-bit q with an FP8 cache: decode.cu

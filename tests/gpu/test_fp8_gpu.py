@@ -140,14 +140,14 @@ def test_fp8_poisoned_page_gives_nan_rows(q_dtype, s_q, h_q):
         assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
 
 
-@pytest.fixture
-def ring_kernel(monkeypatch):
-    """Calls of an e4m3 q and cache with more than 32 rows go to decode_ring.cu (kernels.RING_FP8, off by
-    default: measured slower than decode.cu's FP8 path), prepared afresh."""
+@pytest.fixture(params=[True, False], ids=["ring", "decode"])
+def wide_fp8_kernel(request, monkeypatch):
+    """Calls of an e4m3 q and cache with more than 32 rows, through decode_ring.cu (kernels.RING_FP8, what
+    ships) and through decode.cu's FP8 path (the fallback), prepared afresh."""
     from flashmla_cupy import kernels, lookup
 
     lookup.remembered().clear()
-    monkeypatch.setattr(kernels, "RING_FP8", True)
+    monkeypatch.setattr(kernels, "RING_FP8", request.param)
     yield
     lookup.remembered().clear()
 
@@ -157,18 +157,18 @@ def ring_kernel(monkeypatch):
                                                              (3, 1, 126, 3, False, "fixed:4097"),
                                                              (6, 2, 64, 1, True, "var:1:700"),
                                                              (2, 1, 128, 1, False, "fixed:8192")])
-def test_fp8_ring_kernel(ring_kernel, b, s_q, h_q, h_kv, causal, kind):
-    """The ring kernel: odd and even page counts per piece (its warpgroups' pairs, with and without page
-    b), partial last pages with FP8 NaN behind them, causal rows, h_kv > 1, a row tile that is partly
-    padding (126 rows), zero-length requests, pieces of 8192 tokens."""
+def test_fp8_wide_kernels(wide_fp8_kernel, b, s_q, h_q, h_kv, causal, kind):
+    """The kernels of more than 32 rows: odd and even page counts per piece (the warpgroups' pairs, with
+    and without page b), partial last pages with FP8 NaN behind them, causal rows, h_kv > 1, a row tile
+    that is partly padding (126 rows), zero-length requests, pieces of 8192 tokens."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     case = _case(rng, b, s_q, h_q, h_kv, lengths(rng, kind, b), "e4m3", causal=causal)
     out, lse = run(case)
-    check(case, out, lse, seed, f"fp8-ring-rows{s_q * h_q // h_kv}-b{b}-sq{s_q}-h{h_q}x{h_kv}")
+    check(case, out, lse, seed, f"fp8-wide-rows{s_q * h_q // h_kv}-b{b}-sq{s_q}-h{h_q}x{h_kv}")
 
 
-def test_fp8_ring_kernel_poisoned_page_gives_nan_rows(ring_kernel):
+def test_fp8_wide_kernels_poisoned_page_gives_nan_rows(wide_fp8_kernel):
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     case = _case(rng, 3, 1, 128, 1, np.array([200, 300, 100]), "e4m3")
