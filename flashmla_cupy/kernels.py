@@ -132,9 +132,10 @@ class DecodeLaunch:
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)
         no_map_yet = (ctypes.c_uint64 * 16)()   # the first call sets k_cache's descriptor
-        # decode.cu's Q tile comes in through a q tensor map where its 64 packed rows form one box (the
-        # first call sets it). The narrow kernel takes no such argument and never reads the third slot.
-        box = q_tile_box(problem.heads_per_group) if variant.program == "decode" else None
+        # decode.cu's and decode_ring.cu's Q tile comes in through a q tensor map where its 64 packed rows
+        # form one box (the first call sets it). The narrow kernel takes no such argument and never reads
+        # the third slot.
+        box = q_tile_box(problem.heads_per_group) if variant.program in ("decode", "decode_ring") else None
         self._q_layout = None if box is None else (q.shape, q.strides, q.dtype, *box)
         self._q_ptr, self._q_maps = None, {}
         no_q_map = (ctypes.c_uint64 * 16)()

@@ -32,8 +32,10 @@
 //
 // Handshakes: per ring slot a TMA barrier ("full") and an "empty" barrier with one arrival per computing
 // warpgroup (its last wgmma reading the slot, K, V or P, has completed); page A ready (warpgroup 0 -> 1:
-// P_a and max_a written) and page B ready (1 -> 0), both synced by both warpgroups as in decode.cu; the
-// consumers' barrier around each Q reload and twice in the epilogue.
+// P_a and max_a written) and page B ready (1 -> 0), both synced by both warpgroups as in decode.cu;
+// "q_full" for the Q tile, which one thread issues through TMA at the part's start and at the end of each
+// piece for the next (as decode.cu; without a q map all consumer threads copy it between two consumers'
+// barriers); the consumers' barrier at each piece's start and twice in the epilogue.
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers and the descriptors are
 // hand-written PTX, as in decode.cu and decode_narrow.cu.
@@ -78,11 +80,11 @@ struct RingStorage {
   float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
   float row_scale[kTileRows];                // epilogue: each row's normaliser
   int64_t row_at[kTileRows];                 // epilogue: where each row goes in out or the partials (-1: nowhere)
-  int row_limit[kTileRows];                  // the piece's visible tokens per query row (causal: fewer)
   PageStreamOf<1> stream;
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
   alignas(8) uint64_t full[kRingPages];
   uint64_t empty[kRingPages];
+  uint64_t q_full;                           // the Q tile has landed (through TMA: DecodeParams::q_tma)
 };
 constexpr int kRingSharedBytes = int(sizeof(RingStorage)) + 1024;
 static_assert(kRingSharedBytes <= 227 * 1024, "fits the SM's shared memory");
@@ -262,9 +264,9 @@ __device__ __forceinline__ void ring_loader(const DecodeParams& p, const PartPla
   }
 }
 
-// The Q tile of one request and KV head, e4m3 in FP8 boxes (the K boxes' layout): tile row r is packed
-// row rows_base + r; rows past p.rows are zeros. Both computing warpgroups copy it; the caller fences and
-// synchronises.
+// The Q tile of one request and KV head, e4m3 in FP8 boxes (the K boxes' layout), where no q tensor map
+// is (p.q_tma 0; otherwise load.cuh's issue_q_tile_tma): tile row r is packed row rows_base + r; rows past
+// p.rows are zeros. Both computing warpgroups copy it; the caller fences and synchronises.
 __device__ __forceinline__ void load_ring_q(const DecodeParams& p, RingStorage& smem, int request, int kv_head,
                                             int rows_base) {
   constexpr int kChunksPerRow = kHeadDim / 16;
@@ -316,8 +318,11 @@ struct RingPiece {
     const FragmentCoords fc(thread);
     PageMask mask;
     mask.token0 = page * kPageSize;
-    mask.limit[0] = kMasked ? smem.row_limit[fc.row[0]] : 0;
-    mask.limit[1] = kMasked ? smem.row_limit[fc.row[1]] : 0;
+    if constexpr (kMasked) {
+      row_limits(p, piece.seqlen, rows_base, fc.row, mask.limit);  // worked out here: held, they spill
+    } else {
+      mask.limit[0] = mask.limit[1] = 0;
+    }
     mask.bad = kMasked && kFlagBadPages && smem.bad_page[at.slot];
     float to[2], page_sum[2];
     page_max<kMasked>(s, fc, mask, scale_log2, max, to);
@@ -474,8 +479,9 @@ struct RingPiece {
   // reads O^T's registers then only scales and stores. This code runs once a piece, so its instructions
   // come from L2: with the divisions, the lse and the address arithmetic unrolled sixteen times it took
   // ~35000 cycles on the H200 (b1/h128/32k), with no store at all still 34500.
+  // With `next_q` the next piece's Q tile is issued here through `q_map`, as soon as nobody reads this one.
   __device__ __forceinline__ void finish(const RingOutput& o, int last_pair, int last_page, float out_scale,
-                                         Tracer& trace) {
+                                         const TensorMap* q_map, bool next_q, Tracer& trace) {
     {
       const FragmentCoords fc(thread);
 #pragma unroll
@@ -485,8 +491,9 @@ struct RingPiece {
         if (fc.publishes()) smem.row_sum[wg][fc.row[i]] = share;
       }
     }
-    named_barrier_sync(kBarrierCta, kThreads);
+    named_barrier_sync(kBarrierCta, kThreads);  // also: every S wgmma of the piece has completed
     trace.mark(kMarkSumsExchanged);
+    if (next_q && wg == 0 && thread == 0) issue_q_tile_tma(p, q_map, smem, piece.request + 1, kv_head, rows_base);
     // Whether the piece is split, and its slot inside the workspace, read again here (Piece::of's): held
     // through the page loop they spill.
     const int first_slot = p.num_splits[piece.request];
@@ -572,7 +579,8 @@ struct RingPiece {
 using namespace flashmla;
 
 extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
-    flashmla_decode_ring(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
+    flashmla_decode_ring(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map,
+                         const __grid_constant__ TensorMap q_map) {
   extern __shared__ uint8_t smem_raw[];
   // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
@@ -590,6 +598,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
       mbarrier_init(&smem.full[slot], 1);
       mbarrier_init(&smem.empty[slot], 2);  // one arrival per computing warpgroup
     }
+    mbarrier_init(&smem.q_full, 1);
     fence_barrier_init();
   }
   __syncthreads();
@@ -603,23 +612,28 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
   }
   claim_registers<kRingConsumerRegisters>();
   const int thread = threadIdx.x % kWarpgroupThreads;
+  // With p.q_tma one thread issues each Q tile through TMA: the part's first one at once, the next ones
+  // at the end of the piece before (finish); otherwise all consumer threads copy it (load_ring_q).
+  if (p.q_tma && warpgroup == 0 && thread == 0) issue_q_tile_tma(p, &q_map, smem, part.begin_request, kv_head, rows_base);
   const Descales scales = read_descales(p);  // the FP8 descales folded in (dequant.cuh)
   Tracer trace(warpgroup, thread);
   trace.mark(kMarkKernelStart);
 
-  uint32_t seq = 0;  // pages this CTA has read: where the next one lies in the ring
+  uint32_t seq = 0;     // pages this CTA has read: where the next one lies in the ring
+  uint32_t q_tiles = 0;  // Q tiles landed through TMA: the parity of q_full
   for (int request = part.begin_request; request <= part.end_request; ++request) {
     const Piece piece = Piece::of(p, part, request);
-    named_barrier_sync(kBarrierCta, kThreads);  // nobody still reads the previous Q tile or row sums
-    load_ring_q(p, smem, request, kv_head, rows_base);
-    if (threadIdx.x < kTileRows) {  // each row's visible tokens, for the masked pages
-      const int rows[1] = {int(threadIdx.x)};
-      int limit[1];
-      row_limits(p, piece.seqlen, rows_base, rows, limit);
-      smem.row_limit[threadIdx.x] = limit[0];
-    }
-    fence_generic_to_async_smem();
+    // Nobody still reads the previous row sums, nor (where q comes without TMA) the previous Q tile.
     named_barrier_sync(kBarrierCta, kThreads);
+    trace.mark(kMarkQTileFree);
+    if (p.q_tma) {
+      mbarrier_wait_uniform(&smem.q_full, q_tiles & 1);
+      ++q_tiles;
+    } else {
+      load_ring_q(p, smem, request, kv_head, rows_base);
+      fence_generic_to_async_smem();
+      named_barrier_sync(kBarrierCta, kThreads);
+    }
 
     trace.mark(kMarkPieceStart);
     RingPiece c(p, smem, piece, thread, warpgroup, kv_head, rows_base, scales.scale_log2);
@@ -642,7 +656,8 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
     if (pages % 2 == 1) ++seq;
     // The final max: after the last pair's page b, or its page a when the piece has an odd page count.
     const int last_pair = pages > 0 ? (pages - 1) / 2 : -1;
-    c.finish(o, last_pair, pages % 2 == 0 ? 1 : 0, scales.out_scale, trace);
+    c.finish(o, last_pair, pages % 2 == 0 ? 1 : 0, scales.out_scale, &q_map, p.q_tma && request < part.end_request,
+             trace);
     trace.mark(kMarkPieceEnd);
   }
 }

@@ -145,7 +145,9 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
 // kv_head * heads_per_group + rows_base % heads_per_group. load_q_tile's copies took 8000-10000 cycles a
 // tile (traced, H200) while the page streams ran; through TMA the h_q = 128 cells were 0.4-4.8 % faster
 // (benchmarks/results/2026-12-01-h200-*-ab71-*).
-__device__ __forceinline__ void issue_q_tile_tma(const DecodeParams& p, const TensorMap* q_map, SharedStorage& smem,
+// (Storage: decode.cu's SharedStorage or decode_ring.cu's RingStorage, each with `q` and `q_full`.)
+template <class Storage>
+__device__ __forceinline__ void issue_q_tile_tma(const DecodeParams& p, const TensorMap* q_map, Storage& smem,
                                                  int request, int kv_head, int rows_base) {
   const int s = rows_base / p.heads_per_group;
   const int head = kv_head * p.heads_per_group + rows_base % p.heads_per_group;

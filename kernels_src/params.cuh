@@ -56,8 +56,9 @@ struct DecodeParams {
   int num_blocks;           // k_cache.shape[0]: larger (or negative) block indices read as NaN
   int block_table_width;    // block_table.shape[1]: pages past it read as NaN, the table is not read
   int partial_slots;        // capacity of out_partial / lse_partial, in pieces
-  int q_tma;                // decode.cu: 1 when the Q tile comes in through the q tensor map (a box of
-                            // 64 packed rows exists: heads_per_group a multiple or a divisor of 64)
+  int q_tma;                // decode.cu, decode_ring.cu: 1 when the Q tile comes in through the q tensor
+                            // map (a box of 64 packed rows exists: heads_per_group a multiple or a
+                            // divisor of 64)
   // An FP8 cache's per-tensor descales, float32 [1] on the device (null: 1): scores are scaled by
   // descale_q * descale_k, the output by descale_k. Read by the kernel, so CUDA graphs may change them.
   const float* descale_q;
