@@ -40,8 +40,9 @@
 // CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers and the descriptors are
 // hand-written PTX, as in decode.cu and decode_narrow.cu.
 //
-// Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path
-// on the FP8 cells of 64 and 128 rows, so kernels.RING_FP8 sends those calls here.
+// Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path's
+// time on the FP8 cells of 64 and 128 rows, then 1-5 % less with the Q tile through TMA, so
+// kernels.RING_FP8 sends those calls here.
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
