@@ -395,6 +395,16 @@ struct RingPiece {
     if (thread == 0) mbarrier_arrive(&smem.empty[at.slot]);
   }
 
+  // O^T[half] += V^T P^T over the whole page in `at`, waited for; then the slot goes back to the loader
+  // as far as this warpgroup is concerned. `frags` are the caller's, so that they outlive the wgmmas.
+  __device__ __forceinline__ void multiply_page(RingOutput& o, const RingPage& at, int half, int page,
+                                                RingFragments& frags) const {
+    OutputSteps(smem, at, half, valid_tokens(page), thread).all(o, frags);
+    cute::warpgroup_wait<0>();
+    retire_fragments(frags);
+    release(at);
+  }
+
   // Warpgroup 0, one pair: page a (seq) scored here and, with kHasB, page b (seq + 1) scored by warpgroup 1.
   template <bool kHasB>
   __device__ __forceinline__ void warpgroup0_pair(int page, uint32_t seq, int pair, RingOutput& o, Tracer& trace) {
@@ -410,20 +420,14 @@ struct RingPiece {
     trace.mark(kMarkProbsPublished);
     rescale(o, pair, 0, false);
     RingFragments frags;
-    OutputSteps(smem, a, 0, valid_tokens(page), thread).all(o, frags);
-    cute::warpgroup_wait<0>();
-    retire_fragments(frags);
-    release(a);
+    multiply_page(o, a, 0, page, frags);
     trace.mark(kMarkOwnPvDone);
     if constexpr (kHasB) {
       const RingPage b(seq + 1);
       named_barrier_sync(kBarrierPageBReady, kThreads);
       trace.mark(kMarkHandoffIn);
       rescale(o, pair, 1, true);
-      OutputSteps(smem, b, 0, valid_tokens(page + 1), thread).all(o, frags);
-      cute::warpgroup_wait<0>();
-      retire_fragments(frags);
-      release(b);
+      multiply_page(o, b, 0, page + 1, frags);
       trace.mark(kMarkRemotePvDone);
     }
   }
@@ -466,10 +470,7 @@ struct RingPiece {
     trace.mark(kMarkRemotePvDone);
     if constexpr (kHasB) {
       rescale(o, pair, 1, false);
-      OutputSteps(smem, b, 1, valid_tokens(page + 1), thread).all(o, frags);
-      cute::warpgroup_wait<0>();
-      retire_fragments(frags);
-      release(b);
+      multiply_page(o, b, 1, page + 1, frags);
       trace.mark(kMarkOwnPvDone);
     }
   }
