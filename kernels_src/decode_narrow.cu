@@ -36,7 +36,8 @@
 //
 // Grid (ceil(rows / kNarrowRows), heads_kv, num_parts), kNarrowThreads threads, kNarrowSharedBytes of
 // dynamic shared memory. 16-bit cache: 160 threads, warpgroup 0 computes, warp 4 is the loader (one
-// lane). FP8 cache: 384 threads, warpgroups 0 and 1 compute, warpgroup 2 is the loader (one lane). Per
+// lane). FP8 cache: 384 threads, warpgroups 0 and 1 compute, warpgroup 2 is the loader (one lane, or on
+// a long part two taking the pages in turn: narrow_loader). Per
 // page, in its warpgroup: S^T of that warpgroup's next page is issued right behind this page's PV, so the
 // tensor cores run the two back to back.
 //
@@ -60,6 +61,9 @@ namespace flashmla {
 #if !defined(FLASHMLA_NARROW_ROWS)
 #error "define FLASHMLA_NARROW_ROWS (16 or 32)"
 #endif
+#ifndef FLASHMLA_NARROW_LOADERS
+#define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
+#endif
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
 constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
@@ -78,6 +82,9 @@ constexpr int kConsumerThreads = kNarrowConsumers * kWarpgroupThreads;
 // sub-partition), and the computing warpgroups need more.
 constexpr int kLoaderThreads = kNarrowConsumers > 1 ? kHelperThreads : 32;
 constexpr int kNarrowThreads = kConsumerThreads + kLoaderThreads;
+// Lanes issuing the loads (lane 0 of the loader's first warps) on a long part, taking the pages in turn
+// (narrow_loader).
+constexpr int kNarrowLoaders = kNarrowConsumers > 1 ? FLASHMLA_NARROW_LOADERS : 1;
 // Registers a thread after the hand-over: with 32 rows O^T alone takes 128 of a computing thread's, and
 // the loader (one lane issuing TMA loads) needs few.
 constexpr int kNarrowLoaderRegisters = kNarrowRows > 16 ? 24 : kHelperRegisters;
@@ -199,7 +206,7 @@ struct NarrowStorage {
 #endif
   float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
-  PageStreamOf<1> stream;
+  PageStreamOf<1> stream[kNarrowLoaders];               // each loader lane's copy of the part's pages
 #if defined(FLASHMLA_KV_E4M3)
   int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
   float row_max[kNarrowConsumers][kNarrowRows];          // epilogue: each warpgroup's running max per row
@@ -352,35 +359,48 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 
 #endif
 
-// The loader (one lane): every page of the part in order, box by box into the ring, each slot as soon
-// as the page that held it has been released. Right after the first page it asks L2 for the second
-// (decode.cu's loader asks once its first page has landed; that order was measured there only).
+// The loader: every page of the part in order, box by box into the ring, each slot as soon as the page
+// that held it has been released. Right after the first page it asks L2 for the second (decode.cu's
+// loader asks once its first page has landed; that order was measured there only).
+// With an FP8 cache on a long part, kNarrowLoaders lanes (lane 0 of the loader's first warps) take the
+// pages in turn, each following the whole page stream: one lane issued a page every ~2600 cycles at
+// h16/4k (H200 trace: ~1900 of them the nine boxes' barrier operations and TMA issue, ~750 the stream's
+// shared-memory bookkeeping, both slow while the computing warpgroups use shared memory), so the
+// computing warpgroups waited for pages whose slots had long been free. On short parts the extra lane
+// was slower (b8/h16/16k, h16/1k: +8 %), so they keep one. A page's ring slots and their uses are
+// counted from its place in the part (RingSlot), whichever lane loads it; the lanes never run more than
+// the ring apart, since each waits for the slots of pages the other loaded before.
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
-                                              const TensorMap* map, int kv_head) {
+                                              const TensorMap* map, int kv_head, int lane_index) {
   if (FLASHMLA_COMPUTE_ONLY) return;
+  const int lanes = part.payload >= kLongPartPages ? kNarrowLoaders : 1;
+  if (lane_index >= lanes) return;
   constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
-  PageStreamOf<1>& stream = smem.stream;
+  PageStreamOf<1>& stream = smem.stream[lane_index];
   stream.start(p, part, 0);
   const uint64_t hint = cache_load_hint(part.payload, 1);
-  int slot = 0, use = 0;  // the next slot to fill, and how many times it was filled before
+  Tracer trace(kNarrowConsumers, lane_index);  // FLASHMLA_TRACE only: how long a lane waits for free slots
+  trace.mark(kMarkKernelStart);
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
     const int block = stream.block_index(p, flagged);
+    // The next page's block entry comes in while this page's slots are awaited: read after the boxes
+    // were issued, it held the loader back from slots freed meanwhile (2-4 % on the long FP8 cells).
+    stream.advance(p, part);
+    if (loaded % lanes != lane_index) continue;
 #if defined(FLASHMLA_KV_E4M3)
     // Written before the page's TMA barriers are armed, so whoever waits on them sees it.
     smem.bad_page[loaded % kBadPageFlags] = flagged;
 #endif
+    trace.mark(kMarkBlockIndexed);
 #pragma unroll 1
     for (int box = 0; box < kBoxes; ++box) {
-      if (use > 0) mbarrier_wait_single(&smem.empty[slot], (use - 1) & 1);
-      mbarrier_arrive_expect_tx(&smem.full[slot], kRingBoxBytes);
-      tma_load_box(map, &smem.full[slot], smem.ring[slot], box * kBoxCols, kv_head, 0, block, hint);
-      if (++slot == kRingBoxes) {
-        slot = 0;
-        ++use;
-      }
+      const RingSlot at(loaded, box);
+      if (loaded * kBoxes + box >= kRingBoxes) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
+      mbarrier_arrive_expect_tx(&smem.full[at.slot], kRingBoxBytes);
+      tma_load_box(map, &smem.full[at.slot], smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
     }
-    stream.advance(p, part);
+    trace.mark(kMarkBoxesIssued);
     if (loaded == 0 && stream.valid()) {
       const int next = stream.block_index(p, flagged);
       if (next >= 0 && next < p.num_blocks) prefetch_page_boxes<1>(map, kAllBoxes, next, kv_head);  // whole boxes
@@ -571,8 +591,11 @@ struct NarrowPiece {
   // the PV; its slots go back as soon as they are read. The PV is awaited here, not at the next step:
   // its A fragments live in registers of this function.
   template <bool kNext>
-  __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o) {
+  __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o,
+                                            Tracer& trace) {
+    trace.mark(kMarkPairStart);
     cute::warpgroup_wait<0>();
+    trace.mark(kMarkScoresIn);
     const bool bad = kFlagBadPages && smem.bad_page[page_seq % kBadPageFlags];
     release_rope(page_seq);  // (the value boxes, still held, keep the loader 8 pages from this flag)
     if (bad || page * kPageSize + kPageSize > mask_from) {
@@ -582,11 +605,15 @@ struct NarrowPiece {
     }
     fence_generic_to_async_smem();
     warpgroup_sync();
+    trace.mark(kMarkProbsPublished);
     OutputFragments frags;
     issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
     release_values(page_seq);
+    trace.mark(kMarkOwnPvDone);
     if constexpr (kNext) issue_scores(smem, page_seq + kNarrowConsumers, s, thread);  // its next page
+    trace.mark(kMarkScoresIssued);
     cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
+    trace.mark(kMarkRemotePvDone);
 #pragma unroll
     for (int b = 0; b < kFragmentSets; ++b) {
 #pragma unroll
@@ -599,7 +626,7 @@ struct NarrowPiece {
 
   // This warpgroup's pages of the piece: every other one, from page_begin + wg. `page_seq` counts the
   // pages this CTA read (both warpgroups'), and goes past the whole piece.
-  __device__ __forceinline__ void run_pages(uint32_t& page_seq, float scale_log2, OutputT& o) {
+  __device__ __forceinline__ void run_pages(uint32_t& page_seq, float scale_log2, OutputT& o, Tracer& trace) {
     int page = piece.page_begin + wg;
     uint32_t seq = page_seq + wg;
 #if FLASHMLA_LOAD_ONLY
@@ -617,9 +644,9 @@ struct NarrowPiece {
       ScoresT s;
       issue_scores(smem, seq, s, thread);
       for (; page + kNarrowConsumers < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
-        page_step<true>(s, page, seq, scale_log2, o);
+        page_step<true>(s, page, seq, scale_log2, o, trace);
       }
-      page_step<false>(s, page, seq, scale_log2, o);
+      page_step<false>(s, page, seq, scale_log2, o, trace);
     }
     if (wg == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
@@ -814,13 +841,17 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   constexpr int kLoaderWarp = kNarrowConsumers * kNarrowWarps;
   if (kNarrowConsumers > 1 ? warp >= kLoaderWarp : warp == kLoaderWarp) {
     if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
-    if (threadIdx.x % kLoaderThreads == 0) narrow_loader(p, part, smem, &kv_map, kv_head);
+    if (threadIdx.x % 32 == 0 && warp - kLoaderWarp < kNarrowLoaders) {
+      narrow_loader(p, part, smem, &kv_map, kv_head, warp - kLoaderWarp);
+    }
     return;
   }
   if constexpr (kNarrowConsumers > 1) claim_registers<kNarrowConsumerRegisters>();
   const int wg = kNarrowConsumers > 1 ? warp / kNarrowWarps : 0;  // which computing warpgroup
   const int thread = kNarrowConsumers > 1 ? int(threadIdx.x) % kWarpgroupThreads : int(threadIdx.x);
   const Descales scales = read_descales(p);  // an FP8 cache's descales folded in (dequant.cuh)
+  Tracer trace(wg, thread);                  // FLASHMLA_TRACE only (the FP8 cache's page steps)
+  trace.mark(kMarkKernelStart);
 
   uint32_t page_seq = 0;  // pages this CTA has read: where the next page's boxes lie in the ring
   for (int request = part.begin_request; request <= part.end_request; ++request) {
@@ -839,7 +870,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
       fence_fragment(o.v[t]);  // zeroed here, not between the first S^T's issue and its wait (C7515)
     }
 #if defined(FLASHMLA_KV_E4M3)
-    c.run_pages(page_seq, scales.scale_log2, o);
+    c.run_pages(page_seq, scales.scale_log2, o, trace);
     c.merge_warpgroups(o);
 #else
     if (piece.page_begin < piece.page_end) {

@@ -20,7 +20,9 @@ Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
-q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu).
+q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
+`narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
+storage differs; KV `e4m3` or `-`).
 """
 from __future__ import annotations
 
@@ -58,9 +60,12 @@ def parse_variant(text: str) -> dict:
             spec["maxparts"] = int(item[9:])
         elif item.startswith("ring="):
             spec["ring"] = bool(int(item[5:]))
+        elif item.startswith("narrowsmem="):  # ROWS:KV:BYTES, KV "e4m3" or "-" (a 16-bit cache)
+            rows, kv, size = item[11:].split(":")
+            spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1)")
+                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES)")
     return spec
 
 
@@ -84,6 +89,9 @@ def apply(spec: dict) -> None:
         plan.OVERHEAD_PAGES = spec["overhead"]
     if spec.get("ring") is not None:
         kernels.RING_FP8 = spec["ring"]
+    if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs
+        variants.NARROW_SHARED_BYTES = {**variants.NARROW_SHARED_BYTES,
+                                        **{(rows, kv): size for rows, kv, size in spec["narrowsmem"]}}
     if spec.get("maxparts"):
         shipped_parts = plan.num_sm_parts
         plan.num_sm_parts = lambda *a: min(spec["maxparts"], shipped_parts(*a))
