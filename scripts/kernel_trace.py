@@ -25,7 +25,10 @@ page from DRAM again.
     python scripts/kernel_trace.py --case b128-q2-h128-8192-causal --clock global
 
 `--ring 1` traces decode_ring.cu on an e4m3 case with more than 32 rows (kernels.RING_FP8), `--ring 0`
-decode.cu's FP8 path there.
+decode.cu's FP8 path there. A case of at most 32 rows with an e4m3 q and cache traces decode_narrow.cu's
+FP8 kernel: each computing warpgroup per page of its own ("pair start" is a page's start, "own pv done"
+its value slots released, "scores issued" the next page's S^T issued once its boxes are in), and the first
+loader lane per page it loads.
 """
 from __future__ import annotations
 
