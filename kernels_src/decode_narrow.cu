@@ -64,6 +64,16 @@ namespace flashmla {
 #ifndef FLASHMLA_NARROW_LOADERS
 #define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
 #endif
+// Candidate, off (not yet run on a GPU; docs/PERF_NOTES.md, twenty-second session): with an FP8 cache, one
+// TMA barrier per page instead of one per box (kPageBarriers).
+#ifndef FLASHMLA_NARROW_PAGE_BARRIER
+#define FLASHMLA_NARROW_PAGE_BARRIER 0
+#endif
+#if !defined(FLASHMLA_KV_E4M3)
+#undef FLASHMLA_NARROW_PAGE_BARRIER
+#define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only
+#endif
+constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
 constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
@@ -109,6 +119,13 @@ constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers 
 // pages in flight of a 16-bit cache.
 constexpr int kRingBoxBytes = kFp8BoxBytes;               // 4 KB (decode_config.cuh: the FP8 box layout)
 constexpr int kBadPageFlags = 8;                           // a ring of page flags; the loader is < 8 pages ahead
+// The candidate switch above: a page's nine boxes complete one "page landed" barrier of a ring of
+// kPageBarriers (one expect_tx per page for the loader lane, one wait for S^T) instead of their slots'.
+// A lane arms page n's barrier once box 0's slot is free: that slot's last page (n - 5 or n - 6) has been
+// through its warpgroup, and its own loads had waited for slots of a page of n's parity at most 11
+// before n, so n's warpgroup has waited for page n - 16, this barrier's last phase.
+constexpr int kPageBarriers = 16;
+static_assert(!(kPageBarrier && FLASHMLA_LOAD_ONLY), "the load-only hook waits for each box's barrier");
 #else
 constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzled as TMA lands it
 #endif
@@ -131,6 +148,8 @@ constexpr int kRingBoxes = (227 * 1024 - 1024 - kRowFieldBytes - kQTileBytes - k
                             kHandoverBytes - 2048) /
                            kRingBoxBytes;
 #if defined(FLASHMLA_KV_E4M3)
+static_assert(!kPageBarrier || (kRingBoxes >= 4 * kBoxes && kRingBoxes < 6 * kBoxes),
+              "the page barriers' arming argument (above) counts on these page distances");
 static_assert(kRingBoxes / kBoxes + 2 <= kBadPageFlags, "the loader stays fewer than kBadPageFlags pages ahead");
 #endif
 
@@ -209,6 +228,9 @@ struct NarrowStorage {
   PageStreamOf<1> stream[kNarrowLoaders];               // each loader lane's copy of the part's pages
 #if defined(FLASHMLA_KV_E4M3)
   int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
+#if FLASHMLA_NARROW_PAGE_BARRIER
+  alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
+#endif
   float row_max[kNarrowConsumers][kNarrowRows];          // epilogue: each warpgroup's running max per row
 #endif
   alignas(8) uint64_t full[kRingBoxes];
@@ -257,11 +279,14 @@ __device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_
   const SmemDesc q = box_desc(smem.q);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
+#if FLASHMLA_NARROW_PAGE_BARRIER && !FLASHMLA_COMPUTE_ONLY
+  mbarrier_wait_uniform(&smem.page_landed[page_seq % kPageBarriers], (page_seq / kPageBarriers) & 1);
+#endif
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
     const RingSlot at(page_seq, box);
 #if !FLASHMLA_COMPUTE_ONLY
-    mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+    if (!kPageBarrier) mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
 #endif
     const SmemDesc k = box_desc(smem.ring[at.slot]);
 #pragma unroll
@@ -397,6 +422,12 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     for (int box = 0; box < kBoxes; ++box) {
       const RingSlot at(loaded, box);
       if (loaded * kBoxes + box >= kRingBoxes) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
+#if FLASHMLA_NARROW_PAGE_BARRIER
+      uint64_t* landed = &smem.page_landed[loaded % kPageBarriers];  // armed once box 0's slot is free
+      if (box == 0) mbarrier_arrive_expect_tx(landed, kBoxes * kRingBoxBytes);
+      tma_load_box(map, landed, smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
+      continue;
+#endif
       mbarrier_arrive_expect_tx(&smem.full[at.slot], kRingBoxBytes);
       tma_load_box(map, &smem.full[at.slot], smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
     }
@@ -833,6 +864,9 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
       mbarrier_init(&smem.full[slot], 1);
       mbarrier_init(&smem.empty[slot], 1);
     }
+#if FLASHMLA_NARROW_PAGE_BARRIER
+    for (int page = 0; page < kPageBarriers; ++page) mbarrier_init(&smem.page_landed[page], 1);
+#endif
     fence_barrier_init();
   }
   __syncthreads();

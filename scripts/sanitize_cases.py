@@ -8,7 +8,8 @@ kernel's FP8 ring; its warpgroups taking pages in turn, with 16 or 32 rows; on l
 parts, its two loader lanes taking pages in turn too), and 64 and 128 rows with an
 e4m3 q through decode_ring.cu (`--fp8`: those cases alone; `--decode-fp8`: those of more than 32 rows with
 an e4m3 q also through decode.cu's FP8 path, which kernels.RING_FP8 leaves undispatched).
-Exits non-zero on a wrong result.
+`--variant 'NAME: ITEM ...'` runs them on a build of scripts/kernel_ab.py's variant spec (a candidate's
+defines or tree), with a kernel cache of its own. Exits non-zero on a wrong result.
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ FP8_CASES = [
 
 
 def main() -> int:
+    if "--variant" in sys.argv[1:]:   # before anything is compiled or loaded
+        sys.path.insert(0, os.path.dirname(__file__))
+        import tempfile
+
+        import kernel_ab
+
+        os.environ["FLASHMLA_CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="sanitize_variant_")
+        kernel_ab.apply(kernel_ab.parse_variant(sys.argv[sys.argv.index("--variant") + 1]))
     from flashmla_cupy import kernels, lookup, plan
 
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
