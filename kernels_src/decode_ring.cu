@@ -629,7 +629,9 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
       if (threadIdx.x % kWarpgroupThreads == 0) ring_loader(p, part, smem, &kv_map, kv_head, 0);
     } else {
       const int lane_index = (threadIdx.x / 32) % (kWarpgroupThreads / 32);  // the loader warp's place
-      if (threadIdx.x % 32 == 0 && lane_index < kRingLoaderLanes) ring_loader(p, part, smem, &kv_map, kv_head, lane_index);
+      if (threadIdx.x % 32 == 0 && lane_index < kRingLoaderLanes) {
+        ring_loader(p, part, smem, &kv_map, kv_head, lane_index);
+      }
     }
     return;
   }

@@ -173,7 +173,8 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     fn = bench.ours(torch, case, bench.make_inputs(torch, case, seed=1))
     fn()
     torch.cuda.synchronize()
-    [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program in ("decode", "decode_ring", "decode_narrow")]
+    programs = ("decode", "decode_ring", "decode_narrow")
+    [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program in programs]
     words = cupy.zeros(TRACE_CTAS * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
     address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
     pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
