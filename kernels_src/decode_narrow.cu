@@ -21,9 +21,10 @@
 // (Q stays e4m3 too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
 // registers, which each thread fills from the FP8 bytes with exact conversions to fp16 (issue_output:
 // O^T's rows are taken in an order that makes every thread's bytes contiguous); stale tokens of the
-// last page load as zeros, and a page whose block index the loader found bad makes its request's rows
-// NaN. (With a 16-bit q, K would have to be converted too, in registers: measured slower than
-// decode.cu's converter warpgroup, so those calls go there.) Two computing warpgroups take every other
+// last page load as zeros, and a page with a bad block index (plan.cuh) makes its request's rows NaN:
+// its warpgroup reads the page's block-table entry itself, a page ahead. (With a 16-bit q, K would have
+// to be converted too, in registers: measured slower than decode.cu's converter warpgroup, so those
+// calls go there.) Two computing warpgroups take every other
 // page of a piece, each with its own S^T, O^T, P^T and running max, so that one's softmax and V^T
 // conversion run beside the other's wgmmas; at the piece's end warpgroup 1's O goes to warpgroup 0
 // through a buffer of their own. The loader is then a warpgroup that hands its registers over (setmaxnreg).
@@ -118,7 +119,6 @@ constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers 
 // landed by one TMA load 64-byte swizzled (16-byte chunk c of row r at chunk c ^ (r / 2 % 4)): twice the
 // pages in flight of a 16-bit cache.
 constexpr int kRingBoxBytes = kFp8BoxBytes;               // 4 KB (decode_config.cuh: the FP8 box layout)
-constexpr int kBadPageFlags = 8;                           // a ring of page flags; the loader is < 8 pages ahead
 // The candidate switch above: a page's nine boxes complete one "page landed" barrier of a ring of
 // kPageBarriers (one expect_tx per page for the loader lane, one wait for S^T) instead of their slots'.
 // A lane arms page n's barrier once box 0's slot is free: that slot's last page (n - 5 or n - 6) has been
@@ -150,7 +150,6 @@ constexpr int kRingBoxes = (227 * 1024 - 1024 - kRowFieldBytes - kQTileBytes - k
 #if defined(FLASHMLA_KV_E4M3)
 static_assert(!kPageBarrier || (kRingBoxes >= 4 * kBoxes && kRingBoxes < 6 * kBoxes),
               "the page barriers' arming argument (above) counts on these page distances");
-static_assert(kRingBoxes / kBoxes + 2 <= kBadPageFlags, "the loader stays fewer than kBadPageFlags pages ahead");
 #endif
 
 template <int N, bool kBf16> struct NarrowAtoms;
@@ -227,7 +226,6 @@ struct NarrowStorage {
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream[kNarrowLoaders];               // each loader lane's copy of the part's pages
 #if defined(FLASHMLA_KV_E4M3)
-  int bad_page[kBadPageFlags];                           // [page_seq % 8]: the loader found its index bad
 #if FLASHMLA_NARROW_PAGE_BARRIER
   alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
 #endif
@@ -394,7 +392,11 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 // computing warpgroups waited for pages whose slots had long been free. On short parts the extra lane
 // was slower (b8/h16/16k, h16/1k: +8 %), so they keep one. A page's ring slots and their uses are
 // counted from its place in the part (RingSlot), whichever lane loads it; the lanes never run more than
-// the ring apart, since each waits for the slots of pages the other loaded before.
+// the ring apart, since each waits for the slots of pages the other loaded before. (Stepping over the
+// other lane's pages without reading their block entries measured 1-2 % slower at h16: ab110, ab111.)
+// The loaders write nothing the computing warpgroups read: a bad-page flag in shared memory, rewritten
+// by a lane 8 pages on, was ordered after its readers only through another warp's release when two
+// lanes took turns (racecheck: WAR hazards), so each warpgroup checks its pages' block entries itself.
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
                                               const TensorMap* map, int kv_head, int lane_index) {
   if (FLASHMLA_COMPUTE_ONLY) return;
@@ -408,15 +410,11 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
-    const int block = stream.block_index(p, flagged);
+    const int block = stream.block_index(p, flagged);  // a bad page loads block 0; its warpgroup checks the entry
     // The next page's block entry comes in while this page's slots are awaited: read after the boxes
     // were issued, it held the loader back from slots freed meanwhile (2-4 % on the long FP8 cells).
     stream.advance(p, part);
     if (loaded % lanes != lane_index) continue;
-#if defined(FLASHMLA_KV_E4M3)
-    // Written before the page's TMA barriers are armed, so whoever waits on them sees it.
-    smem.bad_page[loaded % kBadPageFlags] = flagged;
-#endif
     trace.mark(kMarkBlockIndexed);
 #pragma unroll 1
     for (int box = 0; box < kBoxes; ++box) {
@@ -620,15 +618,17 @@ struct NarrowPiece {
 #if defined(FLASHMLA_KV_E4M3)
   // One page whose S^T is in flight: its softmax and PV, with kNext the next page's S^T issued behind
   // the PV; its slots go back as soon as they are read. The PV is awaited here, not at the next step:
-  // its A fragments live in registers of this function.
+  // its A fragments live in registers of this function. `block` holds the page's block-table entry
+  // (kFlagBadPages), and on return the next page's, read a step ahead of its use.
   template <bool kNext>
   __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o,
-                                            Tracer& trace) {
+                                            int& block, Tracer& trace) {
     trace.mark(kMarkPairStart);
+    const bool bad = kFlagBadPages && bad_block(p, page, block);
+    if (kFlagBadPages && kNext) block = block_entry(p, piece.request, page + kNarrowConsumers);
     cute::warpgroup_wait<0>();
     trace.mark(kMarkScoresIn);
-    const bool bad = kFlagBadPages && smem.bad_page[page_seq % kBadPageFlags];
-    release_rope(page_seq);  // (the value boxes, still held, keep the loader 8 pages from this flag)
+    release_rope(page_seq);
     if (bad || page * kPageSize + kPageSize > mask_from) {
       softmax<true>(s, page, scale_log2, o, bad);
     } else {
@@ -672,12 +672,13 @@ struct NarrowPiece {
     page = piece.page_end;
 #endif
     if (page < piece.page_end) {
+      int block = kFlagBadPages ? block_entry(p, piece.request, page) : 0;
       ScoresT s;
       issue_scores(smem, seq, s, thread);
       for (; page + kNarrowConsumers < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
-        page_step<true>(s, page, seq, scale_log2, o, trace);
+        page_step<true>(s, page, seq, scale_log2, o, block, trace);
       }
-      page_step<false>(s, page, seq, scale_log2, o, trace);
+      page_step<false>(s, page, seq, scale_log2, o, block, trace);
     }
     if (wg == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but

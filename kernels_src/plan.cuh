@@ -26,6 +26,18 @@ constexpr bool kFlagBadPages = false;
 // The block a page past the block table loads: outside every tensor map.
 constexpr int kBlockOutsideCache = -1;
 
+// With kFlagBadPages, whether a page with block-table entry `block` is bad: past the table (whose entry
+// is then kBlockOutsideCache, not read), or an index outside [0, num_blocks).
+__device__ __forceinline__ bool bad_block(const DecodeParams& p, int page, int block) {
+  return page >= p.block_table_width || block < 0 || block >= p.num_blocks;
+}
+// The block-table entry of a request's page, read directly (a consumer's own check; the loaders copy
+// theirs in asynchronously: PageStreamOf).
+__device__ __forceinline__ int block_entry(const DecodeParams& p, int request, int page) {
+  return page < p.block_table_width ? __ldg(p.block_table + int64_t(request) * p.block_table_stride + page)
+                                    : kBlockOutsideCache;
+}
+
 // One row of tile_scheduler_metadata, read once and clamped to the batch.
 struct PartPlan {
   int begin_request, begin_page, end_request, end_page, begin_piece;
@@ -130,7 +142,7 @@ struct alignas(16) PageStreamOf {
   // a flagged page loads block 0, which exists, and is never used. Otherwise the index goes to TMA as
   // it is (kBlockOutsideCache past the table).
   __device__ __forceinline__ int checked_block(const DecodeParams& p, bool& flagged) const {
-    flagged = kFlagBadPages && (past_table(p) || block < 0 || block >= p.num_blocks);
+    flagged = kFlagBadPages && bad_block(p, page, block);
     return flagged ? 0 : block;
   }
   __device__ __forceinline__ int block_index(const DecodeParams& p, bool& flagged) const {

@@ -140,6 +140,36 @@ def test_fp8_poisoned_page_gives_nan_rows(q_dtype, s_q, h_q):
         assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
 
 
+@pytest.fixture
+def long_parts(monkeypatch):
+    """Plans of at most 8 parts, prepared afresh: parts of ~49 pages (payload >= kLongPartPages), where the
+    narrow kernel's two loader lanes take the pages in turn."""
+    from flashmla_cupy import lookup, plan
+
+    shipped = plan.num_sm_parts
+    lookup.remembered().clear()
+    monkeypatch.setattr(plan, "num_sm_parts", lambda *args: min(8, shipped(*args)))
+    yield
+    lookup.remembered().clear()
+
+
+@pytest.mark.parametrize("s_q", [1, 2])  # 16 and 32 rows
+@pytest.mark.parametrize("page, index", [(101, "past"), (100, "negative"), (171, "past")])
+def test_fp8_two_loader_lanes_poisoned_page(long_parts, s_q, page, index):
+    """With two loader lanes (long parts), a bad block index on an odd page, an even page or the partial
+    last page poisons its request's rows, each warpgroup reading its pages' entries itself; the other
+    request, planned into the same parts, is exact."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 2, s_q, 16, 1, np.array([12000, 11001]), "e4m3", causal=s_q > 1)
+    good = reference.Case(case.q[:1], case.k_cache, case.block_table[:1].copy(), case.cache_seqlens[:1],
+                          case.causal, case.softmax_scale, descale_q=case.descale_q, descale_k=case.descale_k)
+    case.block_table[1, page] = case.k_cache.shape[0] + 5 if index == "past" else -3
+    out, lse = run(case)
+    assert np.isnan(out[1].astype(np.float32)).all() and np.isnan(lse[1]).all()
+    check(good, out[:1], lse[:1], seed, f"fp8-two-lanes-poisoned-sq{s_q}-page{page}")
+
+
 @pytest.fixture(params=[True, False], ids=["ring", "decode"])
 def wide_fp8_kernel(request, monkeypatch):
     """Calls of an e4m3 q and cache with more than 32 rows, through decode_ring.cu (kernels.RING_FP8, what
