@@ -59,15 +59,6 @@ namespace flashmla {
 #error "the ring kernel takes an e4m3 q and cache (and computes P V in fp16)"
 #endif
 
-// Candidate, 1 as shipped (2 not yet run on a GPU; docs/PERF_NOTES.md, twenty-second session): lanes of the
-// loader warpgroup (lane 0 of its first warps) that split each page's nine boxes between them, each
-// following the page stream and arriving on the page's TMA barrier with its own bytes. One lane took
-// ~870-1100 cycles (H200 traces) to issue a page's boxes once its slot was free.
-#ifndef FLASHMLA_RING_LOADER_LANES
-#define FLASHMLA_RING_LOADER_LANES 1
-#endif
-constexpr int kRingLoaderLanes = FLASHMLA_RING_LOADER_LANES;
-static_assert(kRingLoaderLanes >= 1 && kRingLoaderLanes <= 3, "lanes of the loader warpgroup's first warps");
 constexpr int kRingPages = 4;                           // ring slots, one FP8 page each
 constexpr int kFp8PageBytes = kBoxes * kFp8BoxBytes;    // 36 KB: nine 64 x 64-byte boxes
 constexpr int kProbBoxBytes = kTileRows * kRowBytes;    // P: 64 query rows x 64 tokens, fp16, 8 KB
@@ -90,7 +81,7 @@ struct RingStorage {
   float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
   float row_scale[kTileRows];                // epilogue: each row's normaliser
   int64_t row_at[kTileRows];                 // epilogue: where each row goes in out or the partials (-1: nowhere)
-  PageStreamOf<1> stream[kRingLoaderLanes];  // each loader lane's copy of the part's pages
+  PageStreamOf<1> stream;                    // the loader lane's pages of the part
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
   alignas(8) uint64_t full[kRingPages];
   uint64_t empty[kRingPages];
@@ -246,19 +237,15 @@ __device__ __forceinline__ void retire_fragments(RingFragments& frags) {
   }
 }
 
-// The loader (one lane, or kRingLoaderLanes each issuing its share of every page's boxes): every page
-// of the part in order into the ring, each slot as soon as both computing warpgroups have released the
-// page that held it. A bad page's flag is written before its TMA barrier is armed, so whoever waits on it
-// sees it.
+// The loader (one lane): every page of the part in order into the ring, each slot as soon as both
+// computing warpgroups have released the page that held it. A bad page's flag is written before its TMA
+// barrier is armed, so whoever waits on it sees it. (Two lanes splitting each page's boxes measured level
+// on the H200: docs/PERF_NOTES.md, twenty-third session.)
 __device__ __forceinline__ void ring_loader(const DecodeParams& p, const PartPlan& part, RingStorage& smem,
-                                            const TensorMap* map, int kv_head, int lane_index) {
-  // This lane's boxes of every page: [first_box, end_box).
-  constexpr int kLaneBoxes = (kBoxes + kRingLoaderLanes - 1) / kRingLoaderLanes;
-  const int first_box = kRingLoaderLanes == 1 ? 0 : lane_index * kLaneBoxes;
-  const int end_box = kRingLoaderLanes == 1 ? kBoxes : min(kBoxes, first_box + kLaneBoxes);
-  Tracer trace(kHelperWarpgroup, lane_index);
+                                            const TensorMap* map, int kv_head) {
+  Tracer trace(kHelperWarpgroup, 0);
   trace.mark(kMarkKernelStart);
-  PageStreamOf<1>& stream = smem.stream[lane_index];
+  PageStreamOf<1>& stream = smem.stream;
   stream.start(p, part, 0);
   const uint64_t hint = cache_load_hint(part.payload, gridDim.x);
   for (uint32_t seq = 0; stream.valid(); ++seq) {
@@ -268,12 +255,10 @@ __device__ __forceinline__ void ring_loader(const DecodeParams& p, const PartPla
     const RingPage at(seq);
     if (seq >= kRingPages) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
     trace.mark(kMarkBlockIndexed);  // the slot is free
-    // Before this lane's arrival (the page's barrier waits for every lane's), so the consumers see it.
-    if (kFlagBadPages && (kRingLoaderLanes == 1 || lane_index == 0)) smem.bad_page[at.slot] = flagged;
-    mbarrier_arrive_expect_tx(&smem.full[at.slot],
-                              kRingLoaderLanes == 1 ? kFp8PageBytes : (end_box - first_box) * kFp8BoxBytes);
+    if (kFlagBadPages) smem.bad_page[at.slot] = flagged;
+    mbarrier_arrive_expect_tx(&smem.full[at.slot], kFp8PageBytes);
 #pragma unroll 1
-    for (int box = first_box; box < end_box; ++box) {
+    for (int box = 0; box < kBoxes; ++box) {
       tma_load_box(map, &smem.full[at.slot], smem.page[at.slot] + box * kFp8BoxBytes, box * kBoxCols, kv_head, 0,
                    block, hint);
     }
@@ -613,7 +598,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kRingPages; ++slot) {
-      mbarrier_init(&smem.full[slot], kRingLoaderLanes);
+      mbarrier_init(&smem.full[slot], 1);
       mbarrier_init(&smem.empty[slot], 2);  // one arrival per computing warpgroup
     }
     mbarrier_init(&smem.q_full, 1);
@@ -625,14 +610,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroupThreads, 0);
   if (warpgroup == kHelperWarpgroup) {
     release_registers<kRingLoaderRegisters>();
-    if (kRingLoaderLanes == 1) {
-      if (threadIdx.x % kWarpgroupThreads == 0) ring_loader(p, part, smem, &kv_map, kv_head, 0);
-    } else {
-      const int lane_index = (threadIdx.x / 32) % (kWarpgroupThreads / 32);  // the loader warp's place
-      if (threadIdx.x % 32 == 0 && lane_index < kRingLoaderLanes) {
-        ring_loader(p, part, smem, &kv_map, kv_head, lane_index);
-      }
-    }
+    if (threadIdx.x % kWarpgroupThreads == 0) ring_loader(p, part, smem, &kv_map, kv_head);
     return;
   }
   claim_registers<kRingConsumerRegisters>();
