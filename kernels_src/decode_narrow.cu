@@ -24,10 +24,10 @@
 // last page load as zeros, and a page with a bad block index (plan.cuh) makes its request's rows NaN:
 // its warpgroup reads the page's block-table entry itself, a page ahead. (With a 16-bit q, K would have
 // to be converted too, in registers: measured slower than decode.cu's converter warpgroup, so those
-// calls go there.) Two computing warpgroups take every other
-// page of a piece, each with its own S^T, O^T, P^T and running max, so that one's softmax and V^T
-// conversion run beside the other's wgmmas; at the piece's end warpgroup 1's O goes to warpgroup 0
-// through a buffer of their own. The loader is then a warpgroup that hands its registers over (setmaxnreg).
+// calls go there.) Two computing warpgroups take every other page of a piece, each with its own S^T,
+// O^T, P^T and running max, so that one's softmax and V^T conversion run beside the other's wgmmas; at
+// the piece's end warpgroup 1's O goes to warpgroup 0 through a buffer of their own. The loader is
+// then a warpgroup that hands its registers over (setmaxnreg).
 //
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8

@@ -26,16 +26,21 @@ constexpr bool kFlagBadPages = false;
 // The block a page past the block table loads: outside every tensor map.
 constexpr int kBlockOutsideCache = -1;
 
+// A page past the block table's width is bad, and the table is not read there.
+__device__ __forceinline__ bool past_table(const DecodeParams& p, int page) { return page >= p.block_table_width; }
+// Where the block-table entry of a request's page lies.
+__device__ __forceinline__ const int* table_entry(const DecodeParams& p, int request, int page) {
+  return p.block_table + int64_t(request) * p.block_table_stride + page;
+}
 // With kFlagBadPages, whether a page with block-table entry `block` is bad: past the table (whose entry
 // is then kBlockOutsideCache, not read), or an index outside [0, num_blocks).
 __device__ __forceinline__ bool bad_block(const DecodeParams& p, int page, int block) {
-  return page >= p.block_table_width || block < 0 || block >= p.num_blocks;
+  return past_table(p, page) || block < 0 || block >= p.num_blocks;
 }
 // The block-table entry of a request's page, read directly (a consumer's own check; the loaders copy
 // theirs in asynchronously: PageStreamOf).
 __device__ __forceinline__ int block_entry(const DecodeParams& p, int request, int page) {
-  return page < p.block_table_width ? __ldg(p.block_table + int64_t(request) * p.block_table_stride + page)
-                                    : kBlockOutsideCache;
+  return past_table(p, page) ? kBlockOutsideCache : __ldg(table_entry(p, request, page));
 }
 
 // One row of tile_scheduler_metadata, read once and clamped to the batch.
@@ -169,9 +174,6 @@ struct alignas(16) PageStreamOf {
   }
 
  private:
-  // The page lies past the block table's width: bad, the table is not read.
-  __device__ __forceinline__ bool past_table(const DecodeParams& p) const { return page >= p.block_table_width; }
-
   // Move past finished pieces.
   __device__ __forceinline__ void settle(const DecodeParams& p, const PartPlan& part) {
     while (page >= page_end && request < part.end_request) {
@@ -184,8 +186,8 @@ struct alignas(16) PageStreamOf {
 
   // Read the block-table entry of the page it is on, asynchronously.
   __device__ __forceinline__ void fetch_block(const DecodeParams& p) {
-    if (valid() && !(kGuards && past_table(p))) {
-      async_copy_u32(&block, p.block_table + int64_t(request) * p.block_table_stride + page);
+    if (valid() && !(kGuards && past_table(p, page))) {
+      async_copy_u32(&block, table_entry(p, request, page));
     } else {
       block = kBlockOutsideCache;  // past the table (or past the part: never loaded)
     }
