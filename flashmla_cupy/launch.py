@@ -181,7 +181,8 @@ _TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(
               np.dtype("uint8"): 0}
 
 _SWIZZLE = {0: 0, 64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_NONE, _64B, _128B
-_L2_PROMOTION_256B = 3
+_L2_PROMOTION_128B = 2  # the cache maps': on the H200 -4 to -6 % on the memory-bound 16-bit cells and -2 % at
+_L2_PROMOTION_256B = 3  # FP8 h16/4k against 256 bytes, level elsewhere (docs/PERF_NOTES.md, ab114)
 _OOB_FILL_ZERO = 0
 _OOB_FILL_NAN = 1  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA: floating-point maps only
 _BOX_COLS = 64  # 64 columns: one 128-byte swizzle span of 16-bit values, or a 64-byte FP8 row
@@ -196,10 +197,11 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     and decode.cu's with an e4m3 q 64-byte swizzled (the wgmma layout of FP8 rows). A 16-bit box outside
     the map (a bad block index) is never read and lands as NaN: that is how the decode kernel keeps bad
     pages out of the result (plan.cuh, kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its
-    kernel checks indices itself."""
+    kernel checks indices itself. A miss brings 128 bytes into L2 (the L2 promotion)."""
     # (column, kv head, token in page, block); box = 64 columns x 1 x box_tokens x 1.
     return _tensor_map_4d(ptr, shape, strides, dtype, (_BOX_COLS, 1, box_tokens, 1), swizzle,
-                          _OOB_FILL_NAN if dtype.itemsize == 2 else _OOB_FILL_ZERO, "k_cache")
+                          _OOB_FILL_NAN if dtype.itemsize == 2 else _OOB_FILL_ZERO, "k_cache",
+                          l2_promotion=_L2_PROMOTION_128B)
 
 
 def q_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_heads: int, box_positions: int):
@@ -214,7 +216,7 @@ def q_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_he
 
 
 def _tensor_map_4d(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box: tuple, swizzle: int,
-                   oob_fill: int, what: str):
+                   oob_fill: int, what: str, l2_promotion: int = _L2_PROMOTION_256B):
     """cuTensorMapEncodeTiled over a 4-D array whose last axis is contiguous: `shape` and `strides` (in
     elements) outermost first, as the array has them; `box` innermost first, as the driver takes it."""
     itemsize = dtype.itemsize
@@ -227,7 +229,7 @@ def _tensor_map_4d(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box:
         _driver().cuTensorMapEncodeTiled(
             ctypes.byref(tensor_map), ctypes.c_int(_TMA_DTYPE[dtype]), ctypes.c_uint32(4), ctypes.c_void_p(ptr),
             dims, byte_strides, box_dims, element_strides, ctypes.c_int(0), ctypes.c_int(_SWIZZLE[swizzle]),
-            ctypes.c_int(_L2_PROMOTION_256B), ctypes.c_int(oob_fill),
+            ctypes.c_int(l2_promotion), ctypes.c_int(oob_fill),
         ),
         f"cuTensorMapEncodeTiled({what})",
     )

@@ -22,7 +22,10 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
 `narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
-storage differs; KV `e4m3` or `-`).
+storage differs; KV `e4m3` or `-`) and `fp8box=COLS:SWIZZLE` (an experiment's FP8 cache boxes: COLS one-byte
+columns, SWIZZLE-byte swizzle, in every swizzled FP8 map; the shipped kernels expect 64:64, so time other boxes
+with `--checks 0` on cases only the kernel under test runs) and `l2promo=N` (every cache map's L2 promotion,
+CU_TENSOR_MAP_L2_PROMOTION_*: 0 none, 1 64 bytes, 2 128 as shipped, 3 256).
 """
 from __future__ import annotations
 
@@ -60,12 +63,17 @@ def parse_variant(text: str) -> dict:
             spec["maxparts"] = int(item[9:])
         elif item.startswith("ring="):
             spec["ring"] = bool(int(item[5:]))
+        elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
+            spec["fp8box"] = [int(n) for n in item[7:].split(":")]
+        elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
+            spec["l2promo"] = int(item[8:])
         elif item.startswith("narrowsmem="):  # ROWS:KV:BYTES, KV "e4m3" or "-" (a 16-bit cache)
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES)")
+                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES, "
+                             "fp8box=COLS:SWIZZLE, l2promo=N)")
     return spec
 
 
@@ -73,7 +81,7 @@ def parse_variant(text: str) -> dict:
 
 def apply(spec: dict) -> None:
     """Point the package at the variant's build before anything is compiled or loaded."""
-    from flashmla_cupy import compiler, kernels, plan, variants
+    from flashmla_cupy import compiler, kernels, launch, plan, variants
 
     if spec["tree"]:
         tree = pathlib.Path(spec["tree"])
@@ -92,6 +100,24 @@ def apply(spec: dict) -> None:
     if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs
         variants.NARROW_SHARED_BYTES = {**variants.NARROW_SHARED_BYTES,
                                         **{(rows, kv): size for rows, kv, size in spec["narrowsmem"]}}
+    if spec.get("fp8box"):   # every swizzled FP8 cache map: boxes of COLS one-byte columns, SWIZZLE bytes
+        cols, swizzle = spec["fp8box"]
+        shipped_map = launch.kv_tensor_map
+
+        def kv_tensor_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes):
+            if dtype.itemsize != 1 or not swizzle_bytes:
+                return shipped_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes)
+            return launch._tensor_map_4d(ptr, shape, strides, dtype, (cols, 1, box_tokens, 1), swizzle,
+                                         launch._OOB_FILL_ZERO, "k_cache", l2_promotion=launch._L2_PROMOTION_128B)
+        launch.kv_tensor_map = kv_tensor_map
+    if spec.get("l2promo") is not None:   # every cache map's L2 promotion (CU_TENSOR_MAP_L2_PROMOTION_*)
+        shipped_encode = launch._tensor_map_4d
+
+        def tensor_map_4d(*args, **kwargs):
+            if args[-1] == "k_cache":
+                kwargs["l2_promotion"] = spec["l2promo"]
+            return shipped_encode(*args, **kwargs)
+        launch._tensor_map_4d = tensor_map_4d
     if spec.get("maxparts"):
         shipped_parts = plan.num_sm_parts
         plan.num_sm_parts = lambda *a: min(spec["maxparts"], shipped_parts(*a))
@@ -163,8 +189,10 @@ def run_child(spec: dict, args) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
                            "--dtype", args.dtype, "--checks", str(args.checks)] + ["--eager"] * args.eager,
                           capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": (done.stderr or done.stdout)[-2000:]}
+    if done.returncode != 0:   # without CuPy's module-unload complaints at a failed child's exit
+        noise = ("moduleUnload", "check_status", "'NoneType' object is not callable", "Module.__dealloc__")
+        lines = [line for line in (done.stderr or done.stdout).splitlines() if not any(n in line for n in noise)]
+        return {"error": "\n".join(line for line in lines if line != "Traceback (most recent call last):")[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
