@@ -36,7 +36,7 @@ NARROW_ROWS = (16,)
 # With an FP8 cache (and an e4m3 q) also 32 rows (wgmma N = 32, the two computing warpgroups taking
 # pages in turn).
 NARROW_FP8_ROWS = (16, 32)
-NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 228352}
+NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 229376}
 # The combine kernel, built per warps merging one output row (kWarpsPerRow of combine.cu, pinned): 1 (a
 # warp a row, many rows of a few pieces: few pieces in flight, few registers, more blocks an SM) or 4 (a
 # block a row, few rows of many pieces: more in flight). kernels.combine_warps_per_row picks one.

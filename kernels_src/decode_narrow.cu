@@ -65,11 +65,11 @@ namespace flashmla {
 #ifndef FLASHMLA_NARROW_LOADERS
 #define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
 #endif
-// Candidate, off (docs/PERF_NOTES.md, twenty-third session: on the H200 -2 % at h16/4k, -6 % at h32/8k,
-// exact, racecheck clean; memcheck and synccheck still to run): with an FP8 cache, one TMA barrier per
-// page instead of one per box (kPageBarriers). Its 32-row storage is 229376 bytes (variants.py).
+// With an FP8 cache, one TMA barrier per page instead of one per box (kPageBarriers): on the H200 -2 %
+// at h16/4k, -6 % at h32/8k (docs/PERF_NOTES.md, ab109, ab111). 0 restores the per-box barriers, which
+// the load-only hook below needs (its 32-row storage is then 1 KB smaller, variants.py).
 #ifndef FLASHMLA_NARROW_PAGE_BARRIER
-#define FLASHMLA_NARROW_PAGE_BARRIER 0
+#define FLASHMLA_NARROW_PAGE_BARRIER 1
 #endif
 #if !defined(FLASHMLA_KV_E4M3)
 #undef FLASHMLA_NARROW_PAGE_BARRIER
@@ -120,13 +120,14 @@ constexpr int kAccumulators = kNarrowRows / 2;                // fp32 registers 
 // landed by one TMA load 64-byte swizzled (16-byte chunk c of row r at chunk c ^ (r / 2 % 4)): twice the
 // pages in flight of a 16-bit cache.
 constexpr int kRingBoxBytes = kFp8BoxBytes;               // 4 KB (decode_config.cuh: the FP8 box layout)
-// The candidate switch above: a page's nine boxes complete one "page landed" barrier of a ring of
+// The page barrier (switch above): a page's nine boxes complete one "page landed" barrier of a ring of
 // kPageBarriers (one expect_tx per page for the loader lane, one wait for S^T) instead of their slots'.
 // A lane arms page n's barrier once box 0's slot is free: that slot's last page (n - 5 or n - 6) has been
 // through its warpgroup, and its own loads had waited for slots of a page of n's parity at most 11
 // before n, so n's warpgroup has waited for page n - 16, this barrier's last phase.
 constexpr int kPageBarriers = 16;
-static_assert(!(kPageBarrier && FLASHMLA_LOAD_ONLY), "the load-only hook waits for each box's barrier");
+static_assert(!(kPageBarrier && FLASHMLA_LOAD_ONLY),
+              "the load-only hook waits for each box's barrier: build it with -DFLASHMLA_NARROW_PAGE_BARRIER=0");
 #else
 constexpr int kRingBoxBytes = kBoxBytes;               // 8 KB, 128-byte swizzled as TMA lands it
 #endif
