@@ -855,8 +855,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
   NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
-  const PartPlan part = PartPlan::load(p, blockIdx.z);
-  if (part.empty(p)) return;
+  if (PartPlan::load(p, blockIdx.z).empty(p)) return;
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kNarrowRows;
 
@@ -876,14 +875,17 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
 
   const int warp = __shfl_sync(0xffffffffu, threadIdx.x / 32, 0);
   constexpr int kLoaderWarp = kNarrowConsumers * kNarrowWarps;
+  // Each role reads the part's plan again after the hand-over (L1 has it): kept live across it, the
+  // plan's six fields spilled to local memory under NVRTC 12.9 with 32 rows (24 loader registers).
   if (kNarrowConsumers > 1 ? warp >= kLoaderWarp : warp == kLoaderWarp) {
     if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
     if (threadIdx.x % 32 == 0 && warp - kLoaderWarp < kNarrowLoaders) {
-      narrow_loader(p, part, smem, &kv_map, kv_head, warp - kLoaderWarp);
+      narrow_loader(p, PartPlan::load(p, blockIdx.z), smem, &kv_map, kv_head, warp - kLoaderWarp);
     }
     return;
   }
   if constexpr (kNarrowConsumers > 1) claim_registers<kNarrowConsumerRegisters>();
+  const PartPlan part = PartPlan::load(p, blockIdx.z);
   const int wg = kNarrowConsumers > 1 ? warp / kNarrowWarps : 0;  // which computing warpgroup
   const int thread = kNarrowConsumers > 1 ? int(threadIdx.x) % kWarpgroupThreads : int(threadIdx.x);
   const Descales scales = read_descales(p);  // an FP8 cache's descales folded in (dequant.cuh)
