@@ -25,7 +25,9 @@ q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to
 storage differs; KV `e4m3` or `-`) and `fp8box=COLS:SWIZZLE` (an experiment's FP8 cache boxes: COLS one-byte
 columns, SWIZZLE-byte swizzle, in every swizzled FP8 map; the shipped kernels expect 64:64, so time other boxes
 with `--checks 0` on cases only the kernel under test runs) and `l2promo=N` (every cache map's L2 promotion,
-CU_TENSOR_MAP_L2_PROMOTION_*: 0 none, 1 64 bytes, 2 128 as shipped, 3 256).
+CU_TENSOR_MAP_L2_PROMOTION_*: 0 none, 1 64 bytes, 2 128 as shipped, 3 256) and `table=seq|fold:N` (the timed
+cases' block tables: each request's pages consecutive, or every entry modulo N, which keeps the pages in L2;
+the checks keep theirs).
 """
 from __future__ import annotations
 
@@ -67,13 +69,15 @@ def parse_variant(text: str) -> dict:
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
             spec["l2promo"] = int(item[8:])
+        elif item.startswith("table="):  # "seq" or "fold:N", the timed cases' block tables
+            spec["table"] = item[6:]
         elif item.startswith("narrowsmem="):  # ROWS:KV:BYTES, KV "e4m3" or "-" (a 16-bit cache)
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
                              "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES, "
-                             "fp8box=COLS:SWIZZLE, l2promo=N)")
+                             "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
 
 
@@ -170,7 +174,7 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
     result = {"card": torch.cuda.get_device_name(), "failures": failures, "tolerance_used": used, "us": {}}
     timer = bench.Timer(torch)
     for case in bench_cases.select(cases, dtypes.split(",")):
-        inputs = bench.make_inputs(torch, case, seed=1)
+        inputs = table_of(spec, bench.make_inputs(torch, case, seed=1))
         call = bench.ours(torch, case, inputs)
         replay = bench.captured(torch, call)
         result["us"][f"{case.id}-{case.dtype}"] = timer.us(replay)
@@ -179,6 +183,25 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
         del inputs, call, replay
         torch.cuda.empty_cache()
     return result
+
+
+def table_of(spec: dict, inputs):
+    """The timed case's inputs with the variant's block table: as bench.py makes it (distinct pages in
+    random order), `seq` (each request's pages consecutive in the cache, requests one after another) or
+    `fold:N` (every entry taken modulo N: N blocks, which stay in L2 for small N)."""
+    import dataclasses
+
+    import torch
+
+    table = spec.get("table")
+    if not table:
+        return inputs
+    rows, width = inputs.block_table.shape
+    if table == "seq":
+        block_table = torch.arange(rows * width, dtype=torch.int32, device="cuda").view(rows, width)
+    else:
+        block_table = inputs.block_table % int(table.split(":")[1])
+    return dataclasses.replace(inputs, block_table=block_table)
 
 
 # ---- parent: take turns, then compare --------------------------------------------------------------
