@@ -181,8 +181,10 @@ _TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(
               np.dtype("uint8"): 0}
 
 _SWIZZLE = {0: 0, 64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_NONE, _64B, _128B
-_L2_PROMOTION_128B = 2  # the cache maps': on the H200 -4 to -6 % on the memory-bound 16-bit cells and -2 % at
-_L2_PROMOTION_256B = 3  # FP8 h16/4k against 256 bytes, level elsewhere (docs/PERF_NOTES.md, ab114)
+_L2_PROMOTION_256B = 3
+# The cache maps bring 128 bytes into L2 a miss: on the H200 4-6 % faster than 256 on the memory-bound
+# 16-bit cells and 2 % at FP8 h16/4k, level elsewhere (docs/PERF_NOTES.md, ab114).
+_L2_PROMOTION_128B = 2
 _OOB_FILL_ZERO = 0
 _OOB_FILL_NAN = 1  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA: floating-point maps only
 _BOX_COLS = 64  # 64 columns: one 128-byte swizzle span of 16-bit values, or a 64-byte FP8 row
