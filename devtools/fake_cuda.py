@@ -185,6 +185,7 @@ class RecordingDriver:
                           CHECK_FN: (ctypes.sizeof(params.CheckParams),)}
         self.launches: list[dict] = []
         self.tensor_maps: list[int] = []    # the base address of every encoded TMA descriptor
+        self.map_settings: dict[int, dict] = {}   # base address -> its last descriptor's swizzle, L2 promotion, fill
         self.memory: dict[int, int] = {}
         self.kernels: dict = {}
         self.syncs: list[int] = []          # the stream of every cuStreamSynchronize
@@ -261,9 +262,11 @@ class RecordingDriver:
         ctypes.c_int.from_address(status).value = int(self.capturing)
         return 0
 
-    def _encode(self, tensor_map, dtype, rank, base, *rest):
+    def _encode(self, tensor_map, dtype, rank, base, dims, strides, box, element_strides, interleave, swizzle,
+                l2_promotion, oob_fill):
         ctypes.c_uint64.from_address(tensor_map).value = base   # descriptor word 0: where it points
         self.tensor_maps.append(base)
+        self.map_settings[base] = dict(swizzle=swizzle, l2_promotion=l2_promotion, oob_fill=oob_fill)
         return 0
 
 

@@ -164,6 +164,17 @@ def test_every_layer_cache_is_encoded_once(gpu):
     assert gpu.driver.tensor_maps == [c.data_ptr() for c in caches]
 
 
+def test_cache_maps_bring_128_bytes_into_l2_a_miss(gpu):
+    """The cache's descriptors ask L2 for 128 bytes a miss (docs/PERF_NOTES.md, ab114: 4-6 % faster than
+    256 on the memory-bound 16-bit cells); q's keep 256."""
+    t = gpu.torch
+    cache = t.tensor((8, 64, 1, 576), t.bfloat16)
+    q = t.tensor((2, 1, 128, 576), t.bfloat16)
+    flash_mla_with_kvcache(**torch_args(t, heads_q=128) | {"k_cache": cache, "q": q})
+    assert gpu.driver.map_settings[cache.data_ptr()] == dict(swizzle=3, l2_promotion=2, oob_fill=1)
+    assert gpu.driver.map_settings[q.data_ptr()]["l2_promotion"] == 3
+
+
 def test_scalars_are_part_of_the_call(gpu):
     t = gpu.torch
     for scale, causal, seqlen_q in ((None, False, 2), (0.25, False, 2), (0.25, True, 2), (None, True, 1)):
