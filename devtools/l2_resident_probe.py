@@ -37,15 +37,19 @@ extern "C" __global__ void read_all(const uint4* __restrict__ a, size_t n, int r
 FOLDS = (256, 64)   # blocks every entry is folded into: 18.9 and 4.7 MB of bf16 pages
 
 
-def read_rate_tbps(timer: "bench.Timer", nbytes: int, rounds: int, blocks_per_sm: int = 4,
-                   threads: int = 512) -> float:
+def read_kernel(nbytes: int, rounds: int = 1, blocks_per_sm: int = 4, threads: int = 512):
+    """A launch of the read kernel over a fresh buffer of `nbytes`, read `rounds` times."""
     kernel = cp.RawKernel(READ_SOURCE, "read_all")
     sink = cp.zeros(1, cp.uint32)
     data = cp.ones(nbytes // 4, cp.uint32)
     grid = (torch.cuda.get_device_properties(0).multi_processor_count * blocks_per_sm,)
     args = (data, cp.uint64(nbytes // 16), cp.int32(rounds), sink)
     # CuPy and torch both launch on the legacy default stream here, so torch's events time the kernel.
-    return nbytes * rounds / (timer.us(lambda: kernel(grid, (threads,), args)) * 1e-6) / 1e12
+    return lambda: kernel(grid, (threads,), args)
+
+
+def read_rate_tbps(timer: "bench.Timer", nbytes: int, rounds: int) -> float:
+    return nbytes * rounds / (timer.us(read_kernel(nbytes, rounds)) * 1e-6) / 1e12
 
 
 def main(case_ids: list[str]) -> None:

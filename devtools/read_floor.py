@@ -17,23 +17,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "devtools")]
 
-import cupy as cp  # noqa: E402
 import torch  # noqa: E402
 
 import bench  # noqa: E402
-from l2_resident_probe import READ_SOURCE  # noqa: E402
+from l2_resident_probe import read_kernel  # noqa: E402
 
 FLUSHES = ("memset", "read")
-
-
-def read_kernel(nbytes: int, blocks_per_sm: int = 4, threads: int = 512):
-    kernel = cp.RawKernel(READ_SOURCE, "read_all")
-    sink = cp.zeros(1, cp.uint32)
-    data = cp.ones(nbytes // 4, cp.uint32)
-    grid = (torch.cuda.get_device_properties(0).multi_processor_count * blocks_per_sm,)
-    args = (data, cp.uint64(nbytes // 16), cp.int32(1), sink)
-    # CuPy and torch both launch on the legacy default stream here, so torch's events time the kernel.
-    return lambda: kernel(grid, (threads,), args)
 
 
 def main(labels: list[str]) -> None:

@@ -425,11 +425,11 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
 #if FLASHMLA_NARROW_PAGE_BARRIER
       uint64_t* landed = &smem.page_landed[loaded % kPageBarriers];  // armed once box 0's slot is free
       if (box == 0) mbarrier_arrive_expect_tx(landed, kBoxes * kRingBoxBytes);
-      tma_load_box(map, landed, smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
-      continue;
+#else
+      uint64_t* landed = &smem.full[at.slot];
+      mbarrier_arrive_expect_tx(landed, kRingBoxBytes);
 #endif
-      mbarrier_arrive_expect_tx(&smem.full[at.slot], kRingBoxBytes);
-      tma_load_box(map, &smem.full[at.slot], smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
+      tma_load_box(map, landed, smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
     }
     trace.mark(kMarkBoxesIssued);
     if (loaded == 0 && stream.valid()) {

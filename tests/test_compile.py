@@ -360,7 +360,7 @@ def test_measurement_builds_compile(define, monkeypatch):
     ("-DFLASHMLA_NARROW_PAGE_BARRIER=0", variants.narrow_variant("e4m3", 16, "e4m3")),
     ("-DFLASHMLA_TRACE=1", variants.narrow_variant("e4m3", 16, "e4m3")),
 ], ids=["narrow-box-barriers", "narrow-fp8-trace"])
-def test_candidate_builds_compile(define, variant, monkeypatch):
+def test_narrow_measurement_builds_compile(define, variant, monkeypatch):
     """The narrow FP8 kernel's per-box TMA barriers (the page barrier switched off, as the load-only
     measurement hook needs them: scripts/kernel_ab.py) and its phase marks build as the shipped kernels
     do: no spills, no serialised or awaited wgmmas."""
