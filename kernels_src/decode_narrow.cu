@@ -43,9 +43,11 @@
 // tensor cores run the two back to back.
 //
 // Handshakes: per ring slot a TMA barrier ("full") and an "empty" barrier (the slot's page is done
-// with: the loader refills it); one warpgroup barrier per page (column maxima and P^T written), one
-// around each Q reload and the epilogue; with two computing warpgroups, each warpgroup's own per page,
-// and the computing threads' barrier around each round of the O merge (merge_warpgroups).
+// with: the loader refills it); warpgroup barriers per page (column maxima written, then P^T written;
+// with an FP8 cache one that publishes P^T and votes whether any row's max moved, and the other two only
+// where one did: softmax_unmoved), one around each Q reload and the epilogue; with two computing
+// warpgroups, each warpgroup's own, and the computing threads' barrier around each round of the O merge
+// (merge_warpgroups).
 //
 // CuTe supplies the wgmma atoms; TMA, mbarriers and descriptors are decode.cu's hand-written PTX.
 #include "decode_config.cuh"
@@ -76,6 +78,13 @@ namespace flashmla {
 #define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only
 #endif
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
+// With an FP8 cache, an unmasked page's softmax passes one warpgroup barrier where no row's max moves
+// (softmax_unmoved): on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
+// (docs/PERF_NOTES.md, ab122, ab123). 0 restores two barriers a page.
+#ifndef FLASHMLA_NARROW_VOTE_MAX
+#define FLASHMLA_NARROW_VOTE_MAX 1
+#endif
+constexpr bool kVoteMax = FLASHMLA_NARROW_VOTE_MAX != 0;
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
 constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
@@ -232,6 +241,7 @@ struct NarrowStorage {
   alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
 #endif
   float row_max[kNarrowConsumers][kNarrowRows];          // epilogue: each warpgroup's running max per row
+  int barriers_passed[kNarrowConsumers];                // merge_warpgroups: each warpgroup's own barriers
 #endif
   alignas(8) uint64_t full[kRingBoxes];
   uint64_t empty[kRingBoxes];
@@ -468,6 +478,7 @@ struct NarrowPiece {
   int mask_from;       // pages reaching past this token need the masked softmax
   float max[kRowSlots];   // running max per slot (scaled, base 2): the same in every thread holding the row
   float sum[kRowSlots];   // this thread's share of the row sums, relative to `max`
+  int barriers = 0;       // FP8: this warpgroup's own barriers passed in the piece (merge_warpgroups)
 
   __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
                                          int group, int head, int base)
@@ -553,9 +564,13 @@ struct NarrowPiece {
       }
       sum[k] = sum[k] * factor[k] + page_sum;
     }
-    // P^T[row][token], 128-byte swizzled rows of 64 tokens. A slot's row is 8 (k / 2) + at.row[k % 2],
-    // so its swizzle phase (row & 7) is that of slot k % 2: four offsets serve every slot, the rest
-    // are constants (with 32 rows, sixteen addresses held through the pages would spill).
+    store_probabilities(s.v);
+  }
+
+  // P^T[row][token], 128-byte swizzled rows of 64 tokens. A slot's row is 8 (k / 2) + at.row[k % 2],
+  // so its swizzle phase (row & 7) is that of slot k % 2: four offsets serve every slot, the rest
+  // are constants (with 32 rows, sixteen addresses held through the pages would spill).
+  __device__ __forceinline__ void store_probabilities(const float (&v)[kAccumulators]) {
     uint8_t* const tile = smem.p[consumer()];
     int offset[2][2];
 #pragma unroll
@@ -571,10 +586,42 @@ struct NarrowPiece {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         *reinterpret_cast<Element*>(tile + offset[k % 2][i] + 8 * (k / 2) * kRowBytes) =
-            to_element2(s.v[reg_of(k, i)], 0.f).x;
+            to_element2(v[reg_of(k, i)], 0.f).x;
       }
     }
   }
+
+#if defined(FLASHMLA_KV_E4M3)
+  // An unmasked page's softmax with one warpgroup barrier instead of softmax's two, where no row's running
+  // max moves (the common case past a piece's first pages; kVoteMax): P^T from the running max as it is,
+  // and one barrier that both publishes P^T and asks whether any thread saw a score past the slack. The
+  // result is softmax<false>'s where nothing moves. False (s untouched, P^T to be rewritten) when a
+  // score did move a max: softmax<false> then.
+  __device__ __forceinline__ bool softmax_unmoved(const ScoresT& s, float scale_log2) {
+    float probs[kAccumulators];
+    float page_sum[kRowSlots];
+    bool moves = false;
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      page_sum[k] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float x = s.v[reg_of(k, i)];
+        moves |= x * scale_log2 > max[k] + kMaxSlack;
+        probs[reg_of(k, i)] = fast_exp2(fmaf(x, scale_log2, -max[k]));
+        page_sum[k] += probs[reg_of(k, i)];
+      }
+    }
+    store_probabilities(probs);
+    fence_generic_to_async_smem();
+    if (__any_sync(0xffffffffu, named_barrier_any(NamedBarrier(kBarrierWarpgroup0 + consumer()), kWarpgroupThreads, moves))) {
+      return false;
+    }
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) sum[k] += page_sum[k];
+    return true;
+  }
+#endif
 
 #if !defined(FLASHMLA_KV_E4M3)
   // Zero the V rows of the last page's stale tokens (they may hold NaN, and 0 * NaN = NaN). Whole
@@ -631,13 +678,22 @@ struct NarrowPiece {
     cute::warpgroup_wait<0>();
     trace.mark(kMarkScoresIn);
     release_rope(page_seq);
-    if (bad || page * kPageSize + kPageSize > mask_from) {
-      softmax<true>(s, page, scale_log2, o, bad);
-    } else {
-      softmax<false>(s, page, scale_log2, o, false);
+    const bool masked = bad || page * kPageSize + kPageSize > mask_from;
+    bool published = false;
+    if (kVoteMax && !masked) {
+      published = softmax_unmoved(s, scale_log2);
+      ++barriers;
     }
-    fence_generic_to_async_smem();
-    warpgroup_sync();
+    if (!published) {
+      if (masked) {
+        softmax<true>(s, page, scale_log2, o, bad);
+      } else {
+        softmax<false>(s, page, scale_log2, o, false);
+      }
+      fence_generic_to_async_smem();
+      warpgroup_sync();
+      barriers += 2;
+    }
     trace.mark(kMarkProbsPublished);
     OutputFragments frags;
     issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
@@ -686,9 +742,12 @@ struct NarrowPiece {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
       // compute-sanitizer's racecheck reports false WAR hazards in the merge below when the two
       // warpgroups have passed different numbers of their own barriers (shown on a 60-line kernel:
-      // benchmarks/results/2026-11-30-h200-2wg-racecheck-investigation.txt).
-      warpgroup_sync();
-      warpgroup_sync();
+      // benchmarks/results/2026-11-30-h200-2wg-racecheck-investigation.txt). With kVoteMax a page
+      // takes one or three, so merge_warpgroups evens them out.
+      if (!kVoteMax) {
+        warpgroup_sync();
+        warpgroup_sync();
+      }
       __syncwarp();
     }
     page_seq += piece.page_end - piece.page_begin;
@@ -699,6 +758,15 @@ struct NarrowPiece {
   // handover buffer, two value tiles a round, in its register order (the two warpgroups' accumulator
   // layouts are the same), and warpgroup 0 adds it.
   __device__ __forceinline__ void merge_warpgroups(OutputT& o) {
+    if constexpr (kVoteMax) {
+      // The warpgroup that passed fewer barriers of its own in the piece passes the difference (the
+      // false WAR hazards above). The counts go through atomics: racecheck flagged plain stores and
+      // loads of them across the consumers' barrier, as it does any exchange while the counts differ.
+      if (thread == 0) atomicExch(&smem.barriers_passed[wg], barriers);
+      named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+      const int other = atomicAdd(&smem.barriers_passed[wg ^ 1], 0);
+      for (int n = barriers; n < other; ++n) warpgroup_sync();
+    }
     if (thread < 32 && at.publishes()) {
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) smem.row_max[wg][at.row[k]] = max[k];

@@ -57,6 +57,17 @@ __device__ __forceinline__ void named_barrier_sync(NamedBarrier id, int threads)
   asm volatile("barrier.sync %0, %1;" ::"r"(int(id)), "r"(threads) : "memory");
 }
 
+// named_barrier_sync that also tells every thread whether `pred` held in any of them.
+__device__ __forceinline__ bool named_barrier_any(NamedBarrier id, int threads, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n barrier.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any)
+      : "r"(uint32_t(pred)), "r"(int(id)), "r"(threads)
+      : "memory");
+  return any != 0;
+}
+
 // Ordinary smem stores that wgmma or TMA will read next must pass this fence before the barrier.
 __device__ __forceinline__ void fence_generic_to_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
