@@ -78,11 +78,17 @@ namespace flashmla {
 #define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only
 #endif
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
-// With an FP8 cache, an unmasked page's softmax passes one warpgroup barrier where no row's max moves
-// (softmax_unmoved): on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
-// (docs/PERF_NOTES.md, ab122, ab123). 0 restores two barriers a page.
+// An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
+// With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
+// (docs/PERF_NOTES.md, ab122, ab123); 0 restores two barriers a page. With a 16-bit cache (one
+// computing warpgroup) it is a candidate, off, not yet run on a GPU: the 16-bit cells are bound by their
+// loads, so it may not show.
 #ifndef FLASHMLA_NARROW_VOTE_MAX
+#if defined(FLASHMLA_KV_E4M3)
 #define FLASHMLA_NARROW_VOTE_MAX 1
+#else
+#define FLASHMLA_NARROW_VOTE_MAX 0
+#endif
 #endif
 constexpr bool kVoteMax = FLASHMLA_NARROW_VOTE_MAX != 0;
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
@@ -591,7 +597,6 @@ struct NarrowPiece {
     }
   }
 
-#if defined(FLASHMLA_KV_E4M3)
   // An unmasked page's softmax with one warpgroup barrier instead of softmax's two, where no row's running
   // max moves (the common case past a piece's first pages; kVoteMax): P^T from the running max as it is,
   // and one barrier that both publishes P^T and asks whether any thread saw a score past the slack. The
@@ -621,7 +626,6 @@ struct NarrowPiece {
     for (int k = 0; k < kRowSlots; ++k) sum[k] += page_sum[k];
     return true;
   }
-#endif
 
 #if !defined(FLASHMLA_KV_E4M3)
   // Zero the V rows of the last page's stale tokens (they may hold NaN, and 0 * NaN = NaN). Whole
@@ -820,14 +824,18 @@ struct NarrowPiece {
       release(page_seq - 1);
     }
     cute::warpgroup_wait<0>();
-    if (page * kPageSize + kPageSize > mask_from) {
-      softmax<true>(s, page, scale_log2, o, false);
-    } else {
-      softmax<false>(s, page, scale_log2, o, false);
+    const bool masked = page * kPageSize + kPageSize > mask_from;
+    // (An unmasked page has no stale rows to clear: clear_stale_rows only touches the piece's last page.)
+    if (!(kVoteMax && !masked && softmax_unmoved(s, scale_log2))) {
+      if (masked) {
+        softmax<true>(s, page, scale_log2, o, false);
+      } else {
+        softmax<false>(s, page, scale_log2, o, false);
+      }
+      clear_stale_rows(page, page_seq);
+      fence_generic_to_async_smem();
+      warpgroup_sync();
     }
-    clear_stale_rows(page, page_seq);
-    fence_generic_to_async_smem();
-    warpgroup_sync();
     issue_output(smem, page_seq, o);
     if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
   }

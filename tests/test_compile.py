@@ -360,12 +360,13 @@ def test_measurement_builds_compile(define, monkeypatch):
     ("-DFLASHMLA_NARROW_PAGE_BARRIER=0", variants.narrow_variant("e4m3", 16, "e4m3")),
     ("-DFLASHMLA_TRACE=1", variants.narrow_variant("e4m3", 16, "e4m3")),
     ("-DFLASHMLA_NARROW_VOTE_MAX=0", variants.narrow_variant("e4m3", 32, "e4m3")),
-], ids=["narrow-box-barriers", "narrow-fp8-trace", "narrow-two-softmax-barriers"])
+    ("-DFLASHMLA_NARROW_VOTE_MAX=1", variants.narrow_variant("bf16", 16, None)),
+], ids=["narrow-box-barriers", "narrow-fp8-trace", "narrow-two-softmax-barriers", "narrow-16bit-vote"])
 def test_narrow_measurement_builds_compile(define, variant, monkeypatch):
     """The narrow FP8 kernel's per-box TMA barriers (the page barrier switched off, as the load-only
     measurement hook needs them: scripts/kernel_ab.py), its phase marks and its softmax with two barriers
-    on every page (the vote switched off, the A/B baseline of ab123) build as the shipped kernels do: no
-    spills, no serialised or awaited wgmmas."""
+    on every page (the vote switched off, the A/B baseline of ab123), and the 16-bit narrow kernel with the
+    vote (a candidate, off) build as the shipped kernels do: no spills, no serialised or awaited wgmmas."""
     monkeypatch.setattr(variants, "_DEFINES", {k: v + (define,) for k, v in variants._DEFINES.items()})
     kernel = compiler.compile_variant(variant)
     assert (kernel.spill_stores, kernel.spill_loads, kernel.stack_bytes) == (0, 0, 0), kernel.log
