@@ -111,7 +111,8 @@ def main(out_dir: str, log_dir: str) -> int:
     demo = read(os.path.join(log_dir, "demo.txt"))
     summary = {
         "card": card_name() or (bench or {}).get("card"),
-        "commit": os.environ.get("FLASHMLA_COMMIT", "unknown"),
+        # The benchmark's own record (bench.commit: FLASHMLA_COMMIT, else git) where a benchmark ran.
+        "commit": os.environ.get("FLASHMLA_COMMIT") or (bench or {}).get("commit") or "unknown",
         "date": time.strftime("%Y-%m-%d"),
         "command": "bash scripts/gpu_check.sh " + os.environ.get("GPU_CHECK_MODE", "full"),
         "gpu_tests": pytest_counts(read(os.path.join(log_dir, "gpu_tests.txt"))),

@@ -245,9 +245,11 @@ def test_gpu_check_summary_names_ours_over_best_peer_per_case(tmp_path, capsys, 
     (out / "sanitizer_memcheck.txt").write_text("========= ERROR SUMMARY: 0 errors\n")
     (logs / "gpu_tests.txt").write_text("..\n80 passed, 195 deselected in 158.17s\n")
     monkeypatch.setattr(summarize_gpu_check, "card_name", lambda: None)
+    monkeypatch.delenv("FLASHMLA_COMMIT", raising=False)
     assert summarize_gpu_check.main(str(out), str(logs)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["card"] == "NVIDIA H200" and summary["gpu_tests"]["passed"] == 80
+    assert summary["commit"] == "0123456789abcdef"  # the benchmark's record, with no FLASHMLA_COMMIT set
     assert summary["sanitizers"]["memcheck"] == "ERROR SUMMARY: 0 errors" and summary["sanitizers"]["racecheck"] is None
     bench_part = summary["benchmark"]
     assert bench_part["complete"] is False and bench_part["not_run"] == 1
