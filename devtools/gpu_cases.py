@@ -135,6 +135,23 @@ def check(case, out, lse, seed, label):
 REPORTS: list[dict] = []  # written to $FLASHMLA_CUPY_TEST_REPORT by tests/conftest.py
 
 
+def cap_plan_parts(most: int | None) -> None:
+    """Plans of at most `most` parts (None: as shipped) for the calls prepared from now on: the planner's
+    part count capped (fewer, longer parts: the narrow kernel's two loader lanes), and the calls prepared
+    with the plan before forgotten."""
+    from flashmla_cupy import lookup, plan
+
+    shipped = getattr(plan.num_sm_parts, "shipped", plan.num_sm_parts)
+    if most is None:
+        plan.num_sm_parts = shipped
+    else:
+        def capped(*args):
+            return min(most, shipped(*args))
+        capped.shipped = shipped
+        plan.num_sm_parts = capped
+    lookup.remembered().clear()
+
+
 def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 

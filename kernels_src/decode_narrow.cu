@@ -627,6 +627,31 @@ struct NarrowPiece {
     return true;
   }
 
+  // The page's softmax, its P^T published to the warpgroup (past its barrier): with kVoteMax an unmasked
+  // page tries softmax_unmoved first; otherwise, or where a max moved, softmax<masked>, then
+  // `before_publish` (what else must be written before the barrier) and the barrier. With two computing
+  // warpgroups `barriers` counts the warpgroup's own barriers it passed: 1, 2 or 3 (merge_warpgroups).
+  template <typename BeforePublish>
+  __device__ __forceinline__ void publish_probabilities(ScoresT& s, int page, float scale_log2, OutputT& o, bool masked,
+                                                       bool bad, BeforePublish&& before_publish) {
+    bool published = false;
+    if (kVoteMax && !masked) {
+      published = softmax_unmoved(s, scale_log2);
+      if (kNarrowConsumers > 1) ++barriers;
+    }
+    if (!published) {
+      if (masked) {
+        softmax<true>(s, page, scale_log2, o, bad);
+      } else {
+        softmax<false>(s, page, scale_log2, o, false);
+      }
+      before_publish();
+      fence_generic_to_async_smem();
+      warpgroup_sync();
+      if (kNarrowConsumers > 1) barriers += 2;
+    }
+  }
+
 #if !defined(FLASHMLA_KV_E4M3)
   // Zero the V rows of the last page's stale tokens (they may hold NaN, and 0 * NaN = NaN). Whole
   // 128-byte rows, which is independent of the swizzle; `valid` is clamped, so lengths that disagree with
@@ -683,21 +708,7 @@ struct NarrowPiece {
     trace.mark(kMarkScoresIn);
     release_rope(page_seq);
     const bool masked = bad || page * kPageSize + kPageSize > mask_from;
-    bool published = false;
-    if (kVoteMax && !masked) {
-      published = softmax_unmoved(s, scale_log2);
-      ++barriers;
-    }
-    if (!published) {
-      if (masked) {
-        softmax<true>(s, page, scale_log2, o, bad);
-      } else {
-        softmax<false>(s, page, scale_log2, o, false);
-      }
-      fence_generic_to_async_smem();
-      warpgroup_sync();
-      barriers += 2;
-    }
+    publish_probabilities(s, page, scale_log2, o, masked, bad, [] {});
     trace.mark(kMarkProbsPublished);
     OutputFragments frags;
     issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
@@ -824,18 +835,10 @@ struct NarrowPiece {
       release(page_seq - 1);
     }
     cute::warpgroup_wait<0>();
-    const bool masked = page * kPageSize + kPageSize > mask_from;
-    // (An unmasked page has no stale rows to clear: clear_stale_rows only touches the piece's last page.)
-    if (!(kVoteMax && !masked && softmax_unmoved(s, scale_log2))) {
-      if (masked) {
-        softmax<true>(s, page, scale_log2, o, false);
-      } else {
-        softmax<false>(s, page, scale_log2, o, false);
-      }
-      clear_stale_rows(page, page_seq);
-      fence_generic_to_async_smem();
-      warpgroup_sync();
-    }
+    // (softmax_unmoved takes unmasked pages only, which have no stale rows: clear_stale_rows only touches
+    // the piece's last page.)
+    publish_probabilities(s, page, scale_log2, o, page * kPageSize + kPageSize > mask_from, false,
+                          [&] { clear_stale_rows(page, page_seq); });
     issue_output(smem, page_seq, o);
     if constexpr (kNext) issue_scores(smem, page_seq + 1, s, thread);
   }

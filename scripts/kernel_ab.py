@@ -123,8 +123,9 @@ def apply(spec: dict) -> None:
             return shipped_encode(*args, **kwargs)
         launch._tensor_map_4d = tensor_map_4d
     if spec.get("maxparts"):
-        shipped_parts = plan.num_sm_parts
-        plan.num_sm_parts = lambda *a: min(spec["maxparts"], shipped_parts(*a))
+        from devtools.gpu_cases import cap_plan_parts
+
+        cap_plan_parts(spec["maxparts"])
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "devtools"))
-from gpu_cases import check, fresh_seed, run  # noqa: E402
+from gpu_cases import cap_plan_parts, check, fresh_seed, run  # noqa: E402
 
 from flashmla_cupy import reference  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> int:
 
         os.environ["FLASHMLA_CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="sanitize_variant_")
         kernel_ab.apply(kernel_ab.parse_variant(sys.argv[sys.argv.index("--variant") + 1]))
-    from flashmla_cupy import kernels, lookup, plan
+    from flashmla_cupy import kernels, lookup
 
     cases = FP8_CASES if "--fp8" in sys.argv[1:] else CASES + FP8_CASES
     # With --decode-fp8 the e4m3 cases of more than 32 rows also run through decode.cu's FP8 path
@@ -59,14 +59,14 @@ def main() -> int:
     also = "--decode-fp8" in sys.argv[1:]
     fallback_cases = [c for c in cases if also and c[6] == c[7] == "e4m3" and c[1] * c[2] // c[3] > 32]
     runs = [(case, shipped) for case in cases] + [(case, not shipped) for case in fallback_cases]
-    shipped_parts = plan.num_sm_parts
+    capped = False
     for (b, s_q, h_q, h_kv, seqlens, causal, dtype, kv_dtype, *parts), ring in runs:
         if ring != kernels.RING_FP8:
             kernels.RING_FP8 = ring
             lookup.remembered().clear()   # calls prepared with the other kernel
-        if parts or plan.num_sm_parts is not shipped_parts:
-            plan.num_sm_parts = (lambda *a, most=parts[0]: min(most, shipped_parts(*a))) if parts else shipped_parts
-            lookup.remembered().clear()   # calls prepared with the other plan
+        if parts or capped:
+            cap_plan_parts(parts[0] if parts else None)
+            capped = bool(parts)
         seed = fresh_seed()
         case = reference.random_case(np.random.default_rng(seed), b, s_q, h_q, h_kv, np.array(seqlens), dtype,
                                      causal=causal, kv_dtype=kv_dtype)

@@ -202,3 +202,21 @@ def test_partial_slots_covers_every_plan():
 def test_rejects_zero_parts():
     with pytest.raises(ValueError):
         plan_numpy(np.array([1]), 0)
+
+
+def test_capped_plans_for_the_gpu_tests_and_scripts_come_back_as_shipped():
+    """devtools/gpu_cases.cap_plan_parts, which the long-part GPU tests, sanitize_cases and kernel_ab's
+    `maxparts=` use: the part count capped, capping twice does not stack, None restores the planner."""
+    from flashmla_cupy import lookup, plan
+    from gpu_cases import cap_plan_parts
+
+    shipped = plan.num_sm_parts
+    lookup.remembered()["sentinel"] = object()
+    try:
+        cap_plan_parts(8)
+        assert plan.num_sm_parts(132, 1, 128) == 8 and "sentinel" not in lookup.remembered()
+        cap_plan_parts(100)
+        assert plan.num_sm_parts(132, 1, 128) == min(100, shipped(132, 1, 128))
+    finally:
+        cap_plan_parts(None)
+    assert plan.num_sm_parts is shipped

@@ -14,8 +14,8 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import (check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, run, to_device,
-                       to_numpy)
+from gpu_cases import (cap_plan_parts, check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, run,
+                       to_device, to_numpy)
 
 pytestmark = pytest.mark.gpu
 
@@ -141,16 +141,12 @@ def test_fp8_poisoned_page_gives_nan_rows(q_dtype, s_q, h_q):
 
 
 @pytest.fixture
-def long_parts(monkeypatch):
+def long_parts():
     """Plans of at most 8 parts, prepared afresh: parts of ~49 pages (payload >= kLongPartPages), where the
     narrow kernel's two loader lanes take the pages in turn."""
-    from flashmla_cupy import lookup, plan
-
-    shipped = plan.num_sm_parts
-    lookup.remembered().clear()
-    monkeypatch.setattr(plan, "num_sm_parts", lambda *args: min(8, shipped(*args)))
+    cap_plan_parts(8)
     yield
-    lookup.remembered().clear()
+    cap_plan_parts(None)
 
 
 @pytest.mark.parametrize("s_q", [1, 2])  # 16 and 32 rows
