@@ -655,3 +655,17 @@ def test_bench_trees_summarises_each_trees_rounds(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "fp8 b128-q1-h16-4096: 102.0 | 90.0 | 0.882" in run.stdout
     assert (out / "trees.tgz").exists()
+
+
+def test_kernel_ab_with_no_checks_claims_no_verdict(monkeypatch, tmp_path, capsys):
+    """`--checks 0` (experiments whose output is meaningless) times the builds but says nothing about
+    exactness: a report that read "exact: yes" there once stood beside a load-only build's times."""
+    turns = iter([{"card": "H200", "failures": [], "tolerance_used": {"out": 0.0, "lse": 0.0}, "us": {"c-fp8": t}}
+                  for t in (100.0, 90.0)])
+    monkeypatch.setattr(kernel_ab, "run_child", lambda spec, args: next(turns))
+    out = tmp_path / "ab.json"
+    assert kernel_ab.main(["--variant", "lo: -DX=1", "--checks", "0", "--rounds", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "round 1 lo: not checked (--checks 0)" in printed and "exact: not checked" in printed
+    assert "yes" not in printed and "bars used" not in printed
+    assert json.loads(out.read_text())["exact"] == {"shipped": None, "lo": None}

@@ -366,7 +366,7 @@ def test_narrow_measurement_builds_compile(define, variant, monkeypatch):
     """The narrow FP8 kernel's per-box TMA barriers (the page barrier switched off, as the load-only
     measurement hook needs them: scripts/kernel_ab.py), its phase marks and its softmax with two barriers
     on every page (the vote switched off, the A/B baseline of ab123), and the 16-bit narrow kernel with the
-    vote (a candidate, off) build as the shipped kernels do: no spills, no serialised or awaited wgmmas."""
+    vote (off: level on the H200, ab124) build as the shipped kernels do: no spills, no serialised or awaited wgmmas."""
     monkeypatch.setattr(variants, "_DEFINES", {k: v + (define,) for k, v in variants._DEFINES.items()})
     kernel = compiler.compile_variant(variant)
     assert (kernel.spill_stores, kernel.spill_loads, kernel.stack_bytes) == (0, 0, 0), kernel.log
