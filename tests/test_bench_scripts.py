@@ -502,7 +502,8 @@ def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
     timer = _RoundTimer(times)
     monkeypatch.setattr(bench, "make_inputs", lambda torch, case, seed: "inputs")
     monkeypatch.setattr(bench, "prepare_library", prepare)
-    monkeypatch.setattr(bench, "host_time_us", lambda torch, fn: {"ours_fn": 20.0}.get(fn, 30.0))
+    monkeypatch.setattr(bench, "host_times_us",
+                        lambda torch, fns: {name: {"ours_fn": 20.0}.get(fn, 30.0) for name, fn in fns.items()})
     row = bench.measure_case(FakeTorch, timer, libs, case, 1, kernels=False)
     assert references == [None] + 4 * ["reference"]   # the peers are checked against ours
     got = row["libraries"]
@@ -669,3 +670,27 @@ def test_kernel_ab_with_no_checks_claims_no_verdict(monkeypatch, tmp_path, capsy
     assert "round 1 lo: not checked (--checks 0)" in printed and "exact: not checked" in printed
     assert "yes" not in printed and "bars used" not in printed
     assert json.loads(out.read_text())["exact"] == {"shipped": None, "lo": None}
+
+
+def test_host_times_take_turns_and_the_median_of_bursts(monkeypatch):
+    """Each library's host time is the median of its bursts, the libraries taking turns in rotated
+    orders; a library whose call raises gets its exception and no further bursts."""
+    order = []
+    bursts = {"a": iter([50.0, 10.0, 12.0, 11.0, 90.0]), "b": iter([20.0] * 5)}
+
+    def fake_bursts(fn, calls):
+        order.append(fn)
+        if fn == "c":
+            raise RuntimeError("lost the device")
+        return [next(bursts[fn])]
+
+    class FakeTorch:
+        class cuda:
+            @staticmethod
+            def synchronize():
+                pass
+
+    monkeypatch.setattr(bench, "per_call_us", fake_bursts)
+    got = bench.host_times_us(FakeTorch, {"a": "a", "b": "b", "c": "c"}, rounds=5)
+    assert got["a"] == 12.0 and got["b"] == 20.0 and isinstance(got["c"], RuntimeError)
+    assert order[:4] == ["a", "b", "c", "b"] and order.count("c") == 1 and order.count("a") == 5
