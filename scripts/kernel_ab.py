@@ -213,8 +213,10 @@ def run_child(spec: dict, args) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
                            "--dtype", args.dtype, "--checks", str(args.checks)] + ["--eager"] * args.eager,
                           capture_output=True, text=True, env=env)
-    if done.returncode != 0:   # without CuPy's module-unload complaints at a failed child's exit
-        noise = ("moduleUnload", "check_status", "'NoneType' object is not callable", "Module.__dealloc__")
+    if done.returncode != 0:   # without CuPy's module-unload complaints and torch's event-destructor
+        # warnings at a failed child's exit (after a sticky CUDA error they filled the 2000 characters kept)
+        noise = ("moduleUnload", "check_status", "'NoneType' object is not callable", "Module.__dealloc__",
+                 "Warning: CUDA warning")
         lines = [line for line in (done.stderr or done.stdout).splitlines() if not any(n in line for n in noise)]
         return {"error": "\n".join(line for line in lines if line != "Traceback (most recent call last):")[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -694,3 +694,23 @@ def test_host_times_take_turns_and_the_median_of_bursts(monkeypatch):
     got = bench.host_times_us(FakeTorch, {"a": "a", "b": "b", "c": "c"}, rounds=5)
     assert got["a"] == 12.0 and got["b"] == 20.0 and isinstance(got["c"], RuntimeError)
     assert order[:4] == ["a", "b", "c", "b"] and order.count("c") == 1 and order.count("a") == 5
+
+
+def test_kernel_ab_child_error_keeps_the_exception_not_the_exit_noise(monkeypatch, tmp_path):
+    """A child that dies on a CUDA error prints its traceback, then torch's event-destructor warnings
+    and CuPy's unload complaints by the hundred: the report keeps the exception."""
+    stderr = "\n".join(["Traceback (most recent call last):", '  File "bench.py", line 286, in us',
+                        "torch.AcceleratorError: CUDA error: unspecified launch failure"] +
+                       ["[W1201 15:04:22 CUDAEvent.h:57] Warning: CUDA warning: unspecified launch failure "
+                        "(function ~CUDAEvent)"] * 200 +
+                       ["TypeError: 'NoneType' object is not callable"] * 50)
+
+    class Done:
+        returncode, stdout = 1, ""
+
+    Done.stderr = stderr
+    monkeypatch.setattr(kernel_ab.subprocess, "run", lambda *a, **k: Done)
+    args = kernel_ab.argparse.Namespace(cache_root=str(tmp_path), cases="issue", dtype="fp8", checks=1, eager=False)
+    error = kernel_ab.run_child({"name": "linear"}, args)["error"]
+    assert "torch.AcceleratorError: CUDA error: unspecified launch failure" in error
+    assert "CUDAEvent" not in error and "NoneType" not in error
