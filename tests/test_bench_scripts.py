@@ -714,3 +714,16 @@ def test_kernel_ab_child_error_keeps_the_exception_not_the_exit_noise(monkeypatc
     error = kernel_ab.run_child({"name": "linear"}, args)["error"]
     assert "torch.AcceleratorError: CUDA error: unspecified launch failure" in error
     assert "CUDAEvent" not in error and "NoneType" not in error
+
+
+@pytest.mark.parametrize("patch", sorted((REPO / "devtools" / "candidates").glob("*.patch")) or [None],
+                         ids=lambda p: p.name if p else "none")
+def test_candidate_patches_still_apply(patch, tmp_path):
+    """A candidate waiting as a patch (devtools/candidates/README.md) applies to the tree as it is, so the
+    session that measures it starts from a build, not a merge."""
+    if patch is None:
+        pytest.skip("no candidate patches wait in devtools/candidates/")
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
