@@ -313,7 +313,7 @@ def host_times_us(torch, fns: dict, calls: int = HOST_CALLS, rounds: int = HOST_
     bursts = {name: [] for name in fns}
     failed = {}
     names = list(fns)
-    for round_ in range(rounds):
+    for round_ in range(rounds if names else 0):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             if name in failed:
                 continue

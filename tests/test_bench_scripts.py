@@ -694,6 +694,7 @@ def test_host_times_take_turns_and_the_median_of_bursts(monkeypatch):
     got = bench.host_times_us(FakeTorch, {"a": "a", "b": "b", "c": "c"}, rounds=5)
     assert got["a"] == 12.0 and got["b"] == 20.0 and isinstance(got["c"], RuntimeError)
     assert order[:4] == ["a", "b", "c", "b"] and order.count("c") == 1 and order.count("a") == 5
+    assert bench.host_times_us(FakeTorch, {}) == {}   # every library already failed this case
 
 
 def test_kernel_ab_child_error_keeps_the_exception_not_the_exit_noise(monkeypatch, tmp_path):
