@@ -310,20 +310,16 @@ def host_times_us(torch, fns: dict, calls: int = HOST_CALLS, rounds: int = HOST_
     every round (the order rotated), and each gets the median of its bursts: one burst per library, one
     library after the other, once put ours 28 us behind FlashMLA on a case where the next dtype's same
     case put it 13 us ahead (fb04ac9's full check). A library whose call raises gets the exception."""
-    bursts = {name: [] for name in fns}
-    failed = {}
+    def burst(fn):
+        torch.cuda.synchronize()   # each burst starts from an idle queue
+        (us,) = per_call_us(fn, calls)
+        return us
+
     names = list(fns)
-    for round_ in range(rounds if names else 0):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            if name in failed:
-                continue
-            torch.cuda.synchronize()
-            try:
-                bursts[name].extend(per_call_us(fns[name], calls))
-            except Exception as exc:
-                failed[name] = exc
+    orders = [names[k % len(names):] + names[:k % len(names)] for k in range(rounds if names else 0)]
+    bursts = in_turns(fns, orders, burst)
     torch.cuda.synchronize()
-    return {name: failed.get(name) or statistics.median(bursts[name]) for name in names}
+    return {name: got if isinstance(got, Exception) else statistics.median(got) for name, got in bursts.items()}
 
 
 def captured(torch, fn):
@@ -448,19 +444,24 @@ def interleaved_us(timer: Timer, fns: dict) -> dict:
     """Each of `fns` (name -> function) timed in rounds (round_orders), each a 1/rounds share of its runs,
     so that what the GPU carries over from before falls on every library alike: name -> its rounds'
     times (their median is the library's time), or the exception that stopped it."""
-    names = list(fns)
-    orders = round_orders(names)
-    times: dict = {name: [] for name in names}
+    orders = round_orders(list(fns))
+    return in_turns(fns, orders, lambda fn: timer.us(fn, share=1 / len(orders)))
+
+
+def in_turns(fns: dict, orders: list[list], measure) -> dict:
+    """`measure` of each of `fns` (name -> function) in every round of `orders`: name -> the list of its
+    measurements, or the exception that stopped it (that library is measured no more; the others go on)."""
+    got: dict = {name: [] for name in fns}
     failed: dict = {}
     for order in orders:
         for name in order:
             if name in failed:
                 continue
             try:
-                times[name].append(timer.us(fns[name], share=1 / len(orders)))
-            except Exception as exc:  # that library's timing stops; the others go on
+                got[name].append(measure(fns[name]))
+            except Exception as exc:
                 failed[name] = exc
-    return {name: failed.get(name, times[name]) for name in names}
+    return {name: failed.get(name, got[name]) for name in fns}
 
 
 def case_row(case: Case) -> dict:
