@@ -118,7 +118,10 @@ class DecodeLaunch:
             heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
             causal=int(problem.causal), scale_log2=problem.scale_log2,
             num_blocks=problem.k_cache.shape[0], block_table_width=bt.shape[1],
-            partial_slots=plan.partial_slots(problem.batch, problem.num_parts))
+            partial_slots=plan.partial_slots(problem.batch, problem.num_parts),
+            kv_block_bytes=problem.k_cache.strides[0] * problem.k_cache.dtype.itemsize,
+            kv_token_bytes=problem.k_cache.strides[1] * problem.k_cache.dtype.itemsize,
+            kv_head_bytes=problem.k_cache.strides[2] * problem.k_cache.dtype.itemsize)
         # out_partial [slots, heads_kv, rows, 512] then lse_partial [slots, heads_kv, rows]
         partial_rows = self._params.partial_slots * problem.heads_kv * problem.rows
         self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows
@@ -156,6 +159,7 @@ class DecodeLaunch:
                 self._launch.set_arg(2, q_map)
             self._q_ptr = q
         p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
+        p.kv_cache = k_cache
         p.out, p.lse = out, lse
         for name, address in zip(self._descales, descales):
             setattr(p, name, address)

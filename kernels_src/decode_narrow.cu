@@ -67,16 +67,31 @@ namespace flashmla {
 #ifndef FLASHMLA_NARROW_LOADERS
 #define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
 #endif
-// With an FP8 cache, one TMA barrier per page instead of one per box (kPageBarriers): on the H200 -2 %
-// at h16/4k, -6 % at h32/8k (docs/PERF_NOTES.md, ab109, ab111). 0 restores the per-box barriers, which
-// the load-only hook below needs (its 32-row storage is then 1 KB smaller, variants.py).
+// With an FP8 cache and 16 rows, pages as they lie in the cache (kLinear): one linear bulk copy a page
+// into a ring of whole pages (576-byte rows), instead of nine TMA boxes of 64-byte rows at a 576-byte
+// stride, which the H200 reads 5-6 % slower (load-only, ab125). S^T then takes K from registers
+// (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200 -3.5 % at h16/4k, -3.9 %
+// at h16/16k, -1.7 % at b8/h16/16k (docs/PERF_NOTES.md, ab128). 0 restores the boxes (and with them the
+// page barrier), which the load-only hook needs.
+#ifndef FLASHMLA_NARROW_LINEAR
+#define FLASHMLA_NARROW_LINEAR 1
+#endif
+#if !defined(FLASHMLA_KV_E4M3) || FLASHMLA_NARROW_ROWS != 16
+#undef FLASHMLA_NARROW_LINEAR
+#define FLASHMLA_NARROW_LINEAR 0  // an FP8 cache's, 16 rows (with 32, K's registers spill)
+#endif
+// With an FP8 cache in boxes, one TMA barrier per page instead of one per box (kPageBarriers): on the
+// H200 -2 % at h16/4k (before kLinear), -6 % at h32/8k (docs/PERF_NOTES.md, ab109, ab111). 0 restores
+// the per-box barriers, which the load-only hook below needs (its 32-row storage is then 1 KB smaller,
+// variants.py).
 #ifndef FLASHMLA_NARROW_PAGE_BARRIER
 #define FLASHMLA_NARROW_PAGE_BARRIER 1
 #endif
-#if !defined(FLASHMLA_KV_E4M3)
+#if !defined(FLASHMLA_KV_E4M3) || FLASHMLA_NARROW_LINEAR
 #undef FLASHMLA_NARROW_PAGE_BARRIER
-#define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only
+#define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only (a linear page has one barrier anyway)
 #endif
+constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -168,6 +183,13 @@ constexpr int kRingBoxes = (227 * 1024 - 1024 - kRowFieldBytes - kQTileBytes - k
 static_assert(!kPageBarrier || (kRingBoxes >= 4 * kBoxes && kRingBoxes < 6 * kBoxes),
               "the page barriers' arming argument (above) counts on these page distances");
 #endif
+// kLinear: the ring's bytes hold whole pages of 64 rows x 576 e4m3 bytes, page n of the CTA in slot
+// n mod kLinearSlots (5 with 16 rows), each slot with an "empty" barrier (nine arrivals: the rope box's
+// and each value box's, as with boxes); a page's one bulk copy lands on a barrier of its own (PageSlot).
+constexpr int kLinearPageBytes = kPageSize * kHeadDim;
+constexpr int kLinearSlots = kRingBoxes * kRingBoxBytes / kLinearPageBytes;
+static_assert(!kLinear || kLinearSlots >= 3, "a ring of three pages at least");
+static_assert(!(kLinear && FLASHMLA_LOAD_ONLY), "the load-only hook waits for boxes: build it with -DFLASHMLA_NARROW_LINEAR=0");
 
 template <int N, bool kBf16> struct NarrowAtoms;
 template <> struct NarrowAtoms<32, true> {
@@ -202,10 +224,12 @@ using MmaOutputT = NarrowAtoms<kNarrowRows, false>::Output;
 template <int N> struct NarrowFp8Atoms;
 template <> struct NarrowFp8Atoms<16> {
   using Scores = gmma::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
+  using ScoresFromRegs = gmma::MMA_64x16x32_F32E4M3E4M3_RS_TN<>;
   using OutputFromRegs = gmma::MMA_64x16x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 };
 template <> struct NarrowFp8Atoms<32> {
   using Scores = gmma::MMA_64x32x32_F32E4M3E4M3_SS_TN<>;
+  using ScoresFromRegs = gmma::MMA_64x32x32_F32E4M3E4M3_RS_TN<>;
   using OutputFromRegs = gmma::MMA_64x32x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 };
 using MmaScoresFp8 = NarrowFp8Atoms<kNarrowRows>::Scores;
@@ -265,6 +289,40 @@ struct RingSlot {
   }
 };
 
+// kLinear: where the n-th page this CTA reads lies (slot n mod kLinearSlots, released on that slot's
+// empty barrier, `phase` the parity of the slot's use) and which barrier says it has landed: one of
+// kLandedBarriers = 2 kLinearSlots (`landed`, parity `landed_phase`). A barrier per slot is not enough:
+// with five slots, page n - 5 is the other warpgroup's, and copies complete out of order, so a
+// warpgroup could reach page n before page n - 5 had landed, and a parity wait cannot tell that phase
+// from page n's: it passed, the slot was released early and refilled while a copy still ran into it
+// (ab127's launch failures; gone with the loader waiting for each page to land). Barrier n mod 10's
+// previous phase is page n - 10's, whose slot the loader got back before issuing page n - 5, so before
+// page n - 2, the warpgroup's previous page (or before the piece: all consumed at its request barrier).
+constexpr int kLandedBarriers = 2 * kLinearSlots;
+static_assert(!kLinear || kLandedBarriers <= kRingBoxes, "the landed barriers are the ring's full barriers");
+struct PageSlot {
+  int slot, phase, landed, landed_phase;
+  __device__ __forceinline__ explicit PageSlot(uint32_t page_seq)
+      : slot(int(page_seq % kLinearSlots)),
+        phase(int((page_seq / kLinearSlots) & 1)),
+        landed(int(page_seq % kLandedBarriers)),
+        landed_phase(int((page_seq / kLandedBarriers) & 1)) {}
+  __device__ __forceinline__ uint8_t* bytes(NarrowStorage& smem) const {
+    return &smem.ring[0][0] + slot * kLinearPageBytes;
+  }
+};
+// The empty barrier a box of page `page_seq` is released on.
+__device__ __forceinline__ uint64_t* empty_barrier(NarrowStorage& smem, uint32_t page_seq, int box) {
+  return kLinear ? &smem.empty[PageSlot(page_seq).slot] : &smem.empty[RingSlot(page_seq, box).slot];
+}
+
+// kLinear: the page row that M index m of S^T (a token of the page, and P^T's column m) reads. Rows
+// keep their group of four and swap the middle two (0 1 3 2): the rows one V^T load takes (m = 2t + c
+// for lanes t = 0..3 of a quad) then alternate between the two 64-byte halves of the banks, which a
+// 576-byte row stride would otherwise put all on one (four-way conflicts), and the two rows of a phase
+// of K's loads (m, m + 1) still fall on both halves.
+__device__ __forceinline__ int linear_row(int m) { return m ^ ((m >> 1) & 1); }
+
 // Accumulator coordinates of an m64nN tile (softmax.cuh's layout with M and N in these roles):
 // register 4*j + 2*i + c holds M index 16*warp + lane/4 + 8*i and query row 8*j + 2*(lane%4) + c. Slot
 // 2*j + c names the query row; i picks one of the thread's two M indices.
@@ -316,6 +374,103 @@ __device__ __forceinline__ void issue_scores(NarrowStorage& smem, uint32_t page_
   fence_fragment(s.v);
 }
 
+#if FLASHMLA_NARROW_LINEAR
+// kLinear: S^T's A operand, K, from registers: a thread's rows are M indices m and m + 8 (page rows
+// linear_row of them), and a 16-byte load of each row at column 64 g + 16 t (t = lane % 4) gives its four
+// bytes of both rows for k-steps 2g and 2g + 1, once the k order inside each 64-column group is
+// permuted: logical k 16 i + 4 t + b of step 2g + h is page column 64 g + 16 t + 8 h + 4 i + b. The Q
+// tile is stored in that logical order (load_narrow_q). The registers stay read until the wait for S^T,
+// so the caller holds them (run_pages). All 18 steps' at once (72 registers) make ptxas serialise every
+// wgmma of the kernel (C7512), and 16, 14 or 12 sets spill: 10 sets, steps 0-7 go first as a batch of
+// their own, and once it has completed (behind steps 8-9) their registers take steps 10-17.
+constexpr int kScoreSteps = kHeadDim / kFp8MmaK;  // 18
+constexpr int kKSets = 10;                        // step s in set s % kKSets
+constexpr int kKFirst = kScoreSteps - kKSets;     // steps in the first batch, whose sets are reused
+struct KFragments {
+  uint32_t v[kKSets][4];
+  // Held until here: an RS wgmma reads its A registers until it is awaited, which the compiler does
+  // not see (as the PV's fragments, page_step).
+  __device__ __forceinline__ void done() {
+#pragma unroll
+    for (int s = 0; s < kKSets; ++s) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(v[s][i]);
+    }
+  }
+};
+using MmaScoresFromRegs = NarrowFp8Atoms<kNarrowRows>::ScoresFromRegs;
+
+// K's registers for the two steps of 64-column group g (see above), into sets of steps mod kKSets.
+__device__ __forceinline__ void load_k_group(const uint8_t* const (&row)[2], int g, KFragments& k) {
+  uint4 word[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) word[r] = *reinterpret_cast<const uint4*>(row[r] + 64 * g);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t (&a)[4] = k.v[(2 * g + h) % kKSets];
+    a[0] = (&word[0].x)[2 * h];
+    a[1] = (&word[1].x)[2 * h];
+    a[2] = (&word[0].x)[2 * h + 1];
+    a[3] = (&word[1].x)[2 * h + 1];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[i]);
+  }
+}
+
+// S^T of the page: nothing else may be in flight in the warpgroup (the wait between the batches).
+__device__ __forceinline__ void issue_scores_linear(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int thread,
+                                                    KFragments& k) {
+  const PageSlot at(page_seq);
+#if !FLASHMLA_COMPUTE_ONLY
+  mbarrier_wait_uniform(&smem.full[at.landed], at.landed_phase);
+#endif
+  const int m = 16 * (thread / 32) + (thread % 32) / 4;
+  const uint8_t* const page = at.bytes(smem) + 16 * (thread % 4);
+  const uint8_t* const row[2] = {page + linear_row(m) * kHeadDim, page + linear_row(m + 8) * kHeadDim};
+#pragma unroll
+  for (int g = 0; g < kKSets / 2; ++g) load_k_group(row, g, k);
+  const SmemDesc q = box_desc(smem.q);
+  auto issue = [&](int first, int end) {
+#pragma unroll
+    for (int step = first; step < end; ++step) {
+      mma_rs<MmaScoresFromRegs>(k.v[step % kKSets], q.at((step / 2) * kQBoxBytes + (step % 2) * 32), s.v, step > 0,
+                                cuda::std::make_index_sequence<kAccumulators>{});
+    }
+    cute::warpgroup_commit_batch();
+  };
+  fence_fragment(s.v);
+  cute::warpgroup_arrive();
+  issue(0, kKFirst);
+  issue(kKFirst, kKSets);
+  cute::warpgroup_wait<1>();  // the first batch
+#pragma unroll
+  for (int step = 0; step < kKFirst; ++step) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(k.v[step][i]);  // read until the wait above
+  }
+#pragma unroll
+  for (int g = kKSets / 2; g < kScoreSteps / 2; ++g) load_k_group(row, g, k);
+  cute::warpgroup_arrive();
+  issue(kKSets, kScoreSteps);
+  fence_fragment(s.v);
+}
+#else
+struct KFragments {
+  __device__ __forceinline__ void done() {}
+};
+#endif
+
+// S^T of page `page_seq`, issued (committed, not awaited): from the ring's boxes, or with kLinear from
+// K in registers that the caller keeps until it waits.
+__device__ __forceinline__ void issue_page_scores(NarrowStorage& smem, uint32_t page_seq, ScoresT& s, int thread,
+                                                  KFragments& k) {
+#if FLASHMLA_NARROW_LINEAR
+  issue_scores_linear(smem, page_seq, s, thread, k);
+#else
+  issue_scores(smem, page_seq, s, thread);
+#endif
+}
+
 
 #if defined(FLASHMLA_KV_E4M3)
 // The A fragments of PV: two sets of the eight value tiles' (issue_output). With 32 rows O^T takes 128
@@ -336,9 +491,16 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
   const SmemDesc p = k_major_desc(p_tile);
   const int warp = thread / 32;
   const int lane = thread % 32;
+#if FLASHMLA_NARROW_LINEAR
+  // The thread's 16 columns of each page row (a 576-byte row; linear_row gives the token order).
+  const uint8_t* columns = PageSlot(page_seq).bytes(smem) + 128 * warp + 16 * (lane / 4);
+  constexpr int kRowStride = kHeadDim;
+#else
   const int box = 2 * warp + (lane / 4) / 4;
   // Chunk (lane / 4) % 4 of each token; the tokens below all have the swizzle phase lane % 4.
   const uint8_t* columns = smem.ring[RingSlot(page_seq, box).slot] + ((((lane / 4) % 4) ^ (lane % 4)) << 4);
+  constexpr int kRowStride = kFp8RowBytes;
+#endif
   const int pair = 2 * (lane % 4);  // tokens pair, pair + 1, pair + 8, pair + 9 of each 16-token step
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
@@ -346,8 +508,9 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
     uint4 v[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int token = step * kMmaK + pair + (k % 2) + 8 * (k / 2);
-      v[k] = token < valid ? *reinterpret_cast<const uint4*>(columns + token * kFp8RowBytes) : make_uint4(0, 0, 0, 0);
+      const int index = step * kMmaK + pair + (k % 2) + 8 * (k / 2);  // P^T's column
+      const int token = kLinear ? linear_row(index) : index;
+      v[k] = token < valid ? *reinterpret_cast<const uint4*>(columns + token * kRowStride) : make_uint4(0, 0, 0, 0);
     }
     uint32_t (&a)[kValueTiles][4] = frags[step % kFragmentSets];
 #pragma unroll
@@ -400,6 +563,25 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 
 #endif
 
+#if FLASHMLA_NARROW_LINEAR
+// kLinear: page `block` of KV head `kv_head` into a ring slot as it lies in the cache, 64 rows of 576
+// bytes: one bulk copy where its rows are contiguous (one KV head), otherwise one a row. A block index
+// outside the cache loads block 0 (with the guards on, its warpgroup has flagged the page already).
+__device__ __forceinline__ void load_linear_page(const DecodeParams& p, int block, int kv_head, uint64_t* full,
+                                                 uint8_t* dst) {
+  if (block < 0 || block >= p.num_blocks) block = 0;
+  const uint8_t* page = static_cast<const uint8_t*>(p.kv_cache) + block * p.kv_block_bytes + kv_head * p.kv_head_bytes;
+  mbarrier_arrive_expect_tx(full, kLinearPageBytes);
+  if (p.kv_token_bytes == kHeadDim) {
+    bulk_load(dst, page, kLinearPageBytes, full, kCacheHintEvictFirst);
+  } else {
+    for (int token = 0; token < kPageSize; ++token) {
+      bulk_load(dst + token * kHeadDim, page + token * p.kv_token_bytes, kHeadDim, full, kCacheHintEvictFirst);
+    }
+  }
+}
+#endif
+
 // The loader: every page of the part in order, box by box into the ring, each slot as soon as the page
 // that held it has been released. Right after the first page it asks L2 for the second (decode.cu's
 // loader asks once its first page has landed; that order was measured there only).
@@ -418,7 +600,7 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartPlan& part, NarrowStorage& smem,
                                               const TensorMap* map, int kv_head, int lane_index) {
   if (FLASHMLA_COMPUTE_ONLY) return;
-  const int lanes = part.payload >= kLongPartPages ? kNarrowLoaders : 1;
+  const int lanes = !kLinear && part.payload >= kLongPartPages ? kNarrowLoaders : 1;
   if (lane_index >= lanes) return;
   constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
   PageStreamOf<1>& stream = smem.stream[lane_index];
@@ -434,6 +616,15 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     stream.advance(p, part);
     if (loaded % lanes != lane_index) continue;
     trace.mark(kMarkBlockIndexed);
+#if FLASHMLA_NARROW_LINEAR
+    {
+      const PageSlot at(loaded);
+      if (loaded >= kLinearSlots) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
+      load_linear_page(p, block, kv_head, &smem.full[at.landed], at.bytes(smem));
+      trace.mark(kMarkBoxesIssued);
+      continue;
+    }
+#endif
 #pragma unroll 1
     for (int box = 0; box < kBoxes; ++box) {
       const RingSlot at(loaded, box);
@@ -468,7 +659,16 @@ __device__ __forceinline__ void load_narrow_q(const DecodeParams& p, NarrowStora
     const int c = idx % kChunksPerRow;
     const int row = rows_base + r;
     const QElement* src = query_row_at(p, q, request, kv_head, row, c * kPerChunk);
+#if FLASHMLA_NARROW_LINEAR
+    // issue_scores_linear's k order: word w of 16-byte chunk 4g + t goes to bytes 4t.. of chunk 4g + w.
+    const uint4 chunk = row < p.rows ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      *reinterpret_cast<uint32_t*>(smem.q + q_chunk_offset(r, c - c % 4 + w) + 4 * (c % 4)) = (&chunk.x)[w];
+    }
+#else
     async_copy_16(smem.q + q_chunk_offset(r, c), src, row < p.rows ? 16 : 0);
+#endif
   }
   async_copy_commit();
   async_copy_wait_all();
@@ -519,7 +719,7 @@ struct NarrowPiece {
   // it by more than kMaxSlack (softmax.cuh), O and the sums following it.
   template <bool kMasked>
   __device__ __forceinline__ void softmax(ScoresT& s, int page, float scale_log2, OutputT& o, bool bad) {
-    const int token0 = page * kPageSize + at.m;
+    const int token0 = page * kPageSize + (kLinear ? linear_row(at.m) : at.m);  // + 8 i: the thread's other M index
     // Visible tokens of each slot's query row, worked out only where masking needs them: held through
     // the pages they would cost registers (with 32 rows O^T alone takes 128).
     int limit[kRowSlots];
@@ -675,7 +875,7 @@ struct NarrowPiece {
   __device__ __forceinline__ void release(uint32_t page_seq) const {
     if (!FLASHMLA_COMPUTE_ONLY && thread == 0) {
 #pragma unroll
-      for (int box = 0; box < kBoxes; ++box) mbarrier_arrive(&smem.empty[RingSlot(page_seq, box).slot]);
+      for (int box = 0; box < kBoxes; ++box) mbarrier_arrive(empty_barrier(smem, page_seq, box));
     }
   }
 
@@ -684,12 +884,12 @@ struct NarrowPiece {
   // more of the ring in flight: the rope box once S^T has completed; each warp's two value boxes once the
   // warp holds them in registers (PV reads no slot: its A operand is the converted registers).
   __device__ __forceinline__ void release_rope(uint32_t page_seq) const {
-    if (!FLASHMLA_COMPUTE_ONLY && thread == 0) mbarrier_arrive(&smem.empty[RingSlot(page_seq, kBoxes - 1).slot]);
+    if (!FLASHMLA_COMPUTE_ONLY && thread == 0) mbarrier_arrive(empty_barrier(smem, page_seq, kBoxes - 1));
   }
   __device__ __forceinline__ void release_values(uint32_t page_seq) const {
     __syncwarp();  // every lane's loads of the warp's boxes are done
     const int lane = thread % 32;
-    if (!FLASHMLA_COMPUTE_ONLY && lane < 2) mbarrier_arrive(&smem.empty[RingSlot(page_seq, 2 * (thread / 32) + lane).slot]);
+    if (!FLASHMLA_COMPUTE_ONLY && lane < 2) mbarrier_arrive(empty_barrier(smem, page_seq, 2 * (thread / 32) + lane));
   }
 #endif
 
@@ -700,11 +900,12 @@ struct NarrowPiece {
   // (kFlagBadPages), and on return the next page's, read a step ahead of its use.
   template <bool kNext>
   __device__ __forceinline__ void page_step(ScoresT& s, int page, uint32_t page_seq, float scale_log2, OutputT& o,
-                                            int& block, Tracer& trace) {
+                                            int& block, KFragments& k, Tracer& trace) {
     trace.mark(kMarkPairStart);
     const bool bad = kFlagBadPages && bad_block(p, page, block);
     if (kFlagBadPages && kNext) block = block_entry(p, piece.request, page + kNarrowConsumers);
     cute::warpgroup_wait<0>();
+    k.done();  // kLinear: S^T has read K's registers
     trace.mark(kMarkScoresIn);
     release_rope(page_seq);
     const bool masked = bad || page * kPageSize + kPageSize > mask_from;
@@ -714,18 +915,28 @@ struct NarrowPiece {
     issue_output(smem, smem.p[wg], page_seq, o, piece.seqlen - page * kPageSize, thread, frags);
     release_values(page_seq);
     trace.mark(kMarkOwnPvDone);
-    if constexpr (kNext) issue_scores(smem, page_seq + kNarrowConsumers, s, thread);  // its next page
-    trace.mark(kMarkScoresIssued);
-    cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
-    trace.mark(kMarkRemotePvDone);
+    auto pv_done = [&] {
 #pragma unroll
-    for (int b = 0; b < kFragmentSets; ++b) {
+      for (int b = 0; b < kFragmentSets; ++b) {
 #pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) {
+        for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frags[b][t][r]);  // live until here
+          for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(frags[b][t][r]);  // live until here
+        }
       }
+    };
+    constexpr bool kPvFirst = kLinear && kNext;  // K's registers would add to the PV's fragments
+    if constexpr (kPvFirst) {
+      cute::warpgroup_wait<0>();
+      pv_done();
     }
+    if constexpr (kNext) issue_page_scores(smem, page_seq + kNarrowConsumers, s, thread, k);  // its next page
+    trace.mark(kMarkScoresIssued);
+    if constexpr (!kPvFirst) {
+      cute::warpgroup_wait<kNext ? 1 : 0>();  // the PV (the next S^T may still run)
+      pv_done();
+    }
+    trace.mark(kMarkRemotePvDone);
   }
 
   // This warpgroup's pages of the piece: every other one, from page_begin + wg. `page_seq` counts the
@@ -747,11 +958,12 @@ struct NarrowPiece {
     if (page < piece.page_end) {
       int block = kFlagBadPages ? block_entry(p, piece.request, page) : 0;
       ScoresT s;
-      issue_scores(smem, seq, s, thread);
+      KFragments k;  // kLinear: S^T's A operand, read by its wgmmas until the next page_step's wait
+      issue_page_scores(smem, seq, s, thread, k);
       for (; page + kNarrowConsumers < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
-        page_step<true>(s, page, seq, scale_log2, o, block, trace);
+        page_step<true>(s, page, seq, scale_log2, o, block, k, trace);
       }
-      page_step<false>(s, page, seq, scale_log2, o, block, trace);
+      page_step<false>(s, page, seq, scale_log2, o, block, k, trace);
     }
     if (wg == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
@@ -943,7 +1155,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   if (threadIdx.x == 0) {
     for (int slot = 0; slot < kRingBoxes; ++slot) {
       mbarrier_init(&smem.full[slot], 1);
-      mbarrier_init(&smem.empty[slot], 1);
+      mbarrier_init(&smem.empty[slot], kLinear ? kBoxes : 1);
     }
 #if FLASHMLA_NARROW_PAGE_BARRIER
     for (int page = 0; page < kPageBarriers; ++page) mbarrier_init(&smem.page_landed[page], 1);

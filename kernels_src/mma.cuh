@@ -113,6 +113,11 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
                                        cuda::std::index_sequence<I...>) {
   Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
 }
+template <class Mma, int N, size_t... I>
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N], bool accumulate,
+                                       cuda::std::index_sequence<I...>) {
+  Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
+}
 
 // S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land; the rope box's Q from
 // registers. Leaves the wgmmas committed but not awaited. With kRightFirst the boxes go 4..7, 0..3, 8:
