@@ -51,8 +51,11 @@ def to_numpy(framework: str, x, dtype=None) -> np.ndarray:
     return np.asarray(x)
 
 
-def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, wide_block_table: bool = False):
-    """Run one case through the public API; returns numpy (out, lse)."""
+def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, wide_block_table: bool = False,
+        repeats: int = 1):
+    """Run one case through the public API; returns numpy (out, lse). With `repeats`, the call is made that
+    many times back to back (no host synchronisation between them) and every result must have the first
+    one's bits."""
     import flashmla_cupy
 
     q = case.q
@@ -81,10 +84,13 @@ def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, 
                    descale_k=descale_on_device(framework, case.descale_k))
         if framework == "cupy":
             fp8["kv_dtype"] = "fp8_e4m3"
-    out, lse = flashmla_cupy.flash_mla_with_kvcache(
-        q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
-        softmax_scale=case.softmax_scale, causal=case.causal, **fp8)
-    return to_numpy(framework, out, case.dtype), to_numpy(framework, lse)
+    results = [flashmla_cupy.flash_mla_with_kvcache(q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
+                                                   softmax_scale=case.softmax_scale, causal=case.causal, **fp8)
+               for _ in range(repeats)]
+    (out, lse), *again = [(to_numpy(framework, o, case.dtype), to_numpy(framework, l)) for o, l in results]
+    for i, (o, l) in enumerate(again, 1):  # bits, so that NaN compares equal to NaN
+        assert o.tobytes() == out.tobytes() and l.tobytes() == lse.tobytes(), f"call {i} of {repeats} differs"
+    return out, lse
 
 
 def descale_on_device(framework: str, descale):

@@ -72,6 +72,19 @@ def test_fp8_e4m3_query_rows_17_to_32(b, s_q, h_q, h_kv, causal):
     check(case, out, lse, seed, f"fp8-rows{s_q * h_q // h_kv}-b{b}-sq{s_q}-h{h_q}x{h_kv}")
 
 
+def test_fp8_narrow_launches_back_to_back():
+    """300 calls of one 16-row FP8 call (the narrow kernel on linear pages, two warpgroups taking pages in
+    turn) back to back: every one gives the first one's bits, and that one matches the reference. A page
+    slot's barrier whose parity wait could not tell the slot's page from the other warpgroup's page five
+    before made about one launch in a hundred of this size fail ("unspecified launch failure") on the H200,
+    and the sanitizers, which serialise the copies, never showed it (docs/PERF_NOTES.md, ab127-ab128)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 128, 1, 16, 1, lengths(rng, "var:2048:4096", 128), "e4m3")
+    out, lse = run(case, repeats=300)
+    check(case, out, lse, seed, "fp8-narrow-back-to-back")
+
+
 def test_fp8_e4m3_long_pieces():
     """64 requests of 8192 tokens, 128 query rows: pieces of thousands of tokens, over which O stays in
     the wgmma accumulator. (P V on FP8 wgmmas, whose accumulation keeps fewer mantissa bits than fp32,
