@@ -186,6 +186,7 @@ class RecordingDriver:
         self.launches: list[dict] = []
         self.tensor_maps: list[int] = []    # the base address of every encoded TMA descriptor
         self.map_settings: dict[int, dict] = {}   # base address -> its last descriptor's swizzle, L2 promotion, fill
+        self.map_shapes: dict[int, dict] = {}     # base address -> its last descriptor's type, dims, strides, box
         self.memory: dict[int, int] = {}
         self.kernels: dict = {}
         self.syncs: list[int] = []          # the stream of every cuStreamSynchronize
@@ -267,6 +268,9 @@ class RecordingDriver:
         ctypes.c_uint64.from_address(tensor_map).value = base   # descriptor word 0: where it points
         self.tensor_maps.append(base)
         self.map_settings[base] = dict(swizzle=swizzle, l2_promotion=l2_promotion, oob_fill=oob_fill)
+        self.map_shapes[base] = dict(dtype=dtype, dims=list((ctypes.c_uint64 * rank).from_address(dims)),
+                                     strides=list((ctypes.c_uint64 * (rank - 1)).from_address(strides)),
+                                     box=list((ctypes.c_uint32 * rank).from_address(box)))
         return 0
 
 

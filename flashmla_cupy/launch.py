@@ -178,7 +178,7 @@ def stream_context(stream: int):
 
 # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16 and _UINT8 (an e4m3 cache, or its uint8 view: bytes)
 _TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(ml_dtypes.float8_e4m3fn): 0,
-              np.dtype("uint8"): 0}
+              np.dtype("uint8"): 0, np.dtype("uint32"): 2}
 
 _SWIZZLE = {0: 0, 64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_NONE, _64B, _128B
 _L2_PROMOTION_256B = 3
@@ -190,7 +190,8 @@ _OOB_FILL_NAN = 1  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA: floating
 _BOX_COLS = 64  # 64 columns: one 128-byte swizzle span of 16-bit values, or a 64-byte FP8 row
 
 
-def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_tokens: int, swizzle: int):
+def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_tokens: int, swizzle: int,
+                  whole_rows: bool = False):
     """128-byte TMA descriptor (a ctypes array) over k_cache [num_blocks, page, h_kv, 576] at `ptr`, with
     `strides` in elements, boxes of 64 columns x `box_tokens` tokens landing with `swizzle` bytes of
     swizzle (the kernel variant's `kv_box`). A host-only driver call; kernels.DecodeLaunch keeps one per
@@ -199,7 +200,15 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     and decode.cu's with an e4m3 q 64-byte swizzled (the wgmma layout of FP8 rows). A 16-bit box outside
     the map (a bad block index) is never read and lands as NaN: that is how the decode kernel keeps bad
     pages out of the result (plan.cuh, kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its
-    kernel checks indices itself. A miss brings 128 bytes into L2 (the L2 promotion)."""
+    kernel checks indices itself. A miss brings 128 bytes into L2 (the L2 promotion). With `whole_rows`
+    (an FP8 cache, the narrow kernel built with FLASHMLA_NARROW_LINEAR=2) a box is `box_tokens` whole rows,
+    unswizzled, as they lie in the cache: the map reads a row as 4-byte words, since a box spans at most
+    256 elements."""
+    if whole_rows:
+        words = shape[3] * dtype.itemsize // 4
+        word_strides = tuple(s * dtype.itemsize // 4 for s in strides[:3]) + (1,)
+        return _tensor_map_4d(ptr, (*shape[:3], words), word_strides, np.dtype("uint32"), (words, 1, box_tokens, 1),
+                              0, _OOB_FILL_ZERO, "k_cache", l2_promotion=_L2_PROMOTION_128B)
     # (column, kv head, token in page, block); box = 64 columns x 1 x box_tokens x 1.
     return _tensor_map_4d(ptr, shape, strides, dtype, (_BOX_COLS, 1, box_tokens, 1), swizzle,
                           _OOB_FILL_NAN if dtype.itemsize == 2 else _OOB_FILL_ZERO, "k_cache",

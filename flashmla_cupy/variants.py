@@ -116,13 +116,26 @@ class Variant:
         return self.kv == "e4m3" and (self.program in ("decode_narrow", "decode_ring") or self.dtype == "e4m3")
 
     @property
-    def kv_box(self) -> tuple[int, int]:
-        """How a decode variant's TMA lands k_cache: (tokens per box, swizzle bytes; 0: none)."""
+    def narrow_pages(self) -> int:
+        """How the 16-row FP8 narrow kernel takes a page, as its build's FLASHMLA_NARROW_LINEAR says
+        (decode_narrow.cu): 0 nine 64-byte-wide TMA boxes (shipped), 1 a linear bulk copy, 2 one TMA box of
+        whole 576-byte rows; 0 for every other variant (the kernel forces it there)."""
+        if (self.program, self.kv, self.rows) != ("decode_narrow", "e4m3", 16):
+            return 0
+        values = [d.split("=", 1)[1] for d in self.defines if d.startswith("-DFLASHMLA_NARROW_LINEAR=")]
+        return int(values[-1]) if values else 0
+
+    @property
+    def kv_box(self) -> tuple[int, int, bool]:
+        """How a decode variant's TMA lands k_cache: (tokens per box, swizzle bytes; 0: none, whether a box
+        holds whole rows instead of 64 columns)."""
         if self.kv is None:
-            return PAGE_SIZE, 128
+            return PAGE_SIZE, 128, False
+        if self.narrow_pages == 2:
+            return PAGE_SIZE, 0, True
         if self.fp8_boxes:
-            return PAGE_SIZE, NARROW_FP8_SWIZZLE_BYTES
-        return FP8_LANDING_TOKENS, 0
+            return PAGE_SIZE, NARROW_FP8_SWIZZLE_BYTES, False
+        return FP8_LANDING_TOKENS, 0, False
 
     @property
     def pinned_constants(self) -> dict[str, int]:

@@ -67,23 +67,25 @@ namespace flashmla {
 #ifndef FLASHMLA_NARROW_LOADERS
 #define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
 #endif
-// With an FP8 cache and 16 rows, pages as they lie in the cache (kLinear): one linear bulk copy a page
-// into a ring of whole pages (576-byte rows), instead of nine TMA boxes of 64-byte rows at a 576-byte
-// stride, which the H200 reads 5-6 % slower (load-only, ab125). S^T then takes K from registers
-// (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200 -3.5 % at h16/4k, -3.9 %
-// at h16/16k, -1.7 % at b8/h16/16k (docs/PERF_NOTES.md, ab128). 0 restores the boxes (and with them the
-// page barrier), which the load-only hook needs.
+// With an FP8 cache and 16 rows, pages as they lie in the cache (-DFLASHMLA_NARROW_LINEAR=1, kLinear):
+// one linear bulk copy a page into a ring of whole pages (576-byte rows), instead of nine TMA boxes of
+// 64-byte rows at a 576-byte stride, which the H200 reads 5-6 % slower (load-only, ab125). S^T then
+// takes K from registers (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200
+// -3.5 % at h16/4k, -3.9 % at h16/16k, -1.7 % at b8/h16/16k, exact, memcheck and synccheck clean, but
+// off: racecheck reports the slots' reads racing with the next copy into them, however the release is
+// ordered (docs/PERF_NOTES.md, ab128-ab130), which the boxes' TMA loads never showed. 2 lands each page
+// the same way through one TMA box of whole 576-byte rows instead of the bulk copy (the host then builds
+// a map of such boxes: variants.Variant.kv_box); not yet run on a GPU.
 #ifndef FLASHMLA_NARROW_LINEAR
-#define FLASHMLA_NARROW_LINEAR 1
+#define FLASHMLA_NARROW_LINEAR 0
 #endif
 #if !defined(FLASHMLA_KV_E4M3) || FLASHMLA_NARROW_ROWS != 16
 #undef FLASHMLA_NARROW_LINEAR
 #define FLASHMLA_NARROW_LINEAR 0  // an FP8 cache's, 16 rows (with 32, K's registers spill)
 #endif
 // With an FP8 cache in boxes, one TMA barrier per page instead of one per box (kPageBarriers): on the
-// H200 -2 % at h16/4k (before kLinear), -6 % at h32/8k (docs/PERF_NOTES.md, ab109, ab111). 0 restores
-// the per-box barriers, which the load-only hook below needs (its 32-row storage is then 1 KB smaller,
-// variants.py).
+// H200 -2 % at h16/4k, -6 % at h32/8k (docs/PERF_NOTES.md, ab109, ab111). 0 restores the per-box
+// barriers, which the load-only hook below needs (its 32-row storage is then 1 KB smaller, variants.py).
 #ifndef FLASHMLA_NARROW_PAGE_BARRIER
 #define FLASHMLA_NARROW_PAGE_BARRIER 1
 #endif
@@ -565,11 +567,16 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 
 #if FLASHMLA_NARROW_LINEAR
 // kLinear: page `block` of KV head `kv_head` into a ring slot as it lies in the cache, 64 rows of 576
-// bytes: one bulk copy where its rows are contiguous (one KV head), otherwise one a row. A block index
-// outside the cache loads block 0 (with the guards on, its warpgroup has flagged the page already).
-__device__ __forceinline__ void load_linear_page(const DecodeParams& p, int block, int kv_head, uint64_t* full,
-                                                 uint8_t* dst) {
+// bytes: one bulk copy where its rows are contiguous (one KV head), otherwise one a row; with
+// FLASHMLA_NARROW_LINEAR=2 one box of `map`, whose boxes are 64 whole rows. A block index outside the
+// cache loads block 0 (with the guards on, its warpgroup has flagged the page already).
+__device__ __forceinline__ void load_linear_page(const DecodeParams& p, const TensorMap* map, int block, int kv_head,
+                                                 uint64_t* full, uint8_t* dst) {
   if (block < 0 || block >= p.num_blocks) block = 0;
+#if FLASHMLA_NARROW_LINEAR == 2
+  mbarrier_arrive_expect_tx(full, kLinearPageBytes);
+  tma_load_box(map, full, dst, 0, kv_head, 0, block, kCacheHintEvictFirst);
+#else
   const uint8_t* page = static_cast<const uint8_t*>(p.kv_cache) + block * p.kv_block_bytes + kv_head * p.kv_head_bytes;
   mbarrier_arrive_expect_tx(full, kLinearPageBytes);
   if (p.kv_token_bytes == kHeadDim) {
@@ -579,6 +586,7 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, int bloc
       bulk_load(dst + token * kHeadDim, page + token * p.kv_token_bytes, kHeadDim, full, kCacheHintEvictFirst);
     }
   }
+#endif
 }
 #endif
 
@@ -620,7 +628,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     {
       const PageSlot at(loaded);
       if (loaded >= kLinearSlots) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
-      load_linear_page(p, block, kv_head, &smem.full[at.landed], at.bytes(smem));
+      load_linear_page(p, map, block, kv_head, &smem.full[at.landed], at.bytes(smem));
       trace.mark(kMarkBoxesIssued);
       continue;
     }

@@ -108,9 +108,9 @@ def apply(spec: dict) -> None:
         cols, swizzle = spec["fp8box"]
         shipped_map = launch.kv_tensor_map
 
-        def kv_tensor_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes):
+        def kv_tensor_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes, whole_rows=False):
             if dtype.itemsize != 1 or not swizzle_bytes:
-                return shipped_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes)
+                return shipped_map(ptr, shape, strides, dtype, box_tokens, swizzle_bytes, whole_rows)
             return launch._tensor_map_4d(ptr, shape, strides, dtype, (cols, 1, box_tokens, 1), swizzle,
                                          launch._OOB_FILL_ZERO, "k_cache", l2_promotion=launch._L2_PROMOTION_128B)
         launch.kv_tensor_map = kv_tensor_map

@@ -175,6 +175,27 @@ def test_cache_maps_bring_128_bytes_into_l2_a_miss(gpu):
     assert gpu.driver.map_settings[q.data_ptr()]["l2_promotion"] == 3
 
 
+def test_whole_row_cache_map_follows_the_narrow_build(gpu, monkeypatch):
+    """A 16-row FP8 narrow build with -DFLASHMLA_NARROW_LINEAR=2 (a measurement build) lands a page as one
+    TMA box of 64 whole rows: its cache map reads a row as 144 4-byte words, unswizzled, one KV head at a
+    time. The shipped build, and the 32-row one whatever its defines, keep 64-byte boxes."""
+    import numpy as np
+
+    from flashmla_cupy import launch, variants
+
+    narrow16, narrow32 = variants.narrow_variant("e4m3", 16, "e4m3"), variants.narrow_variant("e4m3", 32, "e4m3")
+    assert (narrow16.narrow_pages, narrow16.kv_box) == (0, (64, 64, False))
+    monkeypatch.setattr(variants, "_DEFINES",
+                        {k: d + ("-DFLASHMLA_NARROW_LINEAR=2",) for k, d in variants._DEFINES.items()})
+    assert (narrow16.narrow_pages, narrow16.kv_box) == (2, (64, 0, True))
+    assert (narrow32.narrow_pages, narrow32.kv_box) == (0, (64, 64, False))
+    shape, strides = (8, 64, 2, 576), (64 * 2 * 576, 2 * 576, 576, 1)   # h_kv = 2: rows 1152 bytes apart
+    launch.kv_tensor_map(BASE_PTR, shape, strides, np.dtype("uint8"), *narrow16.kv_box)
+    assert gpu.driver.map_shapes[BASE_PTR] == dict(dtype=2, dims=[144, 2, 64, 8], strides=[576, 1152, 73728],
+                                                   box=[144, 1, 64, 1])
+    assert gpu.driver.map_settings[BASE_PTR]["swizzle"] == 0
+
+
 def test_scalars_are_part_of_the_call(gpu):
     t = gpu.torch
     for scale, causal, seqlen_q in ((None, False, 2), (0.25, False, 2), (0.25, True, 2), (None, True, 1)):
