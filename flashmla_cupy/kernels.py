@@ -150,6 +150,7 @@ class DecodeLaunch:
         Returns the addresses of out_partial and lse_partial in the workspace, for the combine."""
         if k_cache != self._k_ptr:
             self._launch.set_arg(1, self._tensor_map(k_cache))
+            self._params.kv_cache = k_cache   # read by linear page copies only (decode_narrow.cu)
             self._k_ptr = k_cache
         p = self._params
         if self._q_layout is not None and q != self._q_ptr:
@@ -159,7 +160,6 @@ class DecodeLaunch:
                 self._launch.set_arg(2, q_map)
             self._q_ptr = q
         p.q, p.block_table, p.seqlens, p.metadata, p.num_splits = q, block_table, seqlens, metadata, num_splits
-        p.kv_cache = k_cache
         p.out, p.lse = out, lse
         for name, address in zip(self._descales, descales):
             setattr(p, name, address)

@@ -176,7 +176,8 @@ def stream_context(stream: int):
 
 # --- TMA descriptors -------------------------------------------------------------------------------
 
-# CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16 and _UINT8 (an e4m3 cache, or its uint8 view: bytes)
+# CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16, _UINT8 (an e4m3 cache, or its uint8 view: bytes) and _UINT32
+# (an FP8 cache's rows read as words: kv_tensor_map's whole_rows)
 _TMA_DTYPE = {np.dtype("float16"): 6, np.dtype(ml_dtypes.bfloat16): 9, np.dtype(ml_dtypes.float8_e4m3fn): 0,
               np.dtype("uint8"): 0, np.dtype("uint32"): 2}
 

@@ -187,7 +187,7 @@ static_assert(!kPageBarrier || (kRingBoxes >= 4 * kBoxes && kRingBoxes < 6 * kBo
 #endif
 // kLinear: the ring's bytes hold whole pages of 64 rows x 576 e4m3 bytes, page n of the CTA in slot
 // n mod kLinearSlots (5 with 16 rows), each slot with an "empty" barrier (nine arrivals: the rope box's
-// and each value box's, as with boxes); a page's one bulk copy lands on a barrier of its own (PageSlot).
+// and each value box's, as with boxes); a page's one copy lands on a barrier of its own (PageSlot).
 constexpr int kLinearPageBytes = kPageSize * kHeadDim;
 constexpr int kLinearSlots = kRingBoxes * kRingBoxBytes / kLinearPageBytes;
 static_assert(!kLinear || kLinearSlots >= 3, "a ring of three pages at least");

@@ -64,7 +64,7 @@ def test_a_repeated_call_launches_with_its_own_arrays(gpu, monkeypatch):
     assert (p.q, p.block_table, p.seqlens) == (ptr["q"], ptr["block_table"], ptr["cache_seqlens"])
     assert (p.metadata, p.num_splits, c.num_splits) == (ptr["tile_scheduler_metadata"], ptr["num_splits"],
                                                         ptr["num_splits"])
-    assert tensor_map_base(decode) == ptr["k_cache"]
+    assert tensor_map_base(decode) == ptr["k_cache"] == p.kv_cache
     assert (p.out, p.lse, c.out, c.lse) == (out.data_ptr(), lse.data_ptr(), out.data_ptr(), lse.data_ptr())
     workspace = gpu.allocations[-1]
     assert workspace[1] == ((plan.partial_slots(2, 4) * 16 * 513),)
@@ -160,7 +160,8 @@ def test_every_layer_cache_is_encoded_once(gpu):
     caches = [t.tensor((8, 64, 1, 576), t.bfloat16) for _ in range(3)]
     for layer in [0, 1, 2, 0, 1, 2, 1]:
         flash_mla_with_kvcache(**torch_args(t) | {"k_cache": caches[layer]})
-        assert tensor_map_base(gpu.driver.launches[-2]) == caches[layer].data_ptr()
+        decode = gpu.driver.launches[-2]
+        assert tensor_map_base(decode) == decode_params(decode).kv_cache == caches[layer].data_ptr()
     assert gpu.driver.tensor_maps == [c.data_ptr() for c in caches]
 
 
