@@ -123,11 +123,19 @@ def apply(spec: dict) -> None:
             return shipped_encode(*args, **kwargs)
         launch._tensor_map_4d = tensor_map_4d
     if spec.get("maxparts"):
-        from devtools.gpu_cases import cap_plan_parts
-
-        cap_plan_parts(spec["maxparts"])
+        _gpu_cases().cap_plan_parts(spec["maxparts"])
     extra = tuple(spec["defines"])
     variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
+
+
+def _gpu_cases():
+    """devtools/gpu_cases.py by the name sanitize_cases.py, the other scripts and the tests import it by, so
+    that one module holds its state (the reports `check` keeps) wherever apply() is called from."""
+    if str(ROOT / "devtools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "devtools"))
+    import gpu_cases
+
+    return gpu_cases
 
 
 def check_build(repeats: int = 1) -> tuple[list[str], dict]:
@@ -136,8 +144,10 @@ def check_build(repeats: int = 1) -> tuple[list[str], dict]:
     tolerance_used: a build that passes at 0.9 of a bar will fail on other data)."""
     import numpy as np
 
-    from devtools.gpu_cases import check, fresh_seed, run
     from flashmla_cupy import reference
+
+    cases = _gpu_cases()
+    check, fresh_seed, run = cases.check, cases.fresh_seed, cases.run
 
     failures, used = [], {"out": 0.0, "lse": 0.0}
     for b, s_q, h_q, h_kv, seqlens, causal, dtype, kv in repeats * [
