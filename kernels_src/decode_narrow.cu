@@ -231,7 +231,6 @@ template <> struct NarrowFp8Atoms<16> {
 };
 template <> struct NarrowFp8Atoms<32> {
   using Scores = gmma::MMA_64x32x32_F32E4M3E4M3_SS_TN<>;
-  using ScoresFromRegs = gmma::MMA_64x32x32_F32E4M3E4M3_RS_TN<>;
   using OutputFromRegs = gmma::MMA_64x32x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>;
 };
 using MmaScoresFp8 = NarrowFp8Atoms<kNarrowRows>::Scores;

@@ -109,14 +109,14 @@ __device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float (&d)[N], bo
 }
 
 template <class Mma, int N, size_t... I>
-__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N],
-                                       cuda::std::index_sequence<I...>) {
-  Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
-}
-template <class Mma, int N, size_t... I>
 __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N], bool accumulate,
                                        cuda::std::index_sequence<I...>) {
   Mma::fma(a[0], a[1], a[2], a[3], b, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
+}
+template <class Mma, int N, size_t... I>
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N],
+                                       cuda::std::index_sequence<I...> i) {
+  mma_rs<Mma>(a, b, d, true, i);  // accumulating
 }
 
 // S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land; the rope box's Q from
