@@ -118,10 +118,7 @@ class DecodeLaunch:
             heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
             causal=int(problem.causal), scale_log2=problem.scale_log2,
             num_blocks=problem.k_cache.shape[0], block_table_width=bt.shape[1],
-            partial_slots=plan.partial_slots(problem.batch, problem.num_parts),
-            kv_block_bytes=problem.k_cache.strides[0] * problem.k_cache.dtype.itemsize,
-            kv_token_bytes=problem.k_cache.strides[1] * problem.k_cache.dtype.itemsize,
-            kv_head_bytes=problem.k_cache.strides[2] * problem.k_cache.dtype.itemsize)
+            partial_slots=plan.partial_slots(problem.batch, problem.num_parts))
         # out_partial [slots, heads_kv, rows, 512] then lse_partial [slots, heads_kv, rows]
         partial_rows = self._params.partial_slots * problem.heads_kv * problem.rows
         self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows
@@ -150,7 +147,6 @@ class DecodeLaunch:
         Returns the addresses of out_partial and lse_partial in the workspace, for the combine."""
         if k_cache != self._k_ptr:
             self._launch.set_arg(1, self._tensor_map(k_cache))
-            self._params.kv_cache = k_cache   # read by linear page copies only (decode_narrow.cu)
             self._k_ptr = k_cache
         p = self._params
         if self._q_layout is not None and q != self._q_ptr:

@@ -202,7 +202,7 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     the map (a bad block index) is never read and lands as NaN: that is how the decode kernel keeps bad
     pages out of the result (plan.cuh, kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its
     kernel checks indices itself. A miss brings 128 bytes into L2 (the L2 promotion). With `whole_rows`
-    (an FP8 cache, the narrow kernel built with FLASHMLA_NARROW_LINEAR=2) a box is `box_tokens` whole rows,
+    (an FP8 cache, the 16-row narrow kernel's linear pages) a box is `box_tokens` whole rows,
     unswizzled, as they lie in the cache: the map reads a row as 4-byte words, since a box spans at most
     256 elements."""
     if whole_rows:

@@ -42,7 +42,6 @@ class DecodeParams(ctypes.Structure):
         ("heads_per_group", _i32), ("rows", _i32), ("num_parts", _i32), ("causal", _i32),
         ("scale_log2", _f32), ("num_blocks", _i32), ("block_table_width", _i32), ("partial_slots", _i32),
         ("q_tma", _i32), ("descale_q", _p), ("descale_k", _p),
-        ("kv_cache", _p), ("kv_block_bytes", _i64), ("kv_token_bytes", _i64), ("kv_head_bytes", _i64),
     ]
 
 

@@ -116,14 +116,14 @@ class Variant:
         return self.kv == "e4m3" and (self.program in ("decode_narrow", "decode_ring") or self.dtype == "e4m3")
 
     @property
-    def narrow_pages(self) -> int:
-        """How the 16-row FP8 narrow kernel takes a page, as its build's FLASHMLA_NARROW_LINEAR says
-        (decode_narrow.cu): 0 nine 64-byte-wide TMA boxes (shipped), 1 a linear bulk copy, 2 one TMA box of
-        whole 576-byte rows; 0 for every other variant (the kernel forces it there)."""
+    def narrow_linear(self) -> bool:
+        """Whether the kernel lands a page as one TMA box of whole 576-byte rows (decode_narrow.cu's kLinear:
+        the 16-row FP8 narrow kernel, unless its build says -DFLASHMLA_NARROW_LINEAR=0, the nine 64-byte-wide
+        boxes every other FP8 variant lands). Pinned: the kernel's default and this one agree."""
         if (self.program, self.kv, self.rows) != ("decode_narrow", "e4m3", 16):
-            return 0
+            return False
         values = [d.split("=", 1)[1] for d in self.defines if d.startswith("-DFLASHMLA_NARROW_LINEAR=")]
-        return int(values[-1]) if values else 0
+        return int(values[-1]) != 0 if values else True
 
     @property
     def kv_box(self) -> tuple[int, int, bool]:
@@ -131,7 +131,7 @@ class Variant:
         holds whole rows instead of 64 columns)."""
         if self.kv is None:
             return PAGE_SIZE, 128, False
-        if self.narrow_pages == 2:
+        if self.narrow_linear:
             return PAGE_SIZE, 0, True
         if self.fp8_boxes:
             return PAGE_SIZE, NARROW_FP8_SWIZZLE_BYTES, False
@@ -149,7 +149,8 @@ class Variant:
             return pinned
         if self.program == "decode_narrow":
             pinned = {"flashmla::kNarrowSharedBytes": NARROW_SHARED_BYTES[(self.rows, self.kv)],
-                      "flashmla::kNarrowThreads": NARROW_THREADS[self.kv], "flashmla::kNarrowRows": self.rows}
+                      "flashmla::kNarrowThreads": NARROW_THREADS[self.kv], "flashmla::kNarrowRows": self.rows,
+                      "flashmla::kLinear": int(self.narrow_linear)}
             if self.kv:
                 pinned["flashmla::kFp8SwizzleBytes"] = NARROW_FP8_SWIZZLE_BYTES
             return pinned

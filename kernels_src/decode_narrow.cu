@@ -67,17 +67,17 @@ namespace flashmla {
 #ifndef FLASHMLA_NARROW_LOADERS
 #define FLASHMLA_NARROW_LOADERS 2  // lanes issuing an FP8 cache's loads on a long part (kNarrowLoaders)
 #endif
-// With an FP8 cache and 16 rows, pages as they lie in the cache (-DFLASHMLA_NARROW_LINEAR=1, kLinear):
-// one linear bulk copy a page into a ring of whole pages (576-byte rows), instead of nine TMA boxes of
-// 64-byte rows at a 576-byte stride, which the H200 reads 5-6 % slower (load-only, ab125). S^T then
-// takes K from registers (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200
-// -3.5 % at h16/4k, -3.9 % at h16/16k, -1.7 % at b8/h16/16k, exact, memcheck and synccheck clean, but
-// off: racecheck reports the slots' reads racing with the next copy into them, however the release is
-// ordered (docs/PERF_NOTES.md, ab128-ab130), which the boxes' TMA loads never showed. 2 lands each page
-// the same way through one TMA box of whole 576-byte rows instead of the bulk copy (the host then builds
-// a map of such boxes: variants.Variant.kv_box); not yet run on a GPU.
+// With an FP8 cache and 16 rows, pages as they lie in the cache (FLASHMLA_NARROW_LINEAR, kLinear; 0
+// restores nine TMA boxes of 64-byte rows at a 576-byte stride, which the H200 reads 5-6 % slower,
+// load-only, ab125): a page lands as one TMA box of its 64 whole 576-byte rows (the host's map reads
+// rows as 4-byte words: variants.Variant.kv_box) in a ring of whole pages. S^T then takes K from
+// registers (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200 -3.3 % at
+// h16/4k, -3.8 % at h16/16k, level at h16/1k and b8/h16/16k, exact (ab131); racecheck, memcheck and
+// synccheck clean. A linear bulk copy a page measured the same (ab128), but racecheck reports each
+// slot's refill racing with its reads; it reports the same of plain stores behind the same release
+// and not of a TMA box (devtools/racecheck_bulk_repro.py, docs/PERF_NOTES.md), so the box it is.
 #ifndef FLASHMLA_NARROW_LINEAR
-#define FLASHMLA_NARROW_LINEAR 0
+#define FLASHMLA_NARROW_LINEAR 1
 #endif
 #if !defined(FLASHMLA_KV_E4M3) || FLASHMLA_NARROW_ROWS != 16
 #undef FLASHMLA_NARROW_LINEAR
@@ -566,26 +566,13 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, uint32_t page_
 
 #if FLASHMLA_NARROW_LINEAR
 // kLinear: page `block` of KV head `kv_head` into a ring slot as it lies in the cache, 64 rows of 576
-// bytes: one bulk copy where its rows are contiguous (one KV head), otherwise one a row; with
-// FLASHMLA_NARROW_LINEAR=2 one box of `map`, whose boxes are 64 whole rows. A block index outside the
-// cache loads block 0 (with the guards on, its warpgroup has flagged the page already).
+// bytes: one box of `map`, whose boxes are 64 whole rows. A block index outside the cache loads block 0
+// (with the guards on, its warpgroup has flagged the page already).
 __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const TensorMap* map, int block, int kv_head,
                                                  uint64_t* full, uint8_t* dst) {
   if (block < 0 || block >= p.num_blocks) block = 0;
-#if FLASHMLA_NARROW_LINEAR == 2
   mbarrier_arrive_expect_tx(full, kLinearPageBytes);
   tma_load_box(map, full, dst, 0, kv_head, 0, block, kCacheHintEvictFirst);
-#else
-  const uint8_t* page = static_cast<const uint8_t*>(p.kv_cache) + block * p.kv_block_bytes + kv_head * p.kv_head_bytes;
-  mbarrier_arrive_expect_tx(full, kLinearPageBytes);
-  if (p.kv_token_bytes == kHeadDim) {
-    bulk_load(dst, page, kLinearPageBytes, full, kCacheHintEvictFirst);
-  } else {
-    for (int token = 0; token < kPageSize; ++token) {
-      bulk_load(dst + token * kHeadDim, page + token * p.kv_token_bytes, kHeadDim, full, kCacheHintEvictFirst);
-    }
-  }
-#endif
 }
 #endif
 

@@ -46,15 +46,6 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
-// A linear copy of `bytes` (a multiple of 16, both ends 16-byte aligned) into shared memory through the
-// bulk-copy engine, completing on `bar` as a TMA box does.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, int bytes, uint64_t* bar, uint64_t hint) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-      ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(hint)
-      : "memory");
-}
-
 // Ask L2 for a box ahead of its load (no shared memory, no barrier): the load then finds it there.
 __device__ __forceinline__ void tma_prefetch_box(const TensorMap* map, int col, int head, int token, int block) {
   asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];" ::"l"(

@@ -63,12 +63,6 @@ struct DecodeParams {
   // descale_q * descale_k, the output by descale_k. Read by the kernel, so CUDA graphs may change them.
   const float* descale_q;
   const float* descale_k;
-  // k_cache itself, for copies that are not TMA boxes (decode_narrow.cu's linear pages built with
-  // -DFLASHMLA_NARROW_LINEAR=1): its address and its strides in bytes.
-  const void* kv_cache;
-  int64_t kv_block_bytes;
-  int64_t kv_token_bytes;
-  int64_t kv_head_bytes;
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.

@@ -64,7 +64,7 @@ def test_a_repeated_call_launches_with_its_own_arrays(gpu, monkeypatch):
     assert (p.q, p.block_table, p.seqlens) == (ptr["q"], ptr["block_table"], ptr["cache_seqlens"])
     assert (p.metadata, p.num_splits, c.num_splits) == (ptr["tile_scheduler_metadata"], ptr["num_splits"],
                                                         ptr["num_splits"])
-    assert tensor_map_base(decode) == ptr["k_cache"] == p.kv_cache
+    assert tensor_map_base(decode) == ptr["k_cache"]
     assert (p.out, p.lse, c.out, c.lse) == (out.data_ptr(), lse.data_ptr(), out.data_ptr(), lse.data_ptr())
     workspace = gpu.allocations[-1]
     assert workspace[1] == ((plan.partial_slots(2, 4) * 16 * 513),)
@@ -161,7 +161,7 @@ def test_every_layer_cache_is_encoded_once(gpu):
     for layer in [0, 1, 2, 0, 1, 2, 1]:
         flash_mla_with_kvcache(**torch_args(t) | {"k_cache": caches[layer]})
         decode = gpu.driver.launches[-2]
-        assert tensor_map_base(decode) == decode_params(decode).kv_cache == caches[layer].data_ptr()
+        assert tensor_map_base(decode) == caches[layer].data_ptr()
     assert gpu.driver.tensor_maps == [c.data_ptr() for c in caches]
 
 
@@ -177,24 +177,25 @@ def test_cache_maps_bring_128_bytes_into_l2_a_miss(gpu):
 
 
 def test_whole_row_cache_map_follows_the_narrow_build(gpu, monkeypatch):
-    """A 16-row FP8 narrow build with -DFLASHMLA_NARROW_LINEAR=2 (a measurement build) lands a page as one
-    TMA box of 64 whole rows: its cache map reads a row as 144 4-byte words, unswizzled, one KV head at a
-    time. The shipped build, and the 32-row one whatever its defines, keep 64-byte boxes."""
+    """The 16-row FP8 narrow kernel lands a page as one TMA box of 64 whole rows: its cache map reads a row
+    as 144 4-byte words, unswizzled, one KV head at a time. Built with -DFLASHMLA_NARROW_LINEAR=0 (a
+    measurement build) it lands 64-byte boxes, as the 32-row one does whatever its defines."""
     import numpy as np
 
     from flashmla_cupy import launch, variants
 
     narrow16, narrow32 = variants.narrow_variant("e4m3", 16, "e4m3"), variants.narrow_variant("e4m3", 32, "e4m3")
-    assert (narrow16.narrow_pages, narrow16.kv_box) == (0, (64, 64, False))
-    monkeypatch.setattr(variants, "_DEFINES",
-                        {k: d + ("-DFLASHMLA_NARROW_LINEAR=2",) for k, d in variants._DEFINES.items()})
-    assert (narrow16.narrow_pages, narrow16.kv_box) == (2, (64, 0, True))
-    assert (narrow32.narrow_pages, narrow32.kv_box) == (0, (64, 64, False))
+    assert (narrow16.narrow_linear, narrow16.kv_box) == (True, (64, 0, True))
+    assert (narrow32.narrow_linear, narrow32.kv_box) == (False, (64, 64, False))
     shape, strides = (8, 64, 2, 576), (64 * 2 * 576, 2 * 576, 576, 1)   # h_kv = 2: rows 1152 bytes apart
     launch.kv_tensor_map(BASE_PTR, shape, strides, np.dtype("uint8"), *narrow16.kv_box)
     assert gpu.driver.map_shapes[BASE_PTR] == dict(dtype=2, dims=[144, 2, 64, 8], strides=[576, 1152, 73728],
                                                    box=[144, 1, 64, 1])
     assert gpu.driver.map_settings[BASE_PTR]["swizzle"] == 0
+    monkeypatch.setattr(variants, "_DEFINES",
+                        {k: d + ("-DFLASHMLA_NARROW_LINEAR=0",) for k, d in variants._DEFINES.items()})
+    assert (narrow16.narrow_linear, narrow16.kv_box) == (False, (64, 64, False))
+    assert (narrow32.narrow_linear, narrow32.kv_box) == (False, (64, 64, False))
 
 
 def test_scalars_are_part_of_the_call(gpu):

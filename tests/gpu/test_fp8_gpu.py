@@ -75,7 +75,7 @@ def test_fp8_e4m3_query_rows_17_to_32(b, s_q, h_q, h_kv, causal):
 def test_fp8_narrow_launches_back_to_back():
     """2000 calls of one 16-row FP8 call (the narrow kernel, two warpgroups taking pages in turn) back to
     back: every one gives the first one's bits, and that one matches the reference. With linear pages
-    (-DFLASHMLA_NARROW_LINEAR=1), a barrier per page slot, whose parity wait could not tell the slot's
+    (decode_narrow.cu's kLinear), a barrier per page slot, whose parity wait could not tell the slot's
     page from the other warpgroup's page five before, made launches of this size fail now and then
     ("unspecified launch failure" on the H200; this test failed in 2 runs of 4 against that build, and
     with 300 calls in 1 of 2), where the sanitizers, which serialise the copies, never saw it
