@@ -14,7 +14,8 @@ loader with the same release protocol was always clean. This kernel is that prot
   cp.async.bulk.tensor box of a 64-byte swizzled map (the box loader; its descriptor in global memory),
   `--copy store` with plain st.shared by the loader thread (then a plain arrival).
   `--fence` puts fence.proxy.async.shared::cta between the loader's wait and its copy;
-  `--unsafe` drops the loader's wait: a real race, the control that racecheck sees that kind of copy.
+  `--unsafe` has each thread arrive before it reads the slot (128 arrivals): a real race between the
+  reads and the next fill, the control that racecheck sees that kind of copy at all.
 
 The sums are checked (except with --unsafe). On the H200 (compute-sanitizer of the CUDA 13.0 image,
 docs/PERF_NOTES.md): `bulk` and `bulk --fence` 1 error, `store` 2 errors, `tensor` clean; the release
@@ -54,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(160, 1) ring(const unsigned char* c
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem(&full[s])));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem(&empty[s])), "r"(every_thread ? 128 : 4));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem(&empty[s])), "r"(every_thread || unsafe ? 128 : 4));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -63,7 +64,7 @@ extern "C" __global__ void __launch_bounds__(160, 1) ring(const unsigned char* c
     if (lane != 0) return;
     for (int n = 0; n < kPages; ++n) {
       const int s = n % 2;
-      if (n >= 2 && !unsafe) wait(&empty[s], ((n / 2) - 1) & 1);
+      if (n >= 2) wait(&empty[s], ((n / 2) - 1) & 1);
       if (fence) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       // page n: the first 4 KB of block n (bulk, store) or its box of columns 0-63 x 64 tokens (tensor)
       const unsigned char* page = cache + (long long)n * kBlockBytes;
@@ -92,6 +93,7 @@ extern "C" __global__ void __launch_bounds__(160, 1) ring(const unsigned char* c
   for (int n = 0; n < kPages; ++n) {
     const int s = n % 2;
     wait(&full[s], (n / 2) & 1);
+    if (unsafe) arrive(&empty[s]);  // released before it is read: the next fill races with the reads
     const uint4* mine = reinterpret_cast<const uint4*>(slots[s]) + 2 * threadIdx.x;
     for (int i = 0; i < 2; ++i) {
       const uint4 v = mine[i];
@@ -100,9 +102,9 @@ extern "C" __global__ void __launch_bounds__(160, 1) ring(const unsigned char* c
         for (int b = 0; b < 4; ++b) sum += float((words[w] >> (8 * b)) & 0xff);
       }
     }
-    if (every_thread) {
+    if (every_thread && !unsafe) {
       arrive(&empty[s]);
-    } else {
+    } else if (!unsafe) {
       __syncwarp();
       if (lane == 0) arrive(&empty[s]);
     }
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every-thread", action="store_true",
                         help="each reading thread arrives on the empty barrier (128 arrivals) instead of lane 0 of each warp")
     parser.add_argument("--unsafe", action="store_true",
-                        help="the loader does not wait for a slot's release: a real race, which racecheck should flag "
+                        help="each thread releases a slot before reading it: a real race, which racecheck should flag "
                              "for every kind of copy it sees (the sum may differ)")
     args = parser.parse_args(argv)
 
