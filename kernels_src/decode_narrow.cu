@@ -611,14 +611,10 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     if (loaded % lanes != lane_index) continue;
     trace.mark(kMarkBlockIndexed);
 #if FLASHMLA_NARROW_LINEAR
-    {
-      const PageSlot at(loaded);
-      if (loaded >= kLinearSlots) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
-      load_linear_page(p, map, block, kv_head, &smem.full[at.landed], at.bytes(smem));
-      trace.mark(kMarkBoxesIssued);
-      continue;
-    }
-#endif
+    const PageSlot at(loaded);
+    if (loaded >= kLinearSlots) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);
+    load_linear_page(p, map, block, kv_head, &smem.full[at.landed], at.bytes(smem));
+#else
 #pragma unroll 1
     for (int box = 0; box < kBoxes; ++box) {
       const RingSlot at(loaded, box);
@@ -632,10 +628,17 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
 #endif
       tma_load_box(map, landed, smem.ring[at.slot], box * kBoxCols, kv_head, 0, block, hint);
     }
+#endif
     trace.mark(kMarkBoxesIssued);
     if (loaded == 0 && stream.valid()) {
       const int next = stream.block_index(p, flagged);
-      if (next >= 0 && next < p.num_blocks) prefetch_page_boxes<1>(map, kAllBoxes, next, kv_head);  // whole boxes
+      if (next >= 0 && next < p.num_blocks) {
+        if (kLinear) {
+          tma_prefetch_box(map, 0, kv_head, 0, next);  // the whole page: one box (ab132: -1 to -2 % on short parts)
+        } else {
+          prefetch_page_boxes<1>(map, kAllBoxes, next, kv_head);  // whole boxes
+        }
+      }
     }
   }
 }
