@@ -17,10 +17,12 @@ loader with the same release protocol was always clean. This kernel is that prot
   `--unsafe` has each thread arrive before it reads the slot (128 arrivals): a real race between the
   reads and the next fill, the control that racecheck sees that kind of copy at all.
 
-The sums are checked (except with --unsafe). On the H200 (compute-sanitizer of the CUDA 13.0 image,
-docs/PERF_NOTES.md): `bulk` and `bulk --fence` 1 error, `store` 2 errors, `tensor` clean; the release
-protocol is the textbook one (arrive has release, try_wait acquire semantics), so racecheck does not
-take these mbarrier handshakes as ordering the reads before the next fill.
+The sums are checked (except with --unsafe). On the H200 (compute-sanitizer of the CUDA 13.0 image;
+benchmarks/results/2026-12-01-h200-4a00146-racecheck-repro-and-ncu-fp8-h16.txt): `bulk`, `bulk --fence`
+and `store` are flagged, and clean with `--every-thread`: racecheck does not take one lane's arrival
+after __syncwarp as releasing its warp's reads, which the PTX memory model does (the report is the
+tool's). `tensor` is clean, but so is `tensor --unsafe`, whose race showed in its sum: racecheck does not
+see TMA box writes at all.
 
     compute-sanitizer --tool racecheck python devtools/racecheck_bulk_repro.py --copy bulk
 """

@@ -16,9 +16,10 @@
 // thread until the piece ends.
 //
 // An FP8 (e4m3) cache with an e4m3 q (-DFLASHMLA_KV_E4M3 -DFLASHMLA_Q_E4M3, 16 or 32 rows) stays FP8 in
-// shared memory: 4 KB boxes landed 64-byte swizzled (the wgmma layout of FP8 rows), a ring of 50 (5.6
-// pages; 44 with 32 rows), no converter warpgroup. S^T runs on FP8 wgmmas straight from shared memory
-// (Q stays e4m3 too) and is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
+// shared memory, no converter warpgroup. With 32 rows: 4 KB boxes landed 64-byte swizzled (the wgmma
+// layout of FP8 rows), a ring of 44, S^T on FP8 wgmmas straight from shared memory; with 16 rows whole
+// pages as they lie in the cache, a ring of five, S^T taking K from registers (kLinear, below). Q stays
+// e4m3 too; S^T is issued behind the previous page's PV, as for a 16-bit cache. PV takes V^T from
 // registers, which each thread fills from the FP8 bytes with exact conversions to fp16 (issue_output:
 // O^T's rows are taken in an order that makes every thread's bytes contiguous); stale tokens of the
 // last page load as zeros, and a page with a bad block index (plan.cuh) makes its request's rows NaN:
