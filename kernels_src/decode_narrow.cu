@@ -73,10 +73,11 @@ namespace flashmla {
 // load-only, ab125): a page lands as one TMA box of its 64 whole 576-byte rows (the host's map reads
 // rows as 4-byte words: variants.Variant.kv_box) in a ring of whole pages. S^T then takes K from
 // registers (issue_scores_linear) and V^T's loads read rows (issue_output). On the H200 -3.3 % at
-// h16/4k, -3.8 % at h16/16k, level at h16/1k and b8/h16/16k, exact (ab131); racecheck, memcheck and
-// synccheck clean. A linear bulk copy a page measured the same (ab128), but racecheck reports each
-// slot's refill racing with its reads; it reports the same of plain stores behind the same release
-// and not of a TMA box (devtools/racecheck_bulk_repro.py, docs/PERF_NOTES.md), so the box it is.
+// h16/4k, -3.8 % at h16/16k, level at h16/1k and b8/h16/16k, exact (ab131). A linear bulk copy a page
+// measured the same (ab128), but racecheck then reports every slot's refill as racing with its reads:
+// it does not take one lane's release after __syncwarp as covering its warp's reads (it flags plain
+// stores behind that release too), and it does not see TMA box writes at all, so the box keeps its
+// report to the threads' own traffic (devtools/racecheck_bulk_repro.py, docs/PERF_NOTES.md).
 #ifndef FLASHMLA_NARROW_LINEAR
 #define FLASHMLA_NARROW_LINEAR 1
 #endif
