@@ -197,7 +197,7 @@ def kv_tensor_map(ptr: int, shape: tuple, strides: tuple, dtype: np.dtype, box_t
     `strides` in elements, boxes of 64 columns x `box_tokens` tokens landing with `swizzle` bytes of
     swizzle (the kernel variant's `kv_box`). A host-only driver call; kernels.DecodeLaunch keeps one per
     k_cache address. 16-bit boxes land 128-byte swizzled (the wgmma layout); decode.cu's FP8 boxes with a
-    16-bit q land plain, to be converted into that layout (kernels_src/dequant.cuh), the narrow kernel's
+    16-bit q land plain, to be converted into that layout (kernels_src/dequant.cuh), the 32-row narrow kernel's
     and decode.cu's with an e4m3 q 64-byte swizzled (the wgmma layout of FP8 rows). A 16-bit box outside
     the map (a bad block index) is never read and lands as NaN: that is how the decode kernel keeps bad
     pages out of the result (plan.cuh, kFlagBadPages); an FP8 map is of bytes, filled with zeros, and its

@@ -160,8 +160,7 @@ def test_every_layer_cache_is_encoded_once(gpu):
     caches = [t.tensor((8, 64, 1, 576), t.bfloat16) for _ in range(3)]
     for layer in [0, 1, 2, 0, 1, 2, 1]:
         flash_mla_with_kvcache(**torch_args(t) | {"k_cache": caches[layer]})
-        decode = gpu.driver.launches[-2]
-        assert tensor_map_base(decode) == caches[layer].data_ptr()
+        assert tensor_map_base(gpu.driver.launches[-2]) == caches[layer].data_ptr()
     assert gpu.driver.tensor_maps == [c.data_ptr() for c in caches]
 
 
