@@ -2,7 +2,10 @@
 and the peers where importable.)
 
 For each case: a plain all-SM read kernel (devtools/l2_resident_probe.py's) over a contiguous buffer of
-the case's bytes (SPEC's accounting: cache, q and output), then the libraries on scripts/bench.py's inputs
+the case's bytes (SPEC's accounting: cache, q and output); for a case of equal lengths, the same kernel's
+loads over the case's cache pages only, shuffled as scripts/bench.py shuffles them, read one CTA per
+request (a decode plan of one part per request on one SM each: "per-request reads") and one small block
+per page (the hardware's block scheduler balancing the SMs: "per-page reads"); then the libraries on scripts/bench.py's inputs
 (CUDA-graph replay), each timed after the memset flush scripts/bench.py uses and after a read flush
 (which leaves L2 clean): the memset leaves L2 full of dirty lines that any kernel running next writes back
 to DRAM while it reads, so the read kernel after the memset is the floor that flush method puts under
@@ -24,6 +27,46 @@ from l2_resident_probe import read_kernel  # noqa: E402
 
 FLUSHES = ("memset", "read")
 
+# Pages read by a CTA in turn, 8 independent 16-byte loads a thread in flight.
+PAGES_SOURCE = r'''
+extern "C" __global__ void read_pages(const uint4* __restrict__ a, const int* __restrict__ pages, int pages_per_cta,
+                                      int page_vec, unsigned* sink) {
+  const long long total = (long long)pages_per_cta * page_vec;
+  const int* mine = pages + (size_t)blockIdx.x * pages_per_cta;
+  unsigned acc = 0;
+  for (long long base = threadIdx.x; base < total; base += 8LL * blockDim.x) {
+    uint4 v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const long long idx = base + (long long)k * blockDim.x;
+      v[k] = idx < total ? a[(size_t)mine[idx / page_vec] * page_vec + idx % page_vec] : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+  }
+  if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads
+}'''
+
+
+def page_reads(case, per_request: bool):
+    """A launch reading the case's cache pages (shuffled) one CTA per request of 1024 threads, or one block
+    of 256 threads per page."""
+    import cupy as cp
+
+    pages_per_request = -(-case.seqlen // 64)
+    pages = case.batch * pages_per_request
+    page_vec = 64 * 576 * case.heads_kv * (1 if case.dtype == "fp8" else 2) // 16
+    data = cp.ones(pages * page_vec * 4, cp.uint32)
+    order = cp.asarray(torch.randperm(pages, generator=torch.Generator().manual_seed(1)).numpy().astype("int32"))
+    kernel = cp.RawKernel(PAGES_SOURCE, "read_pages")
+    sink = cp.zeros(1, cp.uint32)
+    if per_request:
+        grid, threads, per_cta = case.batch, 1024, pages_per_request
+    else:
+        grid, threads, per_cta = pages, 256, 1
+    args = (data, order, cp.int32(per_cta), cp.int32(page_vec), sink)
+    return lambda: kernel((grid,), (threads,), args)
+
 
 def main(labels: list[str]) -> None:
     timers = {flush: bench.Timer(torch, flush=flush) for flush in FLUSHES}
@@ -34,6 +77,9 @@ def main(labels: list[str]) -> None:
         case = bench.bench_cases.parse(case_id, dtype)
         _, nbytes = case.accounting()
         rows = {"read kernel": (None, read_kernel(nbytes))}
+        if not case.varlen:
+            rows["per-request reads"] = (None, page_reads(case, per_request=True))
+            rows["per-page reads"] = (None, page_reads(case, per_request=False))
         inputs = bench.make_inputs(torch, case, seed=1)   # not checked against each other: timing only
         for lib in bench.LIBRARIES:
             if dtype not in lib.dtypes:

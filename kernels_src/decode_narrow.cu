@@ -193,7 +193,6 @@ static_assert(!kPageBarrier || (kRingBoxes >= 4 * kBoxes && kRingBoxes < 6 * kBo
 constexpr int kLinearPageBytes = kPageSize * kHeadDim;
 constexpr int kLinearSlots = kRingBoxes * kRingBoxBytes / kLinearPageBytes;
 static_assert(!kLinear || kLinearSlots >= 3, "a ring of three pages at least");
-static_assert(!(kLinear && FLASHMLA_LOAD_ONLY), "the load-only hook waits for boxes: build it with -DFLASHMLA_NARROW_LINEAR=0");
 
 template <int N, bool kBf16> struct NarrowAtoms;
 template <> struct NarrowAtoms<32, true> {
@@ -946,10 +945,16 @@ struct NarrowPiece {
 #if FLASHMLA_LOAD_ONLY
     // Experiment: the loader alone; each page released as soon as it has landed.
     for (; page < piece.page_end; page += kNarrowConsumers, seq += kNarrowConsumers) {
-      for (int box = 0; box < kBoxes; ++box) {
-        const RingSlot at(seq, box);
-        mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+      if (kLinear) {
+        const PageSlot at(seq);
+        mbarrier_wait_uniform(&smem.full[at.landed], at.landed_phase);
+      } else {
+        for (int box = 0; box < kBoxes; ++box) {
+          const RingSlot at(seq, box);
+          mbarrier_wait_uniform(&smem.full[at.slot], at.phase);
+        }
       }
+      trace.mark(kMarkScoresIn);
       release(seq);
     }
     page = piece.page_end;
@@ -1056,7 +1061,7 @@ struct NarrowPiece {
 #endif
 
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
-  __device__ __forceinline__ void finish(const OutputT& o, float out_scale) {
+  __device__ __forceinline__ void finish(const OutputT& o, float out_scale, Tracer& trace) {
     const int warp = thread / 32;
     float share[kRowSlots];
 #pragma unroll
@@ -1069,6 +1074,7 @@ struct NarrowPiece {
       for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[consumer()][warp][at.row[k]] = share[k];
     }
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    trace.mark(kMarkSumsExchanged);
     if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
     // A row at a time, its sum and lse included: with 32 rows O alone takes 128 registers.
 #pragma unroll
@@ -1083,6 +1089,7 @@ struct NarrowPiece {
       }
       const float inv = total == 0.f ? 0.f : out_scale / total;
       if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
+      trace.mark(kMarkLseStored);
 #if defined(FLASHMLA_KV_E4M3)
       // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
       const int first = 128 * warp + 16 * ((thread % 32) / 4);
@@ -1215,6 +1222,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
       ++page_seq;
     }
 #endif
-    c.finish(o, scales.out_scale);
+    c.finish(o, scales.out_scale, trace);
+    trace.mark(kMarkPieceEnd);
   }
 }

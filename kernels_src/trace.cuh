@@ -42,7 +42,10 @@ enum TraceMark : uint32_t {
 };
 
 #if defined(FLASHMLA_TRACE)
-constexpr int kTraceCtas = 16;
+#ifndef FLASHMLA_TRACE_CTAS
+#define FLASHMLA_TRACE_CTAS 16  // kernel_trace.py --ctas
+#endif
+constexpr int kTraceCtas = FLASHMLA_TRACE_CTAS;
 constexpr int kTraceWarpgroups = 3;
 constexpr int kTraceRecords = 4096;
 constexpr uint64_t kTraceCycleMask = (1ull << 56) - 1;

@@ -24,6 +24,13 @@ page from DRAM again.
 
     python scripts/kernel_trace.py --case b128-q2-h128-8192-causal --clock global
 
+`--ctas N` traces the first N CTAs (default 16; the grid's CTAs, empty parts untraced): with `--clock global`
+the report then adds a timeline of the whole kernel, the traced CTAs' starts and ends and, per bin of
+`--bin-us`, how many pages the loaders issued and the computing warpgroups took in (their "scores in"), so
+the ramp at the start and the tail at the end can be read beside the steady rate.
+
+    python scripts/kernel_trace.py --case b128-q1-h16-4096 --dtype fp8 --clock global --ctas 132 --flush memset
+
 `--ring 1` traces decode_ring.cu on an e4m3 case with more than 32 rows (kernels.RING_FP8), `--ring 0`
 decode.cu's FP8 path there. A case of at most 32 rows with an e4m3 q and cache traces decode_narrow.cu's
 FP8 kernel: each computing warpgroup per page of its own ("pair start" is a page's start, "own pv done"
@@ -47,7 +54,7 @@ MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs publi
          "convert start", "v half converted", "v converted", "block indexed", "boxes issued",
          "sums exchanged", "lse stored", "output stored", "q tile free")
 HEADER = 255
-TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096
+TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096  # trace.cuh's (TRACE_CTAS: kTraceCtas's default)
 CYCLE_BITS = 56
 
 
@@ -140,6 +147,53 @@ def startup(records: dict[tuple[int, int], list[tuple[int, int]]]) -> dict:
             for wg, entry in sorted(spans.items())}
 
 
+def timeline(records: dict[tuple[int, int], list[tuple[int, int]]], loader_wg: int, bin_ns: int) -> dict:
+    """With globaltimer marks of many CTAs: when the traced CTAs start and end (microseconds after the
+    earliest mark), and per bin of `bin_ns` the pages the loaders issued ("boxes issued") and the other
+    warpgroups took in ("scores in"), and how many CTAs were running."""
+    if not records:
+        return {}
+    t0 = min(marks[0][1] for marks in records.values() if marks)
+    spans: dict[int, list[int]] = {}
+    for (cta, _), marks in records.items():
+        if marks:
+            span = spans.setdefault(cta, [marks[0][1], marks[-1][1]])
+            span[0], span[1] = min(span[0], marks[0][1]), max(span[1], marks[-1][1])
+    end = max(e for _, e in spans.values())
+    bins = (end - t0) // bin_ns + 1
+    issued, taken, running = [0] * bins, [0] * bins, [0] * bins
+    for (_, wg), marks in records.items():
+        for m, t in marks:
+            if wg == loader_wg and m == MARKS.index("boxes issued"):
+                issued[(t - t0) // bin_ns] += 1
+            elif wg != loader_wg and m == MARKS.index("scores in"):
+                taken[(t - t0) // bin_ns] += 1
+    for start, stop in spans.values():
+        for b in range((start - t0) // bin_ns, (stop - t0) // bin_ns + 1):
+            running[b] += 1
+
+    def quantiles(values):
+        values = sorted((v - t0) / 1e3 for v in values)
+        return {"min": values[0], "median": statistics.median(values), "max": values[-1]}
+
+    return {"ctas": len(spans), "bin_us": bin_ns / 1e3,
+            "start_us": quantiles([s for s, _ in spans.values()]), "end_us": quantiles([e for _, e in spans.values()]),
+            "bins": [{"from_us": b * bin_ns / 1e3, "issued": issued[b], "taken": taken[b], "running": running[b]}
+                     for b in range(bins)]}
+
+
+def print_timeline(line: dict, page_bytes: int) -> None:
+    if not line:
+        return
+    print(f"\ntimeline of {line['ctas']} CTAs (us after the earliest mark): starts " +
+          ", ".join(f"{k} {v:.2f}" for k, v in line["start_us"].items()) + "; ends " +
+          ", ".join(f"{k} {v:.2f}" for k, v in line["end_us"].items()))
+    print(f"  {'from us':>8s} {'running':>8s} {'issued':>7s} {'taken':>6s} {'taken TB/s':>11s}")
+    for b in line["bins"]:
+        rate = b["taken"] * page_bytes / (line["bin_us"] * 1e6)
+        print(f"  {b['from_us']:8.1f} {b['running']:8d} {b['issued']:7d} {b['taken']:6d} {rate:11.2f}")
+
+
 def print_report(report: dict) -> None:
     for wg, entry in report.items():
         pair_us = f", ~{entry['median_pair_us']:.2f} us at the max clock" if entry["median_pair_us"] else ""
@@ -156,11 +210,14 @@ def _scripts_on_path() -> None:
 
 
 def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm",
-          ring: bool | None = None) -> dict:
+          ring: bool | None = None, ctas: int = TRACE_CTAS, bin_us: float = 2.0, extra: tuple = ()) -> dict:
     _scripts_on_path()
     import kernel_ab
 
     defines = ["-DFLASHMLA_TRACE=1"] + (["-DFLASHMLA_TRACE_GLOBALTIMER=1"] if clock == "global" else [])
+    if ctas != TRACE_CTAS:
+        defines.append(f"-DFLASHMLA_TRACE_CTAS={ctas}")
+    defines += list(extra)
     kernel_ab.apply({"defines": defines, "tree": tree, "smem": None, "ring": ring})
     import cupy
     import torch
@@ -175,16 +232,16 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     torch.cuda.synchronize()
     programs = ("decode", "decode_ring", "decode_narrow")
     [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program in programs]
-    words = cupy.zeros(TRACE_CTAS * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
+    words = cupy.zeros(ctas * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
     address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
     pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
     cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
     bench.L2Flush(torch, flush)()
     fn()
     torch.cuda.synchronize()
-    table = cupy.asnumpy(words).reshape(TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS)
+    table = cupy.asnumpy(words).reshape(ctas, TRACE_WARPGROUPS, TRACE_RECORDS)
     records, sms, places = {}, {}, {}
-    for cta in range(TRACE_CTAS):
+    for cta in range(ctas):
         for wg in range(TRACE_WARPGROUPS):
             sm, marks = decode_record(table[cta, wg])
             if sm is not None:
@@ -198,6 +255,9 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     report["sms"] = {str(cta): sm for cta, sm in sms.items()}
     if clock == "global":
         report["tile_lag"] = tile_lag(records, places)
+        # The narrow FP8 kernel's loader marks as warpgroup 2 (its two computing warpgroups are 0 and 1).
+        report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
+        report["page_bytes"] = 64 * 576 * (1 if dtype == "fp8" else 2)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
 
@@ -219,10 +279,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ring", type=int, choices=(0, 1),
                         help="send an e4m3 q and cache with more than 32 rows to decode_ring.cu (1) or decode.cu "
                              "(0); default: kernels.RING_FP8")
+    parser.add_argument("--ctas", type=int, default=TRACE_CTAS, help="CTAs traced (default: 16)")
+    parser.add_argument("--define", action="append", default=[], help="another -D... for the traced build")
+    parser.add_argument("--bin-us", type=float, default=2.0, help="the timeline's bin (with --clock global)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
     report = trace(args.case, args.dtype, args.tree, args.flush, args.clock,
-                   None if args.ring is None else bool(args.ring))
+                   None if args.ring is None else bool(args.ring), args.ctas, args.bin_us,
+                   tuple(args.define))
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
     if args.clock == "global":
@@ -235,6 +299,7 @@ def main(argv=None) -> int:
         print(f"{part}: tiles {lag['tiles']} over {lag['pairs']} pairs, start of a pair apart by median "
               f"{lag['median_us']:.2f} us, at most {lag['max_us']:.2f}, at the last {lag['last_us']:.2f}; "
               f"tile {lag['first_done']} first")
+    print_timeline(report.get("timeline", {}), report.get("page_bytes", 0))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

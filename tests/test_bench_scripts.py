@@ -580,9 +580,9 @@ def test_kernel_trace_marks_match_the_kernel_and_summarize():
     enum = (REPO / "kernels_src/trace.cuh").read_text()
     values = {int(v) for v in re.findall(r"kMark\w+ = (\d+),", enum)}
     assert values == set(range(len(kernel_trace.MARKS))) | {kernel_trace.HEADER}
-    for name, value in (("kTraceCtas", kernel_trace.TRACE_CTAS), ("kTraceWarpgroups", kernel_trace.TRACE_WARPGROUPS),
-                        ("kTraceRecords", kernel_trace.TRACE_RECORDS)):
+    for name, value in (("kTraceWarpgroups", kernel_trace.TRACE_WARPGROUPS), ("kTraceRecords", kernel_trace.TRACE_RECORDS)):
         assert f"constexpr int {name} = {value};" in enum
+    assert f"#define FLASHMLA_TRACE_CTAS {kernel_trace.TRACE_CTAS} " in enum  # kTraceCtas unless --ctas
 
     def word(mark, cycles):
         return (mark << kernel_trace.CYCLE_BITS) | cycles
@@ -628,6 +628,24 @@ def test_kernel_trace_startup_spans_are_medians_over_ctas():
     }
     assert kernel_trace.startup(records) == {
         "warpgroup 0": {"to first pair": 700, "to first scores": 1000, "to last mark": 3000}}
+
+
+def test_kernel_trace_timeline_bins_the_pages_and_the_ctas_ends():
+    start, boxes, pair, scores_in, end = (kernel_trace.MARKS.index(m) for m in
+                                          ("kernel start", "boxes issued", "pair start", "scores in", "piece end"))
+    records = {
+        (0, 2): [(start, 900), (boxes, 1500), (boxes, 2100)],          # CTA 0's loader lane
+        (0, 0): [(start, 1000), (pair, 2000), (scores_in, 3000), (end, 9000)],
+        (0, 1): [(start, 1000), (scores_in, 5000), (end, 7000)],
+        (1, 0): [(start, 1200), (scores_in, 4100), (end, 5100)],
+    }
+    line = kernel_trace.timeline(records, loader_wg=2, bin_ns=2000)
+    assert line["ctas"] == 2 and line["bin_us"] == 2.0
+    assert line["start_us"] == {"min": 0.0, "median": 0.15, "max": 0.3}
+    assert line["end_us"] == {"min": 4.2, "median": 6.15, "max": 8.1}
+    assert [(b["issued"], b["taken"], b["running"]) for b in line["bins"]] == [
+        (2, 0, 2), (0, 2, 2), (0, 1, 2), (0, 0, 1), (0, 0, 1)]
+    assert kernel_trace.timeline({}, 2, 2000) == {}
 
 
 def test_reports_keep_the_mark_of_a_modified_tree():
