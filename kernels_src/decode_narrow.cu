@@ -110,6 +110,18 @@ constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 #endif
 #endif
 constexpr bool kVoteMax = FLASHMLA_NARROW_VOTE_MAX != 0;
+// Candidates for the linear 16-row FP8 kernel, whose computing warpgroups are paced by their chains of
+// small wgmmas (docs/PERF_NOTES.md, ab140), not yet run on a GPU. -DFLASHMLA_NARROW_PV_FIRST=0: the next
+// page's S^T is issued before this page's P V has completed (page_step), so the tensor pipe has both
+// queued, with K's registers live beside the P V fragments (no spills under NVRTC 12.9, 13.0.88, 13.5).
+// -DFLASHMLA_NARROW_FRAGMENT_SETS=1: one set of P V fragments instead of two (fewer registers, each
+// step's wgmmas awaited before the next step's fragments are built).
+#ifndef FLASHMLA_NARROW_PV_FIRST
+#define FLASHMLA_NARROW_PV_FIRST 1
+#endif
+#ifndef FLASHMLA_NARROW_FRAGMENT_SETS
+#define FLASHMLA_NARROW_FRAGMENT_SETS (FLASHMLA_NARROW_ROWS == 16 ? 2 : 1)
+#endif
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
 constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
@@ -477,8 +489,9 @@ __device__ __forceinline__ void issue_page_scores(NarrowStorage& smem, uint32_t 
 #if defined(FLASHMLA_KV_E4M3)
 // The A fragments of PV: two sets of the eight value tiles' (issue_output). With 32 rows O^T takes 128
 // registers a thread: one set then (each step's wgmmas awaited before the next step's fragments are
-// built; the other warpgroup's keep the tensor cores busy meanwhile).
-constexpr int kFragmentSets = kNarrowRows == 16 ? 2 : 1;
+// built; the other warpgroup's keep the tensor cores busy meanwhile). FLASHMLA_NARROW_FRAGMENT_SETS (above).
+constexpr int kFragmentSets = FLASHMLA_NARROW_FRAGMENT_SETS;
+static_assert(kFragmentSets == 1 || kFragmentSets == 2, "one or two sets of P V fragments");
 using OutputFragments = uint32_t[kFragmentSets][kValueTiles][4];
 
 // O^T += V^T P^T with V^T from registers. The thread's rows of O^T (value columns) are taken in the
@@ -923,7 +936,8 @@ struct NarrowPiece {
         }
       }
     };
-    constexpr bool kPvFirst = kLinear && kNext;  // K's registers would add to the PV's fragments
+    // K's registers would add to the PV's fragments (FLASHMLA_NARROW_PV_FIRST=0 lets them: above).
+    constexpr bool kPvFirst = kLinear && kNext && FLASHMLA_NARROW_PV_FIRST;
     if constexpr (kPvFirst) {
       cute::warpgroup_wait<0>();
       pv_done();
