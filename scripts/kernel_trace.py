@@ -27,7 +27,9 @@ page from DRAM again.
 `--ctas N` traces the first N CTAs (default 16; the grid's CTAs, empty parts untraced): with `--clock global`
 the report then adds a timeline of the whole kernel, the traced CTAs' starts and ends and, per bin of
 `--bin-us`, how many pages the loaders issued and the computing warpgroups took in (their "scores in"), so
-the ramp at the start and the tail at the end can be read beside the steady rate.
+the ramp at the start and the tail at the end can be read beside the steady rate. The page counts follow
+the narrow FP8 kernel's marks (its loader lane is warpgroup 2); `--define -DX=1` builds the traced kernels
+with a measurement switch too.
 
     python scripts/kernel_trace.py --case b128-q1-h16-4096 --dtype fp8 --clock global --ctas 132 --flush memset
 
