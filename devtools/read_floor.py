@@ -3,7 +3,7 @@ and the peers where importable.)
 
 For each case: a plain all-SM read kernel (devtools/l2_resident_probe.py's) over a contiguous buffer of
 the case's bytes (SPEC's accounting: cache, q and output); for a case of equal lengths, the same kernel's
-loads over the case's cache pages only, shuffled as scripts/bench.py shuffles them, read one CTA per
+loads over the case's cache pages only, in a random order as scripts/bench.py's block tables are, read one CTA per
 request (a decode plan of one part per request on one SM each: "per-request reads") and one small block
 per page (the hardware's block scheduler balancing the SMs: "per-page reads"); then the libraries on scripts/bench.py's inputs
 (CUDA-graph replay), each timed after the memset flush scripts/bench.py uses and after a read flush
@@ -49,8 +49,8 @@ extern "C" __global__ void read_pages(const uint4* __restrict__ a, const int* __
 
 
 def page_reads(case, per_request: bool):
-    """A launch reading the case's cache pages (shuffled) one CTA per request of 1024 threads, or one block
-    of 256 threads per page."""
+    """A launch reading the case's cache pages (a seeded random permutation) one CTA per request of 1024
+    threads, or one block of 256 threads per page."""
     import cupy as cp
 
     pages_per_request = -(-case.seqlen // 64)

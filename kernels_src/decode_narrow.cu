@@ -610,10 +610,11 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   if (FLASHMLA_COMPUTE_ONLY) return;
   const int lanes = !kLinear && part.payload >= kLongPartPages ? kNarrowLoaders : 1;
   if (lane_index >= lanes) return;
-  constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
   PageStreamOf<1>& stream = smem.stream[lane_index];
   stream.start(p, part, 0);
-  const uint64_t hint = cache_load_hint(part.payload, 1);
+#if !FLASHMLA_NARROW_LINEAR
+  const uint64_t hint = cache_load_hint(part.payload, 1);  // the boxes' L2 policy (a linear page: evict-first)
+#endif
   Tracer trace(kNarrowConsumers, lane_index);  // FLASHMLA_TRACE only: how long a lane waits for free slots
   trace.mark(kMarkKernelStart);
   for (int loaded = 0; stream.valid(); ++loaded) {
@@ -650,6 +651,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
         if (kLinear) {
           tma_prefetch_box(map, 0, kv_head, 0, next);  // the whole page: one box (ab132: -1 to -2 % on short parts)
         } else {
+          constexpr uint32_t kAllBoxes = (1u << kBoxes) - 1;
           prefetch_page_boxes<1>(map, kAllBoxes, next, kv_head);  // whole boxes
         }
       }

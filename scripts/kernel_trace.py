@@ -259,7 +259,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
         report["tile_lag"] = tile_lag(records, places)
         # The narrow FP8 kernel's loader marks as warpgroup 2 (its two computing warpgroups are 0 and 1).
         report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
-        report["page_bytes"] = 64 * 576 * (1 if dtype == "fp8" else 2)
+        report["page_bytes"] = 64 * 576 * case.heads_kv * (1 if dtype == "fp8" else 2)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
 
