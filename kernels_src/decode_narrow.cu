@@ -96,6 +96,18 @@ namespace flashmla {
 #define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only (a linear page has one barrier anyway)
 #endif
 constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
+// Pacing (candidate, off): with FLASHMLA_NARROW_PACE=N a linear kernel's loader holds a page while its
+// CTA has issued more than N pages past the grid's average (GridPace). The H200 streams to some SMs
+// (runs of neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA, CTAs took
+// pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow ones then
+// work off their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have ended. Measured as an experiment (module counters, no
+// single-wave guard; ab150, docs/PERF_NOTES.md): N = 2, h16/4k -4.8 %, h16/16k -1.8 %, b8/h16/16k -1.5 %,
+// h16/1k -0.5 %; the 32-row kernel +12 % and 16-bit caches level to +1.4 %, so it is the linear kernel's
+// only. Not yet run in this form.
+#ifndef FLASHMLA_NARROW_PACE
+#define FLASHMLA_NARROW_PACE 0
+#endif
+constexpr int kPaceSlack = kLinear ? FLASHMLA_NARROW_PACE : 0;
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -110,18 +122,6 @@ constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 #endif
 #endif
 constexpr bool kVoteMax = FLASHMLA_NARROW_VOTE_MAX != 0;
-// Candidates for the linear 16-row FP8 kernel, whose computing warpgroups are paced by their chains of
-// small wgmmas (docs/PERF_NOTES.md, ab140), not yet run on a GPU. -DFLASHMLA_NARROW_PV_FIRST=0: the next
-// page's S^T is issued before this page's P V has completed (page_step), so the tensor pipe has both
-// queued, with K's registers live beside the P V fragments (no spills under NVRTC 12.9, 13.0.88, 13.5).
-// -DFLASHMLA_NARROW_FRAGMENT_SETS=1: one set of P V fragments instead of two (fewer registers, each
-// step's wgmmas awaited before the next step's fragments are built).
-#ifndef FLASHMLA_NARROW_PV_FIRST
-#define FLASHMLA_NARROW_PV_FIRST 1
-#endif
-#ifndef FLASHMLA_NARROW_FRAGMENT_SETS
-#define FLASHMLA_NARROW_FRAGMENT_SETS (FLASHMLA_NARROW_ROWS == 16 ? 2 : 1)
-#endif
 constexpr int kNarrowRows = FLASHMLA_NARROW_ROWS;             // query rows per CTA: N of every wgmma
 static_assert(kNarrowRows == 16 || kNarrowRows == 32, "N = 16 or 32");
 constexpr int kNarrowBoxBytes = kNarrowRows * kRowBytes;      // a box of Q or P^T: N rows x 64 columns
@@ -489,8 +489,9 @@ __device__ __forceinline__ void issue_page_scores(NarrowStorage& smem, uint32_t 
 #if defined(FLASHMLA_KV_E4M3)
 // The A fragments of PV: two sets of the eight value tiles' (issue_output). With 32 rows O^T takes 128
 // registers a thread: one set then (each step's wgmmas awaited before the next step's fragments are
-// built; the other warpgroup's keep the tensor cores busy meanwhile). FLASHMLA_NARROW_FRAGMENT_SETS (above).
-constexpr int kFragmentSets = FLASHMLA_NARROW_FRAGMENT_SETS;
+// built; the other warpgroup's keep the tensor cores busy meanwhile). One set with 16 rows measured level
+// to +0.6 % (ab141, docs/PERF_NOTES.md).
+constexpr int kFragmentSets = kNarrowRows == 16 ? 2 : 1;
 static_assert(kFragmentSets == 1 || kFragmentSets == 2, "one or two sets of P V fragments");
 using OutputFragments = uint32_t[kFragmentSets][kValueTiles][4];
 
@@ -590,6 +591,60 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 }
 #endif
 
+#if FLASHMLA_NARROW_PACE
+// The grid's pace, zero between launches: [0] pages issued (low word) and CTAs started (high word),
+// one read for both; [1] loader lanes done (one a CTA, empty CTAs included). The last one done puts
+// both back to zero, so a CUDA graph replays from zero. A module's counters are shared by its launches
+// on every stream of the device: concurrent launches pace each other loosely, never more than
+// kPaceSpins reads a page (results never depend on them).
+__device__ unsigned long long narrow_pace[2];
+#endif
+struct GridPace {
+  static constexpr int kPaceSpins = 2;  // re-reads of the count a page at most (each a global round trip)
+  unsigned long long seen = 0;          // the count as last read: pages | CTAs << 32
+  // Only a grid of one wave (one CTA an SM, all resident): CTAs of a later wave would start behind.
+  static __device__ __forceinline__ bool on() {
+    if (kPaceSlack == 0) return false;
+    uint32_t sms;
+    asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
+    return gridDim.x * gridDim.y * gridDim.z <= sms;
+  }
+#if FLASHMLA_NARROW_PACE
+  static __device__ __forceinline__ unsigned long long read() {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace[0]) : "memory");
+    return v;
+  }
+  __device__ __forceinline__ void start() { seen = atomicAdd(&narrow_pace[0], 1ull << 32) + (1ull << 32); }
+  // Before page `loaded` (pages of this CTA before it): wait while this CTA is ahead of the average.
+  __device__ __forceinline__ void hold(int loaded) {
+    for (int spin = 0; spin < kPaceSpins; ++spin) {
+      const uint32_t pages = uint32_t(seen), ctas = uint32_t(seen >> 32);
+      if (uint32_t(loaded) * ctas <= pages + uint32_t(kPaceSlack) * ctas) return;
+      __nanosleep(64);
+      seen = read();
+    }
+  }
+  __device__ __forceinline__ void issued() {
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace[0]) : "memory");
+    seen = read();  // awaited only at the next hold
+  }
+  // Once a CTA (its loader lane, or thread 0 of an empty CTA), after its last issue.
+  static __device__ __forceinline__ void done() {
+    __threadfence();
+    if (atomicAdd(&narrow_pace[1], 1ull) + 1 == uint64_t(gridDim.x) * gridDim.y * gridDim.z) {
+      atomicExch(&narrow_pace[0], 0ull);
+      atomicExch(&narrow_pace[1], 0ull);
+    }
+  }
+#else
+  __device__ __forceinline__ void start() {}
+  __device__ __forceinline__ void hold(int) {}
+  __device__ __forceinline__ void issued() {}
+  static __device__ __forceinline__ void done() {}
+#endif
+};
+
 // The loader: every page of the part in order, box by box into the ring, each slot as soon as the page
 // that held it has been released. Right after the first page it asks L2 for the second (decode.cu's
 // loader asks once its first page has landed; that order was measured there only).
@@ -617,6 +672,9 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
 #endif
   Tracer trace(kNarrowConsumers, lane_index);  // FLASHMLA_TRACE only: how long a lane waits for free slots
   trace.mark(kMarkKernelStart);
+  const bool paced = GridPace::on();
+  GridPace pace;
+  if (paced) pace.start();
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
     const int block = stream.block_index(p, flagged);  // a bad page loads block 0; its warpgroup checks the entry
@@ -624,6 +682,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     // were issued, it held the loader back from slots freed meanwhile (2-4 % on the long FP8 cells).
     stream.advance(p, part);
     if (loaded % lanes != lane_index) continue;
+    if (paced) pace.hold(loaded);
     trace.mark(kMarkBlockIndexed);
 #if FLASHMLA_NARROW_LINEAR
     const PageSlot at(loaded);
@@ -645,6 +704,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     }
 #endif
     trace.mark(kMarkBoxesIssued);
+    if (paced) pace.issued();
     if (loaded == 0 && stream.valid()) {
       const int next = stream.block_index(p, flagged);
       if (next >= 0 && next < p.num_blocks) {
@@ -938,8 +998,9 @@ struct NarrowPiece {
         }
       }
     };
-    // K's registers would add to the PV's fragments (FLASHMLA_NARROW_PV_FIRST=0 lets them: above).
-    constexpr bool kPvFirst = kLinear && kNext && FLASHMLA_NARROW_PV_FIRST;
+    // K's registers would add to the PV's fragments. (The next S^T issued before the PV completes, both
+    // live, made the computing warpgroups alone 5 % faster and the whole kernel no faster: ab141, ab142.)
+    constexpr bool kPvFirst = kLinear && kNext;
     if constexpr (kPvFirst) {
       cute::warpgroup_wait<0>();
       pv_done();
@@ -1168,7 +1229,10 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
   NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
-  if (PartPlan::load(p, blockIdx.z).empty(p)) return;
+  if (PartPlan::load(p, blockIdx.z).empty(p)) {
+    if (threadIdx.x == 0 && GridPace::on()) GridPace::done();
+    return;
+  }
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kNarrowRows;
 
@@ -1194,6 +1258,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
     if (threadIdx.x % 32 == 0 && warp - kLoaderWarp < kNarrowLoaders) {
       narrow_loader(p, PartPlan::load(p, blockIdx.z), smem, &kv_map, kv_head, warp - kLoaderWarp);
+      if (warp == kLoaderWarp && GridPace::on()) GridPace::done();
     }
     return;
   }
@@ -1212,6 +1277,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     load_narrow_q(p, smem, request, kv_head, rows_base, threadIdx.x);
     fence_generic_to_async_smem();
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    trace.mark(kMarkPieceStart);
 
     NarrowPiece c(p, smem, piece, thread, wg, kv_head, rows_base);
     OutputT o;

@@ -27,7 +27,8 @@ page from DRAM again.
 `--ctas N` traces the first N CTAs (default 16; the grid's CTAs, empty parts untraced): with `--clock global`
 the report then adds a timeline of the whole kernel, the traced CTAs' starts and ends and, per bin of
 `--bin-us`, how many pages the loaders issued and the computing warpgroups took in (their "scores in"), so
-the ramp at the start and the tail at the end can be read beside the steady rate. The page counts follow
+the ramp at the start and the tail at the end can be read beside the steady rate, and each CTA's page
+period by the SM it ran on (the SMs' unequal shares of DRAM). The page counts follow
 the narrow FP8 kernel's marks (its loader lane is warpgroup 2); `--define -DX=1` builds the traced kernels
 with a measurement switch too.
 
@@ -184,6 +185,35 @@ def timeline(records: dict[tuple[int, int], list[tuple[int, int]]], loader_wg: i
                      for b in range(bins)]}
 
 
+def sm_periods(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[int, int], loader_wg: int) -> dict:
+    """With globaltimer marks of many CTAs: each CTA's page period in us (the time between its pages taken
+    in, "scores in" of all its computing warpgroups, over the middle half of them), keyed by the SM it ran
+    on. The H200 streams to some SMs faster than to others (whole GPCs: the thirtieth session's traces),
+    which a plan of equal parts turns into CTAs ending apart."""
+    taken: dict[int, list[int]] = {}
+    for (cta, wg), marks in records.items():
+        if wg != loader_wg:
+            taken.setdefault(cta, []).extend(t for m, t in marks if m == MARKS.index("scores in"))
+    periods = {}
+    for cta, times in taken.items():
+        times.sort()
+        middle = times[len(times) // 4:len(times) - len(times) // 4]
+        if len(middle) >= 2:
+            periods[sms[cta]] = (middle[-1] - middle[0]) / (len(middle) - 1) / 1e3
+    return {str(sm): periods[sm] for sm in sorted(periods)}
+
+
+def print_sm_periods(periods: dict) -> None:
+    if not periods:
+        return
+    values = sorted(periods.values())
+    print(f"\npage period by SM (us, the middle half of each CTA's pages): min {values[0]:.2f}, "
+          f"median {statistics.median(values):.2f}, max {values[-1]:.2f}")
+    items = [f"{sm:>3s} {us:.2f}" for sm, us in periods.items()]
+    for i in range(0, len(items), 12):
+        print("  " + "  ".join(items[i:i + 12]))
+
+
 def print_timeline(line: dict, page_bytes: int) -> None:
     if not line:
         return
@@ -259,6 +289,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
         report["tile_lag"] = tile_lag(records, places)
         # The narrow FP8 kernel's loader marks as warpgroup 2 (its two computing warpgroups are 0 and 1).
         report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
+        report["sm_page_us"] = sm_periods(records, sms, 2)
         report["page_bytes"] = 64 * 576 * case.heads_kv * (1 if dtype == "fp8" else 2)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
@@ -302,6 +333,7 @@ def main(argv=None) -> int:
               f"{lag['median_us']:.2f} us, at most {lag['max_us']:.2f}, at the last {lag['last_us']:.2f}; "
               f"tile {lag['first_done']} first")
     print_timeline(report.get("timeline", {}), report.get("page_bytes", 0))
+    print_sm_periods(report.get("sm_page_us", {}))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -648,6 +648,19 @@ def test_kernel_trace_timeline_bins_the_pages_and_the_ctas_ends():
     assert kernel_trace.timeline({}, 2, 2000) == {}
 
 
+def test_kernel_trace_page_period_by_sm_takes_the_middle_half_of_each_ctas_pages():
+    scores_in, boxes = kernel_trace.MARKS.index("scores in"), kernel_trace.MARKS.index("boxes issued")
+    records = {
+        # CTA 0 on SM 7: eight pages over both computing warpgroups; the middle four (3000..6000) 1 us apart
+        (0, 0): [(scores_in, t) for t in (0, 3000, 5000, 20000)],
+        (0, 1): [(scores_in, t) for t in (1000, 4000, 6000, 30000)],
+        (0, 2): [(boxes, t) for t in range(0, 8000, 1000)],     # the loader's marks do not count
+        (1, 0): [(scores_in, t) for t in (0, 2000, 6000, 8000)],  # CTA 1 on SM 3: middle 2000..6000
+        (2, 0): [(scores_in, 500)],                              # one page: no period
+    }
+    assert kernel_trace.sm_periods(records, {0: 7, 1: 3, 2: 5}, loader_wg=2) == {"3": 4.0, "7": 1.0}
+
+
 def test_reports_keep_the_mark_of_a_modified_tree():
     assert bench_report.short_commit("0123456789abcdef") == "0123456"
     assert bench_report.short_commit("0123456789abcdef-modified") == "0123456-modified"
