@@ -97,7 +97,7 @@ namespace flashmla {
 #endif
 constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 // Pacing (candidate, off): with FLASHMLA_NARROW_PACE=N a linear kernel's loader holds a page while its
-// CTA has issued more than N pages past the grid's average (GridPace). The H200 streams to some SMs
+// CTA has issued more than N pages past the average of the CTAs still issuing (GridPace). The H200 streams to some SMs
 // (runs of neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA, CTAs took
 // pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow ones then
 // work off their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have ended. Measured as an experiment (module counters, no
@@ -592,16 +592,19 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 #endif
 
 #if FLASHMLA_NARROW_PACE
-// The grid's pace, zero between launches: [0] pages issued (low word) and CTAs started (high word),
-// one read for both; [1] loader lanes done (one a CTA, empty CTAs included). The last one done puts
-// both back to zero, so a CUDA graph replays from zero. A module's counters are shared by its launches
-// on every stream of the device: concurrent launches pace each other loosely, never more than
-// kPaceSpins reads a page (results never depend on them).
+// The grid's pace: [0] pages issued by the CTAs still issuing (low word) and how many they are (high
+// word), one read for both; [1] CTAs done (empty ones included). A CTA that has issued its last page takes
+// its pages and itself out of [0], so a CTA with a longer part is not held against CTAs that have ended
+// (varlen), and [0] is back at zero when the last is out; that one zeroes [1], so a CUDA graph replays
+// from zero. A module's counters are shared by its launches on every stream of the device: concurrent
+// launches pace each other loosely, never more than kPaceSpins reads a page (results never depend on it).
 __device__ unsigned long long narrow_pace[2];
 #endif
 struct GridPace {
   static constexpr int kPaceSpins = 2;  // re-reads of the count a page at most (each a global round trip)
-  unsigned long long seen = 0;          // the count as last read: pages | CTAs << 32
+  static constexpr unsigned long long kCta = 1ull << 32;
+  unsigned long long seen = 0;          // [0] as last read
+  uint32_t mine = 0;                    // pages this CTA issued
   // Only a grid of one wave (one CTA an SM, all resident): CTAs of a later wave would start behind.
   static __device__ __forceinline__ bool on() {
     if (kPaceSlack == 0) return false;
@@ -615,8 +618,8 @@ struct GridPace {
     asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace[0]) : "memory");
     return v;
   }
-  __device__ __forceinline__ void start() { seen = atomicAdd(&narrow_pace[0], 1ull << 32) + (1ull << 32); }
-  // Before page `loaded` (pages of this CTA before it): wait while this CTA is ahead of the average.
+  __device__ __forceinline__ void start() { seen = atomicAdd(&narrow_pace[0], kCta) + kCta; }
+  // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
     for (int spin = 0; spin < kPaceSpins; ++spin) {
       const uint32_t pages = uint32_t(seen), ctas = uint32_t(seen >> 32);
@@ -626,14 +629,16 @@ struct GridPace {
     }
   }
   __device__ __forceinline__ void issued() {
+    ++mine;
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace[0]) : "memory");
     seen = read();  // awaited only at the next hold
   }
-  // Once a CTA (its loader lane, or thread 0 of an empty CTA), after its last issue.
+  // After the CTA's last issue: its pages and itself out of the count.
+  __device__ __forceinline__ void stop() { atomicAdd(&narrow_pace[0], 0ull - (kCta + mine)); }
+  // Once a CTA (the thread that ran start and stop, or thread 0 of an empty CTA).
   static __device__ __forceinline__ void done() {
     __threadfence();
     if (atomicAdd(&narrow_pace[1], 1ull) + 1 == uint64_t(gridDim.x) * gridDim.y * gridDim.z) {
-      atomicExch(&narrow_pace[0], 0ull);
       atomicExch(&narrow_pace[1], 0ull);
     }
   }
@@ -641,6 +646,7 @@ struct GridPace {
   __device__ __forceinline__ void start() {}
   __device__ __forceinline__ void hold(int) {}
   __device__ __forceinline__ void issued() {}
+  __device__ __forceinline__ void stop() {}
   static __device__ __forceinline__ void done() {}
 #endif
 };
@@ -717,6 +723,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
       }
     }
   }
+  if (paced) pace.stop();
 }
 
 // The Q tile of one request and KV head, as stored (16-bit, or e4m3 with an FP8 cache) and laid out as

@@ -87,6 +87,47 @@ def test_fp8_narrow_launches_back_to_back():
     check(case, out, lse, seed, "fp8-narrow-back-to-back")
 
 
+@pytest.fixture
+def paced_narrow(monkeypatch):
+    """Every kernel built with -DFLASHMLA_NARROW_PACE=2 (the 16-row FP8 narrow kernel's loads paced to the
+    average of the CTAs still issuing: a candidate, off in what ships), loaded and prepared afresh. Yields
+    a function that reads the narrow kernel's two pace counters."""
+    import cupy
+
+    from flashmla_cupy import launch, lookup, variants
+
+    monkeypatch.setattr(variants, "_DEFINES",
+                        {k: v + ("-DFLASHMLA_NARROW_PACE=2",) for k, v in variants._DEFINES.items()})
+    shipped = dict(launch._loaded)
+    launch._loaded.clear()
+    lookup.remembered().clear()
+
+    def counters() -> list[int]:
+        [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program == "decode_narrow"]
+        address = loaded.module.get_global_var("narrow_pace")  # the driver's address, an int
+        pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 16, loaded), 0)
+        return [int(x) for x in cupy.ndarray((2,), dtype=cupy.uint64, memptr=pointer).get()]
+
+    yield counters
+    lookup.remembered().clear()
+    launch._loaded.clear()
+    launch._loaded.update(shipped)
+
+
+@pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
+def test_fp8_narrow_paced(paced_narrow, kind):
+    """The paced candidate: 200 calls of a 16-row FP8 call back to back, with equal parts (one request a CTA)
+    and unequal ones (varlen: split requests, parts that end apart), every one the first one's bits and that
+    one exact; and the pace counters back at zero after them, so the next launch, or a graph's replay,
+    starts from zero."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 128, 1, 16, 1, lengths(rng, kind, 128), "e4m3")
+    out, lse = run(case, repeats=200)
+    check(case, out, lse, seed, f"fp8-narrow-paced-{kind}")
+    assert paced_narrow() == [0, 0]
+
+
 def test_fp8_e4m3_long_pieces():
     """64 requests of 8192 tokens, 128 query rows: pieces of thousands of tokens, over which O stays in
     the wgmma accumulator. (P V on FP8 wgmmas, whose accumulation keeps fewer mantissa bits than fp32,
