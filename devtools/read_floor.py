@@ -50,7 +50,8 @@ extern "C" __global__ void read_pages(const uint4* __restrict__ a, const int* __
 
 # The same pages claimed a page at a time by each warp of one 1024-thread CTA per SM from a counter in
 # global memory (the next claim in flight while a page is read): no static partition, so no SM waits on
-# the others' share. The last warp out resets the counters for the next launch.
+# the others' share. (On the H200 slower than the per-request reads: docs/PERF_NOTES.md, thirtieth
+# session.) The last warp out resets the counters for the next launch.
 CLAIMED_SOURCE = r'''
 extern "C" __global__ void read_claimed(const uint4* __restrict__ a, const int* __restrict__ pages, unsigned num_pages,
                                         int page_vec, unsigned* counters, unsigned* sink) {

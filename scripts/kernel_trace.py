@@ -188,7 +188,8 @@ def timeline(records: dict[tuple[int, int], list[tuple[int, int]]], loader_wg: i
 def sm_periods(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[int, int], loader_wg: int) -> dict:
     """With globaltimer marks of many CTAs: each CTA's page period in us (the time between its pages taken
     in, "scores in" of all its computing warpgroups, over the middle half of them), keyed by the SM it ran
-    on. The H200 streams to some SMs faster than to others (whole GPCs: the thirtieth session's traces),
+    on. The H200 streams to some SMs faster than to others (runs of neighbouring ids, likely whole GPCs:
+    the thirtieth session's traces),
     which a plan of equal parts turns into CTAs ending apart."""
     taken: dict[int, list[int]] = {}
     for (cta, wg), marks in records.items():
