@@ -107,6 +107,9 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 #ifndef FLASHMLA_NARROW_PACE
 #define FLASHMLA_NARROW_PACE 0
 #endif
+#ifndef FLASHMLA_NARROW_PACE_SPINS
+#define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
+#endif
 constexpr int kPaceSlack = kLinear ? FLASHMLA_NARROW_PACE : 0;
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
@@ -601,7 +604,7 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 __device__ unsigned long long narrow_pace[2];
 #endif
 struct GridPace {
-  static constexpr int kPaceSpins = 2;  // re-reads of the count a page at most (each a global round trip)
+  static constexpr int kPaceSpins = FLASHMLA_NARROW_PACE_SPINS;  // each re-read a global round trip
   static constexpr unsigned long long kCta = 1ull << 32;
   unsigned long long seen = 0;          // [0] as last read
   uint32_t mine = 0;                    // pages this CTA issued
