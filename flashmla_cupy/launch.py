@@ -86,6 +86,15 @@ class _Loaded:
         self.shared_bytes = shared_bytes
         self.device_id = device_id
 
+    def global_words(self, name: str, count: int):
+        """The module's `__device__` variable `name` as a CuPy array of `count` uint64 words (for the
+        measurement and test builds' globals: trace.cuh's record pointer, decode_narrow.cu's pace counters);
+        the array holds this object, and with it the module."""
+        cupy = install.require_cupy()
+        address = self.module.get_global_var(name)  # the driver's address, an int
+        pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8 * count, self), 0)
+        return cupy.ndarray((count,), dtype=cupy.uint64, memptr=pointer)
+
 
 # (variant, device id) -> its one loaded module. Readers look up without the lock (a dict read is
 # atomic); a miss takes it, so that two threads making their first calls at once load the module

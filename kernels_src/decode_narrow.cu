@@ -97,13 +97,14 @@ namespace flashmla {
 #endif
 constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 // Pacing (candidate, off): with FLASHMLA_NARROW_PACE=N a linear kernel's loader holds a page while its
-// CTA has issued more than N pages past the average of the CTAs still issuing (GridPace). The H200 streams to some SMs
-// (runs of neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA, CTAs took
-// pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow ones then
-// work off their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have ended. Measured as an experiment (module counters, no
-// single-wave guard; ab150, docs/PERF_NOTES.md): N = 2, h16/4k -4.8 %, h16/16k -1.8 %, b8/h16/16k -1.5 %,
-// h16/1k -0.5 %; the 32-row kernel +12 % and 16-bit caches level to +1.4 %, so it is the linear kernel's
-// only. Not yet run in this form.
+// CTA has issued more than N pages past the average of the CTAs still issuing (GridPace). The H200
+// streams to some SMs (runs of neighbouring ids, likely whole GPCs) faster than to others: with one
+// request a CTA, CTAs took pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace,
+// h16/4k), and the slow ones then work off their backlog at the computing warpgroups' pace (0.93 us a
+// page) while the rest have ended. Measured as an experiment (module counters, the average over every
+// CTA, no single-wave guard; ab150, docs/PERF_NOTES.md): N = 2, h16/4k -4.8 %, h16/16k -1.8 %,
+// b8/h16/16k -1.5 %, h16/1k -0.5 %; the 32-row kernel +12 % and 16-bit caches level to +1.4 %, so it is
+// the linear kernel's only. Not yet run in this form.
 #ifndef FLASHMLA_NARROW_PACE
 #define FLASHMLA_NARROW_PACE 0
 #endif

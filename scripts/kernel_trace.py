@@ -266,9 +266,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     programs = ("decode", "decode_ring", "decode_narrow")
     [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program in programs]
     words = cupy.zeros(ctas * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
-    address = loaded.module.get_global_var("flashmla_trace")  # the driver's address, an int
-    pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 8, loaded), 0)
-    cupy.ndarray((1,), dtype=cupy.uint64, memptr=pointer)[0] = words.data.ptr
+    loaded.global_words("flashmla_trace", 1)[0] = words.data.ptr
     bench.L2Flush(torch, flush)()
     fn()
     torch.cuda.synchronize()

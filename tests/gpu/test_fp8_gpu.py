@@ -92,8 +92,6 @@ def paced_narrow(monkeypatch):
     """Every kernel built with -DFLASHMLA_NARROW_PACE=2 (the 16-row FP8 narrow kernel's loads paced to the
     average of the CTAs still issuing: a candidate, off in what ships), loaded and prepared afresh. Yields
     a function that reads the narrow kernel's two pace counters."""
-    import cupy
-
     from flashmla_cupy import launch, lookup, variants
 
     monkeypatch.setattr(variants, "_DEFINES",
@@ -104,9 +102,7 @@ def paced_narrow(monkeypatch):
 
     def counters() -> list[int]:
         [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program == "decode_narrow"]
-        address = loaded.module.get_global_var("narrow_pace")  # the driver's address, an int
-        pointer = cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(address, 16, loaded), 0)
-        return [int(x) for x in cupy.ndarray((2,), dtype=cupy.uint64, memptr=pointer).get()]
+        return [int(x) for x in loaded.global_words("narrow_pace", 2).get()]
 
     yield counters
     lookup.remembered().clear()
