@@ -52,10 +52,11 @@ def to_numpy(framework: str, x, dtype=None) -> np.ndarray:
 
 
 def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, wide_block_table: bool = False,
-        repeats: int = 1):
+        repeats: int = 1, streams: int = 1):
     """Run one case through the public API; returns numpy (out, lse). With `repeats`, the call is made that
     many times back to back (no host synchronisation between them) and every result must have the first
-    one's bits."""
+    one's bits. With `streams` (CuPy only), call i goes to non-blocking stream i % streams, so that calls
+    on different streams may run at once."""
     import flashmla_cupy
 
     q = case.q
@@ -84,9 +85,23 @@ def run(case: reference.Case, framework: str = "cupy", strided_q: bool = False, 
                    descale_k=descale_on_device(framework, case.descale_k))
         if framework == "cupy":
             fp8["kv_dtype"] = "fp8_e4m3"
-    results = [flashmla_cupy.flash_mla_with_kvcache(q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
-                                                   softmax_scale=case.softmax_scale, causal=case.causal, **fp8)
-               for _ in range(repeats)]
+    def call():
+        return flashmla_cupy.flash_mla_with_kvcache(q_dev, k_dev, bt_dev, seqlens_dev, HEAD_DIM_V, meta, splits,
+                                                    softmax_scale=case.softmax_scale, causal=case.causal, **fp8)
+
+    if streams == 1:
+        results = [call() for _ in range(repeats)]
+    else:
+        import cupy
+
+        assert framework == "cupy", "streams: CuPy only"
+        side = [cupy.cuda.Stream(non_blocking=True) for _ in range(streams)]
+        cupy.cuda.Device().synchronize()  # the inputs and the plan, made on the default stream
+        results = []
+        for i in range(repeats):
+            with side[i % streams]:
+                results.append(call())
+        cupy.cuda.Device().synchronize()
     out, lse = to_numpy(framework, results[0][0], case.dtype), to_numpy(framework, results[0][1])
     for i in range(1, repeats):  # bits, so that NaN compares equal to NaN
         o, l = results[i]

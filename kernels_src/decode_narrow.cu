@@ -96,17 +96,17 @@ namespace flashmla {
 #define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only (a linear page has one barrier anyway)
 #endif
 constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
-// Pacing (candidate, off): with FLASHMLA_NARROW_PACE=N a linear kernel's loader holds a page while its
-// CTA has issued more than N pages past the average of the CTAs still issuing (GridPace). The H200
-// streams to some SMs (runs of neighbouring ids, likely whole GPCs) faster than to others: with one
-// request a CTA, CTAs took pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace,
-// h16/4k), and the slow ones then work off their backlog at the computing warpgroups' pace (0.93 us a
-// page) while the rest have ended. Measured as an experiment (module counters, the average over every
-// CTA, no single-wave guard; ab150, docs/PERF_NOTES.md): N = 2, h16/4k -4.8 %, h16/16k -1.8 %,
-// b8/h16/16k -1.5 %, h16/1k -0.5 %; the 32-row kernel +12 % and 16-bit caches level to +1.4 %, so it is
-// the linear kernel's only. Not yet run in this form.
+// Pacing: a linear kernel's loader holds a page while its CTA has issued more than
+// FLASHMLA_NARROW_PACE pages past the average of the CTAs still issuing (GridPace). The H200 streams to
+// some SMs (runs of neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA,
+// CTAs took pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow
+// ones then work off their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have
+// ended. On the H200 (ab152, docs/PERF_NOTES.md) slack 2 against none: h16/4k -3.2 %, h16/16k -1.9 %,
+// b8/h16/16k -3.2 %, h16/1k -5.3 %, b2/h16/32k -5.0 %; slack 3 and 1 or 4 re-reads a page within 1 % of
+// it. It is the linear kernel's only: on the 32-row kernel an earlier form was +12 % and on 16-bit caches
+// level to +1.4 % (ab150, ab151). 0 switches it off.
 #ifndef FLASHMLA_NARROW_PACE
-#define FLASHMLA_NARROW_PACE 0
+#define FLASHMLA_NARROW_PACE 2
 #endif
 #ifndef FLASHMLA_NARROW_PACE_SPINS
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
@@ -596,18 +596,21 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 #endif
 
 #if FLASHMLA_NARROW_PACE
-// The grid's pace: [0] pages issued by the CTAs still issuing (low word) and how many they are (high
-// word), one read for both; [1] CTAs done (empty ones included). A CTA that has issued its last page takes
-// its pages and itself out of [0], so a CTA with a longer part is not held against CTAs that have ended
-// (varlen), and [0] is back at zero when the last is out; that one zeroes [1], so a CUDA graph replays
-// from zero. A module's counters are shared by its launches on every stream of the device: concurrent
-// launches pace each other loosely, never more than kPaceSpins reads a page (results never depend on it).
-__device__ unsigned long long narrow_pace[2];
+// The grid's pace: the pages issued by the CTAs still issuing (low word) and how many they are (high
+// word), one read for both. A CTA that has issued its last page takes its pages and itself out, so a CTA
+// with a longer part is not held against CTAs that have ended (varlen), and the count is back at zero
+// when the last is out: the next launch, or a CUDA graph's replay, starts from zero. A module's count is
+// shared by its launches on every stream of the device: concurrent launches pace each other loosely,
+// never more than kPaceSpins reads a page (results never depend on it). C linkage: the GPU test finds it
+// by this name.
+extern "C" {
+__device__ unsigned long long narrow_pace;
+}
 #endif
 struct GridPace {
   static constexpr int kPaceSpins = FLASHMLA_NARROW_PACE_SPINS;  // each re-read a global round trip
   static constexpr unsigned long long kCta = 1ull << 32;
-  unsigned long long seen = 0;          // [0] as last read
+  unsigned long long seen = 0;          // the count as last read
   uint32_t mine = 0;                    // pages this CTA issued
   // Only a grid of one wave (one CTA an SM, all resident): CTAs of a later wave would start behind.
   static __device__ __forceinline__ bool on() {
@@ -619,10 +622,10 @@ struct GridPace {
 #if FLASHMLA_NARROW_PACE
   static __device__ __forceinline__ unsigned long long read() {
     unsigned long long v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace[0]) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace) : "memory");
     return v;
   }
-  __device__ __forceinline__ void start() { seen = atomicAdd(&narrow_pace[0], kCta) + kCta; }
+  __device__ __forceinline__ void start() { seen = atomicAdd(&narrow_pace, kCta) + kCta; }
   // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
     for (int spin = 0; spin < kPaceSpins; ++spin) {
@@ -634,24 +637,16 @@ struct GridPace {
   }
   __device__ __forceinline__ void issued() {
     ++mine;
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace[0]) : "memory");
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
     seen = read();  // awaited only at the next hold
   }
   // After the CTA's last issue: its pages and itself out of the count.
-  __device__ __forceinline__ void stop() { atomicAdd(&narrow_pace[0], 0ull - (kCta + mine)); }
-  // Once a CTA (the thread that ran start and stop, or thread 0 of an empty CTA).
-  static __device__ __forceinline__ void done() {
-    __threadfence();
-    if (atomicAdd(&narrow_pace[1], 1ull) + 1 == uint64_t(gridDim.x) * gridDim.y * gridDim.z) {
-      atomicExch(&narrow_pace[1], 0ull);
-    }
-  }
+  __device__ __forceinline__ void stop() { atomicAdd(&narrow_pace, 0ull - (kCta + mine)); }
 #else
   __device__ __forceinline__ void start() {}
   __device__ __forceinline__ void hold(int) {}
   __device__ __forceinline__ void issued() {}
   __device__ __forceinline__ void stop() {}
-  static __device__ __forceinline__ void done() {}
 #endif
 };
 
@@ -1240,10 +1235,7 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
   NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
-  if (PartPlan::load(p, blockIdx.z).empty(p)) {
-    if (threadIdx.x == 0 && GridPace::on()) GridPace::done();
-    return;
-  }
+  if (PartPlan::load(p, blockIdx.z).empty(p)) return;
   const int kv_head = blockIdx.y;
   const int rows_base = blockIdx.x * kNarrowRows;
 
@@ -1269,7 +1261,6 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     if constexpr (kNarrowConsumers > 1) release_registers<kNarrowLoaderRegisters>();
     if (threadIdx.x % 32 == 0 && warp - kLoaderWarp < kNarrowLoaders) {
       narrow_loader(p, PartPlan::load(p, blockIdx.z), smem, &kv_map, kv_head, warp - kLoaderWarp);
-      if (warp == kLoaderWarp && GridPace::on()) GridPace::done();
     }
     return;
   }

@@ -87,41 +87,41 @@ def test_fp8_narrow_launches_back_to_back():
     check(case, out, lse, seed, "fp8-narrow-back-to-back")
 
 
-@pytest.fixture
-def paced_narrow(monkeypatch):
-    """Every kernel built with -DFLASHMLA_NARROW_PACE=2 (the 16-row FP8 narrow kernel's loads paced to the
-    average of the CTAs still issuing: a candidate, off in what ships), loaded and prepared afresh. Yields
-    a function that reads the narrow kernel's two pace counters."""
-    from flashmla_cupy import launch, lookup, variants
+def _pace_counts() -> list[int]:
+    """The pace count (decode_narrow.cu's GridPace) of every loaded 16-row FP8 narrow module."""
+    from flashmla_cupy import launch
 
-    monkeypatch.setattr(variants, "_DEFINES",
-                        {k: v + ("-DFLASHMLA_NARROW_PACE=2",) for k, v in variants._DEFINES.items()})
-    shipped = dict(launch._loaded)
-    launch._loaded.clear()
-    lookup.remembered().clear()
-
-    def counters() -> list[int]:
-        [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program == "decode_narrow"]
-        return [int(x) for x in loaded.global_words("narrow_pace", 2).get()]
-
-    yield counters
-    lookup.remembered().clear()
-    launch._loaded.clear()
-    launch._loaded.update(shipped)
+    return [int(loaded.global_words("narrow_pace", 1).get()[0])
+            for (variant, _), loaded in list(launch._loaded.items())
+            if variant.program == "decode_narrow" and variant.narrow_linear]
 
 
 @pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
-def test_fp8_narrow_paced(paced_narrow, kind):
-    """The paced candidate: 200 calls of a 16-row FP8 call back to back, with equal parts (one request a CTA)
-    and unequal ones (varlen: split requests, parts that end apart), every one the first one's bits and that
-    one exact; and the pace counters back at zero after them, so the next launch, or a graph's replay,
-    starts from zero."""
+def test_fp8_narrow_paced(kind):
+    """The 16-row FP8 kernel's loads are paced to the average of the CTAs still issuing through a count
+    in global memory: 200 calls back to back, with equal parts (one request a CTA) and unequal ones
+    (varlen: split requests, parts that end apart), every one the first one's bits and that one exact;
+    and the count back at zero after them, so the next launch, or a graph's replay, starts from zero."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     case = _case(rng, 128, 1, 16, 1, lengths(rng, kind, 128), "e4m3")
     out, lse = run(case, repeats=200)
     check(case, out, lse, seed, f"fp8-narrow-paced-{kind}")
-    assert paced_narrow() == [0, 0]
+    counts = _pace_counts()
+    assert counts and set(counts) == {0}, counts
+
+
+def test_fp8_narrow_paced_on_two_streams():
+    """Launches on two streams at once share the module's pace count: they may slow each other (a bounded
+    wait a page) but never change a result: 200 calls alternating between two non-blocking streams, every
+    one the first one's bits and that one exact, and the count back at zero after them."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 128, 1, 16, 1, lengths(rng, "var:2048:4096", 128), "e4m3")
+    out, lse = run(case, repeats=200, streams=2)
+    check(case, out, lse, seed, "fp8-narrow-paced-two-streams")
+    counts = _pace_counts()
+    assert counts and set(counts) == {0}, counts
 
 
 def test_fp8_e4m3_long_pieces():
