@@ -266,6 +266,7 @@ def test_decode_sass_uses_wgmma_and_tma_without_local_memory(variant, tmp_path, 
     assert "UTMALDG" in sass
     assert "LDL" not in sass and "STL" not in sass
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert sass.count("UTMACCTL.PF") == 2  # the kv and q maps' descriptors asked for at entry
 
 
 NARROW_VARIANTS = [v for v in variants.all_variants() if v.program == "decode_narrow"]
@@ -284,13 +285,12 @@ def test_narrow_decode_sass_uses_transposed_wgmma_and_tma_without_local_memory(v
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass  # the loader's registers
         k_operands = re.findall(rf"QGMMA\.64x{n}x32\.F32\.E4M3\.E4M3 R\d+, (\S+),", sass)
         assert k_operands and {a.startswith("R") for a in k_operands} == {variant.narrow_linear}, k_operands[:4]
-    # The linear kernel's loads are paced (GridPace): its count's atomics, and the count under its C name,
+    # The linear kernel's loads are paced (GridPace): its count's adds, and the count under its C name,
     # which the GPU test reads back; no other narrow kernel touches it.
-    paced = variant.narrow_linear
-    assert ("ATOMG.E.ADD.64" in sass and "REDG.E.ADD.64" in sass) == paced
+    assert ("REDG.E.ADD.64" in sass) == variant.narrow_linear
     assert b"\x00narrow_pace\x00" in compiled[variant.name].cubin
     assert "HGMMA.64x64x16" not in sass and "HGMMA.64x256x16" not in sass and " HMMA" not in sass
-    assert "UTMALDG" in sass
+    assert "UTMALDG" in sass and sass.count("UTMACCTL.PF") == 1  # the map's descriptor asked for at entry
     assert "LDL" not in sass and "STL" not in sass
 
 
@@ -306,7 +306,7 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
     assert "QGMMA.64x64x32.F32.E4M3.E4M3" in sass
     assert "HGMMA.64x64x16.F32" in sass
     assert "HGMMA.64x256x16" not in sass and " HMMA" not in sass
-    assert "UTMALDG" in sass
+    assert "UTMALDG" in sass and sass.count("UTMACCTL.PF") == 2  # both maps' descriptors asked for at entry
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert "LDL" not in sass and "STL" not in sass
 
