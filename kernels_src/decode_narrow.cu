@@ -111,7 +111,20 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 #ifndef FLASHMLA_NARROW_PACE_SPINS
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
 #endif
-constexpr int kPaceSlack = kLinear ? FLASHMLA_NARROW_PACE : 0;
+// Candidates (off), thirty-first session, not yet run on a GPU:
+// - FLASHMLA_NARROW_PACE_UNTIL=X: pace only while at least X % of the CTAs that started are still
+//   issuing. The experiment that kept ended CTAs in the average (ab150, -4.8 % at h16/4k) beat the shipped
+//   form (ab152, -3.2 %); the likely difference is the end, where the shipped form averages over the slow
+//   CTAs alone and holds the less slow of them.
+// - FLASHMLA_NARROW_PACE_ALL=1: pace the box-loading kernels too (32 rows, 16-bit caches); the every-CTA
+//   experiment was +12 % on the 32-row kernel and level to +1.4 % on 16-bit caches (ab150, ab151).
+#ifndef FLASHMLA_NARROW_PACE_UNTIL
+#define FLASHMLA_NARROW_PACE_UNTIL 0
+#endif
+#ifndef FLASHMLA_NARROW_PACE_ALL
+#define FLASHMLA_NARROW_PACE_ALL 0
+#endif
+constexpr int kPaceSlack = kLinear || FLASHMLA_NARROW_PACE_ALL ? FLASHMLA_NARROW_PACE : 0;
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -628,14 +641,20 @@ struct GridPace {
   // Its CTA into the count, the sum not awaited: with `seen` 0 the first page passes hold, and the add's
   // round trip (128 CTAs on one word) stays off the first page's path (a trace of the awaited form: the
   // first page issued at 1.28 us, 0.42 unpaced; this form -0.3 to -1.3 %, ab153).
-  __device__ __forceinline__ void start() {
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kCta) : "memory");
+  // `cta`: the lane that counts its CTA (with two loader lanes, lane 0; both add their pages).
+#if !FLASHMLA_NARROW_PACE_UNTIL
+  __device__ __forceinline__ void start(bool cta) {
+    if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kCta) : "memory");
   }
+#endif
   // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
     for (int spin = 0; spin < kPaceSpins; ++spin) {
-      const uint32_t pages = uint32_t(seen), ctas = uint32_t(seen >> 32);
+      const uint32_t pages = uint32_t(seen), ctas = issuing(seen);
       if (uint32_t(loaded) * ctas <= pages + uint32_t(kPaceSlack) * ctas) return;
+#if FLASHMLA_NARROW_PACE_UNTIL
+      if (100 * ctas < uint32_t(FLASHMLA_NARROW_PACE_UNTIL) * started(seen)) return;  // the end: no pacing
+#endif
       __nanosleep(64);
       seen = read();
     }
@@ -645,13 +664,44 @@ struct GridPace {
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
     seen = read();  // awaited only at the next hold
   }
-  // After the CTA's last issue: its pages and itself out of the count.
-  __device__ __forceinline__ void stop() { atomicAdd(&narrow_pace, 0ull - (kCta + mine)); }
+#if FLASHMLA_NARROW_PACE_UNTIL
+  // The count's high word splits in two: CTAs still issuing (bits 48-63) and CTAs started (32-47).
+  static constexpr unsigned long long kStarted = 1ull << 32;
+  static constexpr unsigned long long kIssuing = 1ull << 48;
+  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 48); }
+  static __device__ __forceinline__ uint32_t started(unsigned long long v) { return uint32_t(v >> 32) & 0xffffu; }
+  __device__ __forceinline__ void start(bool cta) {
+    if (cta) {
+      asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kIssuing + kStarted)
+                   : "memory");
+    }
+  }
+  // Its pages and itself out of the count; the last one still issuing also clears the started CTAs, in the
+  // same atomic step, so that the count is back at zero (a CTA starting meanwhile keeps its own share).
+  __device__ __forceinline__ void stop(bool cta) {
+    if (!cta) {
+      atomicAdd(&narrow_pace, 0ull - mine);
+      return;
+    }
+    unsigned long long old = read(), next;
+    do {
+      next = old - kIssuing - mine;
+      if (issuing(old) == 1) next &= 0xffffffffull;  // none left issuing: no started CTAs either
+      const unsigned long long was = atomicCAS(&narrow_pace, old, next);
+      if (was == old) break;
+      old = was;
+    } while (true);
+  }
 #else
-  __device__ __forceinline__ void start() {}
+  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
+  // After the lane's last issue: its pages and its CTA out of the count.
+  __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }
+#endif
+#else
+  __device__ __forceinline__ void start(bool) {}
   __device__ __forceinline__ void hold(int) {}
   __device__ __forceinline__ void issued() {}
-  __device__ __forceinline__ void stop() {}
+  __device__ __forceinline__ void stop(bool) {}
 #endif
 };
 
@@ -684,7 +734,8 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   const bool paced = GridPace::on();
   GridPace pace;
-  if (paced) pace.start();
+  const bool counts_cta = !FLASHMLA_NARROW_PACE_ALL || lane_index == 0;  // (one lane but with PACE_ALL)
+  if (paced) pace.start(counts_cta);
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
     const int block = stream.block_index(p, flagged);  // a bad page loads block 0; its warpgroup checks the entry
@@ -727,7 +778,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
       }
     }
   }
-  if (paced) pace.stop();
+  if (paced) pace.stop(counts_cta);
 }
 
 // The Q tile of one request and KV head, as stored (16-bit, or e4m3 with an FP8 cache) and laid out as

@@ -88,12 +88,12 @@ def test_fp8_narrow_launches_back_to_back():
 
 
 def _pace_counts() -> list[int]:
-    """The pace count (decode_narrow.cu's GridPace) of every loaded 16-row FP8 narrow module."""
+    """The pace count (decode_narrow.cu's GridPace) of every loaded narrow module (only the paced ones
+    touch theirs)."""
     from flashmla_cupy import launch
 
     return [int(loaded.global_words("narrow_pace", 1).get()[0])
-            for (variant, _), loaded in list(launch._loaded.items())
-            if variant.program == "decode_narrow" and variant.narrow_linear]
+            for (variant, _), loaded in list(launch._loaded.items()) if variant.program == "decode_narrow"]
 
 
 @pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
@@ -107,6 +107,42 @@ def test_fp8_narrow_paced(kind):
     case = _case(rng, 128, 1, 16, 1, lengths(rng, kind, 128), "e4m3")
     out, lse = run(case, repeats=200)
     check(case, out, lse, seed, f"fp8-narrow-paced-{kind}")
+    counts = _pace_counts()
+    assert counts and set(counts) == {0}, counts
+
+
+@pytest.fixture
+def rebuilt(monkeypatch):
+    """A function that makes every kernel build with one more define (a candidate switch), loaded and
+    prepared afresh; the shipped kernels are back after the test."""
+    from flashmla_cupy import launch, lookup, variants
+
+    shipped = dict(launch._loaded)
+
+    def rebuild(define: str) -> None:
+        monkeypatch.setattr(variants, "_DEFINES", {k: v + (define,) for k, v in variants._DEFINES.items()})
+        launch._loaded.clear()
+        lookup.remembered().clear()
+
+    yield rebuild
+    lookup.remembered().clear()
+    launch._loaded.clear()
+    launch._loaded.update(shipped)
+
+
+@pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
+@pytest.mark.parametrize("define, h_q", [("-DFLASHMLA_NARROW_PACE_UNTIL=75", 16), ("-DFLASHMLA_NARROW_PACE_ALL=1", 32)],
+                         ids=["until75-h16", "all-h32"])
+def test_fp8_narrow_pace_candidates(rebuilt, define, h_q, kind):
+    """The thirty-first session's pacing candidates (decode_narrow.cu, off in what ships): pacing only
+    until a quarter of the CTAs have ended, and pacing the 32-row kernel's two loader lanes. Exact over
+    200 calls back to back, the count back at zero after them."""
+    rebuilt(define)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 128, 1, h_q, 1, lengths(rng, kind, 128), "e4m3")
+    out, lse = run(case, repeats=200)
+    check(case, out, lse, seed, f"fp8-narrow-pace-candidate-{define}-{kind}")
     counts = _pace_counts()
     assert counts and set(counts) == {0}, counts
 
