@@ -622,9 +622,8 @@ __device__ unsigned long long narrow_pace;
 #endif
 struct GridPace {
   static constexpr int kPaceSpins = FLASHMLA_NARROW_PACE_SPINS;  // each re-read a global round trip
-  static constexpr unsigned long long kCta = 1ull << 32;
   unsigned long long seen = 0;          // the count as last read (0 until the first page is issued)
-  uint32_t mine = 0;                    // pages this CTA issued
+  uint32_t mine = 0;                    // pages this lane issued
   // Only a grid of one wave (one CTA an SM, all resident): CTAs of a later wave would start behind.
   static __device__ __forceinline__ bool on() {
     if (kPaceSlack == 0) return false;
@@ -633,20 +632,28 @@ struct GridPace {
     return gridDim.x * gridDim.y * gridDim.z <= sms;
   }
 #if FLASHMLA_NARROW_PACE
+  // The count's high word: the CTAs still issuing; with FLASHMLA_NARROW_PACE_UNTIL it splits in two,
+  // the CTAs still issuing (bits 48-63) and the CTAs started (bits 32-47).
+#if FLASHMLA_NARROW_PACE_UNTIL
+  static constexpr unsigned long long kIssuing = 1ull << 48, kStarted = 1ull << 32, kCta = kIssuing + kStarted;
+  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 48); }
+  static __device__ __forceinline__ uint32_t started(unsigned long long v) { return uint32_t(v >> 32) & 0xffffu; }
+#else
+  static constexpr unsigned long long kCta = 1ull << 32;
+  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
+#endif
   static __device__ __forceinline__ unsigned long long read() {
     unsigned long long v;
     asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace) : "memory");
     return v;
   }
+  // `cta`: this lane counts its CTA (the box loaders' two lanes count it once; both add their pages).
   // Its CTA into the count, the sum not awaited: with `seen` 0 the first page passes hold, and the add's
   // round trip (128 CTAs on one word) stays off the first page's path (a trace of the awaited form: the
   // first page issued at 1.28 us, 0.42 unpaced; this form -0.3 to -1.3 %, ab153).
-  // `cta`: the lane that counts its CTA (with two loader lanes, lane 0; both add their pages).
-#if !FLASHMLA_NARROW_PACE_UNTIL
   __device__ __forceinline__ void start(bool cta) {
     if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kCta) : "memory");
   }
-#endif
   // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
     for (int spin = 0; spin < kPaceSpins; ++spin) {
@@ -664,37 +671,25 @@ struct GridPace {
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
     seen = read();  // awaited only at the next hold
   }
+  // After the lane's last issue: its pages and its CTA out of the count.
 #if FLASHMLA_NARROW_PACE_UNTIL
-  // The count's high word splits in two: CTAs still issuing (bits 48-63) and CTAs started (32-47).
-  static constexpr unsigned long long kStarted = 1ull << 32;
-  static constexpr unsigned long long kIssuing = 1ull << 48;
-  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 48); }
-  static __device__ __forceinline__ uint32_t started(unsigned long long v) { return uint32_t(v >> 32) & 0xffffu; }
-  __device__ __forceinline__ void start(bool cta) {
-    if (cta) {
-      asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kIssuing + kStarted)
-                   : "memory");
-    }
-  }
-  // Its pages and itself out of the count; the last one still issuing also clears the started CTAs, in the
-  // same atomic step, so that the count is back at zero (a CTA starting meanwhile keeps its own share).
+  // The last CTA still issuing also clears the started ones, in the same atomic step, so that the count
+  // is back at zero (a CTA starting meanwhile keeps its own share).
   __device__ __forceinline__ void stop(bool cta) {
     if (!cta) {
       atomicAdd(&narrow_pace, 0ull - mine);
       return;
     }
-    unsigned long long old = read(), next;
-    do {
-      next = old - kIssuing - mine;
-      if (issuing(old) == 1) next &= 0xffffffffull;  // none left issuing: no started CTAs either
+    unsigned long long old = read();
+    while (true) {
+      unsigned long long next = old - kIssuing - mine;
+      if (issuing(old) == 1) next &= 0xffffffffull;  // none left issuing: none started either
       const unsigned long long was = atomicCAS(&narrow_pace, old, next);
-      if (was == old) break;
+      if (was == old) return;
       old = was;
-    } while (true);
+    }
   }
 #else
-  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
-  // After the lane's last issue: its pages and its CTA out of the count.
   __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }
 #endif
 #else
@@ -734,7 +729,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   const bool paced = GridPace::on();
   GridPace pace;
-  const bool counts_cta = !FLASHMLA_NARROW_PACE_ALL || lane_index == 0;  // (one lane but with PACE_ALL)
+  const bool counts_cta = !FLASHMLA_NARROW_PACE_ALL || lane_index == 0;  // the linear kernel: one lane
   if (paced) pace.start(counts_cta);
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;
