@@ -180,6 +180,15 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
+def pace_counts() -> list[int]:
+    """The pace count (decode_narrow.cu's GridPace) of every loaded narrow module: back at zero after
+    every launch that has ended."""
+    from flashmla_cupy import launch
+
+    return [int(loaded.global_words("narrow_pace", 1).get()[0])
+            for (variant, _), loaded in list(launch._loaded.items()) if variant.program == "decode_narrow"]
+
+
 # --- one kernel alone ---------------------------------------------------------------------------
 
 def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) -> None:

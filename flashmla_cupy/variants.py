@@ -21,6 +21,14 @@ _DEFINES = {"bf16": ("-DFLASHMLA_BF16=1",), "fp16": ("-DFLASHMLA_FP16=1",),
             # two values) and write bf16 (element.cuh)
             "e4m3": ("-DFLASHMLA_FP16=1", "-DFLASHMLA_Q_E4M3=1")}
 _KV_DEFINES = {"e4m3": ("-DFLASHMLA_KV_E4M3=1",)}
+
+
+def defines_plus(*extra: str) -> dict[str, tuple[str, ...]]:
+    """Every element type's defines with `extra` after them: what `_DEFINES` becomes for a measurement or
+    candidate build (scripts/kernel_ab.py, the tests of those builds)."""
+    return {dtype: defines + tuple(extra) for dtype, defines in _DEFINES.items()}
+
+
 # Dynamic shared memory the decode kernel is launched with: flashmla::kSharedBytes of
 # decode_config.cuh, needed before the module is loaded. A static_assert compiled into the program
 # (see `pinned_constants`) fails the build when the two disagree.

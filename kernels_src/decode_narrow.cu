@@ -96,35 +96,24 @@ namespace flashmla {
 #define FLASHMLA_NARROW_PAGE_BARRIER 0  // an FP8 cache's only (a linear page has one barrier anyway)
 #endif
 constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
-// Pacing: a linear kernel's loader holds a page while its CTA has issued more than
-// FLASHMLA_NARROW_PACE pages past the average of the CTAs still issuing (GridPace). The H200 streams to
-// some SMs (runs of neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA,
-// CTAs took pages at 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow
-// ones then work off their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have
-// ended. On the H200 (ab152, docs/PERF_NOTES.md) slack 2 against none: h16/4k -3.2 %, h16/16k -1.9 %,
-// b8/h16/16k -3.2 %, h16/1k -5.3 %, b2/h16/32k -5.0 %; slack 3 and 1 or 4 re-reads a page within 1 % of
-// it. It is the linear kernel's only: on the 32-row kernel an earlier form was +12 % and on 16-bit caches
-// level to +1.4 % (ab150, ab151). 0 switches it off.
+// Pacing: a narrow kernel's loader holds a page while its CTA has issued more than FLASHMLA_NARROW_PACE
+// pages past the average of the CTAs still issuing (GridPace). The H200 streams to some SMs (runs of
+// neighbouring ids, likely whole GPCs) faster than to others: with one request a CTA, CTAs took pages at
+// 0.8-0.95 us on those, 1.1-1.4 us elsewhere (load-only trace, h16/4k), and the slow ones then work off
+// their backlog at the computing warpgroups' pace (0.93 us a page) while the rest have ended.
+// On the H200, slack 2 against none on the linear kernel (ab152, docs/PERF_NOTES.md): h16/4k -3.2 %,
+// h16/16k -1.9 %, b8/h16/16k -3.2 %, h16/1k -5.3 %, b2/h16/32k -5.0 %; slack 3 and 1 or 4 re-reads a page
+// within 1 % of it. On the box loaders (32 rows, 16-bit caches), with the CTA counted once beside its two
+// lanes: FP8 h32/8k -1.4 %, bf16 h16 -0.5 to -0.7 % (ab155-ab158; an earlier form that counted each lane
+// as a CTA was +12 % at h32, ab150). Pacing only while most CTAs still issue was no better (ab157; its
+// first form, with a CAS loop at every stop, +26 us, ab155). 0 switches it off.
 #ifndef FLASHMLA_NARROW_PACE
 #define FLASHMLA_NARROW_PACE 2
 #endif
 #ifndef FLASHMLA_NARROW_PACE_SPINS
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
 #endif
-// Candidates (off), thirty-first session, not yet run on a GPU:
-// - FLASHMLA_NARROW_PACE_UNTIL=X: pace only while at least X % of the CTAs that started are still
-//   issuing. The experiment that kept ended CTAs in the average (ab150, -4.8 % at h16/4k) beat the shipped
-//   form (ab152, -3.2 %); the likely difference is the end, where the shipped form averages over the slow
-//   CTAs alone and holds the less slow of them.
-// - FLASHMLA_NARROW_PACE_ALL=1: pace the box-loading kernels too (32 rows, 16-bit caches); the every-CTA
-//   experiment was +12 % on the 32-row kernel and level to +1.4 % on 16-bit caches (ab150, ab151).
-#ifndef FLASHMLA_NARROW_PACE_UNTIL
-#define FLASHMLA_NARROW_PACE_UNTIL 0
-#endif
-#ifndef FLASHMLA_NARROW_PACE_ALL
-#define FLASHMLA_NARROW_PACE_ALL 0
-#endif
-constexpr int kPaceSlack = kLinear || FLASHMLA_NARROW_PACE_ALL ? FLASHMLA_NARROW_PACE : 0;
+constexpr int kPaceSlack = FLASHMLA_NARROW_PACE;
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -632,16 +621,9 @@ struct GridPace {
     return gridDim.x * gridDim.y * gridDim.z <= sms;
   }
 #if FLASHMLA_NARROW_PACE
-  // The count's high word: the CTAs still issuing; with FLASHMLA_NARROW_PACE_UNTIL it splits in two,
-  // the CTAs still issuing (bits 48-63) and the CTAs started (bits 32-47).
-#if FLASHMLA_NARROW_PACE_UNTIL
-  static constexpr unsigned long long kIssuing = 1ull << 48, kStarted = 1ull << 32, kCta = kIssuing + kStarted;
-  static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 48); }
-  static __device__ __forceinline__ uint32_t started(unsigned long long v) { return uint32_t(v >> 32) & 0xffffu; }
-#else
+  // The count: its high word the CTAs still issuing, its low word the pages they have issued.
   static constexpr unsigned long long kCta = 1ull << 32;
   static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
-#endif
   static __device__ __forceinline__ unsigned long long read() {
     unsigned long long v;
     asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace) : "memory");
@@ -659,9 +641,6 @@ struct GridPace {
     for (int spin = 0; spin < kPaceSpins; ++spin) {
       const uint32_t pages = uint32_t(seen), ctas = issuing(seen);
       if (uint32_t(loaded) * ctas <= pages + uint32_t(kPaceSlack) * ctas) return;
-#if FLASHMLA_NARROW_PACE_UNTIL
-      if (100 * ctas < uint32_t(FLASHMLA_NARROW_PACE_UNTIL) * started(seen)) return;  // the end: no pacing
-#endif
       __nanosleep(64);
       seen = read();
     }
@@ -672,26 +651,7 @@ struct GridPace {
     seen = read();  // awaited only at the next hold
   }
   // After the lane's last issue: its pages and its CTA out of the count.
-#if FLASHMLA_NARROW_PACE_UNTIL
-  // The last CTA still issuing also clears the started ones, in the same atomic step, so that the count
-  // is back at zero (a CTA starting meanwhile keeps its own share).
-  __device__ __forceinline__ void stop(bool cta) {
-    if (!cta) {
-      atomicAdd(&narrow_pace, 0ull - mine);
-      return;
-    }
-    unsigned long long old = read();
-    while (true) {
-      unsigned long long next = old - kIssuing - mine;
-      if (issuing(old) == 1) next &= 0xffffffffull;  // none left issuing: none started either
-      const unsigned long long was = atomicCAS(&narrow_pace, old, next);
-      if (was == old) return;
-      old = was;
-    }
-  }
-#else
   __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }
-#endif
 #else
   __device__ __forceinline__ void start(bool) {}
   __device__ __forceinline__ void hold(int) {}
@@ -729,7 +689,7 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   const bool paced = GridPace::on();
   GridPace pace;
-  const bool counts_cta = !FLASHMLA_NARROW_PACE_ALL || lane_index == 0;  // the linear kernel: one lane
+  const bool counts_cta = lane_index == 0;  // the box loaders' two lanes count their CTA once
   if (paced) pace.start(counts_cta);
   for (int loaded = 0; stream.valid(); ++loaded) {
     bool flagged;

@@ -591,7 +591,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
 
   if (threadIdx.x == 0) {
     tma_prefetch_map(&kv_map);
-    tma_prefetch_map(&q_map);
+    if (p.q_tma) tma_prefetch_map(&q_map);  // otherwise the map is never used
   }
   const PartPlan part = PartPlan::load(p, blockIdx.z);
   if (part.empty(p)) return;

@@ -124,8 +124,7 @@ def apply(spec: dict) -> None:
         launch._tensor_map_4d = tensor_map_4d
     if spec.get("maxparts"):
         _gpu_cases().cap_plan_parts(spec["maxparts"])
-    extra = tuple(spec["defines"])
-    variants._DEFINES = {dtype: defines + extra for dtype, defines in variants._DEFINES.items()}
+    variants._DEFINES = variants.defines_plus(*spec["defines"])
 
 
 def _gpu_cases():

@@ -191,8 +191,7 @@ def test_whole_row_cache_map_follows_the_narrow_build(gpu, monkeypatch):
     assert gpu.driver.map_shapes[BASE_PTR] == dict(dtype=2, dims=[144, 2, 64, 8], strides=[576, 1152, 73728],
                                                    box=[144, 1, 64, 1])
     assert gpu.driver.map_settings[BASE_PTR]["swizzle"] == 0
-    monkeypatch.setattr(variants, "_DEFINES",
-                        {k: d + ("-DFLASHMLA_NARROW_LINEAR=0",) for k, d in variants._DEFINES.items()})
+    monkeypatch.setattr(variants, "_DEFINES", variants.defines_plus("-DFLASHMLA_NARROW_LINEAR=0"))
     assert (narrow16.narrow_linear, narrow16.kv_box) == (False, (64, 64, False))
     assert (narrow32.narrow_linear, narrow32.kv_box) == (False, (64, 64, False))
 

@@ -12,7 +12,7 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import check, fresh_seed, lengths, matrix_case, matrix_id, run, to_device, to_numpy
+from gpu_cases import check, fresh_seed, lengths, matrix_case, matrix_id, pace_counts, run, to_device, to_numpy
 
 pytestmark = pytest.mark.gpu
 
@@ -52,6 +52,20 @@ def test_very_long_requests_beside_short_ones(dtype, seqlen_q, h_q, causal):
     case = reference.random_case(rng, len(seqlens), seqlen_q, h_q, 1, seqlens, dtype, causal=causal)
     out, lse = run(case)
     check(case, out, lse, seed, f"long-{dtype}-sq{seqlen_q}-h{h_q}")
+
+
+@pytest.mark.parametrize("dtype, kind", [("bf16", "fixed:4096"), ("fp16", "var:1:4096")])
+def test_narrow_16bit_paced(dtype, kind):
+    """The 16-bit narrow kernel's two loader lanes are paced as one CTA (decode_narrow.cu's GridPace):
+    200 calls back to back, equal parts and unequal ones, every one the first one's bits and that one
+    exact, and the pace count back at zero after them."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = reference.random_case(rng, 128, 1, 16, 1, lengths(rng, kind, 128), dtype)
+    out, lse = run(case, repeats=200)
+    check(case, out, lse, seed, f"narrow-paced-{dtype}-{kind}")
+    counts = pace_counts()
+    assert counts and set(counts) == {0}, counts
 
 
 @pytest.mark.parametrize("framework", ["cupy", "torch", "jax"])

@@ -14,8 +14,8 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import (cap_plan_parts, check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, run,
-                       to_device, to_numpy)
+from gpu_cases import (cap_plan_parts, check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, pace_counts,
+                       run, to_device, to_numpy)
 
 pytestmark = pytest.mark.gpu
 
@@ -87,63 +87,20 @@ def test_fp8_narrow_launches_back_to_back():
     check(case, out, lse, seed, "fp8-narrow-back-to-back")
 
 
-def _pace_counts() -> list[int]:
-    """The pace count (decode_narrow.cu's GridPace) of every loaded narrow module (only the paced ones
-    touch theirs)."""
-    from flashmla_cupy import launch
-
-    return [int(loaded.global_words("narrow_pace", 1).get()[0])
-            for (variant, _), loaded in list(launch._loaded.items()) if variant.program == "decode_narrow"]
-
-
 @pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
-def test_fp8_narrow_paced(kind):
-    """The 16-row FP8 kernel's loads are paced to the average of the CTAs still issuing through a count
-    in global memory: 200 calls back to back, with equal parts (one request a CTA) and unequal ones
-    (varlen: split requests, parts that end apart), every one the first one's bits and that one exact;
-    and the count back at zero after them, so the next launch, or a graph's replay, starts from zero."""
-    seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    case = _case(rng, 128, 1, 16, 1, lengths(rng, kind, 128), "e4m3")
-    out, lse = run(case, repeats=200)
-    check(case, out, lse, seed, f"fp8-narrow-paced-{kind}")
-    counts = _pace_counts()
-    assert counts and set(counts) == {0}, counts
-
-
-@pytest.fixture
-def rebuilt(monkeypatch):
-    """A function that makes every kernel build with one more define (a candidate switch), loaded and
-    prepared afresh; the shipped kernels are back after the test."""
-    from flashmla_cupy import launch, lookup, variants
-
-    shipped = dict(launch._loaded)
-
-    def rebuild(define: str) -> None:
-        monkeypatch.setattr(variants, "_DEFINES", {k: v + (define,) for k, v in variants._DEFINES.items()})
-        launch._loaded.clear()
-        lookup.remembered().clear()
-
-    yield rebuild
-    lookup.remembered().clear()
-    launch._loaded.clear()
-    launch._loaded.update(shipped)
-
-
-@pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
-@pytest.mark.parametrize("define, h_q", [("-DFLASHMLA_NARROW_PACE_UNTIL=75", 16), ("-DFLASHMLA_NARROW_PACE_ALL=1", 32)],
-                         ids=["until75-h16", "all-h32"])
-def test_fp8_narrow_pace_candidates(rebuilt, define, h_q, kind):
-    """The thirty-first session's pacing candidates (decode_narrow.cu, off in what ships): pacing only
-    until a quarter of the CTAs have ended, and pacing the 32-row kernel's two loader lanes. Exact over
-    200 calls back to back, the count back at zero after them."""
-    rebuilt(define)
+@pytest.mark.parametrize("h_q", [16, 32])
+def test_fp8_narrow_paced(h_q, kind):
+    """The narrow FP8 kernels' loads (16 rows: linear pages, one loader lane; 32 rows: boxes, two lanes
+    counted as one CTA) are paced to the average of the CTAs still issuing through a count in global
+    memory: 200 calls back to back, with equal parts (one request a CTA) and unequal ones (varlen: split
+    requests, parts that end apart), every one the first one's bits and that one exact; and the count
+    back at zero after them, so the next launch, or a graph's replay, starts from zero."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     case = _case(rng, 128, 1, h_q, 1, lengths(rng, kind, 128), "e4m3")
     out, lse = run(case, repeats=200)
-    check(case, out, lse, seed, f"fp8-narrow-pace-candidate-{define}-{kind}")
-    counts = _pace_counts()
+    check(case, out, lse, seed, f"fp8-narrow-paced-h{h_q}-{kind}")
+    counts = pace_counts()
     assert counts and set(counts) == {0}, counts
 
 
@@ -156,7 +113,7 @@ def test_fp8_narrow_paced_on_two_streams():
     case = _case(rng, 128, 1, 16, 1, lengths(rng, "var:2048:4096", 128), "e4m3")
     out, lse = run(case, repeats=200, streams=2)
     check(case, out, lse, seed, "fp8-narrow-paced-two-streams")
-    counts = _pace_counts()
+    counts = pace_counts()
     assert counts and set(counts) == {0}, counts
 
 
