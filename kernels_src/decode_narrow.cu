@@ -114,6 +114,15 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
 #endif
 constexpr int kPaceSlack = FLASHMLA_NARROW_PACE;
+// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_PACE_ATOM=1 takes the
+// count back from the page's add (atom) instead of a read after it (red, then ld). Every lane of the grid
+// adds and reads the one word at each page, and same-address operations queue in L2: in the trace of the
+// shipped kernel (8898dbe, h16/4k) the loader spends ~930 ns a page between issuing a page and passing
+// hold, against 320-384 ns before pacing, when it waited for ring slots instead (652d416 traces); at the
+// 32-row kernel's start, with two lanes a CTA, its second page came 3.4-3.7 us after its first.
+#ifndef FLASHMLA_NARROW_PACE_ATOM
+#define FLASHMLA_NARROW_PACE_ATOM 0
+#endif
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -647,8 +656,15 @@ struct GridPace {
   }
   __device__ __forceinline__ void issued() {
     ++mine;
+#if FLASHMLA_NARROW_PACE_ATOM
+    // The add returns the count it found: one operation on the shared word a page instead of two.
+    unsigned long long old;
+    asm volatile("atom.relaxed.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(&narrow_pace) : "memory");
+    seen = old + 1;  // awaited only at the next hold
+#else
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
     seen = read();  // awaited only at the next hold
+#endif
   }
   // After the lane's last issue: its pages and its CTA out of the count.
   __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }

@@ -104,6 +104,40 @@ def test_fp8_narrow_paced(h_q, kind):
     assert counts and set(counts) == {0}, counts
 
 
+@pytest.fixture
+def rebuilt(monkeypatch):
+    """A function that makes every kernel build with one more define (a candidate switch), loaded and
+    prepared afresh; the shipped kernels are back after the test."""
+    from flashmla_cupy import launch, lookup, variants
+
+    shipped = dict(launch._loaded)
+
+    def rebuild(define: str) -> None:
+        monkeypatch.setattr(variants, "_DEFINES", variants.defines_plus(define))
+        launch._loaded.clear()
+        lookup.remembered().clear()
+
+    yield rebuild
+    lookup.remembered().clear()
+    launch._loaded.clear()
+    launch._loaded.update(shipped)
+
+
+@pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
+@pytest.mark.parametrize("h_q", [16, 32])
+def test_fp8_narrow_pace_atom_candidate(rebuilt, h_q, kind):
+    """The thirty-second session's pacing candidate (decode_narrow.cu, off in what ships): the count taken
+    back from each page's add. Exact over 200 calls back to back, the count back at zero after them."""
+    rebuilt("-DFLASHMLA_NARROW_PACE_ATOM=1")
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, 128, 1, h_q, 1, lengths(rng, kind, 128), "e4m3")
+    out, lse = run(case, repeats=200)
+    check(case, out, lse, seed, f"fp8-narrow-pace-atom-h{h_q}-{kind}")
+    counts = pace_counts()
+    assert counts and set(counts) == {0}, counts
+
+
 def test_fp8_narrow_paced_on_two_streams():
     """Launches on two streams at once share the module's pace count: they may slow each other (a bounded
     wait a page) but never change a result: 200 calls alternating between two non-blocking streams, every
