@@ -714,8 +714,9 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
     // were issued, it held the loader back from slots freed meanwhile (2-4 % on the long FP8 cells).
     stream.advance(p, part);
     if (loaded % lanes != lane_index) continue;
-    if (paced) pace.hold(loaded);
     trace.mark(kMarkBlockIndexed);
+    if (paced) pace.hold(loaded);
+    trace.mark(kMarkPaceHeld);
 #if FLASHMLA_NARROW_LINEAR
     const PageSlot at(loaded);
     if (loaded >= kLinearSlots) mbarrier_wait_single(&smem.empty[at.slot], at.phase ^ 1);

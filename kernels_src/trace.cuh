@@ -38,6 +38,8 @@ enum TraceMark : uint32_t {
   kMarkLseStored = 17,      // the lse written and the rows' normalisers computed
   kMarkOutputStored = 18,   // this warpgroup's rows of the piece stored (the stores issued)
   kMarkQTileFree = 19,      // the loop top's CTA barrier, before the next Q tile's wait (TMA) or reload
+  // decode_narrow.cu's loader, between kMarkBlockIndexed and kMarkBoxesIssued:
+  kMarkPaceHeld = 20,       // GridPace::hold passed (the time before it: held back, or awaiting the count)
   kMarkHeader = 255,
 };
 

@@ -55,7 +55,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs published", "handoff in",
          "remote pv done", "own pv done (+load)", "loaded", "piece end", "kernel start",
          "convert start", "v half converted", "v converted", "block indexed", "boxes issued",
-         "sums exchanged", "lse stored", "output stored", "q tile free")
+         "sums exchanged", "lse stored", "output stored", "q tile free", "pace held")
 HEADER = 255
 TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096  # trace.cuh's (TRACE_CTAS: kTraceCtas's default)
 CYCLE_BITS = 56
