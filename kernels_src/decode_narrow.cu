@@ -116,12 +116,26 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 constexpr int kPaceSlack = FLASHMLA_NARROW_PACE;
 // Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_PACE_ATOM=1 takes the
 // count back from the page's add (atom) instead of a read after it (red, then ld). Every lane of the grid
-// adds and reads the one word at each page, and same-address operations queue in L2: in the trace of the
-// shipped kernel (8898dbe, h16/4k) the loader spends ~930 ns a page between issuing a page and passing
-// hold, against 320-384 ns before pacing, when it waited for ring slots instead (652d416 traces); at the
-// 32-row kernel's start, with two lanes a CTA, its second page came 3.4-3.7 us after its first.
+// adds and reads the one word at each page, and the read is awaited at the next page's hold: in a trace
+// of the paced 16-row kernel (2530a64, h16/4k) the loader spent ~930 ns a page between issuing a page and
+// passing hold, against 320-384 ns before pacing, when it waited for ring slots instead (652d416's
+// traces); at the 32-row kernel's start (8898dbe), a lane's second page came 3.4-3.7 us after its first.
+// Whether that is the count's round trip, a queue of same-address operations or pacing at work, the
+// trace's `pace held` mark tells; halving the operations is the cheap half of the answer.
 #ifndef FLASHMLA_NARROW_PACE_ATOM
 #define FLASHMLA_NARROW_PACE_ATOM 0
+#endif
+// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_SPLIT_OUTPUT=1 (an FP8
+// cache, two computing warpgroups): at a piece's end each warpgroup keeps half the value tiles (the O
+// merge's last two rounds go from warpgroup 0 to 1) and writes its half of every row, where warpgroup 0
+// writes all of them today. The 32-row trace (8898dbe) put the CTAs' ends 13 us after their last page in a traced
+// build, the rows written 0.8-1.6 us apart by warpgroup 0 alone while warpgroup 1 had returned.
+#ifndef FLASHMLA_NARROW_SPLIT_OUTPUT
+#define FLASHMLA_NARROW_SPLIT_OUTPUT 0
+#endif
+#if !defined(FLASHMLA_KV_E4M3)
+#undef FLASHMLA_NARROW_SPLIT_OUTPUT
+#define FLASHMLA_NARROW_SPLIT_OUTPUT 0  // two computing warpgroups only (an FP8 cache)
 #endif
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
@@ -150,6 +164,8 @@ constexpr int kNarrowConsumers = 2;
 constexpr int kNarrowConsumers = 1;
 #endif
 constexpr int kConsumerThreads = kNarrowConsumers * kWarpgroupThreads;
+constexpr bool kSplitOutput = FLASHMLA_NARROW_SPLIT_OUTPUT != 0;  // (above)
+static_assert(!kSplitOutput || kNarrowConsumers == 2, "each of two computing warpgroups writes half");
 // + the loader: a warp, or with two computing warpgroups a whole one (decode.cu's helper warpgroup) that
 // hands its registers to them: 9 warps would leave ptxas 168 registers a thread (three warps on one SM
 // sub-partition), and the computing warpgroups need more.
@@ -1128,6 +1144,38 @@ struct NarrowPiece {
     static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
     constexpr int kRounds = kValueTiles / kTilesPerRound;
     float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
+    if constexpr (kSplitOutput) {
+      // Warpgroup 0 keeps tiles [0, kKept), warpgroup 1 the rest: the first rounds hand warpgroup 1's
+      // low tiles to warpgroup 0, the last ones warpgroup 0's high tiles to warpgroup 1, each round in one
+      // direction as below (a round sending a tile each way spilled at 32 rows).
+      constexpr int kKept = kValueTiles / 2;
+      static_assert(kKept % kTilesPerRound == 0, "a round's tiles on one side");
+#pragma unroll
+      for (int round = 0; round < kRounds; ++round) {
+        const bool sends = (round * kTilesPerRound < kKept) == (wg == 1);
+        if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
+        if (sends) {
+#pragma unroll
+          for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
+            const float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
+            handover[i * kWarpgroupThreads + thread] = make_float4(v[0], v[1], v[2], v[3]);
+          }
+        }
+        named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+        if (!sends) {
+#pragma unroll
+          for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
+            float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
+            const float4 other = handover[i * kWarpgroupThreads + thread];
+            v[0] += other.x;
+            v[1] += other.y;
+            v[2] += other.z;
+            v[3] += other.w;
+          }
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int round = 0; round < kRounds; ++round) {
       if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
@@ -1171,6 +1219,39 @@ struct NarrowPiece {
   }
 #endif
 
+#if defined(FLASHMLA_KV_E4M3)
+  // kValues of a row's value columns, scaled already, from column `first` on: whole 16-byte stores (the
+  // thread's columns are contiguous: issue_output, two a tile).
+  template <int kValues>
+  __device__ __forceinline__ void store_row_values(const float (&v)[kValues], int row, int first) const {
+    static_assert(kValues % 8 == 0, "whole 16-byte stores of bf16, float4s of the partials");
+    if (piece.split) {
+      float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
+#pragma unroll
+      for (int j = 0; j < kValues / 4; ++j) {
+        reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      }
+    } else {
+      const PackedQuery query = packed_query(p, kv_head, row);
+      OutElement* out = static_cast<OutElement*>(p.out) +
+                        ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
+      uint32_t packed[kValues / 2];
+#pragma unroll
+      for (int j = 0; j < kValues / 2; ++j) {
+        const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
+        packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+      }
+#pragma unroll
+      for (int j = 0; j < kValues / 8; ++j) {
+        reinterpret_cast<uint4*>(out + first)[j] = make_uint4(packed[4 * j], packed[4 * j + 1], packed[4 * j + 2],
+                                                              packed[4 * j + 3]);
+      }
+    }
+  }
+  // The thread's first value column of a row.
+  __device__ __forceinline__ int first_column() const { return 128 * (thread / 32) + 16 * ((thread % 32) / 4); }
+#endif
+
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
   __device__ __forceinline__ void finish(const OutputT& o, float out_scale, Tracer& trace) {
     const int warp = thread / 32;
@@ -1186,7 +1267,11 @@ struct NarrowPiece {
     }
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
     trace.mark(kMarkSumsExchanged);
+#if FLASHMLA_NARROW_SPLIT_OUTPUT
+    if (!piece.writable) return;  // each warpgroup writes its tiles (kSplitOutput)
+#else
     if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
+#endif
     // A row at a time, its sum and lse included: with 32 rows O alone takes 128 registers.
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
@@ -1199,36 +1284,31 @@ struct NarrowPiece {
         for (int w = 0; w < kNarrowWarps; ++w) total += smem.warp_sum[c][w][at.row[k]];
       }
       const float inv = total == 0.f ? 0.f : out_scale / total;
+#if FLASHMLA_NARROW_SPLIT_OUTPUT
+      if (warp == 0 && at.publishes() && consumer() == 0) store_row_lse(p, piece, kv_head, row, max[k], total);
+      trace.mark(kMarkLseStored);
+      // This warpgroup's half of the tiles (merge_warpgroups), chosen by selects: a branch per warpgroup
+      // spilled at 32 rows.
+      constexpr int kKept = kValueTiles / 2;
+      const bool low = consumer() == 0;
+      float v[2 * kKept];
+#pragma unroll
+      for (int t = 0; t < kKept; ++t) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) v[2 * t + i] = (low ? o.v[t][reg_of(k, i)] : o.v[kKept + t][reg_of(k, i)]) * inv;
+      }
+      store_row_values(v, row, first_column() + (low ? 0 : 2 * kKept));
+#else
       if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
       trace.mark(kMarkLseStored);
 #if defined(FLASHMLA_KV_E4M3)
-      // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
-      const int first = 128 * warp + 16 * ((thread % 32) / 4);
-      float v[16];
+      float v[2 * kValueTiles];
 #pragma unroll
       for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv;
       }
-      if (piece.split) {
-        float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
-        }
-      } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
-        OutElement* out = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
-        uint32_t packed[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
-          packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
-        reinterpret_cast<uint4*>(out + first)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        reinterpret_cast<uint4*>(out + first)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-      }
+      store_row_values(v, row, first_column());
 #else
       // Column 64 t + m + 8 i: a warp's 8 lanes of one row write 8 neighbouring columns.
       if (piece.split) {
@@ -1249,6 +1329,7 @@ struct NarrowPiece {
         }
       }
 #endif
+#endif  // FLASHMLA_NARROW_SPLIT_OUTPUT
     }
   }
 };

@@ -138,6 +138,23 @@ def test_fp8_narrow_pace_atom_candidate(rebuilt, h_q, kind):
     assert counts and set(counts) == {0}, counts
 
 
+@pytest.mark.parametrize("b, s_q, h_q, h_kv, kind, q_dtype, causal", [
+    (128, 1, 32, 1, "var:1:4096", "e4m3", False),   # 32 rows, unequal parts: split requests' partials
+    (4, 2, 16, 1, "var:1:20000", "e4m3", True),     # 32 rows of two positions, few long requests: all split
+    (64, 1, 16, 1, "fixed:4096", "e4m3", False),    # 16 rows (linear pages), one request a CTA: straight to out
+    (6, 1, 48, 3, "var:1:9000", "bf16", False),     # 16 rows a KV head, three heads, a 16-bit q
+])
+def test_fp8_narrow_split_output_candidate(rebuilt, b, s_q, h_q, h_kv, kind, q_dtype, causal):
+    """The thirty-second session's epilogue candidate (decode_narrow.cu, off in what ships): each computing
+    warpgroup keeps half the value tiles and writes its half of every row, out and partials alike."""
+    rebuilt("-DFLASHMLA_NARROW_SPLIT_OUTPUT=1")
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, b, s_q, h_q, h_kv, lengths(rng, kind, b), q_dtype, causal=causal)
+    out, lse = run(case, repeats=20)
+    check(case, out, lse, seed, f"fp8-narrow-split-output-b{b}-sq{s_q}-h{h_q}x{h_kv}-q{q_dtype}")
+
+
 def test_fp8_narrow_paced_on_two_streams():
     """Launches on two streams at once share the module's pace count: they may slow each other (a bounded
     wait a page) but never change a result: 200 calls alternating between two non-blocking streams, every
