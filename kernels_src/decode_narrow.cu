@@ -125,6 +125,17 @@ constexpr int kPaceSlack = FLASHMLA_NARROW_PACE;
 #ifndef FLASHMLA_NARROW_PACE_ATOM
 #define FLASHMLA_NARROW_PACE_ATOM 0
 #endif
+// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_PACE_ASYNC=1 never waits
+// for the count while a CTA is not held back: each loader lane keeps a copy of it in shared memory,
+// refreshed by a 16-byte bulk copy on an mbarrier of its own, and hold compares against the newest copy
+// that has landed (at most a page old), waiting for a fresh one only while the lane is held. The other
+// half of the answer to the 930 ns above, if they are the count's round trip.
+#ifndef FLASHMLA_NARROW_PACE_ASYNC
+#define FLASHMLA_NARROW_PACE_ASYNC 0
+#endif
+#if FLASHMLA_NARROW_PACE_ASYNC && FLASHMLA_NARROW_PACE_ATOM
+#error "FLASHMLA_NARROW_PACE_ASYNC and FLASHMLA_NARROW_PACE_ATOM are two forms of one read"
+#endif
 // Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_SPLIT_OUTPUT=1 (an FP8
 // cache, two computing warpgroups): at a piece's end each warpgroup keeps half the value tiles (the O
 // merge's last two rounds go from warpgroup 0 to 1) and writes its half of every row, where warpgroup 0
@@ -301,6 +312,15 @@ __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return k_majo
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * kQBoxBytes + swizzled_offset(r, c % 8); }
 #endif
 
+#if FLASHMLA_NARROW_PACE_ASYNC
+// A loader lane's copy of the pace count (FLASHMLA_NARROW_PACE_ASYNC): what the bulk copy brings in, and
+// the barrier it lands on. It fits the storage's tail padding, so the shared memory size is unchanged.
+struct alignas(16) PaceCopy {
+  unsigned long long count[2];  // [0] the count, [1] the word beside it (a bulk copy moves 16 bytes)
+  uint64_t landed;
+};
+#endif
+
 struct NarrowStorage {
   alignas(1024) uint8_t q[kQTileBytes];                  // Q, 9 boxes of N rows x 64 columns
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
@@ -311,6 +331,9 @@ struct NarrowStorage {
   float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream[kNarrowLoaders];               // each loader lane's copy of the part's pages
+#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
+  PaceCopy pace[kNarrowLoaders];                        // GridPace: each loader lane's copy of the count
+#endif
 #if defined(FLASHMLA_KV_E4M3)
 #if FLASHMLA_NARROW_PAGE_BARRIER
   alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
@@ -631,7 +654,18 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 // never more than kPaceSpins reads a page (results never depend on it). C linkage: the GPU test finds it
 // by this name.
 extern "C" {
+#if FLASHMLA_NARROW_PACE_ASYNC
+__device__ __align__(16) unsigned long long narrow_pace[2];  // [0] the count; a bulk copy reads 16 bytes
+#else
 __device__ unsigned long long narrow_pace;
+#endif
+}
+__device__ __forceinline__ unsigned long long* pace_word() {
+#if FLASHMLA_NARROW_PACE_ASYNC
+  return narrow_pace;
+#else
+  return &narrow_pace;
+#endif
 }
 #endif
 struct GridPace {
@@ -651,7 +685,7 @@ struct GridPace {
   static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
   static __device__ __forceinline__ unsigned long long read() {
     unsigned long long v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(pace_word()) : "memory");
     return v;
   }
   // `cta`: this lane counts its CTA (the box loaders' two lanes count it once; both add their pages).
@@ -659,31 +693,71 @@ struct GridPace {
   // round trip (128 CTAs on one word) stays off the first page's path (a trace of the awaited form: the
   // first page issued at 1.28 us, 0.42 unpaced; this form -0.3 to -1.3 %, ab153).
   __device__ __forceinline__ void start(bool cta) {
-    if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kCta) : "memory");
+    if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(pace_word()), "l"(kCta) : "memory");
   }
+#if FLASHMLA_NARROW_PACE_ASYNC
+  PaceCopy* copy = nullptr;  // this lane's copy of the count in shared memory (set by the loader)
+  int phase = 0;             // the parity its next landing completes
+  bool reading = false;      // a bulk copy of the count in flight
+  // Ask for a fresh copy of the count, unless one is in flight.
+  __device__ __forceinline__ void ask() {
+    if (reading) return;
+    mbarrier_arrive_expect_tx(&copy->landed, sizeof(copy->count));
+    bulk_load(copy->count, pace_word(), sizeof(copy->count), &copy->landed);
+    reading = true;
+  }
+  // The copy in flight into `seen` if it has landed, or with `wait` once it has.
+  __device__ __forceinline__ void take(bool wait) {
+    if (!reading) return;
+    if (wait) {
+      mbarrier_wait_single(&copy->landed, phase);
+    } else if (!mbarrier_test_wait(&copy->landed, phase)) {
+      return;
+    }
+    seen = copy->count[0];
+    phase ^= 1;
+    reading = false;
+  }
+#endif
   // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
+#if FLASHMLA_NARROW_PACE_ASYNC
+    take(false);  // the newest copy that has landed, not waited for
+#endif
     for (int spin = 0; spin < kPaceSpins; ++spin) {
       const uint32_t pages = uint32_t(seen), ctas = issuing(seen);
       if (uint32_t(loaded) * ctas <= pages + uint32_t(kPaceSlack) * ctas) return;
+#if FLASHMLA_NARROW_PACE_ASYNC
+      ask();  // held back: a fresh copy, waited for
+      take(true);
+#else
       __nanosleep(64);
       seen = read();
+#endif
     }
   }
   __device__ __forceinline__ void issued() {
     ++mine;
-#if FLASHMLA_NARROW_PACE_ATOM
+#if FLASHMLA_NARROW_PACE_ASYNC
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(pace_word()) : "memory");
+    ask();  // landed by the next hold, or taken at a later one
+#elif FLASHMLA_NARROW_PACE_ATOM
     // The add returns the count it found: one operation on the shared word a page instead of two.
     unsigned long long old;
-    asm volatile("atom.relaxed.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(&narrow_pace) : "memory");
+    asm volatile("atom.relaxed.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(pace_word()) : "memory");
     seen = old + 1;  // awaited only at the next hold
 #else
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(pace_word()) : "memory");
     seen = read();  // awaited only at the next hold
 #endif
   }
   // After the lane's last issue: its pages and its CTA out of the count.
-  __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }
+  __device__ __forceinline__ void stop(bool cta) {
+    atomicAdd(pace_word(), 0ull - ((cta ? kCta : 0ull) + mine));
+#if FLASHMLA_NARROW_PACE_ASYNC
+    take(true);  // no copy may land in the CTA's shared memory after it has ended
+#endif
+  }
 #else
   __device__ __forceinline__ void start(bool) {}
   __device__ __forceinline__ void hold(int) {}
@@ -721,6 +795,9 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   const bool paced = GridPace::on();
   GridPace pace;
+#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
+  pace.copy = &smem.pace[lane_index];
+#endif
   const bool counts_cta = lane_index == 0;  // the box loaders' two lanes count their CTA once
   if (paced) pace.start(counts_cta);
   for (int loaded = 0; stream.valid(); ++loaded) {
@@ -1358,6 +1435,9 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     }
 #if FLASHMLA_NARROW_PAGE_BARRIER
     for (int page = 0; page < kPageBarriers; ++page) mbarrier_init(&smem.page_landed[page], 1);
+#endif
+#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
+    for (int lane = 0; lane < kNarrowLoaders; ++lane) mbarrier_init(&smem.pace[lane].landed, 1);
 #endif
     fence_barrier_init();
   }

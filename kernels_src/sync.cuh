@@ -38,6 +38,21 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
   return done != 0;
 }
 
+// Whether the phase with the given parity has completed, without waiting.
+__device__ __forceinline__ bool mbarrier_test_wait(uint64_t* bar, int parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // Spin until the phase has completed; for a single thread (a loader lane).
 __device__ __forceinline__ void mbarrier_wait_single(uint64_t* bar, int parity) {
   while (!mbarrier_try_wait(bar, parity)) {

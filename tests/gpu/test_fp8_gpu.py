@@ -124,16 +124,21 @@ def rebuilt(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
-@pytest.mark.parametrize("h_q", [16, 32])
-def test_fp8_narrow_pace_atom_candidate(rebuilt, h_q, kind):
-    """The thirty-second session's pacing candidate (decode_narrow.cu, off in what ships): the count taken
-    back from each page's add. Exact over 200 calls back to back, the count back at zero after them."""
-    rebuilt("-DFLASHMLA_NARROW_PACE_ATOM=1")
+@pytest.mark.parametrize("h_q, kv", [(16, "e4m3"), (32, "e4m3"), (16, None)], ids=["fp8-h16", "fp8-h32", "bf16-h16"])
+@pytest.mark.parametrize("define", ["-DFLASHMLA_NARROW_PACE_ATOM=1", "-DFLASHMLA_NARROW_PACE_ASYNC=1"],
+                         ids=["atom", "async"])
+def test_narrow_pace_candidates(rebuilt, define, h_q, kv, kind):
+    """The thirty-second session's pacing candidates (decode_narrow.cu, off in what ships): the count taken
+    back from each page's add, and the count kept in shared memory by bulk copies that hold does not wait
+    for. Exact over 200 calls back to back on every narrow kernel, the count back at zero after them."""
+    rebuilt(define)
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    case = _case(rng, 128, 1, h_q, 1, lengths(rng, kind, 128), "e4m3")
+    seqlens = lengths(rng, kind, 128)
+    case = (_case(rng, 128, 1, h_q, 1, seqlens, "e4m3") if kv else
+            reference.random_case(rng, 128, 1, h_q, 1, seqlens, "bf16"))
     out, lse = run(case, repeats=200)
-    check(case, out, lse, seed, f"fp8-narrow-pace-atom-h{h_q}-{kind}")
+    check(case, out, lse, seed, f"narrow-pace-candidate-{define}-h{h_q}-{kv}-{kind}")
     counts = pace_counts()
     assert counts and set(counts) == {0}, counts
 
