@@ -1221,42 +1221,16 @@ struct NarrowPiece {
     static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
     constexpr int kRounds = kValueTiles / kTilesPerRound;
     float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
-    if constexpr (kSplitOutput) {
-      // Warpgroup 0 keeps tiles [0, kKept), warpgroup 1 the rest: the first rounds hand warpgroup 1's
-      // low tiles to warpgroup 0, the last ones warpgroup 0's high tiles to warpgroup 1, each round in one
-      // direction as below (a round sending a tile each way spilled at 32 rows).
-      constexpr int kKept = kValueTiles / 2;
-      static_assert(kKept % kTilesPerRound == 0, "a round's tiles on one side");
-#pragma unroll
-      for (int round = 0; round < kRounds; ++round) {
-        const bool sends = (round * kTilesPerRound < kKept) == (wg == 1);
-        if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
-        if (sends) {
-#pragma unroll
-          for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
-            const float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
-            handover[i * kWarpgroupThreads + thread] = make_float4(v[0], v[1], v[2], v[3]);
-          }
-        }
-        named_barrier_sync(kBarrierConsumers, kConsumerThreads);
-        if (!sends) {
-#pragma unroll
-          for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
-            float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
-            const float4 other = handover[i * kWarpgroupThreads + thread];
-            v[0] += other.x;
-            v[1] += other.y;
-            v[2] += other.z;
-            v[3] += other.w;
-          }
-        }
-      }
-      return;
-    }
+    // Each round in one direction: warpgroup 1 hands its tiles over and warpgroup 0 adds them. With
+    // kSplitOutput warpgroup 0 keeps tiles [0, kKept) only and warpgroup 1 the rest, so the last rounds
+    // go the other way (a round sending a tile each way spilled at 32 rows).
+    constexpr int kKept = kSplitOutput ? kValueTiles / 2 : kValueTiles;
+    static_assert(kKept % kTilesPerRound == 0, "a round's tiles on one side");
 #pragma unroll
     for (int round = 0; round < kRounds; ++round) {
+      const bool to_low = round * kTilesPerRound < kKept;  // warpgroup 1 sends, warpgroup 0 adds
       if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
-      if (wg == 1) {
+      if (wg == (to_low ? 1 : 0)) {
 #pragma unroll
         for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
           const float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
@@ -1264,7 +1238,7 @@ struct NarrowPiece {
         }
       }
       named_barrier_sync(kBarrierConsumers, kConsumerThreads);
-      if (wg == 0) {
+      if (wg == (to_low ? 0 : 1)) {
 #pragma unroll
         for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
           float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
