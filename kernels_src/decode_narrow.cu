@@ -114,40 +114,6 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
 #endif
 constexpr int kPaceSlack = FLASHMLA_NARROW_PACE;
-// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_PACE_ATOM=1 takes the
-// count back from the page's add (atom) instead of a read after it (red, then ld). Every lane of the grid
-// adds and reads the one word at each page, and the read is awaited at the next page's hold: in a trace
-// of the paced 16-row kernel (2530a64, h16/4k) the loader spent ~930 ns a page between issuing a page and
-// passing hold, against 320-384 ns before pacing, when it waited for ring slots instead (652d416's
-// traces); at the 32-row kernel's start (8898dbe), a lane's second page came 3.4-3.7 us after its first.
-// Whether that is the count's round trip, a queue of same-address operations or pacing at work, the
-// trace's `pace held` mark tells; halving the operations is the cheap half of the answer.
-#ifndef FLASHMLA_NARROW_PACE_ATOM
-#define FLASHMLA_NARROW_PACE_ATOM 0
-#endif
-// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_PACE_ASYNC=1 never waits
-// for the count while a CTA is not held back: each loader lane keeps a copy of it in shared memory,
-// refreshed by a 16-byte bulk copy on an mbarrier of its own, and hold compares against the newest copy
-// that has landed (at most a page old), waiting for a fresh one only while the lane is held. The other
-// half of the answer to the 930 ns above, if they are the count's round trip.
-#ifndef FLASHMLA_NARROW_PACE_ASYNC
-#define FLASHMLA_NARROW_PACE_ASYNC 0
-#endif
-#if FLASHMLA_NARROW_PACE_ASYNC && FLASHMLA_NARROW_PACE_ATOM
-#error "FLASHMLA_NARROW_PACE_ASYNC and FLASHMLA_NARROW_PACE_ATOM are two forms of one read"
-#endif
-// Candidate (off), thirty-second session, not yet run on a GPU: FLASHMLA_NARROW_SPLIT_OUTPUT=1 (an FP8
-// cache, two computing warpgroups): at a piece's end each warpgroup keeps half the value tiles (the O
-// merge's last two rounds go from warpgroup 0 to 1) and writes its half of every row, where warpgroup 0
-// writes all of them today. The 32-row trace (8898dbe) put the CTAs' ends 13 us after their last page in a traced
-// build, the rows written 0.8-1.6 us apart by warpgroup 0 alone while warpgroup 1 had returned.
-#ifndef FLASHMLA_NARROW_SPLIT_OUTPUT
-#define FLASHMLA_NARROW_SPLIT_OUTPUT 0
-#endif
-#if !defined(FLASHMLA_KV_E4M3)
-#undef FLASHMLA_NARROW_SPLIT_OUTPUT
-#define FLASHMLA_NARROW_SPLIT_OUTPUT 0  // two computing warpgroups only (an FP8 cache)
-#endif
 constexpr bool kPageBarrier = FLASHMLA_NARROW_PAGE_BARRIER != 0;
 // An unmasked page's softmax passes one warpgroup barrier where no row's max moves (softmax_unmoved).
 // With an FP8 cache on the H200 -5.6 % at h32/8k, -1 to -3 % on the other narrow FP8 cells
@@ -175,8 +141,6 @@ constexpr int kNarrowConsumers = 2;
 constexpr int kNarrowConsumers = 1;
 #endif
 constexpr int kConsumerThreads = kNarrowConsumers * kWarpgroupThreads;
-constexpr bool kSplitOutput = FLASHMLA_NARROW_SPLIT_OUTPUT != 0;  // (above)
-static_assert(!kSplitOutput || kNarrowConsumers == 2, "each of two computing warpgroups writes half");
 // + the loader: a warp, or with two computing warpgroups a whole one (decode.cu's helper warpgroup) that
 // hands its registers to them: 9 warps would leave ptxas 168 registers a thread (three warps on one SM
 // sub-partition), and the computing warpgroups need more.
@@ -312,15 +276,6 @@ __device__ __forceinline__ SmemDesc box_desc(const uint8_t* box) { return k_majo
 __device__ __forceinline__ int q_chunk_offset(int r, int c) { return (c / 8) * kQBoxBytes + swizzled_offset(r, c % 8); }
 #endif
 
-#if FLASHMLA_NARROW_PACE_ASYNC
-// A loader lane's copy of the pace count (FLASHMLA_NARROW_PACE_ASYNC): what the bulk copy brings in, and
-// the barrier it lands on. It fits the storage's tail padding, so the shared memory size is unchanged.
-struct alignas(16) PaceCopy {
-  unsigned long long count[2];  // [0] the count, [1] the word beside it (a bulk copy moves 16 bytes)
-  uint64_t landed;
-};
-#endif
-
 struct NarrowStorage {
   alignas(1024) uint8_t q[kQTileBytes];                  // Q, 9 boxes of N rows x 64 columns
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
@@ -331,9 +286,6 @@ struct NarrowStorage {
   float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
   PageStreamOf<1> stream[kNarrowLoaders];               // each loader lane's copy of the part's pages
-#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
-  PaceCopy pace[kNarrowLoaders];                        // GridPace: each loader lane's copy of the count
-#endif
 #if defined(FLASHMLA_KV_E4M3)
 #if FLASHMLA_NARROW_PAGE_BARRIER
   alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
@@ -654,18 +606,7 @@ __device__ __forceinline__ void load_linear_page(const DecodeParams& p, const Te
 // never more than kPaceSpins reads a page (results never depend on it). C linkage: the GPU test finds it
 // by this name.
 extern "C" {
-#if FLASHMLA_NARROW_PACE_ASYNC
-__device__ __align__(16) unsigned long long narrow_pace[2];  // [0] the count; a bulk copy reads 16 bytes
-#else
 __device__ unsigned long long narrow_pace;
-#endif
-}
-__device__ __forceinline__ unsigned long long* pace_word() {
-#if FLASHMLA_NARROW_PACE_ASYNC
-  return narrow_pace;
-#else
-  return &narrow_pace;
-#endif
 }
 #endif
 struct GridPace {
@@ -685,7 +626,7 @@ struct GridPace {
   static __device__ __forceinline__ uint32_t issuing(unsigned long long v) { return uint32_t(v >> 32); }
   static __device__ __forceinline__ unsigned long long read() {
     unsigned long long v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(pace_word()) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(&narrow_pace) : "memory");
     return v;
   }
   // `cta`: this lane counts its CTA (the box loaders' two lanes count it once; both add their pages).
@@ -693,71 +634,24 @@ struct GridPace {
   // round trip (128 CTAs on one word) stays off the first page's path (a trace of the awaited form: the
   // first page issued at 1.28 us, 0.42 unpaced; this form -0.3 to -1.3 %, ab153).
   __device__ __forceinline__ void start(bool cta) {
-    if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(pace_word()), "l"(kCta) : "memory");
+    if (cta) asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(&narrow_pace), "l"(kCta) : "memory");
   }
-#if FLASHMLA_NARROW_PACE_ASYNC
-  PaceCopy* copy = nullptr;  // this lane's copy of the count in shared memory (set by the loader)
-  int phase = 0;             // the parity its next landing completes
-  bool reading = false;      // a bulk copy of the count in flight
-  // Ask for a fresh copy of the count, unless one is in flight.
-  __device__ __forceinline__ void ask() {
-    if (reading) return;
-    mbarrier_arrive_expect_tx(&copy->landed, sizeof(copy->count));
-    bulk_load(copy->count, pace_word(), sizeof(copy->count), &copy->landed);
-    reading = true;
-  }
-  // The copy in flight into `seen` if it has landed, or with `wait` once it has.
-  __device__ __forceinline__ void take(bool wait) {
-    if (!reading) return;
-    if (wait) {
-      mbarrier_wait_single(&copy->landed, phase);
-    } else if (!mbarrier_test_wait(&copy->landed, phase)) {
-      return;
-    }
-    seen = copy->count[0];
-    phase ^= 1;
-    reading = false;
-  }
-#endif
   // Before the CTA's page `loaded`: wait while the CTA is more than kPaceSlack pages past the average.
   __device__ __forceinline__ void hold(int loaded) {
-#if FLASHMLA_NARROW_PACE_ASYNC
-    take(false);  // the newest copy that has landed, not waited for
-#endif
     for (int spin = 0; spin < kPaceSpins; ++spin) {
       const uint32_t pages = uint32_t(seen), ctas = issuing(seen);
       if (uint32_t(loaded) * ctas <= pages + uint32_t(kPaceSlack) * ctas) return;
-#if FLASHMLA_NARROW_PACE_ASYNC
-      ask();  // held back: a fresh copy, waited for
-      take(true);
-#else
       __nanosleep(64);
       seen = read();
-#endif
     }
   }
   __device__ __forceinline__ void issued() {
     ++mine;
-#if FLASHMLA_NARROW_PACE_ASYNC
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(pace_word()) : "memory");
-    ask();  // landed by the next hold, or taken at a later one
-#elif FLASHMLA_NARROW_PACE_ATOM
-    // The add returns the count it found: one operation on the shared word a page instead of two.
-    unsigned long long old;
-    asm volatile("atom.relaxed.gpu.global.add.u64 %0, [%1], 1;" : "=l"(old) : "l"(pace_word()) : "memory");
-    seen = old + 1;  // awaited only at the next hold
-#else
-    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(pace_word()) : "memory");
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&narrow_pace) : "memory");
     seen = read();  // awaited only at the next hold
-#endif
   }
   // After the lane's last issue: its pages and its CTA out of the count.
-  __device__ __forceinline__ void stop(bool cta) {
-    atomicAdd(pace_word(), 0ull - ((cta ? kCta : 0ull) + mine));
-#if FLASHMLA_NARROW_PACE_ASYNC
-    take(true);  // no copy may land in the CTA's shared memory after it has ended
-#endif
-  }
+  __device__ __forceinline__ void stop(bool cta) { atomicAdd(&narrow_pace, 0ull - ((cta ? kCta : 0ull) + mine)); }
 #else
   __device__ __forceinline__ void start(bool) {}
   __device__ __forceinline__ void hold(int) {}
@@ -795,9 +689,6 @@ __device__ __forceinline__ void narrow_loader(const DecodeParams& p, const PartP
   trace.mark(kMarkKernelStart);
   const bool paced = GridPace::on();
   GridPace pace;
-#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
-  pace.copy = &smem.pace[lane_index];
-#endif
   const bool counts_cta = lane_index == 0;  // the box loaders' two lanes count their CTA once
   if (paced) pace.start(counts_cta);
   for (int loaded = 0; stream.valid(); ++loaded) {
@@ -1221,16 +1112,10 @@ struct NarrowPiece {
     static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
     constexpr int kRounds = kValueTiles / kTilesPerRound;
     float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
-    // Each round in one direction: warpgroup 1 hands its tiles over and warpgroup 0 adds them. With
-    // kSplitOutput warpgroup 0 keeps tiles [0, kKept) only and warpgroup 1 the rest, so the last rounds
-    // go the other way (a round sending a tile each way spilled at 32 rows).
-    constexpr int kKept = kSplitOutput ? kValueTiles / 2 : kValueTiles;
-    static_assert(kKept % kTilesPerRound == 0, "a round's tiles on one side");
 #pragma unroll
     for (int round = 0; round < kRounds; ++round) {
-      const bool to_low = round * kTilesPerRound < kKept;  // warpgroup 1 sends, warpgroup 0 adds
       if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
-      if (wg == (to_low ? 1 : 0)) {
+      if (wg == 1) {
 #pragma unroll
         for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
           const float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
@@ -1238,7 +1123,7 @@ struct NarrowPiece {
         }
       }
       named_barrier_sync(kBarrierConsumers, kConsumerThreads);
-      if (wg == (to_low ? 0 : 1)) {
+      if (wg == 0) {
 #pragma unroll
         for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
           float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
@@ -1270,39 +1155,6 @@ struct NarrowPiece {
   }
 #endif
 
-#if defined(FLASHMLA_KV_E4M3)
-  // kValues of a row's value columns, scaled already, from column `first` on: whole 16-byte stores (the
-  // thread's columns are contiguous: issue_output, two a tile).
-  template <int kValues>
-  __device__ __forceinline__ void store_row_values(const float (&v)[kValues], int row, int first) const {
-    static_assert(kValues % 8 == 0, "whole 16-byte stores of bf16, float4s of the partials");
-    if (piece.split) {
-      float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
-#pragma unroll
-      for (int j = 0; j < kValues / 4; ++j) {
-        reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
-      }
-    } else {
-      const PackedQuery query = packed_query(p, kv_head, row);
-      OutElement* out = static_cast<OutElement*>(p.out) +
-                        ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
-      uint32_t packed[kValues / 2];
-#pragma unroll
-      for (int j = 0; j < kValues / 2; ++j) {
-        const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
-        packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
-      }
-#pragma unroll
-      for (int j = 0; j < kValues / 8; ++j) {
-        reinterpret_cast<uint4*>(out + first)[j] = make_uint4(packed[4 * j], packed[4 * j + 1], packed[4 * j + 2],
-                                                              packed[4 * j + 3]);
-      }
-    }
-  }
-  // The thread's first value column of a row.
-  __device__ __forceinline__ int first_column() const { return 128 * (thread / 32) + 16 * ((thread % 32) / 4); }
-#endif
-
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
   __device__ __forceinline__ void finish(const OutputT& o, float out_scale, Tracer& trace) {
     const int warp = thread / 32;
@@ -1318,11 +1170,7 @@ struct NarrowPiece {
     }
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
     trace.mark(kMarkSumsExchanged);
-#if FLASHMLA_NARROW_SPLIT_OUTPUT
-    if (!piece.writable) return;  // each warpgroup writes its tiles (kSplitOutput)
-#else
     if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
-#endif
     // A row at a time, its sum and lse included: with 32 rows O alone takes 128 registers.
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
@@ -1335,31 +1183,36 @@ struct NarrowPiece {
         for (int w = 0; w < kNarrowWarps; ++w) total += smem.warp_sum[c][w][at.row[k]];
       }
       const float inv = total == 0.f ? 0.f : out_scale / total;
-#if FLASHMLA_NARROW_SPLIT_OUTPUT
-      if (warp == 0 && at.publishes() && consumer() == 0) store_row_lse(p, piece, kv_head, row, max[k], total);
-      trace.mark(kMarkLseStored);
-      // This warpgroup's half of the tiles (merge_warpgroups), chosen by selects: a branch per warpgroup
-      // spilled at 32 rows.
-      constexpr int kKept = kValueTiles / 2;
-      const bool low = consumer() == 0;
-      float v[2 * kKept];
-#pragma unroll
-      for (int t = 0; t < kKept; ++t) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) v[2 * t + i] = (low ? o.v[t][reg_of(k, i)] : o.v[kKept + t][reg_of(k, i)]) * inv;
-      }
-      store_row_values(v, row, first_column() + (low ? 0 : 2 * kKept));
-#else
       if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
       trace.mark(kMarkLseStored);
 #if defined(FLASHMLA_KV_E4M3)
-      float v[2 * kValueTiles];
+      // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
+      const int first = 128 * warp + 16 * ((thread % 32) / 4);
+      float v[16];
 #pragma unroll
       for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv;
       }
-      store_row_values(v, row, first_column());
+      if (piece.split) {
+        float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        }
+      } else {
+        const PackedQuery query = packed_query(p, kv_head, row);
+        OutElement* out = static_cast<OutElement*>(p.out) +
+                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
+        uint32_t packed[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
+          packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        reinterpret_cast<uint4*>(out + first)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        reinterpret_cast<uint4*>(out + first)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      }
 #else
       // Column 64 t + m + 8 i: a warp's 8 lanes of one row write 8 neighbouring columns.
       if (piece.split) {
@@ -1380,7 +1233,6 @@ struct NarrowPiece {
         }
       }
 #endif
-#endif  // FLASHMLA_NARROW_SPLIT_OUTPUT
     }
   }
 };
@@ -1409,9 +1261,6 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     }
 #if FLASHMLA_NARROW_PAGE_BARRIER
     for (int page = 0; page < kPageBarriers; ++page) mbarrier_init(&smem.page_landed[page], 1);
-#endif
-#if FLASHMLA_NARROW_PACE && FLASHMLA_NARROW_PACE_ASYNC
-    for (int lane = 0; lane < kNarrowLoaders; ++lane) mbarrier_init(&smem.pace[lane].landed, 1);
 #endif
     fence_barrier_init();
   }

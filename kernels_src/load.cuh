@@ -46,15 +46,6 @@ __device__ __forceinline__ void tma_load_box(const TensorMap* map, uint64_t* bar
       : "memory");
 }
 
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory as one bulk
-// copy, landing on `bar` as a box does (the caller arms it with mbarrier_arrive_expect_tx).
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-
 // Ask L2 for a box ahead of its load (no shared memory, no barrier): the load then finds it there.
 __device__ __forceinline__ void tma_prefetch_box(const TensorMap* map, int col, int head, int token, int block) {
   asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];" ::"l"(

@@ -23,22 +23,18 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Whether the phase with the given parity has completed: mbarrier.try_wait (the thread may be suspended
-// a while first) or mbarrier.test_wait (no waiting at all), `op`.
-#define FLASHMLA_MBARRIER_POLL(op)                                        \
-  "{\n"                                                                   \
-  ".reg .pred p;\n"                                                       \
-  "mbarrier." op ".parity.shared::cta.b64 p, [%1], %2;\n"                 \
-  "selp.u32 %0, 1, 0, p;\n"                                               \
-  "}\n"
+// Whether the phase with the given parity has completed (the thread may be suspended a while first).
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, int parity) {
   uint32_t done;
-  asm volatile(FLASHMLA_MBARRIER_POLL("try_wait") : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ bool mbarrier_test_wait(uint64_t* bar, int parity) {
-  uint32_t done;
-  asm volatile(FLASHMLA_MBARRIER_POLL("test_wait") : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
   return done != 0;
 }
 

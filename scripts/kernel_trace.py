@@ -243,7 +243,8 @@ def _scripts_on_path() -> None:
 
 
 def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm",
-          ring: bool | None = None, ctas: int = TRACE_CTAS, bin_us: float = 2.0, extra: tuple = ()) -> dict:
+          ring: bool | None = None, ctas: int = TRACE_CTAS, bin_us: float = 2.0, extra: tuple = (),
+          smem: int | None = None) -> dict:
     _scripts_on_path()
     import kernel_ab
 
@@ -251,7 +252,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     if ctas != TRACE_CTAS:
         defines.append(f"-DFLASHMLA_TRACE_CTAS={ctas}")
     defines += list(extra)
-    kernel_ab.apply({"defines": defines, "tree": tree, "smem": None, "ring": ring})
+    kernel_ab.apply({"defines": defines, "tree": tree, "smem": smem, "ring": ring})
     import cupy
     import torch
 
@@ -302,6 +303,7 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default="b128-q1-h128-4096", help="a scripts/bench.py case id")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--tree", help="another kernels_src directory to trace")
+    parser.add_argument("--smem", type=int, help="the decode kernel's dynamic shared memory where --tree's storage differs")
     parser.add_argument("--json", help="write the report (with the raw marks) here")
     parser.add_argument("--flush", choices=bench.FLUSH_MODES, default="none",
                         help="flush L2 before the traced run as scripts/bench.py does (default: none)")
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
     report = trace(args.case, args.dtype, args.tree, args.flush, args.clock,
                    None if args.ring is None else bool(args.ring), args.ctas, args.bin_us,
-                   tuple(args.define))
+                   tuple(args.define), args.smem)
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
     if args.clock == "global":

@@ -104,62 +104,6 @@ def test_fp8_narrow_paced(h_q, kind):
     assert counts and set(counts) == {0}, counts
 
 
-@pytest.fixture
-def rebuilt(monkeypatch):
-    """A function that makes every kernel build with one more define (a candidate switch), loaded and
-    prepared afresh; the shipped kernels are back after the test."""
-    from flashmla_cupy import launch, lookup, variants
-
-    shipped = dict(launch._loaded)
-
-    def rebuild(define: str) -> None:
-        monkeypatch.setattr(variants, "_DEFINES", variants.defines_plus(define))
-        launch._loaded.clear()
-        lookup.remembered().clear()
-
-    yield rebuild
-    lookup.remembered().clear()
-    launch._loaded.clear()
-    launch._loaded.update(shipped)
-
-
-@pytest.mark.parametrize("kind", ["fixed:4096", "var:1:4096"])
-@pytest.mark.parametrize("h_q, kv", [(16, "e4m3"), (32, "e4m3"), (16, None)], ids=["fp8-h16", "fp8-h32", "bf16-h16"])
-@pytest.mark.parametrize("define", ["-DFLASHMLA_NARROW_PACE_ATOM=1", "-DFLASHMLA_NARROW_PACE_ASYNC=1"],
-                         ids=["atom", "async"])
-def test_narrow_pace_candidates(rebuilt, define, h_q, kv, kind):
-    """The thirty-second session's pacing candidates (decode_narrow.cu, off in what ships): the count taken
-    back from each page's add, and the count kept in shared memory by bulk copies that hold does not wait
-    for. Exact over 200 calls back to back on every narrow kernel, the count back at zero after them."""
-    rebuilt(define)
-    seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    seqlens = lengths(rng, kind, 128)
-    case = (_case(rng, 128, 1, h_q, 1, seqlens, "e4m3") if kv else
-            reference.random_case(rng, 128, 1, h_q, 1, seqlens, "bf16"))
-    out, lse = run(case, repeats=200)
-    check(case, out, lse, seed, f"narrow-pace-candidate-{define}-h{h_q}-{kv}-{kind}")
-    counts = pace_counts()
-    assert counts and set(counts) == {0}, counts
-
-
-@pytest.mark.parametrize("b, s_q, h_q, h_kv, kind, q_dtype, causal", [
-    (128, 1, 32, 1, "var:1:4096", "e4m3", False),   # 32 rows, unequal parts: split requests' partials
-    (4, 2, 16, 1, "var:1:20000", "e4m3", True),     # 32 rows of two positions, few long requests: all split
-    (64, 1, 16, 1, "fixed:4096", "e4m3", False),    # 16 rows (linear pages), one request a CTA: straight to out
-    (6, 1, 48, 3, "var:1:9000", "bf16", False),     # 16 rows a KV head, three heads, a 16-bit q
-])
-def test_fp8_narrow_split_output_candidate(rebuilt, b, s_q, h_q, h_kv, kind, q_dtype, causal):
-    """The thirty-second session's epilogue candidate (decode_narrow.cu, off in what ships): each computing
-    warpgroup keeps half the value tiles and writes its half of every row, out and partials alike."""
-    rebuilt("-DFLASHMLA_NARROW_SPLIT_OUTPUT=1")
-    seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    case = _case(rng, b, s_q, h_q, h_kv, lengths(rng, kind, b), q_dtype, causal=causal)
-    out, lse = run(case, repeats=20)
-    check(case, out, lse, seed, f"fp8-narrow-split-output-b{b}-sq{s_q}-h{h_q}x{h_kv}-q{q_dtype}")
-
-
 def test_fp8_narrow_paced_on_two_streams():
     """Launches on two streams at once share the module's pace count: they may slow each other (a bounded
     wait a page) but never change a result: 200 calls alternating between two non-blocking streams, every
