@@ -498,10 +498,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
   const uint32_t misalignment = smem_addr(smem_raw) & 1023;
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - misalignment) & 1023));
 
-  if (threadIdx.x == 0) {
-    tma_prefetch_map(&kv_map);
-    if (p.q_tma) tma_prefetch_map(&q_map);  // otherwise the map is never used
-  }
+  prefetch_maps(p, &kv_map, &q_map);
   const PartPlan part = PartPlan::load(p, blockIdx.z);
   if (part.empty(p)) return;
   const int kv_head = blockIdx.y;

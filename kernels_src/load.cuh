@@ -60,6 +60,13 @@ __device__ __forceinline__ void tma_prefetch_box(const TensorMap* map, int col, 
 __device__ __forceinline__ void tma_prefetch_map(const TensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
+// The cache map's descriptor and, where the Q tile comes through TMA, the q map's (decode.cu and
+// decode_ring.cu; otherwise the q map is never used). Thread 0, at kernel entry.
+__device__ __forceinline__ void prefetch_maps(const DecodeParams& p, const TensorMap* kv_map, const TensorMap* q_map) {
+  if (threadIdx.x != 0) return;
+  tma_prefetch_map(kv_map);
+  if (p.q_tma) tma_prefetch_map(q_map);
+}
 
 // Which boxes of a page buffer each warpgroup loads: the ones whose last reader it is, so that it can
 // refill them as soon as its own wgmma on them has completed. Bit i = box i.
