@@ -21,6 +21,9 @@ With `--source`, ncu also samples where the warps stall (its SourceCounters sect
 instructions with the most stall samples are listed per library (from `--page source`, saved as
 <library>-source.csv), so that a stall reason can be traced to the instructions that wait.
 
+With `--kernel combine`, each library's kernel that merges split requests is profiled instead of its decode
+kernel (COMBINE_KERNELS; under ncu it runs after the decode has ended, its partials out of the caches).
+
 With `--variant "NAME: ITEM ..."` (scripts/kernel_ab.py's variant spec: `tree=DIR`, `-D...`,
 `maxparts=N`, ...) our library runs that build instead of the shipped one, so that a candidate is
 profiled beside the peers without a copy of the repository.
@@ -43,6 +46,9 @@ import bench_cases
 # Regular expressions over kernel names (ncu --kernel-name regex:...): each library's decode kernel.
 KERNELS = {"flashmla_cupy": "flashmla_decode", "FlashMLA": "flash_fwd_splitkv_mla",
            "FlashMLA-fp8": "flash_fwd_splitkv_mla", "FlashInfer-fa3": "BatchMLAPageAttentionHopper"}
+# With `--kernel combine`: each library's kernel that merges split requests (FlashInfer has none).
+COMBINE_KERNELS = {"flashmla_cupy": "flashmla_combine", "FlashMLA": "flash_fwd_mla_combine",
+                   "FlashMLA-fp8": "flash_fwd_mla_combine"}
 WARMUP_LAUNCHES = 2
 NCU_TIMEOUT_S = 300
 
@@ -236,7 +242,8 @@ FLUSH_MODES = ("ncu",) + tuple(mode for mode in bench.FLUSH_MODES if mode != "no
 
 
 def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, extra: list[str],
-                source: bool = False, flush: str = "ncu", variant: str | None = None) -> list[str]:
+                source: bool = False, flush: str = "ncu", variant: str | None = None,
+                kernels: dict = KERNELS) -> list[str]:
     sections = [arg for section in SECTIONS + (("SourceCounters",) if source else ()) for arg in ("--section", section)]
     metrics = ["--metrics", ",".join(extra)] if extra else []
     # The process's own flush must precede the launch in every pass: application replay, caches untouched.
@@ -244,18 +251,19 @@ def ncu_command(ncu: str, library: str, case: bench_cases.Case, export: str, ext
     child_flush = [] if flush == "ncu" else ["--flush", flush]
     child_variant = ["--variant", variant] if variant and library == "flashmla_cupy" else []
     return [ncu, "--clock-control", "none", *caches, "--target-processes", "all",
-            "--kernel-name", f"regex:{KERNELS[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
+            "--kernel-name", f"regex:{kernels[library]}", "--launch-skip", str(WARMUP_LAUNCHES), "--launch-count", "1",
             *sections, *metrics, "--force-overwrite", "--export", export,
             sys.executable, os.path.abspath(__file__), "--launch", library, "--case", case.id, "--dtype", case.dtype,
             *child_flush, *child_variant]
 
 
 def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra: list[str],
-            source: bool = False, flush: str = "ncu", variant: str | None = None) -> str:
+            source: bool = False, flush: str = "ncu", variant: str | None = None, kernels: dict = KERNELS) -> str:
     """Profile one library; returns the path of the raw-page CSV (and, with `source`, writes the source
     page's CSV beside it, or says in the log why not). Raises RuntimeError with ncu's output."""
     export = os.path.join(out_dir, library)
-    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush, variant), capture_output=True,
+    run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush, variant, kernels),
+                         capture_output=True,
                          text=True, timeout=NCU_TIMEOUT_S)
     with open(export + ".log", "w") as f:
         f.write(run.stdout + run.stderr)
@@ -327,6 +335,8 @@ def main(argv=None) -> int:
                              "process as bench.py does, by a memset (dirty lines, the benchmark's setting) or a read")
     parser.add_argument("--variant", metavar="'NAME: ITEM ...'",
                         help="profile this build of our kernels (scripts/kernel_ab.py's variant spec)")
+    parser.add_argument("--kernel", choices=("decode", "combine"), default="decode",
+                        help="which kernel of each library's call to profile (combine: the merge of split requests)")
     parser.add_argument("--launch", help=argparse.SUPPRESS)  # the profiled child process
     args = parser.parse_args(argv)
     try:
@@ -334,9 +344,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     libraries = args.libs.split(",")
-    unknown = [name for name in libraries if name not in KERNELS]
+    kernels = KERNELS if args.kernel == "decode" else COMBINE_KERNELS
+    unknown = [name for name in libraries if name not in kernels]
     if unknown:
-        parser.error(f"--libs {', '.join(unknown)}: choose from {', '.join(KERNELS)}")
+        parser.error(f"--libs {', '.join(unknown)}: choose from {', '.join(kernels)}")
     if args.launch:
         launch(args.launch, case, args.flush, args.variant)
         return 0
@@ -355,10 +366,11 @@ def main(argv=None) -> int:
         if known is None:
             print("ncu --query-metrics listed nothing: profiling with the sections alone", file=sys.stderr)
         for library in libraries:
-            print(f"profiling {library} ({KERNELS[library]}) on {case.label} ...", flush=True)
+            print(f"profiling {library} ({kernels[library]}) on {case.label} ...", flush=True)
             for metrics in ([extra, []] if extra else [[]]):  # then without the extras, should ncu refuse one
                 try:
-                    profile(args.ncu, library, case, out_dir, metrics, args.source, args.flush, args.variant)
+                    profile(args.ncu, library, case, out_dir, metrics, args.source, args.flush, args.variant,
+                            kernels)
                     break
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     print(exc, file=sys.stderr)
@@ -372,8 +384,8 @@ def main(argv=None) -> int:
     setting = "" if args.flush == "ncu" or args.from_dir else f", L2 flushed by a {args.flush} in the process"
     if args.variant and args.from_dir is None:
         setting += f", ours built as {args.variant!r}"
-    table = (f"ncu --clock-control none{setting}, {what}, decode kernel only (regex per library: "
-             + ", ".join(f"{name} {KERNELS[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
+    table = (f"ncu --clock-control none{setting}, {what}, {args.kernel} kernel only (regex per library: "
+             + ", ".join(f"{name} {kernels[name]}" for name in profiles) + ")\n\n" + compare_table(profiles))
     for library in profiles:  # the source pages found (--source now, or in a --from directory)
         path = os.path.join(out_dir, library + "-source.csv")
         if os.path.exists(path):

@@ -316,6 +316,15 @@ def test_ncu_command_profiles_one_warm_decode_launch_with_clocks_untouched(tmp_p
     assert "--cache-control" not in joined  # ncu's own flush: clean caches
 
 
+def test_ncu_command_profiles_the_combine_kernel_when_asked(tmp_path):
+    case = bench_cases.parse("b128-q1-h64-16384", "bf16")
+    for library, name in ncu_compare.COMBINE_KERNELS.items():
+        command = " ".join(ncu_compare.ncu_command("ncu", library, case, str(tmp_path / library), [],
+                                                   kernels=ncu_compare.COMBINE_KERNELS))
+        assert f"--kernel-name regex:{name} --launch-skip" in command
+    assert "FlashInfer-fa3" not in ncu_compare.COMBINE_KERNELS   # it has no combine kernel
+
+
 def test_ncu_command_with_the_benchmarks_flush_leaves_caches_to_the_process(tmp_path):
     case = bench_cases.parse("b64-q1-h128-1024", "bf16")
     command = ncu_compare.ncu_command("ncu", "flashmla_cupy", case, str(tmp_path / "ours"), [], flush="memset")
