@@ -25,6 +25,10 @@
 
 #include "element.cuh"
 #include "params.cuh"
+#if defined(FLASHMLA_TRACE)
+#include "trace.cuh"
+extern "C" __device__ unsigned long long* flashmla_combine_trace = nullptr;  // CombineTrace's buffer
+#endif
 
 namespace {
 
@@ -78,10 +82,45 @@ struct Lse2 {
   }
 };
 
+// scripts/kernel_trace.py (-DFLASHMLA_TRACE=1 builds only): thread 0 of each block writes, at word
+// 4 * (blockIdx.x * gridDim.y + blockIdx.y) of the buffer the host points flashmla_combine_trace at, the
+// trace clock (trace.cuh) when the block starts, when its wait for the decode returns (0: a block that
+// does not wait) and when it ends, then its SM id and whether it merges a row (bit 32).
+#if defined(FLASHMLA_TRACE)
+constexpr unsigned kCombineTraceBlocks = 1u << 16;
+struct CombineTrace {
+  unsigned long long* slot = nullptr;
+  __device__ __forceinline__ CombineTrace() {
+    const unsigned block = blockIdx.x * gridDim.y + blockIdx.y;
+    if (flashmla_combine_trace != nullptr && threadIdx.x == 0 && block < kCombineTraceBlocks) {
+      slot = flashmla_combine_trace + 4ull * block;
+      slot[0] = flashmla::trace_time();
+    }
+  }
+  __device__ __forceinline__ void waited() {
+    if (slot != nullptr) slot[1] = flashmla::trace_time();
+  }
+  __device__ __forceinline__ void end(bool merges) {
+    if (slot != nullptr) {
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      slot[2] = flashmla::trace_time();
+      slot[3] = (uint64_t(merges) << 32) | sm;
+    }
+  }
+};
+#else
+struct CombineTrace {
+  __device__ __forceinline__ void waited() {}
+  __device__ __forceinline__ void end(bool) {}
+};
+#endif
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
 flashmla_combine(const flashmla::CombineParams p) {
+  CombineTrace trace;
   const int lane = threadIdx.x % kWarpSize;
   const long long request = blockIdx.x;
   const int warp = threadIdx.x / kWarpSize;
@@ -96,12 +135,17 @@ flashmla_combine(const flashmla::CombineParams p) {
   if (pieces <= 1) {  // written directly by the decode kernel
     // One block waits all the same, so that this grid never completes before the decode grid: work
     // queued after the combine may read out and lse of any request.
-    if (blockIdx.x == 0 && blockIdx.y == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (blockIdx.x == 0 && blockIdx.y == 0) {
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+      trace.waited();
+    }
+    trace.end(false);
     return;
   }
 
   // The decode kernel, our PDL primary, writes everything else we read: wait for it.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  trace.waited();
   if (g >= p.heads_kv) return;  // the last block of a request may have idle warps
 
   // Output row and lse element of this (request, query token s, query head h).
@@ -122,6 +166,7 @@ flashmla_combine(const flashmla::CombineParams p) {
       for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(make_float4(nan, nan, nan, nan));
       if (lane == 0) *lse_out = nan;
     }
+    trace.end(true);
     return;
   }
 
@@ -210,4 +255,5 @@ flashmla_combine(const flashmla::CombineParams p) {
     }
     out[warp * kWarpSize + lane] = pack4(row_sum);
   }
+  trace.end(true);
 }

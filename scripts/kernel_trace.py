@@ -34,6 +34,10 @@ with a measurement switch too.
 
     python scripts/kernel_trace.py --case b128-q1-h16-4096 --dtype fp8 --clock global --ctas 132 --flush memset
 
+With `--clock global` the combine kernel's blocks are traced too (combine.cu's CombineTrace): when they
+start, when their waits for the decode return and when they end, beside the decode's last mark, so that
+what the combine adds after the decode can be split into waiting and merging.
+
 `--ring 1` traces decode_ring.cu on an e4m3 case with more than 32 rows (kernels.RING_FP8), `--ring 0`
 decode.cu's FP8 path there. A case of at most 32 rows with an e4m3 q and cache traces decode_narrow.cu's
 FP8 kernel: each computing warpgroup per page of its own ("pair start" is a page's start, "own pv done"
@@ -59,6 +63,7 @@ MARKS = ("piece start", "pair start", "scores issued", "scores in", "probs publi
 HEADER = 255
 TRACE_CTAS, TRACE_WARPGROUPS, TRACE_RECORDS = 16, 3, 4096  # trace.cuh's (TRACE_CTAS: kTraceCtas's default)
 CYCLE_BITS = 56
+COMBINE_TRACE_BLOCKS = 1 << 16   # combine.cu's kCombineTraceBlocks: 4 words a block
 
 
 def decode_record(words) -> tuple[int | None, list[tuple[int, int]]]:
@@ -236,6 +241,42 @@ def print_report(report: dict) -> None:
             print(f"  {label:48s} {step['count']:6d} {step['median_cycles']:11.0f} {step['share']:7.1%}")
 
 
+def combine_summary(table, records: dict[tuple[int, int], list[tuple[int, int]]]) -> dict:
+    """The combine kernel's blocks against the decode kernel (both marked with %globaltimer): `table` is
+    combine.cu's trace, [blocks, 4] words (start, wait returned or 0, end, merges << 32 | SM), `records` the
+    decode's marks. Microseconds from the decode's first mark: when the combine's blocks started, when their
+    waits for the decode returned (the blocks that merge rows, and the one unsplit block that waits), when
+    they ended, beside the decode's last mark (its traced CTAs' ends)."""
+    mask = (1 << CYCLE_BITS) - 1
+    decode_times = [t for marks in records.values() for _, t in marks]
+    rows = [[int(w) for w in row] for row in table if int(row[0]) != 0]
+    if not decode_times or not rows:
+        return {}
+    origin = min(decode_times)
+
+    def us(t: int) -> float:
+        return ((t & mask) - origin) / 1e3
+
+    def spread(values: list[float]) -> dict:
+        return {"first": min(values), "median": statistics.median(values), "last": max(values)} if values else {}
+
+    return {"blocks": len(rows), "merging": sum(1 for r in rows if r[3] >> 32),
+            "decode_last_mark_us": us(max(decode_times)),
+            "start_us": spread([us(r[0]) for r in rows]),
+            "waited_us": spread([us(r[1]) for r in rows if r[1]]),
+            "end_us": spread([us(r[2]) for r in rows if r[2]]),
+            "merging_end_us": spread([us(r[2]) for r in rows if r[2] and r[3] >> 32])}
+
+
+def print_combine(summary: dict) -> None:
+    if not summary:
+        return
+    line = lambda name: ", ".join(f"{k} {v:.2f}" for k, v in summary[name].items()) or "none"
+    print(f"combine: {summary['blocks']} blocks traced, {summary['merging']} merging rows; us from the decode's "
+          f"first mark (its last mark at {summary['decode_last_mark_us']:.2f}): starts {line('start_us')}; "
+          f"waits returned {line('waited_us')}; ends {line('end_us')}; merging blocks' ends {line('merging_end_us')}")
+
+
 def _scripts_on_path() -> None:
     for entry in (str(ROOT / "scripts"), str(ROOT)):
         if entry not in sys.path:
@@ -268,6 +309,13 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     [loaded] = [v for (variant, _), v in launch._loaded.items() if variant.program in programs]
     words = cupy.zeros(ctas * TRACE_WARPGROUPS * TRACE_RECORDS, dtype=cupy.uint64)
     loaded.global_words("flashmla_trace", 1)[0] = words.data.ptr
+    # With one clock for all SMs, the combine's blocks too (combine.cu's CombineTrace).
+    combine_words = None
+    if clock == "global":
+        combine_words = cupy.zeros(4 * COMBINE_TRACE_BLOCKS, dtype=cupy.uint64)
+        for (variant, _), module in launch._loaded.items():
+            if variant.program == "combine":
+                module.global_words("flashmla_combine_trace", 1)[0] = combine_words.data.ptr
     bench.L2Flush(torch, flush)()
     fn()
     torch.cuda.synchronize()
@@ -291,6 +339,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
         report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
         report["sm_page_us"] = sm_periods(records, sms, 2)
         report["page_bytes"] = 64 * 576 * case.heads_kv * (1 if dtype == "fp8" else 2)
+        report["combine"] = combine_summary(cupy.asnumpy(combine_words).reshape(-1, 4), records)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
 
@@ -335,6 +384,7 @@ def main(argv=None) -> int:
               f"tile {lag['first_done']} first")
     print_timeline(report.get("timeline", {}), report.get("page_bytes", 0))
     print_sm_periods(report.get("sm_page_us", {}))
+    print_combine(report.get("combine", {}))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -639,6 +639,25 @@ def test_kernel_trace_startup_spans_are_medians_over_ctas():
         "warpgroup 0": {"to first pair": 700, "to first scores": 1000, "to last mark": 3000}}
 
 
+def test_kernel_trace_combine_blocks_against_the_decodes_marks():
+    """combine.cu's words per block (start, wait returned, end, merges << 32 | SM) in microseconds from the
+    decode's first mark, beside its last; untraced blocks (zeros) left out. The block trace layout is
+    the kernel's."""
+    import numpy as np
+    source = (REPO / "kernels_src/combine.cu").read_text()
+    assert f"kCombineTraceBlocks = 1u << {kernel_trace.COMBINE_TRACE_BLOCKS.bit_length() - 1};" in source
+    records = {(0, 0): [(0, 1_000), (9, 50_000)], (1, 0): [(0, 1_500), (9, 52_000)]}
+    table = np.array([[40_000, 52_500, 55_000, (1 << 32) | 3],   # merges rows: waited for the decode
+                      [51_000, 0, 51_200, 4],                     # an unsplit request's block: left at once
+                      [0, 0, 0, 0]], dtype=np.uint64)
+    summary = kernel_trace.combine_summary(table, records)
+    assert summary["blocks"] == 2 and summary["merging"] == 1 and summary["decode_last_mark_us"] == 51.0
+    assert summary["start_us"] == {"first": 39.0, "median": 44.5, "last": 50.0}
+    assert summary["waited_us"] == {"first": 51.5, "median": 51.5, "last": 51.5}
+    assert summary["merging_end_us"] == {"first": 54.0, "median": 54.0, "last": 54.0}
+    assert kernel_trace.combine_summary(np.zeros((2, 4), dtype=np.uint64), records) == {}
+
+
 def test_kernel_trace_timeline_bins_the_pages_and_the_ctas_ends():
     start, boxes, pair, scores_in, end = (kernel_trace.MARKS.index(m) for m in
                                           ("kernel start", "boxes issued", "pair start", "scores in", "piece end"))
