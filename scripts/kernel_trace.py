@@ -271,7 +271,10 @@ def combine_summary(table, records: dict[tuple[int, int], list[tuple[int, int]]]
 def print_combine(summary: dict) -> None:
     if not summary:
         return
-    line = lambda name: ", ".join(f"{k} {v:.2f}" for k, v in summary[name].items()) or "none"
+
+    def line(name: str) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in summary[name].items()) or "none"
+
     print(f"combine: {summary['blocks']} blocks traced, {summary['merging']} merging rows; us from the decode's "
           f"first mark (its last mark at {summary['decode_last_mark_us']:.2f}): starts {line('start_us')}; "
           f"waits returned {line('waited_us')}; ends {line('end_us')}; merging blocks' ends {line('merging_end_us')}")

@@ -263,8 +263,7 @@ def profile(ncu: str, library: str, case: bench_cases.Case, out_dir: str, extra:
     page's CSV beside it, or says in the log why not). Raises RuntimeError with ncu's output."""
     export = os.path.join(out_dir, library)
     run = subprocess.run(ncu_command(ncu, library, case, export, extra, source, flush, variant, kernels),
-                         capture_output=True,
-                         text=True, timeout=NCU_TIMEOUT_S)
+                         capture_output=True, text=True, timeout=NCU_TIMEOUT_S)
     with open(export + ".log", "w") as f:
         f.write(run.stdout + run.stderr)
     if run.returncode != 0 or not os.path.exists(export + ".ncu-rep"):
