@@ -102,10 +102,8 @@ struct CombineTrace {
   }
   __device__ __forceinline__ void end(bool merges) {
     if (slot != nullptr) {
-      uint32_t sm;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       slot[2] = flashmla::trace_time();
-      slot[3] = (uint64_t(merges) << 32) | sm;
+      slot[3] = (uint64_t(merges) << 32) | flashmla::trace_sm();
     }
   }
 };

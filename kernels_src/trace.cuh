@@ -67,6 +67,13 @@ __device__ __forceinline__ uint64_t trace_time() {
 #endif
 }
 
+// The SM this thread runs on (a record's header; combine.cu's block records).
+__device__ __forceinline__ uint32_t trace_sm() {
+  uint32_t sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  return sm;
+}
+
 struct Tracer {
   unsigned long long* slot;  // this thread's record, or null: not traced
   int count;
@@ -74,8 +81,7 @@ struct Tracer {
   __device__ __forceinline__ Tracer(int warpgroup, int thread) : slot(nullptr), count(0) {
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     if (flashmla_trace != nullptr && thread == 0 && cta < kTraceCtas) {
-      uint32_t sm;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      const uint32_t sm = trace_sm();
       slot = flashmla_trace + (int64_t(cta) * kTraceWarpgroups + warpgroup) * kTraceRecords;
       slot[count++] = (uint64_t(kMarkHeader) << 56) | (uint64_t(blockIdx.z & 0xFFFF) << 40) |
                       (uint64_t(blockIdx.x & 0xFF) << 32) | sm;
