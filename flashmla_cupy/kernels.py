@@ -28,7 +28,8 @@ class SchedulerLaunch:
 
     def __init__(self, batch: int, num_parts: int, device_id: int):
         self._params = params.SchedulerParams(
-            batch=batch, num_parts=num_parts, page_size=plan.PAGE_SIZE, overhead_pages=plan.OVERHEAD_PAGES)
+            batch=batch, num_parts=num_parts, page_size=plan.PAGE_SIZE, overhead_pages=plan.OVERHEAD_PAGES,
+            whole_slack_percent=plan.WHOLE_SLACK_PERCENT)
         fn = launch.get_function(variants.scheduler_variant(), device_id)
         self._launch = launch.Launch(fn, (1, 1, 1), (SCHEDULER_THREADS, 1, 1), [self._params])
 

@@ -29,6 +29,7 @@ class SchedulerParams(ctypes.Structure):
     _fields_ = [
         ("seqlens", _p), ("metadata", _p), ("num_splits", _p),
         ("batch", _i32), ("num_parts", _i32), ("page_size", _i32), ("overhead_pages", _i32),
+        ("whole_slack_percent", _i32),
     ]
 
 

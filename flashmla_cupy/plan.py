@@ -22,6 +22,19 @@ all of it on finished requests. Either way the remaining cost fell by at least `
 ceil(total / P)`. If all `P` parts stopped early, the remaining cost would be `<= total - P *
 ceil(total / P) <= 0`, yet an unfinished request has remaining cost `>= OVERHEAD > 0`: impossible.
 
+Whole requests where cutting buys little. Each of the `P` parts is a CTA on its own SM, so cutting
+requests to give every part the same share saves at most the idle SMs' share of the time, while every
+cut costs its partial rows (written, then read back by the combine kernel) and the combine's work after
+the decode. Where the batch has no more requests than parts and the costliest of them is at most
+`WHOLE_SLACK_PERCENT` above the payload, the plan keeps every request whole: the payload becomes that
+request's cost `max_i pages_i + OVERHEAD_PAGES`, a part that cannot take the next request whole ends
+before it, and since a fresh part always can, each part takes at least one request and `batch <= P`
+parts suffice. On the H200 (docs/PERF_NOTES.md, thirty-fifth session) batches of 120-128 equal 16k
+requests were 2-7 % faster whole over 132 parts, memory- and compute-bound (64 over 66 parts) alike.
+Batches of unequal lengths keep their cuts (their costliest request is far above the payload), and so
+do batches of more requests than parts: two whole requests a part (64 of 66 parts, 128 rows) measured
+2-4 % faster with 16-bit caches but 2-5 % slower with FP8 ones, and the plan does not know the cache.
+
 Why pieces <= batch + P - 1. Every request has one piece plus one per cut inside it, and each cut ends
 a part. The last part never ends on a cut (a cut leaves its request unfinished, and the last part
 finishes the batch), so there are at most `P - 1` cuts.
@@ -42,6 +55,7 @@ from .params import (
 
 PAGE_SIZE = 64        # tokens per KV-cache page (the FlashMLA contract)
 OVERHEAD_PAGES = 5    # fixed cost of one piece, in pages of work (FP8 too: 3, 8 and 12 measured no better)
+WHOLE_SLACK_PERCENT = 10  # uncut plans up to this much costlier (module docstring); negative: never
 TILE_ROWS = 64        # query rows per CTA: the M of one warpgroup's wgmma
 INT32_MAX = 2**31 - 1  # metadata is int32
 
@@ -83,7 +97,7 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
     pages = [_pages(s) for s in np.asarray(seqlens).reshape(-1)]
     batch = len(pages)
-    _, payload = _cost(pages, num_parts)
+    _, payload, whole = _cost(pages, num_parts)
 
     metadata = np.zeros((num_parts, METADATA_FIELDS), dtype=np.int32)
     metadata[:, META_BEGIN_REQUEST] = batch
@@ -108,7 +122,7 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
                 r, p, k = r + 1, 0, 0
                 continue
             take = budget - OVERHEAD_PAGES
-            if take > 0:  # cut r: this part ends with its first `take` remaining pages
+            if take > 0 and not whole:  # cut r: this part ends with its first `take` remaining pages
                 row[META_END_REQUEST], row[META_END_PAGE] = r, p + take
                 p, k = p + take, k + 1
             break
@@ -119,11 +133,16 @@ def plan_numpy(seqlens: np.ndarray, num_parts: int) -> tuple[np.ndarray, np.ndar
     return metadata, num_splits
 
 
-def plan_cost(seqlens: np.ndarray, num_parts: int) -> tuple[int, int]:
-    """`(total, payload)` of the cost model: the uncut batch cost and the budget of one part."""
+def plan_cost(seqlens: np.ndarray, num_parts: int) -> tuple[int, int, bool]:
+    """`(total, payload, whole)` of the cost model: the uncut batch cost, the budget of one part, and
+    whether the plan keeps every request whole (module docstring)."""
     return _cost([_pages(s) for s in np.asarray(seqlens).reshape(-1)], num_parts)
 
 
-def _cost(pages: list[int], num_parts: int) -> tuple[int, int]:
+def _cost(pages: list[int], num_parts: int) -> tuple[int, int, bool]:
     total = sum(pages) + OVERHEAD_PAGES * len(pages)
-    return total, -(-total // num_parts) + OVERHEAD_PAGES
+    payload = -(-total // num_parts) + OVERHEAD_PAGES
+    costliest = max(pages, default=0) + OVERHEAD_PAGES
+    whole = (WHOLE_SLACK_PERCENT >= 0 and len(pages) <= num_parts
+             and 100 * costliest <= (100 + WHOLE_SLACK_PERCENT) * payload)
+    return total, max(payload, costliest) if whole else payload, whole

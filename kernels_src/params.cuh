@@ -26,6 +26,7 @@ struct SchedulerParams {
   int num_parts;
   int page_size;        // tokens per KV page (64)
   int overhead_pages;   // fixed cost of one piece, in pages of work
+  int whole_slack_percent;  // plan.py's WHOLE_SLACK_PERCENT (negative: requests are cut as needed)
 };
 
 // The split-KV decode kernel (decode.cu). Strides are in elements.

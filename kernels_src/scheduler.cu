@@ -31,6 +31,11 @@ __device__ __forceinline__ long long warp_sum(long long v) {
   return v;
 }
 
+__device__ __forceinline__ int warp_max(int v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
 __device__ __forceinline__ long long warp_inclusive_scan(long long v, int lane) {
   for (int offset = 1; offset < kWarpSize; offset *= 2) {
     const long long other = __shfl_up_sync(kFullMask, v, offset);
@@ -44,6 +49,7 @@ __device__ __forceinline__ long long warp_inclusive_scan(long long v, int lane) 
 struct Walk {
   const flashmla::SchedulerParams& p;
   long long payload;   // budget of a fresh part
+  bool whole;          // every request whole: a part that cannot take the next request ends before it
   long long budget;    // what the open part can still spend
   int part;            // the open part
   int splits;          // pieces of all requests before the cursor
@@ -88,7 +94,7 @@ struct Walk {
     int page = 0, piece = 0;
     while (pages - page + overhead > budget) {
       const long long take = budget - overhead;
-      if (take > 0) {  // the open part ends with the next `take` pages of r
+      if (take > 0 && !whole) {  // the open part ends with the next `take` pages of r
         page += static_cast<int>(take);  // take < pages - page here, so it fits an int
         close_part(r, page);
         ++piece;
@@ -136,27 +142,41 @@ extern "C" __global__ void __launch_bounds__(kSchedulerThreads)
 flashmla_scheduler(const flashmla::SchedulerParams p) {
   __shared__ int s_pages[kChunk];
   __shared__ long long s_warp_pages[kWarpSize];
+  __shared__ int s_warp_most[kWarpSize];  // the most pages of one request, per warp
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
 
-  // 1. Total pages of the batch; the first chunk of page counts stays in shared memory for the walk.
+  // 1. Total pages of the batch and its longest request; the first chunk of page counts stays in shared
+  // memory for the walk.
   long long my_pages = 0;
+  int my_most = 0;
   for (int i = threadIdx.x; i < p.batch; i += blockDim.x) {
     const int n = pages_of(p.seqlens[i], p.page_size);
     if (i < kChunk) s_pages[i] = n;
     my_pages += n;
+    my_most = max(my_most, n);
   }
   my_pages = warp_sum(my_pages);
-  if (lane == 0) s_warp_pages[warp] = my_pages;
+  my_most = warp_max(my_most);
+  if (lane == 0) {
+    s_warp_pages[warp] = my_pages;
+    s_warp_most[warp] = my_most;
+  }
   __syncthreads();
 
-  Walk walk{p, 0, 0, 0, 0, 0, lane};
+  Walk walk{p, 0, false, 0, 0, 0, 0, lane};
   if (warp == 0) {
-    const long long total =
-        warp_sum(lane < num_warps ? s_warp_pages[lane] : 0) + static_cast<long long>(p.overhead_pages) * p.batch;
-    walk.payload = (total + p.num_parts - 1) / p.num_parts + p.overhead_pages;
+    const long long overhead = p.overhead_pages;
+    const long long total = warp_sum(lane < num_warps ? s_warp_pages[lane] : 0) + overhead * p.batch;
+    const long long payload = (total + p.num_parts - 1) / p.num_parts + overhead;
+    // Every request whole where the costliest one is at most whole_slack_percent above the payload and
+    // the parts are enough for one request each (plan.py).
+    const long long costliest = warp_max(lane < num_warps ? s_warp_most[lane] : 0) + overhead;
+    walk.whole = p.whole_slack_percent >= 0 && p.batch <= p.num_parts &&
+                 100 * costliest <= (100 + p.whole_slack_percent) * payload;
+    walk.payload = walk.whole ? max(payload, costliest) : payload;
     if (p.batch > 0) walk.open_part(0, 0, 0);
     if (lane == 0) p.num_splits[0] = 0;
   }

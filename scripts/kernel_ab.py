@@ -19,6 +19,7 @@ Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
+`whole=PERCENT` (plan.WHOLE_SLACK_PERCENT, how much costlier an uncut plan may be; negative: cut as needed),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
 `narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
@@ -61,6 +62,8 @@ def parse_variant(text: str) -> dict:
             spec["narrow"] = int(item[7:])
         elif item.startswith("overhead="):
             spec["overhead"] = int(item[9:])
+        elif item.startswith("whole="):
+            spec["whole"] = int(item[6:])
         elif item.startswith("maxparts="):
             spec["maxparts"] = int(item[9:])
         elif item.startswith("ring="):
@@ -76,7 +79,7 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES, "
+                             "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
 
@@ -99,6 +102,8 @@ def apply(spec: dict) -> None:
         kernels.NARROW_FP8_MAX_ROWS = min(spec["narrow"], kernels.NARROW_FP8_MAX_ROWS)
     if spec.get("overhead") is not None:   # read when each planner launch is prepared
         plan.OVERHEAD_PAGES = spec["overhead"]
+    if spec.get("whole") is not None:      # likewise
+        plan.WHOLE_SLACK_PERCENT = spec["whole"]
     if spec.get("ring") is not None:
         kernels.RING_FP8 = spec["ring"]
     if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs

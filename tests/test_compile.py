@@ -103,8 +103,10 @@ def test_only_decode_gets_the_cutlass_headers():
 def test_drifted_params_struct_fails_compilation(monkeypatch):
     """A field added on the Python side only must stop compilation, naming the struct."""
 
-    class SchedulerParams(ctypes.Structure):  # the real one plus a field params.cuh does not have
-        _fields_ = [*params.SchedulerParams._fields_, ("added_in_python_only", ctypes.c_int32)]
+    # The real one plus a field params.cuh does not have; 8 bytes, so that the size changes whatever the
+    # struct's tail padding (where NVRTC cannot check offsets, sizes are all that is checked).
+    class SchedulerParams(ctypes.Structure):
+        _fields_ = [*params.SchedulerParams._fields_, ("added_in_python_only", ctypes.c_int64)]
 
     real_asserts = params.layout_asserts
     drifted = (SchedulerParams, params.DecodeParams, params.CombineParams)

@@ -28,7 +28,7 @@ def check_plan(seqlens: np.ndarray, num_parts: int, metadata: np.ndarray, num_sp
     """Every property the decode and combine kernels rely on; asserts with the offending part/request."""
     batch = len(seqlens)
     pages = [-(-max(int(s), 0) // PAGE_SIZE) for s in seqlens]
-    _, payload = plan_cost(seqlens, num_parts)
+    _, payload, whole = plan_cost(seqlens, num_parts)
     assert metadata.shape == (num_parts, METADATA_FIELDS) and metadata.dtype == np.int32
     assert num_splits.shape == (batch + 1,) and num_splits.dtype == np.int32
     assert num_splits[0] == 0
@@ -72,12 +72,14 @@ def check_plan(seqlens: np.ndarray, num_parts: int, metadata: np.ndarray, num_sp
         if pages[r] == 0:
             assert spans == [(0, 0)], f"zero-length request {r} has pieces {spans}"
     assert num_splits[-1] <= batch + num_parts - 1, f"{num_splits[-1]} pieces > batch + parts - 1"
+    if whole:
+        assert num_splits[-1] == batch, f"an uncut plan has {num_splits[-1]} pieces for {batch} requests"
     assert num_splits[-1] <= partial_slots(batch, num_parts)
 
 
 def random_seqlens(rng: np.random.Generator, batch: int) -> np.ndarray:
     """Mixed lengths: uniform, many zeros, a few very long, page-aligned and off-by-one."""
-    kind = rng.integers(5)
+    kind = rng.integers(6)
     if kind == 0:
         s = rng.integers(0, 16385, batch)
     elif kind == 1:
@@ -86,8 +88,10 @@ def random_seqlens(rng: np.random.Generator, batch: int) -> np.ndarray:
         s = np.where(rng.random(batch) < 0.05, 131072, rng.integers(0, 4096, batch))
     elif kind == 3:
         s = PAGE_SIZE * rng.integers(0, 64, batch) + rng.integers(-1, 2, batch)
-    else:
+    elif kind == 4:
         s = rng.integers(0, 200, batch)
+    else:  # nearly equal lengths: where the plan may keep every request whole
+        s = int(rng.integers(1, 20000)) + rng.integers(-PAGE_SIZE * int(rng.integers(0, 4)), 1, batch)
     return np.maximum(s, 0).astype(np.int32)
 
 
@@ -153,15 +157,47 @@ def test_zero_length_requests_get_one_empty_piece():
 
 
 def test_part_that_cannot_afford_a_page_ends_before_the_next_request():
-    # pages [1, 1, 10]; total 27, P = 3: payload 9 + 5 = 14. Part 0 takes requests 0 and 1 (12),
-    # leaving 2 <= OVERHEAD: it stops without cutting request 2, which part 1 then takes whole.
-    metadata, num_splits = plan_numpy(np.array([64, 64, 640]), 3)
+    # pages [4, 4, 31]; total 54, P = 3: payload 18 + 5 = 23 (uncut it would need 36 > 110 % of it).
+    # Part 0 takes requests 0 and 1 (18), leaving 5 <= OVERHEAD: it stops without cutting request 2,
+    # which parts 1 and 2 then share.
+    metadata, num_splits = plan_numpy(np.array([256, 256, 1984]), 3)
     assert metadata.tolist() == [
-        [0, 0, 1, 1, 0, 14, 0, 0],
-        [2, 0, 2, 9, 0, 14, 0, 0],
-        [2, 9, 2, 10, 1, 14, 0, 0],
+        [0, 0, 1, 4, 0, 23, 0, 0],
+        [2, 0, 2, 18, 0, 23, 0, 0],
+        [2, 18, 2, 31, 1, 23, 0, 0],
     ]
     assert num_splits.tolist() == [0, 1, 2, 4]
+
+
+def test_equal_requests_stay_whole_where_cutting_buys_little():
+    # 128 requests of 256 pages over 132 parts: cut, the payload would be ceil(128 * 261 / 132) + 5 =
+    # 259 and every request would be cut; uncut it is 261 (0.8 % more): one request a part, 4 parts idle.
+    metadata, num_splits = plan_numpy(np.full(128, 16384), 132)
+    assert num_splits.tolist() == list(range(129))
+    assert metadata[:128].tolist() == [[r, 0, r, 256, 0, 261, 0, 0] for r in range(128)]
+    assert all(row == [128, 0, 128, 0, 0, 261, 0, 0] for row in metadata[128:].tolist())
+    # 64 requests over 66 parts (two row tiles): the same, 2 parts idle.
+    metadata, num_splits = plan_numpy(np.full(64, 16384), 66)
+    assert num_splits.tolist() == list(range(65)) and metadata[0, META_PAYLOAD] == 261
+    # 128 requests over 66 parts: two whole a part would do, but more requests than parts keep their cuts.
+    _, num_splits = plan_numpy(np.full(128, 8192), 66)
+    assert num_splits[-1] > 128
+    # 116 of 132: uncut costs 261 against ceil(116 * 261 / 132) + 5 = 235 (11 % more): cut as before.
+    _, num_splits = plan_numpy(np.full(116, 16384), 132)
+    assert num_splits[-1] > 116
+
+
+def test_unequal_requests_are_cut_as_before(monkeypatch):
+    # One request three times the others: uncut it would set the payload; the plan cuts instead.
+    seqlens = np.array([16384] * 127 + [3 * 16384])
+    _, _, whole = plan_cost(seqlens, 132)
+    assert not whole
+    assert plan_numpy(seqlens, 132)[1][-1] > 128
+    # WHOLE_SLACK_PERCENT < 0 turns the rule off: equal requests are cut to fill every part.
+    import flashmla_cupy.plan as plan
+    monkeypatch.setattr(plan, "WHOLE_SLACK_PERCENT", -1)
+    metadata, num_splits = plan_numpy(np.full(128, 16384), 132)
+    assert num_splits[-1] > 128 and metadata[0, META_PAYLOAD] == 259
 
 
 def test_single_part_takes_everything_uncut():

@@ -12,7 +12,9 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import check, fresh_seed, lengths, matrix_case, matrix_id, pace_counts, run, to_device, to_numpy
+from flashmla_cupy.plan import plan_numpy
+from gpu_cases import (cap_plan_parts, check, fresh_seed, lengths, matrix_case, matrix_id, pace_counts, run, to_device,
+                       to_numpy)
 
 pytestmark = pytest.mark.gpu
 
@@ -52,6 +54,28 @@ def test_very_long_requests_beside_short_ones(dtype, seqlen_q, h_q, causal):
     case = reference.random_case(rng, len(seqlens), seqlen_q, h_q, 1, seqlens, dtype, causal=causal)
     out, lse = run(case)
     check(case, out, lse, seed, f"long-{dtype}-sq{seqlen_q}-h{h_q}")
+
+
+@pytest.fixture
+def eight_parts():
+    """Plans of at most 8 parts, prepared afresh (so that a small batch fills them as 128 requests fill
+    132 SMs)."""
+    cap_plan_parts(8)
+    yield
+    cap_plan_parts(None)
+
+
+@pytest.mark.parametrize("batch, seqlen_q, h_q", [(8, 1, 64), (7, 1, 32), (8, 1, 128), (8, 2, 128), (8, 1, 16)])
+def test_equal_requests_kept_whole(eight_parts, batch, seqlen_q, h_q):
+    """Equal requests where cutting buys little are planned whole (plan.py), one request a part (7 or 8
+    of 8 parts; 16 rows: the narrow kernel; 128 and 256 rows: two and four row tiles); exact."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    seqlens = np.full(batch, 3001)
+    assert plan_numpy(seqlens, 8)[1][-1] == batch  # no request is cut
+    case = reference.random_case(rng, batch, seqlen_q, h_q, 1, seqlens, "bf16", causal=seqlen_q > 1)
+    out, lse = run(case)
+    check(case, out, lse, seed, f"whole-b{batch}-sq{seqlen_q}-h{h_q}")
 
 
 @pytest.mark.parametrize("dtype, kind", [("bf16", "fixed:4096"), ("fp16", "var:1:4096")])

@@ -57,6 +57,8 @@ def test_large_batches_cross_shared_memory_chunks(batch):
 @pytest.mark.parametrize("seqlens, num_parts", [
     ([0], 1), ([0], 132), ([1], 132), ([0, 0, 0], 2), ([64, 64, 640], 3), ([100, 0, 5000, 64, 65], 4),
     ([1024 * PAGE_SIZE], 4), ([2**31 - 1] * 40, 132),
+    ([16384] * 128, 132), ([16384] * 120, 132), ([16384] * 116, 132), ([8192] * 128, 66),
+    ([16384] * 127 + [3 * 16384], 132), ([16384] * 128 + [16000], 132),
 ])
 def test_edge_cases_match_numpy(seqlens, num_parts):
     assert_same_plan(np.array(seqlens, dtype=np.int32), num_parts)
