@@ -26,9 +26,9 @@ Whole requests where cutting buys little. Each of the `P` parts is a CTA on its 
 requests to give every part the same share saves at most the idle SMs' share of the time, while every
 cut costs its partial rows (written, then read back by the combine kernel) and the combine's work after
 the decode. Where the batch has no more requests than parts and the costliest of them is at most
-`WHOLE_SLACK_PERCENT` above the payload, the plan keeps every request whole: the payload becomes that
-request's cost `max_i pages_i + OVERHEAD_PAGES`, a part that cannot take the next request whole ends
-before it, and since a fresh part always can, each part takes at least one request and `batch <= P`
+`WHOLE_SLACK_PERCENT` above the payload, the plan keeps every request whole: the payload rises to that
+request's cost `max_i pages_i + OVERHEAD_PAGES` where it is lower, a part that cannot take the next
+request whole ends before it, and since a fresh part always can, each part takes at least one request and `batch <= P`
 parts suffice. On the H200 (docs/PERF_NOTES.md, thirty-fifth session) batches of 120-128 equal 16k
 requests were 2-7 % faster whole over 132 parts, memory- and compute-bound (64 over 66 parts) alike.
 Batches of unequal lengths keep their cuts (their costliest request is far above the payload), and so

@@ -286,17 +286,31 @@ def _scripts_on_path() -> None:
             sys.path.insert(0, entry)
 
 
-def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm",
-          ring: bool | None = None, ctas: int = TRACE_CTAS, bin_us: float = 2.0, extra: tuple = (),
-          smem: int | None = None) -> dict:
+def traced_build(tree: str | None, clock: str, ctas: int, extra: tuple = (), smem: int | None = None,
+                 ring: bool | None = None, items: str = "") -> dict:
+    """The kernel_ab build spec of a trace: the trace defines, then `items` (kernel_ab variant items,
+    e.g. 'whole=-1' or 'maxparts=128' for another plan, or '-D...'), with --tree, --smem and --ring."""
     _scripts_on_path()
     import kernel_ab
 
+    spec = kernel_ab.parse_variant(f"traced: {items}")
     defines = ["-DFLASHMLA_TRACE=1"] + (["-DFLASHMLA_TRACE_GLOBALTIMER=1"] if clock == "global" else [])
     if ctas != TRACE_CTAS:
         defines.append(f"-DFLASHMLA_TRACE_CTAS={ctas}")
-    defines += list(extra)
-    kernel_ab.apply({"defines": defines, "tree": tree, "smem": smem, "ring": ring})
+    spec["defines"] = defines + list(extra) + spec["defines"]
+    for key, value in (("tree", tree), ("smem", smem), ("ring", ring)):
+        if value is not None:
+            spec[key] = str(pathlib.Path(value).resolve()) if key == "tree" else value
+    return spec
+
+
+def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock: str = "sm",
+          ring: bool | None = None, ctas: int = TRACE_CTAS, bin_us: float = 2.0, extra: tuple = (),
+          smem: int | None = None, items: str = "") -> dict:
+    _scripts_on_path()
+    import kernel_ab
+
+    kernel_ab.apply(traced_build(tree, clock, ctas, extra, smem, ring, items))
     import cupy
     import torch
 
@@ -367,12 +381,14 @@ def main(argv=None) -> int:
                              "(0); default: kernels.RING_FP8")
     parser.add_argument("--ctas", type=int, default=TRACE_CTAS, help="CTAs traced (default: 16)")
     parser.add_argument("--define", action="append", default=[], help="another -D... for the traced build")
+    parser.add_argument("--items", default="", help="kernel_ab.py variant items for the traced build, e.g. "
+                        "'whole=-1' (the plan that cuts equal requests) or 'maxparts=128'")
     parser.add_argument("--bin-us", type=float, default=2.0, help="the timeline's bin (with --clock global)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
     report = trace(args.case, args.dtype, args.tree, args.flush, args.clock,
                    None if args.ring is None else bool(args.ring), args.ctas, args.bin_us,
-                   tuple(args.define), args.smem)
+                   tuple(args.define), args.smem, args.items)
     print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}  "
           f"{report['traced_ctas']} CTAs traced, L2 flush before the traced run: {report['flush']}")
     if args.clock == "global":

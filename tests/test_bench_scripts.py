@@ -579,9 +579,21 @@ def test_kernel_ab_variant_specs():
     assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
     assert pathlib.Path(spec["tree"]).is_absolute() and spec["overhead"] is None
     assert kernel_ab.parse_variant("ov3: overhead=3")["overhead"] == 3
+    assert kernel_ab.parse_variant("cut: whole=-1")["whole"] == -1
     for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
+
+
+def test_kernel_trace_build_takes_kernel_ab_items():
+    """kernel_trace --items: another plan (or define) for the traced build, after the trace's defines."""
+    spec = kernel_trace.traced_build(None, "global", 132, ("-DX=1",), None, None, "whole=-1 maxparts=128 -DY=2")
+    assert spec["defines"] == ["-DFLASHMLA_TRACE=1", "-DFLASHMLA_TRACE_GLOBALTIMER=1", "-DFLASHMLA_TRACE_CTAS=132",
+                               "-DX=1", "-DY=2"]
+    assert spec["whole"] == -1 and spec["maxparts"] == 128 and spec["tree"] is None
+    spec = kernel_trace.traced_build(".", "sm", kernel_trace.TRACE_CTAS, smem=1024, ring=False)
+    assert spec["defines"] == ["-DFLASHMLA_TRACE=1"]
+    assert spec["tree"] == str(pathlib.Path(".").resolve()) and spec["smem"] == 1024 and spec["ring"] is False
 
 
 def test_kernel_trace_marks_match_the_kernel_and_summarize():
