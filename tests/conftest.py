@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture
+def eight_parts():
+    """GPU tests: plans of at most 8 parts, prepared afresh (devtools/gpu_cases.cap_plan_parts), so that a
+    small batch makes the parts a whole grid would: long ones (a payload of at least kLongPartPages, where
+    the narrow kernel's two loader lanes take the pages in turn), or about one request each (plans that
+    keep equal requests whole)."""
+    from gpu_cases import cap_plan_parts
+
+    cap_plan_parts(8)
+    yield
+    cap_plan_parts(None)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs an sm_90 CUDA GPU; skipped elsewhere with the reason")
 

@@ -13,8 +13,7 @@ import pytest
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
 from flashmla_cupy.plan import plan_numpy
-from gpu_cases import (cap_plan_parts, check, fresh_seed, lengths, matrix_case, matrix_id, pace_counts, run, to_device,
-                       to_numpy)
+from gpu_cases import check, fresh_seed, lengths, matrix_case, matrix_id, pace_counts, run, to_device, to_numpy
 
 pytestmark = pytest.mark.gpu
 
@@ -54,15 +53,6 @@ def test_very_long_requests_beside_short_ones(dtype, seqlen_q, h_q, causal):
     case = reference.random_case(rng, len(seqlens), seqlen_q, h_q, 1, seqlens, dtype, causal=causal)
     out, lse = run(case)
     check(case, out, lse, seed, f"long-{dtype}-sq{seqlen_q}-h{h_q}")
-
-
-@pytest.fixture
-def eight_parts():
-    """Plans of at most 8 parts, prepared afresh (so that a small batch fills them as 128 requests fill
-    132 SMs)."""
-    cap_plan_parts(8)
-    yield
-    cap_plan_parts(None)
 
 
 @pytest.mark.parametrize("batch, seqlen_q, h_q", [(8, 1, 64), (7, 1, 32), (8, 1, 128), (8, 2, 128), (8, 1, 16)])

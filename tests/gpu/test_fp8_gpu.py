@@ -14,7 +14,7 @@ import pytest
 
 from flashmla_cupy import reference
 from flashmla_cupy.reference import HEAD_DIM_V
-from gpu_cases import (cap_plan_parts, check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, pace_counts,
+from gpu_cases import (check, descale_on_device, fresh_seed, lengths, matrix_case, matrix_id, pace_counts,
                        run, to_device, to_numpy)
 
 pytestmark = pytest.mark.gpu
@@ -185,18 +185,9 @@ def test_fp8_poisoned_page_gives_nan_rows(q_dtype, s_q, h_q):
         assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
 
 
-@pytest.fixture
-def long_parts():
-    """Plans of at most 8 parts, prepared afresh: parts of ~49 pages (payload >= kLongPartPages), where the
-    narrow kernel's two loader lanes take the pages in turn."""
-    cap_plan_parts(8)
-    yield
-    cap_plan_parts(None)
-
-
 @pytest.mark.parametrize("s_q", [1, 2])  # 16 and 32 rows
 @pytest.mark.parametrize("page, index", [(101, "past"), (100, "negative"), (171, "past")])
-def test_fp8_two_loader_lanes_poisoned_page(long_parts, s_q, page, index):
+def test_fp8_two_loader_lanes_poisoned_page(eight_parts, s_q, page, index):
     """With two loader lanes (long parts), a bad block index on an odd page, an even page or the partial
     last page poisons its request's rows, each warpgroup reading its pages' entries itself; the other
     request, planned into the same parts, is exact."""
