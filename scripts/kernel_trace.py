@@ -34,6 +34,9 @@ with a measurement switch too.
 
     python scripts/kernel_trace.py --case b128-q1-h16-4096 --dtype fp8 --clock global --ctas 132 --flush memset
 
+Where the plan cuts requests, `--clock global` also groups warpgroup 0's pairs by how many other CTAs'
+partial-row stores overlapped them (does the page stream slow while partial rows are written?).
+
 With `--clock global` the combine kernel's blocks are traced too (combine.cu's CombineTrace): when they
 start, when their waits for the decode return and when they end, beside the decode's last mark, so that
 what the combine adds after the decode can be split into waiting and merging.
@@ -209,6 +212,48 @@ def sm_periods(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[
     return {str(sm): periods[sm] for sm in sorted(periods)}
 
 
+def store_overlap(records: dict[tuple[int, int], list[tuple[int, int]]]) -> dict:
+    """With globaltimer marks of many CTAs and pieces that end before the kernel does (a plan that cuts):
+    warpgroup 0's pairs of pages (from one "pair start" to the next within a piece) in the middle 80 % of
+    the traced span, grouped by how many of the other CTAs' output stores ("sums exchanged" to "output
+    stored": partial rows where a piece was cut) overlapped them, counted in pair lengths. The median pair
+    time of each group says whether the page stream slows while partial rows are written (the thirty-sixth
+    session's cut trace at h64/16k). Without cuts every store comes after the pairs ("none" only)."""
+    names = ("pair start", "piece end", "sums exchanged", "output stored")
+    pair, end, sums, stored = (MARKS.index(name) for name in names)
+    windows, pairs = [], []
+    for (cta, wg), marks in records.items():
+        if wg != 0:
+            continue
+        windows += [(cta, a, b) for a, b in zip((t for m, t in marks if m == sums),
+                                                (t for m, t in marks if m == stored))]
+        piece_ends = [t for m, t in marks if m == end]
+        starts = [t for m, t in marks if m == pair]
+        pairs += [(cta, a, b) for a, b in zip(starts, starts[1:]) if not any(a < e < b for e in piece_ends)]
+    times = [t for marks in records.values() for _, t in marks]
+    if not windows or not pairs or not times:
+        return {}
+    lo, hi = min(times), max(times)
+    lo, hi = lo + (hi - lo) // 10, hi - (hi - lo) // 10
+    groups = {"none": [], "up to 1": [], "1 to 2": [], "more": []}
+    for cta, a, b in pairs:
+        if a < lo or b > hi:
+            continue
+        overlap = sum(max(0, min(b, w1) - max(a, w0)) for other, w0, w1 in windows if other != cta) / (b - a)
+        key = "none" if overlap == 0 else "up to 1" if overlap <= 1 else "1 to 2" if overlap <= 2 else "more"
+        groups[key].append(b - a)
+    return {"store_windows": len(windows), "store_window_median_ns": statistics.median(w1 - w0 for _, w0, w1 in windows),
+            "pairs": {k: {"count": len(v), "median_ns": statistics.median(v)} for k, v in groups.items() if v}}
+
+
+def print_store_overlap(summary: dict) -> None:
+    if not summary:
+        return
+    print(f"\npairs of pages by the other CTAs' output stores over them ({summary['store_windows']} stores, "
+          f"median {summary['store_window_median_ns'] / 1e3:.2f} us; in pair lengths): " +
+          "; ".join(f"{k}: {v['count']} pairs, median {v['median_ns']:.0f} ns" for k, v in summary["pairs"].items()))
+
+
 def print_sm_periods(periods: dict) -> None:
     if not periods:
         return
@@ -355,6 +400,7 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
         # The narrow FP8 kernel's loader marks as warpgroup 2 (its two computing warpgroups are 0 and 1).
         report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
         report["sm_page_us"] = sm_periods(records, sms, 2)
+        report["store_overlap"] = store_overlap(records)
         report["page_bytes"] = 64 * 576 * case.heads_kv * (1 if dtype == "fp8" else 2)
         report["combine"] = combine_summary(cupy.asnumpy(combine_words).reshape(-1, 4), records)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
@@ -403,6 +449,7 @@ def main(argv=None) -> int:
               f"tile {lag['first_done']} first")
     print_timeline(report.get("timeline", {}), report.get("page_bytes", 0))
     print_sm_periods(report.get("sm_page_us", {}))
+    print_store_overlap(report.get("store_overlap", {}))
     print_combine(report.get("combine", {}))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
