@@ -658,20 +658,19 @@ def test_kernel_trace_groups_pairs_by_the_other_ctas_stores_over_them():
     pair, end, sums, stored = (kernel_trace.MARKS.index(m)
                                for m in ("pair start", "piece end", "sums exchanged", "output stored"))
     records = {
-        # CTA 0: pairs of 100 ns from 0 to 1000, a piece end at 450 (the pair 400-500 crosses it) and its own
-        # store at 440-460 (not counted against its own pairs)
-        (0, 0): [(pair, t) for t in range(0, 450, 100)] + [(sums, 440), (stored, 460), (end, 450)]
+        # CTA 0: pairs of 100 ns from 0 to 1000, a piece end at 450 (the pair 400-500 crosses it) and a store
+        # of its own over 320-380 (not counted against its own pair 300-400)
+        (0, 0): [(pair, t) for t in range(0, 450, 100)] + [(sums, 320), (stored, 380), (end, 450)]
                 + [(pair, t) for t in range(500, 1001, 100)],
-        # CTA 1: stores over 200-300 (one pair length over the pair 200-300) and 600-850
-        (1, 0): [(sums, 200), (stored, 300), (sums, 600), (stored, 850)],
-        (2, 0): [(sums, 600), (stored, 700)],  # CTA 2: a store over 600-700 too
-        (1, 1): [(pair, 0), (pair, 5000)],  # warpgroup 1: not counted; stretches the span to 0-5000
+        (1, 0): [(sums, 200), (stored, 300), (sums, 600), (stored, 850)],  # CTA 1: over 200-300 and 600-850
+        (2, 0): [(sums, 600), (stored, 700)],                              # CTA 2: over 600-700 too
+        (1, 1): [(pair, 0), (pair, 2000)],  # warpgroup 1: not counted; stretches the span to 0-2000
     }
     summary = kernel_trace.store_overlap(records)
-    # the middle 80 % of 0-5000 is 500-4500: CTA 0's pairs 500-600 .. 900-1000
+    # the middle 80 % of 0-2000 is 200-1800: CTA 0's pairs from 200-300 to 900-1000, but 400-500
     assert summary["store_windows"] == 4 and summary["store_window_median_ns"] == 100
-    assert summary["pairs"] == {"none": {"count": 2, "median_ns": 100},      # 500-600, 900-1000
-                                "up to 1": {"count": 2, "median_ns": 100},   # 700-800 (1), 800-900 (half)
+    assert summary["pairs"] == {"none": {"count": 3, "median_ns": 100},      # 300-400, 500-600, 900-1000
+                                "up to 1": {"count": 3, "median_ns": 100},   # 200-300, 700-800, 800-900 (half)
                                 "1 to 2": {"count": 1, "median_ns": 100}}    # 600-700: two stores over it
     assert kernel_trace.store_overlap({(0, 0): [(pair, 0), (pair, 100)]}) == {}  # no stores: nothing to group
 
