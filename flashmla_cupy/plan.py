@@ -28,12 +28,13 @@ cut costs its partial rows (written, then read back by the combine kernel) and t
 the decode. Where the batch has no more requests than parts and the costliest of them is at most
 `WHOLE_SLACK_PERCENT` above the payload, the plan keeps every request whole: the payload rises to that
 request's cost `max_i pages_i + OVERHEAD_PAGES` where it is lower, a part that cannot take the next
-request whole ends before it, and since a fresh part always can, each part takes at least one request and `batch <= P`
-parts suffice. On the H200 (docs/PERF_NOTES.md, thirty-fifth session) batches of 120-128 equal 16k
-requests were 2-7 % faster whole over 132 parts, memory- and compute-bound (64 over 66 parts) alike.
-Batches of unequal lengths keep their cuts (their costliest request is far above the payload), and so
-do batches of more requests than parts: two whole requests a part (64 of 66 parts, 128 rows) measured
-2-4 % faster with 16-bit caches but 2-5 % slower with FP8 ones, and the plan does not know the cache.
+request whole ends before it, and since a fresh part always can, each part takes at least one request
+and `batch <= P` parts suffice. On the H200 (docs/PERF_NOTES.md, thirty-fifth and thirty-sixth
+sessions) batches of 120-128 equal 16k requests were 2-7 % faster whole over 132 parts, memory- and
+compute-bound (64 over 66 parts) alike. Batches of unequal lengths keep their cuts (their costliest
+request is far above the payload), and so do batches of more requests than parts: two whole requests a
+part (64 of 66 parts, 128 rows) were slower with FP8 caches and, with 16-bit ones, faster at 8k but
+not reproducibly elsewhere.
 
 Why pieces <= batch + P - 1. Every request has one piece plus one per cut inside it, and each cut ends
 a part. The last part never ends on a cut (a cut leaves its request unfinished, and the last part
