@@ -5,6 +5,7 @@ request may see, huge page numbers in unused block-table entries, and a random p
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -66,6 +67,37 @@ def test_equal_requests_kept_whole(eight_parts, batch, seqlen_q, h_q):
     case = reference.random_case(rng, batch, seqlen_q, h_q, 1, seqlens, "bf16", causal=seqlen_q > 1)
     out, lse = run(case)
     check(case, out, lse, seed, f"whole-b{batch}-sq{seqlen_q}-h{h_q}")
+
+
+@pytest.mark.parametrize("shift", [100, -100])
+@pytest.mark.parametrize("q, cache, h_q", [("bf16", "bf16", 128), ("bf16", "bf16", 64), ("e4m3", "e4m3", 128),
+                                           ("bf16", "e4m3", 64)])
+def test_split_rows_far_from_one(shift, q, cache, h_q):
+    """Cache values 2^shift times the test data's (a bf16 cache scaled, or an FP8 cache's descale) and q
+    2^-shift times (the scores as they were): values far above fp16's 65504, or far below its normal
+    range, in requests cut into pieces, whose partial rows decode.cu and decode_ring.cu write as fp16
+    with a power-of-two scale per half row (kernels.PARTIAL_F16)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    seqlens = np.array([3000, 4999, 700, 64, 2048])
+    case = reference.random_case(rng, len(seqlens), 1, h_q, 1, seqlens, q,
+                                 kv_dtype=None if cache == q else cache)
+
+    def times(x, factor):
+        return (x.astype(np.float64) * factor).astype(x.dtype)   # exact: a power of two, no overflow
+
+    if cache == "e4m3":
+        far = dataclasses.replace(case, k_cache=case.k_cache, descale_k=np.float32(case.descale_k * 2.0 ** shift))
+    else:
+        far = dataclasses.replace(case, k_cache=times(case.k_cache, 2.0 ** shift))
+    if q == "e4m3":
+        far = dataclasses.replace(far, descale_q=np.float32(case.descale_q * 2.0 ** -shift))
+    else:
+        far = dataclasses.replace(far, q=times(case.q, 2.0 ** -shift))
+    out, lse = run(far)
+    # out is 2^shift times the original case's, to the bit where exact (the rounding of a value and of
+    # 2^shift times it agree): checked at the original scale, where SPEC's absolute bar means what it says.
+    check(case, times(out, 2.0 ** -shift), lse, seed, f"far-{shift}-q{q}-kv{cache}-h{h_q}")
 
 
 @pytest.mark.parametrize("dtype, kind", [("bf16", "fixed:4096"), ("fp16", "var:1:4096")])
