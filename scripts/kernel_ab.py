@@ -22,7 +22,9 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `whole=PERCENT` (plan.WHOLE_SLACK_PERCENT, how much costlier an uncut plan may be; negative: cut as needed),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=0|1`
-(whether decode.cu writes its partial rows as fp16 with a scale or fp32, kernels.PARTIAL_F16) and
+(whether decode.cu and decode_ring.cu write their partial rows as fp16 with a scale or fp32, kernels.PARTIAL_F16;
+0 also for a tree whose kernels write fp32 only) and `ringsmem=BYTES` (decode_ring.cu's shared memory,
+variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
 storage differs; KV `e4m3` or `-`) and `fp8box=COLS:SWIZZLE` (an experiment's FP8 cache boxes: COLS one-byte
 columns, SWIZZLE-byte swizzle, in every swizzled FP8 map; the shipped kernels expect 64:64, so time other boxes
@@ -77,13 +79,15 @@ def parse_variant(text: str) -> dict:
             spec["l2promo"] = int(item[8:])
         elif item.startswith("table="):  # "seq" or "fold:N", the timed cases' block tables
             spec["table"] = item[6:]
+        elif item.startswith("ringsmem="):  # the ring kernel's shared memory where the tree's storage differs
+            spec["ringsmem"] = int(item[9:])
         elif item.startswith("narrowsmem="):  # ROWS:KV:BYTES, KV "e4m3" or "-" (a 16-bit cache)
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
                              "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=0|1, "
-                             "narrowsmem=ROWS:KV:BYTES, "
+                             "ringsmem=BYTES, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
 
@@ -112,6 +116,8 @@ def apply(spec: dict) -> None:
         kernels.RING_FP8 = spec["ring"]
     if spec.get("partialf16") is not None:
         kernels.PARTIAL_F16 = spec["partialf16"]
+    if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs
+        variants.RING_SHARED_BYTES = spec["ringsmem"]
     if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs
         variants.NARROW_SHARED_BYTES = {**variants.NARROW_SHARED_BYTES,
                                         **{(rows, kv): size for rows, kv, size in spec["narrowsmem"]}}
