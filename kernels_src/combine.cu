@@ -241,7 +241,8 @@ flashmla_combine(const flashmla::CombineParams p) {
   } else {
     // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S (merge_pieces).
     // fp32 partials: float4 groups of 4 columns; fp16 ones (p.partial_f16): uint2 groups and a 1/s per
-    // half row (epilogue.cuh, store_partial_f16) that joins the piece's weight.
+    // half row that joins the piece's weight (epilogue.cuh: store_partial_f16 writes them, where
+    // partial_inv_scales says).
     const float4* values = reinterpret_cast<const float4*>(p.out_partial) + first_row * (kHeadDimV / 4);
     const uint2* values16 = reinterpret_cast<const uint2*>(p.out_partial) + first_row * (kHeadDimV / 4);
     const float2* inv_scales =

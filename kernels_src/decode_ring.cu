@@ -530,8 +530,7 @@ struct RingPiece {
       int64_t at = -1;
       if (f16) {
         const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
-        float* const inv_scales = reinterpret_cast<float*>(reinterpret_cast<__half*>(p.out_partial) +
-                                                           int64_t(p.partial_slots) * p.heads_kv * p.rows * kHeadDimV);
+        float* const inv_scales = partial_inv_scales(p);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           float largest = 0.f;

@@ -36,6 +36,13 @@ __device__ __forceinline__ int fp16_partial_exponent(float largest) {
 }
 __device__ __forceinline__ float power_of_two(int k) { return __int_as_float((127 + k) << 23); }
 
+// Where the fp16 format keeps its 1/s per half row: float [slots, heads_kv, rows, 2], right after the
+// fp16 values [slots, heads_kv, rows, 512] at the start of out_partial's region.
+__device__ __forceinline__ float* partial_inv_scales(const DecodeParams& p) {
+  return reinterpret_cast<float*>(reinterpret_cast<__half*>(p.out_partial) +
+                                  int64_t(p.partial_slots) * p.heads_kv * p.rows * kHeadDimV);
+}
+
 // A split piece's rows in the fp16 format: each thread's two rows, the quad's largest magnitude per row
 // (two shuffles; a row's 256 columns of this half are the quad's), scaled and rounded to fp16, stored in
 // 32-byte sectors as store_output's 16-bit rows are; one lane of the quad stores 1/s (2^-shift).
@@ -43,9 +50,8 @@ __device__ __forceinline__ void store_partial_f16(const DecodeParams& p, const P
                                                   int rows_base, const FragmentCoords& at, int half,
                                                   const OutputHalf& o, const float (&inv_sum)[2]) {
   const int quad_lane = at.column / 2;
-  const int64_t values = int64_t(p.partial_slots) * p.heads_kv * p.rows * kHeadDimV;  // fp16 values
   __half* const partial = reinterpret_cast<__half*>(p.out_partial);
-  float* const inv_scales = reinterpret_cast<float*>(partial + values);  // [slots, heads_kv, rows, 2]
+  float* const inv_scales = partial_inv_scales(p);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float largest = 0.f;
