@@ -68,7 +68,7 @@ struct DecodeParams {
   // power-of-two scale per row and half of its columns (epilogue.cuh). decode.cu and decode_ring.cu
   // write fp16 where it is set, the narrow kernel fp32 always; the host sets the combine's to match.
   int partial_f16;
-  int unused;
+  int padding;
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.
