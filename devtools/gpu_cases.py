@@ -199,10 +199,9 @@ def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) ->
 
 
 def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                    out_partial, lse_partial, num_splits, out, lse, stream: int, partial_f16: bool = False) -> None:
-    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent; the
-    partial rows fp32 or in the fp16 format (`partial_f16`)."""
+                    out_partial, lse_partial, num_splits, out, lse, stream: int) -> None:
+    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent."""
     from flashmla_cupy.kernels import CombineLaunch
 
-    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id, partial_f16)(
+    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id)(
         out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

@@ -49,16 +49,13 @@ class CombineLaunch:
     """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
 
     def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                 device_id: int, partial_f16: bool):
-        """`partial_f16`: the decode kernel writes its partial rows in the fp16 format
-        (DecodeLaunch.partial_f16)."""
+                 device_id: int):
         heads_per_group = heads_q // heads_kv
         rows = seqlen_q * heads_per_group
         warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts),
-            partial_f16=int(partial_f16))
+            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
         fn = launch.get_function(variants.combine_variant(dtype, warps_per_row), device_id)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // COMBINE_WARPS_PER_BLOCK), 1)
         self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
@@ -84,11 +81,6 @@ NARROW_FP8_MAX_ROWS = variants.NARROW_FP8_ROWS[-1]
 # FP8 path. On: on the H200 it measured 0.94-1.02 of decode.cu's time on those cells (docs/PERF_NOTES.md,
 # twenty-first session). Off sends them to decode.cu, which stays built for it (scripts/kernel_ab.py ring=0).
 RING_FP8 = True
-
-# Whether decode.cu and decode_ring.cu write split pieces' rows as fp16 with a power-of-two scale per half
-# row instead of fp32 (docs/ARCHITECTURE.md, "Partial results"): half the bytes for the partial stores and
-# the combine's reads. The narrow kernel writes fp32 (DecodeLaunch.partial_f16 says which a launch writes).
-PARTIAL_F16 = True
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
@@ -137,8 +129,6 @@ class DecodeLaunch:
         self._k_ptr, self._maps = None, {}
         self._descales = problem.descales
         variant, tile_rows = decode_kernel(problem)
-        self.partial_f16 = PARTIAL_F16 and variant.program in ("decode", "decode_ring")
-        self._params.partial_f16 = int(self.partial_f16)
         self._k_layout = (*self._k_layout, *variant.kv_box)
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)

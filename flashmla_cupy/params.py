@@ -42,7 +42,7 @@ class DecodeParams(ctypes.Structure):
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
         ("heads_per_group", _i32), ("rows", _i32), ("num_parts", _i32), ("causal", _i32),
         ("scale_log2", _f32), ("num_blocks", _i32), ("block_table_width", _i32), ("partial_slots", _i32),
-        ("q_tma", _i32), ("descale_q", _p), ("descale_k", _p), ("partial_f16", _i32), ("padding", _i32),
+        ("q_tma", _i32), ("descale_q", _p), ("descale_k", _p),
     ]
 
 
@@ -50,7 +50,7 @@ class CombineParams(ctypes.Structure):
     _fields_ = [
         ("out_partial", _p), ("lse_partial", _p), ("num_splits", _p), ("out", _p), ("lse", _p),
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
-        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32), ("partial_f16", _i32),
+        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32),
     ]
 
 

@@ -54,7 +54,7 @@ NARROW_THREADS = {None: 160, "e4m3": 384}
 # The ring decode kernel (decode_ring.cu): an e4m3 q and cache with more rows than the narrow kernel
 # takes, pages kept FP8 in a ring of four. Its dynamic shared memory (kRingSharedBytes) and threads
 # (kRingThreads), pinned likewise.
-RING_SHARED_BYTES = 223232
+RING_SHARED_BYTES = 221184
 RING_THREADS = 384
 # Tokens of one TMA sub-box of an FP8 page in decode.cu with a 16-bit q (kLandingTokens of dequant.cuh,
 # pinned likewise): launch.py encodes k_cache's tensor map with it. The narrow kernel, and decode.cu with

@@ -114,59 +114,6 @@ struct CombineTrace {
 };
 #endif
 
-// acc += exp2(lse_j - max) * partial_j over pieces [begin, end) of a row (lane's columns as acc), fp32
-// partials (`Value` float4) or fp16 ones with their 1/s per half row (uint2). Weights are computed 32
-// pieces at a time, one per lane, and broadcast. A piece of weight 0 is skipped: it saw no key, and its
-// partial row is not guaranteed to be finite. kPiecesInFlight pieces' loads are issued before any is
-// used: one piece at a time, a long request (tens of pieces) paid one memory latency per piece.
-template <bool kF16, class Value>
-__device__ __forceinline__ void merge_pieces(const Value* values, const float2* inv_scales, const float* lse_piece,
-                                             long long row_stride, long long piece_stride, float max, int begin,
-                                             int end, int lane, float4 (&acc)[kVecPerLane]) {
-  for (int base = begin; base < end; base += kWarpSize) {
-    const float my_weight = base + lane < end ? exp2f(lse_piece[(base + lane) * row_stride] - max) : 0.0f;
-    const int count = min(kWarpSize, end - base);
-    for (int first = 0; first < count; first += kPiecesInFlight) {
-      float weight[kPiecesInFlight];
-      Value x[kPiecesInFlight][kVecPerLane];
-      float2 inv_scale[kPiecesInFlight];
-#pragma unroll
-      for (int u = 0; u < kPiecesInFlight; ++u) {
-        weight[u] = __shfl_sync(kFullMask, my_weight, (first + u) % kWarpSize);
-        if (first + u >= count) weight[u] = 0.0f;
-        const long long j = base + first + u;
-        const Value* piece = values + j * piece_stride;
-#pragma unroll
-        for (int v = 0; v < kVecPerLane; ++v) x[u][v] = weight[u] != 0.0f ? piece[v * kWarpSize + lane] : Value{};
-        if constexpr (kF16) inv_scale[u] = weight[u] != 0.0f ? inv_scales[j * row_stride] : make_float2(0.f, 0.f);
-      }
-#pragma unroll
-      for (int u = 0; u < kPiecesInFlight; ++u) {
-        if (weight[u] == 0.0f) continue;
-#pragma unroll
-        for (int v = 0; v < kVecPerLane; ++v) {
-          float4 value;
-          float w = weight[u];
-          if constexpr (kF16) {
-            // group v of 4 columns starts at column 4 (32 v + lane): in the first half row for v < 2
-            static_assert(kVecPerLane == 4, "two groups a half row");
-            w *= v < kVecPerLane / 2 ? inv_scale[u].x : inv_scale[u].y;
-            const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&x[u][v].x));
-            const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&x[u][v].y));
-            value = make_float4(lo.x, lo.y, hi.x, hi.y);
-          } else {
-            value = x[u][v];
-          }
-          acc[v].x = fmaf(w, value.x, acc[v].x);
-          acc[v].y = fmaf(w, value.y, acc[v].y);
-          acc[v].z = fmaf(w, value.z, acc[v].z);
-          acc[v].w = fmaf(w, value.w, acc[v].w);
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
@@ -239,25 +186,45 @@ flashmla_combine(const flashmla::CombineParams p) {
   if (total.sum == 0.0f) {  // no piece saw a key for this row (a NaN sum goes on, to NaN rows)
     if (lane == 0 && share == 0) *lse_out = kInf;
   } else {
-    // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S (merge_pieces).
-    // fp32 partials: float4 groups of 4 columns; fp16 ones (p.partial_f16): uint2 groups and a 1/s per
-    // half row that joins the piece's weight (epilogue.cuh: store_partial_f16 writes them, where
-    // partial_inv_scales says).
+    // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S. Weights are computed 32 pieces at a time,
+    // one per lane, and broadcast. A piece of weight 0 is skipped: it saw no key, and its partial row
+    // is not guaranteed to be finite.
     const float4* values = reinterpret_cast<const float4*>(p.out_partial) + first_row * (kHeadDimV / 4);
-    const uint2* values16 = reinterpret_cast<const uint2*>(p.out_partial) + first_row * (kHeadDimV / 4);
-    const float2* inv_scales =
-        reinterpret_cast<const float2*>(reinterpret_cast<const uint2*>(p.out_partial) +
-                                        static_cast<long long>(p.partial_slots) * row_stride * (kHeadDimV / 4)) +
-        first_row;  // piece j at inv_scales[j * row_stride]
-    const long long piece_stride = row_stride * (kHeadDimV / 4);  // in groups of 4 columns
+    const long long piece_stride = row_stride * (kHeadDimV / 4);  // in float4
+    // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
+    // request (tens of pieces) paid one memory latency per piece.
     // This warp's share: pieces [begin, end).
     const int per_warp = (pieces + kWarpsPerRow - 1) / kWarpsPerRow;
     const int begin = min(pieces, share * per_warp);
     const int end = min(pieces, begin + per_warp);
-    if (p.partial_f16) {
-      merge_pieces<true>(values16, inv_scales, lse_piece, row_stride, piece_stride, total.max, begin, end, lane, acc);
-    } else {
-      merge_pieces<false>(values, inv_scales, lse_piece, row_stride, piece_stride, total.max, begin, end, lane, acc);
+    for (int base = begin; base < end; base += kWarpSize) {
+      const float my_weight = base + lane < end ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
+      const int count = min(kWarpSize, end - base);
+      for (int first = 0; first < count; first += kPiecesInFlight) {
+        float weight[kPiecesInFlight];
+        float4 x[kPiecesInFlight][kVecPerLane];
+#pragma unroll
+        for (int u = 0; u < kPiecesInFlight; ++u) {
+          weight[u] = __shfl_sync(kFullMask, my_weight, (first + u) % kWarpSize);
+          if (first + u >= count) weight[u] = 0.0f;
+          const float4* piece = values + (base + first + u) * piece_stride;
+#pragma unroll
+          for (int v = 0; v < kVecPerLane; ++v) {
+            x[u][v] = weight[u] != 0.0f ? piece[v * kWarpSize + lane] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kPiecesInFlight; ++u) {
+          if (weight[u] == 0.0f) continue;
+#pragma unroll
+          for (int v = 0; v < kVecPerLane; ++v) {
+            acc[v].x = fmaf(weight[u], x[u][v].x, acc[v].x);
+            acc[v].y = fmaf(weight[u], x[u][v].y, acc[v].y);
+            acc[v].z = fmaf(weight[u], x[u][v].z, acc[v].z);
+            acc[v].w = fmaf(weight[u], x[u][v].w, acc[v].w);
+          }
+        }
+      }
     }
     const float inv_sum = 1.0f / total.sum;
     for (int v = 0; v < kVecPerLane; ++v) {

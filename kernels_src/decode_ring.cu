@@ -80,8 +80,6 @@ struct RingStorage {
   float max_after[2][2][kTileRows];          // [pair parity][page a, b][row]: running max after the page
   float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
   float row_scale[kTileRows];                // epilogue: each row's normaliser
-  float row_largest[2][4][kTileRows];        // epilogue, fp16 partials: [warpgroup][warp][row] largest |O|
-  float row_f16_scale[2][kTileRows];         // epilogue, fp16 partials: [warpgroup (half)][row] 2^shift
   int64_t row_at[kTileRows];                 // epilogue: where each row goes in out or the partials (-1: nowhere)
   PageStreamOf<1> stream;                    // the loader lane's pages of the part
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
@@ -487,11 +485,6 @@ struct RingPiece {
   // With `next_q` the next piece's Q tile is issued here through `q_map`, as soon as nobody reads this one.
   __device__ __forceinline__ void finish(const RingOutput& o, int last_pair, int last_page, float out_scale,
                                          const TensorMap* q_map, bool next_q, Tracer& trace) {
-    // Whether the piece is split, and its slot inside the workspace, read again here (Piece::of's): held
-    // through the page loop they spill.
-    const int first_slot = p.num_splits[piece.request];
-    const bool split = p.num_splits[piece.request + 1] - first_slot > 1;
-    const bool f16 = split && p.partial_f16;  // the fp16 partial format (epilogue.cuh)
     {
       const FragmentCoords fc(thread);
 #pragma unroll
@@ -501,46 +494,20 @@ struct RingPiece {
         if (fc.publishes()) smem.row_sum[wg][fc.row[i]] = share;
       }
     }
-    if (f16) {
-      // Each row's largest |O| in this warpgroup's half: the thread's 8 columns, then the warp's lanes
-      // of the same row (lane % 4 alike), then, through shared memory, the warpgroup's four warps.
-      const int q4 = lane_quad();
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        float largest = 0.f;
-#pragma unroll
-        for (int t = 0; t < kHalfTiles; ++t) {
-          largest = fmaxf(largest, fmaxf(fabsf(o.v[t][reg_of(k, 0)]), fabsf(o.v[t][reg_of(k, 1)])));
-        }
-#pragma unroll
-        for (int lanes = 4; lanes < 32; lanes *= 2) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, lanes));
-        if (lane_id() < 4) smem.row_largest[wg][thread / 32][2 * q4 + slot_row(k)] = largest;
-      }
-    }
     named_barrier_sync(kBarrierCta, kThreads);  // also: every S wgmma of the piece has completed
     trace.mark(kMarkSumsExchanged);
     if (next_q && wg == 0 && thread == 0) issue_q_tile_tma(p, q_map, smem, piece.request + 1, kv_head, rows_base);
+    // Whether the piece is split, and its slot inside the workspace, read again here (Piece::of's): held
+    // through the page loop they spill.
+    const int first_slot = p.num_splits[piece.request];
+    const bool split = p.num_splits[piece.request + 1] - first_slot > 1;
     if (kGuards && split && !(piece.slot >= 0 && piece.slot < p.partial_slots)) return;
     if (wg == 0 && thread < kTileRows) {
       const int r = thread;
       const int row = rows_base + r;
       const float total = smem.row_sum[0][r] + smem.row_sum[1][r];
-      const float normaliser = total == 0.f ? 0.f : out_scale / total;  // NaN (a bad page) stays NaN
-      smem.row_scale[r] = normaliser;
+      smem.row_scale[r] = total == 0.f ? 0.f : out_scale / total;  // NaN (a bad page) stays NaN
       int64_t at = -1;
-      if (f16) {
-        const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
-        float* const inv_scales = partial_inv_scales(p);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float largest = 0.f;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) largest = fmaxf(largest, smem.row_largest[half][w][r]);
-          const int shift = fp16_partial_exponent(largest * normaliser);
-          smem.row_f16_scale[half][r] = power_of_two(shift);
-          if (row < p.rows) inv_scales[2 * row_index + half] = power_of_two(-shift);
-        }
-      }
       if (row < p.rows) {
         store_row_lse(p, piece, kv_head, row, last_pair < 0 ? kInitialMax : smem.max_after[last_pair & 1][last_page][r],
                       total);
@@ -559,26 +526,7 @@ struct RingPiece {
     const int first = kHalfV * wg + 64 * (thread / 32) + 8 * (lane_id() / 4);  // the thread's 8 value columns
     const float* const scales = &smem.row_scale[2 * q4];
     const int64_t* const at = &smem.row_at[2 * q4];
-    if (f16) {
-      // The thread's 8 columns of a row, scaled and rounded to fp16: 16 bytes, the lanes of the row's
-      // other columns beside it (lane / 4), so a warp's store writes whole sectors.
-      const float* const f16_scales = &smem.row_f16_scale[wg][2 * q4];
-      __half* const partial = reinterpret_cast<__half*>(p.out_partial);
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        const int64_t row_at = at[slot_row(k)];
-        if (row_at < 0) continue;
-        const float scale = scales[slot_row(k)], f16_scale = f16_scales[slot_row(k)];
-        uint32_t packed[kHalfTiles];
-#pragma unroll
-        for (int t = 0; t < kHalfTiles; ++t) {
-          const __half2 pair = __floats2half2_rn(o.v[t][reg_of(k, 0)] * scale * f16_scale,
-                                                 o.v[t][reg_of(k, 1)] * scale * f16_scale);
-          packed[t] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
-        *reinterpret_cast<uint4*>(partial + row_at + first) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-      }
-    } else if (split) {
+    if (split) {
       // The thread's 8 fp32 columns of a row are one 32-byte sector, more than one store takes; written
       // as two halves by two stores, the partials took twice decode.cu's time on the H200. Lanes 2m and
       // 2m + 1 of a quad (rows 2 apart, the same columns) swap half of theirs, so that each store writes

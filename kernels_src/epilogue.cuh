@@ -24,73 +24,14 @@ __device__ __forceinline__ uint32_t out_word(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&pair);
 }
 
-// The fp16 partial format (DecodeParams::partial_f16; docs/ARCHITECTURE.md, "Partial results"): the
-// exponent k of the scale 2^k that brings a (row, half) whose largest magnitude is `largest` into
-// [2^14, 2^15), so that fp16 neither overflows (a bf16 cache may hold values far above 65504) nor drops
-// the row's small values to subnormals; 0 where `largest` is 0, inf or NaN (those rows keep what they
-// hold). |k| <= 126, so 2^k and 2^-k are normal floats and every product with them is exact.
-__device__ __forceinline__ int fp16_partial_exponent(float largest) {
-  if (!(largest > 0.f) || isinf(largest)) return 0;
-  const int exponent = ((__float_as_int(largest) >> 23) & 0xff) - 127;  // floor(log2); -127 if subnormal
-  return min(126, max(-126, 14 - exponent));
-}
-__device__ __forceinline__ float power_of_two(int k) { return __int_as_float((127 + k) << 23); }
-
-// Where the fp16 format keeps its 1/s per half row: float [slots, heads_kv, rows, 2], right after the
-// fp16 values [slots, heads_kv, rows, 512] at the start of out_partial's region.
-__device__ __forceinline__ float* partial_inv_scales(const DecodeParams& p) {
-  return reinterpret_cast<float*>(reinterpret_cast<__half*>(p.out_partial) +
-                                  int64_t(p.partial_slots) * p.heads_kv * p.rows * kHeadDimV);
-}
-
-// A split piece's rows in the fp16 format: each thread's two rows, the quad's largest magnitude per row
-// (two shuffles; a row's 256 columns of this half are the quad's), scaled and rounded to fp16, stored in
-// 32-byte sectors as store_output's 16-bit rows are; one lane of the quad stores 1/s (2^-shift).
-__device__ __forceinline__ void store_partial_f16(const DecodeParams& p, const Piece& piece, int kv_head,
-                                                  int rows_base, const FragmentCoords& at, int half,
-                                                  const OutputHalf& o, const float (&inv_sum)[2]) {
-  const int quad_lane = at.column / 2;
-  __half* const partial = reinterpret_cast<__half*>(p.out_partial);
-  float* const inv_scales = partial_inv_scales(p);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float largest = 0.f;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) largest = fmaxf(largest, fmaxf(fabsf(o.v[4 * j + 2 * i]), fabsf(o.v[4 * j + 2 * i + 1])));
-    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
-    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
-    const int shift = fp16_partial_exponent(largest * inv_sum[i]);
-    const float scale = power_of_two(shift);  // applied after inv_sum: their product may overflow where these do not
-    const int row = rows_base + at.row[i];
-    const bool real = row < p.rows;  // the swaps below take every lane of the warp, real row or not
-    const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
-    __half* const dst = partial + row_index * kHeadDimV + half * kHalfV + 4 * quad_lane;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const int a = 4 * (2 * k) + 2 * i, b = 4 * (2 * k + 1) + 2 * i;  // columns 16k + 2t and 16k + 8 + 2t
-      const __half2 first = __floats2half2_rn(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale);
-      const __half2 second = __floats2half2_rn(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale);
-      const uint2 words = quad_adjacent_words(*reinterpret_cast<const uint32_t*>(&first),
-                                              *reinterpret_cast<const uint32_t*>(&second), quad_lane);
-      if (real) *reinterpret_cast<uint2*>(dst + 16 * k) = words;
-    }
-    if (real && at.publishes()) inv_scales[2 * row_index + half] = power_of_two(-shift);
-  }
-}
-
 // Store this warpgroup's 256 output columns (`half`) of the piece, normalised, straight from registers
-// in whole 32-byte sectors: a split piece's fp32 partials 8 bytes a thread as they lie (or fp16 ones,
-// store_partial_f16), a single piece's 16-bit output 8 bytes a thread once the quad has swapped words
-// (quad_adjacent_words). Nothing goes through shared memory, so the next piece's Q tile may land
-// meanwhile (finish_piece).
+// in whole 32-byte sectors: a split piece's fp32 partials 8 bytes a thread as they lie, a single piece's
+// 16-bit output 8 bytes a thread once the quad has swapped words (quad_adjacent_words). Nothing goes
+// through shared memory, so the next piece's Q tile may land meanwhile (finish_piece).
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece& piece, int kv_head,
                                              int rows_base, const FragmentCoords& at, int half,
                                              const OutputHalf& o, const float (&inv_sum)[2]) {
   if (!piece.writable) return;
-  if (piece.split && p.partial_f16) {
-    store_partial_f16(p, piece, kv_head, rows_base, at, half, o, inv_sum);
-    return;
-  }
   if (piece.split) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

@@ -38,7 +38,7 @@ struct DecodeParams {
   const int* num_splits;    // [batch + 1]
   void* out;                // [batch, seqlen_q, heads_q, 512], contiguous
   float* lse;               // [batch, heads_q, seqlen_q], contiguous
-  float* out_partial;       // [batch + num_parts, heads_kv, rows, 512] fp32, or fp16 where partial_f16
+  float* out_partial;       // [batch + num_parts, heads_kv, rows, 512]
   float* lse_partial;       // [batch + num_parts, heads_kv, rows], log2 domain
   int64_t q_batch_stride;
   int64_t q_seq_stride;
@@ -64,11 +64,6 @@ struct DecodeParams {
   // descale_q * descale_k, the output by descale_k. Read by the kernel, so CUDA graphs may change them.
   const float* descale_q;
   const float* descale_k;
-  // The format of the partial rows (docs/ARCHITECTURE.md, "Partial results"): 0 fp32, 1 fp16 with a
-  // power-of-two scale per row and half of its columns (epilogue.cuh). decode.cu and decode_ring.cu
-  // write fp16 where it is set, the narrow kernel fp32 always; the host sets the combine's to match.
-  int partial_f16;
-  int padding;
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.
@@ -85,7 +80,6 @@ struct CombineParams {
   int heads_per_group;
   int rows;
   int partial_slots;         // as DecodeParams: split requests whose slots fall outside get NaN rows
-  int partial_f16;           // as DecodeParams: the format decode wrote the partial rows in
 };
 
 // Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.

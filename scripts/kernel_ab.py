@@ -21,10 +21,8 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
 `whole=PERCENT` (plan.WHOLE_SLACK_PERCENT, how much costlier an uncut plan may be; negative: cut as needed),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
-q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=0|1`
-(whether decode.cu and decode_ring.cu write their partial rows as fp16 with a scale or fp32, kernels.PARTIAL_F16;
-0 also for a tree whose kernels write fp32 only) and `ringsmem=BYTES` (decode_ring.cu's shared memory,
-variants.RING_SHARED_BYTES, where the tree's storage differs) and
+q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
+`ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
 storage differs; KV `e4m3` or `-`) and `fp8box=COLS:SWIZZLE` (an experiment's FP8 cache boxes: COLS one-byte
 columns, SWIZZLE-byte swizzle, in every swizzled FP8 map; the shipped kernels expect 64:64, so time other boxes
@@ -71,8 +69,6 @@ def parse_variant(text: str) -> dict:
             spec["maxparts"] = int(item[9:])
         elif item.startswith("ring="):
             spec["ring"] = bool(int(item[5:]))
-        elif item.startswith("partialf16="):
-            spec["partialf16"] = bool(int(item[11:]))
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
@@ -86,8 +82,8 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=0|1, "
-                             "ringsmem=BYTES, narrowsmem=ROWS:KV:BYTES, "
+                             "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
+                             "narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
 
@@ -114,8 +110,6 @@ def apply(spec: dict) -> None:
         plan.WHOLE_SLACK_PERCENT = spec["whole"]
     if spec.get("ring") is not None:
         kernels.RING_FP8 = spec["ring"]
-    if spec.get("partialf16") is not None:
-        kernels.PARTIAL_F16 = spec["partialf16"]
     if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs
         variants.RING_SHARED_BYTES = spec["ringsmem"]
     if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs

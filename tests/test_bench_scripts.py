@@ -580,20 +580,19 @@ def test_kernel_ab_variant_specs():
     assert pathlib.Path(spec["tree"]).is_absolute() and spec["overhead"] is None
     assert kernel_ab.parse_variant("ov3: overhead=3")["overhead"] == 3
     assert kernel_ab.parse_variant("cut: whole=-1")["whole"] == -1
-    old = kernel_ab.parse_variant("old: partialf16=0 ringsmem=221184")
-    assert old["partialf16"] is False and old["ringsmem"] == 221184
+    assert kernel_ab.parse_variant("old: ringsmem=223232")["ringsmem"] == 223232
     for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
 
 
-def test_kernel_ab_apply_sets_the_partial_format_and_the_ring_storage(monkeypatch):
-    from flashmla_cupy import kernels, variants
+def test_kernel_ab_apply_sets_the_ring_storage(monkeypatch):
+    from flashmla_cupy import variants
 
-    for module, name in ((kernels, "PARTIAL_F16"), (variants, "RING_SHARED_BYTES"), (variants, "_DEFINES")):
-        monkeypatch.setattr(module, name, getattr(module, name))   # restored after the test
-    kernel_ab.apply(kernel_ab.parse_variant("old: partialf16=0 ringsmem=221184"))
-    assert kernels.PARTIAL_F16 is False and variants.RING_SHARED_BYTES == 221184
+    for name in ("RING_SHARED_BYTES", "_DEFINES"):
+        monkeypatch.setattr(variants, name, getattr(variants, name))   # restored after the test
+    kernel_ab.apply(kernel_ab.parse_variant("old: ringsmem=223232"))
+    assert variants.RING_SHARED_BYTES == 223232
 
 
 def test_kernel_trace_build_takes_kernel_ab_items():

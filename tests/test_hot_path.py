@@ -74,19 +74,6 @@ def test_a_repeated_call_launches_with_its_own_arrays(gpu, monkeypatch):
     assert decode["stream"] == combine["stream"] == fake_cuda.STREAM
 
 
-@pytest.mark.parametrize("heads_q, shipped, f16", [(16, True, 0), (128, True, 1), (128, False, 0)])
-def test_the_combine_reads_the_partial_format_the_decode_writes(gpu, monkeypatch, heads_q, shipped, f16):
-    """decode.cu (128 rows) writes fp16 partial rows where kernels.PARTIAL_F16 says so, the narrow kernel
-    (16 rows) fp32 always; the combine's CombineParams say the same as the decode's."""
-    from flashmla_cupy import kernels
-
-    monkeypatch.setattr(kernels, "PARTIAL_F16", shipped)
-    lookup.remembered().clear()
-    flash_mla_with_kvcache(**torch_args(gpu.torch, heads_q=heads_q))
-    decode, combine = gpu.driver.launches[:2]
-    assert decode_params(decode).partial_f16 == params.CombineParams.from_buffer_copy(combine["args"][0]).partial_f16 == f16
-
-
 def test_each_call_gets_fresh_outputs(gpu):
     args = torch_args(gpu.torch)
     first, second = flash_mla_with_kvcache(**args), flash_mla_with_kvcache(**args)

@@ -28,28 +28,7 @@ def random_partials(rng: np.random.Generator, pieces: list[int], heads_kv: int, 
     return out_partial, lse_partial, num_splits
 
 
-def encode_f16(out_partial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The fp16 partial format (epilogue.cuh's store_partial_f16), in numpy: each half row scaled by the
-    power of two 2^k that brings its largest magnitude into [2^14, 2^15) (k = 0 where it is 0 or not
-    finite), rounded to fp16, then 1/2^k per half row. Returns the fp32 workspace region that holds it
-    (values first, then the scales) and the values it stands for, in float64."""
-    slots, heads_kv, rows, dv = out_partial.shape
-    halves = out_partial.reshape(slots, heads_kv, rows, 2, dv // 2).astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        largest = np.max(np.abs(halves), axis=-1)          # NaN where the half row holds a NaN
-    usable = np.isfinite(largest) & (largest > 0)
-    k = np.where(usable, 14 - np.floor(np.log2(np.where(usable, largest, 1.0))), 0).clip(-126, 126)
-    values = (halves * 2.0 ** k[..., None]).astype(np.float16)
-    inv_scales = (2.0 ** -k).astype(np.float32)
-    region = np.zeros(out_partial.size, dtype=np.float32)
-    region.view(np.float16)[:values.size] = values.ravel()
-    region[values.size // 2: values.size // 2 + inv_scales.size] = inv_scales.ravel()
-    stands_for = values.astype(np.float64) * inv_scales[..., None]
-    return region, stands_for.reshape(out_partial.shape)
-
-
-def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits,
-                   partial_f16: bool = False):
+def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits):
     import cupy as cp
 
     from flashmla_cupy import tensors
@@ -66,8 +45,7 @@ def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, 
         # The workspace holds exactly the pieces of the plan: batch + num_parts slots, num_parts >= 1.
         num_parts = max(1, int(num_splits[-1]) - batch)
         run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
-                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr,
-                        partial_f16)
+                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
         stream.synchronize()
         return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
 
@@ -81,32 +59,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("partials", ["fp32", "f16"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", CASES)
-def test_combine_matches_reference(name, dtype, partials):
-    """Against the float64 merge of the partial rows; in the fp16 format (decode.cu's), every half row
-    of them also scaled by 2^e, |e| up to 60 (8 with an fp16 output), so that the per-half-row scales
-    carry values fp16 alone could not hold, and the reference merges what the encoded rows stand for.
-    A half row's pieces share e, as pieces of one row do in the decode (one cache): pieces 2^120 apart
-    would cancel in fp32 sums beyond an output ulp, with any format."""
+def test_combine_matches_reference(name, dtype):
     seqlen_q, heads_q, heads_kv, pieces = CASES[name]
     rows = seqlen_q * heads_q // heads_kv
     batch = len(pieces)
-    rng = np.random.default_rng(sum(map(ord, name + dtype + partials)))
+    rng = np.random.default_rng(sum(map(ord, name + dtype)))
     out_partial, lse_partial, num_splits = random_partials(rng, pieces, heads_kv, rows)
-    if partials == "f16":
-        reach = 60 if dtype == "bf16" else 8
-        slots = out_partial.shape[0]
-        spread = 2.0 ** rng.integers(-reach, reach + 1, (1, heads_kv, rows, 2))
-        out_partial = (out_partial.reshape(slots, heads_kv, rows, 2, -1) * spread[..., None]).reshape(out_partial.shape)
-        # The fp16 values of every slot, then the scales: encoded for the slots the combine knows of
-        # (partial_slots, batch + num_parts as device_combine plans them; the spare ones are never read).
-        capacity = batch + max(1, int(num_splits[-1]) - batch)
-        region, out_partial = encode_f16(out_partial[:capacity])
-        out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, region, lse_partial, num_splits, True)
-    else:
-        out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits)
+    out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits)
     ref_out, ref_lse = merge_partials_reference(out_partial, lse_partial, num_splits, batch, seqlen_q, heads_q, heads_kv)
 
     single = np.array(pieces) == 1
