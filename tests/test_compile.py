@@ -410,3 +410,19 @@ def test_racecheck_bulk_repro_compiles():
         pytest.fail(nvrtc.getProgramLog(program))
     finally:
         nvrtc.destroyProgram(program)
+
+
+def test_sass_diff_compares_two_builds_of_a_variant():
+    """devtools/sass_diff.py builds a variant from two trees in child processes and compares their SASS:
+    the shipped tree against itself matches instruction for instruction."""
+    import subprocess
+    import sys
+
+    assert _cuobjdump(), "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
+    script = pathlib.Path(__file__).resolve().parents[1] / "devtools" / "sass_diff.py"
+    tree = str(compiler.kernels_dir())
+    done = subprocess.run([sys.executable, str(script), "scheduler", tree, tree], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    whole = [line for line in done.stdout.splitlines() if "whole kernel:" in line]
+    matched, rest = whole[0].split(":")[1].split(" of ")
+    assert int(matched) > 0 and rest.split()[0] == rest.split()[2] == matched.strip(), done.stdout

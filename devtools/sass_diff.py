@@ -1,0 +1,140 @@
+"""How far two kernels_src trees' builds of one variant differ in SASS, the page loop apart. No GPU.
+
+ptxas schedules and allocates registers for the whole kernel at once, so a change meant for the epilogue
+can move every instruction of the page loop, and the loop's speed with it: the fp16 partial rows
+(a33c3db) left the loop's opcodes in count but not in order, and that build was 1.7-6 % slower on cells
+where the new code never ran (docs/PERF_NOTES.md, thirty-eighth session). Run this before spending device
+time on an epilogue change: a loop that matches the shipped one instruction for instruction should time
+like it.
+
+    python devtools/sass_diff.py decode_bf16 kernels_src /tmp/candidate/kernels_src
+    python devtools/sass_diff.py decode_ring_e4m3_kv_e4m3 A B --set-b RING_SHARED_BYTES=223232
+    python devtools/sass_diff.py decode_bf16 A B --root-a /tmp/old-checkout --nvrtc LIB
+
+The SASS depends on the NVRTC version: the device image's is 13.0.88, this machine's venv may hold
+another. `--nvrtc` preloads a libnvrtc.so.13 for both builds (the nvidia-cuda-nvrtc==13.0.88 wheel,
+unzipped, has it under nvidia/cu13/lib). Each side compiles in its own process with the package imported
+from --root-a / --root-b (default: this checkout; a tree whose params.cuh differs from params.py needs its
+own checkout, NVRTC 13.5 checks their layouts against each other), after --set-a / --set-b have set
+constants of flashmla_cupy.variants (the shared memory sizes the kernels pin).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+INSTRUCTION = re.compile(r"(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)\s*([^;]*);")
+
+
+def cuobjdump() -> str:
+    """cuobjdump from an nvidia-*-cuobjdump wheel on sys.path (the test extra), else from PATH."""
+    for root in (pathlib.Path(p) for p in sys.path if p):
+        found = sorted(root.glob("nvidia/*/bin/cuobjdump"))
+        if found:
+            return str(found[0])
+    import shutil
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        raise SystemExit("cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)")
+    return tool
+
+
+def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str) -> None:
+    """Child: compile one variant from `tree` with the package at `root`; write its instructions as JSON."""
+    sys.path.insert(0, root)
+    from flashmla_cupy import compiler, install, variants
+
+    compiler.kernels_dir = lambda: pathlib.Path(tree).resolve()
+    for setting in settings:
+        name, value = setting.split("=", 1)
+        setattr(variants, name, int(value))
+    chosen = [v for v in variants.all_variants() if v.name == variant_name]
+    if not chosen:
+        raise SystemExit(f"no variant {variant_name!r}: {[v.name for v in variants.all_variants()]}")
+    kernel = compiler.compile_variant(chosen[0])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.cubin)
+        cubin.flush()
+        sass = subprocess.run([cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in sass.splitlines()]
+    instructions = []
+    for line in lines:
+        match = INSTRUCTION.match(line)
+        if match:
+            instructions.append([match.group(2), ((match.group(1) or "") + match.group(3)).strip()])
+    pathlib.Path(out).write_text(json.dumps({
+        "nvrtc": list(install.nvrtc().getVersion()), "registers": kernel.registers,
+        "spills": [kernel.spill_stores, kernel.spill_loads], "instructions": instructions}))
+
+
+def page_loop(instructions: list) -> tuple[int, int] | None:
+    """The span from the first to the last HGMMA: the page loop and what lies between its wgmmas (None
+    where there is no wgmma: the combine, the scheduler)."""
+    at = [i for i, (opcode, _) in enumerate(instructions) if opcode.startswith("HGMMA")]
+    return (at[0], at[-1] + 1) if at else None
+
+
+def matching(a: list, b: list) -> int:
+    return sum(block.size for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--dump"]:   # a child: VARIANT TREE ROOT OUT [NAME=VALUE ...]
+        variant, tree, root, out, *settings = sys.argv[2:]
+        dump(variant, tree, root, settings, out)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant", help="a variant name, e.g. decode_bf16")
+    parser.add_argument("tree_a")
+    parser.add_argument("tree_b")
+    parser.add_argument("--root-a", default=str(REPO), help="the checkout whose flashmla_cupy builds tree_a")
+    parser.add_argument("--root-b", default=str(REPO))
+    parser.add_argument("--set-a", action="append", default=[], metavar="NAME=VALUE",
+                        help="a flashmla_cupy.variants constant for tree_a's build")
+    parser.add_argument("--set-b", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--nvrtc", help="a libnvrtc.so.13 to compile both with (preloaded)")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    if args.nvrtc:
+        library = pathlib.Path(args.nvrtc).resolve()
+        env["LD_PRELOAD"] = str(library)   # CuPy's dlopen of libnvrtc.so.13 then finds this one
+        env["LD_LIBRARY_PATH"] = f"{library.parent}:{env.get('LD_LIBRARY_PATH', '')}"   # its builtins
+    builds = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for side, tree, root, settings in (("a", args.tree_a, args.root_a, args.set_a),
+                                           ("b", args.tree_b, args.root_b, args.set_b)):
+            out = pathlib.Path(scratch) / f"{side}.json"
+            command = [sys.executable, __file__, "--dump", args.variant, tree, root, str(out), *settings]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"building {tree} failed:\n{done.stderr.strip()[-3000:]}")
+            builds.append(json.loads(out.read_text()))
+    a, b = builds
+    print(f"{args.variant}, NVRTC {'.'.join(map(str, a['nvrtc']))}")
+    for label, build, tree in (("a", a, args.tree_a), ("b", b, args.tree_b)):
+        span = page_loop(build["instructions"])
+        loop = f", page loop {span[1] - span[0]} ({span[0]}-{span[1]})" if span else ""
+        print(f"  {label}: {tree}: {build['registers']} registers, spills {build['spills']}, "
+              f"{len(build['instructions'])} instructions{loop}")
+    span_a, span_b = page_loop(a["instructions"]), page_loop(b["instructions"])
+    if span_a and span_b:
+        loop_a, loop_b = a["instructions"][slice(*span_a)], b["instructions"][slice(*span_b)]
+        same_opcodes = matching([op for op, _ in loop_a], [op for op, _ in loop_b])
+        same_whole = matching([" ".join(i) for i in loop_a], [" ".join(i) for i in loop_b])
+        print(f"  page loop: {same_opcodes} of {len(loop_a)} / {len(loop_b)} in order by opcode, {same_whole} "
+              f"instruction for instruction{' (identical)' if loop_a == loop_b else ''}")
+    whole = matching([" ".join(i) for i in a["instructions"]], [" ".join(i) for i in b["instructions"]])
+    print(f"  whole kernel: {whole} of {len(a['instructions'])} / {len(b['instructions'])} instruction for instruction")
+
+
+if __name__ == "__main__":
+    main()
