@@ -23,6 +23,11 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
+`nvrtc=LIB` (a libnvrtc.so to compile this build with, preloaded in its process: the same sources under another
+NVRTC version, whose ptxas schedules the kernels differently; devtools/sass_diff.py compares the SASS; each round's
+line says which NVRTC a build used) and `cubins=DIR` (the build's kernels from DIR/<variant>.cubin where DIR has
+one, compiled elsewhere: `--write-cubins DIR` writes every variant's with this process's NVRTC, so that a
+version too large to carry to the device is timed there all the same) and
 `narrowsmem=ROWS:KV:BYTES` (a narrow kernel's shared memory, variants.NARROW_SHARED_BYTES, where the tree's
 storage differs; KV `e4m3` or `-`) and `fp8box=COLS:SWIZZLE` (an experiment's FP8 cache boxes: COLS one-byte
 columns, SWIZZLE-byte swizzle, in every swizzled FP8 map; the shipped kernels expect 64:64, so time other boxes
@@ -75,6 +80,10 @@ def parse_variant(text: str) -> dict:
             spec["l2promo"] = int(item[8:])
         elif item.startswith("table="):  # "seq" or "fold:N", the timed cases' block tables
             spec["table"] = item[6:]
+        elif item.startswith("cubins="):  # a directory of <variant>.cubin compiled elsewhere
+            spec["cubins"] = str(pathlib.Path(item[7:]).resolve())
+        elif item.startswith("nvrtc="):  # a libnvrtc.so for this build's process (LD_PRELOAD)
+            spec["nvrtc"] = str(pathlib.Path(item[6:]).resolve())
         elif item.startswith("ringsmem="):  # the ring kernel's shared memory where the tree's storage differs
             spec["ringsmem"] = int(item[9:])
         elif item.startswith("narrowsmem="):  # ROWS:KV:BYTES, KV "e4m3" or "-" (a 16-bit cache)
@@ -83,9 +92,41 @@ def parse_variant(text: str) -> dict:
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
                              "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
-                             "narrowsmem=ROWS:KV:BYTES, "
+                             "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
+
+
+def prebuilt(directory: pathlib.Path, compile_here):
+    """compiler.compile_variant for `cubins=DIR`: a variant's cubin from DIR/<name>.cubin where there is one
+    (its resources read from the cubin, as compile_variant reads them), else compiled here."""
+    from flashmla_cupy import compiler
+    from flashmla_cupy import cubin as cubin_image
+
+    def compile_variant(variant):
+        path = directory / f"{variant.name}.cubin"
+        if not path.is_file():
+            return compile_here(variant)
+        image = path.read_bytes()
+        resources = cubin_image.kernel_resources(image, variant.kernel_name)
+        return compiler.CompiledKernel(variant, image, f"prebuilt: {path}", registers=resources.registers,
+                                       spill_stores=None, spill_loads=None, stack_bytes=resources.stack_bytes,
+                                       smem_static=resources.smem_static)
+    return compile_variant
+
+
+def write_cubins(directory: pathlib.Path) -> int:
+    """--write-cubins: every variant of this checkout compiled with this process's NVRTC into DIRECTORY."""
+    sys.path.insert(0, str(ROOT))
+    from flashmla_cupy import compiler, install, variants
+
+    directory.mkdir(parents=True, exist_ok=True)
+    version = ".".join(map(str, install.nvrtc().getVersion()))
+    for variant in variants.all_variants():
+        (directory / f"{variant.name}.cubin").write_bytes(compiler.compile_variant(variant).cubin)
+    (directory / "NVRTC").write_text(version + "\n")
+    print(f"{len(variants.all_variants())} cubins, NVRTC {version}, in {directory}")
+    return 0
 
 
 # ---- child: one build, one round -------------------------------------------------------------------
@@ -110,6 +151,8 @@ def apply(spec: dict) -> None:
         plan.WHOLE_SLACK_PERCENT = spec["whole"]
     if spec.get("ring") is not None:
         kernels.RING_FP8 = spec["ring"]
+    if spec.get("cubins"):
+        compiler.compile_variant = prebuilt(pathlib.Path(spec["cubins"]), compiler.compile_variant)
     if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs
         variants.RING_SHARED_BYTES = spec["ringsmem"]
     if spec.get("narrowsmem"):   # the narrow kernels' shared memory where the tree's storage differs
@@ -192,7 +235,10 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
     import bench_cases
 
     failures, used = check_build(checks)
-    result = {"card": torch.cuda.get_device_name(), "failures": failures, "tolerance_used": used, "us": {}}
+    from flashmla_cupy import install
+
+    result = {"card": torch.cuda.get_device_name(), "nvrtc": ".".join(map(str, install.nvrtc().getVersion())),
+              "failures": failures, "tolerance_used": used, "us": {}}
     timer = bench.Timer(torch)
     for case in bench_cases.select(cases, dtypes.split(",")):
         inputs = table_of(spec, bench.make_inputs(torch, case, seed=1))
@@ -230,6 +276,9 @@ def table_of(spec: dict, inputs):
 def run_child(spec: dict, args) -> dict:
     env = dict(os.environ, FLASHMLA_CUPY_CACHE_DIR=os.path.join(args.cache_root, spec["name"]))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if spec.get("nvrtc"):   # CuPy's dlopen of libnvrtc then finds this one; its builtins library lies beside it
+        env["LD_PRELOAD"] = spec["nvrtc"]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [os.path.dirname(spec["nvrtc"]), env.get("LD_LIBRARY_PATH")]))
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
                            "--dtype", args.dtype, "--checks", str(args.checks)] + ["--eager"] * args.eager,
                           capture_output=True, text=True, env=env)
@@ -254,8 +303,12 @@ def main(argv=None) -> int:
                         help="also time each case's calls launched eagerly (rows named CASE-eager)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--cache-root", default="/tmp/kernel_ab_cache", help="one kernel cache per build below it")
+    parser.add_argument("--write-cubins", metavar="DIR",
+                        help="compile every variant with this process's NVRTC into DIR (for cubins=DIR) and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write_cubins:
+        return write_cubins(pathlib.Path(args.write_cubins))
     if args.child:
         print(json.dumps(child(json.loads(args.child), args.cases, args.dtype, args.checks, args.eager)))
         return 0
@@ -270,6 +323,8 @@ def main(argv=None) -> int:
                                                        "exact" if args.checks else "not checked (--checks 0)")
             if "tolerance_used" in result and args.checks:
                 state += " (bars used: out {out:.2f}, lse {lse:.2f})".format(**result["tolerance_used"])
+            if "nvrtc" in result:
+                state += f", NVRTC {result['nvrtc']}"
             print(f"round {round_ + 1} {build['name']}: {state}", flush=True)
             if "error" in result:
                 print(result["error"], file=sys.stderr)
@@ -281,8 +336,9 @@ def main(argv=None) -> int:
     report = {"card": ", ".join(sorted(cards)) or "unknown", "driver": bench.driver_version(), "commit": bench.commit(),
               "how": "per build a child process per round, rounds interleaved; CUDA-graph replay, L2 flushed, "
                      "CUDA-event median; median over rounds",
-              "builds": builds, "cases": {}, "exact": {}, "tolerance_used": {}, "errors": {}}
+              "builds": builds, "cases": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {}}
     for name, results in runs.items():
+        report["nvrtc"][name] = sorted({r["nvrtc"] for r in results if "nvrtc" in r})
         report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
         report["tolerance_used"][name] = {bar: max((r["tolerance_used"][bar] for r in results if "tolerance_used" in r),
                                                    default=None) for bar in ("out", "lse")}

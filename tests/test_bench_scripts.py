@@ -581,9 +581,51 @@ def test_kernel_ab_variant_specs():
     assert kernel_ab.parse_variant("ov3: overhead=3")["overhead"] == 3
     assert kernel_ab.parse_variant("cut: whole=-1")["whole"] == -1
     assert kernel_ab.parse_variant("old: ringsmem=223232")["ringsmem"] == 223232
+    assert pathlib.Path(kernel_ab.parse_variant("v13: nvrtc=lib/libnvrtc.so.13")["nvrtc"]).is_absolute()
     for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
+
+
+def test_kernel_ab_build_with_another_nvrtc_preloads_it(monkeypatch, tmp_path):
+    """nvrtc=LIB: that build's child process preloads LIB (CuPy's dlopen then finds it) with its directory
+    on the library path (NVRTC's builtins library lies beside it); other builds' children do not."""
+    seen = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps({"card": "H200", "nvrtc": "13.0", "failures": [], "tolerance_used": {}, "us": {}})
+
+    def run(command, **kwargs):
+        seen.append(kwargs["env"])
+        return Done
+
+    monkeypatch.setattr(kernel_ab.subprocess, "run", run)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    args = kernel_ab.argparse.Namespace(cache_root=str(tmp_path), cases="issue", dtype="bf16", checks=1, eager=False)
+    library = tmp_path / "cu13" / "libnvrtc.so.13"
+    assert kernel_ab.run_child(kernel_ab.parse_variant(f"v13: nvrtc={library}"), args)["nvrtc"] == "13.0"
+    kernel_ab.run_child(kernel_ab.parse_variant("plain: -DA=1"), args)
+    assert seen[0]["LD_PRELOAD"] == str(library)
+    assert seen[0]["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(library.parent)
+    assert "LD_PRELOAD" not in seen[1]
+
+
+def test_kernel_ab_prebuilt_cubins_stand_in_for_compiling(tmp_path):
+    """cubins=DIR: a variant whose cubin DIR holds is taken from there, with its resources read from the
+    cubin; the others still compile."""
+    from flashmla_cupy import compiler, variants
+
+    scheduler = next(v for v in variants.all_variants() if v.program == "scheduler")
+    built = compiler.compile_variant(scheduler)
+    (tmp_path / f"{scheduler.name}.cubin").write_bytes(built.cubin)
+    compiled_here = []
+    compile_variant = kernel_ab.prebuilt(tmp_path, lambda v: compiled_here.append(v.name) or built)
+    taken = compile_variant(scheduler)
+    assert taken.cubin == built.cubin and taken.registers == built.registers and not compiled_here
+    other = next(v for v in variants.all_variants() if v.program == "check")
+    assert compile_variant(other) is built and compiled_here == [other.name]
+    assert kernel_ab.parse_variant(f"v135: cubins={tmp_path}")["cubins"] == str(tmp_path.resolve())
 
 
 def test_kernel_ab_apply_sets_the_ring_storage(monkeypatch):
