@@ -237,8 +237,12 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
     failures, used = check_build(checks)
     from flashmla_cupy import install
 
-    result = {"card": torch.cuda.get_device_name(), "nvrtc": ".".join(map(str, install.nvrtc().getVersion())),
-              "failures": failures, "tolerance_used": used, "us": {}}
+    nvrtc = ".".join(map(str, install.nvrtc().getVersion()))
+    if spec.get("cubins"):   # the NVRTC that wrote them (--write-cubins), not this process's
+        written = pathlib.Path(spec["cubins"]) / "NVRTC"
+        nvrtc = f"{written.read_text().strip() if written.is_file() else 'unknown'} (cubins from {spec['cubins']})"
+    result = {"card": torch.cuda.get_device_name(), "nvrtc": nvrtc, "failures": failures, "tolerance_used": used,
+              "us": {}}
     timer = bench.Timer(torch)
     for case in bench_cases.select(cases, dtypes.split(",")):
         inputs = table_of(spec, bench.make_inputs(torch, case, seed=1))
