@@ -34,17 +34,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 INSTRUCTION = re.compile(r"(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)\s*([^;]*);")
 
 
-def cuobjdump() -> str:
-    """cuobjdump from an nvidia-*-cuobjdump wheel on sys.path (the test extra), else from PATH."""
-    for root in (pathlib.Path(p) for p in sys.path if p):
+def cuobjdump() -> str | None:
+    """cuobjdump from an nvidia-*-cuobjdump wheel (the test extra), else from PATH; None if neither.
+    tests/test_compile.py's SASS checks use it too."""
+    import shutil
+    import site
+
+    for root in (pathlib.Path(p) for p in sys.path + site.getsitepackages() if p):
         found = sorted(root.glob("nvidia/*/bin/cuobjdump"))
         if found:
             return str(found[0])
-    import shutil
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        raise SystemExit("cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)")
-    return tool
+    return shutil.which("cuobjdump")
+
+
+def preload_nvrtc(env: dict, library: str) -> dict:
+    """`env` for a process that compiles with `library` (a libnvrtc.so) instead of its own: preloaded,
+    CuPy's dlopen of libnvrtc finds it; its builtins library lies beside it. kernel_ab.py's nvrtc= too."""
+    library = str(pathlib.Path(library).resolve())
+    env["LD_PRELOAD"] = library
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [os.path.dirname(library), env.get("LD_LIBRARY_PATH")]))
+    return env
 
 
 def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str) -> None:
@@ -63,7 +72,10 @@ def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.cubin)
         cubin.flush()
-        sass = subprocess.run([cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        tool = cuobjdump()
+        if tool is None:
+            raise SystemExit("cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)")
+        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
     lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in sass.splitlines()]
     instructions = []
     for line in lines:
@@ -103,11 +115,7 @@ def main() -> None:
     parser.add_argument("--nvrtc", help="a libnvrtc.so.13 to compile both with (preloaded)")
     args = parser.parse_args()
 
-    env = dict(os.environ)
-    if args.nvrtc:
-        library = pathlib.Path(args.nvrtc).resolve()
-        env["LD_PRELOAD"] = str(library)   # CuPy's dlopen of libnvrtc.so.13 then finds this one
-        env["LD_LIBRARY_PATH"] = f"{library.parent}:{env.get('LD_LIBRARY_PATH', '')}"   # its builtins
+    env = preload_nvrtc(dict(os.environ), args.nvrtc) if args.nvrtc else dict(os.environ)
     builds = []
     with tempfile.TemporaryDirectory() as scratch:
         for side, tree, root, settings in (("a", args.tree_a, args.root_a, args.set_a),

@@ -115,13 +115,21 @@ def prebuilt(directory: pathlib.Path, compile_here):
     return compile_variant
 
 
+def nvrtc_here() -> str:
+    """The NVRTC this process compiles with, major.minor (a preloaded one's too, where the wheel's
+    version, which compiler.nvrtc_version adds, would name another)."""
+    from flashmla_cupy import install
+
+    return ".".join(map(str, install.nvrtc().getVersion()))
+
+
 def write_cubins(directory: pathlib.Path) -> int:
     """--write-cubins: every variant of this checkout compiled with this process's NVRTC into DIRECTORY."""
     sys.path.insert(0, str(ROOT))
-    from flashmla_cupy import compiler, install, variants
+    from flashmla_cupy import compiler, variants
 
     directory.mkdir(parents=True, exist_ok=True)
-    version = ".".join(map(str, install.nvrtc().getVersion()))
+    version = nvrtc_here()
     for variant in variants.all_variants():
         (directory / f"{variant.name}.cubin").write_bytes(compiler.compile_variant(variant).cubin)
     (directory / "NVRTC").write_text(version + "\n")
@@ -181,11 +189,15 @@ def apply(spec: dict) -> None:
     variants._DEFINES = variants.defines_plus(*spec["defines"])
 
 
+def _devtools() -> None:
+    if str(ROOT / "devtools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "devtools"))
+
+
 def _gpu_cases():
     """devtools/gpu_cases.py by the name sanitize_cases.py, the other scripts and the tests import it by, so
     that one module holds its state (the reports `check` keeps) wherever apply() is called from."""
-    if str(ROOT / "devtools") not in sys.path:
-        sys.path.insert(0, str(ROOT / "devtools"))
+    _devtools()
     import gpu_cases
 
     return gpu_cases
@@ -235,9 +247,7 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
     import bench_cases
 
     failures, used = check_build(checks)
-    from flashmla_cupy import install
-
-    nvrtc = ".".join(map(str, install.nvrtc().getVersion()))
+    nvrtc = nvrtc_here()
     if spec.get("cubins"):   # the NVRTC that wrote them (--write-cubins), not this process's
         written = pathlib.Path(spec["cubins"]) / "NVRTC"
         nvrtc = f"{written.read_text().strip() if written.is_file() else 'unknown'} (cubins from {spec['cubins']})"
@@ -280,9 +290,11 @@ def table_of(spec: dict, inputs):
 def run_child(spec: dict, args) -> dict:
     env = dict(os.environ, FLASHMLA_CUPY_CACHE_DIR=os.path.join(args.cache_root, spec["name"]))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    if spec.get("nvrtc"):   # CuPy's dlopen of libnvrtc then finds this one; its builtins library lies beside it
-        env["LD_PRELOAD"] = spec["nvrtc"]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [os.path.dirname(spec["nvrtc"]), env.get("LD_LIBRARY_PATH")]))
+    if spec.get("nvrtc"):
+        _devtools()
+        from sass_diff import preload_nvrtc
+
+        preload_nvrtc(env, spec["nvrtc"])
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--cases", args.cases,
                            "--dtype", args.dtype, "--checks", str(args.checks)] + ["--eager"] * args.eager,
                           capture_output=True, text=True, env=env)

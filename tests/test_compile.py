@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from flashmla_cupy import compiler, errors, params, variants
+from sass_diff import cuobjdump as _cuobjdump  # devtools/: one finder of cuobjdump
 
 REAL_KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels_src"
 
@@ -226,15 +227,6 @@ def test_missing_headers_name_the_wheel_to_install(monkeypatch, fresh_header_sea
         compiler.header_dirs()
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump from the nvidia-cuda-cuobjdump wheel (test extra), else from PATH."""
-    import site
-    import sys
-    roots = [pathlib.Path(p) for p in sys.path + site.getsitepackages() if p]
-    for root in roots:
-        for candidate in sorted(root.glob("nvidia/*/bin/cuobjdump")):
-            return str(candidate)
-    return shutil.which("cuobjdump")
 
 
 DECODE_VARIANTS = [v for v in variants.all_variants() if v.program == "decode"]

@@ -74,9 +74,8 @@ def test_equal_requests_kept_whole(eight_parts, batch, seqlen_q, h_q):
                                            ("bf16", "e4m3", 64)])
 def test_split_rows_far_from_one(shift, q, cache, h_q):
     """Cache values 2^shift times the test data's (a bf16 cache scaled, or an FP8 cache's descale) and q
-    2^-shift times (the scores as they were): values far above fp16's 65504, or far below its normal
-    range, in requests cut into pieces, through decode.cu's and decode_ring.cu's partial rows and the
-    combine."""
+    2^-shift times (the scores as they were): outputs far from 1 in requests cut into pieces, through
+    decode.cu's and decode_ring.cu's partial rows and the combine."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     seqlens = np.array([3000, 4999, 700, 64, 2048])
