@@ -10,13 +10,15 @@ like it.
     python devtools/sass_diff.py decode_bf16 kernels_src /tmp/candidate/kernels_src
     python devtools/sass_diff.py decode_ring_e4m3_kv_e4m3 A B --set-b RING_SHARED_BYTES=223232
     python devtools/sass_diff.py decode_bf16 A B --root-a /tmp/old-checkout --nvrtc LIB
+    python devtools/sass_diff.py decode_bf16 kernels_src kernels_src --option-b=-Xptxas=-O2
 
 The SASS depends on the NVRTC version: the device image's is 13.0.88, this machine's venv may hold
 another. `--nvrtc` preloads a libnvrtc.so.13 for both builds (the nvidia-cuda-nvrtc==13.0.88 wheel,
 unzipped, has it under nvidia/cu13/lib). Each side compiles in its own process with the package imported
 from --root-a / --root-b (default: this checkout; a tree whose params.cuh differs from params.py needs its
 own checkout, NVRTC 13.5 checks their layouts against each other), after --set-a / --set-b have set
-constants of flashmla_cupy.variants (the shared memory sizes the kernels pin).
+constants of flashmla_cupy.variants (the shared memory sizes the kernels pin), with --option-a / --option-b's
+extra NVRTC options (a define, or ptxas's own through -Xptxas=...).
 """
 from __future__ import annotations
 
@@ -62,9 +64,13 @@ def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str)
     from flashmla_cupy import compiler, install, variants
 
     compiler.kernels_dir = lambda: pathlib.Path(tree).resolve()
+    options = [setting for setting in settings if setting.startswith("-")]
     for setting in settings:
-        name, value = setting.split("=", 1)
-        setattr(variants, name, int(value))
+        if not setting.startswith("-"):
+            name, value = setting.split("=", 1)
+            setattr(variants, name, int(value))
+    if options:   # extra NVRTC options after each element type's defines, as kernel_ab's -D / -Xptxas items
+        variants._DEFINES = variants.defines_plus(*options)
     chosen = [v for v in variants.all_variants() if v.name == variant_name]
     if not chosen:
         raise SystemExit(f"no variant {variant_name!r}: {[v.name for v in variants.all_variants()]}")
@@ -112,14 +118,17 @@ def main() -> None:
     parser.add_argument("--set-a", action="append", default=[], metavar="NAME=VALUE",
                         help="a flashmla_cupy.variants constant for tree_a's build")
     parser.add_argument("--set-b", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--option-a", action="append", default=[], metavar="OPTION",
+                        help="an extra NVRTC option for tree_a's build (-DNAME=VALUE, -Xptxas=...)")
+    parser.add_argument("--option-b", action="append", default=[], metavar="OPTION")
     parser.add_argument("--nvrtc", help="a libnvrtc.so.13 to compile both with (preloaded)")
     args = parser.parse_args()
 
     env = preload_nvrtc(dict(os.environ), args.nvrtc) if args.nvrtc else dict(os.environ)
     builds = []
     with tempfile.TemporaryDirectory() as scratch:
-        for side, tree, root, settings in (("a", args.tree_a, args.root_a, args.set_a),
-                                           ("b", args.tree_b, args.root_b, args.set_b)):
+        for side, tree, root, settings in (("a", args.tree_a, args.root_a, args.set_a + args.option_a),
+                                           ("b", args.tree_b, args.root_b, args.set_b + args.option_b)):
             out = pathlib.Path(scratch) / f"{side}.json"
             command = [sys.executable, __file__, "--dump", args.variant, tree, root, str(out), *settings]
             done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -143,6 +143,22 @@ __device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& 
   fence_fragment(s.v);
 }
 
+// 8 bytes of shared memory at `row` + kOffset where `valid`, zeros elsewhere: one predicated load, the
+// constant part of the address in its offset. Written in C++ (a select between the load and zeros), NVRTC
+// 13.0's ptxas works the ring slot's address out again behind a warp vote for each of a page's 96 loads:
+// ~330 more instructions in the page loop than NVRTC 13.5 makes of the same source, and FP8 pages 4-5 %
+// slower on the H200 (docs/PERF_NOTES.md, thirty-ninth session); this form builds alike under both.
+template <int kOffset>
+__device__ __forceinline__ uint2 load_shared_if(bool valid, uint32_t row) {
+  uint2 v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+      " @p ld.shared.v2.b32 {%0, %1}, [%3 + %4];\n}\n"
+      : "=r"(v.x), "=r"(v.y)
+      : "r"(int(valid)), "r"(row), "n"(kOffset));
+  return v;
+}
+
 // O^T[half] += V^T[half] P^T over the page in `at`, one k-step (16 tokens) at a time, so that a caller
 // can run other work between the steps. The thread's rows of O^T are taken in the order that makes its
 // bytes contiguous: row 16 warp + lane / 4 + 8 i of tile t is value column
@@ -181,15 +197,15 @@ struct OutputSteps {
     const uint32_t select_even = swap ? 0x1504u : 0x5140u;  // bytes 0, 1 of both tokens, in pair order
     const uint32_t select_odd = swap ? 0x3726u : 0x7362u;   // bytes 2, 3
     uint2 v[4];  // tokens 16 step + 2 quad + {0, 1} + 8 {0, 1}, the first two swapped on odd quads
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      // Token first + 16 step + 8 (k / 2), compared as first < room with a uniform room: a per-lane token
-      // index held from step to step spills under NVRTC 12.9.
-      const int first = 2 * quad + ((k % 2) ^ swap);
-      const int room = valid - (kStep * kMmaK + 8 * (k / 2));
-      v[k] = first < room ? *reinterpret_cast<const uint2*>(columns + (first + kStep * kMmaK + 8 * (k / 2)) * kFp8RowBytes)
-                          : make_uint2(0, 0);
-    }
+    // Token first + 16 step + 8 (k / 2), compared as first < room with a uniform room: a per-lane token
+    // index held from step to step spills under NVRTC 12.9.
+    const int first[2] = {2 * quad + swap, 2 * quad + (1 ^ swap)};  // k even, odd
+    const uint32_t row[2] = {smem_addr(columns + first[0] * kFp8RowBytes), smem_addr(columns + first[1] * kFp8RowBytes)};
+    constexpr int kToken = kStep * kMmaK;
+    v[0] = load_shared_if<kToken * kFp8RowBytes>(first[0] < valid - kToken, row[0]);
+    v[1] = load_shared_if<kToken * kFp8RowBytes>(first[1] < valid - kToken, row[1]);
+    v[2] = load_shared_if<(kToken + 8) * kFp8RowBytes>(first[0] < valid - (kToken + 8), row[0]);
+    v[3] = load_shared_if<(kToken + 8) * kFp8RowBytes>(first[1] < valid - (kToken + 8), row[1]);
     uint32_t (&a)[kHalfTiles][4] = frags[kStep % 2];
 #pragma unroll
     for (int t = 0; t < kHalfTiles; ++t) {

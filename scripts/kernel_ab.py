@@ -15,7 +15,8 @@ the shipped build, and the largest share of each accuracy bar its passing checks
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
     python scripts/kernel_ab.py --variant "big: tree=/tmp/k smem=230400 -DX=1" --json ab.json
 
-Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `tree=DIR` (a kernels_src directory) and
+Variant spec: `NAME: ITEM ...`, items are `-D...` defines and `-Xptxas=...` options (after every element
+type's defines: `-Xptxas=-O2`, whose ptxas schedules the same PTX otherwise), `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
@@ -56,7 +57,7 @@ def parse_variant(text: str) -> dict:
     if not spec["name"] or spec["name"] == BASE:
         raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
     for item in items.split():
-        if item.startswith("-D"):
+        if item.startswith(("-D", "-Xptxas=")):   # a define, or an option for ptxas (its schedule)
             spec["defines"].append(item)
         elif item.startswith("tree="):
             spec["tree"] = str(pathlib.Path(item[5:]).resolve())
@@ -90,7 +91,7 @@ def parse_variant(text: str) -> dict:
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., tree=DIR, smem=BYTES, threads=N, "
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., tree=DIR, smem=BYTES, threads=N, "
                              "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
