@@ -48,7 +48,7 @@ KERNELS = {"flashmla_cupy": "flashmla_decode", "FlashMLA": "flash_fwd_splitkv_ml
            "FlashMLA-fp8": "flash_fwd_splitkv_mla", "FlashInfer-fa3": "BatchMLAPageAttentionHopper"}
 # With `--kernel combine`: each library's kernel that merges split requests (FlashInfer has none).
 COMBINE_KERNELS = {"flashmla_cupy": "flashmla_combine", "FlashMLA": "flash_fwd_mla_combine",
-                   "FlashMLA-fp8": "flash_fwd_mla_combine"}
+                   "FlashMLA-fp8": "flash_fwd_splitkv_mla_combine"}   # the legacy kernels' name
 WARMUP_LAUNCHES = 2
 NCU_TIMEOUT_S = 300
 
