@@ -58,19 +58,25 @@ def preload_nvrtc(env: dict, library: str) -> dict:
     return env
 
 
+def apply_settings(variants, settings: list[str]) -> None:
+    """A build's --set (NAME=VALUE: a constant of flashmla_cupy.variants) and --option (an extra NVRTC option,
+    after each element type's defines, as kernel_ab's -D / -Xptxas= items) settings."""
+    options = [setting for setting in settings if setting.startswith("-")]
+    for setting in settings:
+        if not setting.startswith("-"):
+            name, value = setting.split("=", 1)
+            setattr(variants, name, int(value))
+    if options:
+        variants._DEFINES = variants.defines_plus(*options)
+
+
 def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str) -> None:
     """Child: compile one variant from `tree` with the package at `root`; write its instructions as JSON."""
     sys.path.insert(0, root)
     from flashmla_cupy import compiler, install, variants
 
     compiler.kernels_dir = lambda: pathlib.Path(tree).resolve()
-    options = [setting for setting in settings if setting.startswith("-")]
-    for setting in settings:
-        if not setting.startswith("-"):
-            name, value = setting.split("=", 1)
-            setattr(variants, name, int(value))
-    if options:   # extra NVRTC options after each element type's defines, as kernel_ab's -D / -Xptxas items
-        variants._DEFINES = variants.defines_plus(*options)
+    apply_settings(variants, settings)
     chosen = [v for v in variants.all_variants() if v.name == variant_name]
     if not chosen:
         raise SystemExit(f"no variant {variant_name!r}: {[v.name for v in variants.all_variants()]}")

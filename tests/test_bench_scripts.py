@@ -582,7 +582,8 @@ def test_kernel_ab_variant_specs():
     assert kernel_ab.parse_variant("cut: whole=-1")["whole"] == -1
     assert kernel_ab.parse_variant("old: ringsmem=223232")["ringsmem"] == 223232
     assert pathlib.Path(kernel_ab.parse_variant("v13: nvrtc=lib/libnvrtc.so.13")["nvrtc"]).is_absolute()
-    for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense"):
+    assert kernel_ab.parse_variant("o2: -Xptxas=-O2 -DA=1")["defines"] == ["-Xptxas=-O2", "-DA=1"]
+    for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense", "x: -Xptxas"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
 

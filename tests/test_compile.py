@@ -418,3 +418,17 @@ def test_sass_diff_compares_two_builds_of_a_variant():
     whole = [line for line in done.stdout.splitlines() if "whole kernel:" in line]
     matched, rest = whole[0].split(":")[1].split(" of ")
     assert int(matched) > 0 and rest.split()[0] == rest.split()[2] == matched.strip(), done.stdout
+
+
+def test_sass_diff_settings_set_constants_and_add_options(monkeypatch):
+    """sass_diff's --set-a/b NAME=VALUE sets a constant of flashmla_cupy.variants, --option-a/b adds an NVRTC
+    option after every element type's defines (-lineinfo for a line-attributed build, -Xptxas=...)."""
+    import sass_diff
+    from flashmla_cupy import variants
+
+    monkeypatch.setattr(variants, "_DEFINES", variants._DEFINES)
+    monkeypatch.setattr(variants, "RING_SHARED_BYTES", variants.RING_SHARED_BYTES)
+    sass_diff.apply_settings(variants, ["RING_SHARED_BYTES=1234", "-lineinfo", "-Xptxas=-O2"])
+    assert variants.RING_SHARED_BYTES == 1234
+    assert all(defines[-2:] == ("-lineinfo", "-Xptxas=-O2") for defines in variants._DEFINES.values())
+    assert any(option == "-lineinfo" for option in variants.decode_variant("bf16").defines)
