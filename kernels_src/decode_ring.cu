@@ -38,7 +38,8 @@
 // barriers); the consumers' barrier at each piece's start and twice in the epilogue.
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers and the descriptors are
-// hand-written PTX, as in decode.cu and decode_narrow.cu.
+// hand-written PTX, as in decode.cu and decode_narrow.cu, and so is P V's predicated fragment load
+// (load_shared_if), whose C++ form NVRTC 13.0 built 4-5 % slower.
 //
 // Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path's
 // time on the FP8 cells of 64 and 128 rows, then 1-5 % less with the Q tile through TMA, so
