@@ -10,7 +10,7 @@ like it.
     python devtools/sass_diff.py decode_bf16 kernels_src /tmp/candidate/kernels_src
     python devtools/sass_diff.py decode_ring_e4m3_kv_e4m3 A B --set-b RING_SHARED_BYTES=223232
     python devtools/sass_diff.py decode_bf16 A B --root-a /tmp/old-checkout --nvrtc LIB
-    python devtools/sass_diff.py decode_bf16 kernels_src kernels_src --option-b=-Xptxas=-O2
+    python devtools/sass_diff.py --dump decode_ring_e4m3_kv_e4m3 kernels_src . out.json -lineinfo
 
 The SASS depends on the NVRTC version: the device image's is 13.0.88, this machine's venv may hold
 another. `--nvrtc` preloads a libnvrtc.so.13 for both builds (the nvidia-cuda-nvrtc==13.0.88 wheel,
@@ -18,7 +18,9 @@ unzipped, has it under nvidia/cu13/lib). Each side compiles in its own process w
 from --root-a / --root-b (default: this checkout; a tree whose params.cuh differs from params.py needs its
 own checkout, NVRTC 13.5 checks their layouts against each other), after --set-a / --set-b have set
 constants of flashmla_cupy.variants (the shared memory sizes the kernels pin), with --option-a / --option-b's
-extra NVRTC options (a define, or ptxas's own through -Xptxas=...).
+extra NVRTC options (a define, ptxas's own through -Xptxas=..., or -lineinfo, after which `nvdisasm
+--print-line-info` on the cubin names each instruction's source line). `--dump VARIANT TREE ROOT OUT
+[SETTING ...]` writes one build's instructions as JSON (the child each side runs).
 """
 from __future__ import annotations
 

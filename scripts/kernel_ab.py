@@ -15,8 +15,8 @@ the shipped build, and the largest share of each accuracy bar its passing checks
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
     python scripts/kernel_ab.py --variant "big: tree=/tmp/k smem=230400 -DX=1" --json ab.json
 
-Variant spec: `NAME: ITEM ...`, items are `-D...` defines and `-Xptxas=...` options (after every element
-type's defines: `-Xptxas=-O2`, whose ptxas schedules the same PTX otherwise), `tree=DIR` (a kernels_src directory) and
+Variant spec: `NAME: ITEM ...`, items are `-D...` defines and `-Xptxas=...` options (ptxas's own, after
+every element type's defines), `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
@@ -91,8 +91,8 @@ def parse_variant(text: str) -> dict:
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., tree=DIR, smem=BYTES, threads=N, "
-                             "narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., tree=DIR, smem=BYTES, "
+                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
