@@ -81,7 +81,7 @@ struct RingStorage {
   float max_after[2][2][kTileRows];          // [pair parity][page a, b][row]: running max after the page
   float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
   float row_scale[kTileRows];                // epilogue: each row's normaliser
-  int64_t row_at[kTileRows];                 // epilogue: where each row goes in out or the partials (-1: nowhere)
+  int64_t row_at[kTileRows];                 // epilogue: where each row goes in out (-1: nowhere; split rows: unused)
   PageStreamOf<1> stream;                    // the loader lane's pages of the part
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
   alignas(8) uint64_t full[kRingPages];
@@ -549,8 +549,13 @@ struct RingPiece {
       // 2m + 1 of a quad (rows 2 apart, the same columns) swap half of theirs, so that each store writes
       // whole sectors: both lanes store the even lane's row, then the odd lane's, the even lane the
       // sector's first half.
+      // A split piece's rows lie one after another in its partial slot, so a row's address is the
+      // thread's base plus a constant: no per-row address arithmetic in this unrolled, run-once code.
       const bool odd = (q4 & 1) != 0;
-      const int64_t* const even_at = at - (odd ? 2 : 0);
+      const int even_row = 2 * q4 - (odd ? 2 : 0);  // the tile row of the even lane's slot_row(0)
+      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + even_row;
+      float* const base = p.out_partial + slot_row0 * kHeadDimV + first + (odd ? 4 : 0);
+      const int rows_left = p.rows - rows_base - even_row;  // rows from the even row on that exist
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
         const float scale = scales[slot_row(k)];
@@ -563,14 +568,12 @@ struct RingPiece {
         float got[4];  // the even lane gets the odd row's first 4 columns, the odd lane the even row's last 4
 #pragma unroll
         for (int j = 0; j < 4; ++j) got[j] = __shfl_xor_sync(0xffffffffu, odd ? v[j] : v[4 + j], 1);
-        const int64_t row_at[2] = {even_at[slot_row(k)], even_at[slot_row(k) + 2]};
-        const int half = odd ? 4 : 0;
-        if (row_at[0] >= 0) {
-          *reinterpret_cast<float4*>(p.out_partial + row_at[0] + first + half) =
+        if (slot_row(k) < rows_left) {
+          *reinterpret_cast<float4*>(base + slot_row(k) * kHeadDimV) =
               odd ? make_float4(got[0], got[1], got[2], got[3]) : make_float4(v[0], v[1], v[2], v[3]);
         }
-        if (row_at[1] >= 0) {
-          *reinterpret_cast<float4*>(p.out_partial + row_at[1] + first + half) =
+        if (slot_row(k) + 2 < rows_left) {
+          *reinterpret_cast<float4*>(base + (slot_row(k) + 2) * kHeadDimV) =
               odd ? make_float4(v[4], v[5], v[6], v[7]) : make_float4(got[0], got[1], got[2], got[3]);
         }
       }
