@@ -876,3 +876,24 @@ def test_candidate_patches_still_apply(patch, tmp_path):
         pytest.skip("not a git checkout")
     done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_graph_gaps_cuts_the_profiled_runs_at_each_flush():
+    """devtools/graph_gaps.py: the kernels after each flush, up to the next, are that run's call, timed from
+    the flush's end; the medians line up kernel by kernel."""
+    sys.path.insert(0, str(REPO / "devtools"))
+    import graph_gaps
+
+    fill = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<unsigned char> >"
+    kernels = [(200.0, 260.0, fill), (262.0, 300.0, "flashmla_decode"), (263.0, 301.5, "flashmla_combine"),
+               (0.0, 60.0, fill), (61.0, 100.0, "flashmla_decode"), (62.0, 103.0, "flashmla_combine"),
+               (150.0, 151.0, "a short fill " + fill)]   # not a flush: too short, so part of run 0
+    runs = graph_gaps.cut_runs(kernels, [45.0, 43.0])
+    assert [r["event_us"] for r in runs] == [45.0, 43.0]
+    assert [k[0] for k in runs[0]["kernels"]] == ["flashmla_decode", "flashmla_combine", ("a short fill " + fill)[:50]]
+    assert runs[1]["kernels"] == [("flashmla_decode", 2.0, 40.0), ("flashmla_combine", 3.0, 41.5)]
+    got = graph_gaps.summary(runs[1:] + [{"kernels": [("flashmla_decode", 1.0, 39.0), ("flashmla_combine", 2.0, 44.0)],
+                                          "event_us": 47.0}])
+    assert got["runs"] == 2 and got["event_us"] == 45.0 and got["last_end_us"] == 42.75
+    assert got["kernels"] == [{"name": "flashmla_decode", "start_us": 1.5, "end_us": 39.5},
+                              {"name": "flashmla_combine", "start_us": 2.5, "end_us": 42.75}]
