@@ -138,7 +138,11 @@ def main() -> int:
             print(f"{case_id} {name:24s} event {got['event_us']:.1f} us, last kernel end "
                   f"{got['last_end_us']:.1f}: {parts}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+        header = {"card": torch.cuda.get_device_name(), "driver": bench.driver_version(), "commit": bench.commit(),
+                  "command": " ".join(["graph_gaps.py", *sys.argv[1:]]), "torch": torch.__version__,
+                  "libraries": {lib.name: bench.library_info(lib) for lib in bench.LIBRARIES
+                                if lib.name in args.only.split(",")}}
+        pathlib.Path(args.json).write_text(json.dumps({**header, "results": report}, indent=1))
     return 0
 
 
