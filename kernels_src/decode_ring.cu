@@ -81,7 +81,7 @@ struct RingStorage {
   float max_after[2][2][kTileRows];          // [pair parity][page a, b][row]: running max after the page
   float row_sum[2][kTileRows];               // epilogue: each warpgroup's row sums
   float row_scale[kTileRows];                // epilogue: each row's normaliser
-  int64_t row_at[kTileRows];                 // epilogue: where each row goes in out (-1: nowhere; split rows: unused)
+  int64_t row_at[kTileRows];                 // epilogue: where each row of an unsplit piece goes in out (-1: nowhere)
   PageStreamOf<1> stream;                    // the loader lane's pages of the part
   int bad_page[kRingPages];                  // [slot]: the loader found the page's block index bad
   alignas(8) uint64_t full[kRingPages];
@@ -524,13 +524,11 @@ struct RingPiece {
       const int row = rows_base + r;
       const float total = smem.row_sum[0][r] + smem.row_sum[1][r];
       smem.row_scale[r] = total == 0.f ? 0.f : out_scale / total;  // NaN (a bad page) stays NaN
-      int64_t at = -1;
+      int64_t at = -1;  // a split piece's rows: the split path below addresses them from the slot itself
       if (row < p.rows) {
         store_row_lse(p, piece, kv_head, row, last_pair < 0 ? kInitialMax : smem.max_after[last_pair & 1][last_page][r],
                       total);
-        if (split) {
-          at = ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
-        } else {
+        if (!split) {
           const PackedQuery query = packed_query(p, kv_head, row);
           at = ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
         }
