@@ -15,10 +15,11 @@ from .inputs import HEAD_DIM_V
 SCHEDULER_THREADS = 256     # kSchedulerThreads in scheduler.cu
 CHECK_THREADS = 128         # kCheckThreads in check.cu
 INT32_BYTES = 4
-COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu
+COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu where a warp merges a row
 # Parts per request from which every row is merged by a whole block (combine.cu, W > 1): such requests
 # are cut into about this many pieces or more, and one warp per row would leave most SMs idle.
 COMBINE_BLOCK_PER_ROW_PARTS = 16
+COMBINE_ROW_BLOCK_WARPS = 16  # the warps of such a block (kWarpsPerRow of that build)
 FLOAT32_BYTES = 4           # the partial buffers are fp32
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache (and q) descriptors kept per decode launcher (k: typically one per layer)
 
@@ -42,7 +43,12 @@ class SchedulerLaunch:
 def combine_warps_per_row(batch: int, num_parts: int) -> int:
     """Warps that merge one output row: a whole block when the plan has at least
     COMBINE_BLOCK_PER_ROW_PARTS parts per request (few requests, each cut into many pieces), else one."""
-    return COMBINE_WARPS_PER_BLOCK if batch * COMBINE_BLOCK_PER_ROW_PARTS <= num_parts else 1
+    return COMBINE_ROW_BLOCK_WARPS if batch * COMBINE_BLOCK_PER_ROW_PARTS <= num_parts else 1
+
+
+def combine_block_warps(warps_per_row: int) -> int:
+    """Warps of a combine block: COMBINE_WARPS_PER_BLOCK rows' warps, or the one row's."""
+    return COMBINE_WARPS_PER_BLOCK if warps_per_row == 1 else warps_per_row
 
 
 class CombineLaunch:
@@ -57,8 +63,9 @@ class CombineLaunch:
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
             heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
         fn = launch.get_function(variants.combine_variant(dtype, warps_per_row), device_id)
-        grid = (batch, -(-(heads_kv * rows * warps_per_row) // COMBINE_WARPS_PER_BLOCK), 1)
-        self._launch = launch.Launch(fn, grid, (32 * COMBINE_WARPS_PER_BLOCK, 1, 1), [self._params], pdl=True)
+        block_warps = combine_block_warps(warps_per_row)
+        grid = (batch, -(-(heads_kv * rows * warps_per_row) // block_warps), 1)
+        self._launch = launch.Launch(fn, grid, (32 * block_warps, 1, 1), [self._params], pdl=True)
 
     def __call__(self, out_partial: int, lse_partial: int, num_splits: int, out: int, lse: int,
                  stream: int) -> None:

@@ -46,9 +46,9 @@ NARROW_ROWS = (16,)
 NARROW_FP8_ROWS = (16, 32)
 NARROW_SHARED_BYTES = {(16, None): 228352, (32, None): 224256, (16, "e4m3"): 230400, (32, "e4m3"): 229376}
 # The combine kernel, built per warps merging one output row (kWarpsPerRow of combine.cu, pinned): 1 (a
-# warp a row, many rows of a few pieces: few pieces in flight, few registers, more blocks an SM) or 4 (a
+# warp a row, many rows of a few pieces: few pieces in flight, few registers, more blocks an SM) or 16 (a
 # block a row, few rows of many pieces: more in flight). kernels.combine_warps_per_row picks one.
-COMBINE_WARPS_PER_ROW = (1, 4)
+COMBINE_WARPS_PER_ROW = (1, 16)
 # one computing warpgroup and a loader warp; with an FP8 cache two and a loader warpgroup
 NARROW_THREADS = {None: 160, "e4m3": 384}
 # The ring decode kernel (decode_ring.cu): an e4m3 q and cache with more rows than the narrow kernel

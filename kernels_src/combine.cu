@@ -2,10 +2,10 @@
 // final `out` and `lse` rows. Requests with a single piece were written directly by the decode kernel
 // and are skipped. Partial-result format: docs/ARCHITECTURE.md ("Partial results").
 //
-// Launch geometry: kWarpsPerRow (W = 1 or kCombineWarpsPerBlock, one build each) warps per (request, KV head, query
-// row), blocks of kCombineWarpsPerBlock warps:
+// Launch geometry: kWarpsPerRow (W = 1 or 16, one build each) warps per (request, KV head, query row), blocks
+// of kCombineWarpsPerBlock warps (4 where W = 1, else W: a block a row):
 //   grid  = (batch, ceil(heads_kv * rows * W / kCombineWarpsPerBlock), 1)
-//   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory (8 KB static, used when W > 1),
+//   block = (32 * kCombineWarpsPerBlock, 1, 1), no dynamic shared memory (32 KB static, used when W > 1),
 // With W > 1 (few requests cut into many pieces, e.g. one long request over every SM), the warps of a
 // row take a contiguous share of its pieces each and add up their sums in shared memory: one warp a
 // row would leave most SMs idle and pay a memory latency per kPiecesInFlight pieces.
@@ -35,7 +35,6 @@ namespace {
 using flashmla::kHeadDimV;
 using flashmla::kLn2;
 
-constexpr int kCombineWarpsPerBlock = 4;
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Each lane owns kVecPerLane groups of 4 columns, interleaved across the warp so that every 16-byte
@@ -48,12 +47,17 @@ constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
 #define FLASHMLA_COMBINE_WARPS_PER_ROW 1
 #endif
 constexpr int kWarpsPerRow = FLASHMLA_COMBINE_WARPS_PER_ROW;
-static_assert(kWarpsPerRow == 1 || kWarpsPerRow == kCombineWarpsPerBlock, "a warp or a block a row");
+static_assert(kWarpsPerRow == 1 || kWarpsPerRow == 16, "a warp or a block of 16 a row");
+constexpr int kCombineWarpsPerBlock = kWarpsPerRow == 1 ? 4 : kWarpsPerRow;
 // Pieces of a row whose partial values a warp loads at once (each takes 16 registers of a lane). A warp
 // a row merges few pieces beside many other rows, in waves: 4 keep it at 120 registers, four blocks an
-// SM (8: 185, two); a block a row gives each warp ~17 pieces of few rows: 8 take fewer batches. (H200,
-// one build with 4: b32/8k -3.4 %, b16/2k -5.1 %, b1/32k +7.6 %: benchmarks/results/2026-11-30-h200-ab38-*.)
-constexpr int kPiecesInFlight = kWarpsPerRow == 1 ? 4 : 8;
+// SM (8: 185, two; H200, one build with 4: b32/8k -3.4 %, b16/2k -5.1 %: benchmarks/results/
+// 2026-11-30-h200-ab38-*). A block of 16 warps a row (512 threads, at most 128 registers) gives each warp
+// ~4 of a row's ~66 pieces, so 4 in flight there too: every SM has 64 pieces' loads in flight at once.
+constexpr int kPiecesInFlight = 4;
+// Pieces' lse values a lane loads at once in the first pass (pieces j, j + 32, ...): 4 where a block
+// merges a row of up to ~128 pieces, one memory latency for all; 1 where a warp merges a row of a few.
+constexpr int kLseInFlight = kWarpsPerRow == 1 ? 1 : 4;
 
 // Four floats rounded to the output dtype, packed into 8 bytes.
 __device__ __forceinline__ uint2 pack4(float4 v) {
@@ -176,7 +180,16 @@ flashmla_combine(const flashmla::CombineParams p) {
   // 1. max M and S = sum_j exp2(lse_j - M) over all the pieces, lane-strided then across the warp (each
   // of a row's warps computes them).
   Lse2 total;
-  for (int j = lane; j < pieces; j += kWarpSize) total.add(lse_piece[j * row_stride]);
+  for (int j = lane; j < pieces; j += kLseInFlight * kWarpSize) {
+    float x[kLseInFlight];  // loaded before any is used: one memory latency for up to 128 pieces
+#pragma unroll
+    for (int u = 0; u < kLseInFlight; ++u) {
+      const int piece = j + u * kWarpSize;
+      x[u] = piece < pieces ? lse_piece[piece * row_stride] : -kInf;
+    }
+#pragma unroll
+    for (int u = 0; u < kLseInFlight; ++u) total.add(x[u]);
+  }
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     const float other_max = __shfl_xor_sync(kFullMask, total.max, offset);
     const float other_sum = __shfl_xor_sync(kFullMask, total.sum, offset);
@@ -241,17 +254,22 @@ flashmla_combine(const flashmla::CombineParams p) {
     for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
   } else {
     // The block's warps are one row's (all of them got here, as every branch above depends on the row
-    // alone). Add up their sums; warp w writes the w-th group of the row's columns.
-    static_assert(kVecPerLane == kCombineWarpsPerBlock, "one group of columns per warp");
-    __shared__ float4 sums[kCombineWarpsPerBlock][kVecPerLane * kWarpSize];
+    // alone). Add up their sums; thread c of the block writes the row's c-th group of 4 columns.
+    constexpr int kGroups = kVecPerLane * kWarpSize;
+    static_assert(kGroups <= kWarpSize * kCombineWarpsPerBlock, "a group of columns per thread at most");
+    __shared__ float4 sums[kCombineWarpsPerBlock][kGroups];
     for (int v = 0; v < kVecPerLane; ++v) sums[warp][v * kWarpSize + lane] = acc[v];
     __syncthreads();
-    float4 row_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int w = 0; w < kCombineWarpsPerBlock; ++w) {
-      const float4 x = sums[w][warp * kWarpSize + lane];
-      row_sum = make_float4(row_sum.x + x.x, row_sum.y + x.y, row_sum.z + x.z, row_sum.w + x.w);
+    const int group = threadIdx.x;
+    if (group < kGroups) {
+      float4 row_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int w = 0; w < kCombineWarpsPerBlock; ++w) {
+        const float4 x = sums[w][group];
+        row_sum = make_float4(row_sum.x + x.x, row_sum.y + x.y, row_sum.z + x.z, row_sum.w + x.w);
+      }
+      out[group] = pack4(row_sum);
     }
-    out[warp * kWarpSize + lane] = pack4(row_sum);
   }
   trace.end(true);
 }

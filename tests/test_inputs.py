@@ -306,7 +306,7 @@ def test_decode_call(gpu):
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
 
 
-@pytest.mark.parametrize("batch, num_parts, warps_per_row", [(1, 66, 4), (4, 66, 4), (5, 66, 1), (64, 66, 1)])
+@pytest.mark.parametrize("batch, num_parts, warps_per_row", [(1, 66, 16), (4, 66, 16), (5, 66, 1), (64, 66, 1)])
 def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, monkeypatch, batch, num_parts,
                                                                            warps_per_row):
     """Few requests over many parts (each cut into ~num_parts / batch pieces): a block merges each row;
@@ -319,8 +319,9 @@ def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, 
     combine = gpu.driver.launches[-1]
     assert [v.name for v in loaded if v.program == "combine"] == [variants.combine_variant("bf16", warps_per_row).name]
     assert variants.combine_variant("bf16", warps_per_row).pinned_constants == {"kWarpsPerRow": warps_per_row}
-    assert combine["grid"] == (batch, 128 * warps_per_row // kernels.COMBINE_WARPS_PER_BLOCK, 1)
-    assert combine["block"] == (32 * kernels.COMBINE_WARPS_PER_BLOCK, 1, 1)
+    block_warps = kernels.COMBINE_WARPS_PER_BLOCK if warps_per_row == 1 else warps_per_row
+    assert combine["grid"] == (batch, 128 * warps_per_row // block_warps, 1)
+    assert combine["block"] == (32 * block_warps, 1, 1)
 
 
 def test_causal_is_moot_for_one_query_token(gpu):
