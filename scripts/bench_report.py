@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import re
 import shutil
@@ -84,7 +85,8 @@ def _upgrade(report: dict) -> dict:
 
 
 def load(path: str) -> dict:
-    with open(path) as f:
+    """A results JSON, or one kept xz-compressed (`.json.xz`: the larger old reports)."""
+    with (lzma.open(path, "rt") if str(path).endswith(".xz") else open(path)) as f:
         report = json.load(f)
     return report if report.get("schema") == SCHEMA else _upgrade(report)
 
