@@ -9,7 +9,8 @@ dtypes, the narrow kernel's 16 rows, an FP8 cache with both query forms and with
 `--checks N`: N times, with fresh data), then times the selected benchmark cases as scripts/bench.py
 does (CUDA-graph replay, L2 flushed before every run, CUDA-event median; with `--eager` also launched
 from the host). The report gives each build's median time per case over the rounds and its ratio to
-the shipped build, and the largest share of each accuracy bar its passing checks used.
+the shipped build, each case's spread (the widest of any build's rounds: a ratio inside it is noise), and
+the largest share of each accuracy bar its passing checks used.
 
     python scripts/kernel_ab.py --variant "unguarded: -DFLASHMLA_UNGUARDED=1"       # what the guards cost
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
@@ -267,6 +268,13 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
     return result
 
 
+def spread_of(row: dict) -> float:
+    """How far one case's rounds spread apart within a build, the widest over the builds: largest / smallest
+    - 1 (the long cells at the power cap spread by up to ~15 % between rounds of identical builds)."""
+    return max((max(c["rounds_us"]) / min(c["rounds_us"]) - 1 for c in row.values() if min(c["rounds_us"]) > 0),
+               default=0.0)
+
+
 def table_of(spec: dict, inputs):
     """The timed case's inputs with the variant's block table: as bench.py makes it (distinct pages in
     random order), `seq` (each request's pages consecutive in the cache, requests one after another) or
@@ -353,7 +361,7 @@ def main(argv=None) -> int:
     report = {"card": ", ".join(sorted(cards)) or "unknown", "driver": bench.driver_version(), "commit": bench.commit(),
               "how": "per build a child process per round, rounds interleaved; CUDA-graph replay, L2 flushed, "
                      "CUDA-event median; median over rounds",
-              "builds": builds, "cases": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {}}
+              "builds": builds, "cases": {}, "spread": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {}}
     for name, results in runs.items():
         report["nvrtc"][name] = sorted({r["nvrtc"] for r in results if "nvrtc" in r})
         report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
@@ -371,12 +379,14 @@ def main(argv=None) -> int:
         for name, cell in row.items():
             cell["over_shipped"] = cell["median_us"] / base if base else None
         report["cases"][case_id] = row
+        report["spread"][case_id] = spread_of(row)
 
     names = list(runs)
-    print(f"\n{'case':32s}" + "".join(f"{n:>22s}" for n in names))
+    print(f"\n{'case':32s}" + "".join(f"{n:>22s}" for n in names) + f"{'spread':>9s}")
     for case_id, row in report["cases"].items():
         cells = [f"{row[n]['median_us']:9.1f} us ({row[n]['over_shipped']:.3f})" if n in row else "-" for n in names]
-        print(f"{case_id:32s}" + "".join(f"{c:>22s}" for c in cells))
+        print(f"{case_id:32s}" + "".join(f"{c:>22s}" for c in cells) + f"{100 * report['spread'][case_id]:8.1f}%")
+    print("spread: the widest of any build's rounds on the case (largest / smallest - 1); a ratio inside it is noise")
     if args.checks:
         print("exact: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in report["exact"].items()))
     else:

@@ -575,9 +575,12 @@ def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_
     report = json.loads(out.read_text())
     assert report["cases"]["c-fp8"]["shipped"]["median_us"] == 105.0
     assert report["cases"]["c-fp8"]["fast"]["over_shipped"] == 85.0 / 105.0
+    assert report["spread"]["c-fp8"] == pytest.approx(90.0 / 80.0 - 1)  # the wider of 100-110 and 80-90
     assert report["exact"] == {"shipped": True, "fast": False}
     assert report["tolerance_used"] == {"shipped": {"out": 0.5, "lse": 0.75}, "fast": {"out": 0.5, "lse": 0.5}}
-    assert "round 2 shipped: exact (bars used: out 0.25, lse 0.75)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "round 2 shipped: exact (bars used: out 0.25, lse 0.75)" in printed
+    assert "   12.5%" in printed   # the case's spread beside its ratios
 
 
 def test_kernel_ab_variant_specs():
