@@ -19,7 +19,7 @@ COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu where a warp 
 # Parts per request from which every row is merged by a whole block (combine.cu, W > 1): such requests
 # are cut into about this many pieces or more, and one warp per row would leave most SMs idle.
 COMBINE_BLOCK_PER_ROW_PARTS = 16
-COMBINE_ROW_BLOCK_WARPS = 16  # the warps of such a block (kWarpsPerRow of that build)
+COMBINE_ROW_BLOCK_WARPS = variants.COMBINE_WARPS_PER_ROW[-1]  # the warps of such a block (its build's kWarpsPerRow)
 FLOAT32_BYTES = 4           # the partial buffers are fp32
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache (and q) descriptors kept per decode launcher (k: typically one per layer)
 

@@ -84,10 +84,15 @@ def _upgrade(report: dict) -> dict:
     return report
 
 
-def load(path: str) -> dict:
-    """A results JSON, or one kept xz-compressed (`.json.xz`: the larger old reports)."""
+def read_json(path) -> object:
+    """A results file's JSON as written, or as kept xz-compressed (`.json.xz`: the larger old reports)."""
     with (lzma.open(path, "rt") if str(path).endswith(".xz") else open(path)) as f:
-        report = json.load(f)
+        return json.load(f)
+
+
+def load(path: str) -> dict:
+    """A benchmark report, brought up to the current schema."""
+    report = read_json(path)
     return report if report.get("schema") == SCHEMA else _upgrade(report)
 
 

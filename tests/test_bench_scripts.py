@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import lzma
 import os
 import pathlib
 import subprocess
@@ -30,8 +29,7 @@ from flashmla_cupy.reference import perf_accounting  # noqa: E402
 def _is_bench_report(path: str) -> bool:
     """Benchmark reports hold per-case rows with per-library figures; other results files (guard and
     reliability reports) hold rows of their own."""
-    with (lzma.open(path, "rt") if path.endswith(".xz") else open(path)) as f:
-        report = json.load(f)
+    report = bench_report.read_json(path)
     rows = report.get("results") if isinstance(report, dict) else None
     return isinstance(rows, list) and bool(rows) and all("libraries" in row for row in rows)
 
