@@ -16,8 +16,8 @@ the largest share of each accuracy bar its passing checks used.
     python scripts/kernel_ab.py --variant "lazy: tree=.scratch/lazy/kernels_src" --cases 'b128-q1-*'
     python scripts/kernel_ab.py --variant "big: tree=/tmp/k smem=230400 -DX=1" --json ab.json
 
-Variant spec: `NAME: ITEM ...`, items are `-D...` defines and `-Xptxas=...` options (ptxas's own, after
-every element type's defines), `tree=DIR` (a kernels_src directory) and
+Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `-Xptxas=...` options (ptxas's own, after
+every element type's defines) and NVRTC's floating-point options (`-ftz=true`, `-prec-div=false`, ...), `tree=DIR` (a kernels_src directory) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
@@ -58,7 +58,8 @@ def parse_variant(text: str) -> dict:
     if not spec["name"] or spec["name"] == BASE:
         raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
     for item in items.split():
-        if item.startswith(("-D", "-Xptxas=")):   # a define, or an option for ptxas (its schedule)
+        if item.startswith(("-D", "-Xptxas=", "-ftz=", "-prec-div=", "-prec-sqrt=", "-fmad=", "-use_fast_math")):
+            # a define, an option for ptxas (its schedule) or one of NVRTC's floating-point options
             spec["defines"].append(item)
         elif item.startswith("tree="):
             spec["tree"] = str(pathlib.Path(item[5:]).resolve())
