@@ -52,13 +52,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = "shipped"
 
 
+NVRTC_FLOAT_OPTIONS = ("-ftz=", "-prec-div=", "-prec-sqrt=", "-fmad=")  # with a value; -use_fast_math alone
+
+
 def parse_variant(text: str) -> dict:
     name, _, items = text.partition(":")
     spec = {"name": name.strip(), "defines": [], "tree": None, "smem": None, "threads": None, "overhead": None}
     if not spec["name"] or spec["name"] == BASE:
         raise SystemExit(f"variant {text!r}: give it a name other than {BASE!r}")
     for item in items.split():
-        if item.startswith(("-D", "-Xptxas=", "-ftz=", "-prec-div=", "-prec-sqrt=", "-fmad=", "-use_fast_math")):
+        if item.startswith(("-D", "-Xptxas=") + NVRTC_FLOAT_OPTIONS) or item == "-use_fast_math":
             # a define, an option for ptxas (its schedule) or one of NVRTC's floating-point options
             spec["defines"].append(item)
         elif item.startswith("tree="):
@@ -93,7 +96,7 @@ def parse_variant(text: str) -> dict:
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., tree=DIR, smem=BYTES, "
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, smem=BYTES, "
                              "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")

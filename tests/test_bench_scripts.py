@@ -590,7 +590,9 @@ def test_kernel_ab_variant_specs():
     assert kernel_ab.parse_variant("old: ringsmem=223232")["ringsmem"] == 223232
     assert pathlib.Path(kernel_ab.parse_variant("v13: nvrtc=lib/libnvrtc.so.13")["nvrtc"]).is_absolute()
     assert kernel_ab.parse_variant("o2: -Xptxas=-O2 -DA=1")["defines"] == ["-Xptxas=-O2", "-DA=1"]
-    for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense", "x: -Xptxas"):
+    assert kernel_ab.parse_variant("fast: -ftz=true -prec-div=false -use_fast_math")["defines"] == [
+        "-ftz=true", "-prec-div=false", "-use_fast_math"]
+    for bad in ("shipped: -DA=1", ": -DA=1", "x: tree", "x: -DA=1 nonsense", "x: -Xptxas", "x: -use_fast_maths"):
         with pytest.raises(SystemExit):
             kernel_ab.parse_variant(bad)
 
