@@ -1,5 +1,5 @@
-"""Where a decode call's CUDA-graph time goes, per library: the benchmark's own runs (memset L2 flush, start
-event, graph replay, end event) under the torch profiler, each run cut into the flush's end to the first
+"""Where a decode call's CUDA-graph time goes, per library: the benchmark's own runs (L2 flush, start
+event, graph replay, end event; `--flush memset`, the benchmark's standard, or `read`, L2 left clean) under the torch profiler, each run cut into the flush's end to the first
 kernel's start (launch gap), each kernel's own interval, and the last kernel's end. Answers whether a
 library that matches another's kernel time loses the difference between kernels or around them. GPU.
 
@@ -40,15 +40,19 @@ def runs_of(torch, replay, flush, runs: int) -> list[dict]:
         torch.cuda.synchronize()
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
-    return cut_runs(kernels, [start.elapsed_time(end) * 1000 for start, end in events])
+    return cut_runs(kernels, [start.elapsed_time(end) * 1000 for start, end in events], flush.mode)
 
 
-def cut_runs(kernels: list[tuple[float, float, str]], event_us: list[float]) -> list[dict]:
+# The flush's kernel in a profile, per bench.L2Flush mode: the byte fill, or the int64 sum that reads the buffer.
+FLUSH_KERNELS = {"memset": "FillFunctor<unsigned char>", "read": "sum_functor<long"}
+
+
+def cut_runs(kernels: list[tuple[float, float, str]], event_us: list[float], flush: str = "memset") -> list[dict]:
     """(start, end, name) device intervals (us) of len(event_us) runs -> one dict per run: its kernels
-    (name, start, end: us from the end of the run's flush, the byte fill over FLUSH_BYTES; the kernels up
-    to the next flush are the call's) and its event time."""
+    (name, start, end: us from the end of the run's flush, FLUSH_KERNELS[flush] over FLUSH_BYTES; the
+    kernels up to the next flush are the call's) and its event time."""
     kernels = sorted(kernels)
-    flushes = [i for i, (s, t, name) in enumerate(kernels) if "FillFunctor<unsigned char>" in name and t - s > 10]
+    flushes = [i for i, (s, t, name) in enumerate(kernels) if FLUSH_KERNELS[flush] in name and t - s > 10]
     out = []
     for n, i in enumerate(flushes[:len(event_us)]):
         stop = flushes[n + 1] if n + 1 < len(flushes) else len(kernels)
@@ -108,12 +112,14 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--only", default="flashmla_cupy,FlashMLA,FlashInfer-fa3")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--flush", choices=tuple(FLUSH_KERNELS), default="memset",
+                        help="how L2 is flushed before each run (bench.py --flush): memset, or read (left clean)")
     parser.add_argument("--ours-forms", default="", help=f"comma-separated, of {OUR_FORMS}: our call also so")
     parser.add_argument("--json")
     args = parser.parse_args()
     import torch
 
-    flush = bench.L2Flush(torch)
+    flush = bench.L2Flush(torch, args.flush)
     libs = [(lib.name, with_form(None, lib.make)) for lib in bench.LIBRARIES
             if lib.name in args.only.split(",") and args.dtype in lib.dtypes]
     ours = next(lib for lib in bench.LIBRARIES if lib.name == bench.bench_report.OURS)
@@ -129,7 +135,7 @@ def main() -> int:
                 got = summary(runs_of(torch, replay, flush, args.runs))
             except Exception as exc:  # a peer that does not run here is reported, not fatal
                 got = {"error": bench.error_text(exc)}
-            row = {"case": case_id, "dtype": args.dtype, "library": name, **got}
+            row = {"case": case_id, "dtype": args.dtype, "flush": args.flush, "library": name, **got}
             report.append(row)
             if "error" in got:
                 print(f"{case_id} {name}: {got['error']}")

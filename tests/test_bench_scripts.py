@@ -906,3 +906,10 @@ def test_graph_gaps_cuts_the_profiled_runs_at_each_flush():
     assert got["runs"] == 2 and got["event_us"] == 45.0 and got["last_end_us"] == 42.75
     assert got["kernels"] == [{"name": "flashmla_decode", "start_us": 1.5, "end_us": 39.5},
                               {"name": "flashmla_combine", "start_us": 2.5, "end_us": 42.75}]
+    # With a read flush the runs are cut at the int64 sum over the buffer, not at a fill.
+    total = ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<long, at::native::func_wrapper_t<long, "
+             "at::native::sum_functor<long, long, long>::operator()")
+    read = [(0.0, 40.0, total), (41.0, 80.0, "flashmla_decode"), (90.0, 130.0, total), (131.0, 170.0, "flashmla_decode")]
+    runs = graph_gaps.cut_runs(read, [40.0, 41.0], "read")
+    assert [r["kernels"] for r in runs] == [[("flashmla_decode", 1.0, 40.0)], [("flashmla_decode", 1.0, 40.0)]]
+    assert graph_gaps.cut_runs(read, [40.0, 41.0]) == []  # no fill: no memset flush found
