@@ -323,7 +323,10 @@ def host_times_us(torch, fns: dict, calls: int = HOST_CALLS, rounds: int = HOST_
 
 
 def captured(torch, fn):
-    """fn captured in a CUDA graph (after a warm-up call on the capture stream); returns the replay."""
+    """fn captured in a CUDA graph (after a warm-up call on the capture stream); returns the replay, which
+    holds fn: the graph reads memory that only fn's closure owns (each library's metadata from before the
+    capture). Replays of a graph whose fn was dropped read freed memory, which torch hands to the next
+    allocation: a read flush's temporaries once made our decode see no work (15 us at b128/h128/4k)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -332,7 +335,10 @@ def captured(torch, fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         fn()
-    return graph.replay
+
+    def replay(graph=graph, owner=fn):
+        graph.replay()
+    return replay
 
 
 def kernel_breakdown(torch, fn, calls: int = 20) -> tuple[dict[str, float], dict | None]:

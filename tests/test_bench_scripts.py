@@ -2,6 +2,7 @@
 rendering from recorded and synthetic JSON, the GPU-check summary, ncu's CSV and host_profile's mock."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -477,6 +478,55 @@ def test_libraries_are_timed_in_rounds_each_taking_each_place_and_following_each
     assert got["ours"] == [1.0, 2.0, 3.0, 4.0] and isinstance(got["peer"], RuntimeError)
     assert failing.order.count("broken") == 1   # not tried again after it failed
     assert bench.interleaved_us(_RoundTimer({}), {}) == {}
+
+
+def test_a_captured_replay_keeps_the_call_and_its_memory_alive():
+    """bench.captured: the replay holds the captured call (whose closure owns the metadata the graph reads)
+    and replays the graph; dropping every other reference to the call frees nothing the graph reads."""
+    import gc
+    import weakref
+
+    replays = []
+
+    class FakeTorch:
+        class cuda:
+            class Stream:
+                def wait_stream(self, other):
+                    pass
+
+            class CUDAGraph:
+                def replay(self):
+                    replays.append(self)
+
+            @staticmethod
+            def current_stream():
+                return FakeTorch.cuda.Stream()
+
+            @staticmethod
+            def stream(stream):
+                return contextlib.nullcontext()
+
+            @staticmethod
+            def graph(graph, stream=None):
+                return contextlib.nullcontext()
+
+    class Metadata:
+        pass
+
+    def make():
+        metadata = Metadata()
+        return (lambda: metadata), weakref.ref(metadata)
+
+    fn, metadata = make()
+    replay = bench.captured(FakeTorch, fn)
+    del fn
+    gc.collect()
+    assert metadata() is not None
+    replay()
+    assert len(replays) == 1
+    del replay
+    gc.collect()
+    assert metadata() is None
 
 
 def test_a_case_times_every_checked_library_in_both_modes(monkeypatch):
