@@ -98,7 +98,16 @@ def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str)
             instructions.append([match.group(2), ((match.group(1) or "") + match.group(3)).strip()])
     pathlib.Path(out).write_text(json.dumps({
         "nvrtc": list(install.nvrtc().getVersion()), "registers": kernel.registers,
-        "spills": [kernel.spill_stores, kernel.spill_loads], "instructions": instructions}))
+        "spills": [kernel.spill_stores, kernel.spill_loads], "warnings": ptxas_warnings(kernel.log),
+        "instructions": instructions}))
+
+
+def ptxas_warnings(log: str) -> list[str]:
+    """ptxas's notes that it serialised the wgmmas or added waits (C7510-C7520): a build with one runs
+    its page loop far slower whatever else it changes (the forty-third session's split PV, ab198: 20-50 %),
+    so it is not worth device time. tests/test_compile.py keeps the shipped variants free of them."""
+    return [line.split(":", 1)[-1].strip() for line in log.splitlines()
+            if "Potential Performance Loss" in line or "wait_group is injected" in line]
 
 
 def page_loop(instructions: list) -> tuple[int, int] | None:
@@ -150,6 +159,8 @@ def main() -> None:
         loop = f", page loop {span[1] - span[0]} ({span[0]}-{span[1]})" if span else ""
         print(f"  {label}: {tree}: {build['registers']} registers, spills {build['spills']}, "
               f"{len(build['instructions'])} instructions{loop}")
+        for warning in build.get("warnings", []):
+            print(f"  {label}: ptxas: {warning}")
     span_a, span_b = page_loop(a["instructions"]), page_loop(b["instructions"])
     if span_a and span_b:
         loop_a, loop_b = a["instructions"][slice(*span_a)], b["instructions"][slice(*span_b)]

@@ -420,6 +420,20 @@ def test_sass_diff_compares_two_builds_of_a_variant():
     assert int(matched) > 0 and rest.split()[0] == rest.split()[2] == matched.strip(), done.stdout
 
 
+def test_sass_diff_reports_ptxas_serialising_the_wgmmas():
+    """sass_diff prints ptxas's performance notes on a build (wgmmas serialised, waits added), which make a
+    candidate not worth timing; other lines of the report are not notes."""
+    import sass_diff
+
+    log = ("ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+           "to insufficient register resources for the wgmma pipeline in the function 'flashmla_decode'\n"
+           "ptxas info    : Used 168 registers, used 6 barriers\n"
+           "ptxas info    : (C7520) Potential Performance Loss: wait_group is injected here\n")
+    got = sass_diff.ptxas_warnings(log)
+    assert len(got) == 2 and got[0].startswith("(C7511) Potential Performance Loss: wgmma.mma_async")
+    assert sass_diff.ptxas_warnings("ptxas info    : Used 168 registers, used 6 barriers") == []
+
+
 def test_sass_diff_settings_set_constants_and_add_options(monkeypatch):
     """sass_diff's --set-a/b NAME=VALUE sets a constant of flashmla_cupy.variants, --option-a/b adds an NVRTC
     option after every element type's defines (-lineinfo for a line-attributed build, -Xptxas=...)."""
