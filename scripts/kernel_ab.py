@@ -193,6 +193,25 @@ def apply(spec: dict) -> None:
     if spec.get("maxparts"):
         _gpu_cases().cap_plan_parts(spec["maxparts"])
     variants._DEFINES = variants.defines_plus(*spec["defines"])
+    compiler.compile_variant = noting_ptxas(compiler.compile_variant)
+
+
+# "variant: note" for each of ptxas's notes that it serialised a kernel's wgmmas or added waits, in the
+# kernels this child compiled (a cached kernel was compiled, and noted, in the build's first round).
+PTXAS_NOTES: list[str] = []
+
+
+def noting_ptxas(compile_variant):
+    """compiler.compile_variant that keeps ptxas's performance notes (sass_diff.ptxas_warnings) in PTXAS_NOTES:
+    a build whose wgmmas ptxas serialised times the serialisation, not the change (ab198: 20-50 % slower)."""
+    _devtools()
+    from sass_diff import ptxas_warnings
+
+    def compile_and_note(variant):
+        kernel = compile_variant(variant)
+        PTXAS_NOTES.extend(f"{variant.name}: {note}" for note in ptxas_warnings(kernel.log or ""))
+        return kernel
+    return compile_and_note
 
 
 def _devtools() -> None:
@@ -269,6 +288,7 @@ def child(spec: dict, cases: str, dtypes: str, checks: int, eager: bool = False)
             result["us"][f"{case.id}-{case.dtype}-eager"] = timer.us(call)
         del inputs, call, replay
         torch.cuda.empty_cache()
+    result["ptxas_notes"] = sorted(set(PTXAS_NOTES))
     return result
 
 
@@ -354,7 +374,11 @@ def main(argv=None) -> int:
                 state += " (bars used: out {out:.2f}, lse {lse:.2f})".format(**result["tolerance_used"])
             if "nvrtc" in result:
                 state += f", NVRTC {result['nvrtc']}"
+            if result.get("ptxas_notes"):
+                state += f"; ptxas serialised or waited ({len(result['ptxas_notes'])} notes): its times are not the change's"
             print(f"round {round_ + 1} {build['name']}: {state}", flush=True)
+            for note in result.get("ptxas_notes", []):
+                print(f"  ptxas: {note}", flush=True)
             if "error" in result:
                 print(result["error"], file=sys.stderr)
 
@@ -368,6 +392,7 @@ def main(argv=None) -> int:
               "builds": builds, "cases": {}, "spread": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {}}
     for name, results in runs.items():
         report["nvrtc"][name] = sorted({r["nvrtc"] for r in results if "nvrtc" in r})
+        report.setdefault("ptxas_notes", {})[name] = sorted({n for r in results for n in r.get("ptxas_notes", [])})
         report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
         report["tolerance_used"][name] = {bar: max((r["tolerance_used"][bar] for r in results if "tolerance_used" in r),
                                                    default=None) for bar in ("out", "lse")}

@@ -631,6 +631,33 @@ def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_
     assert "   12.5%" in printed   # the case's spread beside its ratios
 
 
+def test_kernel_ab_notes_a_build_whose_wgmmas_ptxas_serialised(monkeypatch, capsys):
+    """A child keeps ptxas's performance notes on the kernels it compiles; the parent prints them under the
+    build's round and keeps them in the report, since such a build times the serialisation."""
+    note = ("(C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient "
+            "register resources for the wgmma pipeline in the function 'flashmla_decode'")
+
+    class Kernel:
+        log = f"ptxas info    : {note}\nptxas info    : Used 168 registers, used 6 barriers\n"
+
+    class Variant:
+        name = "decode_bf16"
+
+    monkeypatch.setattr(kernel_ab, "PTXAS_NOTES", [])
+    kernel = Kernel()
+    assert kernel_ab.noting_ptxas(lambda variant: kernel)(Variant()) is kernel
+    assert kernel_ab.PTXAS_NOTES == [f"decode_bf16: {note}"]
+
+    plain = {"card": "H200", "failures": [], "tolerance_used": {"out": 0.5, "lse": 0.25}, "us": {"c-bf16": 100.0}}
+    turns = iter([plain, {**plain, "us": {"c-bf16": 150.0}, "ptxas_notes": [f"decode_bf16: {note}"]}])
+    monkeypatch.setattr(kernel_ab, "run_child", lambda spec, args: next(turns))
+    assert kernel_ab.main(["--variant", "split: -DX=1", "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "round 1 split: exact" in printed and "ptxas serialised or waited (1 notes)" in printed
+    assert f"  ptxas: decode_bf16: {note}" in printed
+    assert "round 1 shipped: exact (bars used: out 0.50, lse 0.25)\n" in printed
+
+
 def test_kernel_ab_variant_specs():
     spec = kernel_ab.parse_variant("lazy: tree=kernels_src smem=230400 -DA=1 -DB")
     assert spec["name"] == "lazy" and spec["defines"] == ["-DA=1", "-DB"] and spec["smem"] == 230400
@@ -689,10 +716,11 @@ def test_kernel_ab_prebuilt_cubins_stand_in_for_compiling(tmp_path):
 
 
 def test_kernel_ab_apply_sets_the_ring_storage(monkeypatch):
-    from flashmla_cupy import variants
+    from flashmla_cupy import compiler, variants
 
     for name in ("RING_SHARED_BYTES", "_DEFINES"):
         monkeypatch.setattr(variants, name, getattr(variants, name))   # restored after the test
+    monkeypatch.setattr(compiler, "compile_variant", compiler.compile_variant)
     kernel_ab.apply(kernel_ab.parse_variant("old: ringsmem=223232"))
     assert variants.RING_SHARED_BYTES == 223232
 
