@@ -1,7 +1,8 @@
 """Where a decode call's CUDA-graph time goes, per library: the benchmark's own runs (L2 flush, start
-event, graph replay, end event; `--flush memset`, the benchmark's standard, or `read`, L2 left clean) under the torch profiler, each run cut into the flush's end to the first
-kernel's start (launch gap), each kernel's own interval, and the last kernel's end. Answers whether a
-library that matches another's kernel time loses the difference between kernels or around them. GPU.
+event, graph replay, end event; `--flush memset`, the benchmark's standard, or `read`, which leaves L2
+clean) under the torch profiler, each run cut into the flush's end to the first kernel's start (launch
+gap), each kernel's own interval, and the last kernel's end. Answers whether a library that matches
+another's kernel time loses the difference between kernels or around them. GPU.
 
     python devtools/graph_gaps.py --cases b64-q1-h128-1024,b16-q1-h128-2048 --dtype bf16 \
         --only flashmla_cupy,FlashMLA --json out.json

@@ -197,7 +197,8 @@ def apply(spec: dict) -> None:
 
 
 # "variant: note" for each of ptxas's notes that it serialised a kernel's wgmmas or added waits, in the
-# kernels this child compiled (a cached kernel was compiled, and noted, in the build's first round).
+# kernels this child compiled. A kernel found in the build's cache is not compiled again: its notes came
+# with the round that compiled it (the first, unless --cache-root already held the build).
 PTXAS_NOTES: list[str] = []
 
 
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
             if "nvrtc" in result:
                 state += f", NVRTC {result['nvrtc']}"
             if result.get("ptxas_notes"):
-                state += f"; ptxas serialised or waited ({len(result['ptxas_notes'])} notes): its times are not the change's"
+                state += f"; ptxas serialised its wgmmas or added waits ({len(result['ptxas_notes'])} notes): it times that"
             print(f"round {round_ + 1} {build['name']}: {state}", flush=True)
             for note in result.get("ptxas_notes", []):
                 print(f"  ptxas: {note}", flush=True)
@@ -389,10 +390,11 @@ def main(argv=None) -> int:
     report = {"card": ", ".join(sorted(cards)) or "unknown", "driver": bench.driver_version(), "commit": bench.commit(),
               "how": "per build a child process per round, rounds interleaved; CUDA-graph replay, L2 flushed, "
                      "CUDA-event median; median over rounds",
-              "builds": builds, "cases": {}, "spread": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {}}
+              "builds": builds, "cases": {}, "spread": {}, "exact": {}, "tolerance_used": {}, "errors": {}, "nvrtc": {},
+              "ptxas_notes": {}}
     for name, results in runs.items():
         report["nvrtc"][name] = sorted({r["nvrtc"] for r in results if "nvrtc" in r})
-        report.setdefault("ptxas_notes", {})[name] = sorted({n for r in results for n in r.get("ptxas_notes", [])})
+        report["ptxas_notes"][name] = sorted({n for r in results for n in r.get("ptxas_notes", [])})
         report["exact"][name] = all("error" not in r and not r["failures"] for r in results)
         report["tolerance_used"][name] = {bar: max((r["tolerance_used"][bar] for r in results if "tolerance_used" in r),
                                                    default=None) for bar in ("out", "lse")}

@@ -631,7 +631,7 @@ def test_kernel_ab_report_gives_times_ratios_and_the_bars_used(monkeypatch, tmp_
     assert "   12.5%" in printed   # the case's spread beside its ratios
 
 
-def test_kernel_ab_notes_a_build_whose_wgmmas_ptxas_serialised(monkeypatch, capsys):
+def test_kernel_ab_notes_a_build_whose_wgmmas_ptxas_serialised(monkeypatch, tmp_path, capsys):
     """A child keeps ptxas's performance notes on the kernels it compiles; the parent prints them under the
     build's round and keeps them in the report, since such a build times the serialisation."""
     note = ("(C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient "
@@ -651,9 +651,11 @@ def test_kernel_ab_notes_a_build_whose_wgmmas_ptxas_serialised(monkeypatch, caps
     plain = {"card": "H200", "failures": [], "tolerance_used": {"out": 0.5, "lse": 0.25}, "us": {"c-bf16": 100.0}}
     turns = iter([plain, {**plain, "us": {"c-bf16": 150.0}, "ptxas_notes": [f"decode_bf16: {note}"]}])
     monkeypatch.setattr(kernel_ab, "run_child", lambda spec, args: next(turns))
-    assert kernel_ab.main(["--variant", "split: -DX=1", "--rounds", "1"]) == 0
+    out = tmp_path / "ab.json"
+    assert kernel_ab.main(["--variant", "split: -DX=1", "--rounds", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["ptxas_notes"] == {"shipped": [], "split": [f"decode_bf16: {note}"]}
     printed = capsys.readouterr().out
-    assert "round 1 split: exact" in printed and "ptxas serialised or waited (1 notes)" in printed
+    assert "round 1 split: exact" in printed and "ptxas serialised its wgmmas or added waits (1 notes)" in printed
     assert f"  ptxas: decode_bf16: {note}" in printed
     assert "round 1 shipped: exact (bars used: out 0.50, lse 0.25)\n" in printed
 
