@@ -242,9 +242,11 @@ struct PieceContext {
 
   // Scores of a page -> probabilities against the new running max, returned in `new_max`; `sum` is the
   // thread's share of the page's row sums.
+  // kEdge = false: a page of the steady state, which needs no mask (only an FP8 bad page's flag is checked).
+  template <bool kEdge = true>
   __device__ __forceinline__ void softmax(ScoreTile& s, const PageMask& mask, const float (&running)[2],
                                           float (&new_max)[2], float (&sum)[2]) const {
-    if (needs_mask(mask)) {
+    if (kEdge ? needs_mask(mask) : kFlagBadPages && mask.bad) {
       page_max<true>(s, at, mask, scales.scale_log2, running, new_max);
     } else {
       page_max<false>(s, at, mask, scales.scale_log2, running, new_max);
@@ -269,8 +271,9 @@ struct PieceContext {
 
   // Zero the stale V rows of this warpgroup's half of `buffer` before its PV reads them. (With FP8
   // scores the converter writes them as zeros.)
+  template <bool kEdge = true>
   __device__ __forceinline__ void clear_stale_rows(int page, int buffer, int half, NamedBarrier own) const {
-    if constexpr (kFp8Scores) return;
+    if constexpr (kFp8Scores || !kEdge) return;
     const int valid = valid_tokens(page);
     if (valid < kPageSize) {
       zero_stale_v_rows(smem.kv[buffer], half, valid, thread);
@@ -281,11 +284,12 @@ struct PieceContext {
 
   // O = O * move + P V[:, half] over a page this warpgroup scored itself (P in registers), then
   // the refill of the page's boxes it read last.
+  template <bool kEdge = true>
   __device__ __forceinline__ void own_page_pv(Producer& producer, const ProbFragment& prob, int page, int buffer,
                                               int half, NamedBarrier own, const MaxMove& move, OutputHalf& o,
                                               int (&uses)[kPageBuffers]) const {
     if constexpr (kFp8Scores) see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);  // V converted
-    clear_stale_rows(page, buffer, half, own);
+    clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
     issue_pv_from_regs(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
@@ -295,10 +299,11 @@ struct PieceContext {
 
   // O = O * move + P V[:, half] over a page the other warpgroup scored (P in the page's rope box),
   // issued only; `finish_remote_pv` waits for it.
+  template <bool kEdge = true>
   __device__ __forceinline__ void issue_remote_pv(int page, int buffer, int half, NamedBarrier own, const MaxMove& move,
                                                   OutputHalf& o, const int (&uses)[kPageBuffers]) const {
     see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);
-    clear_stale_rows(page, buffer, half, own);
+    clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
     issue_pv_from_smem(p_box(buffer), smem.kv[buffer], half, o);
   }
@@ -349,12 +354,13 @@ struct RowState {
 // A page this warpgroup scored: its softmax against the running max `from` gives the new max `to`; the
 // row sums follow the move, P is packed (returned in `prob` for this warpgroup's own PV) and handed to
 // the other warpgroup with `to`. Returns the move, which O still has to follow.
+template <bool kEdge = true>
 __device__ __forceinline__ MaxMove score_own_page(const PieceContext& c, ScoreTile& s, const PageMask& mask,
                                                   const float (&from)[2], float (&to)[2], RowState& rows,
                                                   ProbFragment& prob, int buffer, float* max_out,
                                                   NamedBarrier ready) {
   float sum[2];
-  c.softmax(s, mask, from, to, sum);
+  c.template softmax<kEdge>(s, mask, from, to, sum);
   const MaxMove move(from, to);
   rows.move_sums(move, sum);
   pack_probabilities(s, prob);
@@ -363,7 +369,7 @@ __device__ __forceinline__ MaxMove score_own_page(const PieceContext& c, ScoreTi
 }
 
 // Warpgroup 0, one pair: page a (scored here) and, with kHasB, page b (scored by warpgroup 1).
-template <bool kHasB>
+template <bool kHasB, bool kEdge = true>
 __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer& producer, int page_a,
                                                 int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o,
                                                 Tracer& trace) {
@@ -380,11 +386,11 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   float max_a[2];
   ProbFragment prob;
   const MaxMove to_a =
-      score_own_page(c, s, mask, rows.max, max_a, rows, prob, kBufferA, smem.max_a, kBarrierPageAReady);
+      score_own_page<kEdge>(c, s, mask, rows.max, max_a, rows, prob, kBufferA, smem.max_a, kBarrierPageAReady);
   trace.mark(kMarkProbsPublished);
 
   // O_L = O_L * rescale + P_a V_a[:, 0:256]
-  c.own_page_pv(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, to_a, o, uses);
+  c.template own_page_pv<kEdge>(producer, prob, page_a, kBufferA, 0, kBarrierWarpgroup0, to_a, o, uses);
   trace.mark(kMarkOwnPvDone);
   rows.set_max(max_a);
 
@@ -395,14 +401,14 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
     const float max_b[2] = {smem.max_b[c.at.row[0]], smem.max_b[c.at.row[1]]};
     const MaxMove to_b(max_a, max_b);
     rows.move_sums(to_b);
-    c.issue_remote_pv(page_a + 1, kBufferB, 0, kBarrierWarpgroup0, to_b, o, uses);
+    c.template issue_remote_pv<kEdge>(page_a + 1, kBufferB, 0, kBarrierWarpgroup0, to_b, o, uses);
     c.finish_remote_pv(producer, kBufferB, uses, trace);
     rows.set_max(max_b);
   }
 }
 
 // Warpgroup 1, one pair: page a (scored by warpgroup 0) and, with kHasB, page b (scored here).
-template <bool kHasB>
+template <bool kHasB, bool kEdge = true>
 __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer& producer, int page_a,
                                                 int (&uses)[kPageBuffers], RowState& rows, OutputHalf& o,
                                                 Tracer& trace) {
@@ -431,7 +437,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   const float max_a[2] = {smem.max_a[c.at.row[0]], smem.max_a[c.at.row[1]]};
   const MaxMove to_a(rows.max, max_a);
   rows.move_sums(to_a);
-  c.issue_remote_pv(page_a, kBufferA, 1, kBarrierWarpgroup1, to_a, o, uses);
+  c.template issue_remote_pv<kEdge>(page_a, kBufferA, 1, kBarrierWarpgroup1, to_a, o, uses);
 
   if constexpr (kHasB) {
     cute::warpgroup_wait<1>();  // S_b is in; P_a V_a may still run
@@ -439,13 +445,13 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
     float max_b[2];
     ProbFragment prob;
     const MaxMove to_b =
-        score_own_page(c, s, mask_b, max_a, max_b, rows, prob, kBufferB, smem.max_b, kBarrierPageBReady);
+        score_own_page<kEdge>(c, s, mask_b, max_a, max_b, rows, prob, kBufferB, smem.max_b, kBarrierPageBReady);
     trace.mark(kMarkProbsPublished);
 
     c.finish_remote_pv(producer, kBufferA, uses, trace);
 
     // O_R = O_R * 2^(m_a - m_b) + P_b V_b[:, 256:512]
-    c.own_page_pv(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, to_b, o, uses);
+    c.template own_page_pv<kEdge>(producer, prob, page_a + 1, kBufferB, 1, kBarrierWarpgroup1, to_b, o, uses);
     trace.mark(kMarkOwnPvDone);
     rows.set_max(max_b);
   } else {
@@ -575,6 +581,22 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) o.v[i] = 0.f;
     int page = piece.page_begin;
+    // The steady state: pairs of pages that need no mask and hold 64 tokens each, whose code has neither the
+    // masked softmax nor the stale rows' clearing (decode_bf16's loop bodies 708 and 792 instructions
+    // against 1299 and 1378 with them; 1.9-2.6 % faster at h128/4k, b32/8k, h64/16k on the H200, ab201).
+    // Then the pairs from the first page that needs either. 16-bit caches only: with an FP8 cache the
+    // second body made NVRTC 13.0.88 spill (4 bytes) and was not measured; nor in a trace build
+    // (kernel_trace.py), where the marks held through both bodies spilled 4 bytes under NVRTC 13.5.
+#if !defined(FLASHMLA_TRACE)
+    if constexpr (kLoaderWarpgroup) {
+      const int steady_end = min(piece.page_end, c.mask_from / kPageSize);
+      if (warpgroup == 0) {
+        for (; page + 1 < steady_end; page += 2) warpgroup0_pair<true, false>(c, producer, page, uses, rows, o, trace);
+      } else {
+        for (; page + 1 < steady_end; page += 2) warpgroup1_pair<true, false>(c, producer, page, uses, rows, o, trace);
+      }
+    }
+#endif
     if (warpgroup == 0) {
       for (; page + 1 < piece.page_end; page += 2) warpgroup0_pair<true>(c, producer, page, uses, rows, o, trace);
       if (page < piece.page_end) warpgroup0_pair<false>(c, producer, page, uses, rows, o, trace);
