@@ -50,11 +50,17 @@ constexpr int kWarpsPerRow = FLASHMLA_COMBINE_WARPS_PER_ROW;
 static_assert(kWarpsPerRow == 1 || kWarpsPerRow == 16, "a warp or a block of 16 a row");
 constexpr int kCombineWarpsPerBlock = kWarpsPerRow == 1 ? 4 : kWarpsPerRow;
 // Pieces of a row whose partial values a warp loads at once (each takes 16 registers of a lane). A warp
-// a row merges few pieces beside many other rows, in waves: 4 keep it at 120 registers, four blocks an
-// SM (8: 185, two; H200, one build with 4: b32/8k -3.4 %, b16/2k -5.1 %: benchmarks/results/
-// 2026-11-30-h200-ab38-*). A block of 16 warps a row (512 threads, at most 128 registers) gives each warp
-// ~4 of a row's ~66 pieces, so 4 in flight there too: every SM has 64 pieces' loads in flight at once.
-constexpr int kPiecesInFlight = 4;
+// a row merges few pieces (2-3 at b = 128) beside many other rows: 2 keep it at 80 registers, six blocks
+// an SM, so that the rows of every split request fit on the SMs at once (4: 119 registers, four blocks,
+// the split rows of b = 128 in two waves; H200, ab203: 2 in flight 2.7-3.4 % faster on the
+// variable-length 1k cells, 1.2-1.4 % at 4k, level elsewhere; 1 in flight (64 registers) +4.5 % at
+// b16/2k, where rows have ~5 pieces). A block of 16 warps a row (512 threads, at most 128 registers)
+// gives each warp ~4 of a row's ~66 pieces, so 4 in flight there: every SM has 64 pieces' loads in
+// flight at once. -DFLASHMLA_COMBINE_IN_FLIGHT=N sets the W = 1 build's (scripts/kernel_ab.py).
+#ifndef FLASHMLA_COMBINE_IN_FLIGHT
+#define FLASHMLA_COMBINE_IN_FLIGHT 2
+#endif
+constexpr int kPiecesInFlight = kWarpsPerRow == 1 ? FLASHMLA_COMBINE_IN_FLIGHT : 4;
 // Pieces' lse values a lane loads at once in the first pass (pieces j, j + 32, ...): 4 where a block
 // merges a row of up to ~128 pieces, one memory latency for all; 1 where a warp merges a row of a few.
 constexpr int kLseInFlight = kWarpsPerRow == 1 ? 1 : 4;
