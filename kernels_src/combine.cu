@@ -50,7 +50,7 @@ constexpr int kWarpsPerRow = FLASHMLA_COMBINE_WARPS_PER_ROW;
 static_assert(kWarpsPerRow == 1 || kWarpsPerRow == 16, "a warp or a block of 16 a row");
 constexpr int kCombineWarpsPerBlock = kWarpsPerRow == 1 ? 4 : kWarpsPerRow;
 // Pieces of a row whose partial values a warp loads at once (each takes 16 registers of a lane). A warp
-// a row merges few pieces (2-3 at b = 128) beside many other rows: 2 keep it at 80 registers, six blocks
+// a row merges few pieces (2-3 at b = 128) beside many other rows: 2 keep it at 78 registers, six blocks
 // an SM, so that the rows of every split request fit on the SMs at once (4: 119 registers, four blocks,
 // the split rows of b = 128 in two waves; H200, ab203: 2 in flight 2.7-3.4 % faster on the
 // variable-length 1k cells, 1.2-1.4 % at 4k, level elsewhere; 1 in flight (64 registers) +4.5 % at
