@@ -41,6 +41,12 @@ With `--clock global` the combine kernel's blocks are traced too (combine.cu's C
 start, when their waits for the decode return and when they end, beside the decode's last mark, so that
 what the combine adds after the decode can be split into waiting and merging.
 
+With `--ctas` covering the grid, the report also says when a balanced hand-out of the same pages would have
+ended (`balance`: each CTA taking pages at its own SM's period), against the last CTA's end. `--from JSON`
+prints that again from a saved report, no GPU:
+
+    python scripts/kernel_trace.py --from benchmarks/results/<date>-h200-<commit>-trace-<case>.json.xz
+
 `--ring 1` traces decode_ring.cu on an e4m3 case with more than 32 rows (kernels.RING_FP8), `--ring 0`
 decode.cu's FP8 path there. A case of at most 32 rows with an e4m3 q and cache traces decode_narrow.cu's
 FP8 kernel: each computing warpgroup per page of its own ("pair start" is a page's start, "own pv done"
@@ -210,6 +216,52 @@ def sm_periods(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[
         if len(middle) >= 2:
             periods[sms[cta]] = (middle[-1] - middle[0]) / (len(middle) - 1) / 1e3
     return {str(sm): periods[sm] for sm in sorted(periods)}
+
+
+def balance(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[int, int], periods: dict,
+            loader_wg: int) -> dict:
+    """With globaltimer marks of every CTA: how far the plan's static parts are from a balanced end. Each
+    CTA's pages (its computing warpgroups' "scores in"), its first and last mark, and its SM's page period
+    (sm_periods) give it a fixed cost (its span less pages x period). The balanced end is the time T at
+    which the CTAs, each still paying its fixed cost and taking pages at its own SM's period, would have
+    taken all of the pages between them: sum over CTAs of (T - start - fixed) / period = pages. That is
+    what a plan handing out pages as CTAs free up (rather than fixed ranges) would reach, if the SMs kept
+    their periods; the gap to the last CTA's end is what it could win. Times in us from the first mark."""
+    scores_in = MARKS.index("scores in")
+    ctas = {}
+    for (cta, wg), marks in records.items():
+        if not marks:
+            continue
+        entry = ctas.setdefault(cta, {"pages": 0, "first": marks[0][1], "last": marks[0][1]})
+        entry["pages"] += sum(1 for m, _ in marks if m == scores_in and wg != loader_wg)
+        entry["first"] = min(entry["first"], min(t for _, t in marks))
+        entry["last"] = max(entry["last"], max(t for _, t in marks))
+    rows = [(v["pages"], v["first"], v["last"], periods[str(sms[cta])])
+            for cta, v in ctas.items() if v["pages"] and str(sms.get(cta)) in periods]
+    if not rows:
+        return {}
+    origin = min(first for _, first, _, _ in rows)
+    rows = [(pages, (first - origin) / 1e3, (last - origin) / 1e3, period) for pages, first, last, period in rows]
+    fixed = [end - start - pages * period for pages, start, end, period in rows]
+    total = sum(pages for pages, _, _, _ in rows)
+    lo, hi = 0.0, max(end for _, _, end, _ in rows) * 2
+    for _ in range(60):  # bisection on T: the pages the CTAs would have taken by T grow with T
+        mid = (lo + hi) / 2
+        taken = sum(max(0.0, mid - start - cost) / period for (_, start, _, period), cost in zip(rows, fixed))
+        lo, hi = (mid, hi) if taken < total else (lo, mid)
+    ends = sorted(end for _, _, end, _ in rows)
+    return {"ctas": len(rows), "pages": total, "pages_min": min(r[0] for r in rows), "pages_max": max(r[0] for r in rows),
+            "end_min_us": ends[0], "end_median_us": statistics.median(ends), "end_max_us": ends[-1],
+            "fixed_median_us": statistics.median(fixed), "balanced_end_us": round(hi, 2)}
+
+
+def print_balance(summary: dict) -> None:
+    if not summary:
+        return
+    print(f"\nbalance: {summary['ctas']} CTAs took {summary['pages']} pages ({summary['pages_min']}-"
+          f"{summary['pages_max']} a CTA) and ended at {summary['end_min_us']:.1f} / {summary['end_median_us']:.1f} / "
+          f"{summary['end_max_us']:.1f} us (min / median / max); pages handed out at each SM's own period would "
+          f"end at {summary['balanced_end_us']:.1f} us (fixed costs median {summary['fixed_median_us']:.1f} us a CTA)")
 
 
 def store_overlap(records: dict[tuple[int, int], list[tuple[int, int]]]) -> dict:
@@ -400,11 +452,19 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
         # The narrow FP8 kernel's loader marks as warpgroup 2 (its two computing warpgroups are 0 and 1).
         report["timeline"] = timeline(records, 2, int(bin_us * 1e3))
         report["sm_page_us"] = sm_periods(records, sms, 2)
+        report["balance"] = balance(records, sms, report["sm_page_us"], 2)
         report["store_overlap"] = store_overlap(records)
         report["page_bytes"] = 64 * 576 * case.heads_kv * (1 if dtype == "fp8" else 2)
         report["combine"] = combine_summary(cupy.asnumpy(combine_words).reshape(-1, 4), records)
     report["raw"] = {f"{cta}/{wg}": [[int(m), int(t)] for m, t in marks] for (cta, wg), marks in records.items()}
     return report
+
+
+def load_report(path: str) -> dict:
+    """A report written by --json, plain or xz-compressed (as benchmarks/results keeps the large ones)."""
+    import lzma
+    data = pathlib.Path(path).read_bytes()
+    return json.loads(lzma.decompress(data) if path.endswith(".xz") else data)
 
 
 def main(argv=None) -> int:
@@ -430,7 +490,18 @@ def main(argv=None) -> int:
     parser.add_argument("--items", default="", help="kernel_ab.py variant items for the traced build, e.g. "
                         "'whole=-1' (the plan that cuts equal requests) or 'maxparts=128'")
     parser.add_argument("--bin-us", type=float, default=2.0, help="the timeline's bin (with --clock global)")
+    parser.add_argument("--from", dest="from_json", metavar="JSON",
+                        help="a --json report of a --clock global trace (.xz too): its balance again, no GPU")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = load_report(args.from_json)
+        if report.get("clock") != "global":
+            parser.error(f"{args.from_json}: not a --clock global trace (each SM's cycle counter cannot be compared across CTAs)")
+        records = {tuple(map(int, key.split("/"))): [tuple(mark) for mark in marks] for key, marks in report["raw"].items()}
+        sms = {int(cta): sm for cta, sm in report["sms"].items()}
+        print(f"{report['card']}  {report['case']} {report['dtype']}  commit {report['commit']}")
+        print_balance(balance(records, sms, sm_periods(records, sms, 2), 2))
+        return 0
     os.environ.setdefault("FLASHMLA_CUPY_CACHE_DIR", "/tmp/kernel_trace_cache")
     report = trace(args.case, args.dtype, args.tree, args.flush, args.clock,
                    None if args.ring is None else bool(args.ring), args.ctas, args.bin_us,
@@ -449,6 +520,7 @@ def main(argv=None) -> int:
               f"tile {lag['first_done']} first")
     print_timeline(report.get("timeline", {}), report.get("page_bytes", 0))
     print_sm_periods(report.get("sm_page_us", {}))
+    print_balance(report.get("balance", {}))
     print_store_overlap(report.get("store_overlap", {}))
     print_combine(report.get("combine", {}))
     if args.json:

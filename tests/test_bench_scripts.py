@@ -993,3 +993,32 @@ def test_graph_gaps_cuts_the_profiled_runs_at_each_flush():
     runs = graph_gaps.cut_runs(read, [40.0, 41.0], "read")
     assert [r["kernels"] for r in runs] == [[("flashmla_decode", 1.0, 40.0)], [("flashmla_decode", 1.0, 40.0)]]
     assert graph_gaps.cut_runs(read, [40.0, 41.0]) == []  # no fill: no memset flush found
+
+
+def test_kernel_trace_balance_is_where_pages_handed_out_at_each_sms_period_would_end(tmp_path, capsys):
+    """balance: two CTAs with equal fixed costs (2 us), one SM taking a page every 1 us and one every 3 us,
+    4 pages each: they end at 6 and 14 us; handing the 8 pages out at those periods ends when
+    (T - 2) / 1 + (T - 2) / 3 = 8, T = 8 us. --from prints it again from a saved global trace, and refuses
+    one marked with each SM's cycle counter."""
+    scores_in, end = (kernel_trace.MARKS.index(m) for m in ("scores in", "piece end"))
+
+    def cta(period_ns):
+        return [(scores_in, 1000 + period_ns * (i + 1)) for i in range(4)] + [(end, 1000 + 4 * period_ns + 1000)]
+
+    records = {(0, 0): [(end, 0)] + cta(1000), (1, 0): [(end, 0)] + cta(3000)}
+    sms = {0: 10, 1: 11}
+    periods = kernel_trace.sm_periods(records, sms, 2)
+    assert periods == {"10": 1.0, "11": 3.0}
+    summary = kernel_trace.balance(records, sms, periods, 2)
+    assert summary["pages"] == 8 and (summary["end_min_us"], summary["end_max_us"]) == (6.0, 14.0)
+    assert summary["fixed_median_us"] == 2.0 and abs(summary["balanced_end_us"] - 8.0) < 0.01
+    report = {"card": "c", "case": "x", "dtype": "bf16", "commit": "abc", "clock": "global",
+              "sms": {str(c): s for c, s in sms.items()},
+              "raw": {f"{c}/{w}": [list(m) for m in marks] for (c, w), marks in records.items()}}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(report))
+    assert kernel_trace.main(["--from", str(path)]) == 0
+    assert "would end at 8.0 us" in capsys.readouterr().out
+    path.write_text(json.dumps({**report, "clock": "sm"}))
+    with pytest.raises(SystemExit):
+        kernel_trace.main(["--from", str(path)])
