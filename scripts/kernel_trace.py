@@ -228,16 +228,13 @@ def balance(records: dict[tuple[int, int], list[tuple[int, int]]], sms: dict[int
     what a plan handing out pages as CTAs free up (rather than fixed ranges) would reach, if the SMs kept
     their periods; the gap to the last CTA's end is what it could win. Times in us from the first mark."""
     scores_in = MARKS.index("scores in")
-    ctas = {}
+    pages: dict[int, int] = {}
+    times: dict[int, list[int]] = {}
     for (cta, wg), marks in records.items():
-        if not marks:
-            continue
-        entry = ctas.setdefault(cta, {"pages": 0, "first": marks[0][1], "last": marks[0][1]})
-        entry["pages"] += sum(1 for m, _ in marks if m == scores_in and wg != loader_wg)
-        entry["first"] = min(entry["first"], min(t for _, t in marks))
-        entry["last"] = max(entry["last"], max(t for _, t in marks))
-    rows = [(v["pages"], v["first"], v["last"], periods[str(sms[cta])])
-            for cta, v in ctas.items() if v["pages"] and str(sms.get(cta)) in periods]
+        pages[cta] = pages.get(cta, 0) + sum(1 for m, _ in marks if m == scores_in and wg != loader_wg)
+        times.setdefault(cta, []).extend(t for _, t in marks)
+    rows = [(pages[cta], min(times[cta]), max(times[cta]), periods[str(sms[cta])])
+            for cta in pages if pages[cta] and str(sms.get(cta)) in periods]
     if not rows:
         return {}
     origin = min(first for _, first, _, _ in rows)
@@ -460,13 +457,6 @@ def trace(case_id: str, dtype: str, tree: str | None, flush: str = "none", clock
     return report
 
 
-def load_report(path: str) -> dict:
-    """A report written by --json, plain or xz-compressed (as benchmarks/results keeps the large ones)."""
-    import lzma
-    data = pathlib.Path(path).read_bytes()
-    return json.loads(lzma.decompress(data) if path.endswith(".xz") else data)
-
-
 def main(argv=None) -> int:
     _scripts_on_path()
     import bench  # imports no framework and compiles nothing: kernel_ab.apply still comes first in trace
@@ -494,7 +484,8 @@ def main(argv=None) -> int:
                         help="a --json report of a --clock global trace (.xz too): its balance again, no GPU")
     args = parser.parse_args(argv)
     if args.from_json:
-        report = load_report(args.from_json)
+        import bench_report  # reads the .json.xz that benchmarks/results keeps the large reports as
+        report = bench_report.read_json(args.from_json)
         if report.get("clock") != "global":
             parser.error(f"{args.from_json}: not a --clock global trace (each SM's cycle counter cannot be compared across CTAs)")
         records = {tuple(map(int, key.split("/"))): [tuple(mark) for mark in marks] for key, marks in report["raw"].items()}
