@@ -199,9 +199,10 @@ def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) ->
 
 
 def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                    out_partial, lse_partial, num_splits, out, lse, stream: int) -> None:
-    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent."""
+                    out_partial, lse_partial, num_splits, out, lse, stream: int, partial16: bool = False) -> None:
+    """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent;
+    `partial16`: out_partial holds fp16 rows and their scales (decode.cu's -DFLASHMLA_PARTIAL_F16 format)."""
     from flashmla_cupy.kernels import CombineLaunch
 
-    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id)(
+    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id, partial16)(
         out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

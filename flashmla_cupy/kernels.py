@@ -20,7 +20,7 @@ COMBINE_WARPS_PER_BLOCK = 4  # kCombineWarpsPerBlock in combine.cu where a warp 
 # are cut into about this many pieces or more, and one warp per row would leave most SMs idle.
 COMBINE_BLOCK_PER_ROW_PARTS = 16
 COMBINE_ROW_BLOCK_WARPS = variants.COMBINE_WARPS_PER_ROW[-1]  # the warps of such a block (its build's kWarpsPerRow)
-FLOAT32_BYTES = 4           # the partial buffers are fp32
+FLOAT32_BYTES = 4           # the partial buffers are sized for fp32 rows (fp16 ones take half: Variant.partial16)
 _TMA_MAPS_PER_LAYOUT = 256  # k_cache (and q) descriptors kept per decode launcher (k: typically one per layer)
 
 
@@ -55,14 +55,14 @@ class CombineLaunch:
     """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
 
     def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                 device_id: int):
+                 device_id: int, partial16: bool = False):
         heads_per_group = heads_q // heads_kv
         rows = seqlen_q * heads_per_group
         warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
             heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
-        fn = launch.get_function(variants.combine_variant(dtype, warps_per_row), device_id)
+        fn = launch.get_function(variants.combine_variant(dtype, warps_per_row, partial16), device_id)
         block_warps = combine_block_warps(warps_per_row)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // block_warps), 1)
         self._launch = launch.Launch(fn, grid, (32 * block_warps, 1, 1), [self._params], pdl=True)
@@ -90,6 +90,16 @@ NARROW_FP8_MAX_ROWS = variants.NARROW_FP8_ROWS[-1]
 RING_FP8 = True
 
 
+# Plans whose requests are cut into several pieces each, merged a warp a row, go to decode.cu's build with
+# fp16 partial rows: where the batch times this is at most the plan's parts (each request ~this many pieces
+# or more; 0: never) and a warp merges a row (combine_warps_per_row). Their merge reads half the bytes: on
+# the H200 b16/h128/2k took 34.4 against 36.5 us (rows of ~5 pieces), while the same build cost 1-4 % on
+# the variable-length 1k cells, whose rows have 2-3 pieces (its page loop is scheduled differently), was
+# level at b32/8k, and at b1/32k (rows of 66 pieces, a block a row) level in bf16 and 4 % slower in fp16
+# (docs/PERF_NOTES.md: ab207, forty-seventh session).
+PARTIAL_F16_PARTS_PER_REQUEST = 4
+
+
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
     """The decode variant for a checked problem, and its query rows per CTA (the grid's x tiles)."""
     q_name = problem.q_dtype_name or problem.dtype_name
@@ -99,7 +109,10 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         return variant, variant.rows
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
         return variants.ring_variant(), plan.TILE_ROWS
-    return variants.decode_variant(q_name, problem.kv_name), plan.TILE_ROWS
+    batch, parts = problem.batch, problem.num_parts
+    fp16_rows = (problem.kv_name is None and 0 < PARTIAL_F16_PARTS_PER_REQUEST
+                 and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts and combine_warps_per_row(batch, parts) == 1)
+    return variants.decode_variant(q_name, problem.kv_name, partial16=fp16_rows), plan.TILE_ROWS
 
 
 def q_tile_box(heads_per_group: int) -> tuple[int, int] | None:
@@ -136,6 +149,7 @@ class DecodeLaunch:
         self._k_ptr, self._maps = None, {}
         self._descales = problem.descales
         variant, tile_rows = decode_kernel(problem)
+        self.partial16 = variant.partial16  # the format its partial rows take, for the combine to match
         self._k_layout = (*self._k_layout, *variant.kv_box)
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)

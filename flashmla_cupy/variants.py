@@ -76,6 +76,7 @@ class Variant:
     kv: str | None = None   # decode's k_cache type when it is not q's: "e4m3" (an FP8 cache)
     rows: int | None = None  # decode_narrow's query rows per CTA (NARROW_ROWS)
     warps: int | None = None  # combine's warps per output row when more than one (COMBINE_WARPS_PER_ROW)
+    partial16: bool = False  # decode.cu: writes fp16 partial rows; combine: reads them
 
     @property
     def name(self) -> str:
@@ -83,6 +84,7 @@ class Variant:
         name = f"{self.program}_{self.dtype}" if self.dtype else self.program
         name = f"{name}_kv_{self.kv}" if self.kv else name
         name = f"{name}_w{self.warps}" if self.warps else name
+        name = f"{name}_p16" if self.partial16 else name
         return f"{name}_r{self.rows}" if self.rows else name
 
     @property
@@ -94,7 +96,8 @@ class Variant:
     def defines(self) -> tuple[str, ...]:
         return ((_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
                 + ((f"-DFLASHMLA_NARROW_ROWS={self.rows}",) if self.rows else ())
-                + ((f"-DFLASHMLA_COMBINE_WARPS_PER_ROW={self.warps}",) if self.warps else ()))
+                + ((f"-DFLASHMLA_COMBINE_WARPS_PER_ROW={self.warps}",) if self.warps else ())
+                + (("-DFLASHMLA_PARTIAL_F16=1",) if self.partial16 else ()))
 
     @property
     def threads(self) -> int:
@@ -180,15 +183,23 @@ _CHECK_REPORT = {
 }
 
 
+# decode.cu with a 16-bit cache is also built to write its split pieces' partial rows in fp16, a power-of-two
+# scale per row and half of its columns (-DFLASHMLA_PARTIAL_F16; kernels_src/epilogue.cuh): half the bytes
+# to write and for the combine to read, for plans whose rows have several pieces each, merged a warp a row
+# (kernels.decode_kernel chooses). The narrow and ring kernels and decode.cu's FP8-cache builds write fp32;
+# the combine is built for either format (Variant.partial16, W = 1 only) and kernels.py pairs it with the
+# decode kernel's.
 def all_variants() -> list[Variant]:
     """Every variant the package can launch, in warm-up order (the slow CuTe programs first)."""
     return (
         [Variant("decode", dt) for dt in DTYPES]
+        + [Variant("decode", dt, partial16=True) for dt in DTYPES]
         + [Variant("decode", dt, "e4m3") for dt in FP8_QUERY_DTYPES]
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
         + [Variant("decode_ring", "e4m3", "e4m3")]
         + [Variant("combine", dt, warps=_combine_warps(w)) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
+        + [Variant("combine", dt, partial16=True) for dt in DTYPES]   # fp16 partial rows: a warp a row only
         + [Variant("scheduler", None), Variant("check", None)]
     )
 
@@ -203,21 +214,23 @@ def _alias(dtype) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _find(program: str, dtype, kv=None, rows=None, warps=None) -> Variant:
+def _find(program: str, dtype, kv=None, rows=None, warps=None, partial16=False) -> Variant:
     key, kv_key = _alias(dtype), _alias(kv)
     if kv_key == key and program == "decode" and key in DTYPES:
         kv_key = None   # a 16-bit cache of q's own type
     for v in all_variants():
-        if v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows and v.warps == warps:
+        if (v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows and v.warps == warps
+                and v.partial16 == partial16):
             return v
     known = ", ".join(v.name for v in all_variants() if v.program == program)
     raise ValueError(f"no {program} kernel for dtype {dtype!r} (cache {kv!r}); compiled variants: {known}")
 
 
-def decode_variant(dtype, kv=None) -> Variant:
+def decode_variant(dtype, kv=None, partial16: bool = False) -> Variant:
     """The decode variant for q's element type ("bf16"/"fp16"/"e4m3", or a numpy/ml_dtypes dtype) and,
-    for an FP8 cache, the cache's ("e4m3"; None: q's own)."""
-    return _find("decode", dtype, kv)
+    for an FP8 cache, the cache's ("e4m3"; None: q's own); with `partial16` (16-bit caches), the build
+    that writes fp16 partial rows."""
+    return _find("decode", dtype, kv, partial16=partial16)
 
 
 def narrow_variant(dtype, rows: int, kv=None) -> Variant:
@@ -236,10 +249,11 @@ def ring_variant() -> Variant:
     return _find("decode_ring", "e4m3", "e4m3")
 
 
-def combine_variant(dtype, warps_per_row: int = 1) -> Variant:
-    """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype) and the
-    warps that merge one output row (COMBINE_WARPS_PER_ROW)."""
-    return _find("combine", dtype, warps=_combine_warps(warps_per_row))
+def combine_variant(dtype, warps_per_row: int = 1, partial16: bool = False) -> Variant:
+    """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype), the warps
+    that merge one output row (COMBINE_WARPS_PER_ROW) and the partial rows' format (fp16 where the
+    decode variant writes them so: its `partial16`)."""
+    return _find("combine", dtype, warps=_combine_warps(warps_per_row), partial16=partial16)
 
 
 def scheduler_variant() -> Variant:

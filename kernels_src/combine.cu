@@ -65,6 +65,23 @@ constexpr int kPiecesInFlight = kWarpsPerRow == 1 ? FLASHMLA_COMBINE_IN_FLIGHT :
 // merges a row of up to ~128 pieces, one memory latency for all; 1 where a warp merges a row of a few.
 constexpr int kLseInFlight = kWarpsPerRow == 1 ? 1 : 4;
 
+// The partial rows' format, a build each: fp32, or fp16 with a power-of-two scale per (row, half of the
+// columns) where the decode kernel wrote them so (-DFLASHMLA_PARTIAL_F16, epilogue.cuh; variants.py picks
+// the combine that matches the decode kernel). A lane's group of 4 columns is one 16- or 8-byte load.
+#if defined(FLASHMLA_PARTIAL_F16)
+using PartialGroup = uint2;  // four fp16 values
+#else
+using PartialGroup = float4;
+#endif
+// Four fp16 values as floats (from the words' halves by value: taking the words' addresses as __half2
+// put them on the stack under NVRTC 13.5).
+__device__ __forceinline__ float half_of(uint32_t word, int shift) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(word >> shift)));
+}
+__device__ __forceinline__ float4 unpack(uint2 v) {
+  return make_float4(half_of(v.x, 0), half_of(v.x, 16), half_of(v.y, 0), half_of(v.y, 16));
+}
+
 // Four floats rounded to the output dtype, packed into 8 bytes.
 __device__ __forceinline__ uint2 pack4(float4 v) {
   const flashmla::Element2 lo = flashmla::to_element2(v.x, v.y);
@@ -126,7 +143,15 @@ struct CombineTrace {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
+// The fp16-partial build (W = 1: variants.py) also asks for one block an SM at least: without it NVRTC 13.5
+// held it to 64 registers and spilled a pointer (13.0.88: 69, no spill). The fp32 builds stay as measured.
+#if defined(FLASHMLA_PARTIAL_F16)
+#define FLASHMLA_COMBINE_BOUNDS __launch_bounds__(kWarpSize * kCombineWarpsPerBlock, 1)
+#else
+#define FLASHMLA_COMBINE_BOUNDS __launch_bounds__(kWarpSize * kCombineWarpsPerBlock)
+#endif
+
+extern "C" __global__ void FLASHMLA_COMBINE_BOUNDS
 flashmla_combine(const flashmla::CombineParams p) {
   CombineTrace trace;
   const int lane = threadIdx.x % kWarpSize;
@@ -178,7 +203,8 @@ flashmla_combine(const flashmla::CombineParams p) {
     return;
   }
 
-  // Piece j of this row: lse at lse_partial[slot][g][row], values at out_partial[slot][g][row][:].
+  // Piece j of this row: lse at lse_partial[slot][g][row], values at out_partial[slot][g][row][:] (fp16:
+  // their 2^-k for columns 0-255 and 256-511 at inv_scales[slot][g][row][0..1]).
   const long long row_stride = static_cast<long long>(p.heads_kv) * p.rows;
   const long long first_row = static_cast<long long>(first_slot) * row_stride + static_cast<long long>(g) * p.rows + row;
   const float* lse_piece = p.lse_partial + first_row;  // piece j at lse_piece[j * row_stride]
@@ -208,8 +234,11 @@ flashmla_combine(const flashmla::CombineParams p) {
     // 2. out = sum_j exp2(lse_j - M) * out_partial_j / S. Weights are computed 32 pieces at a time,
     // one per lane, and broadcast. A piece of weight 0 is skipped: it saw no key, and its partial row
     // is not guaranteed to be finite.
-    const float4* values = reinterpret_cast<const float4*>(p.out_partial) + first_row * (kHeadDimV / 4);
-    const long long piece_stride = row_stride * (kHeadDimV / 4);  // in float4
+    const PartialGroup* values = reinterpret_cast<const PartialGroup*>(p.out_partial) + first_row * (kHeadDimV / 4);
+    const long long piece_stride = row_stride * (kHeadDimV / 4);  // in groups of 4 columns
+    const float2* inv_scales = reinterpret_cast<const float2*>(
+                                   flashmla::partial_inv_scales(p.out_partial, p.partial_slots, p.heads_kv, p.rows)) +
+                               first_row;  // fp16 only: piece j at inv_scales[j * row_stride]
     // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
     // request (tens of pieces) paid one memory latency per piece.
     // This warp's share: pieces [begin, end).
@@ -217,8 +246,43 @@ flashmla_combine(const flashmla::CombineParams p) {
     const int begin = min(pieces, share * per_warp);
     const int end = min(pieces, begin + per_warp);
     for (int base = begin; base < end; base += kWarpSize) {
-      const float my_weight = base + lane < end ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
+      const bool mine = base + lane < end;
+      const float my_weight = mine ? exp2f(lse_piece[(base + lane) * row_stride] - total.max) : 0.0f;
       const int count = min(kWarpSize, end - base);
+#if defined(FLASHMLA_PARTIAL_F16)
+      {
+        // The weight of each half of the piece's columns with its 2^-k folded in (a power of two: the
+        // product is exact but for underflow far below the row's sum).
+        const float2 my_inv_scale = mine ? inv_scales[(base + lane) * row_stride] : make_float2(1.0f, 1.0f);
+        for (int first = 0; first < count; first += kPiecesInFlight) {
+          float weight[kPiecesInFlight][2];  // columns 0-255, 256-511
+          uint2 x[kPiecesInFlight][kVecPerLane];
+#pragma unroll
+          for (int u = 0; u < kPiecesInFlight; ++u) {
+            const int from = (first + u) % kWarpSize;
+            const float w = first + u < count ? __shfl_sync(kFullMask, my_weight, from) : 0.0f;
+            weight[u][0] = w * __shfl_sync(kFullMask, my_inv_scale.x, from);
+            weight[u][1] = w * __shfl_sync(kFullMask, my_inv_scale.y, from);
+            const PartialGroup* piece = values + (base + first + u) * piece_stride;
+#pragma unroll
+            for (int v = 0; v < kVecPerLane; ++v) x[u][v] = w != 0.0f ? piece[v * kWarpSize + lane] : make_uint2(0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < kPiecesInFlight; ++u) {
+#pragma unroll
+            for (int v = 0; v < kVecPerLane; ++v) {
+              const float wv = weight[u][v / (kVecPerLane / 2)];  // groups v < 2 hold columns 0-255
+              if (wv == 0.0f) continue;
+              const float4 xv = unpack(x[u][v]);
+              acc[v].x = fmaf(wv, xv.x, acc[v].x);
+              acc[v].y = fmaf(wv, xv.y, acc[v].y);
+              acc[v].z = fmaf(wv, xv.z, acc[v].z);
+              acc[v].w = fmaf(wv, xv.w, acc[v].w);
+            }
+          }
+        }
+      }
+#else
       for (int first = 0; first < count; first += kPiecesInFlight) {
         float weight[kPiecesInFlight];
         float4 x[kPiecesInFlight][kVecPerLane];
@@ -244,6 +308,7 @@ flashmla_combine(const flashmla::CombineParams p) {
           }
         }
       }
+#endif
     }
     const float inv_sum = 1.0f / total.sum;
     for (int v = 0; v < kVecPerLane; ++v) {

@@ -50,4 +50,12 @@ __device__ __forceinline__ OutElement2 to_out_element2(float a, float b) { retur
 constexpr int kHeadDimV = 512;  // the value is the first 512 columns of the key row
 constexpr float kLn2 = 0.69314718055994531f;
 
+// Where fp16 partial rows (-DFLASHMLA_PARTIAL_F16: decode.cu's split pieces, epilogue.cuh, and the combine
+// built to read them) keep each (row, half of the columns)'s 2^-k: float [slots, heads_kv, rows, 2] right
+// after the fp16 values [slots, heads_kv, rows, 512], which take half of the fp32 rows' bytes.
+template <class Float>
+__device__ __forceinline__ Float* partial_inv_scales(Float* out_partial, int partial_slots, int heads_kv, int rows) {
+  return out_partial + static_cast<long long>(partial_slots) * heads_kv * rows * (kHeadDimV / 2);
+}
+
 }  // namespace flashmla

@@ -24,6 +24,56 @@ __device__ __forceinline__ uint32_t out_word(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&pair);
 }
 
+#if defined(FLASHMLA_PARTIAL_F16)
+// The fp16 partial rows (-DFLASHMLA_PARTIAL_F16, decode.cu only; the combine built to match, ARCHITECTURE
+// "Partial results"): half the bytes of fp32 rows to write and for the combine to read. Each (row, half
+// of the columns) is scaled by the power of two 2^k that brings its largest magnitude into [2^14, 2^15),
+// so fp16 neither overflows (a bf16 cache may hold values far above 65504) nor drops small rows to
+// subnormals; k = 0 where the largest is 0, inf or NaN (such rows keep what they hold). |k| <= 126, so
+// 2^k and 2^-k are normal floats and the products with them exact.
+__device__ __forceinline__ int partial_f16_exponent(float largest) {
+  if (!(largest > 0.f) || isinf(largest)) return 0;
+  const int exponent = ((__float_as_int(largest) >> 23) & 0xff) - 127;  // floor(log2); -127 if subnormal
+  return min(126, max(-126, 14 - exponent));
+}
+__device__ __forceinline__ float power_of_two(int k) { return __int_as_float((127 + k) << 23); }
+
+// A split piece's half rows as fp16: the quad's largest magnitude per row (a row's 256 columns of this
+// half are the quad's: two shuffles), scaled, rounded and stored in 32-byte sectors as a single piece's
+// 16-bit rows are; the quad's first lane stores 2^-k.
+__device__ __forceinline__ void store_partial_f16(const DecodeParams& p, const Piece& piece, int kv_head,
+                                                  int rows_base, const FragmentCoords& at, int half,
+                                                  const OutputHalf& o, const float (&inv_sum)[2]) {
+  const int quad_lane = at.column / 2;
+  __half* const values = reinterpret_cast<__half*>(p.out_partial);
+  float* const inv_scales = partial_inv_scales(p.out_partial, p.partial_slots, p.heads_kv, p.rows);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float largest = 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) largest = fmaxf(largest, fmaxf(fabsf(o.v[4 * j + 2 * i]), fabsf(o.v[4 * j + 2 * i + 1])));
+    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
+    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
+    const int k = partial_f16_exponent(largest * inv_sum[i]);
+    const float scale = power_of_two(k);  // after inv_sum: their product may overflow where neither does
+    const int row = rows_base + at.row[i];
+    const bool real = row < p.rows;  // the swaps below take every lane of the warp, real row or not
+    const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
+    __half* const dst = values + row_index * kHeadDimV + half * kHalfV + 4 * quad_lane;
+#pragma unroll
+    for (int m = 0; m < 16; ++m) {
+      const int a = 4 * (2 * m) + 2 * i, b = 4 * (2 * m + 1) + 2 * i;  // columns 16m + 2t and 16m + 8 + 2t
+      const __half2 first = __floats2half2_rn(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale);
+      const __half2 second = __floats2half2_rn(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale);
+      const uint2 words = quad_adjacent_words(*reinterpret_cast<const uint32_t*>(&first),
+                                              *reinterpret_cast<const uint32_t*>(&second), quad_lane);
+      if (real) *reinterpret_cast<uint2*>(dst + 16 * m) = words;
+    }
+    if (real && at.publishes()) inv_scales[2 * row_index + half] = power_of_two(-k);
+  }
+}
+#endif
+
 // Store this warpgroup's 256 output columns (`half`) of the piece, normalised, straight from registers
 // in whole 32-byte sectors: a split piece's fp32 partials 8 bytes a thread as they lie, a single piece's
 // 16-bit output 8 bytes a thread once the quad has swapped words (quad_adjacent_words). Nothing goes
@@ -32,6 +82,12 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
                                              int rows_base, const FragmentCoords& at, int half,
                                              const OutputHalf& o, const float (&inv_sum)[2]) {
   if (!piece.writable) return;
+#if defined(FLASHMLA_PARTIAL_F16)
+  if (piece.split) {
+    store_partial_f16(p, piece, kv_head, rows_base, at, half, o, inv_sum);
+    return;
+  }
+#endif
   if (piece.split) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

@@ -23,7 +23,9 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
 `whole=PERCENT` (plan.WHOLE_SLACK_PERCENT, how much costlier an uncut plan may be; negative: cut as needed),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
-q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and
+q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=N`
+(decode.cu writes fp16 partial rows where the batch times N is at most the plan's parts,
+kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; the combine follows) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `nvrtc=LIB` (a libnvrtc.so to compile this build with, preloaded in its process: the same sources under another
 NVRTC version, whose ptxas schedules the kernels differently; devtools/sass_diff.py compares the SASS; each round's
@@ -80,6 +82,8 @@ def parse_variant(text: str) -> dict:
             spec["maxparts"] = int(item[9:])
         elif item.startswith("ring="):
             spec["ring"] = bool(int(item[5:]))
+        elif item.startswith("partialf16="):
+            spec["partialf16"] = int(item[11:])
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
@@ -97,7 +101,7 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, smem=BYTES, "
-                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, ringsmem=BYTES, "
+                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
@@ -165,6 +169,8 @@ def apply(spec: dict) -> None:
         plan.WHOLE_SLACK_PERCENT = spec["whole"]
     if spec.get("ring") is not None:
         kernels.RING_FP8 = spec["ring"]
+    if spec.get("partialf16") is not None:   # where decode.cu's partial rows go in fp16 (the combine follows)
+        kernels.PARTIAL_F16_PARTS_PER_REQUEST = spec["partialf16"]
     if spec.get("cubins"):
         compiler.compile_variant = prebuilt(pathlib.Path(spec["cubins"]), compiler.compile_variant)
     if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs

@@ -305,6 +305,31 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
     assert "LDL" not in sass and "STL" not in sass
 
 
+def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
+    """Dispatch: decode.cu with a 16-bit cache writes fp16 partial rows (its _p16 build, and the combine to
+    match) where batch * PARTIAL_F16_PARTS_PER_REQUEST <= the plan's parts and a warp merges a row; other
+    kernels never."""
+    from types import SimpleNamespace
+
+    from flashmla_cupy import kernels
+
+    def pick(batch, num_parts=66, rows=128, kv=None, q="bf16"):
+        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name=q, batch=batch,
+                                  num_parts=num_parts)
+        return kernels.decode_kernel(problem)[0].name
+
+    share = kernels.PARTIAL_F16_PARTS_PER_REQUEST
+    assert pick(66 // share) == "decode_bf16_p16"
+    assert pick(66 // share + 1) == "decode_bf16"
+    assert pick(16, q="fp16") == "decode_fp16_p16"
+    assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS) == "decode_bf16"     # a block a row: fp32
+    assert pick(16, num_parts=132, rows=16) == "decode_narrow_bf16_r16"         # the narrow kernel: fp32
+    assert pick(16, kv="e4m3", q="bf16") == "decode_bf16_kv_e4m3"               # FP8 caches: fp32
+    assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
+    monkeypatch.setattr(kernels, "PARTIAL_F16_PARTS_PER_REQUEST", 0)
+    assert pick(16) == "decode_bf16"
+
+
 def test_narrow_kernel_takes_few_rows(monkeypatch):
     """Dispatch: rows <= NARROW_MAX_ROWS (16-bit cache) or NARROW_FP8_MAX_ROWS (FP8 cache, e4m3 q) go to
     decode_narrow, the rest to decode; more rows of an e4m3 q and cache to decode_ring (kernels.RING_FP8)."""
@@ -313,7 +338,7 @@ def test_narrow_kernel_takes_few_rows(monkeypatch):
     from flashmla_cupy import kernels
 
     def pick(rows, kv=None, q="bf16"):
-        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name=q)
+        problem = SimpleNamespace(rows=rows, kv_name=kv, dtype_name="bf16", q_dtype_name=q, batch=128, num_parts=66)
         variant, tile_rows = kernels.decode_kernel(problem)
         return variant.program, tile_rows
 

@@ -306,18 +306,23 @@ def test_decode_call(gpu):
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
 
 
-@pytest.mark.parametrize("batch, num_parts, warps_per_row", [(1, 66, 16), (4, 66, 16), (5, 66, 1), (64, 66, 1)])
+@pytest.mark.parametrize("batch, num_parts, warps_per_row", [(1, 66, 16), (4, 66, 16), (5, 66, 1), (16, 66, 1),
+                                                            (64, 66, 1)])
 def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, monkeypatch, batch, num_parts,
                                                                            warps_per_row):
     """Few requests over many parts (each cut into ~num_parts / batch pieces): a block merges each row;
     otherwise a warp does, each in its own build of the combine. The grid covers every row with its
-    warps either way."""
+    warps either way. Where each request has ~PARTIAL_F16_PARTS_PER_REQUEST pieces or more, the decode
+    writes fp16 partial rows and the combine built for them reads them."""
     loaded = []
     get_function = launch.get_function
     monkeypatch.setattr(launch, "get_function", lambda variant, device: loaded.append(variant) or get_function(variant, device))
     flash_mla_with_kvcache(**decode_args(batch=batch, heads_q=128, num_parts=num_parts), stream=STREAM)
     combine = gpu.driver.launches[-1]
-    assert [v.name for v in loaded if v.program == "combine"] == [variants.combine_variant("bf16", warps_per_row).name]
+    fp16_rows = batch * kernels.PARTIAL_F16_PARTS_PER_REQUEST <= num_parts and warps_per_row == 1
+    assert [v.name for v in loaded if v.program != "scheduler"] == [
+        variants.decode_variant("bf16", partial16=fp16_rows).name,
+        variants.combine_variant("bf16", warps_per_row, partial16=fp16_rows).name]
     assert variants.combine_variant("bf16", warps_per_row).pinned_constants == {"kWarpsPerRow": warps_per_row}
     block_warps = kernels.COMBINE_WARPS_PER_BLOCK if warps_per_row == 1 else warps_per_row
     assert combine["grid"] == (batch, 128 * warps_per_row // block_warps, 1)

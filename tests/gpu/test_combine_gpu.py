@@ -28,7 +28,38 @@ def random_partials(rng: np.random.Generator, pieces: list[int], heads_kv: int, 
     return out_partial, lse_partial, num_splits
 
 
-def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits):
+def fp16_rows(rng: np.random.Generator, out_partial: np.ndarray, partial_slots: int):
+    """`out_partial`'s first `partial_slots` slots (the capacity the launch is given) with each (row, half
+    of the columns) times a random 2^e, e in [-20, 20], in the fp16 format decode.cu's -DFLASHMLA_PARTIAL_F16
+    builds write (kernels_src/epilogue.cuh): each half row scaled by the 2^k that brings its largest
+    magnitude into [2^14, 2^15) and rounded to fp16, the 2^-k after all the values. Returns (the fp32
+    workspace holding both, as the kernel reads it; the values they stand for, float64, NaN in the slots
+    past the capacity)."""
+    slots, heads_kv, rows, dv = out_partial.shape
+    halves = out_partial[:partial_slots].reshape(partial_slots, heads_kv, rows, 2, dv // 2).astype(np.float64)
+    halves = halves * np.exp2(rng.integers(-20, 21, (partial_slots, heads_kv, rows, 2, 1)))
+    largest = np.max(np.where(np.isnan(halves), 0.0, np.abs(halves)), axis=-1, keepdims=True)
+    k = 14 - np.floor(np.log2(np.where(largest > 0, largest, 1.0)))
+    values = (halves * np.exp2(k)).astype(np.float16)
+    assert np.all(np.abs(values[np.isfinite(values)]) < 2.0 ** 15)
+    workspace = np.full(out_partial.size, np.nan, dtype=np.float32)
+    value_words = values.reshape(-1).view(np.float32)  # two fp16 values to a float
+    inv_scales = np.exp2(-k).astype(np.float32).reshape(-1)  # [slots, heads_kv, rows, 2]
+    workspace[:value_words.size] = value_words
+    workspace[value_words.size:value_words.size + inv_scales.size] = inv_scales
+    decoded = np.full(out_partial.shape, np.nan)
+    decoded[:partial_slots] = (values.astype(np.float64) * np.exp2(-k)).reshape(partial_slots, heads_kv, rows, dv)
+    return workspace, decoded
+
+
+def partial_parts(batch: int, num_splits) -> int:
+    """The launch's num_parts: the workspace holds exactly the plan's pieces, batch + num_parts slots
+    (plan.partial_slots), num_parts >= 1."""
+    return max(1, int(num_splits[-1]) - batch)
+
+
+def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits,
+                   partial16: bool = False):
     import cupy as cp
 
     from flashmla_cupy import tensors
@@ -42,10 +73,9 @@ def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, 
             "lse": cp.asarray(np.full((batch, heads_q, seqlen_q), SENTINEL, dtype=np.float32)),
         }
         views = {name: tensors.take(array, name, stream.ptr) for name, array in arrays.items()}
-        # The workspace holds exactly the pieces of the plan: batch + num_parts slots, num_parts >= 1.
-        num_parts = max(1, int(num_splits[-1]) - batch)
+        num_parts = partial_parts(batch, num_splits)
         run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
-                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr)
+                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr, partial16)
         stream.synchronize()
         return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
 
@@ -59,15 +89,28 @@ CASES = {
 }
 
 
+def merged_by_warps(name: str) -> bool:
+    """Whether a warp merges each row of the case (W = 1), the only combine built for fp16 partial rows."""
+    from flashmla_cupy import kernels
+
+    pieces = CASES[name][3]
+    return kernels.combine_warps_per_row(len(pieces), partial_parts(len(pieces), [sum(pieces)])) == 1
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", CASES)
-def test_combine_matches_reference(name, dtype):
+@pytest.mark.parametrize("name, partial", [(name, partial) for name in CASES for partial in ("f32", "f16")
+                                           if partial == "f32" or merged_by_warps(name)])
+def test_combine_matches_reference(name, dtype, partial):
     seqlen_q, heads_q, heads_kv, pieces = CASES[name]
     rows = seqlen_q * heads_q // heads_kv
     batch = len(pieces)
-    rng = np.random.default_rng(sum(map(ord, name + dtype)))
+    rng = np.random.default_rng(sum(map(ord, name + dtype + partial)))
     out_partial, lse_partial, num_splits = random_partials(rng, pieces, heads_kv, rows)
-    out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits)
+    workspace = out_partial
+    if partial == "f16":  # the kernel reads the fp16 rows; the reference merges the values they stand for
+        workspace, out_partial = fp16_rows(rng, out_partial, batch + partial_parts(batch, num_splits))
+    out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, workspace, lse_partial, num_splits,
+                              partial == "f16")
     ref_out, ref_lse = merge_partials_reference(out_partial, lse_partial, num_splits, batch, seqlen_q, heads_q, heads_kv)
 
     single = np.array(pieces) == 1
