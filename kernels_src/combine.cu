@@ -236,9 +236,11 @@ flashmla_combine(const flashmla::CombineParams p) {
     // is not guaranteed to be finite.
     const PartialGroup* values = reinterpret_cast<const PartialGroup*>(p.out_partial) + first_row * (kHeadDimV / 4);
     const long long piece_stride = row_stride * (kHeadDimV / 4);  // in groups of 4 columns
+#if defined(FLASHMLA_PARTIAL_F16)
     const float2* inv_scales = reinterpret_cast<const float2*>(
                                    flashmla::partial_inv_scales(p.out_partial, p.partial_slots, p.heads_kv, p.rows)) +
-                               first_row;  // fp16 only: piece j at inv_scales[j * row_stride]
+                               first_row;  // piece j at inv_scales[j * row_stride]
+#endif
     // kPiecesInFlight pieces' loads are issued before any is used: one piece at a time, a long
     // request (tens of pieces) paid one memory latency per piece.
     // This warp's share: pieces [begin, end).
