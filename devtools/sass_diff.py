@@ -5,7 +5,8 @@ can move every instruction of the page loop, and the loop's speed with it: the f
 (a33c3db) left the loop's opcodes in count but not in order, and that build was 1.7-6 % slower on cells
 where the new code never ran (docs/PERF_NOTES.md, thirty-eighth session). Run this before spending device
 time on an epilogue change: a loop that matches the shipped one instruction for instruction should time
-like it.
+like it. Each loop that issues wgmmas is listed with how its descriptors are advanced (decode.cu's edge pair
+loops once took ~9 instructions a wgmma for it, against 3 in the steady ones, and ran ~12 % slower a page).
 
     python devtools/sass_diff.py decode_bf16 kernels_src /tmp/candidate/kernels_src
     python devtools/sass_diff.py decode_ring_e4m3_kv_e4m3 A B --set-b RING_SHARED_BYTES=223232
@@ -83,23 +84,27 @@ def dump(variant_name: str, tree: str, root: str, settings: list[str], out: str)
     if not chosen:
         raise SystemExit(f"no variant {variant_name!r}: {[v.name for v in variants.all_variants()]}")
     kernel = compiler.compile_variant(chosen[0])
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.cubin)
-        cubin.flush()
-        tool = cuobjdump()
-        if tool is None:
-            raise SystemExit("cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)")
-        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-    lines = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in sass.splitlines()]
-    instructions = []
-    for line in lines:
-        match = INSTRUCTION.match(line)
-        if match:
-            instructions.append([match.group(2), ((match.group(1) or "") + match.group(3)).strip()])
     pathlib.Path(out).write_text(json.dumps({
         "nvrtc": list(install.nvrtc().getVersion()), "registers": kernel.registers,
         "spills": [kernel.spill_stores, kernel.spill_loads], "warnings": ptxas_warnings(kernel.log),
-        "instructions": instructions}))
+        "instructions": instructions_of(kernel.cubin)}))
+
+
+def instructions_of(cubin: bytes) -> list[list[str]]:
+    """A cubin's SASS as [opcode, operands] pairs (a predicate goes with the operands), in address order."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        tool = cuobjdump()
+        if tool is None:
+            raise SystemExit("cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)")
+        sass = subprocess.run([tool, "-sass", file.name], capture_output=True, text=True, check=True).stdout
+    instructions = []
+    for line in sass.splitlines():
+        match = INSTRUCTION.match(re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip())
+        if match:
+            instructions.append([match.group(2), ((match.group(1) or "") + match.group(3)).strip()])
+    return instructions
 
 
 def ptxas_warnings(log: str) -> list[str]:
@@ -115,6 +120,29 @@ def page_loop(instructions: list) -> tuple[int, int] | None:
     where there is no wgmma: the combine, the scheduler)."""
     at = [i for i, (opcode, _) in enumerate(instructions) if opcode.startswith("HGMMA")]
     return (at[0], at[-1] + 1) if at else None
+
+
+def wgmma_loops(instructions: list) -> list[tuple[int, int]]:
+    """The loops that issue wgmmas, as (first, last + 1) instruction indices: each backward branch whose span
+    holds an HGMMA (a kernel's instructions are 16 bytes each from address 0, so a target is index * 16).
+    decode.cu has four: each warpgroup's steady pair loop, then its edge pair loop."""
+    spans = []
+    for i, (opcode, operands) in enumerate(instructions):
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) // 16 <= i:
+            first = int(target.group(1), 16) // 16
+            if any(op.startswith("HGMMA") for op, _ in instructions[first:i + 1]):
+                spans.append((first, i + 1))
+    # the outermost loops (the piece and part loops) hold the others: keep the innermost
+    return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+
+def descriptor_ops(loop: list) -> str:
+    """How a loop's wgmma descriptors are advanced: one UIADD3.64 each at best; a carry chain (UIADD3.X)
+    and moves of the constant high word (UMOV) cost up to 9 instructions a wgmma (forty-eighth session)."""
+    count = {name: sum(1 for op, _ in loop if op == name) for name in ("UIADD3.64", "UIADD3.X", "UMOV")}
+    wgmmas = sum(1 for op, _ in loop if op.startswith("HGMMA"))
+    return f"{wgmmas} HGMMA, " + ", ".join(f"{n} {name}" for name, n in count.items())
 
 
 def matching(a: list, b: list) -> int:
@@ -168,6 +196,23 @@ def main() -> None:
         same_whole = matching([" ".join(i) for i in loop_a], [" ".join(i) for i in loop_b])
         print(f"  page loop: {same_opcodes} of {len(loop_a)} / {len(loop_b)} in order by opcode, {same_whole} "
               f"instruction for instruction{' (identical)' if loop_a == loop_b else ''}")
+    loops_a, loops_b = wgmma_loops(a["instructions"]), wgmma_loops(b["instructions"])
+    for k in range(max(len(loops_a), len(loops_b))):
+        line = []
+        for build, loops in ((a, loops_a), (b, loops_b)):
+            if k < len(loops):
+                first, end = loops[k]
+                line.append(f"{end - first} ({descriptor_ops(build['instructions'][first:end])})")
+            else:
+                line.append("-")
+        same = ""
+        if k < min(len(loops_a), len(loops_b)):
+            body = [[" ".join(i) for i in build["instructions"][slice(*loops[k])]]
+                    for build, loops in ((a, loops_a), (b, loops_b))]
+            # branch targets differ wherever code before the loop moved: compare the rest
+            same = " identical" if [re.sub(r"0x[0-9a-f]+", "", i) for i in body[0]] == \
+                [re.sub(r"0x[0-9a-f]+", "", i) for i in body[1]] else ""
+        print(f"  wgmma loop {k}: {line[0]} / {line[1]}{same}")
     whole = matching([" ".join(i) for i in a["instructions"]], [" ".join(i) for i in b["instructions"]])
     print(f"  whole kernel: {whole} of {len(a['instructions'])} / {len(b['instructions'])} instruction for instruction")
 

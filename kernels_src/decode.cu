@@ -168,20 +168,27 @@ struct Producer {
   }
 };
 
+// Whether a pair body advances its wgmma descriptors on their low word (mma.cuh, SmemDesc::at): the edge
+// bodies of the 16-bit builds, which ptxas otherwise builds with a carry chain a descriptor. The steady
+// bodies keep the 64-bit add, and their SASS as before.
+template <bool kEdge>
+constexpr bool kLowWordDescs = kEdge && kLoaderWarpgroup;
+
 // S = Q K^T of the page in `buffer`: with an e4m3 q and cache on FP8 wgmmas straight from the landed FP8
 // page (dequant.cuh), else from the 16-bit boxes. Committed, not awaited. With a 16-bit cache, page b's
 // boxes go right V half first: warpgroup 1 releases it after its own P_b V_b, which the tensor cores
 // run before warpgroup 0's P_b V_b over the left half (0.5-0.7 % faster with the rope box in registers,
 // -ab66-*; no change without it, -ab64-*; starting with the rope box, which carries P_b, was slower).
+template <bool kLowWord = false>
 __device__ __forceinline__ void issue_scores(SharedStorage& smem, const RopeFragment& q_rope, int buffer, int phase,
                                              ScoreTile& s) {
 #if defined(FLASHMLA_FP8_SCORES)
   issue_qk_fp8(smem.q, smem.kv[buffer], smem.landed[buffer], phase, s);
 #else
   if (kLoaderWarpgroup && buffer == kBufferB) {
-    issue_qk<true>(smem.q, q_rope, smem.kv[buffer], smem.full[buffer], phase, s);
+    issue_qk<true, kLowWord>(smem.q, q_rope, smem.kv[buffer], smem.full[buffer], phase, s);
   } else {
-    issue_qk(smem.q, q_rope, smem.kv[buffer], smem.full[buffer], phase, s);
+    issue_qk<false, kLowWord>(smem.q, q_rope, smem.kv[buffer], smem.full[buffer], phase, s);
   }
 #endif
 }
@@ -291,7 +298,7 @@ struct PieceContext {
     if constexpr (kFp8Scores) see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);  // V converted
     clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
-    issue_pv_from_regs(prob, smem.kv[buffer], half, o);
+    issue_pv_from_regs<kLowWordDescs<kEdge>>(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
     producer.release(p, part, smem, map, buffer, kv_head);
     ++uses[buffer];
@@ -305,7 +312,7 @@ struct PieceContext {
     see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);
     clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
-    issue_pv_from_smem(p_box(buffer), smem.kv[buffer], half, o);
+    issue_pv_from_smem<kLowWordDescs<kEdge>>(p_box(buffer), smem.kv[buffer], half, o);
   }
 
   // Wait for the PV over the other warpgroup's page, then refill the boxes of `buffer` this warpgroup
@@ -376,7 +383,7 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   SharedStorage& smem = c.smem;
   ScoreTile s;
   trace.mark(kMarkPairStart);
-  issue_scores(smem, c.q_rope, kBufferA, uses[kBufferA] & 1, s);
+  issue_scores<kLowWordDescs<kEdge>>(smem, c.q_rope, kBufferA, uses[kBufferA] & 1, s);
   trace.mark(kMarkScoresIssued);
   const PageMask mask = c.mask_of(page_a, kBufferA);
   cute::warpgroup_wait<0>();
@@ -417,7 +424,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   PageMask mask_b;
   trace.mark(kMarkPairStart);
   if constexpr (kHasB) {
-    issue_scores(smem, c.q_rope, kBufferB, uses[kBufferB] & 1, s);
+    issue_scores<kLowWordDescs<kEdge>>(smem, c.q_rope, kBufferB, uses[kBufferB] & 1, s);
     trace.mark(kMarkScoresIssued);
     mask_b = c.mask_of(page_a + 1, kBufferB);
     if constexpr (kFp8Scores) {

@@ -63,8 +63,19 @@ struct SmemDesc {
       : base(((smem_addr(start) & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
              (uint64_t((stride >> 4) & 0x3FFF) << 32) | (1ull << 62)) {}  // layout type 1: 128-byte swizzle
 
-  // The descriptor of the operand starting `bytes` further on (a multiple of 16).
-  __device__ __forceinline__ uint64_t at(uint32_t bytes) const { return base + (bytes >> 4); }
+  // The descriptor of the operand starting `bytes` further on (a multiple of 16). kLowWord: the add on
+  // the low word alone, which it never carries out of, and the high word put back. ptxas builds the 64-bit
+  // add as one UIADD3.64 only in the first page loop of each warpgroup; in decode.cu's edge pair loops it
+  // became a carry chain and moves, ~9 instructions a wgmma against 3 (NVRTC 13.0.88), where the low-word
+  // add costs 4 (1.8 % faster at b128/h128/1k var on the H200: -31c8e8f-ab219-*).
+  template <bool kLowWord = false>
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+    if constexpr (kLowWord) {
+      return (base & 0xFFFFFFFF00000000ull) | (uint32_t(base) + (bytes >> 4));
+    } else {
+      return base + (bytes >> 4);
+    }
+  }
 };
 
 // A K-major tile made of boxes: k-step `step` starts 32 bytes further inside a row, every 4 steps a box.
@@ -122,7 +133,7 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
 // S = Q K^T over the 576 columns, box by box as the TMA boxes of the page land; the rope box's Q from
 // registers. Leaves the wgmmas committed but not awaited. With kRightFirst the boxes go 4..7, 0..3, 8:
 // buffer B's right V half is released first (decode.cu, issue_scores).
-template <bool kRightFirst = false>
+template <bool kRightFirst = false, bool kLowWord = false>
 __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const RopeFragment& q_rope, const uint8_t* k_tile,
                                          uint64_t* full, int phase, ScoreTile& s) {
   const SmemDesc q = k_major_desc(q_tile);
@@ -137,10 +148,11 @@ __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const RopeFragme
     for (int i = 0; i < kStepsPerBox; ++i) {
       const int step = box * kStepsPerBox + i;
       if (box == kRopeBox) {
-        mma_rs<MmaQKFromRegs>(q_rope.v[i], k.at(k_step_offset(step)), s.v, cuda::std::make_index_sequence<32>{});
+        mma_rs<MmaQKFromRegs>(q_rope.v[i], k.template at<kLowWord>(k_step_offset(step)), s.v,
+                              cuda::std::make_index_sequence<32>{});
       } else {
-        mma_ss<MmaQK>(q.at(k_step_offset(step)), k.at(k_step_offset(step)), s.v, j > 0 || i > 0,
-                      cuda::std::make_index_sequence<32>{});
+        mma_ss<MmaQK>(q.template at<kLowWord>(k_step_offset(step)), k.template at<kLowWord>(k_step_offset(step)), s.v,
+                      j > 0 || i > 0, cuda::std::make_index_sequence<32>{});
       }
     }
   }
@@ -175,6 +187,7 @@ __device__ __forceinline__ void issue_qk_fp8(const uint8_t* q_tile, const uint8_
 #endif
 
 // O[:, half] += P V[:, half] with P held in registers as wgmma A fragments (the page's own scorer).
+template <bool kLowWord = false>
 __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const uint8_t* v_tile, int half,
                                                    OutputHalf& o) {
   const SmemDesc v = v_desc(v_tile, half);
@@ -182,7 +195,8 @@ __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const 
   cute::warpgroup_arrive();
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
-    mma_rs<MmaPVFromRegs>(p.v[step], v.at(v_step_offset(step)), o.v, cuda::std::make_index_sequence<128>{});
+    mma_rs<MmaPVFromRegs>(p.v[step], v.template at<kLowWord>(v_step_offset(step)), o.v,
+                          cuda::std::make_index_sequence<128>{});
   }
   cute::warpgroup_commit_batch();
   fence_fragment(o.v);
@@ -190,6 +204,7 @@ __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const 
 
 // O[:, half] += P V[:, half] with P read from its swizzled 64 x 64 box in shared memory (the other
 // warpgroup's page).
+template <bool kLowWord = false>
 __device__ __forceinline__ void issue_pv_from_smem(const uint8_t* p_box, const uint8_t* v_tile, int half,
                                                    OutputHalf& o) {
   const SmemDesc p = k_major_desc(p_box);
@@ -198,8 +213,8 @@ __device__ __forceinline__ void issue_pv_from_smem(const uint8_t* p_box, const u
   cute::warpgroup_arrive();
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
-    mma_ss<MmaPVFromSmem>(p.at(k_step_offset(step)), v.at(v_step_offset(step)), o.v, true,
-                          cuda::std::make_index_sequence<128>{});
+    mma_ss<MmaPVFromSmem>(p.template at<kLowWord>(k_step_offset(step)), v.template at<kLowWord>(v_step_offset(step)),
+                          o.v, true, cuda::std::make_index_sequence<128>{});
   }
   cute::warpgroup_commit_batch();
   fence_fragment(o.v);

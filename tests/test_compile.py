@@ -445,6 +445,37 @@ def test_sass_diff_compares_two_builds_of_a_variant():
     assert int(matched) > 0 and rest.split()[0] == rest.split()[2] == matched.strip(), done.stdout
 
 
+def test_sass_diff_finds_the_wgmma_loops():
+    """sass_diff.wgmma_loops: the innermost backward branches over an HGMMA (targets are byte addresses, 16
+    a instruction); a loop without wgmmas, and the outer loop around the others, are not listed."""
+    import sass_diff
+
+    code = [["HGMMA.64x64x16.F32.BF16", "R0, gdesc[UR8], RZ"], ["UIADD3.64", "UR8, UR8, 0x2, URZ"],
+            ["BRA", "0x0"],                                   # 0-2: a wgmma loop
+            ["IADD3", "R1, R1, 0x1, RZ"], ["BRA", "0x30"],    # 3-4: a loop with no wgmma
+            ["BRA", "0x0"], ["EXIT", ""]]                     # 0-5: the outer loop
+    assert sass_diff.wgmma_loops(code) == [(0, 3)]
+    assert sass_diff.descriptor_ops(code[0:3]) == "1 HGMMA, 1 UIADD3.64, 0 UIADD3.X, 0 UMOV"
+
+
+@pytest.mark.parametrize("name", ["decode_bf16", "decode_fp16", "decode_bf16_p16", "decode_fp16_p16"])
+def test_edge_pair_loops_advance_descriptors_without_carry_chains(name, compiled):
+    """decode.cu's 16-bit builds: four wgmma loops (each warpgroup's steady pairs, then its edge pairs), and
+    the edge loops do not build a carry (UIADD3.X) for every descriptor, as ptxas did with the 64-bit add
+    there (75 for 44 wgmmas; ~12 % slower a page on the H200, docs/PERF_NOTES.md, forty-eighth session)."""
+    import sass_diff
+
+    assert _cuobjdump(), "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
+    code = sass_diff.instructions_of(compiled[name].cubin)
+    loops = sass_diff.wgmma_loops(code)
+    assert len(loops) == 4, loops
+    for first, end in loops[2:]:
+        body = code[first:end]
+        wgmmas = sum(1 for op, _ in body if op.startswith("HGMMA"))
+        carries = sum(1 for op, _ in body if op == "UIADD3.X")
+        assert wgmmas == 44 and carries < wgmmas, sass_diff.descriptor_ops(body)
+
+
 def test_sass_diff_reports_ptxas_serialising_the_wgmmas():
     """sass_diff prints ptxas's performance notes on a build (wgmmas serialised, waits added), which make a
     candidate not worth timing; other lines of the report are not notes."""
