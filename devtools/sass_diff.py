@@ -137,12 +137,17 @@ def wgmma_loops(instructions: list) -> list[tuple[int, int]]:
     return [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
 
 
+def descriptor_counts(loop: list) -> dict[str, int]:
+    """How a loop's wgmma descriptors are advanced: its HGMMAs, and the UIADD3.64 (one a descriptor at best),
+    carries (UIADD3.X) and moves (UMOV, of the constant high word) among its instructions; a carry chain and
+    moves cost up to 9 instructions a wgmma (forty-eighth session)."""
+    count = {"HGMMA": sum(1 for op, _ in loop if op.startswith("HGMMA"))}
+    count.update({name: sum(1 for op, _ in loop if op == name) for name in ("UIADD3.64", "UIADD3.X", "UMOV")})
+    return count
+
+
 def descriptor_ops(loop: list) -> str:
-    """How a loop's wgmma descriptors are advanced: one UIADD3.64 each at best; a carry chain (UIADD3.X)
-    and moves of the constant high word (UMOV) cost up to 9 instructions a wgmma (forty-eighth session)."""
-    count = {name: sum(1 for op, _ in loop if op == name) for name in ("UIADD3.64", "UIADD3.X", "UMOV")}
-    wgmmas = sum(1 for op, _ in loop if op.startswith("HGMMA"))
-    return f"{wgmmas} HGMMA, " + ", ".join(f"{n} {name}" for name, n in count.items())
+    return ", ".join(f"{n} {name}" for name, n in descriptor_counts(loop).items())
 
 
 def matching(a: list, b: list) -> int:

@@ -67,7 +67,8 @@ struct SmemDesc {
   // the low word alone, which it never carries out of, and the high word put back. ptxas builds the 64-bit
   // add as one UIADD3.64 only in the first page loop of each warpgroup; in decode.cu's edge pair loops it
   // became a carry chain and moves, ~9 instructions a wgmma against 3 (NVRTC 13.0.88), where the low-word
-  // add costs 4 (1.8 % faster at b128/h128/1k var on the H200: -31c8e8f-ab219-*).
+  // add costs about 4 (with it in every loop, 1.8 % faster at b128/h128/1k var on the H200: ab219's d32,
+  // benchmarks/results/2026-12-04-h200-31c8e8f-ab219-*).
   template <bool kLowWord = false>
   __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
     if constexpr (kLowWord) {

@@ -470,10 +470,8 @@ def test_edge_pair_loops_advance_descriptors_without_carry_chains(name, compiled
     loops = sass_diff.wgmma_loops(code)
     assert len(loops) == 4, loops
     for first, end in loops[2:]:
-        body = code[first:end]
-        wgmmas = sum(1 for op, _ in body if op.startswith("HGMMA"))
-        carries = sum(1 for op, _ in body if op == "UIADD3.X")
-        assert wgmmas == 44 and carries < wgmmas, sass_diff.descriptor_ops(body)
+        count = sass_diff.descriptor_counts(code[first:end])
+        assert count["HGMMA"] == 44 and count["UIADD3.X"] < count["HGMMA"], count
 
 
 def test_sass_diff_reports_ptxas_serialising_the_wgmmas():
