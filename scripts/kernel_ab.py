@@ -384,6 +384,8 @@ def main(argv=None) -> int:
             if result.get("ptxas_notes"):
                 state += f"; ptxas serialised its wgmmas or added waits ({len(result['ptxas_notes'])} notes): it times that"
             print(f"round {round_ + 1} {build['name']}: {state}", flush=True)
+            if result.get("us"):  # each turn's times as they come, so that a run cut short still says them
+                print("  " + ", ".join(f"{case} {us:.1f}" for case, us in result["us"].items()), flush=True)
             for note in result.get("ptxas_notes", []):
                 print(f"  ptxas: {note}", flush=True)
             if "error" in result:
