@@ -168,11 +168,10 @@ struct Producer {
   }
 };
 
-// Whether a pair body advances its wgmma descriptors on their low word (mma.cuh, SmemDesc::at): the edge
-// bodies of the 16-bit builds, which ptxas otherwise builds with a carry chain a descriptor. The steady
-// bodies keep the 64-bit add, and their SASS as before.
-template <bool kEdge>
-constexpr bool kLowWordDescs = kEdge && kLoaderWarpgroup;
+// Whether the pair bodies advance their wgmma descriptors on the low word of a held high word (mma.cuh,
+// SmemDesc): the 16-bit builds, where ptxas otherwise builds the 64-bit add with carries or moves in all but
+// one loop a warpgroup. (The FP8-cache builds keep the 64-bit add; not measured with this form.)
+constexpr bool kLowWordDescs = kLoaderWarpgroup;
 
 // S = Q K^T of the page in `buffer`: with an e4m3 q and cache on FP8 wgmmas straight from the landed FP8
 // page (dequant.cuh), else from the 16-bit boxes. Committed, not awaited. With a 16-bit cache, page b's
@@ -298,7 +297,7 @@ struct PieceContext {
     if constexpr (kFp8Scores) see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);  // V converted
     clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
-    issue_pv_from_regs<kLowWordDescs<kEdge>>(prob, smem.kv[buffer], half, o);
+    issue_pv_from_regs<kLowWordDescs>(prob, smem.kv[buffer], half, o);
     cute::warpgroup_wait<0>();
     producer.release(p, part, smem, map, buffer, kv_head);
     ++uses[buffer];
@@ -312,7 +311,7 @@ struct PieceContext {
     see_boxes(buffer, half * kBoxesPerHalf, uses[buffer] & 1);
     clear_stale_rows<kEdge>(page, buffer, half, own);
     move.rescale(o);
-    issue_pv_from_smem<kLowWordDescs<kEdge>>(p_box(buffer), smem.kv[buffer], half, o);
+    issue_pv_from_smem<kLowWordDescs>(p_box(buffer), smem.kv[buffer], half, o);
   }
 
   // Wait for the PV over the other warpgroup's page, then refill the boxes of `buffer` this warpgroup
@@ -383,7 +382,7 @@ __device__ __forceinline__ void warpgroup0_pair(const PieceContext& c, Producer&
   SharedStorage& smem = c.smem;
   ScoreTile s;
   trace.mark(kMarkPairStart);
-  issue_scores<kLowWordDescs<kEdge>>(smem, c.q_rope, kBufferA, uses[kBufferA] & 1, s);
+  issue_scores<kLowWordDescs>(smem, c.q_rope, kBufferA, uses[kBufferA] & 1, s);
   trace.mark(kMarkScoresIssued);
   const PageMask mask = c.mask_of(page_a, kBufferA);
   cute::warpgroup_wait<0>();
@@ -424,7 +423,7 @@ __device__ __forceinline__ void warpgroup1_pair(const PieceContext& c, Producer&
   PageMask mask_b;
   trace.mark(kMarkPairStart);
   if constexpr (kHasB) {
-    issue_scores<kLowWordDescs<kEdge>>(smem, c.q_rope, kBufferB, uses[kBufferB] & 1, s);
+    issue_scores<kLowWordDescs>(smem, c.q_rope, kBufferB, uses[kBufferB] & 1, s);
     trace.mark(kMarkScoresIssued);
     mask_b = c.mask_of(page_a + 1, kBufferB);
     if constexpr (kFp8Scores) {

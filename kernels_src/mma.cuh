@@ -59,16 +59,21 @@ using RopeFragment = ProbFragment;
 struct SmemDesc {
   uint64_t base;
 
-  __device__ __forceinline__ SmemDesc(const void* start, uint32_t leading, uint32_t stride)
+  // held_high: the high word made a run-time value by or-ing in the address's bits 30-31 (always 0; ptxas
+  // cannot tell), so that ptxas keeps it in the descriptor's register pair: as a constant, ptxas moved it
+  // back before every wgmma or split the add into a carry chain. With the low-word add (at<true>) each
+  // descriptor is then one UIADD3 (decode.cu's page loops).
+  __device__ __forceinline__ SmemDesc(const void* start, uint32_t leading, uint32_t stride, bool held_high = false)
       : base(((smem_addr(start) & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
-             (uint64_t((stride >> 4) & 0x3FFF) << 32) | (1ull << 62)) {}  // layout type 1: 128-byte swizzle
+             (uint64_t(((stride >> 4) & 0x3FFF) | (held_high ? smem_addr(start) >> 30 : 0u)) << 32) |
+             (1ull << 62)) {}  // layout type 1: 128-byte swizzle
 
   // The descriptor of the operand starting `bytes` further on (a multiple of 16). kLowWord: the add on
   // the low word alone, which it never carries out of, and the high word put back. ptxas builds the 64-bit
   // add as one UIADD3.64 only in the first page loop of each warpgroup; in decode.cu's edge pair loops it
-  // became a carry chain and moves, ~9 instructions a wgmma against 3 (NVRTC 13.0.88), where the low-word
-  // add costs about 4 (with it in every loop, 1.8 % faster at b128/h128/1k var on the H200: ab219's d32,
-  // benchmarks/results/2026-12-04-h200-31c8e8f-ab219-*).
+  // became a carry chain and moves, ~9 instructions a wgmma against 3 (NVRTC 13.0.88); the low-word add on a
+  // held high word costs 2 in every loop (the low word alone, in every loop, was 1.8 % faster at
+  // b128/h128/1k var on the H200: ab219's d32, benchmarks/results/2026-12-04-h200-31c8e8f-ab219-*).
   template <bool kLowWord = false>
   __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
     if constexpr (kLowWord) {
@@ -80,7 +85,10 @@ struct SmemDesc {
 };
 
 // A K-major tile made of boxes: k-step `step` starts 32 bytes further inside a row, every 4 steps a box.
-__device__ __forceinline__ SmemDesc k_major_desc(const uint8_t* tile) { return SmemDesc(tile, 16, kSwizzleAtomBytes); }
+template <bool kHeldHigh = false>
+__device__ __forceinline__ SmemDesc k_major_desc(const uint8_t* tile) {
+  return SmemDesc(tile, 16, kSwizzleAtomBytes, kHeldHigh);
+}
 __host__ __device__ constexpr uint32_t k_step_offset(int step) {
   return (step / kStepsPerBox) * kBoxBytes + (step % kStepsPerBox) * kMmaK * 2;
 }
@@ -95,8 +103,9 @@ __device__ __forceinline__ SmemDesc fp8_k_major_desc(const uint8_t* tile) {
 
 // The V half `half` (columns half*256 .. +256) of a page; PV k-step `step` covers 16 tokens, in two
 // groups of 8 rows (decode_config.cuh's v_row: where they lie).
+template <bool kHeldHigh = false>
 __device__ __forceinline__ SmemDesc v_desc(const uint8_t* tile, int half) {
-  return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kVGroupStrideBytes);
+  return SmemDesc(tile + half * kBoxesPerHalf * kBoxBytes, kBoxBytes, kVGroupStrideBytes, kHeldHigh);
 }
 __host__ __device__ constexpr uint32_t v_step_offset(int step) { return step * kVStepBytes; }
 __host__ __device__ constexpr bool v_steps_read_v_rows() {
@@ -137,8 +146,8 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
 template <bool kRightFirst = false, bool kLowWord = false>
 __device__ __forceinline__ void issue_qk(const uint8_t* q_tile, const RopeFragment& q_rope, const uint8_t* k_tile,
                                          uint64_t* full, int phase, ScoreTile& s) {
-  const SmemDesc q = k_major_desc(q_tile);
-  const SmemDesc k = k_major_desc(k_tile);
+  const SmemDesc q = k_major_desc<kLowWord>(q_tile);
+  const SmemDesc k = k_major_desc<kLowWord>(k_tile);
   fence_fragment(s.v);
   cute::warpgroup_arrive();
 #pragma unroll
@@ -191,7 +200,7 @@ __device__ __forceinline__ void issue_qk_fp8(const uint8_t* q_tile, const uint8_
 template <bool kLowWord = false>
 __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const uint8_t* v_tile, int half,
                                                    OutputHalf& o) {
-  const SmemDesc v = v_desc(v_tile, half);
+  const SmemDesc v = v_desc<kLowWord>(v_tile, half);
   fence_fragment(o.v);
   cute::warpgroup_arrive();
 #pragma unroll
@@ -208,8 +217,8 @@ __device__ __forceinline__ void issue_pv_from_regs(const ProbFragment& p, const 
 template <bool kLowWord = false>
 __device__ __forceinline__ void issue_pv_from_smem(const uint8_t* p_box, const uint8_t* v_tile, int half,
                                                    OutputHalf& o) {
-  const SmemDesc p = k_major_desc(p_box);
-  const SmemDesc v = v_desc(v_tile, half);
+  const SmemDesc p = k_major_desc<kLowWord>(p_box);
+  const SmemDesc v = v_desc<kLowWord>(v_tile, half);
   fence_fragment(o.v);
   cute::warpgroup_arrive();
 #pragma unroll
