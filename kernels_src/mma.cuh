@@ -62,7 +62,8 @@ struct SmemDesc {
   // held_high: the high word made a run-time value by or-ing in the address's bits 30-31 (always 0; ptxas
   // cannot tell), so that ptxas keeps it in the descriptor's register pair: as a constant, ptxas moved it
   // back before every wgmma or split the add into a carry chain. With the low-word add (at<true>) each
-  // descriptor is then one UIADD3 (decode.cu's page loops).
+  // descriptor is then one UIADD3 (decode.cu's page loops: 0.95-1.00 of the edge-only low word on every
+  // cell timed, H200, ab220 / ab221; decode_ring.cu's FP8 loops with it were level, ab222, and keep the add).
   __device__ __forceinline__ SmemDesc(const void* start, uint32_t leading, uint32_t stride, bool held_high = false)
       : base(((smem_addr(start) & 0x3FFFF) >> 4) | (uint64_t((leading >> 4) & 0x3FFF) << 16) |
              (uint64_t(((stride >> 4) & 0x3FFF) | (held_high ? smem_addr(start) >> 30 : 0u)) << 32) |
