@@ -18,6 +18,8 @@ the largest share of each accuracy bar its passing checks used.
 
 Variant spec: `NAME: ITEM ...`, items are `-D...` defines, `-Xptxas=...` options (ptxas's own, after
 every element type's defines) and NVRTC's floating-point options (`-ftz=true`, `-prec-div=false`, ...), `tree=DIR` (a kernels_src directory) and
+`patch=FILE` (a candidate patch, devtools/candidates/*.patch: its kernels_src changes applied to a copy of the
+shipped kernels_src, or of `tree=`'s, below --cache-root; the rest of the patch is left out) and
 `smem=BYTES` and `threads=N` (the decode kernel's dynamic shared memory and block size when the tree
 changes them), `narrow=ROWS` (the most query rows per KV head that go to the narrow kernel; 0: none),
 `overhead=PAGES` (the planner's fixed cost of a piece, plan.OVERHEAD_PAGES: the plan changes, not the kernels),
@@ -46,6 +48,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +71,8 @@ def parse_variant(text: str) -> dict:
             spec["defines"].append(item)
         elif item.startswith("tree="):
             spec["tree"] = str(pathlib.Path(item[5:]).resolve())
+        elif item.startswith("patch="):  # a candidate patch's kernels_src changes (apply_patch)
+            spec["patch"] = str(pathlib.Path(item[6:]).resolve())
         elif item.startswith("smem="):
             spec["smem"] = int(item[5:])
         elif item.startswith("threads="):
@@ -100,11 +105,31 @@ def parse_variant(text: str) -> dict:
             rows, kv, size = item[11:].split(":")
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
-            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, smem=BYTES, "
+            raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, patch=FILE, smem=BYTES, "
                              "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
+
+
+def apply_patch(spec: dict, cache_root: str) -> None:
+    """`patch=FILE`: copy the build's kernels_src (the shipped one, or tree='s) to CACHE_ROOT/<name>-tree and
+    apply the patch's kernels_src changes there with `git apply` (which needs no repository); the build
+    then uses that tree. A patch that does not apply stops the run before any device time is spent."""
+    source = pathlib.Path(spec["tree"] or ROOT / "kernels_src")
+    work = pathlib.Path(cache_root) / f"{spec['name']}-tree"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work / "kernels_src")
+    # Outside any repository (a cache root inside one would make git apply skip paths it thinks lie outside).
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work.parent))
+    done = subprocess.run(["git", "apply", "--include=kernels_src/*", spec["patch"]], cwd=work, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"variant {spec['name']!r}: {spec['patch']} does not apply to {source}:\n{done.stderr}")
+    if not any((work / "kernels_src" / f.relative_to(source)).read_bytes() != f.read_bytes()
+               for f in source.rglob("*") if f.is_file()):
+        raise SystemExit(f"variant {spec['name']!r}: {spec['patch']} changes nothing in kernels_src")
+    spec["tree"] = str(work / "kernels_src")
 
 
 def prebuilt(directory: pathlib.Path, compile_here):
@@ -370,6 +395,9 @@ def main(argv=None) -> int:
         return 0
 
     builds = [{"name": BASE, "defines": [], "tree": None, "smem": None}] + [parse_variant(v) for v in args.variant]
+    for build in builds:
+        if build.get("patch"):
+            apply_patch(build, args.cache_root)
     runs = {b["name"]: [] for b in builds}
     for round_ in range(args.rounds):
         for build in builds:

@@ -676,6 +676,32 @@ def test_kernel_ab_variant_specs():
             kernel_ab.parse_variant(bad)
 
 
+def test_kernel_ab_patch_builds_a_patched_copy_of_the_tree(tmp_path):
+    """patch=FILE: the patch's kernels_src changes land in a copy below --cache-root (its other files are
+    left out) and the build uses that copy; the shipped tree is untouched; a patch that does not apply
+    stops the run."""
+    tree = tmp_path / "src" / "kernels_src"
+    tree.mkdir(parents=True)
+    (tree / "combine.cu").write_text("int a = 1;\nint b = 2;\n")
+    patch = tmp_path / "c.patch"
+    patch.write_text("Candidate: b becomes 3.\n\n"
+                     "diff --git a/docs/X.md b/docs/X.md\n--- a/docs/X.md\n+++ b/docs/X.md\n@@ -1 +1 @@\n-x\n+y\n"
+                     "diff --git a/kernels_src/combine.cu b/kernels_src/combine.cu\n--- a/kernels_src/combine.cu\n"
+                     "+++ b/kernels_src/combine.cu\n@@ -1,2 +1,2 @@\n int a = 1;\n-int b = 2;\n+int b = 3;\n")
+    spec = kernel_ab.parse_variant(f"c: tree={tree} patch={patch}")
+    kernel_ab.apply_patch(spec, str(tmp_path / "cache"))
+    assert pathlib.Path(spec["tree"]) == tmp_path / "cache" / "c-tree" / "kernels_src"
+    assert (pathlib.Path(spec["tree"]) / "combine.cu").read_text() == "int a = 1;\nint b = 3;\n"
+    assert (tree / "combine.cu").read_text() == "int a = 1;\nint b = 2;\n"
+    spec = kernel_ab.parse_variant(f"again: tree={spec['tree']} patch={patch}")   # b is 3 there: no match
+    with pytest.raises(SystemExit, match="does not apply"):
+        kernel_ab.apply_patch(spec, str(tmp_path / "cache"))
+    docs_only = tmp_path / "d.patch"
+    docs_only.write_text(patch.read_text().split("diff --git a/kernels_src")[0])
+    with pytest.raises(SystemExit, match="changes nothing"):
+        kernel_ab.apply_patch(kernel_ab.parse_variant(f"d: tree={tree} patch={docs_only}"), str(tmp_path / "cache"))
+
+
 def test_kernel_ab_build_with_another_nvrtc_preloads_it(monkeypatch, tmp_path):
     """nvrtc=LIB: that build's child process preloads LIB (CuPy's dlopen then finds it) with its directory
     on the library path (NVRTC's builtins library lies beside it); other builds' children do not."""
