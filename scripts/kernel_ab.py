@@ -52,6 +52,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = "shipped"
@@ -130,6 +131,7 @@ def apply_patch(spec: dict, cache_root: str) -> None:
                for f in source.rglob("*") if f.is_file()):
         raise SystemExit(f"variant {spec['name']!r}: {spec['patch']} changes nothing in kernels_src")
     spec["tree"] = str(work / "kernels_src")
+    spec["patch_applied"] = True  # the children (and apply) take the tree as it is
 
 
 def prebuilt(directory: pathlib.Path, compile_here):
@@ -178,6 +180,8 @@ def apply(spec: dict) -> None:
     """Point the package at the variant's build before anything is compiled or loaded."""
     from flashmla_cupy import compiler, kernels, launch, plan, variants
 
+    if spec.get("patch") and not spec.get("patch_applied"):  # ncu_compare, kernel_trace, sanitize_cases
+        apply_patch(spec, tempfile.mkdtemp(prefix="kernel_ab_patch_"))
     if spec["tree"]:
         tree = pathlib.Path(spec["tree"])
         compiler.kernels_dir = lambda: tree

@@ -693,6 +693,7 @@ def test_kernel_ab_patch_builds_a_patched_copy_of_the_tree(tmp_path):
     assert pathlib.Path(spec["tree"]) == tmp_path / "cache" / "c-tree" / "kernels_src"
     assert (pathlib.Path(spec["tree"]) / "combine.cu").read_text() == "int a = 1;\nint b = 3;\n"
     assert (tree / "combine.cu").read_text() == "int a = 1;\nint b = 2;\n"
+    assert spec["patch_applied"]  # so a child (or apply) takes the tree as it is
     spec = kernel_ab.parse_variant(f"again: tree={spec['tree']} patch={patch}")   # b is 3 there: no match
     with pytest.raises(SystemExit, match="does not apply"):
         kernel_ab.apply_patch(spec, str(tmp_path / "cache"))
