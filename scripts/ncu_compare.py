@@ -24,8 +24,8 @@ instructions with the most stall samples are listed per library (from `--page so
 With `--kernel combine`, each library's kernel that merges split requests is profiled instead of its decode
 kernel (COMBINE_KERNELS; under ncu it runs after the decode has ended, its partials out of the caches).
 
-With `--variant "NAME: ITEM ..."` (scripts/kernel_ab.py's variant spec: `tree=DIR`, `-D...`,
-`maxparts=N`, ...) our library runs that build instead of the shipped one, so that a candidate is
+With `--variant "NAME: ITEM ..."` (scripts/kernel_ab.py's variant spec: `tree=DIR`,
+`patch=devtools/candidates/NAME.patch`, `-D...`, `maxparts=N`, ...) our library runs that build instead of the shipped one, so that a candidate is
 profiled beside the peers without a copy of the repository.
 
 Peers must import (scripts/gpu_check.sh ncu sets that up on the device).
