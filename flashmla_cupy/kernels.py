@@ -98,6 +98,10 @@ RING_FP8 = True
 # level at b32/8k, and at b1/32k (rows of 66 pieces, a block a row) level in bf16 and 4 % slower in fp16
 # (docs/PERF_NOTES.md: ab207, forty-seventh session).
 PARTIAL_F16_PARTS_PER_REQUEST = 4
+# The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build: on the H200
+# b16/h128/2k took 30.3 against 32.3 us, b8/h128/4k 31.7 against 35.1, b12/2k 29.0 against 30.9; outside
+# the band level (docs/PERF_NOTES.md: ab227, fiftieth session; kernel_ab ringp16=0 is the fp32 rows).
+RING_PARTIAL_F16 = True
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
@@ -107,12 +111,13 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
     if problem.rows <= narrow_rows and (problem.kv_name is None or q_name == "e4m3"):
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
-    if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        return variants.ring_variant(), plan.TILE_ROWS
     batch, parts = problem.batch, problem.num_parts
-    fp16_rows = (problem.kv_name is None and 0 < PARTIAL_F16_PARTS_PER_REQUEST
-                 and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts and combine_warps_per_row(batch, parts) == 1)
-    return variants.decode_variant(q_name, problem.kv_name, partial16=fp16_rows), plan.TILE_ROWS
+    fp16_rows = (0 < PARTIAL_F16_PARTS_PER_REQUEST and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts
+                 and combine_warps_per_row(batch, parts) == 1)
+    if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
+        return variants.ring_variant(partial16=fp16_rows and RING_PARTIAL_F16), plan.TILE_ROWS
+    partial16 = fp16_rows and problem.kv_name is None  # decode.cu's FP8-cache builds write fp32
+    return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 
 
 def q_tile_box(heads_per_group: int) -> tuple[int, int] | None:

@@ -186,9 +186,10 @@ _CHECK_REPORT = {
 # decode.cu with a 16-bit cache is also built to write its split pieces' partial rows in fp16, a power-of-two
 # scale per row and half of its columns (-DFLASHMLA_PARTIAL_F16; kernels_src/epilogue.cuh): half the bytes
 # to write and for the combine to read, for plans whose rows have several pieces each, merged a warp a row
-# (kernels.decode_kernel chooses). The narrow and ring kernels and decode.cu's FP8-cache builds write fp32;
-# the combine is built for either format (Variant.partial16, W = 1 only) and kernels.py pairs it with the
-# decode kernel's.
+# (kernels.decode_kernel chooses). The ring kernel has such a build too, with one power of two for the
+# launch (its rows' bound: 448 times the output's descale). The narrow kernels and decode.cu's FP8-cache
+# builds write fp32; the combine is built for either format (Variant.partial16, W = 1 only) and kernels.py
+# pairs it with the decode kernel's.
 def all_variants() -> list[Variant]:
     """Every variant the package can launch, in warm-up order (the slow CuTe programs first)."""
     return (
@@ -198,6 +199,7 @@ def all_variants() -> list[Variant]:
         + [Variant("decode_narrow", dt, rows=n) for dt in DTYPES for n in NARROW_ROWS]
         + [Variant("decode_narrow", "e4m3", "e4m3", rows=n) for n in NARROW_FP8_ROWS]
         + [Variant("decode_ring", "e4m3", "e4m3")]
+        + [Variant("decode_ring", "e4m3", "e4m3", partial16=True)]
         + [Variant("combine", dt, warps=_combine_warps(w)) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
         + [Variant("combine", dt, partial16=True) for dt in DTYPES]   # fp16 partial rows: a warp a row only
         + [Variant("scheduler", None), Variant("check", None)]
@@ -244,9 +246,10 @@ def narrow_variant(dtype, rows: int, kv=None) -> Variant:
     return _find("decode_narrow", dtype, kv, fit)
 
 
-def ring_variant() -> Variant:
-    """The ring decode variant: an e4m3 q and cache, any number of rows (64 a CTA)."""
-    return _find("decode_ring", "e4m3", "e4m3")
+def ring_variant(partial16: bool = False) -> Variant:
+    """The ring decode variant: an e4m3 q and cache, any number of rows (64 a CTA); with `partial16`, the
+    build that writes fp16 partial rows."""
+    return _find("decode_ring", "e4m3", "e4m3", partial16=partial16)
 
 
 def combine_variant(dtype, warps_per_row: int = 1, partial16: bool = False) -> Variant:

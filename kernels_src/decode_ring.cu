@@ -65,6 +65,7 @@ constexpr int kFp8PageBytes = kBoxes * kFp8BoxBytes;    // 36 KB: nine 64 x 64-b
 constexpr int kProbBoxBytes = kTileRows * kRowBytes;    // P: 64 query rows x 64 tokens, fp16, 8 KB
 constexpr int kRowSlots = kTileRows / 4;                // query rows a thread holds in an m64n64 tile
 constexpr int kHalfTiles = kHalfV / kBoxCols;           // O^T tiles (64 value columns) of a warpgroup: 4
+constexpr float kFp8PartialBound = 448.f;               // the largest e4m3 magnitude (fp16 partial rows)
 constexpr int kRingLoaderRegisters = 24;                // one lane issuing TMA loads
 constexpr int kRingConsumerRegisters = 240;
 static_assert(2 * kRingConsumerRegisters + kRingLoaderRegisters == 3 * 168, "the registers handed over add up");
@@ -519,6 +520,13 @@ struct RingPiece {
     const int first_slot = p.num_splits[piece.request];
     const bool split = p.num_splits[piece.request + 1] - first_slot > 1;
     if (kGuards && split && !(piece.slot >= 0 && piece.slot < p.partial_slots)) return;
+#if defined(FLASHMLA_PARTIAL_F16)
+    // fp16 partial rows (the combine's _p16 build reads them) with one power of two 2^k for every row of the
+    // launch instead of epilogue.cuh's per row and half: a normalised row is a convex mix of the pages' e4m3
+    // values (|v| <= 448) times out_scale, so kFp8PartialBound |out_scale| 2^k in [2^14, 2^15) keeps every
+    // value inside fp16 with no reduction over the row's columns (spread over the warpgroup here).
+    const int fp16_k = partial_f16_exponent(kFp8PartialBound * fabsf(out_scale));
+#endif
     if (wg == 0 && thread < kTileRows) {
       const int r = thread;
       const int row = rows_base + r;
@@ -528,6 +536,15 @@ struct RingPiece {
       if (row < p.rows) {
         store_row_lse(p, piece, kv_head, row, last_pair < 0 ? kInitialMax : smem.max_after[last_pair & 1][last_page][r],
                       total);
+#if defined(FLASHMLA_PARTIAL_F16)
+        if (split) {  // both halves' 2^-k
+          const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
+          float* const inv_scales = partial_inv_scales(p.out_partial, p.partial_slots, p.heads_kv, p.rows);
+          const float inv = power_of_two(-fp16_k);
+          inv_scales[2 * row_index] = inv;
+          inv_scales[2 * row_index + 1] = inv;
+        }
+#endif
         if (!split) {
           const PackedQuery query = packed_query(p, kv_head, row);
           at = ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
@@ -541,6 +558,29 @@ struct RingPiece {
     const int first = kHalfV * wg + 64 * (thread / 32) + 8 * (lane_id() / 4);  // the thread's 8 value columns
     const float* const scales = &smem.row_scale[2 * q4];
     const int64_t* const at = &smem.row_at[2 * q4];
+#if defined(FLASHMLA_PARTIAL_F16)
+    if (split) {
+      // The fp16 rows, scaled by 2^fp16_k: the thread's 8 columns of a row are one 16-byte store, as a single
+      // piece's output.
+      const float two_k = power_of_two(fp16_k);
+      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
+      __half* const base = reinterpret_cast<__half*>(p.out_partial) + slot_row0 * kHeadDimV + first;
+      const int rows_left = p.rows - rows_base - 2 * q4;
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) {
+        if (slot_row(k) >= rows_left) continue;
+        const float scale = scales[slot_row(k)] * two_k;
+        uint32_t packed[kHalfTiles];
+#pragma unroll
+        for (int t = 0; t < kHalfTiles; ++t) {
+          const __half2 pair = __floats2half2_rn(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
+          packed[t] = *reinterpret_cast<const uint32_t*>(&pair);
+        }
+        *reinterpret_cast<uint4*>(base + slot_row(k) * kHeadDimV) =
+            make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      }
+    } else
+#endif
     if (split) {
       // The thread's 8 fp32 columns of a row are one 32-byte sector, more than one store takes; written
       // as two halves by two stores, the partials took twice decode.cu's time on the H200. Lanes 2m and
