@@ -98,10 +98,12 @@ RING_FP8 = True
 # level at b32/8k, and at b1/32k (rows of 66 pieces, a block a row) level in bf16 and 4 % slower in fp16
 # (docs/PERF_NOTES.md: ab207, forty-seventh session).
 PARTIAL_F16_PARTS_PER_REQUEST = 4
-# The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build: on the H200
-# b16/h128/2k took 30.3 against 32.3 us, b8/h128/4k 31.7 against 35.1, b12/2k 29.0 against 30.9; outside
-# the band level (docs/PERF_NOTES.md: ab227, fiftieth session; kernel_ab ringp16=0 is the fp32 rows).
-RING_PARTIAL_F16 = True
+# The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, from ~2 pieces a
+# request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
+# 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
+# its variable-length form 38.7 against 40.2, b28/h128/1k 30.5 against 31.7, b40/h64/4k 53.0 against 54.8,
+# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Its page loop is the fp32 build's, unlike decode.cu's.
+RING_PARTIAL_F16_PARTS_PER_REQUEST = 2
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
@@ -112,10 +114,13 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
     batch, parts = problem.batch, problem.num_parts
-    fp16_rows = (0 < PARTIAL_F16_PARTS_PER_REQUEST and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts
-                 and combine_warps_per_row(batch, parts) == 1)
+    merged_by_warps = combine_warps_per_row(batch, parts) == 1
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        return variants.ring_variant(partial16=fp16_rows and RING_PARTIAL_F16), plan.TILE_ROWS
+        share = RING_PARTIAL_F16_PARTS_PER_REQUEST
+        partial16 = 0 < share and batch * share <= parts and merged_by_warps
+        return variants.ring_variant(partial16=partial16), plan.TILE_ROWS
+    fp16_rows = (0 < PARTIAL_F16_PARTS_PER_REQUEST and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts
+                 and merged_by_warps)
     partial16 = fp16_rows and problem.kv_name is None  # decode.cu's FP8-cache builds write fp32
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 

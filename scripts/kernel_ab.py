@@ -27,8 +27,8 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=N`
 (decode.cu writes fp16 partial rows where the batch times N is at most the plan's parts,
-kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; the combine follows) and `ringp16=0|1` (whether the ring
-kernel's plans follow that rule with its fp16-partial build, kernels.RING_PARTIAL_F16) and
+kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; the combine follows) and `ringp16=N` (the same rule for
+the ring kernel's fp16-partial build, kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `nvrtc=LIB` (a libnvrtc.so to compile this build with, preloaded in its process: the same sources under another
 NVRTC version, whose ptxas schedules the kernels differently; devtools/sass_diff.py compares the SASS; each round's
@@ -91,8 +91,8 @@ def parse_variant(text: str) -> dict:
             spec["ring"] = bool(int(item[5:]))
         elif item.startswith("partialf16="):
             spec["partialf16"] = int(item[11:])
-        elif item.startswith("ringp16="):  # 0|1: whether the ring kernel follows partialf16's rule
-            spec["ringp16"] = bool(int(item[8:]))
+        elif item.startswith("ringp16="):  # N: the ring kernel's fp16-partial rule, as partialf16's
+            spec["ringp16"] = int(item[8:])
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
@@ -110,7 +110,7 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, patch=FILE, smem=BYTES, "
-                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, ringp16=0|1, ringsmem=BYTES, "
+                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, ringp16=N, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
@@ -203,8 +203,8 @@ def apply(spec: dict) -> None:
         kernels.RING_FP8 = spec["ring"]
     if spec.get("partialf16") is not None:   # where decode.cu's partial rows go in fp16 (the combine follows)
         kernels.PARTIAL_F16_PARTS_PER_REQUEST = spec["partialf16"]
-    if spec.get("ringp16") is not None:   # whether the ring kernel's partial rows follow that rule
-        kernels.RING_PARTIAL_F16 = spec["ringp16"]
+    if spec.get("ringp16") is not None:   # the same rule for the ring kernel's partial rows
+        kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST = spec["ringp16"]
     if spec.get("cubins"):
         compiler.compile_variant = prebuilt(pathlib.Path(spec["cubins"]), compiler.compile_variant)
     if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs

@@ -307,8 +307,9 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
 
 def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     """Dispatch: decode.cu with a 16-bit cache and the ring kernel (an e4m3 q and cache) write fp16 partial
-    rows (their _p16 builds, and the combine to match) where batch * PARTIAL_F16_PARTS_PER_REQUEST <= the
-    plan's parts and a warp merges a row; the narrow kernels and decode.cu's FP8-cache builds never."""
+    rows (their _p16 builds, and the combine to match) where batch * PARTIAL_F16_PARTS_PER_REQUEST (the ring:
+    RING_PARTIAL_F16_PARTS_PER_REQUEST) <= the plan's parts and a warp merges a row; the narrow kernels and
+    decode.cu's FP8-cache builds never."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -325,9 +326,11 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS) == "decode_bf16"     # a block a row: fp32
     assert pick(16, num_parts=132, rows=16) == "decode_narrow_bf16_r16"         # the narrow kernel: fp32
     assert pick(16, kv="e4m3", q="bf16") == "decode_bf16_kv_e4m3"               # FP8 caches: fp32
-    assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16"
-    assert pick(66 // share + 1, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
-    monkeypatch.setattr(kernels, "RING_PARTIAL_F16", False)
+    ring_share = kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST
+    assert pick(66 // ring_share, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16"
+    assert pick(66 // ring_share + 1, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
+    assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
+    monkeypatch.setattr(kernels, "RING_PARTIAL_F16_PARTS_PER_REQUEST", 0)
     assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
     assert pick(16) == "decode_bf16_p16"
     monkeypatch.setattr(kernels, "PARTIAL_F16_PARTS_PER_REQUEST", 0)

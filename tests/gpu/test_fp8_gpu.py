@@ -239,3 +239,30 @@ def test_fp8_wide_kernels_poisoned_page_gives_nan_rows(wide_fp8_kernel):
     assert np.isnan(out[1].astype(np.float32)).all() and np.isnan(lse[1]).all()
     for i in (0, 2):
         assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
+
+
+@pytest.mark.parametrize("b, s_q, causal, kind", [(5, 1, False, "var:1:3000"),      # ~13 parts a request
+                                                  (24, 1, False, "halfzero:1:2048"),  # 2-3: the widest band
+                                                  (30, 2, True, "var:1:1500")])
+def test_fp8_ring_fp16_partial_rows(monkeypatch, b, s_q, causal, kind):
+    """decode_ring.cu's fp16-partial build (the plan cuts each request into about
+    kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST pieces or more, a warp merging a row): its one power of two
+    a launch and the combine's _p16 read, with zero-length requests and FP8 NaN behind every request."""
+    from flashmla_cupy import kernels, lookup
+
+    picked = []
+    shipped = kernels.decode_kernel
+
+    def spy(problem):
+        picked.append(shipped(problem)[0].name)
+        return shipped(problem)
+
+    monkeypatch.setattr(kernels, "decode_kernel", spy)
+    lookup.remembered().clear()
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = _case(rng, b, s_q, 128 // s_q, 1, lengths(rng, kind, b), "e4m3", causal=causal)
+    out, lse = run(case)
+    lookup.remembered().clear()
+    assert picked == ["decode_ring_e4m3_kv_e4m3_p16"], picked
+    check(case, out, lse, seed, f"fp8-ring-p16-b{b}-sq{s_q}")
