@@ -122,6 +122,17 @@ __device__ __forceinline__ int thread_index() {
 struct RingOutput {
   float v[kHalfTiles][32];
 };
+// Slot k's query row of the thread's 8 value columns (two of each O^T tile), times `scale`, as the words of
+// one 16-byte store; `word` rounds two floats into one 32-bit word (out_word: the output dtype; half_word:
+// fp16 partial rows).
+template <uint32_t (*word)(float, float)>
+__device__ __forceinline__ uint4 row_words(const RingOutput& o, int k, float scale) {
+  static_assert(kHalfTiles == 4, "one 16-byte store: four tiles' pairs");
+  uint32_t w[kHalfTiles];
+#pragma unroll
+  for (int t = 0; t < kHalfTiles; ++t) w[t] = word(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
 // V^T's A fragments of one P V k-step, for the warpgroup's four tiles; two sets take turns.
 using RingFragments = uint32_t[2][kHalfTiles][4];
 
@@ -569,15 +580,8 @@ struct RingPiece {
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
         if (slot_row(k) >= rows_left) continue;
-        const float scale = scales[slot_row(k)] * two_k;
-        uint32_t packed[kHalfTiles];
-#pragma unroll
-        for (int t = 0; t < kHalfTiles; ++t) {
-          const __half2 pair = __floats2half2_rn(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
-          packed[t] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
         *reinterpret_cast<uint4*>(base + slot_row(k) * kHeadDimV) =
-            make_uint4(packed[0], packed[1], packed[2], packed[3]);
+            row_words<half_word>(o, k, scales[slot_row(k)] * two_k);
       }
     } else
 #endif
@@ -620,15 +624,8 @@ struct RingPiece {
       for (int k = 0; k < kRowSlots; ++k) {
         const int64_t row_at = at[slot_row(k)];
         if (row_at < 0) continue;
-        const float scale = scales[slot_row(k)];
-        uint32_t packed[kHalfTiles];
-#pragma unroll
-        for (int t = 0; t < kHalfTiles; ++t) {
-          const OutElement2 pair = to_out_element2(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
-          packed[t] = *reinterpret_cast<const uint32_t*>(&pair);
-        }
         *reinterpret_cast<uint4*>(static_cast<OutElement*>(p.out) + row_at + first) =
-            make_uint4(packed[0], packed[1], packed[2], packed[3]);
+            row_words<out_word>(o, k, scales[slot_row(k)]);
       }
     }
     trace.mark(kMarkOutputStored);

@@ -23,6 +23,10 @@ __device__ __forceinline__ uint32_t out_word(float a, float b) {
   const OutElement2 pair = to_out_element2(a, b);
   return *reinterpret_cast<const uint32_t*>(&pair);
 }
+__device__ __forceinline__ uint32_t half_word(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
 
 #if defined(FLASHMLA_PARTIAL_F16)
 // The fp16 partial rows (-DFLASHMLA_PARTIAL_F16, decode.cu only; the combine built to match, ARCHITECTURE
