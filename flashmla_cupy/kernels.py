@@ -114,14 +114,14 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         variant = variants.narrow_variant(q_name, problem.rows, problem.kv_name)
         return variant, variant.rows
     batch, parts = problem.batch, problem.num_parts
-    merged_by_warps = combine_warps_per_row(batch, parts) == 1
+
+    def fp16_rows(share: int) -> bool:  # each request ~`share` pieces or more (0: never), a warp a row
+        return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
+
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        share = RING_PARTIAL_F16_PARTS_PER_REQUEST
-        partial16 = 0 < share and batch * share <= parts and merged_by_warps
-        return variants.ring_variant(partial16=partial16), plan.TILE_ROWS
-    fp16_rows = (0 < PARTIAL_F16_PARTS_PER_REQUEST and batch * PARTIAL_F16_PARTS_PER_REQUEST <= parts
-                 and merged_by_warps)
-    partial16 = fp16_rows and problem.kv_name is None  # decode.cu's FP8-cache builds write fp32
+        return variants.ring_variant(partial16=fp16_rows(RING_PARTIAL_F16_PARTS_PER_REQUEST)), plan.TILE_ROWS
+    # decode.cu's FP8-cache builds write fp32
+    partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_PARTS_PER_REQUEST)
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 
 

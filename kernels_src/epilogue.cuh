@@ -29,8 +29,9 @@ __device__ __forceinline__ uint32_t half_word(float a, float b) {
 }
 
 #if defined(FLASHMLA_PARTIAL_F16)
-// The fp16 partial rows (-DFLASHMLA_PARTIAL_F16, decode.cu only; the combine built to match, ARCHITECTURE
-// "Partial results"): half the bytes of fp32 rows to write and for the combine to read. Each (row, half
+// The fp16 partial rows (-DFLASHMLA_PARTIAL_F16: decode.cu's, and decode_ring.cu's with one 2^k a launch;
+// the combine built to match, ARCHITECTURE "Partial results"): half the bytes of fp32 rows to write and for
+// the combine to read. In decode.cu each (row, half
 // of the columns) is scaled by the power of two 2^k that brings its largest magnitude into [2^14, 2^15),
 // so fp16 neither overflows (a bf16 cache may hold values far above 65504) nor drops small rows to
 // subnormals; k = 0 where the largest is 0, inf or NaN (such rows keep what they hold). |k| <= 126, so
