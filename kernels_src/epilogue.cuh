@@ -31,11 +31,10 @@ __device__ __forceinline__ uint32_t half_word(float a, float b) {
 #if defined(FLASHMLA_PARTIAL_F16)
 // The fp16 partial rows (-DFLASHMLA_PARTIAL_F16: decode.cu's, and decode_ring.cu's with one 2^k a launch;
 // the combine built to match, ARCHITECTURE "Partial results"): half the bytes of fp32 rows to write and for
-// the combine to read. In decode.cu each (row, half
-// of the columns) is scaled by the power of two 2^k that brings its largest magnitude into [2^14, 2^15),
-// so fp16 neither overflows (a bf16 cache may hold values far above 65504) nor drops small rows to
-// subnormals; k = 0 where the largest is 0, inf or NaN (such rows keep what they hold). |k| <= 126, so
-// 2^k and 2^-k are normal floats and the products with them exact.
+// the combine to read. In decode.cu each (row, half of the columns) is scaled by the power of two 2^k that
+// brings its largest magnitude into [2^14, 2^15), so fp16 neither overflows (a bf16 cache may hold values far
+// above 65504) nor drops small rows to subnormals; k = 0 where the largest is 0, inf or NaN (such rows keep
+// what they hold). |k| <= 126, so 2^k and 2^-k are normal floats and the products with them exact.
 __device__ __forceinline__ int partial_f16_exponent(float largest) {
   if (!(largest > 0.f) || isinf(largest)) return 0;
   const int exponent = ((__float_as_int(largest) >> 23) & 0xff) - 127;  // floor(log2); -127 if subnormal
@@ -68,10 +67,9 @@ __device__ __forceinline__ void store_partial_f16(const DecodeParams& p, const P
 #pragma unroll
     for (int m = 0; m < 16; ++m) {
       const int a = 4 * (2 * m) + 2 * i, b = 4 * (2 * m + 1) + 2 * i;  // columns 16m + 2t and 16m + 8 + 2t
-      const __half2 first = __floats2half2_rn(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale);
-      const __half2 second = __floats2half2_rn(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale);
-      const uint2 words = quad_adjacent_words(*reinterpret_cast<const uint32_t*>(&first),
-                                              *reinterpret_cast<const uint32_t*>(&second), quad_lane);
+      const uint2 words = quad_adjacent_words(half_word(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale),
+                                              half_word(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale),
+                                              quad_lane);
       if (real) *reinterpret_cast<uint2*>(dst + 16 * m) = words;
     }
     if (real && at.publishes()) inv_scales[2 * row_index + half] = power_of_two(-k);
