@@ -199,10 +199,12 @@ def run_scheduler(seqlens, metadata, num_splits, num_parts: int, stream: int) ->
 
 
 def run_combine_raw(dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                    out_partial, lse_partial, num_splits, out, lse, stream: int, partial16: bool = False) -> None:
+                    out_partial, lse_partial, num_splits, out, lse, stream: int, partial16: bool = False,
+                    quad_order: bool = False) -> None:
     """Merge the pieces of split requests (Views) into `out`/`lse`, as a programmatic dependent;
-    `partial16`: out_partial holds fp16 rows and their scales (decode.cu's -DFLASHMLA_PARTIAL_F16 format)."""
+    `partial16`: out_partial holds fp16 rows and their scales (the -DFLASHMLA_PARTIAL_F16 format), in quad
+    order with `quad_order` (decode.cu's; kernels_src/element.cuh), else in column order (decode_ring.cu's)."""
     from flashmla_cupy.kernels import CombineLaunch
 
-    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id, partial16)(
+    CombineLaunch(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, out.device_id, partial16, quad_order)(
         out_partial.ptr, lse_partial.ptr, num_splits.ptr, out.ptr, lse.ptr, stream)

@@ -55,14 +55,14 @@ class CombineLaunch:
     """Merges the pieces of split requests into out/lse; a programmatic dependent of the decode."""
 
     def __init__(self, dtype: str, batch: int, seqlen_q: int, heads_q: int, heads_kv: int, num_parts: int,
-                 device_id: int, partial16: bool = False):
+                 device_id: int, partial16: bool = False, quad_order: bool = False):
         heads_per_group = heads_q // heads_kv
         rows = seqlen_q * heads_per_group
         warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
             heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
-        fn = launch.get_function(variants.combine_variant(dtype, warps_per_row, partial16), device_id)
+        fn = launch.get_function(variants.combine_variant(dtype, warps_per_row, partial16, quad_order), device_id)
         block_warps = combine_block_warps(warps_per_row)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // block_warps), 1)
         self._launch = launch.Launch(fn, grid, (32 * block_warps, 1, 1), [self._params], pdl=True)
@@ -96,8 +96,11 @@ RING_FP8 = True
 # the H200 b16/h128/2k took 34.4 against 36.5 us (rows of ~5 pieces), while the same build cost 1-4 % on
 # the variable-length 1k cells, whose rows have 2-3 pieces (its page loop is scheduled differently), was
 # level at b32/8k, and at b1/32k (rows of 66 pieces, a block a row) level in bf16 and 4 % slower in fp16
-# (docs/PERF_NOTES.md: ab207, forty-seventh session).
-PARTIAL_F16_PARTS_PER_REQUEST = 4
+# (docs/PERF_NOTES.md: ab207, forty-seventh session). Widened from 4 to 3 once its rows lay in quad order
+# (no swaps a piece) with a shorter reduction: b36/h64/4k 62.8 against 64.8 us, b22/h128/1k 29.2 against
+# 30.8, the variable-length 1-2k cells level or faster, where at 3 they had lost 2-6 % before (ab233, ab234,
+# fifty-second session).
+PARTIAL_F16_PARTS_PER_REQUEST = 3
 # The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, from ~2 pieces a
 # request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
 # 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
@@ -159,7 +162,8 @@ class DecodeLaunch:
         self._k_ptr, self._maps = None, {}
         self._descales = problem.descales
         variant, tile_rows = decode_kernel(problem)
-        self.partial16 = variant.partial16  # the format its partial rows take, for the combine to match
+        # the format its partial rows take, for the combine to match
+        self.partial16, self.quad_order = variant.partial16, variant.writes_quad_order
         self._k_layout = (*self._k_layout, *variant.kv_box)
         fn = launch.get_function(variant, problem.device_id)
         grid = (-(-problem.rows // tile_rows), problem.heads_kv, problem.num_parts)

@@ -53,7 +53,7 @@ class DecodeCall:
         # num_splits, then the descales given (problem.descales), then out/lse where given.
         self._inputs = 6 + len(p.descales)
         self._combine = kernels.CombineLaunch(p.dtype_name, p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.num_parts,
-                                              device_id, self._decode.partial16)
+                                              device_id, self._decode.partial16, self._decode.quad_order)
         # Outputs the caller provides (out=, lse=; DecodeIntoCall) get no allocator.
         self._new_out = None if p.out is not None else tensors.allocator(
             framework, (p.batch, p.seqlen_q, p.heads_q, inputs.HEAD_DIM_V), p.out_dtype, device_id)

@@ -77,6 +77,7 @@ class Variant:
     rows: int | None = None  # decode_narrow's query rows per CTA (NARROW_ROWS)
     warps: int | None = None  # combine's warps per output row when more than one (COMBINE_WARPS_PER_ROW)
     partial16: bool = False  # decode.cu: writes fp16 partial rows; combine: reads them
+    quad_order: bool = False  # combine: its fp16 partial rows in quad order (decode.cu's; the ring's are not)
 
     @property
     def name(self) -> str:
@@ -85,6 +86,7 @@ class Variant:
         name = f"{name}_kv_{self.kv}" if self.kv else name
         name = f"{name}_w{self.warps}" if self.warps else name
         name = f"{name}_p16" if self.partial16 else name
+        name = f"{name}q" if self.quad_order else name
         return f"{name}_r{self.rows}" if self.rows else name
 
     @property
@@ -97,7 +99,8 @@ class Variant:
         return ((_DEFINES[self.dtype] if self.dtype else ()) + (_KV_DEFINES[self.kv] if self.kv else ())
                 + ((f"-DFLASHMLA_NARROW_ROWS={self.rows}",) if self.rows else ())
                 + ((f"-DFLASHMLA_COMBINE_WARPS_PER_ROW={self.warps}",) if self.warps else ())
-                + (("-DFLASHMLA_PARTIAL_F16=1",) if self.partial16 else ()))
+                + (("-DFLASHMLA_PARTIAL_F16=1",) if self.partial16 else ())
+                + (("-DFLASHMLA_PARTIAL_F16_QUAD_ORDER=1",) if self.quad_order else ()))
 
     @property
     def threads(self) -> int:
@@ -119,6 +122,12 @@ class Variant:
         if self.program == "decode_ring":
             return RING_SHARED_BYTES
         return DECODE_SHARED_BYTES if self.program == "decode" else 0
+
+    @property
+    def writes_quad_order(self) -> bool:
+        """Whether the partial rows this decode variant writes are fp16 in quad order (decode.cu's _p16
+        builds: kernels_src/element.cuh), for the combine to match (Variant.quad_order)."""
+        return self.program == "decode" and self.partial16
 
     @property
     def fp8_boxes(self) -> bool:
@@ -187,9 +196,10 @@ _CHECK_REPORT = {
 # scale per row and half of its columns (-DFLASHMLA_PARTIAL_F16; kernels_src/epilogue.cuh): half the bytes
 # to write and for the combine to read, for plans whose rows have several pieces each, merged a warp a row
 # (kernels.decode_kernel chooses). The ring kernel has such a build too, with one power of two for the
-# launch (its rows' bound: 448 times the output's descale). The narrow kernels and decode.cu's FP8-cache
-# builds write fp32; the combine is built for either format (Variant.partial16, W = 1 only) and kernels.py
-# pairs it with the decode kernel's.
+# launch (its rows' bound: 448 times the output's descale). decode.cu's rows lie in quad order, as its
+# accumulators hold them (no swaps a piece); the ring's in column order. The narrow kernels and decode.cu's
+# FP8-cache builds write fp32; the combine is built for each format (Variant.partial16 and quad_order, W = 1
+# only) and kernels.py pairs it with the decode kernel's.
 def all_variants() -> list[Variant]:
     """Every variant the package can launch, in warm-up order (the slow CuTe programs first)."""
     return (
@@ -201,7 +211,8 @@ def all_variants() -> list[Variant]:
         + [Variant("decode_ring", "e4m3", "e4m3")]
         + [Variant("decode_ring", "e4m3", "e4m3", partial16=True)]
         + [Variant("combine", dt, warps=_combine_warps(w)) for dt in DTYPES for w in COMBINE_WARPS_PER_ROW]
-        + [Variant("combine", dt, partial16=True) for dt in DTYPES]   # fp16 partial rows: a warp a row only
+        # fp16 partial rows, a warp a row only: the ring's in column order, decode.cu's in quad order
+        + [Variant("combine", dt, partial16=True, quad_order=q) for q in (False, True) for dt in DTYPES]
         + [Variant("scheduler", None), Variant("check", None)]
     )
 
@@ -216,13 +227,13 @@ def _alias(dtype) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _find(program: str, dtype, kv=None, rows=None, warps=None, partial16=False) -> Variant:
+def _find(program: str, dtype, kv=None, rows=None, warps=None, partial16=False, quad_order=False) -> Variant:
     key, kv_key = _alias(dtype), _alias(kv)
     if kv_key == key and program == "decode" and key in DTYPES:
         kv_key = None   # a 16-bit cache of q's own type
     for v in all_variants():
         if (v.program == program and v.dtype == key and v.kv == kv_key and v.rows == rows and v.warps == warps
-                and v.partial16 == partial16):
+                and v.partial16 == partial16 and v.quad_order == quad_order):
             return v
     known = ", ".join(v.name for v in all_variants() if v.program == program)
     raise ValueError(f"no {program} kernel for dtype {dtype!r} (cache {kv!r}); compiled variants: {known}")
@@ -252,11 +263,12 @@ def ring_variant(partial16: bool = False) -> Variant:
     return _find("decode_ring", "e4m3", "e4m3", partial16=partial16)
 
 
-def combine_variant(dtype, warps_per_row: int = 1, partial16: bool = False) -> Variant:
+def combine_variant(dtype, warps_per_row: int = 1, partial16: bool = False, quad_order: bool = False) -> Variant:
     """The combine variant for an element type ("bf16"/"fp16", or a numpy/ml_dtypes dtype), the warps
     that merge one output row (COMBINE_WARPS_PER_ROW) and the partial rows' format (fp16 where the
-    decode variant writes them so: its `partial16`)."""
-    return _find("combine", dtype, warps=_combine_warps(warps_per_row), partial16=partial16)
+    decode variant writes them so: its `partial16`; in quad order where decode.cu wrote them:
+    Variant.writes_quad_order)."""
+    return _find("combine", dtype, warps=_combine_warps(warps_per_row), partial16=partial16, quad_order=quad_order)
 
 
 def scheduler_variant() -> Variant:

@@ -48,6 +48,11 @@ constexpr float kInf = cuda::std::numeric_limits<float>::infinity();
 #endif
 constexpr int kWarpsPerRow = FLASHMLA_COMBINE_WARPS_PER_ROW;
 static_assert(kWarpsPerRow == 1 || kWarpsPerRow == 16, "a warp or a block of 16 a row");
+#if defined(FLASHMLA_PARTIAL_F16)
+static_assert(kWarpsPerRow == 1, "fp16 partials are merged a warp a row");
+#elif defined(FLASHMLA_PARTIAL_F16_QUAD_ORDER)
+#error "quad order is a layout of fp16 partial rows (-DFLASHMLA_PARTIAL_F16)"
+#endif
 constexpr int kCombineWarpsPerBlock = kWarpsPerRow == 1 ? 4 : kWarpsPerRow;
 // Pieces of a row whose partial values a warp loads at once (each takes 16 registers of a lane). A warp
 // a row merges few pieces (2-3 at b = 128) beside many other rows: 2 keep it at 78 registers, six blocks
@@ -74,7 +79,9 @@ constexpr bool kEarlyLoads = kWarpsPerRow == 1;
 
 // The partial rows' format, a build each: fp32, or fp16 with a power-of-two scale per (row, half of the
 // columns) where the decode kernel wrote them so (-DFLASHMLA_PARTIAL_F16, epilogue.cuh; variants.py picks
-// the combine that matches the decode kernel). A lane's group of 4 columns is one 16- or 8-byte load.
+// the combine that matches the decode kernel), in column order (decode_ring.cu's) or in quad order
+// (decode.cu's, -DFLASHMLA_PARTIAL_F16_QUAD_ORDER: element.cuh). A lane's group of 4 columns is one 16- or
+// 8-byte load.
 #if defined(FLASHMLA_PARTIAL_F16)
 using PartialGroup = uint2;  // four fp16 values
 #else
@@ -375,7 +382,16 @@ flashmla_combine(const flashmla::CombineParams p) {
   }
 
   if constexpr (kWarpsPerRow == 1) {
+#if defined(FLASHMLA_PARTIAL_F16_QUAD_ORDER)
+    // decode.cu's fp16 partials lie in quad order (element.cuh): this lane's group holds columns 2t, 2t + 1,
+    // 8 + 2t, 9 + 2t of its quad's 16 (t = lane % 4); the quad swaps them back into order as it writes.
+    for (int v = 0; v < kVecPerLane; ++v) {
+      const uint2 words = pack4(acc[v]);
+      out[v * kWarpSize + lane] = flashmla::quad_adjacent_words(words.x, words.y, lane % 4);
+    }
+#else
     for (int v = 0; v < kVecPerLane; ++v) out[v * kWarpSize + lane] = pack4(acc[v]);
+#endif
   } else {
     // The block's warps are one row's (all of them got here, as every branch above depends on the row
     // alone). Add up their sums; thread c of the block writes the row's c-th group of 4 columns.

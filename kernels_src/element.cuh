@@ -58,4 +58,24 @@ __device__ __forceinline__ Float* partial_inv_scales(Float* out_partial, int par
   return out_partial + static_cast<long long>(partial_slots) * heads_kv * rows * (kHeadDimV / 2);
 }
 
+// decode.cu's fp16 partial rows lie in "quad order" (private to it and the combine built to match,
+// -DFLASHMLA_PARTIAL_F16_QUAD_ORDER): in each group of 16 columns, the t-th 4 values are columns 2t, 2t + 1,
+// 8 + 2t, 9 + 2t, as lane t of a quad holds them in a wgmma accumulator. decode.cu stores a lane's two words
+// as they lie (the quad's 8-byte stores still fill one 32-byte sector, with no swaps: those ran once a
+// piece), and the combine, which writes each row once, puts the columns back in order with
+// quad_adjacent_words. decode_ring.cu's thread holds 8 adjacent columns: its rows stay in column order.
+
+// The quad's words for 16 adjacent columns: each lane holds the pairs of columns 2t and 8 + 2t (`a`, `b`;
+// t = lane % 4) and gets back columns 4t..4t+3, so that the quad's stores are one 32-byte sector. Two
+// swaps: across lane pairs {0,2} and {1,3} (lanes 0-1 collect the a's, 2-3 the b's), then inside {0,1} and
+// {2,3}. Every lane of the warp takes part.
+__device__ __forceinline__ uint2 quad_adjacent_words(uint32_t a, uint32_t b, int quad_lane) {
+  const bool low = quad_lane < 2;
+  const uint32_t got = __shfl_xor_sync(0xffffffffu, low ? b : a, 2);
+  const uint32_t first = low ? a : got, second = low ? got : b;
+  const bool even = (quad_lane & 1) == 0;
+  const uint32_t swapped = __shfl_xor_sync(0xffffffffu, even ? second : first, 1);
+  return even ? make_uint2(first, swapped) : make_uint2(swapped, second);
+}
+
 }  // namespace flashmla

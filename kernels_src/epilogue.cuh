@@ -6,19 +6,6 @@
 
 namespace flashmla {
 
-// The quad's output words for 16 adjacent columns: each lane holds the pairs of columns 2t and 8 + 2t
-// (`a`, `b`; t = lane % 4) and gets back columns 4t..4t+3, so that the quad's stores are one 32-byte
-// sector. Two swaps: across lane pairs {0,2} and {1,3} (lanes 0-1 collect the a's, 2-3 the b's), then
-// inside {0,1} and {2,3}.
-__device__ __forceinline__ uint2 quad_adjacent_words(uint32_t a, uint32_t b, int quad_lane) {
-  const bool low = quad_lane < 2;
-  const uint32_t got = __shfl_xor_sync(0xffffffffu, low ? b : a, 2);
-  const uint32_t first = low ? a : got, second = low ? got : b;
-  const bool even = (quad_lane & 1) == 0;
-  const uint32_t swapped = __shfl_xor_sync(0xffffffffu, even ? second : first, 1);
-  return even ? make_uint2(first, swapped) : make_uint2(swapped, second);
-}
-
 __device__ __forceinline__ uint32_t out_word(float a, float b) {
   const OutElement2 pair = to_out_element2(a, b);
   return *reinterpret_cast<const uint32_t*>(&pair);
@@ -29,12 +16,13 @@ __device__ __forceinline__ uint32_t half_word(float a, float b) {
 }
 
 #if defined(FLASHMLA_PARTIAL_F16)
-// The fp16 partial rows (-DFLASHMLA_PARTIAL_F16: decode.cu's, and decode_ring.cu's with one 2^k a launch;
-// the combine built to match, ARCHITECTURE "Partial results"): half the bytes of fp32 rows to write and for
-// the combine to read. In decode.cu each (row, half of the columns) is scaled by the power of two 2^k that
-// brings its largest magnitude into [2^14, 2^15), so fp16 neither overflows (a bf16 cache may hold values far
-// above 65504) nor drops small rows to subnormals; k = 0 where the largest is 0, inf or NaN (such rows keep
-// what they hold). |k| <= 126, so 2^k and 2^-k are normal floats and the products with them exact.
+// The fp16 partial rows (-DFLASHMLA_PARTIAL_F16: decode.cu's, in quad order, and decode_ring.cu's with one
+// 2^k a launch; the combine built to match, ARCHITECTURE "Partial results"): half the bytes of fp32 rows to
+// write and for the combine to read. In decode.cu each (row, half of the columns) is scaled by the power of
+// two 2^k that brings its largest magnitude into [2^14, 2^15), so fp16 neither overflows (a bf16 cache may
+// hold values far above 65504) nor drops small rows to subnormals; k = 0 where the largest is 0, inf or NaN
+// (such rows keep what they hold). |k| <= 126, so 2^k and 2^-k are normal floats and the products with them
+// exact.
 __device__ __forceinline__ int partial_f16_exponent(float largest) {
   if (!(largest > 0.f) || isinf(largest)) return 0;
   const int exponent = ((__float_as_int(largest) >> 23) & 0xff) - 127;  // floor(log2); -127 if subnormal
@@ -43,34 +31,39 @@ __device__ __forceinline__ int partial_f16_exponent(float largest) {
 __device__ __forceinline__ float power_of_two(int k) { return __int_as_float((127 + k) << 23); }
 
 // A split piece's half rows as fp16: the quad's largest magnitude per row (a row's 256 columns of this
-// half are the quad's: two shuffles), scaled, rounded and stored in 32-byte sectors as a single piece's
-// 16-bit rows are; the quad's first lane stores 2^-k.
+// half are the quad's: two shuffles), scaled, rounded and stored in quad order (element.cuh): each lane's two
+// words as they lie, the quad's stores whole 32-byte sectors; the quad's first lane stores 2^-k.
 __device__ __forceinline__ void store_partial_f16(const DecodeParams& p, const Piece& piece, int kv_head,
                                                   int rows_base, const FragmentCoords& at, int half,
                                                   const OutputHalf& o, const float (&inv_sum)[2]) {
-  const int quad_lane = at.column / 2;
   __half* const values = reinterpret_cast<__half*>(p.out_partial);
   float* const inv_scales = partial_inv_scales(p.out_partial, p.partial_slots, p.heads_kv, p.rows);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float largest = 0.f;
+    // Four running maxima, each over every fourth pair: chains of 8 dependent FMNMX instead of one of 32
+    // (fmaxf is associative, NaN included: a NaN operand is passed over either way).
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < 32; ++j) largest = fmaxf(largest, fmaxf(fabsf(o.v[4 * j + 2 * i]), fabsf(o.v[4 * j + 2 * i + 1])));
+    for (int j = 0; j < 32; ++j) {
+      part[j % 4] = fmaxf(part[j % 4], fmaxf(fabsf(o.v[4 * j + 2 * i]), fabsf(o.v[4 * j + 2 * i + 1])));
+    }
+    float largest = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
     largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
     largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
     const int k = partial_f16_exponent(largest * inv_sum[i]);
     const float scale = power_of_two(k);  // after inv_sum: their product may overflow where neither does
     const int row = rows_base + at.row[i];
-    const bool real = row < p.rows;  // the swaps below take every lane of the warp, real row or not
+    const bool real = row < p.rows;
     const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
-    __half* const dst = values + row_index * kHeadDimV + half * kHalfV + 4 * quad_lane;
+    __half* const dst = values + row_index * kHeadDimV + half * kHalfV + 2 * at.column;
 #pragma unroll
     for (int m = 0; m < 16; ++m) {
       const int a = 4 * (2 * m) + 2 * i, b = 4 * (2 * m + 1) + 2 * i;  // columns 16m + 2t and 16m + 8 + 2t
-      const uint2 words = quad_adjacent_words(half_word(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale),
-                                              half_word(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale),
-                                              quad_lane);
-      if (real) *reinterpret_cast<uint2*>(dst + 16 * m) = words;
+      if (real) {
+        *reinterpret_cast<uint2*>(dst + 16 * m) =
+            make_uint2(half_word(o.v[a] * inv_sum[i] * scale, o.v[a + 1] * inv_sum[i] * scale),
+                       half_word(o.v[b] * inv_sum[i] * scale, o.v[b + 1] * inv_sum[i] * scale));
+      }
     }
     if (real && at.publishes()) inv_scales[2 * row_index + half] = power_of_two(-k);
   }

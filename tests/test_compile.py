@@ -307,9 +307,9 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
 
 def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     """Dispatch: decode.cu with a 16-bit cache and the ring kernel (an e4m3 q and cache) write fp16 partial
-    rows (their _p16 builds, and the combine to match) where batch * PARTIAL_F16_PARTS_PER_REQUEST (the ring:
-    RING_PARTIAL_F16_PARTS_PER_REQUEST) <= the plan's parts and a warp merges a row; the narrow kernels and
-    decode.cu's FP8-cache builds never."""
+    rows (their _p16 builds, and the combine to match: decode.cu's in quad order) where batch *
+    PARTIAL_F16_PARTS_PER_REQUEST (the ring: RING_PARTIAL_F16_PARTS_PER_REQUEST) <= the plan's parts and a
+    warp merges a row; the narrow kernels and decode.cu's FP8-cache builds never."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -330,6 +330,14 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     assert pick(66 // ring_share, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16"
     assert pick(66 // ring_share + 1, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
     assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
+    # the combine that reads them: decode.cu's rows in quad order, the ring's in column order
+    assert kernels.decode_kernel(SimpleNamespace(rows=128, kv_name=None, dtype_name="bf16", q_dtype_name="bf16",
+                                                 batch=16, num_parts=66))[0].writes_quad_order
+    assert not variants.ring_variant(partial16=True).writes_quad_order
+    assert not variants.decode_variant("bf16").writes_quad_order
+    assert variants.combine_variant("bf16", partial16=True, quad_order=True).name == "combine_bf16_p16q"
+    assert "-DFLASHMLA_PARTIAL_F16_QUAD_ORDER=1" in variants.combine_variant("fp16", partial16=True, quad_order=True).defines
+    assert "-DFLASHMLA_PARTIAL_F16_QUAD_ORDER=1" not in variants.combine_variant("bf16", partial16=True).defines
     monkeypatch.setattr(kernels, "RING_PARTIAL_F16_PARTS_PER_REQUEST", 0)
     assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
     assert pick(16) == "decode_bf16_p16"

@@ -322,7 +322,7 @@ def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, 
     fp16_rows = batch * kernels.PARTIAL_F16_PARTS_PER_REQUEST <= num_parts and warps_per_row == 1
     assert [v.name for v in loaded if v.program != "scheduler"] == [
         variants.decode_variant("bf16", partial16=fp16_rows).name,
-        variants.combine_variant("bf16", warps_per_row, partial16=fp16_rows).name]
+        variants.combine_variant("bf16", warps_per_row, partial16=fp16_rows, quad_order=fp16_rows).name]
     assert variants.combine_variant("bf16", warps_per_row).pinned_constants == {"kWarpsPerRow": warps_per_row}
     block_warps = kernels.COMBINE_WARPS_PER_BLOCK if warps_per_row == 1 else warps_per_row
     assert combine["grid"] == (batch, 128 * warps_per_row // block_warps, 1)

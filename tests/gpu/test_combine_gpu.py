@@ -28,13 +28,14 @@ def random_partials(rng: np.random.Generator, pieces: list[int], heads_kv: int, 
     return out_partial, lse_partial, num_splits
 
 
-def fp16_rows(rng: np.random.Generator, out_partial: np.ndarray, partial_slots: int):
+def fp16_rows(rng: np.random.Generator, out_partial: np.ndarray, partial_slots: int, quad_order: bool):
     """`out_partial`'s first `partial_slots` slots (the capacity the launch is given) with each (row, half
-    of the columns) times a random 2^e, e in [-20, 20], in the fp16 format decode.cu's -DFLASHMLA_PARTIAL_F16
-    builds write (kernels_src/epilogue.cuh): each half row scaled by the 2^k that brings its largest
-    magnitude into [2^14, 2^15) and rounded to fp16, the 2^-k after all the values. Returns (the fp32
-    workspace holding both, as the kernel reads it; the values they stand for, float64, NaN in the slots
-    past the capacity)."""
+    of the columns) times a random 2^e, e in [-20, 20], in the fp16 format of the -DFLASHMLA_PARTIAL_F16
+    builds (kernels_src/epilogue.cuh): each half row scaled by the 2^k that brings its largest magnitude into
+    [2^14, 2^15) and rounded to fp16, in quad order where `quad_order` (decode.cu's; kernels_src/element.cuh:
+    in each 16 columns, the t-th 4 values are columns 2t, 2t + 1, 8 + 2t, 9 + 2t), else in column order
+    (decode_ring.cu's), the 2^-k after all the values. Returns (the fp32 workspace holding both, as the kernel
+    reads it; the values they stand for, float64, NaN in the slots past the capacity)."""
     slots, heads_kv, rows, dv = out_partial.shape
     halves = out_partial[:partial_slots].reshape(partial_slots, heads_kv, rows, 2, dv // 2).astype(np.float64)
     halves = halves * np.exp2(rng.integers(-20, 21, (partial_slots, heads_kv, rows, 2, 1)))
@@ -43,7 +44,10 @@ def fp16_rows(rng: np.random.Generator, out_partial: np.ndarray, partial_slots: 
     values = (halves * np.exp2(k)).astype(np.float16)
     assert np.all(np.abs(values[np.isfinite(values)]) < 2.0 ** 15)
     workspace = np.full(out_partial.size, np.nan, dtype=np.float32)
-    value_words = values.reshape(-1).view(np.float32)  # two fp16 values to a float
+    stored = values
+    if quad_order:  # columns 16m + 8h + 2t + c at 16m + 4t + 2h + c: (m, h, t, c) -> (m, t, h, c)
+        stored = np.ascontiguousarray(values.reshape(values.shape[:-1] + (dv // 32, 2, 4, 2)).swapaxes(-3, -2))
+    value_words = stored.reshape(-1).view(np.float32)  # two fp16 values to a float
     inv_scales = np.exp2(-k).astype(np.float32).reshape(-1)  # [slots, heads_kv, rows, 2]
     workspace[:value_words.size] = value_words
     workspace[value_words.size:value_words.size + inv_scales.size] = inv_scales
@@ -59,7 +63,7 @@ def partial_parts(batch: int, num_splits) -> int:
 
 
 def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, lse_partial, num_splits,
-                   partial16: bool = False):
+                   partial16: bool = False, quad_order: bool = False):
     import cupy as cp
 
     from flashmla_cupy import tensors
@@ -75,7 +79,8 @@ def device_combine(dtype: str, batch, seqlen_q, heads_q, heads_kv, out_partial, 
         views = {name: tensors.take(array, name, stream.ptr) for name, array in arrays.items()}
         num_parts = partial_parts(batch, num_splits)
         run_combine_raw(dtype, batch, seqlen_q, heads_q, heads_kv, num_parts, views["out_partial"],
-                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr, partial16)
+                        views["lse_partial"], views["num_splits"], views["out"], views["lse"], stream.ptr, partial16,
+                        quad_order)
         stream.synchronize()
         return cp.asnumpy(arrays["out"]).astype(np.float64), cp.asnumpy(arrays["lse"]).astype(np.float64)
 
@@ -98,7 +103,8 @@ def merged_by_warps(name: str) -> bool:
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("name, partial", [(name, partial) for name in CASES for partial in ("f32", "f16")
+# partial: fp32 rows, fp16 rows in column order (the ring's) or in quad order (decode.cu's)
+@pytest.mark.parametrize("name, partial", [(name, partial) for name in CASES for partial in ("f32", "f16", "f16q")
                                            if partial == "f32" or merged_by_warps(name)])
 def test_combine_matches_reference(name, dtype, partial):
     seqlen_q, heads_q, heads_kv, pieces = CASES[name]
@@ -107,10 +113,11 @@ def test_combine_matches_reference(name, dtype, partial):
     rng = np.random.default_rng(sum(map(ord, name + dtype + partial)))
     out_partial, lse_partial, num_splits = random_partials(rng, pieces, heads_kv, rows)
     workspace = out_partial
-    if partial == "f16":  # the kernel reads the fp16 rows; the reference merges the values they stand for
-        workspace, out_partial = fp16_rows(rng, out_partial, batch + partial_parts(batch, num_splits))
+    if partial != "f32":  # the kernel reads the fp16 rows; the reference merges the values they stand for
+        workspace, out_partial = fp16_rows(rng, out_partial, batch + partial_parts(batch, num_splits),
+                                           partial == "f16q")
     out, lse = device_combine(dtype, batch, seqlen_q, heads_q, heads_kv, workspace, lse_partial, num_splits,
-                              partial == "f16")
+                              partial != "f32", partial == "f16q")
     ref_out, ref_lse = merge_partials_reference(out_partial, lse_partial, num_splits, batch, seqlen_q, heads_q, heads_kv)
 
     single = np.array(pieces) == 1
