@@ -54,11 +54,27 @@ def headline(row: dict, mode: str = "graph") -> Headline:
     return Headline(key, unit, values, best, ratio)
 
 
+def ratio_by_round(row: dict, peer: str | None, mode: str = "graph") -> float | None:
+    """The median over the rounds of `peer`'s time over ours in the same round (bench.py times a case's
+    libraries back to back in each round): a figure that a machine drifting between states from round to
+    round moves less than the ratio of the two medians, where one slow round of one library can move its
+    median into the other state. None where either library lacks its rounds."""
+    libraries = row["libraries"]
+    if peer is None or mode not in libraries.get(OURS, {}) or mode not in libraries.get(peer, {}):
+        return None
+    ours, theirs = libraries[OURS][mode].get("rounds_us"), libraries[peer][mode].get("rounds_us")
+    if not ours or not theirs or len(ours) != len(theirs) or min(ours) <= 0:
+        return None
+    return statistics.median(t / o for t, o in zip(theirs, ours))
+
+
 def finish_row(row: dict) -> dict:
-    """Add the verdict fields of a measured row: unit, best peer, ours / best peer (graph and eager)."""
+    """Add the verdict fields of a measured row: unit, best peer, ours / best peer (graph and eager), and
+    the graph ratio round by round (ratio_by_round; a diagnostic beside the verdict)."""
     graph, eager = headline(row, "graph"), headline(row, "eager")
     row.update(unit=graph.unit, best_peer=graph.best_peer, ours_over_best_peer=graph.ratio,
-               ours_over_best_peer_eager=eager.ratio)
+               ours_over_best_peer_eager=eager.ratio,
+               ours_over_best_peer_by_round=ratio_by_round(row, graph.best_peer))
     return row
 
 

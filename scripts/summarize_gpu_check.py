@@ -67,6 +67,7 @@ def bench_summary(report: dict | None) -> dict | None:
             "best_peer": graph.best_peer,
             "ours_over_best_peer": _rounded(graph.ratio),
             "ours_over_best_peer_eager": _rounded(bench_report.headline(row, "eager").ratio),
+            "ours_over_best_peer_by_round": _rounded(bench_report.ratio_by_round(row, graph.best_peer)),
         })
     ratios = [c["ours_over_best_peer"] for c in cases if c["ours_over_best_peer"] is not None]
     worst = min((c for c in cases if c["ours_over_best_peer"] is not None), key=lambda c: c["ours_over_best_peer"],

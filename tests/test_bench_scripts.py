@@ -261,8 +261,24 @@ def test_gpu_check_summary_names_ours_over_best_peer_per_case(tmp_path, capsys, 
     (row,) = bench_part["cases"]
     assert row["case"] == "b128-q1-h128-4096" and row["dtype"] == "bf16" and row["best_peer"] == "FlashMLA"
     assert row["ours_over_best_peer"] == 0.8 and row["ours_over_best_peer_eager"] == 0.8
+    assert row["ours_over_best_peer_by_round"] is None  # no rounds recorded
     assert bench_part["worst"]["ours_over_best_peer"] == 0.8 and bench_part["cases_at_or_above_1"] == 0
     assert '"cases_with_ratio": 1' in capsys.readouterr().out
+
+
+def test_ratio_by_round_pairs_each_round():
+    """A machine in two states over the rounds, and one slow round of ours: the medians' ratio falls into the
+    slow state's gap (0.95), while each round's pair, timed back to back, says 0.99."""
+    case = Case(128, 2, 64, 4096, causal=True)
+    row = _row(case, 270.4, 256.8)
+    row["libraries"]["flashmla_cupy"]["graph"]["rounds_us"] = [282.7, 249.6, 250.0, 270.8, 270.0, 272.6]
+    row["libraries"]["FlashMLA"]["graph"]["rounds_us"] = [247.0, 246.4, 246.5, 267.1, 266.6, 269.4]
+    bench_report.finish_row(row)
+    assert row["ours_over_best_peer"] == pytest.approx(256.8 / 270.4)
+    assert row["ours_over_best_peer_by_round"] == pytest.approx(0.9868, abs=1e-4)
+    row["libraries"]["FlashMLA"]["graph"]["rounds_us"] = [247.0] * 5  # rounds that do not pair up
+    assert bench_report.ratio_by_round(row, "FlashMLA") is None
+    assert bench_report.ratio_by_round(row, None) is None
 
 
 WIDE_CSV = """==PROF== Connected to process 1
