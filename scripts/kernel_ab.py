@@ -27,7 +27,8 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=N`
 (decode.cu writes fp16 partial rows where the batch times N is at most the plan's parts,
-kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; the combine follows) and `ringp16=N` (the same rule for
+kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; a fraction reaches plans of fewer parts than requests, 0.25
+a batch of up to 4 parts a request; the combine follows) and `ringp16=N` (the same rule for
 the ring kernel's fp16-partial build, kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `nvrtc=LIB` (a libnvrtc.so to compile this build with, preloaded in its process: the same sources under another
@@ -90,9 +91,9 @@ def parse_variant(text: str) -> dict:
         elif item.startswith("ring="):
             spec["ring"] = bool(int(item[5:]))
         elif item.startswith("partialf16="):
-            spec["partialf16"] = int(item[11:])
+            spec["partialf16"] = _share(item[11:])
         elif item.startswith("ringp16="):  # N: the ring kernel's fp16-partial rule, as partialf16's
-            spec["ringp16"] = int(item[8:])
+            spec["ringp16"] = _share(item[8:])
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
@@ -114,6 +115,12 @@ def parse_variant(text: str) -> dict:
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
+
+
+def _share(text: str) -> int | float:
+    """A `partialf16=` / `ringp16=` value: an integer, or a fraction (batch * share <= parts)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def apply_patch(spec: dict, cache_root: str) -> None:

@@ -684,6 +684,8 @@ def test_kernel_ab_variant_specs():
     assert kernel_ab.parse_variant("cut: whole=-1")["whole"] == -1
     assert kernel_ab.parse_variant("old: ringsmem=223232")["ringsmem"] == 223232
     assert kernel_ab.parse_variant("f32: ringp16=0")["ringp16"] == 0
+    shares = kernel_ab.parse_variant("q: partialf16=0.25 ringp16=3")
+    assert shares["partialf16"] == 0.25 and shares["ringp16"] == 3 and isinstance(shares["ringp16"], int)
     assert pathlib.Path(kernel_ab.parse_variant("v13: nvrtc=lib/libnvrtc.so.13")["nvrtc"]).is_absolute()
     assert kernel_ab.parse_variant("o2: -Xptxas=-O2 -DA=1")["defines"] == ["-Xptxas=-O2", "-DA=1"]
     assert kernel_ab.parse_variant("fast: -ftz=true -prec-div=false -use_fast_math")["defines"] == [
