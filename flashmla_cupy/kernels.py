@@ -105,8 +105,17 @@ PARTIAL_F16_PARTS_PER_REQUEST = 3
 # request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
 # 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
 # its variable-length form 38.7 against 40.2, b28/h128/1k 30.5 against 31.7, b40/h64/4k 53.0 against 54.8,
-# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Its page loop is the fp32 build's, unlike decode.cu's.
+# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Its page loop is scheduled apart from the fp32
+# build's (devtools/sass_diff.py: 550 of ~4680 instructions in place), so where that pays depends on the plan.
+# Parts of one 64-row tile (s_q 1, h_q 64: 132 parts) keep the rule at 2: at a quarter piece a request the
+# whole-planned b128/h64/16k, whose requests are never cut, took 444.7 against 440.6 us. Parts of two or more
+# tiles (RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST: 66 and 33 parts) write fp16 rows from a quarter piece a
+# request, every b = 128 plan: its variable-length 1k cells 2-4 % faster, q2-h128/8k causal 834.8 against
+# 842.6 us, h128/4k and q2-h64/4k causal level (ab240); against the rule at 2, b48/h128/2k 60.4 against
+# 62.6 us, b128-q2-h64/1k var causal 82.1 against 85.5, b40/h128/8k 149.6 against 152.3, none slower (ab241;
+# docs/PERF_NOTES.md, fifty-third session).
 RING_PARTIAL_F16_PARTS_PER_REQUEST = 2
+RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 0.25
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
@@ -122,7 +131,9 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
 
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        return variants.ring_variant(partial16=fp16_rows(RING_PARTIAL_F16_PARTS_PER_REQUEST)), plan.TILE_ROWS
+        wide = problem.rows > plan.TILE_ROWS  # parts of two or more row tiles
+        share = RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide else RING_PARTIAL_F16_PARTS_PER_REQUEST
+        return variants.ring_variant(partial16=fp16_rows(share)), plan.TILE_ROWS
     # decode.cu's FP8-cache builds write fp32
     partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_PARTS_PER_REQUEST)
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS

@@ -243,11 +243,14 @@ def test_fp8_wide_kernels_poisoned_page_gives_nan_rows(wide_fp8_kernel):
 
 @pytest.mark.parametrize("b, s_q, causal, kind", [(5, 1, False, "var:1:3000"),      # ~13 parts a request
                                                   (24, 1, False, "halfzero:1:2048"),  # 2-3: the widest band
-                                                  (30, 2, True, "var:1:1500")])
+                                                  (30, 2, True, "var:1:1500"),
+                                                  (100, 1, False, "var:1:1200"),    # fewer parts than requests
+                                                  (90, 2, True, "halfzero:1:900")])  # h64, s_q 2: 66 parts
 def test_fp8_ring_fp16_partial_rows(monkeypatch, b, s_q, causal, kind):
-    """decode_ring.cu's fp16-partial build (the plan cuts each request into about
-    kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST pieces or more, a warp merging a row): its one power of two
-    a launch and the combine's _p16 read, with zero-length requests and FP8 NaN behind every request."""
+    """decode_ring.cu's fp16-partial build (the plan's parts of two or more row tiles, here all, take at most
+    1 / kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST requests each, a warp merging a row; down to fewer parts
+    than requests, where most requests stay whole and a part's edges cut some): its one power of two a launch
+    and the combine's _p16 read, with zero-length requests and FP8 NaN behind every request."""
     from flashmla_cupy import kernels, lookup
 
     picked = []
