@@ -101,6 +101,11 @@ RING_FP8 = True
 # 30.8, the variable-length 1-2k cells level or faster, where at 3 they had lost 2-6 % before (ab233, ab234,
 # fifty-second session).
 PARTIAL_F16_PARTS_PER_REQUEST = 3
+# The same for parts of two or more row tiles (q1-h128, q2-h64: 66 parts; q2-h128: 33), kept apart because the
+# ring kernel's best share differs by plan shape (below): at a quarter piece a request, every b = 128 plan, it
+# was mixed (ab242, fifty-third session: b48/h128/2k 65.0 against 68.6 us, but b64/1k bf16 +1.9 %, q2-h64/4k
+# causal bf16 +1.2 %), so it stays at 3 until a share between them is timed.
+PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 3
 # The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, from ~2 pieces a
 # request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
 # 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
@@ -130,12 +135,13 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
     def fp16_rows(share: float) -> bool:  # each request ~`share` pieces or more (0: never), a warp a row
         return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
 
+    wide = problem.rows > plan.TILE_ROWS  # parts of two or more row tiles
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        wide = problem.rows > plan.TILE_ROWS  # parts of two or more row tiles
         share = RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide else RING_PARTIAL_F16_PARTS_PER_REQUEST
         return variants.ring_variant(partial16=fp16_rows(share)), plan.TILE_ROWS
     # decode.cu's FP8-cache builds write fp32
-    partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_PARTS_PER_REQUEST)
+    share = PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide else PARTIAL_F16_PARTS_PER_REQUEST
+    partial16 = problem.kv_name is None and fp16_rows(share)
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 
 

@@ -26,9 +26,10 @@ changes them), `narrow=ROWS` (the most query rows per KV head that go to the nar
 `whole=PERCENT` (plan.WHOLE_SLACK_PERCENT, how much costlier an uncut plan may be; negative: cut as needed),
 `maxparts=N` (the plan cuts a batch into at most N parts, fewer CTAs than SMs) and `ring=0|1` (whether an e4m3
 q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to decode.cu) and `partialf16=N`
-(decode.cu writes fp16 partial rows where the batch times N is at most the plan's parts,
-kernels.PARTIAL_F16_PARTS_PER_REQUEST; 0: never; a fraction reaches plans of fewer parts than requests, 0.25
-a batch of up to 4 parts a request; the combine follows) and `ringp16=N` (the same rule for
+(decode.cu writes fp16 partial rows where the batch times N is at most the plan's parts, every plan:
+kernels.PARTIAL_F16_PARTS_PER_REQUEST and PARTIAL_F16_WIDE_PARTS_PER_REQUEST; 0: never; a fraction reaches plans
+of fewer parts than requests, 0.25 a batch of up to 4 parts a request; the combine follows) and
+`partialf16wide=N` (the latter alone: parts of two or more row tiles) and `ringp16=N` (the same rule for
 the ring kernel's fp16-partial build, every plan: kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST and
 RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST) and `ringp16wide=N` (the latter alone: parts of two or more row tiles) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
@@ -97,6 +98,8 @@ def parse_variant(text: str) -> dict:
             spec["ringp16"] = _share(item[8:])
         elif item.startswith("ringp16wide="):  # N: that rule for parts of two or more row tiles only
             spec["ringp16wide"] = _share(item[12:])
+        elif item.startswith("partialf16wide="):  # N: decode.cu's rule for parts of two or more row tiles only
+            spec["partialf16wide"] = _share(item[15:])
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
             spec["fp8box"] = [int(n) for n in item[7:].split(":")]
         elif item.startswith("l2promo="):  # 0-3, the cache maps' L2 promotion
@@ -114,7 +117,7 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, patch=FILE, smem=BYTES, "
-                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, ringp16=N, ringp16wide=N, ringsmem=BYTES, "
+                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, partialf16wide=N, ringp16=N, ringp16wide=N, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
@@ -213,6 +216,9 @@ def apply(spec: dict) -> None:
         kernels.RING_FP8 = spec["ring"]
     if spec.get("partialf16") is not None:   # where decode.cu's partial rows go in fp16 (the combine follows)
         kernels.PARTIAL_F16_PARTS_PER_REQUEST = spec["partialf16"]
+        kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["partialf16"]
+    if spec.get("partialf16wide") is not None:   # ... for parts of two or more row tiles (after partialf16=)
+        kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["partialf16wide"]
     if spec.get("ringp16") is not None:   # the same rule for the ring kernel's partial rows, every plan
         kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST = spec["ringp16"]
         kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["ringp16"]

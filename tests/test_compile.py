@@ -309,8 +309,9 @@ def test_ring_decode_sass_uses_fp8_scores_transposed_pv_and_tma_without_local_me
 def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     """Dispatch: decode.cu with a 16-bit cache and the ring kernel (an e4m3 q and cache) write fp16 partial
     rows (their _p16 builds, and the combine to match: decode.cu's in quad order) where batch *
-    PARTIAL_F16_PARTS_PER_REQUEST (the ring: RING_PARTIAL_F16_PARTS_PER_REQUEST for parts of one row tile,
-    RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST for wider ones) <= the plan's parts and a warp merges a row; the narrow kernels and decode.cu's FP8-cache builds never."""
+    PARTIAL_F16_PARTS_PER_REQUEST for parts of one row tile, PARTIAL_F16_WIDE_PARTS_PER_REQUEST for wider ones
+    (the ring: RING_PARTIAL_F16_PARTS_PER_REQUEST and RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST) <= the plan's parts
+    and a warp merges a row; the narrow kernels and decode.cu's FP8-cache builds never."""
     from types import SimpleNamespace
 
     from flashmla_cupy import kernels
@@ -320,9 +321,13 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
                                   num_parts=num_parts)
         return kernels.decode_kernel(problem)[0].name
 
-    share = kernels.PARTIAL_F16_PARTS_PER_REQUEST
-    assert pick(66 // share) == "decode_bf16_p16"
-    assert pick(66 // share + 1) == "decode_bf16"
+    # decode.cu: parts of one 64-row tile by PARTIAL_F16_PARTS_PER_REQUEST, wider ones by _WIDE_
+    for rows, parts, share in ((64, 132, kernels.PARTIAL_F16_PARTS_PER_REQUEST),
+                               (128, 66, kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST),
+                               (256, 33, kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST)):
+        most = math.floor(parts / share)  # the largest batch whose fp16 rows the rule allows
+        assert pick(most, parts, rows) == "decode_bf16_p16", (rows, most)
+        assert pick(most + 1, parts, rows) == "decode_bf16", (rows, most)
     assert pick(16, q="fp16") == "decode_fp16_p16"
     assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS) == "decode_bf16"     # a block a row: fp32
     assert pick(16, num_parts=132, rows=16) == "decode_narrow_bf16_r16"         # the narrow kernel: fp32
@@ -353,6 +358,8 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
     assert pick(16) == "decode_bf16_p16"
     monkeypatch.setattr(kernels, "PARTIAL_F16_PARTS_PER_REQUEST", 0)
+    assert pick(16, 132, 64) == "decode_bf16" and pick(16) == "decode_bf16_p16"
+    monkeypatch.setattr(kernels, "PARTIAL_F16_WIDE_PARTS_PER_REQUEST", 0)
     assert pick(16) == "decode_bf16"
 
 

@@ -312,14 +312,14 @@ def test_combine_gives_a_row_a_whole_block_when_requests_are_cut_many_ways(gpu, 
                                                                            warps_per_row):
     """Few requests over many parts (each cut into ~num_parts / batch pieces): a block merges each row;
     otherwise a warp does, each in its own build of the combine. The grid covers every row with its
-    warps either way. Where each request has ~PARTIAL_F16_PARTS_PER_REQUEST pieces or more, the decode
+    warps either way. Where each request has ~PARTIAL_F16_WIDE_PARTS_PER_REQUEST pieces or more, the decode
     writes fp16 partial rows and the combine built for them reads them."""
     loaded = []
     get_function = launch.get_function
     monkeypatch.setattr(launch, "get_function", lambda variant, device: loaded.append(variant) or get_function(variant, device))
     flash_mla_with_kvcache(**decode_args(batch=batch, heads_q=128, num_parts=num_parts), stream=STREAM)
     combine = gpu.driver.launches[-1]
-    fp16_rows = batch * kernels.PARTIAL_F16_PARTS_PER_REQUEST <= num_parts and warps_per_row == 1
+    fp16_rows = batch * kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST <= num_parts and warps_per_row == 1  # 128 rows
     assert [v.name for v in loaded if v.program != "scheduler"] == [
         variants.decode_variant("bf16", partial16=fp16_rows).name,
         variants.combine_variant("bf16", warps_per_row, partial16=fp16_rows, quad_order=fp16_rows).name]
