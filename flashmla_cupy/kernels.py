@@ -132,16 +132,16 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         return variant, variant.rows
     batch, parts = problem.batch, problem.num_parts
 
-    def fp16_rows(share: float) -> bool:  # each request ~`share` pieces or more (0: never), a warp a row
+    def fp16_rows(one_tile_share: float, wide_share: float) -> bool:
+        # each request ~share pieces or more (0: never), by the parts' row tiles, a warp merging a row
+        share = wide_share if problem.rows > plan.TILE_ROWS else one_tile_share
         return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
 
-    wide = problem.rows > plan.TILE_ROWS  # parts of two or more row tiles
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        share = RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide else RING_PARTIAL_F16_PARTS_PER_REQUEST
-        return variants.ring_variant(partial16=fp16_rows(share)), plan.TILE_ROWS
+        partial16 = fp16_rows(RING_PARTIAL_F16_PARTS_PER_REQUEST, RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST)
+        return variants.ring_variant(partial16=partial16), plan.TILE_ROWS
     # decode.cu's FP8-cache builds write fp32
-    share = PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide else PARTIAL_F16_PARTS_PER_REQUEST
-    partial16 = problem.kv_name is None and fp16_rows(share)
+    partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_PARTS_PER_REQUEST, PARTIAL_F16_WIDE_PARTS_PER_REQUEST)
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 
 
