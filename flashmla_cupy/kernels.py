@@ -101,11 +101,12 @@ RING_FP8 = True
 # 30.8, the variable-length 1-2k cells level or faster, where at 3 they had lost 2-6 % before (ab233, ab234,
 # fifty-second session).
 PARTIAL_F16_PARTS_PER_REQUEST = 3
-# The same for parts of two or more row tiles (q1-h128, q2-h64: 66 parts; q2-h128: 33), kept apart because the
-# ring kernel's best share differs by plan shape (below): at a quarter piece a request, every b = 128 plan, it
-# was mixed (ab242, fifty-third session: b48/h128/2k 65.0 against 68.6 us, but b64/1k bf16 +1.9 %, q2-h64/4k
-# causal bf16 +1.2 %), so it stays at 3 until a share between them is timed.
-PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 3
+# The same for parts of two or more row tiles (q1-h128, q2-h64: 66 parts; q2-h128: 33), which reach further:
+# from 1.2 pieces a request (b <= 55 at 66 parts, b <= 27 at 33). On the H200 against the share at 3 (ab243,
+# fifty-fourth session): b48/h128/2k 64.5 against 66.6 us, b24-q2-h128/4k causal 96.9 against 99.6, b40/h128/4k
+# 90.1 against 91.6, b32/h128/8k 126.3 against 127.4, the variable-length cells level or faster in both dtypes.
+# Not every b = 128 plan: at a quarter piece a request b64/1k bf16 lost 1.9 %, q2-h64/4k causal bf16 1.2 % (ab242).
+PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 1.2
 # The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, from ~2 pieces a
 # request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
 # 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
