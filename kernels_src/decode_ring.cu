@@ -14,8 +14,8 @@
 //
 // The scores are row-major as in decode.cu, so the softmax is decode.cu's (softmax.cuh: a row's values
 // within a quad). The output is transposed as in decode_narrow.cu, value columns on wgmma's M: V^T's
-// fragments are built by each thread from the page's FP8 bytes with exact e4m3 -> fp16 conversions
-// (O^T's rows are taken in the order that makes a thread's bytes contiguous: OutputSteps), so P V keeps
+// fragments are built by each thread from the page's FP8 bytes, loaded by transposed ldmatrix, with exact
+// e4m3 -> fp16 conversions (O^T's rows are taken in the order ldmatrix hands them out: OutputSteps), so P V keeps
 // fp16 operands and fp32 accumulators and SPEC's output bar holds as in the 16-bit kernels; P, stored in
 // decode.cu's [row][token] layout, is O^T's K-major B operand as it lies.
 //
@@ -38,12 +38,13 @@
 // barriers); the consumers' barrier at each piece's start and twice in the epilogue.
 //
 // CuTe supplies the wgmma atoms (mma.cuh). TMA, mbarriers, named barriers and the descriptors are
-// hand-written PTX, as in decode.cu and decode_narrow.cu, and so is P V's predicated fragment load
-// (load_shared_if), whose C++ form NVRTC 13.0 built 4-5 % slower.
+// hand-written PTX, as in decode.cu and decode_narrow.cu, and so is P V's ldmatrix (load_columns_t: the
+// step's constant part of the address in the instruction's offset).
 //
 // Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path's
 // time on the FP8 cells of 64 and 128 rows, then 1-5 % less with the Q tile through TMA, so
-// kernels.RING_FP8 sends those calls here.
+// kernels.RING_FP8 sends those calls here. V's fragments through transposed ldmatrix instead of 8-byte
+// predicated loads: 1.3-3.6 % less time on its cells (fifty-fourth session).
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
@@ -122,16 +123,20 @@ __device__ __forceinline__ int thread_index() {
 struct RingOutput {
   float v[kHalfTiles][32];
 };
-// Slot k's query row of the thread's 8 value columns (two of each O^T tile), times `scale`, as the words of
-// one 16-byte store; `word` rounds two floats into one 32-bit word (out_word: the output dtype; half_word:
-// fp16 partial rows).
-template <uint32_t (*word)(float, float)>
-__device__ __forceinline__ uint4 row_words(const RingOutput& o, int k, float scale) {
-  static_assert(kHalfTiles == 4, "one 16-byte store: four tiles' pairs");
-  uint32_t w[kHalfTiles];
+// A thread's value columns: two neighbours in each O^T tile, tile t's kTileColumnStride t further than
+// tile 0's (OutputSteps).
+constexpr int kTileColumnStride = 16;
+// Slot k's query row of the thread's two value columns of each O^T tile, times `scale`, stored from
+// `at` (tile 0's pair) one 32-bit word a tile; `word` rounds two floats into one word (out_word: the
+// output dtype; half_word: fp16 partial rows).
+template <uint32_t (*word)(float, float), class Element>
+__device__ __forceinline__ void store_row_words(Element* at, const RingOutput& o, int k, float scale) {
+  static_assert(sizeof(Element) == 2, "two 16-bit values a word");
 #pragma unroll
-  for (int t = 0; t < kHalfTiles; ++t) w[t] = word(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  for (int t = 0; t < kHalfTiles; ++t) {
+    *reinterpret_cast<uint32_t*>(at + kTileColumnStride * t) =
+        word(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
+  }
 }
 // V^T's A fragments of one P V k-step, for the warpgroup's four tiles; two sets take turns.
 using RingFragments = uint32_t[2][kHalfTiles][4];
@@ -156,33 +161,42 @@ __device__ __forceinline__ void issue_scores(RingStorage& smem, const RingPage& 
   fence_fragment(s.v);
 }
 
-// 8 bytes of shared memory at `row` + kOffset where `valid`, zeros elsewhere: one predicated load, the
-// constant part of the address in its offset. Written in C++ (a select between the load and zeros), NVRTC
-// 13.0's ptxas works the ring slot's address out again behind a warp vote for each of a page's 96 loads:
-// ~330 more instructions in the page loop than NVRTC 13.5 makes of the same source, and FP8 pages 4-5 %
-// slower on the H200 (docs/PERF_NOTES.md, thirty-ninth session); this form builds alike under both.
+// Four transposed 8 x 8 matrices of 16-bit elements (two FP8 value columns of one token each) from
+// `address` + kOffset: lane l gives the address of row l % 8 of matrix l / 8, and gets in register m the
+// element pair of matrix m's rows 2 (l % 4) and 2 (l % 4) + 1 (tokens) in column l / 4 (a column pair).
 template <int kOffset>
-__device__ __forceinline__ uint2 load_shared_if(bool valid, uint32_t row) {
-  uint2 v;
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
-      " @p ld.shared.v2.b32 {%0, %1}, [%3 + %4];\n}\n"
-      : "=r"(v.x), "=r"(v.y)
-      : "r"(int(valid)), "r"(row), "n"(kOffset));
-  return v;
+__device__ __forceinline__ void load_columns_t(uint32_t (&d)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4 + %5];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(address), "n"(kOffset));
+}
+
+// The byte permute of a transposed load's register, (c, k), (c + 1, k), (c, k + 1), (c + 1, k + 1), into
+// each column's token pair, (c, k), (c, k + 1), (c + 1, k), (c + 1, k + 1), for the e4m3x2 conversions; where
+// only `room` < 2 of the two tokens exist, the others' bytes come from the permute's zero word.
+constexpr uint32_t kColumnPairs = 0x3120u;
+__device__ __forceinline__ uint32_t column_pairs(int room) {
+  return room >= 2 ? kColumnPairs : room == 1 ? 0x4140u : 0x4444u;
+}
+// PTX's prmt (__byte_perm masks the selector first: two more instructions a step where it is not a constant).
+__device__ __forceinline__ uint32_t permute_bytes(uint32_t a, uint32_t selector) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(out) : "r"(a), "r"(selector));
+  return out;
 }
 
 // O^T[half] += V^T[half] P^T over the page in `at`, one k-step (16 tokens) at a time, so that a caller
-// can run other work between the steps. The thread's rows of O^T are taken in the order that makes its
-// bytes contiguous: row 16 warp + lane / 4 + 8 i of tile t is value column
-//   256 half + 64 warp + 8 (lane / 4) + 2 t + i,
-// so each token's 8 bytes for all four tiles come in one 8-byte load from box 4 half + warp, and byte
-// permutes pair each column's two tokens. The odd lanes of a quad take a step's two neighbouring tokens
-// in the other order (the load of token 2 q + 1 first), so that one load instruction reads rows from both
-// halves of the banks (rows 0, 3, 4, 7 rather than 0, 2, 4, 6: two wavefronts instead of four); their
-// byte permutes undo it. Stale tokens (>= valid; FP8 NaN may lie there) load as zeros. Two fragment sets
-// take turns: step s's is built once step s - 2's wgmmas are done, so that at most two steps are in
-// flight when `step` returns (the caller waits for them before `frags` go out of scope).
+// can run other work between the steps. Tile t's fragments come from the 16-byte chunk t of the warp's
+// box (value columns 16 t .. 16 t + 15) through two transposed 8 x 8 loads a step (tokens 0-7 and 8-15 of
+// it): a lane gets the bytes (column c, token k), (c + 1, k), (c, k + 1), (c + 1, k + 1) with c = 2 (lane / 4)
+// and k = 2 (lane % 4) (+ 8), and one byte permute makes each column's token pair a 16-bit half for the
+// e4m3x2 conversion. So row 16 warp + lane / 4 + 8 i of tile t is value column
+//   256 half + 64 warp + kTileColumnStride t + 2 (lane / 4) + i.
+// Each row of 8 lanes' addresses covers the 8 bank quads (the swizzle moves a token pair's chunk), so a
+// load takes its four wavefronts. Stale tokens (>= valid, on a request's last page; FP8 NaN may lie there)
+// become zeros in the byte permute (column_pairs). Two fragment sets take turns: step s's is built once step
+// s - 2's wgmmas are done, so that at most two steps are in flight when `step` returns (the caller waits
+// for them before `frags` go out of scope).
 struct OutputSteps {
   const uint8_t* boxes;  // the page's first value box of this half (the warp's is `warp` boxes further)
   const uint8_t* prob;   // its P
@@ -202,36 +216,33 @@ struct OutputSteps {
   __device__ __forceinline__ void step(RingOutput& o, RingFragments& frags) const {
     if constexpr (kStep >= 2) cute::warpgroup_wait<1>();  // step kStep - 2's fragments are free
     const int lane = lane_id();
-    const int quad = lane % 4;
-    const int group = lane / 4;  // the thread's 8 value columns: 8 group .. 8 group + 7 of the box
-    const int swap = quad & 1;
-    // Every token the thread reads has the swizzle phase `quad` (token / 2 % 4, tokens 16 s + 2 quad + ...).
-    const uint8_t* const columns = boxes + warp * kFp8BoxBytes + (((group / 2) ^ quad) << 4) + 8 * (group % 2);
-    const uint32_t select_even = swap ? 0x1504u : 0x5140u;  // bytes 0, 1 of both tokens, in pair order
-    const uint32_t select_odd = swap ? 0x3726u : 0x7362u;   // bytes 2, 3
-    uint2 v[4];  // tokens 16 step + 2 quad + {0, 1} + 8 {0, 1}, the first two swapped on odd quads
-    // Token first + 16 step + 8 (k / 2), compared as first < room with a uniform room: a per-lane token
-    // index held from step to step spills under NVRTC 12.9.
-    const int first[2] = {2 * quad + swap, 2 * quad + (1 ^ swap)};  // k even, odd
-    const uint32_t row[2] = {smem_addr(columns + first[0] * kFp8RowBytes), smem_addr(columns + first[1] * kFp8RowBytes)};
-    constexpr int kToken = kStep * kMmaK;
-    v[0] = load_shared_if<kToken * kFp8RowBytes>(first[0] < valid - kToken, row[0]);
-    v[1] = load_shared_if<kToken * kFp8RowBytes>(first[1] < valid - kToken, row[1]);
-    v[2] = load_shared_if<(kToken + 8) * kFp8RowBytes>(first[0] < valid - (kToken + 8), row[0]);
-    v[3] = load_shared_if<(kToken + 8) * kFp8RowBytes>(first[1] < valid - (kToken + 8), row[1]);
+    // Lane l: row r = l % 8 (token 8 (m % 2) + r of the step) of matrix m = l / 8, chunk 2 j + m / 2 in the
+    // j-th load (tiles 2 j, 2 j + 1). The token's swizzle phase is r / 2 (fp8_offset), and chunk 2 + x lies
+    // where chunk x does with the address's bit 5 flipped.
+    const int m = lane / 8, r = lane % 8;
+    const uint32_t first =
+        smem_addr(boxes + warp * kFp8BoxBytes + (8 * (m % 2) + r) * kFp8RowBytes) + (((m / 2) ^ (r / 2)) << 4);
+    constexpr int kOffset = kStep * kMmaK * kFp8RowBytes;
+    uint32_t d[2][4];  // [j][matrix]: tile 2 j + matrix / 2, tokens 8 (matrix % 2) ..
+    load_columns_t<kOffset>(d[0], first);
+    load_columns_t<kOffset>(d[1], first ^ 32);
+    uint32_t low_pairs = kColumnPairs, high_pairs = kColumnPairs;  // tokens 2 quad, + 1 and 8 further
+    if (valid < kPageSize) {
+      const int room = valid - kStep * kMmaK - 2 * (lane % 4);  // tokens of the lane's first pair that exist
+      low_pairs = column_pairs(room);
+      high_pairs = column_pairs(room - 8);
+    }
     uint32_t (&a)[kHalfTiles][4] = frags[kStep % 2];
 #pragma unroll
     for (int t = 0; t < kHalfTiles; ++t) {
-      const uint32_t selector = t % 2 == 0 ? select_even : select_odd;
-      const int w = t / 2;
-      const uint32_t low = __byte_perm((&v[0].x)[w], (&v[1].x)[w], selector);   // tokens 2 quad, 2 quad + 1
-      const uint32_t high = __byte_perm((&v[2].x)[w], (&v[3].x)[w], selector);  // and 8 further
+      const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
+      const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
       a[t][0] = e4m3x2_to_element2(low);
       a[t][1] = e4m3x2_high_to_element2(low);
       a[t][2] = e4m3x2_to_element2(high);
       a[t][3] = e4m3x2_high_to_element2(high);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(a[t][r]);
+      for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
     }
 #pragma unroll
     for (int t = 0; t < kHalfTiles; ++t) fence_fragment(o.v[t]);
@@ -566,13 +577,13 @@ struct RingPiece {
     named_barrier_sync(kBarrierCta, kThreads);
     trace.mark(kMarkLseStored);
     const int q4 = lane_quad();
-    const int first = kHalfV * wg + 64 * (thread / 32) + 8 * (lane_id() / 4);  // the thread's 8 value columns
+    // The thread's value columns: first and first + 1 of tile 0, kTileColumnStride further each tile.
+    const int first = kHalfV * wg + 64 * (thread / 32) + 2 * (lane_id() / 4);
     const float* const scales = &smem.row_scale[2 * q4];
     const int64_t* const at = &smem.row_at[2 * q4];
 #if defined(FLASHMLA_PARTIAL_F16)
     if (split) {
-      // The fp16 rows, scaled by 2^fp16_k: the thread's 8 columns of a row are one 16-byte store, as a single
-      // piece's output.
+      // The fp16 rows, scaled by 2^fp16_k, stored as a single piece's output.
       const float two_k = power_of_two(fp16_k);
       const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
       __half* const base = reinterpret_cast<__half*>(p.out_partial) + slot_row0 * kHeadDimV + first;
@@ -580,43 +591,25 @@ struct RingPiece {
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
         if (slot_row(k) >= rows_left) continue;
-        *reinterpret_cast<uint4*>(base + slot_row(k) * kHeadDimV) =
-            row_words<half_word>(o, k, scales[slot_row(k)] * two_k);
+        store_row_words<half_word>(base + slot_row(k) * kHeadDimV, o, k, scales[slot_row(k)] * two_k);
       }
     } else
 #endif
     if (split) {
-      // The thread's 8 fp32 columns of a row are one 32-byte sector, more than one store takes; written
-      // as two halves by two stores, the partials took twice decode.cu's time on the H200. Lanes 2m and
-      // 2m + 1 of a quad (rows 2 apart, the same columns) swap half of theirs, so that each store writes
-      // whole sectors: both lanes store the even lane's row, then the odd lane's, the even lane the
-      // sector's first half.
-      // A split piece's rows lie one after another in its partial slot, so a row's address is the
-      // thread's base plus a constant: no per-row address arithmetic in this unrolled, run-once code.
-      const bool odd = (q4 & 1) != 0;
-      const int even_row = 2 * q4 - (odd ? 2 : 0);  // the tile row of the even lane's slot_row(0)
-      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + even_row;
-      float* const base = p.out_partial + slot_row0 * kHeadDimV + first + (odd ? 4 : 0);
-      const int rows_left = p.rows - rows_base - even_row;  // rows from the even row on that exist
+      // fp32 rows: a tile's pair of columns is one 8-byte store, the 8 lanes of a quad row's together two
+      // whole sectors. A split piece's rows lie one after another in its partial slot, so a row's address is
+      // the thread's base plus a constant: no per-row address arithmetic in this unrolled, run-once code.
+      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
+      float* const base = p.out_partial + slot_row0 * kHeadDimV + first;
+      const int rows_left = p.rows - rows_base - 2 * q4;
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
+        if (slot_row(k) >= rows_left) continue;
         const float scale = scales[slot_row(k)];
-        float v[8];
 #pragma unroll
         for (int t = 0; t < kHalfTiles; ++t) {
-          v[2 * t] = o.v[t][reg_of(k, 0)] * scale;
-          v[2 * t + 1] = o.v[t][reg_of(k, 1)] * scale;
-        }
-        float got[4];  // the even lane gets the odd row's first 4 columns, the odd lane the even row's last 4
-#pragma unroll
-        for (int j = 0; j < 4; ++j) got[j] = __shfl_xor_sync(0xffffffffu, odd ? v[j] : v[4 + j], 1);
-        if (slot_row(k) < rows_left) {
-          *reinterpret_cast<float4*>(base + slot_row(k) * kHeadDimV) =
-              odd ? make_float4(got[0], got[1], got[2], got[3]) : make_float4(v[0], v[1], v[2], v[3]);
-        }
-        if (slot_row(k) + 2 < rows_left) {
-          *reinterpret_cast<float4*>(base + (slot_row(k) + 2) * kHeadDimV) =
-              odd ? make_float4(v[4], v[5], v[6], v[7]) : make_float4(got[0], got[1], got[2], got[3]);
+          *reinterpret_cast<float2*>(base + slot_row(k) * kHeadDimV + kTileColumnStride * t) =
+              make_float2(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
         }
       }
     } else {
@@ -624,8 +617,7 @@ struct RingPiece {
       for (int k = 0; k < kRowSlots; ++k) {
         const int64_t row_at = at[slot_row(k)];
         if (row_at < 0) continue;
-        *reinterpret_cast<uint4*>(static_cast<OutElement*>(p.out) + row_at + first) =
-            row_words<out_word>(o, k, scales[slot_row(k)]);
+        store_row_words<out_word>(static_cast<OutElement*>(p.out) + row_at + first, o, k, scales[slot_row(k)]);
       }
     }
     trace.mark(kMarkOutputStored);
