@@ -111,10 +111,12 @@ PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 1.2
 # request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
 # 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
 # its variable-length form 38.7 against 40.2, b28/h128/1k 30.5 against 31.7, b40/h64/4k 53.0 against 54.8,
-# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Its page loop is scheduled apart from the fp32
-# build's (devtools/sass_diff.py: 550 of ~4680 instructions in place), so where that pays depends on the plan.
-# Parts of one 64-row tile (s_q 1, h_q 64: 132 parts) keep the rule at 2: at a quarter piece a request the
-# whole-planned b128/h64/16k, whose requests are never cut, took 444.7 against 440.6 us. Parts of two or more
+# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Parts of one 64-row tile (s_q 1, h_q 64: 132 parts)
+# keep the rule at 2: at a quarter piece a request the whole-planned b128/h64/16k, whose requests are never
+# cut, took 444.7 against 440.6 us while the p16 build's page loop was scheduled apart from the fp32 build's;
+# since V's fragments come through ldmatrix (89fb8df) the two loops are the same instruction for instruction
+# and that cell was level, but b128/h64/4k read +1.2 % inside a 6.5 % spread (ab246, fifty-fourth session),
+# so the share stays at 2 until it is timed again. Parts of two or more
 # tiles (RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST: 66 and 33 parts) write fp16 rows from a quarter piece a
 # request, every b = 128 plan: its variable-length 1k cells 2-4 % faster, q2-h128/8k causal 834.8 against
 # 842.6 us, h128/4k and q2-h64/4k causal level (ab240); against the rule at 2, b48/h128/2k 60.4 against

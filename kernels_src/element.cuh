@@ -63,7 +63,8 @@ __device__ __forceinline__ Float* partial_inv_scales(Float* out_partial, int par
 // 8 + 2t, 9 + 2t, as lane t of a quad holds them in a wgmma accumulator. decode.cu stores a lane's two words
 // as they lie (the quad's 8-byte stores still fill one 32-byte sector, with no swaps: those ran once a
 // piece), and the combine, which writes each row once, puts the columns back in order with
-// quad_adjacent_words. decode_ring.cu's thread holds 8 adjacent columns: its rows stay in column order.
+// quad_adjacent_words. decode_ring.cu's thread holds two adjacent columns of each O^T tile and stores them
+// where they belong: its rows stay in column order.
 
 // The quad's words for 16 adjacent columns: each lane holds the pairs of columns 2t and 8 + 2t (`a`, `b`;
 // t = lane % 4) and gets back columns 4t..4t+3, so that the quad's stores are one 32-byte sector. Two
