@@ -107,23 +107,17 @@ PARTIAL_F16_PARTS_PER_REQUEST = 3
 # 90.1 against 91.6, b32/h128/8k 126.3 against 127.4, the variable-length cells level or faster in both dtypes.
 # Not every b = 128 plan: at a quarter piece a request b64/1k bf16 lost 1.9 %, q2-h64/4k causal bf16 1.2 % (ab242).
 PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 1.2
-# The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, from ~2 pieces a
-# request (0: never). On the H200 (docs/PERF_NOTES.md, fiftieth session): at 4, b16/h128/2k took 30.3 against
-# 32.3 us with fp32 rows, b8/h128/4k 31.7 against 35.1 (ab227); widened to 2, b24/h128/2k 38.1 against 40.1,
-# its variable-length form 38.7 against 40.2, b28/h128/1k 30.5 against 31.7, b40/h64/4k 53.0 against 54.8,
-# b32/h128/8k 121.7 against 123.1, the rest level (ab229). Parts of one 64-row tile (s_q 1, h_q 64: 132 parts)
-# keep the rule at 2: at a quarter piece a request the whole-planned b128/h64/16k, whose requests are never
-# cut, took 444.7 against 440.6 us while the p16 build's page loop was scheduled apart from the fp32 build's;
-# since V's fragments come through ldmatrix (89fb8df) the two loops are the same instruction for instruction
-# and that cell was level, but b128/h64/4k read +1.2 % inside a 6.5 % spread (ab246, fifty-fourth session),
-# so the share stays at 2 until it is timed again. Parts of two or more
-# tiles (RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST: 66 and 33 parts) write fp16 rows from a quarter piece a
-# request, every b = 128 plan: its variable-length 1k cells 2-4 % faster, q2-h128/8k causal 834.8 against
-# 842.6 us, h128/4k and q2-h64/4k causal level (ab240); against the rule at 2, b48/h128/2k 60.4 against
-# 62.6 us, b128-q2-h64/1k var causal 82.1 against 85.5, b40/h128/8k 149.6 against 152.3, none slower (ab241;
-# docs/PERF_NOTES.md, fifty-third session).
-RING_PARTIAL_F16_PARTS_PER_REQUEST = 2
-RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST = 0.25
+# The ring kernel (an e4m3 q and cache) follows the same rule with its fp16-partial build, one share for every
+# plan: fp16 rows from a quarter piece a request (0: never), so every b = 128 plan. On the H200 (docs/PERF_NOTES.md):
+# from ~2 pieces a request, b16/h128/2k 30.3 against 32.3 us with fp32 rows, b24/h128/2k 38.1 against 40.1,
+# b40/h64/4k 53.0 against 54.8 (ab227, ab229, fiftieth session); parts of two or more row tiles (66 and 33 parts)
+# from a quarter piece: the variable-length 1k cells 2-4 % faster, b48/h128/2k 60.4 against 62.6 us,
+# b128-q2-h64/1k var causal 82.1 against 85.5, none slower (ab240, ab241, fifty-third session). Parts of one
+# 64-row tile (s_q 1, h_q 64: 132 parts) joined once V's fragments came through ldmatrix (89fb8df), which made
+# the p16 build's page loop the fp32 build's instruction for instruction: b128/h64/1k var 57.2 against 58.7 us,
+# b96/h64/4k 104.5 against 105.5, b128/h64/4k and q2-h32/4k causal level, the whole-planned b128/h64/16k 440.8
+# against 438.1 inside a 1.0 % spread (ab246, fifty-fourth session; ab247, fifty-fifth).
+RING_PARTIAL_F16_PARTS_PER_REQUEST = 0.25
 
 
 def decode_kernel(problem) -> tuple[variants.Variant, int]:
@@ -135,16 +129,17 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         return variant, variant.rows
     batch, parts = problem.batch, problem.num_parts
 
-    def fp16_rows(one_tile_share: float, wide_share: float) -> bool:
-        # each request ~share pieces or more (0: never), by the parts' row tiles, a warp merging a row
-        share = wide_share if problem.rows > plan.TILE_ROWS else one_tile_share
+    def fp16_rows(share: float) -> bool:
+        # each request ~share pieces or more (0: never), a warp merging a row
         return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
 
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":
-        partial16 = fp16_rows(RING_PARTIAL_F16_PARTS_PER_REQUEST, RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST)
+        partial16 = fp16_rows(RING_PARTIAL_F16_PARTS_PER_REQUEST)
         return variants.ring_variant(partial16=partial16), plan.TILE_ROWS
     # decode.cu's FP8-cache builds write fp32
-    partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_PARTS_PER_REQUEST, PARTIAL_F16_WIDE_PARTS_PER_REQUEST)
+    wide = problem.rows > plan.TILE_ROWS  # parts of two or more row tiles
+    partial16 = problem.kv_name is None and fp16_rows(PARTIAL_F16_WIDE_PARTS_PER_REQUEST if wide
+                                                      else PARTIAL_F16_PARTS_PER_REQUEST)
     return variants.decode_variant(q_name, problem.kv_name, partial16=partial16), plan.TILE_ROWS
 
 

@@ -501,28 +501,27 @@ constexpr int kFragmentSets = kNarrowRows == 16 ? 2 : 1;
 static_assert(kFragmentSets == 1 || kFragmentSets == 2, "one or two sets of P V fragments");
 using OutputFragments = uint32_t[kFragmentSets][kValueTiles][4];
 
-// O^T += V^T P^T with V^T from registers. The thread's rows of O^T (value columns) are taken in the
-// order that makes its 16 columns contiguous: row 16*warp + lane/4 + 8*i of tile t is value column
-// value_column(t, i) = 128*warp + 16*(lane/4) + 2*t + i, so one 16-byte load per token gives the
-// thread's part of all eight tiles; byte permutes pair each column's two tokens. Stale tokens of the
-// last page (>= valid; FP8 NaN there) load as zeros. Two sets of fragments, the wgmmas of step s - 2
-// awaited before step s's are built; the last two steps' are still running when this returns (the
+// O^T += V^T P^T with V^T from registers; byte permutes pair each column's two tokens for the e4m3x2
+// conversions. The thread's rows of O^T (value columns) are taken in the order its loads hand them out:
+// row 16*warp + lane/4 + 8*i of tile t is value column value_column(t, i) (below). Stale tokens of the
+// last page (>= valid; FP8 NaN there) become zeros. Two sets of fragments with 16 rows, the wgmmas of step
+// s - 2 awaited before step s's are built; the last steps' are still running when this returns (the
 // caller awaits them before `frags` go out of scope).
+// - kLinear (576-byte page rows): value_column(t, i) = 128*warp + 16*(lane/4) + 2*t + i, so one 16-byte
+//   load per token, behind a select, gives the thread's part of all eight tiles. (Transposed ldmatrix
+//   reads 8 rows of one 16-byte column chunk, which a 576-byte stride puts on two bank quads: four-way.)
+// - boxes (64-byte rows): value_column(t, i) = 128*warp + 16*t + 2*(lane/4) + i: tile t's fragments are
+//   chunk t % 4 of box 2*warp + t/4 through transposed ldmatrix (dequant.cuh's load_columns_t), two 8 x 8
+//   matrices a step (tokens 0-7 and 8-15), and the stale tokens come out of the permute's zero word.
+#if FLASHMLA_NARROW_LINEAR
 __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t* p_tile, uint32_t page_seq,
                                              OutputT& o, int valid, int thread, OutputFragments& frags) {
   const SmemDesc p = k_major_desc(p_tile);
   const int warp = thread / 32;
   const int lane = thread % 32;
-#if FLASHMLA_NARROW_LINEAR
   // The thread's 16 columns of each page row (a 576-byte row; linear_row gives the token order).
   const uint8_t* columns = PageSlot(page_seq).bytes(smem) + 128 * warp + 16 * (lane / 4);
   constexpr int kRowStride = kHeadDim;
-#else
-  const int box = 2 * warp + (lane / 4) / 4;
-  // Chunk (lane / 4) % 4 of each token; the tokens below all have the swizzle phase lane % 4.
-  const uint8_t* columns = smem.ring[RingSlot(page_seq, box).slot] + ((((lane / 4) % 4) ^ (lane % 4)) << 4);
-  constexpr int kRowStride = kFp8RowBytes;
-#endif
   const int pair = 2 * (lane % 4);  // tokens pair, pair + 1, pair + 8, pair + 9 of each 16-token step
 #pragma unroll
   for (int step = 0; step < kPVSteps; ++step) {
@@ -531,7 +530,7 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int index = step * kMmaK + pair + (k % 2) + 8 * (k / 2);  // P^T's column
-      const int token = kLinear ? linear_row(index) : index;
+      const int token = linear_row(index);
       v[k] = token < valid ? *reinterpret_cast<const uint4*>(columns + token * kRowStride) : make_uint4(0, 0, 0, 0);
     }
     uint32_t (&a)[kValueTiles][4] = frags[step % kFragmentSets];
@@ -560,6 +559,75 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
 #pragma unroll
   for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
 }
+#else
+// One P V k-step's fragments from the boxes: lane l addresses row r = l % 8 (token 8 (m % 2) + r of the
+// step) of matrix m = l / 8, chunk 2 j + m / 2 of the box in the j-th load of a box (tiles 4 b + 2 j, + 1);
+// the token's swizzle phase is r / 2 (fp8_offset), and chunk 2 + x lies where chunk x does with the
+// address's bit 5 flipped.
+template <int kStep>
+__device__ __forceinline__ void build_output_fragments(uint32_t (&a)[kValueTiles][4], uint32_t first_box,
+                                                       uint32_t second_box, int valid) {
+  const int lane = int(threadIdx.x % 32);
+  const int m = lane / 8, r = lane % 8;
+  const uint32_t row = (8 * (m % 2) + r) * kFp8RowBytes + (((m / 2) ^ (r / 2)) << 4);
+  constexpr int kOffset = kStep * kMmaK * kFp8RowBytes;
+  uint32_t d[4][4];  // [2 b + j][matrix]: tile 2 (2 b + j) + matrix / 2, tokens 8 (matrix % 2) ..
+  load_columns_t<kOffset>(d[0], first_box + row);
+  load_columns_t<kOffset>(d[1], (first_box + row) ^ 32);
+  load_columns_t<kOffset>(d[2], second_box + row);
+  load_columns_t<kOffset>(d[3], (second_box + row) ^ 32);
+  uint32_t low_pairs = kColumnPairs, high_pairs = kColumnPairs;  // tokens 2 (lane % 4), + 1 and 8 further
+  if (valid < kPageSize) {
+    const int room = valid - kStep * kMmaK - 2 * (lane % 4);  // tokens of the lane's first pair that exist
+    low_pairs = column_pairs(room);
+    high_pairs = column_pairs(room - 8);
+  }
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) {
+    const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
+    const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
+    a[t][0] = e4m3x2_to_element2(low);
+    a[t][1] = e4m3x2_high_to_element2(low);
+    a[t][2] = e4m3x2_to_element2(high);
+    a[t][3] = e4m3x2_high_to_element2(high);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
+  }
+}
+
+template <int kStep>
+__device__ __forceinline__ void issue_output_step(NarrowStorage& smem, const SmemDesc& p, uint32_t page_seq,
+                                                  OutputT& o, int valid, int warp, OutputFragments& frags) {
+  if constexpr (kStep >= kFragmentSets) cute::warpgroup_wait<kFragmentSets - 1>();
+  uint32_t (&a)[kValueTiles][4] = frags[kStep % kFragmentSets];
+  // The box addresses worked out again in each step: held between them they would take registers. Box
+  // 2 warp + 1 lies in the ring slot after box 2 warp's (the first again after the last).
+  const int slot = RingSlot(page_seq, 2 * warp).slot;
+  build_output_fragments<kStep>(a, smem_addr(smem.ring[slot]), smem_addr(smem.ring[slot + 1 < kRingBoxes ? slot + 1 : 0]),
+                                valid);
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) {
+    mma_rs<MmaOutputFromRegs>(a[t], p.at(kStep * kMmaK * 2), o.v[t], cuda::std::make_index_sequence<kAccumulators>{});
+  }
+  cute::warpgroup_commit_batch();
+}
+
+__device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t* p_tile, uint32_t page_seq,
+                                             OutputT& o, int valid, int thread, OutputFragments& frags) {
+  static_assert(kPVSteps == 4, "four k-steps a page");
+  const SmemDesc p = k_major_desc(p_tile);
+  const int warp = thread / 32;
+  issue_output_step<0>(smem, p, page_seq, o, valid, warp, frags);
+  issue_output_step<1>(smem, p, page_seq, o, valid, warp, frags);
+  issue_output_step<2>(smem, p, page_seq, o, valid, warp, frags);
+  issue_output_step<3>(smem, p, page_seq, o, valid, warp, frags);
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+}
+#endif
 
 #else
 // O^T += V^T P^T: value tile t is the page's V box t read MN-major (tokens are its rows); P^T is
@@ -1185,7 +1253,7 @@ struct NarrowPiece {
       const float inv = total == 0.f ? 0.f : out_scale / total;
       if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
       trace.mark(kMarkLseStored);
-#if defined(FLASHMLA_KV_E4M3)
+#if defined(FLASHMLA_KV_E4M3) && FLASHMLA_NARROW_LINEAR
       // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
       const int first = 128 * warp + 16 * ((thread % 32) / 4);
       float v[16];
@@ -1212,6 +1280,27 @@ struct NarrowPiece {
         }
         reinterpret_cast<uint4*>(out + first)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         reinterpret_cast<uint4*>(out + first)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      }
+#elif defined(FLASHMLA_KV_E4M3)
+      // The thread's two value columns of tile t lie at first + 16 t (issue_output): a word a tile (8 bytes
+      // in fp32), the 8 lanes of a quad row writing 32 (64) neighbouring bytes.
+      const int first = 128 * warp + 2 * ((thread % 32) / 4);
+      if (piece.split) {
+        float* partial =
+            p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV + first;
+#pragma unroll
+        for (int t = 0; t < kValueTiles; ++t) {
+          *reinterpret_cast<float2*>(partial + 16 * t) = make_float2(o.v[t][reg_of(k, 0)] * inv, o.v[t][reg_of(k, 1)] * inv);
+        }
+      } else {
+        const PackedQuery query = packed_query(p, kv_head, row);
+        OutElement* out = static_cast<OutElement*>(p.out) +
+                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV + first;
+#pragma unroll
+        for (int t = 0; t < kValueTiles; ++t) {
+          const OutElement2 pair = to_out_element2(o.v[t][reg_of(k, 0)] * inv, o.v[t][reg_of(k, 1)] * inv);
+          *reinterpret_cast<uint32_t*>(out + 16 * t) = *reinterpret_cast<const uint32_t*>(&pair);
+        }
       }
 #else
       // Column 64 t + m + 8 i: a warp's 8 lanes of one row write 8 neighbouring columns.

@@ -101,6 +101,31 @@ __device__ __forceinline__ uint32_t e4m3x2_high_to_element2(uint32_t four) {
 #endif
 }
 
+// V^T's fragments from 64-byte FP8 boxes (decode_ring.cu, decode_narrow.cu with 32 rows): four transposed
+// 8 x 8 matrices of 16-bit elements (two FP8 value columns of one token each) from `address` + kOffset: lane
+// l gives the address of row l % 8 of matrix l / 8, and gets in register m the element pair of matrix m's
+// rows 2 (l % 4) and 2 (l % 4) + 1 (tokens) in column l / 4 (a column pair).
+template <int kOffset>
+__device__ __forceinline__ void load_columns_t(uint32_t (&d)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4 + %5];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(address), "n"(kOffset));
+}
+
+// The byte permute of a transposed load's register, (c, k), (c + 1, k), (c, k + 1), (c + 1, k + 1), into
+// each column's token pair, (c, k), (c, k + 1), (c + 1, k), (c + 1, k + 1), for the e4m3x2 conversions; where
+// only `room` < 2 of the two tokens exist, the others' bytes come from the permute's zero word.
+constexpr uint32_t kColumnPairs = 0x3120u;
+__device__ __forceinline__ uint32_t column_pairs(int room) {
+  return room >= 2 ? kColumnPairs : room == 1 ? 0x4140u : 0x4444u;
+}
+// PTX's prmt (__byte_perm masks the selector first: two more instructions a step where it is not a constant).
+__device__ __forceinline__ uint32_t permute_bytes(uint32_t a, uint32_t selector) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(out) : "r"(a), "r"(selector));
+  return out;
+}
+
 // Eight e4m3 values -> eight 16-bit elements: one 16-byte chunk of a 16-bit row.
 __device__ __forceinline__ uint4 e4m3x8_to_chunk(uint2 fp8) {
   return make_uint4(e4m3x2_to_element2(fp8.x), e4m3x2_high_to_element2(fp8.x), e4m3x2_to_element2(fp8.y),

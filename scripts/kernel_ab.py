@@ -30,8 +30,7 @@ q and cache with more than 32 rows go to decode_ring.cu, kernels.RING_FP8, or to
 kernels.PARTIAL_F16_PARTS_PER_REQUEST and PARTIAL_F16_WIDE_PARTS_PER_REQUEST; 0: never; a fraction reaches plans
 of fewer parts than requests, 0.25 a batch of up to 4 parts a request; the combine follows) and
 `partialf16wide=N` (the latter alone: parts of two or more row tiles) and `ringp16=N` (the same rule for
-the ring kernel's fp16-partial build, every plan: kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST and
-RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST) and `ringp16wide=N` (the latter alone: parts of two or more row tiles) and
+the ring kernel's fp16-partial build, one share for every plan: kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST) and
 `ringsmem=BYTES` (decode_ring.cu's shared memory, variants.RING_SHARED_BYTES, where the tree's storage differs) and
 `nvrtc=LIB` (a libnvrtc.so to compile this build with, preloaded in its process: the same sources under another
 NVRTC version, whose ptxas schedules the kernels differently; devtools/sass_diff.py compares the SASS; each round's
@@ -96,8 +95,6 @@ def parse_variant(text: str) -> dict:
             spec["partialf16"] = _share(item[11:])
         elif item.startswith("ringp16="):  # N: the ring kernel's fp16-partial rule, as partialf16's
             spec["ringp16"] = _share(item[8:])
-        elif item.startswith("ringp16wide="):  # N: that rule for parts of two or more row tiles only
-            spec["ringp16wide"] = _share(item[12:])
         elif item.startswith("partialf16wide="):  # N: decode.cu's rule for parts of two or more row tiles only
             spec["partialf16wide"] = _share(item[15:])
         elif item.startswith("fp8box="):  # COLS:SWIZZLE, an experiment's FP8 cache boxes
@@ -117,7 +114,7 @@ def parse_variant(text: str) -> dict:
             spec.setdefault("narrowsmem", []).append([int(rows), None if kv == "-" else kv, int(size)])
         else:
             raise SystemExit(f"variant {text!r}: unknown item {item!r} (-D..., -Xptxas=..., -ftz=... and NVRTC's other floating-point options, tree=DIR, patch=FILE, smem=BYTES, "
-                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, partialf16wide=N, ringp16=N, ringp16wide=N, ringsmem=BYTES, "
+                             "threads=N, narrow=ROWS, overhead=PAGES, whole=PERCENT, maxparts=N, ring=0|1, partialf16=N, partialf16wide=N, ringp16=N, ringsmem=BYTES, "
                              "nvrtc=LIB, cubins=DIR, narrowsmem=ROWS:KV:BYTES, "
                              "fp8box=COLS:SWIZZLE, l2promo=N, table=seq|fold:N)")
     return spec
@@ -221,9 +218,6 @@ def apply(spec: dict) -> None:
         kernels.PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["partialf16wide"]
     if spec.get("ringp16") is not None:   # the same rule for the ring kernel's partial rows, every plan
         kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST = spec["ringp16"]
-        kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["ringp16"]
-    if spec.get("ringp16wide") is not None:   # ... for parts of two or more row tiles (after ringp16=)
-        kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST = spec["ringp16wide"]
     if spec.get("cubins"):
         compiler.compile_variant = prebuilt(pathlib.Path(spec["cubins"]), compiler.compile_variant)
     if spec.get("ringsmem"):   # decode_ring.cu's shared memory where the tree's storage differs

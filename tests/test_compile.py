@@ -310,7 +310,7 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     """Dispatch: decode.cu with a 16-bit cache and the ring kernel (an e4m3 q and cache) write fp16 partial
     rows (their _p16 builds, and the combine to match: decode.cu's in quad order) where batch *
     PARTIAL_F16_PARTS_PER_REQUEST for parts of one row tile, PARTIAL_F16_WIDE_PARTS_PER_REQUEST for wider ones
-    (the ring: RING_PARTIAL_F16_PARTS_PER_REQUEST and RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST) <= the plan's parts
+    (the ring: RING_PARTIAL_F16_PARTS_PER_REQUEST, one share for every plan) <= the plan's parts
     and a warp merges a row; the narrow kernels and decode.cu's FP8-cache builds never."""
     from types import SimpleNamespace
 
@@ -332,17 +332,15 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     assert pick(66 // kernels.COMBINE_BLOCK_PER_ROW_PARTS) == "decode_bf16"     # a block a row: fp32
     assert pick(16, num_parts=132, rows=16) == "decode_narrow_bf16_r16"         # the narrow kernel: fp32
     assert pick(16, kv="e4m3", q="bf16") == "decode_bf16_kv_e4m3"               # FP8 caches: fp32
-    # the ring: parts of one 64-row tile (132 of them) by RING_PARTIAL_F16_PARTS_PER_REQUEST, parts of two or
-    # more tiles by RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST (a fraction: more requests than parts)
-    for rows, parts, ring_share in ((64, 132, kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST),
-                                    (128, 66, kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST),
-                                    (256, 33, kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST)):
+    # the ring: every plan by RING_PARTIAL_F16_PARTS_PER_REQUEST (a fraction: more requests than parts)
+    ring_share = kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST
+    for rows, parts in ((64, 132), (128, 66), (256, 33)):
         most = math.floor(parts / ring_share)  # the largest batch whose fp16 rows the rule allows
         assert pick(most, parts, rows, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16", (rows, most)
         assert pick(most + 1, parts, rows, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3", (rows, most)
         assert pick(parts // kernels.COMBINE_BLOCK_PER_ROW_PARTS, parts, rows, kv="e4m3", q="e4m3") \
             == "decode_ring_e4m3_kv_e4m3"  # a block a row: fp32
-    assert kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST < 1 < kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST
+    assert 0 < ring_share < 1
     # the combine that reads them: decode.cu's rows in quad order, the ring's in column order
     assert kernels.decode_kernel(SimpleNamespace(rows=128, kv_name=None, dtype_name="bf16", q_dtype_name="bf16",
                                                  batch=16, num_parts=66))[0].writes_quad_order
@@ -351,10 +349,9 @@ def test_fp16_partial_rows_where_requests_have_many_pieces(monkeypatch):
     assert variants.combine_variant("bf16", partial16=True, quad_order=True).name == "combine_bf16_p16q"
     assert "-DFLASHMLA_PARTIAL_F16_QUAD_ORDER=1" in variants.combine_variant("fp16", partial16=True, quad_order=True).defines
     assert "-DFLASHMLA_PARTIAL_F16_QUAD_ORDER=1" not in variants.combine_variant("bf16", partial16=True).defines
+    assert pick(16, 132, 64, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16"
     monkeypatch.setattr(kernels, "RING_PARTIAL_F16_PARTS_PER_REQUEST", 0)
     assert pick(16, 132, 64, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
-    assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3_p16"
-    monkeypatch.setattr(kernels, "RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST", 0)
     assert pick(16, kv="e4m3", q="e4m3") == "decode_ring_e4m3_kv_e4m3"
     assert pick(16) == "decode_bf16_p16"
     monkeypatch.setattr(kernels, "PARTIAL_F16_PARTS_PER_REQUEST", 0)

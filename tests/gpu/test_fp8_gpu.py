@@ -241,16 +241,18 @@ def test_fp8_wide_kernels_poisoned_page_gives_nan_rows(wide_fp8_kernel):
         assert np.isfinite(out[i].astype(np.float32)).all() and np.isfinite(lse[i]).all()
 
 
-@pytest.mark.parametrize("b, s_q, causal, kind", [(5, 1, False, "var:1:3000"),      # ~13 parts a request
-                                                  (24, 1, False, "halfzero:1:2048"),  # 2-3: the widest band
-                                                  (30, 2, True, "var:1:1500"),
-                                                  (100, 1, False, "var:1:1200"),    # fewer parts than requests
-                                                  (90, 2, True, "halfzero:1:900")])  # h64, s_q 2: 66 parts
-def test_fp8_ring_fp16_partial_rows(monkeypatch, b, s_q, causal, kind):
-    """decode_ring.cu's fp16-partial build (the plan's parts of two or more row tiles, here all, take at most
-    1 / kernels.RING_PARTIAL_F16_WIDE_PARTS_PER_REQUEST requests each, a warp merging a row; down to fewer parts
-    than requests, where most requests stay whole and a part's edges cut some): its one power of two a launch
-    and the combine's _p16 read, with zero-length requests and FP8 NaN behind every request."""
+@pytest.mark.parametrize("b, s_q, h_q, causal, kind", [(5, 1, 128, False, "var:1:3000"),  # ~13 parts a request
+                                                       (24, 1, 128, False, "halfzero:1:2048"),  # 2-3
+                                                       (30, 2, 64, True, "var:1:1500"),
+                                                       (100, 1, 128, False, "var:1:1200"),  # fewer parts than requests
+                                                       (90, 2, 64, True, "halfzero:1:900"),  # 128 rows: 66 parts
+                                                       (40, 1, 64, False, "halfzero:1:2048"),  # one 64-row tile: 132 parts
+                                                       (150, 2, 32, True, "var:1:800")])  # 64 rows, more requests than parts
+def test_fp8_ring_fp16_partial_rows(monkeypatch, b, s_q, h_q, causal, kind):
+    """decode_ring.cu's fp16-partial build (the plan's parts take at most 1 / kernels.RING_PARTIAL_F16_PARTS_PER_REQUEST
+    requests each, a warp merging a row; plans of one row tile and of two; down to fewer parts than requests,
+    where most requests stay whole and a part's edges cut some): its one power of two a launch and the combine's
+    _p16 read, with zero-length requests and FP8 NaN behind every request."""
     from flashmla_cupy import kernels, lookup
 
     picked = []
@@ -265,7 +267,7 @@ def test_fp8_ring_fp16_partial_rows(monkeypatch, b, s_q, causal, kind):
     lookup.remembered().clear()
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    case = _case(rng, b, s_q, 128 // s_q, 1, lengths(rng, kind, b), "e4m3", causal=causal)
+    case = _case(rng, b, s_q, h_q, 1, lengths(rng, kind, b), "e4m3", causal=causal)
     out, lse = run(case)
     lookup.remembered().clear()
     assert picked == ["decode_ring_e4m3_kv_e4m3_p16"], picked
