@@ -576,23 +576,7 @@ __device__ __forceinline__ void build_output_fragments(uint32_t (&a)[kValueTiles
   load_columns_t<kOffset>(d[1], (first_box + row) ^ 32);
   load_columns_t<kOffset>(d[2], second_box + row);
   load_columns_t<kOffset>(d[3], (second_box + row) ^ 32);
-  uint32_t low_pairs = kColumnPairs, high_pairs = kColumnPairs;  // tokens 2 (lane % 4), + 1 and 8 further
-  if (valid < kPageSize) {
-    const int room = valid - kStep * kMmaK - 2 * (lane % 4);  // tokens of the lane's first pair that exist
-    low_pairs = column_pairs(room);
-    high_pairs = column_pairs(room - 8);
-  }
-#pragma unroll
-  for (int t = 0; t < kValueTiles; ++t) {
-    const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
-    const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
-    a[t][0] = e4m3x2_to_element2(low);
-    a[t][1] = e4m3x2_high_to_element2(low);
-    a[t][2] = e4m3x2_to_element2(high);
-    a[t][3] = e4m3x2_high_to_element2(high);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
-  }
+  fragments_from_columns(a, d, valid, kStep * kMmaK, lane);
 }
 
 template <int kStep>

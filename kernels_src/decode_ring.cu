@@ -202,24 +202,8 @@ struct OutputSteps {
     uint32_t d[2][4];  // [j][matrix]: tile 2 j + matrix / 2, tokens 8 (matrix % 2) ..
     load_columns_t<kOffset>(d[0], first);
     load_columns_t<kOffset>(d[1], first ^ 32);
-    uint32_t low_pairs = kColumnPairs, high_pairs = kColumnPairs;  // tokens 2 quad, + 1 and 8 further
-    if (valid < kPageSize) {
-      const int room = valid - kStep * kMmaK - 2 * (lane % 4);  // tokens of the lane's first pair that exist
-      low_pairs = column_pairs(room);
-      high_pairs = column_pairs(room - 8);
-    }
     uint32_t (&a)[kHalfTiles][4] = frags[kStep % 2];
-#pragma unroll
-    for (int t = 0; t < kHalfTiles; ++t) {
-      const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
-      const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
-      a[t][0] = e4m3x2_to_element2(low);
-      a[t][1] = e4m3x2_high_to_element2(low);
-      a[t][2] = e4m3x2_to_element2(high);
-      a[t][3] = e4m3x2_high_to_element2(high);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
-    }
+    fragments_from_columns(a, d, valid, kStep * kMmaK, lane);
 #pragma unroll
     for (int t = 0; t < kHalfTiles; ++t) fence_fragment(o.v[t]);
     cute::warpgroup_arrive();

@@ -34,6 +34,7 @@
 // NaN in stale slots converts to NaN; the consumers zero stale V rows and mask stale scores after the
 // conversion, as for a 16-bit cache.
 #pragma once
+#include "mma.cuh"
 #include "shared_storage.cuh"
 #include "sync.cuh"
 #include "plan.cuh"
@@ -124,6 +125,32 @@ __device__ __forceinline__ uint32_t permute_bytes(uint32_t a, uint32_t selector)
   uint32_t out;
   asm("prmt.b32 %0, %1, 0, %2;" : "=r"(out) : "r"(a), "r"(selector));
   return out;
+}
+
+// V^T's A fragments of one P V k-step (its first token `step_token`) from the step's transposed loads:
+// d[j] holds tiles 2 j and 2 j + 1, matrix 2 (t % 2) tile t's tokens 0-7 of the step and the next one tokens
+// 8-15. Tokens at or past `valid` (a request's last page, FP8 NaN behind it) come out as zeros through the
+// permute's selector, worked out only on such a page (a uniform branch).
+template <int kTiles>
+__device__ __forceinline__ void fragments_from_columns(uint32_t (&a)[kTiles][4], const uint32_t (&d)[kTiles / 2][4],
+                                                       int valid, int step_token, int lane) {
+  uint32_t low_pairs = kColumnPairs, high_pairs = kColumnPairs;  // tokens 2 (lane % 4), + 1 and 8 further
+  if (valid < kPageSize) {
+    const int room = valid - step_token - 2 * (lane % 4);  // tokens of the lane's first pair that exist
+    low_pairs = column_pairs(room);
+    high_pairs = column_pairs(room - 8);
+  }
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
+    const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
+    a[t][0] = e4m3x2_to_element2(low);
+    a[t][1] = e4m3x2_high_to_element2(low);
+    a[t][2] = e4m3x2_to_element2(high);
+    a[t][3] = e4m3x2_high_to_element2(high);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
+  }
 }
 
 // Eight e4m3 values -> eight 16-bit elements: one 16-byte chunk of a 16-bit row.
