@@ -127,14 +127,16 @@ struct RingOutput {
 // tile 0's (OutputSteps).
 constexpr int kTileColumnStride = 16;
 // Slot k's query row of the thread's two value columns of each O^T tile, times `scale`, stored from
-// `at` (tile 0's pair) one 32-bit word a tile; `word` rounds two floats into one word (out_word: the
-// output dtype; half_word: fp16 partial rows).
-template <uint32_t (*word)(float, float), class Element>
+// `at` (tile 0's pair) one word a tile; `word` makes two floats one word (out_word: the output dtype;
+// half_word: fp16 partial rows; float_pair: fp32 ones, 8 bytes).
+__device__ __forceinline__ float2 float_pair(float a, float b) { return make_float2(a, b); }
+template <auto word, class Element>
 __device__ __forceinline__ void store_row_words(Element* at, const RingOutput& o, int k, float scale) {
-  static_assert(sizeof(Element) == 2, "two 16-bit values a word");
+  using Word = decltype(word(0.f, 0.f));
+  static_assert(sizeof(Word) == 2 * sizeof(Element), "two values a word");
 #pragma unroll
   for (int t = 0; t < kHalfTiles; ++t) {
-    *reinterpret_cast<uint32_t*>(at + kTileColumnStride * t) =
+    *reinterpret_cast<Word*>(at + kTileColumnStride * t) =
         word(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
   }
 }
@@ -476,6 +478,23 @@ struct RingPiece {
     }
   }
 
+  // A split piece's rows from the thread's `first` value column, each row's scale times `factor`. They lie
+  // one after another in the piece's partial slot, so a row's address is the thread's base plus a constant:
+  // no per-row address arithmetic in the unrolled, run-once code. fp32 rows: a tile's pair of columns is
+  // one 8-byte store, the 8 lanes of a quad row's together two whole sectors; fp16 rows a 4-byte word.
+  template <auto word, class Element>
+  __device__ __forceinline__ void store_split_rows(Element* partial, const RingOutput& o, int first, int q4,
+                                                   const float* scales, float factor) const {
+    const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
+    Element* const base = partial + slot_row0 * kHeadDimV + first;
+    const int rows_left = p.rows - rows_base - 2 * q4;
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      if (slot_row(k) >= rows_left) continue;
+      store_row_words<word>(base + slot_row(k) * kHeadDimV, o, k, scales[slot_row(k)] * factor);
+    }
+  }
+
   // Normalise and write this warpgroup's 256 value columns of the piece's rows: out / lse, or the partial
   // buffers of a split request. `last_page` (0: a, 1: b) says where the piece's final max lies. One thread
   // a row first works out the row's normaliser, its lse and where it goes; the unrolled row loop that
@@ -542,36 +561,12 @@ struct RingPiece {
     const float* const scales = &smem.row_scale[2 * q4];
     const int64_t* const at = &smem.row_at[2 * q4];
 #if defined(FLASHMLA_PARTIAL_F16)
-    if (split) {
-      // The fp16 rows, scaled by 2^fp16_k, stored as a single piece's output.
-      const float two_k = power_of_two(fp16_k);
-      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
-      __half* const base = reinterpret_cast<__half*>(p.out_partial) + slot_row0 * kHeadDimV + first;
-      const int rows_left = p.rows - rows_base - 2 * q4;
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        if (slot_row(k) >= rows_left) continue;
-        store_row_words<half_word>(base + slot_row(k) * kHeadDimV, o, k, scales[slot_row(k)] * two_k);
-      }
+    if (split) {  // the fp16 rows, scaled by 2^fp16_k
+      store_split_rows<half_word>(reinterpret_cast<__half*>(p.out_partial), o, first, q4, scales, power_of_two(fp16_k));
     } else
 #endif
     if (split) {
-      // fp32 rows: a tile's pair of columns is one 8-byte store, the 8 lanes of a quad row's together two
-      // whole sectors. A split piece's rows lie one after another in its partial slot, so a row's address is
-      // the thread's base plus a constant: no per-row address arithmetic in this unrolled, run-once code.
-      const int64_t slot_row0 = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + rows_base + 2 * q4;
-      float* const base = p.out_partial + slot_row0 * kHeadDimV + first;
-      const int rows_left = p.rows - rows_base - 2 * q4;
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) {
-        if (slot_row(k) >= rows_left) continue;
-        const float scale = scales[slot_row(k)];
-#pragma unroll
-        for (int t = 0; t < kHalfTiles; ++t) {
-          *reinterpret_cast<float2*>(base + slot_row(k) * kHeadDimV + kTileColumnStride * t) =
-              make_float2(o.v[t][reg_of(k, 0)] * scale, o.v[t][reg_of(k, 1)] * scale);
-        }
-      }
+      store_split_rows<float_pair>(p.out_partial, o, first, q4, scales, 1.f);
     } else {
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) {
