@@ -129,8 +129,7 @@ def decode_kernel(problem) -> tuple[variants.Variant, int]:
         return variant, variant.rows
     batch, parts = problem.batch, problem.num_parts
 
-    def fp16_rows(share: float) -> bool:
-        # each request ~share pieces or more (0: never), a warp merging a row
+    def fp16_rows(share: float) -> bool:  # each request ~`share` pieces or more (0: never), a warp a row
         return 0 < share and batch * share <= parts and combine_warps_per_row(batch, parts) == 1
 
     if RING_FP8 and problem.kv_name == "e4m3" and q_name == "e4m3":

@@ -501,6 +501,18 @@ constexpr int kFragmentSets = kNarrowRows == 16 ? 2 : 1;
 static_assert(kFragmentSets == 1 || kFragmentSets == 2, "one or two sets of P V fragments");
 using OutputFragments = uint32_t[kFragmentSets][kValueTiles][4];
 
+// One P V k-step's wgmmas, V^T's fragments `a` built: O^T's tiles += a[t] P^T's rows at `p_step`. Committed.
+__device__ __forceinline__ void issue_output_wgmmas(uint32_t (&a)[kValueTiles][4], uint64_t p_step, OutputT& o) {
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) {
+    mma_rs<MmaOutputFromRegs>(a[t], p_step, o.v[t], cuda::std::make_index_sequence<kAccumulators>{});
+  }
+  cute::warpgroup_commit_batch();
+}
+
 // O^T += V^T P^T with V^T from registers; byte permutes pair each column's two tokens for the e4m3x2
 // conversions. The thread's rows of O^T (value columns) are taken in the order its loads hand them out:
 // row 16*warp + lane/4 + 8*i of tile t is value column value_column(t, i) (below). Stale tokens of the
@@ -538,23 +550,10 @@ __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t*
     for (int t = 0; t < kValueTiles; ++t) {
       const uint32_t selector = t % 2 == 0 ? 0x5140u : 0x7362u;  // bytes (2t, 2t + 1) of both tokens
       const uint32_t word[4] = {(&v[0].x)[t / 2], (&v[1].x)[t / 2], (&v[2].x)[t / 2], (&v[3].x)[t / 2]};
-      const uint32_t low = __byte_perm(word[0], word[1], selector);   // tokens pair, pair + 1
-      const uint32_t high = __byte_perm(word[2], word[3], selector);  // tokens pair + 8, pair + 9
-      a[t][0] = e4m3x2_to_element2(low);
-      a[t][1] = e4m3x2_high_to_element2(low);
-      a[t][2] = e4m3x2_to_element2(high);
-      a[t][3] = e4m3x2_high_to_element2(high);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(a[t][r]);
+      column_pairs_to_fragment(a[t], __byte_perm(word[0], word[1], selector),   // tokens pair, pair + 1
+                               __byte_perm(word[2], word[3], selector));  // tokens pair + 8, pair + 9
     }
-#pragma unroll
-    for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
-    cute::warpgroup_arrive();
-#pragma unroll
-    for (int t = 0; t < kValueTiles; ++t) {
-      mma_rs<MmaOutputFromRegs>(a[t], p.at(step * kMmaK * 2), o.v[t], cuda::std::make_index_sequence<kAccumulators>{});
-    }
-    cute::warpgroup_commit_batch();
+    issue_output_wgmmas(a, p.at(step * kMmaK * 2), o);
   }
 #pragma unroll
   for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
@@ -589,14 +588,7 @@ __device__ __forceinline__ void issue_output_step(NarrowStorage& smem, const Sme
   const int slot = RingSlot(page_seq, 2 * warp).slot;
   build_output_fragments<kStep>(a, smem_addr(smem.ring[slot]), smem_addr(smem.ring[slot + 1 < kRingBoxes ? slot + 1 : 0]),
                                 valid);
-#pragma unroll
-  for (int t = 0; t < kValueTiles; ++t) fence_fragment(o.v[t]);
-  cute::warpgroup_arrive();
-#pragma unroll
-  for (int t = 0; t < kValueTiles; ++t) {
-    mma_rs<MmaOutputFromRegs>(a[t], p.at(kStep * kMmaK * 2), o.v[t], cuda::std::make_index_sequence<kAccumulators>{});
-  }
-  cute::warpgroup_commit_batch();
+  issue_output_wgmmas(a, p.at(kStep * kMmaK * 2), o);
 }
 
 __device__ __forceinline__ void issue_output(NarrowStorage& smem, const uint8_t* p_tile, uint32_t page_seq,

@@ -127,6 +127,17 @@ __device__ __forceinline__ uint32_t permute_bytes(uint32_t a, uint32_t selector)
   return out;
 }
 
+// One O^T tile's V^T A fragment from a thread's two token pairs, each register an e4m3 column pair:
+// `low` holds tokens k, k + 1 of columns c, c + 1 and `high` tokens k + 8, k + 9; fenced for the wgmma.
+__device__ __forceinline__ void column_pairs_to_fragment(uint32_t (&a)[4], uint32_t low, uint32_t high) {
+  a[0] = e4m3x2_to_element2(low);
+  a[1] = e4m3x2_high_to_element2(low);
+  a[2] = e4m3x2_to_element2(high);
+  a[3] = e4m3x2_high_to_element2(high);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[i]);
+}
+
 // V^T's A fragments of one P V k-step (its first token `step_token`) from the step's transposed loads:
 // d[j] holds tiles 2 j and 2 j + 1, matrix 2 (t % 2) tile t's tokens 0-7 of the step and the next one tokens
 // 8-15. Tokens at or past `valid` (a request's last page, FP8 NaN behind it) come out as zeros through the
@@ -142,14 +153,8 @@ __device__ __forceinline__ void fragments_from_columns(uint32_t (&a)[kTiles][4],
   }
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
-    const uint32_t low = permute_bytes(d[t / 2][2 * (t % 2)], low_pairs);
-    const uint32_t high = permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs);
-    a[t][0] = e4m3x2_to_element2(low);
-    a[t][1] = e4m3x2_high_to_element2(low);
-    a[t][2] = e4m3x2_to_element2(high);
-    a[t][3] = e4m3x2_high_to_element2(high);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cute::warpgroup_fence_operand(a[t][i]);
+    column_pairs_to_fragment(a[t], permute_bytes(d[t / 2][2 * (t % 2)], low_pairs),
+                             permute_bytes(d[t / 2][2 * (t % 2) + 1], high_pairs));
   }
 }
 
