@@ -27,8 +27,8 @@
 // to be converted too, in registers: measured slower than decode.cu's converter warpgroup, so those
 // calls go there.) Two computing warpgroups take every other page of a piece, each with its own S^T,
 // O^T, P^T and running max, so that one's softmax and V^T conversion run beside the other's wgmmas; at
-// the piece's end warpgroup 1's O goes to warpgroup 0 through a buffer of their own. The loader is
-// then a warpgroup that hands its registers over (setmaxnreg).
+// the piece's end warpgroup 1's O goes to warpgroup 0 through a buffer of their own (finish). The loader
+// is then a warpgroup that hands its registers over (setmaxnreg).
 //
 // Shared memory holds the Q tile, the P^T tile and a ring of kRingBoxes 8 KB boxes (64 tokens x 64
 // columns): box b of the n-th page this CTA reads goes to slot (9n + b) mod kRingBoxes, so about 2.8
@@ -48,7 +48,7 @@
 // with an FP8 cache one that publishes P^T and votes whether any row's max moved, and the other two only
 // where one did: softmax_unmoved), one around each Q reload and the epilogue; with two computing
 // warpgroups, each warpgroup's own, and the computing threads' barrier around each round of the O merge
-// (merge_warpgroups).
+// (finish).
 //
 // CuTe supplies the wgmma atoms; TMA, mbarriers and descriptors are decode.cu's hand-written PTX.
 #include "decode_config.cuh"
@@ -281,7 +281,7 @@ struct NarrowStorage {
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
   alignas(1024) uint8_t p[kNarrowConsumers][kNarrowBoxBytes];  // [warpgroup] P^T of its page: N rows x 64 tokens
 #if defined(FLASHMLA_KV_E4M3)
-  alignas(16) uint8_t handover[kHandoverBytes];           // merge_warpgroups: warpgroup 1's O, a round at a time
+  alignas(16) uint8_t handover[kHandoverBytes];           // finish: a value tile of each warpgroup's O a round
 #endif
   float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
@@ -290,9 +290,9 @@ struct NarrowStorage {
 #if FLASHMLA_NARROW_PAGE_BARRIER
   alignas(8) uint64_t page_landed[kPageBarriers];       // [page_seq % 16]: the page's boxes have landed
 #endif
-  float row_max[kNarrowConsumers][kNarrowRows];          // epilogue: each warpgroup's running max per row
-  int barriers_passed[kNarrowConsumers];                // merge_warpgroups: each warpgroup's own barriers
+  int barriers_passed[kNarrowConsumers];                // finish: each warpgroup's own barriers
 #endif
+  float row_max[kNarrowConsumers][kNarrowRows];          // finish: each warpgroup's running max per row
   alignas(8) uint64_t full[kRingBoxes];
   uint64_t empty[kRingBoxes];
 };
@@ -819,7 +819,7 @@ struct NarrowPiece {
   int mask_from;       // pages reaching past this token need the masked softmax
   float max[kRowSlots];   // running max per slot (scaled, base 2): the same in every thread holding the row
   float sum[kRowSlots];   // this thread's share of the row sums, relative to `max`
-  int barriers = 0;       // FP8: this warpgroup's own barriers passed in the piece (merge_warpgroups)
+  int barriers = 0;       // FP8: this warpgroup's own barriers passed in the piece (finish)
 
   __device__ __forceinline__ NarrowPiece(const DecodeParams& params, NarrowStorage& s, const Piece& pc, int t,
                                          int group, int head, int base)
@@ -965,7 +965,7 @@ struct NarrowPiece {
   // The page's softmax, its P^T published to the warpgroup (past its barrier): with kVoteMax an unmasked
   // page tries softmax_unmoved first; otherwise, or where a max moved, softmax<masked>, then
   // `before_publish` (what else must be written before the barrier) and the barrier. With two computing
-  // warpgroups `barriers` counts the warpgroup's own barriers it passed: 1, 2 or 3 (merge_warpgroups).
+  // warpgroups `barriers` counts the warpgroup's own barriers it passed: 1, 2 or 3 (finish).
   template <typename BeforePublish>
   __device__ __forceinline__ void publish_probabilities(ScoresT& s, int page, float scale_log2, OutputT& o, bool masked,
                                                        bool bad, BeforePublish&& before_publish) {
@@ -1110,10 +1110,10 @@ struct NarrowPiece {
     }
     if (wg == 1 && (piece.page_end - piece.page_begin) % 2 == 1) {
       // Warpgroup 0 took one page more: pass as many barriers as it did. Nothing needs them, but
-      // compute-sanitizer's racecheck reports false WAR hazards in the merge below when the two
+      // compute-sanitizer's racecheck reports false WAR hazards in finish's merge when the two
       // warpgroups have passed different numbers of their own barriers (shown on a 60-line kernel:
       // benchmarks/results/2026-11-30-h200-2wg-racecheck-investigation.txt). With kVoteMax a page
-      // takes one or three, so merge_warpgroups evens them out.
+      // takes one or three, so finish evens them out.
       if (!kVoteMax) {
         warpgroup_sync();
         warpgroup_sync();
@@ -1123,15 +1123,25 @@ struct NarrowPiece {
     page_seq += piece.page_end - piece.page_begin;
   }
 
-  // Both warpgroups' pages into warpgroup 0's O, max and sums (called by both before finish): each
-  // moves its O and sums to the rows' common max, then warpgroup 1 hands its O over through the
-  // handover buffer, two value tiles a round, in its register order (the two warpgroups' accumulator
-  // layouts are the same), and warpgroup 0 adds it.
-  __device__ __forceinline__ void merge_warpgroups(OutputT& o) {
+  // The piece's end, both warpgroups: their O, max and sums merged, and the rows written by warpgroup 0
+  // (out / lse, or the partial buffers of a split request). Warpgroup 1 moves its O to the rows' common
+  // max (scale_rows) and hands it over through the handover buffer, two value tiles a round, in its
+  // register order (the two warpgroups' accumulator layouts are the same); warpgroup 0 moves its own in
+  // the multiply-add that takes it in, then normalises and writes every row.
+  //
+  // This code runs once a piece, so its instructions are fetched cold (not in the SM's instruction cache;
+  // after the benchmark's L2 flush not in L2 either), and that fetch is most of its time (ncu:
+  // no_instruction). Hence the short form: the rows' scalars worked out once, a lane a row
+  // (row_scalars), and a slot's code only its multiplies and stores. On the H200 the earlier form (~190
+  // instructions a row slot) spent ~14 us of FP8 q1-h32/1k's ~42 in this epilogue (docs/PERF_NOTES.md).
+  // Both warpgroups swapping halves and each writing its own measured ~0.5 % faster still, but spilled
+  // under NVRTC 13.5, as did the normaliser folded into the hand-over's multiplies (row_scalars before it).
+  __device__ __forceinline__ void finish(OutputT& o, float out_scale, Tracer& trace) {
     if constexpr (kVoteMax) {
-      // The warpgroup that passed fewer barriers of its own in the piece passes the difference (the
-      // false WAR hazards above). The counts go through atomics: racecheck flagged plain stores and
-      // loads of them across the consumers' barrier, as it does any exchange while the counts differ.
+      // The warpgroup that passed fewer barriers of its own in the piece passes the difference: with
+      // different counts, compute-sanitizer's racecheck reports false WAR hazards in the exchanges below
+      // (benchmarks/results/2026-11-30-h200-2wg-racecheck-investigation.txt). The counts go through
+      // atomics: racecheck flagged plain stores and loads of them across the consumers' barrier too.
       if (thread == 0) atomicExch(&smem.barriers_passed[wg], barriers);
       named_barrier_sync(kBarrierConsumers, kConsumerThreads);
       const int other = atomicAdd(&smem.barriers_passed[wg ^ 1], 0);
@@ -1147,17 +1157,18 @@ struct NarrowPiece {
     for (int k = 0; k < kRowSlots; ++k) {
       const float common = fmaxf(smem.row_max[0][at.row[k]], smem.row_max[1][at.row[k]]);
       factor[k] = fast_exp2(max[k] - common);
-      max[k] = common;
-      sum[k] *= factor[k];
     }
-    scale_rows(o, factor);
+    publish_sums(o, factor);
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    trace.mark(kMarkSumsExchanged);
+    if (!piece.writable) return;
+    if (wg == 1) scale_rows(o, factor);
     constexpr int kQuads = kAccumulators / 4;  // float4s of one tile
     constexpr int kTilesPerRound = 2;
     static_assert(kTilesPerRound * kQuads * kWarpgroupThreads * 16 == kHandoverBytes, "a round fills the buffer");
-    constexpr int kRounds = kValueTiles / kTilesPerRound;
     float4* handover = reinterpret_cast<float4*>(smem.handover);  // [quad of the round][thread]
 #pragma unroll
-    for (int round = 0; round < kRounds; ++round) {
+    for (int round = 0; round < kValueTiles / kTilesPerRound; ++round) {
       if (round > 0) named_barrier_sync(kBarrierConsumers, kConsumerThreads);  // the last round was read
       if (wg == 1) {
 #pragma unroll
@@ -1172,13 +1183,24 @@ struct NarrowPiece {
         for (int i = 0; i < kTilesPerRound * kQuads; ++i) {
           float* v = &o.v[round * kTilesPerRound + i / kQuads][4 * (i % kQuads)];
           const float4 other = handover[i * kWarpgroupThreads + thread];
-          v[0] += other.x;
-          v[1] += other.y;
-          v[2] += other.z;
-          v[3] += other.w;
+          const int q = i % kQuads;  // register 4 q + c is slot 2 q + c % 2 (ColumnCoords)
+          v[0] = fmaf(v[0], factor[2 * q], other.x);
+          v[1] = fmaf(v[1], factor[2 * q + 1], other.y);
+          v[2] = fmaf(v[2], factor[2 * q], other.z);
+          v[3] = fmaf(v[3], factor[2 * q + 1], other.w);
         }
       }
     }
+    if (wg == 0) {
+      const RowScalars rows = row_scalars(out_scale);
+      trace.mark(kMarkLseStored);
+      float inv[kRowSlots];
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) inv[k] = __shfl_sync(0xffffffffu, rows.inv, at.row[k]);
+      scale_rows(o, inv);
+      store_tiles(o, rows.offset);
+    }
+    trace.mark(kMarkOutputStored);
   }
 #else
   // One page whose S^T is in flight (behind the previous page's PV, if any): its softmax and PV, and
@@ -1199,102 +1221,153 @@ struct NarrowPiece {
   }
 #endif
 
-  // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request.
+#if !defined(FLASHMLA_KV_E4M3)
+  // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request. As the
+  // FP8 kernel's finish (above), in the short form: this code is fetched cold.
   __device__ __forceinline__ void finish(const OutputT& o, float out_scale, Tracer& trace) {
+    float factor[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) factor[k] = 1.f;
+    publish_sums(o, factor);
+    if (thread < 32 && at.publishes()) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) smem.row_max[0][at.row[k]] = max[k];
+    }
+    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
+    trace.mark(kMarkSumsExchanged);
+    if (!piece.writable) return;
+    const RowScalars rows = row_scalars(out_scale);
+    trace.mark(kMarkLseStored);
+    OutputT scaled;
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) {
+      const float inv = __shfl_sync(0xffffffffu, rows.inv, at.row[k]);
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) scaled.v[t][reg_of(k, i)] = o.v[t][reg_of(k, i)] * inv;
+      }
+    }
+    store_tiles(scaled, rows.offset);
+    trace.mark(kMarkOutputStored);
+  }
+#endif
+
+  // Each warp's share of the row sums (moved by `factor` to the rows' common max) into warp_sum.
+  __device__ __forceinline__ void publish_sums(const OutputT& o, const float (&factor)[kRowSlots]) {
     const int warp = thread / 32;
     float share[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
       // A bad page (TMA's NaN fill) makes O NaN: carry it into the sums, as decode.cu does.
-      share[k] = octet_sum(sum[k] + 0.f * o.v[0][reg_of(k, 0)]);
+      share[k] = octet_sum(sum[k] * factor[k] + 0.f * o.v[0][reg_of(k, 0)]);
     }
     if (at.publishes()) {  // warp_sum's readers of the previous piece passed the piece's first barrier
 #pragma unroll
       for (int k = 0; k < kRowSlots; ++k) smem.warp_sum[consumer()][warp][at.row[k]] = share[k];
     }
-    named_barrier_sync(kBarrierConsumers, kConsumerThreads);
-    trace.mark(kMarkSumsExchanged);
-    if (!piece.writable || consumer() != 0) return;  // warpgroup 0 writes (its O holds both's pages)
-    // A row at a time, its sum and lse included: with 32 rows O alone takes 128 registers.
+  }
+
+  // Row r's normaliser and where it goes in lane r % kNarrowRows of every warp (which then need no
+  // barrier before the slots' threads shuffle them over); warp 0 of warpgroup 0 writes the lse. After
+  // publish_sums and a barrier. `offset`: the row's first element from the piece's first (row_base),
+  // a 32-bit shuffle; -1 past p.rows.
+  struct RowScalars {
+    float inv;
+    int offset;
+  };
+  __device__ __forceinline__ RowScalars row_scalars(float out_scale) const {
+    const int lane = thread % 32;
+    const int r = lane % kNarrowRows;
+    const int row = rows_base + r;
+    float total = 0.f;
+#pragma unroll
+    for (int c = 0; c < kNarrowConsumers; ++c) {
+#pragma unroll
+      for (int w = 0; w < kNarrowWarps; ++w) total += smem.warp_sum[c][w][r];
+    }
+    RowScalars out{total == 0.f ? 0.f : out_scale / total, -1};
+    if (row < p.rows) {
+      if (piece.split) {
+        out.offset = row * kHeadDimV;
+      } else {
+        const PackedQuery query = packed_query(p, kv_head, row);
+        out.offset = (query.s * p.heads_q + query.head) * kHeadDimV;
+      }
+      if (consumer() == 0 && thread == lane && lane < kNarrowRows) {
+        float row_max = smem.row_max[0][r];
+#pragma unroll
+        for (int c = 1; c < kNarrowConsumers; ++c) row_max = fmaxf(row_max, smem.row_max[c][r]);
+        store_row_lse(p, piece, kv_head, row, row_max, total);
+      }
+    }
+    return out;
+  }
+
+  // `o` (normalised) into each of the thread's rows: out's element type, or fp32 partial rows when the
+  // piece is split. `offset`: row_scalars' (lane r's, for row r).
+  __device__ __forceinline__ void store_tiles(const OutputT& o, int offset) const {
+    if (piece.split) {
+      store_tiles_as(o, offset, p.out_partial + (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows * kHeadDimV);
+    } else {
+      store_tiles_as(o, offset, static_cast<OutElement*>(p.out) + int64_t(piece.request) * p.seqlen_q * p.heads_q * kHeadDimV);
+    }
+  }
+  template <class T>
+  __device__ __forceinline__ void store_tiles_as(const OutputT& o, int offset, T* dst) const {
+    const int warp = thread / 32;
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) {
-      const int row = rows_base + at.row[k];
-      if (row >= p.rows) continue;
-      float total = 0.f;
-#pragma unroll
-      for (int c = 0; c < kNarrowConsumers; ++c) {
-#pragma unroll
-        for (int w = 0; w < kNarrowWarps; ++w) total += smem.warp_sum[c][w][at.row[k]];
-      }
-      const float inv = total == 0.f ? 0.f : out_scale / total;
-      if (warp == 0 && at.publishes()) store_row_lse(p, piece, kv_head, row, max[k], total);
-      trace.mark(kMarkLseStored);
+      const int row_offset = __shfl_sync(0xffffffffu, offset, at.row[k]);
+      if (row_offset < 0) continue;
 #if defined(FLASHMLA_KV_E4M3) && FLASHMLA_NARROW_LINEAR
-      // The thread's 16 value columns are contiguous (issue_output): whole 16-byte stores.
-      const int first = 128 * warp + 16 * ((thread % 32) / 4);
-      float v[16];
+      // The thread's 16 value columns are contiguous, two a tile (issue_output): whole 16-byte stores.
+      T* out = dst + row_offset + 128 * warp + 16 * ((thread % 32) / 4);
+      if constexpr (sizeof(T) == 4) {
 #pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) v[2 * t + i] = o.v[t][reg_of(k, i)] * inv;
-      }
-      if (piece.split) {
-        float* partial = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          reinterpret_cast<float4*>(partial + first)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        for (int t = 0; t < kValueTiles; t += 2) {
+          reinterpret_cast<float4*>(out)[t / 2] =
+              make_float4(o.v[t][reg_of(k, 0)], o.v[t][reg_of(k, 1)], o.v[t + 1][reg_of(k, 0)], o.v[t + 1][reg_of(k, 1)]);
         }
       } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
-        OutElement* out = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
-        uint32_t packed[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const OutElement2 pair = to_out_element2(v[2 * j], v[2 * j + 1]);
-          packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+        for (int t = 0; t < kValueTiles; t += 4) {
+          uint32_t packed[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const OutElement2 pair = to_out_element2(o.v[t + j][reg_of(k, 0)], o.v[t + j][reg_of(k, 1)]);
+            packed[j] = *reinterpret_cast<const uint32_t*>(&pair);
+          }
+          reinterpret_cast<uint4*>(out)[t / 4] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
         }
-        reinterpret_cast<uint4*>(out + first)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        reinterpret_cast<uint4*>(out + first)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
       }
 #elif defined(FLASHMLA_KV_E4M3)
-      // The thread's two value columns of tile t lie at first + 16 t (issue_output): a word a tile (8 bytes
+      // The thread's two value columns of tile t lie at 16 t on (issue_output): a word a tile (8 bytes
       // in fp32), the 8 lanes of a quad row writing 32 (64) neighbouring bytes.
-      const int first = 128 * warp + 2 * ((thread % 32) / 4);
-      if (piece.split) {
-        float* partial =
-            p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV + first;
+      T* out = dst + row_offset + 128 * warp + 2 * ((thread % 32) / 4);
 #pragma unroll
-        for (int t = 0; t < kValueTiles; ++t) {
-          *reinterpret_cast<float2*>(partial + 16 * t) = make_float2(o.v[t][reg_of(k, 0)] * inv, o.v[t][reg_of(k, 1)] * inv);
-        }
-      } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
-        OutElement* out = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV + first;
-#pragma unroll
-        for (int t = 0; t < kValueTiles; ++t) {
-          const OutElement2 pair = to_out_element2(o.v[t][reg_of(k, 0)] * inv, o.v[t][reg_of(k, 1)] * inv);
+      for (int t = 0; t < kValueTiles; ++t) {
+        const float a = o.v[t][reg_of(k, 0)], b = o.v[t][reg_of(k, 1)];
+        if constexpr (sizeof(T) == 4) {
+          *reinterpret_cast<float2*>(out + 16 * t) = make_float2(a, b);
+        } else {
+          const OutElement2 pair = to_out_element2(a, b);
           *reinterpret_cast<uint32_t*>(out + 16 * t) = *reinterpret_cast<const uint32_t*>(&pair);
         }
       }
 #else
       // Column 64 t + m + 8 i: a warp's 8 lanes of one row write 8 neighbouring columns.
-      if (piece.split) {
-        float* dst = p.out_partial + ((int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row) * kHeadDimV + at.m;
+      T* out = dst + row_offset + at.m;
 #pragma unroll
-        for (int t = 0; t < kValueTiles; ++t) {
+      for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = o.v[t][reg_of(k, i)] * inv;
-        }
-      } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
-        OutElement* dst = static_cast<OutElement*>(p.out) +
-                          ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV + at.m;
-#pragma unroll
-        for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) dst[t * kBoxCols + 8 * i] = to_out_element2(o.v[t][reg_of(k, i)] * inv, 0.f).x;
+        for (int i = 0; i < 2; ++i) {
+          const float x = o.v[t][reg_of(k, i)];
+          if constexpr (sizeof(T) == 4) {
+            out[t * kBoxCols + 8 * i] = x;
+          } else {
+            out[t * kBoxCols + 8 * i] = to_out_element2(x, 0.f).x;
+          }
         }
       }
 #endif
@@ -1369,7 +1442,6 @@ extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     }
 #if defined(FLASHMLA_KV_E4M3)
     c.run_pages(page_seq, scales.scale_log2, o, trace);
-    c.merge_warpgroups(o);
 #else
     if (piece.page_begin < piece.page_end) {
       ScoresT s;
