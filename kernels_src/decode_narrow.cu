@@ -281,7 +281,7 @@ struct NarrowStorage {
   alignas(1024) uint8_t ring[kRingBoxes][kRingBoxBytes]; // K/V boxes of 64 tokens x 64 columns
   alignas(1024) uint8_t p[kNarrowConsumers][kNarrowBoxBytes];  // [warpgroup] P^T of its page: N rows x 64 tokens
 #if defined(FLASHMLA_KV_E4M3)
-  alignas(16) uint8_t handover[kHandoverBytes];           // finish: a value tile of each warpgroup's O a round
+  alignas(16) uint8_t handover[kHandoverBytes];           // finish: warpgroup 1's O, two value tiles a round
 #endif
   float warp_max[kNarrowConsumers][2][kNarrowWarps][kNarrowRows];  // [warpgroup][page parity][warp]: column maxima
   float warp_sum[kNarrowConsumers][kNarrowWarps][kNarrowRows];     // epilogue: each warp's share of the row sums
@@ -1270,8 +1270,9 @@ struct NarrowPiece {
 
   // Row r's normaliser and where it goes in lane r % kNarrowRows of every warp (which then need no
   // barrier before the slots' threads shuffle them over); warp 0 of warpgroup 0 writes the lse. After
-  // publish_sums and a barrier. `offset`: the row's first element from the piece's first (row_base),
-  // a 32-bit shuffle; -1 past p.rows.
+  // publish_sums and a barrier. `offset`: the row's first element counted from the piece's block of rows
+  // (its slot's in out_partial, its request's in out: store_tiles), so that it shuffles as 32 bits; -1
+  // past p.rows.
   struct RowScalars {
     float inv;
     int offset;
