@@ -1147,10 +1147,7 @@ struct NarrowPiece {
       const int other = atomicAdd(&smem.barriers_passed[wg ^ 1], 0);
       for (int n = barriers; n < other; ++n) warpgroup_sync();
     }
-    if (thread < 32 && at.publishes()) {
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) smem.row_max[wg][at.row[k]] = max[k];
-    }
+    publish_max();
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
     float factor[kRowSlots];
 #pragma unroll
@@ -1191,16 +1188,7 @@ struct NarrowPiece {
         }
       }
     }
-    if (wg == 0) {
-      const RowScalars rows = row_scalars(out_scale);
-      trace.mark(kMarkLseStored);
-      float inv[kRowSlots];
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) inv[k] = __shfl_sync(0xffffffffu, rows.inv, at.row[k]);
-      scale_rows(o, inv);
-      store_tiles(o, rows.offset);
-    }
-    trace.mark(kMarkOutputStored);
+    if (wg == 0) write_rows(o, out_scale, trace);
   }
 #else
   // One page whose S^T is in flight (behind the previous page's PV, if any): its softmax and PV, and
@@ -1224,34 +1212,39 @@ struct NarrowPiece {
 #if !defined(FLASHMLA_KV_E4M3)
   // Normalise and write the piece's rows: out / lse, or the partial buffers of a split request. As the
   // FP8 kernel's finish (above), in the short form: this code is fetched cold.
-  __device__ __forceinline__ void finish(const OutputT& o, float out_scale, Tracer& trace) {
+  __device__ __forceinline__ void finish(OutputT& o, float out_scale, Tracer& trace) {
     float factor[kRowSlots];
 #pragma unroll
     for (int k = 0; k < kRowSlots; ++k) factor[k] = 1.f;
     publish_sums(o, factor);
-    if (thread < 32 && at.publishes()) {
-#pragma unroll
-      for (int k = 0; k < kRowSlots; ++k) smem.row_max[0][at.row[k]] = max[k];
-    }
+    publish_max();
     named_barrier_sync(kBarrierConsumers, kConsumerThreads);
     trace.mark(kMarkSumsExchanged);
     if (!piece.writable) return;
-    const RowScalars rows = row_scalars(out_scale);
-    trace.mark(kMarkLseStored);
-    OutputT scaled;
-#pragma unroll
-    for (int k = 0; k < kRowSlots; ++k) {
-      const float inv = __shfl_sync(0xffffffffu, rows.inv, at.row[k]);
-#pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) scaled.v[t][reg_of(k, i)] = o.v[t][reg_of(k, i)] * inv;
-      }
-    }
-    store_tiles(scaled, rows.offset);
-    trace.mark(kMarkOutputStored);
+    write_rows(o, out_scale, trace);
   }
 #endif
+
+  // This warpgroup's running max of each row into row_max: lanes 0-3 of warp 0 hold every row between them.
+  __device__ __forceinline__ void publish_max() const {
+    if (thread < 32 && at.publishes()) {
+#pragma unroll
+      for (int k = 0; k < kRowSlots; ++k) smem.row_max[consumer()][at.row[k]] = max[k];
+    }
+  }
+
+  // The merged O (warpgroup 0's, relative to each row's final max) normalised and written, with the lse:
+  // out, or the partial buffers of a split piece. After publish_sums, publish_max and a barrier.
+  __device__ __forceinline__ void write_rows(OutputT& o, float out_scale, Tracer& trace) {
+    const RowScalars rows = row_scalars(out_scale);
+    trace.mark(kMarkLseStored);
+    float inv[kRowSlots];
+#pragma unroll
+    for (int k = 0; k < kRowSlots; ++k) inv[k] = __shfl_sync(0xffffffffu, rows.inv, at.row[k]);
+    scale_rows(o, inv);
+    store_tiles(o, rows.offset);
+    trace.mark(kMarkOutputStored);
+  }
 
   // Each warp's share of the row sums (moved by `factor` to the rows' common max) into warp_sum.
   __device__ __forceinline__ void publish_sums(const OutputT& o, const float (&factor)[kRowSlots]) {
@@ -1270,9 +1263,9 @@ struct NarrowPiece {
 
   // Row r's normaliser and where it goes in lane r % kNarrowRows of every warp (which then need no
   // barrier before the slots' threads shuffle them over); warp 0 of warpgroup 0 writes the lse. After
-  // publish_sums and a barrier. `offset`: the row's first element counted from the piece's block of rows
-  // (its slot's in out_partial, its request's in out: store_tiles), so that it shuffles as 32 bits; -1
-  // past p.rows.
+  // publish_sums, publish_max and a barrier. `offset`: the row's first element counted from the piece's
+  // block of rows (its slot's in out_partial, its request's in out: store_tiles), so that it shuffles as
+  // 32 bits; -1 past p.rows.
   struct RowScalars {
     float inv;
     int offset;
