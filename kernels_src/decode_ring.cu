@@ -44,7 +44,8 @@
 // Measured (H200, docs/PERF_NOTES.md, twenty-first session): exact, and 0.94-1.02 of decode.cu's FP8 path's
 // time on the FP8 cells of 64 and 128 rows, then 1-5 % less with the Q tile through TMA, so
 // kernels.RING_FP8 sends those calls here. V's fragments through transposed ldmatrix instead of 8-byte
-// predicated loads: 1.3-3.6 % less time on its cells (fifty-fourth session).
+// predicated loads: 1.3-3.6 % less time on its cells (fifty-fourth session); those loads issued before the
+// wait for their fragment set, so that they run beside it: 0.4-3.2 % less (fifty-seventh session).
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
@@ -192,7 +193,6 @@ struct OutputSteps {
 
   template <int kStep>
   __device__ __forceinline__ void step(RingOutput& o, RingFragments& frags) const {
-    if constexpr (kStep >= 2) cute::warpgroup_wait<1>();  // step kStep - 2's fragments are free
     const int lane = lane_id();
     // Lane l: row r = l % 8 (token 8 (m % 2) + r of the step) of matrix m = l / 8, chunk 2 j + m / 2 in the
     // j-th load (tiles 2 j, 2 j + 1). The token's swizzle phase is r / 2 (fp8_offset), and chunk 2 + x lies
@@ -204,6 +204,8 @@ struct OutputSteps {
     uint32_t d[2][4];  // [j][matrix]: tile 2 j + matrix / 2, tokens 8 (matrix % 2) ..
     load_columns_t<kOffset>(d[0], first);
     load_columns_t<kOffset>(d[1], first ^ 32);
+    // The loads above run while the wait does: they write d, not the fragments.
+    if constexpr (kStep >= 2) cute::warpgroup_wait<1>();  // step kStep - 2's fragments are free
     uint32_t (&a)[kHalfTiles][4] = frags[kStep % 2];
     fragments_from_columns(a, d, valid, kStep * kMmaK, lane);
 #pragma unroll
