@@ -23,8 +23,11 @@
 // warpgroup 1 page b; warpgroup w keeps value columns [256 w, 256 w + 256) of O^T (128 fp32 registers a
 // thread) and multiplies both pages' P into them. Per pair:
 //
-//   warpgroup 0:  S_a; softmax(a) -> P_a, max_a  | rescale, O_L += V_a^T P_a^T | rescale, O_L += V_b^T P_b^T
+//   warpgroup 0:  softmax(a) -> P_a, max_a | rescale, O_L += V_a^T P_a^T | rescale, S_a', O_L += V_b^T P_b^T
 //   warpgroup 1:  S_b | rescale, O_R += V_a^T P_a^T; softmax(b) from max_a -> P_b, max_b | rescale, O_R += ...
+//
+// (S_a' is the next pair's S_a, issued ahead so that it runs on the tensor cores beside P V's fragment
+// build; a piece's first S_a is issued before its first pair.)
 //
 // A page's P goes to both warpgroups through the P box of its ring slot, its running max through
 // `max_after`; each warpgroup rescales its own O^T columns (query rows) from the max it holds to the new
@@ -45,7 +48,8 @@
 // time on the FP8 cells of 64 and 128 rows, then 1-5 % less with the Q tile through TMA, so
 // kernels.RING_FP8 sends those calls here. V's fragments through transposed ldmatrix instead of 8-byte
 // predicated loads: 1.3-3.6 % less time on its cells (fifty-fourth session); those loads issued before the
-// wait for their fragment set, so that they run beside it: 0.4-3.2 % less (fifty-seventh session).
+// wait for their fragment set, so that they run beside it: 0.4-3.2 % less (fifty-seventh session, ab255); and
+// warpgroup 0 issuing the next pair's S_a before V_b^T P_b^T: 0.5-2.8 % less on nine of ten cells (ab256).
 #include "decode_config.cuh"
 #include "sync.cuh"
 #include "mma.cuh"
@@ -410,16 +414,16 @@ struct RingPiece {
     release(at);
   }
 
-  // Warpgroup 0, one pair: page a (seq) scored here and, with kHasB, page b (seq + 1) scored by warpgroup 1.
+  // Warpgroup 0, one pair: page a (seq), whose S the caller or the pair before has issued into `s` and
+  // waited for, scored here and, with kHasB, page b (seq + 1) scored by warpgroup 1. With kHasB the next
+  // pair's S_a (page seq + 2) is issued before V_b^T P_b^T, so that it runs on the tensor cores while this
+  // warpgroup builds P V's fragments; multiply_page's last wait completes it. The piece's last pair issues
+  // S of page b again instead (dropped): one copy of the pair's code, whatever follows it.
   template <bool kHasB>
-  __device__ __forceinline__ void warpgroup0_pair(int page, uint32_t seq, int pair, RingOutput& o, Tracer& trace) {
+  __device__ __forceinline__ void warpgroup0_pair(int page, uint32_t seq, int pair, RingOutput& o, ScoreTile& s,
+                                                  Tracer& trace) {
     const RingPage a(seq);
-    ScoreTile s;
     trace.mark(kMarkPairStart);
-    issue_scores(smem, a, s);
-    trace.mark(kMarkScoresIssued);
-    cute::warpgroup_wait<0>();
-    trace.mark(kMarkScoresIn);
     softmax(s, page, a, pair, 0);
     named_barrier_sync(kBarrierPageAReady, kThreads);
     trace.mark(kMarkProbsPublished);
@@ -432,9 +436,24 @@ struct RingPiece {
       named_barrier_sync(kBarrierPageBReady, kThreads);
       trace.mark(kMarkHandoffIn);
       rescale(o, pair, 1, true);
+      // b's slot stays held until multiply_page releases it.
+      issue_scores(smem, page + 2 < piece.page_end ? RingPage(seq + 2) : b, s);
       multiply_page(o, b, 0, page + 1, frags);
       trace.mark(kMarkRemotePvDone);
     }
+  }
+
+  // Warpgroup 0's pages of the piece from `page`, in pairs.
+  __device__ __forceinline__ void warpgroup0_pages(int page, uint32_t seq, RingOutput& o, Tracer& trace) {
+    if (page >= piece.page_end) return;
+    ScoreTile s;
+    issue_scores(smem, RingPage(seq), s);
+    trace.mark(kMarkScoresIssued);
+    cute::warpgroup_wait<0>();  // nothing in flight where the pair loop begins (C7514 otherwise)
+    trace.mark(kMarkScoresIn);
+    int pair = 0;
+    for (; page + 1 < piece.page_end; page += 2, seq += 2, ++pair) warpgroup0_pair<true>(page, seq, pair, o, s, trace);
+    if (page < piece.page_end) warpgroup0_pair<false>(page, seq, pair, o, s, trace);
   }
 
   // Warpgroup 1, one pair: page a scored by warpgroup 0 and, with kHasB, page b scored here.
@@ -652,16 +671,16 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
       for (int r = 0; r < 32; ++r) o.v[t][r] = 0.f;
       fence_fragment(o.v[t]);
     }
-    int page = piece.page_begin, pair = 0;
-    if (warpgroup == 0) {
-      for (; page + 1 < piece.page_end; page += 2, seq += 2, ++pair) c.warpgroup0_pair<true>(page, seq, pair, o, trace);
-      if (page < piece.page_end) c.warpgroup0_pair<false>(page, seq, pair, o, trace);
-    } else {
-      for (; page + 1 < piece.page_end; page += 2, seq += 2, ++pair) c.warpgroup1_pair<true>(page, seq, pair, o, trace);
-      if (page < piece.page_end) c.warpgroup1_pair<false>(page, seq, pair, o, trace);
-    }
     const int pages = piece.page_end - piece.page_begin;
-    if (pages % 2 == 1) ++seq;
+    if (warpgroup == 0) {
+      c.warpgroup0_pages(piece.page_begin, seq, o, trace);
+    } else {
+      int page = piece.page_begin, pair = 0;
+      uint32_t at = seq;
+      for (; page + 1 < piece.page_end; page += 2, at += 2, ++pair) c.warpgroup1_pair<true>(page, at, pair, o, trace);
+      if (page < piece.page_end) c.warpgroup1_pair<false>(page, at, pair, o, trace);
+    }
+    if (pages > 0) seq += pages;
     // The final max: after the last pair's page b, or its page a when the piece has an odd page count.
     const int last_pair = pages > 0 ? (pages - 1) / 2 : -1;
     c.finish(o, last_pair, pages % 2 == 0 ? 1 : 0, scales.out_scale, &q_map, p.q_tma && request < part.end_request,
