@@ -499,6 +499,13 @@ struct RingPiece {
     }
   }
 
+  // Warpgroup 1's pages of the piece from `page`, in pairs (warpgroup 0's: warpgroup0_pages).
+  __device__ __forceinline__ void warpgroup1_pages(int page, uint32_t seq, RingOutput& o, Tracer& trace) {
+    int pair = 0;
+    for (; page + 1 < piece.page_end; page += 2, seq += 2, ++pair) warpgroup1_pair<true>(page, seq, pair, o, trace);
+    if (page < piece.page_end) warpgroup1_pair<false>(page, seq, pair, o, trace);
+  }
+
   // A split piece's rows from the thread's `first` value column, each row's scale times `factor`. They lie
   // one after another in the piece's partial slot, so a row's address is the thread's base plus a constant:
   // no per-row address arithmetic in the unrolled, run-once code. fp32 rows: a tile's pair of columns is
@@ -675,10 +682,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
     if (warpgroup == 0) {
       c.warpgroup0_pages(piece.page_begin, seq, o, trace);
     } else {
-      int page = piece.page_begin, pair = 0;
-      uint32_t at = seq;
-      for (; page + 1 < piece.page_end; page += 2, at += 2, ++pair) c.warpgroup1_pair<true>(page, at, pair, o, trace);
-      if (page < piece.page_end) c.warpgroup1_pair<false>(page, at, pair, o, trace);
+      c.warpgroup1_pages(piece.page_begin, seq, o, trace);
     }
     if (pages > 0) seq += pages;
     // The final max: after the last pair's page b, or its page a when the piece has an odd page count.
