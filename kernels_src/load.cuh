@@ -175,14 +175,19 @@ __device__ __forceinline__ void issue_q_tile_tma(const DecodeParams& p, const Te
 
 // Stale tokens [valid, 64) of the last page may hold NaN; P is 0 there but 0 * NaN = NaN, so the V
 // rows a warpgroup multiplies (its half: boxes 4*half .. +4) are zeroed before its PV. Whole 128-byte
-// rows are cleared, which is independent of the swizzle. `valid` is clamped, so lengths that disagree
-// with the plan never write outside the tile.
+// rows are cleared, which is independent of the swizzle: each box's bytes from row `valid` on, the
+// warpgroup sweeping 2 KB of each of the four boxes at a time (at most four sweeps, and no integer
+// division: this runs once a piece, from code fetched cold). `valid` is clamped, so lengths that
+// disagree with the plan never write outside the tile.
 __device__ __forceinline__ void zero_stale_v_rows(uint8_t* tile, int half, int valid, int thread) {
-  valid = max(0, min(valid, kTileRows));
-  const int chunks = (kTileRows - valid) * (kRowBytes / 16);
-  uint8_t* first_box = tile + half * kBoxesPerHalf * kBoxBytes + valid * kRowBytes;
-  for (int idx = thread; idx < kBoxesPerHalf * chunks; idx += kWarpgroupThreads) {
-    *reinterpret_cast<uint4*>(first_box + (idx / chunks) * kBoxBytes + (idx % chunks) * 16) = make_uint4(0, 0, 0, 0);
+  const int first = max(0, min(valid, kTileRows)) * kRowBytes + thread * 16;
+  uint8_t* boxes = tile + half * kBoxesPerHalf * kBoxBytes;
+#pragma unroll 1
+  for (int offset = first; offset < kBoxBytes; offset += kWarpgroupThreads * 16) {
+#pragma unroll
+    for (int box = 0; box < kBoxesPerHalf; ++box) {
+      *reinterpret_cast<uint4*>(boxes + box * kBoxBytes + offset) = make_uint4(0, 0, 0, 0);
+    }
   }
 }
 
