@@ -12,6 +12,7 @@ Reports written before the current schema (bf16 only, times in ms) are read too.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import lzma
 import os
@@ -310,21 +311,15 @@ def png(report: dict, path: str) -> None:
     fig.suptitle(f"MLA decode, CUDA-graph replay, L2 flushed\n{report.get('card')}, "
                  f"commit {short_commit(report.get('commit'))}, {report.get('date')}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))  # 0.7 inch for the two-line title
-    fig.savefig(path, dpi=110)
+    rendered = io.BytesIO()
+    fig.savefig(rendered, format="png", dpi=110)
     plt.close(fig)
-    shrink_png(path)
-
-
-def shrink_png(path: str) -> None:
-    """Rewrite a chart as a 256-colour PNG: about half the bytes, and the charts are committed (the device
-    carries the repository, whose size it limits). Pillow comes with matplotlib; without it the chart stays."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return
-    with Image.open(path) as im:
-        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    small.save(path, optimize=True)
+    # Stored in 256 colours (a chart has ~300, the extra ones antialiased edges): half the bytes, and the charts
+    # are committed, into a repository whose size the device limits. matplotlib requires Pillow.
+    from PIL import Image
+    with Image.open(rendered) as image:
+        small = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, format="PNG", optimize=True)
 
 
 def write_outputs(report: dict, md: str | None = None, png_path: str | None = None) -> list[str]:
