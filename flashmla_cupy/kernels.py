@@ -61,7 +61,8 @@ class CombineLaunch:
         warps_per_row = combine_warps_per_row(batch, num_parts)
         self._params = params.CombineParams(
             batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, heads_kv=heads_kv,
-            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts))
+            heads_per_group=heads_per_group, rows=rows, partial_slots=plan.partial_slots(batch, num_parts),
+            per_group=params.FastDivisor.of(heads_per_group))
         fn = launch.get_function(variants.combine_variant(dtype, warps_per_row, partial16, quad_order), device_id)
         block_warps = combine_block_warps(warps_per_row)
         grid = (batch, -(-(heads_kv * rows * warps_per_row) // block_warps), 1)
@@ -166,7 +167,8 @@ class DecodeLaunch:
             heads_per_group=problem.heads_per_group, rows=problem.rows, num_parts=problem.num_parts,
             causal=int(problem.causal), scale_log2=problem.scale_log2,
             num_blocks=problem.k_cache.shape[0], block_table_width=bt.shape[1],
-            partial_slots=plan.partial_slots(problem.batch, problem.num_parts))
+            partial_slots=plan.partial_slots(problem.batch, problem.num_parts),
+            per_group=params.FastDivisor.of(problem.heads_per_group))
         # out_partial [slots, heads_kv, rows, 512] then lse_partial [slots, heads_kv, rows]
         partial_rows = self._params.partial_slots * problem.heads_kv * problem.rows
         self.workspace_floats = partial_rows * HEAD_DIM_V + partial_rows

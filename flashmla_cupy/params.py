@@ -25,6 +25,20 @@ _i64 = ctypes.c_int64
 _f32 = ctypes.c_float
 
 
+class FastDivisor(ctypes.Structure):
+    """A divisor the kernels divide by without an integer division (params.cuh's FastDivisor)."""
+    _fields_ = [("multiplier", ctypes.c_uint32), ("shift", _i32)]
+
+    @classmethod
+    def of(cls, divisor: int) -> "FastDivisor":
+        """n / divisor = (umulhi(n, multiplier) + n) >> shift for 0 <= n < 2^31 (Granlund and Montgomery)."""
+        if not 1 <= divisor < 1 << 31:
+            raise ValueError(f"divisor {divisor} outside [1, 2^31)")
+        shift = (divisor - 1).bit_length()  # ceil(log2 divisor)
+        multiplier = ((((1 << shift) - divisor) << 32) // divisor) + 1
+        return cls(multiplier=multiplier, shift=shift)
+
+
 class SchedulerParams(ctypes.Structure):
     _fields_ = [
         ("seqlens", _p), ("metadata", _p), ("num_splits", _p),
@@ -42,7 +56,7 @@ class DecodeParams(ctypes.Structure):
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
         ("heads_per_group", _i32), ("rows", _i32), ("num_parts", _i32), ("causal", _i32),
         ("scale_log2", _f32), ("num_blocks", _i32), ("block_table_width", _i32), ("partial_slots", _i32),
-        ("q_tma", _i32), ("descale_q", _p), ("descale_k", _p),
+        ("q_tma", _i32), ("descale_q", _p), ("descale_k", _p), ("per_group", FastDivisor),
     ]
 
 
@@ -50,7 +64,7 @@ class CombineParams(ctypes.Structure):
     _fields_ = [
         ("out_partial", _p), ("lse_partial", _p), ("num_splits", _p), ("out", _p), ("lse", _p),
         ("batch", _i32), ("seqlen_q", _i32), ("heads_q", _i32), ("heads_kv", _i32),
-        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32),
+        ("heads_per_group", _i32), ("rows", _i32), ("partial_slots", _i32), ("per_group", FastDivisor),
     ]
 
 
@@ -74,7 +88,7 @@ FAULT_LENGTH = 1   # cache_seqlens[i] < 0 or > block_table width * page size
 FAULT_BLOCK = 2    # a page request i uses holds a block index outside [0, num_blocks)
 FAULT_PLAN = 4     # request i's pieces (num_splits) or part p's row (metadata) differ from the plan
 
-ALL_STRUCTS = (SchedulerParams, DecodeParams, CombineParams)   # params.cuh, which every program includes
+ALL_STRUCTS = (FastDivisor, SchedulerParams, DecodeParams, CombineParams)   # params.cuh, which every program includes
 OWN_STRUCTS = {"check": (CheckParams,)}   # program -> the structs kernels_src/<program>.cu defines itself
 
 

@@ -1282,17 +1282,18 @@ struct NarrowPiece {
     }
     RowScalars out{total == 0.f ? 0.f : out_scale / total, -1};
     if (row < p.rows) {
+      PackedQuery query{};  // a single piece's rows only
       if (piece.split) {
         out.offset = row * kHeadDimV;
       } else {
-        const PackedQuery query = packed_query(p, kv_head, row);
+        query = packed_query(p, kv_head, row);
         out.offset = (query.s * p.heads_q + query.head) * kHeadDimV;
       }
       if (consumer() == 0 && thread == lane && lane < kNarrowRows) {
         float row_max = smem.row_max[0][r];
 #pragma unroll
         for (int c = 1; c < kNarrowConsumers; ++c) row_max = fmaxf(row_max, smem.row_max[c][r]);
-        store_row_lse(p, piece, kv_head, row, row_max, total);
+        store_row_lse(p, piece, kv_head, row, row_max, total, &query);
       }
     }
     return out;

@@ -563,8 +563,9 @@ struct RingPiece {
       smem.row_scale[r] = total == 0.f ? 0.f : out_scale / total;  // NaN (a bad page) stays NaN
       int64_t at = -1;  // a split piece's rows: the split path below addresses them from the slot itself
       if (row < p.rows) {
+        const PackedQuery query = split ? PackedQuery{} : packed_query(p, kv_head, row);
         store_row_lse(p, piece, kv_head, row, last_pair < 0 ? kInitialMax : smem.max_after[last_pair & 1][last_page][r],
-                      total);
+                      total, &query);
 #if defined(FLASHMLA_PARTIAL_F16)
         if (split) {  // both halves' 2^-k
           const int64_t row_index = (int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row;
@@ -574,10 +575,7 @@ struct RingPiece {
           inv_scales[2 * row_index + 1] = inv;
         }
 #endif
-        if (!split) {
-          const PackedQuery query = packed_query(p, kv_head, row);
-          at = ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
-        }
+        if (!split) at = ((int64_t(piece.request) * p.seqlen_q + query.s) * p.heads_q + query.head) * kHeadDimV;
       }
       smem.row_at[r] = at;
     }

@@ -123,15 +123,17 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Piece&
 
 // Log-sum-exp of one packed row (< p.rows) of a writable piece: natural log in `lse`, +inf when the row
 // saw no key; log2 in `lse_partial`, -inf when this piece saw no key for the row. A NaN row sum (a bad
-// page) stays NaN. Shared with decode_narrow.cu.
+// page) stays NaN. Shared with decode_narrow.cu and decode_ring.cu, which pass the row's `known` query
+// (packed_query's, worked out already for its output; read for a single piece only) so that its division
+// is not done twice.
 __device__ __forceinline__ void store_row_lse(const DecodeParams& p, const Piece& piece, int kv_head, int row,
-                                              float row_max, float row_sum) {
+                                              float row_max, float row_sum, const PackedQuery* known = nullptr) {
   const bool empty = row_sum == 0.f;
   const float lse2 = row_max + log2f(row_sum);
   if (piece.split) {
     p.lse_partial[(int64_t(piece.slot) * p.heads_kv + kv_head) * p.rows + row] = empty ? -positive_infinity() : lse2;
   } else {
-    const PackedQuery query = packed_query(p, kv_head, row);
+    const PackedQuery query = known != nullptr ? *known : packed_query(p, kv_head, row);
     p.lse[(int64_t(piece.request) * p.heads_q + query.head) * p.seqlen_q + query.s] =
         empty ? positive_infinity() : lse2 * kLn2;
   }

@@ -7,6 +7,7 @@
 namespace flashmla {
 
 using cuda::std::int64_t;
+using cuda::std::uint32_t;
 
 // The kernels' guards against device-side contents that disagree with the tensors (plan.cuh, combine.cu).
 // FLASHMLA_UNGUARDED compiles them out: only the benchmark's guard-cost comparison
@@ -16,6 +17,20 @@ constexpr bool kGuards = false;
 #else
 constexpr bool kGuards = true;
 #endif
+
+// Division of non-negative ints below 2^31 by a divisor d >= 1 known before launch, which the host works
+// out once (params.py's FastDivisor.of): n / d = (umulhi(n, multiplier) + n) >> shift, with shift =
+// ceil(log2 d) and multiplier = floor(2^32 (2^shift - d) / d) + 1 (Granlund and Montgomery's division by
+// invariant integers; the sum stays below 2^32 for n < 2^31). Three instructions where a run-time integer
+// division takes ~25: the kernels split packed rows into query positions and heads in code they run once a
+// piece (fetched cold) and on every masked page.
+struct FastDivisor {
+  uint32_t multiplier;
+  int shift;
+  __device__ __forceinline__ int divide(int n) const {
+    return static_cast<int>((__umulhi(static_cast<uint32_t>(n), multiplier) + static_cast<uint32_t>(n)) >> shift);
+  }
+};
 
 // get_mla_metadata's device planner (scheduler.cu).
 struct SchedulerParams {
@@ -64,6 +79,7 @@ struct DecodeParams {
   // descale_q * descale_k, the output by descale_k. Read by the kernel, so CUDA graphs may change them.
   const float* descale_q;
   const float* descale_k;
+  FastDivisor per_group;    // heads_per_group: a packed row's query position is row / heads_per_group
 };
 
 // The combine kernel (combine.cu): merges the pieces of split requests.
@@ -80,6 +96,7 @@ struct CombineParams {
   int heads_per_group;
   int rows;
   int partial_slots;         // as DecodeParams: split requests whose slots fall outside get NaN rows
+  FastDivisor per_group;     // as DecodeParams
 };
 
 // Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.

@@ -209,7 +209,8 @@ struct PackedQuery {
   int s, head;
 };
 __device__ __forceinline__ PackedQuery packed_query(const DecodeParams& p, int kv_head, int row) {
-  return {row / p.heads_per_group, kv_head * p.heads_per_group + row % p.heads_per_group};
+  const int s = p.per_group.divide(row);
+  return {s, kv_head * p.heads_per_group + row - s * p.heads_per_group};
 }
 
 // Where element `element` of packed row `row` of a request's query lies in q (strides in elements of
@@ -229,7 +230,7 @@ __device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, in
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const int row = rows_base + rows[i];
-    const int s = row < p.rows ? row / p.heads_per_group : p.seqlen_q - 1;
+    const int s = row < p.rows ? p.per_group.divide(row) : p.seqlen_q - 1;
     limit[i] = seqlen - (p.causal ? p.seqlen_q - 1 - s : 0);
   }
 }

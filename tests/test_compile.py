@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from flashmla_cupy import compiler, errors, params, variants
+from flashmla_cupy import compiler, errors, inputs, params, variants
 from sass_diff import cuobjdump as _cuobjdump  # devtools/: one finder of cuobjdump
 
 REAL_KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels_src"
@@ -118,6 +118,25 @@ def test_drifted_params_struct_fails_compilation(monkeypatch):
     message = str(caught.value)
     assert "'scheduler'" in message
     assert "params_layout_asserts" in message and "SchedulerParams" in message
+
+
+def test_fast_divisor_divides_exactly():
+    """params.FastDivisor (the kernels' row / heads_per_group without an integer division) in the kernels'
+    32-bit arithmetic: exact for every divisor a call can have and every dividend below 2^31 (query rows are
+    at most inputs.MAX_QUERY_ROWS, rounded up to a tile)."""
+    import numpy as np
+
+    n = np.arange(0, inputs.MAX_QUERY_ROWS + 256, dtype=np.uint64)
+    rng = np.random.default_rng(0)
+    far = np.concatenate([rng.integers(0, 1 << 31, 4096, dtype=np.uint64), np.array([(1 << 31) - 1], np.uint64)])
+    for d in [*range(1, 513), 576, 1000, 4096, 65535, 65536, 65537, inputs.MAX_QUERY_ROWS, (1 << 30) + 1, (1 << 31) - 1]:
+        f = params.FastDivisor.of(d)
+        assert 0 < f.multiplier < 1 << 32 and 0 <= f.shift <= 31
+        for x in (n, far):
+            q = ((((x * np.uint64(f.multiplier)) >> np.uint64(32)) + x) & np.uint64(0xFFFFFFFF)) >> np.uint64(f.shift)
+            assert np.array_equal(q, x // np.uint64(d)), d
+    with pytest.raises(ValueError):
+        params.FastDivisor.of(0)
 
 
 def test_pinned_constant_drift_fails_compilation(monkeypatch):

@@ -294,6 +294,7 @@ def test_decode_call(gpu):
     assert decode["grid"] == (1, 2, 6) and decode["block"] == (384, 1, 1)
     assert (p.batch, p.seqlen_q, p.heads_q, p.heads_kv) == (3, 2, 32, 2)
     assert (p.heads_per_group, p.rows, p.num_parts, p.causal) == (16, 32, 6, 1)
+    assert (p.per_group.multiplier, p.per_group.shift) == (1, 4)  # 16: n / 16 = (umulhi(n, 1) + n) >> 4
     assert p.scale_log2 == pytest.approx(576 ** -0.5 * math.log2(math.e))
     assert (p.q, p.block_table) == (BASE_PTR, BASE_PTR + (2 << 30))
     assert p.lse_partial == p.out_partial + slots * 2 * 32 * 512 * 4
@@ -302,6 +303,7 @@ def test_decode_call(gpu):
     assert (combine["function"], combine["stream"], combine["pdl"]) == (fake_cuda.COMBINE_FN, STREAM, True)
     assert (c.out, c.lse, c.out_partial, c.lse_partial) == (p.out, p.lse, p.out_partial, p.lse_partial)
     assert c.num_splits == p.num_splits == BASE_PTR + (5 << 30)
+    assert (c.per_group.multiplier, c.per_group.shift) == (p.per_group.multiplier, p.per_group.shift)
     assert combine["grid"] == (3, 2 * 32 // kernels.COMBINE_WARPS_PER_BLOCK, 1)
     assert all(a.streams == [STREAM] for a in args.values() if hasattr(a, "streams"))
 
