@@ -196,8 +196,8 @@ flashmla_combine(const flashmla::CombineParams p) {
   if (g >= p.heads_kv) return;  // the last block of a request may have idle warps
 
   // Output row and lse element of this (request, query token s, query head h).
-  const int s = p.per_group.divide(row);
-  const int h = g * p.heads_per_group + row - s * p.heads_per_group;
+  const flashmla::PackedQuery query = flashmla::packed_query(p, g, row);
+  const int s = query.s, h = query.head;
   const long long out_row = (request * p.seqlen_q + s) * p.heads_q + h;
   float* lse_out = p.lse + (request * p.heads_q + h) * p.seqlen_q + s;
   uint2* out = reinterpret_cast<uint2*>(p.out) + out_row * (kHeadDimV / 4);

@@ -163,12 +163,11 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
 template <class Storage>
 __device__ __forceinline__ void issue_q_tile_tma(const DecodeParams& p, const TensorMap* q_map, Storage& smem,
                                                  int request, int kv_head, int rows_base) {
-  const int s = p.per_group.divide(rows_base);
-  const int head = kv_head * p.heads_per_group + rows_base - s * p.heads_per_group;
+  const PackedQuery first = packed_query(p, kv_head, rows_base);
   mbarrier_arrive_expect_tx(&smem.q_full, kBoxes * kQTileBoxBytes);
 #pragma unroll
   for (int box = 0; box < kBoxes; ++box) {
-    tma_load_box(q_map, &smem.q_full, smem.q + box * kQTileBoxBytes, box * kBoxCols, head, s, request,
+    tma_load_box(q_map, &smem.q_full, smem.q + box * kQTileBoxBytes, box * kBoxCols, first.head, first.s, request,
                  kCacheHintEvictFirst);
   }
 }

@@ -99,6 +99,18 @@ struct CombineParams {
   FastDivisor per_group;     // as DecodeParams
 };
 
+// The query a packed row of a KV head stands for: row = s * heads_per_group + h_in_group is query position
+// s of query head kv_head * heads_per_group + h_in_group. One home for the split, which the decode kernels
+// (DecodeParams), their q loaders and the combine kernel (CombineParams) all make.
+struct PackedQuery {
+  int s, head;
+};
+template <class Params>
+__device__ __forceinline__ PackedQuery packed_query(const Params& p, int kv_head, int row) {
+  const int s = p.per_group.divide(row);
+  return {s, kv_head * p.heads_per_group + row - s * p.heads_per_group};
+}
+
 // Fields of one row of tile_scheduler_metadata (int32), written by scheduler.cu / plan.py.
 enum MetadataField : int {
   kBeginRequest = 0,   // first request this part touches; >= batch marks an empty part

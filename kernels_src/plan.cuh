@@ -203,16 +203,6 @@ static_assert(__builtin_offsetof(PageStream, request) == 0 && __builtin_offsetof
               "PageStreamOf starts with request, page, page_end, block");
 #endif
 
-// The query a packed row of a KV head stands for: row = s * heads_per_group + h_in_group is query position
-// s of query head kv_head * heads_per_group + h_in_group.
-struct PackedQuery {
-  int s, head;
-};
-__device__ __forceinline__ PackedQuery packed_query(const DecodeParams& p, int kv_head, int row) {
-  const int s = p.per_group.divide(row);
-  return {s, kv_head * p.heads_per_group + row - s * p.heads_per_group};
-}
-
 // Where element `element` of packed row `row` of a request's query lies in q (strides in elements of
 // q). Rows past p.rows get q itself: the tile loaders copy zeros for them and read nothing there.
 template <class T>
