@@ -4,6 +4,7 @@
 # JSON results, the benchmark's markdown and chart, and sanitizer logs go to $OUT (default: a temp dir),
 # with summary.json (card, commit, test counts, worst errors, sanitizer verdicts, ours / best peer per
 # benchmark case); a short table is printed last.
+# full writes eight files to $OUT, as many as the device tool brings back: keep other files (a log) elsewhere.
 #
 #   bash scripts/gpu_check.sh [full|tests|bench|quick|ncu|power]     (default: full)
 #
