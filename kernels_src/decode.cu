@@ -224,7 +224,7 @@ struct PieceContext {
       : p(params), part(plan), smem(s), map(m), q_map(qm), piece(pc), at(t), thread(t), kv_head(head),
         rows_base(base), scales(d) {
     row_limits(p, piece.seqlen, rows_base, at.row, limit);
-    mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+    mask_from = mask_from_token(p, piece.seqlen);
     if constexpr (!kFp8Scores) load_fragment(smem.q + kRopeBox * kBoxBytes, at, q_rope);
   }
 

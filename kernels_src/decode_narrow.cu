@@ -829,7 +829,7 @@ struct NarrowPiece {
       max[k] = kInitialMax;
       sum[k] = 0.f;
     }
-    mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+    mask_from = mask_from_token(p, piece.seqlen);
   }
 
   // This warpgroup's index (a constant 0 with one computing warpgroup), and its own barrier.

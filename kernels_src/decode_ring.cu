@@ -310,7 +310,7 @@ struct RingPiece {
   __device__ __forceinline__ RingPiece(const DecodeParams& params, RingStorage& s, const Piece& pc, int t, int group,
                                        int head, int base, float scale)
       : p(params), smem(s), piece(pc), thread(t), wg(group), kv_head(head), rows_base(base), scale_log2(scale) {
-    mask_from = piece.seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+    mask_from = mask_from_token(p, piece.seqlen);
     max[0] = max[1] = kInitialMax;
     sum[0] = sum[1] = 0.f;
   }

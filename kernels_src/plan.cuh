@@ -213,6 +213,12 @@ __device__ __forceinline__ const T* query_row_at(const DecodeParams& p, const T*
   return q + request * p.q_batch_stride + at.s * p.q_seq_stride + at.head * p.q_head_stride + element;
 }
 
+// The first token that not every row of a request sees (past its length, or, causal, past the first
+// query position's limit): only pages reaching past it need the masked softmax.
+__device__ __forceinline__ int mask_from_token(const DecodeParams& p, int seqlen) {
+  return seqlen - (p.causal ? p.seqlen_q - 1 : 0);
+}
+
 // Per-row visibility limits of the rows a thread owns (causal: bottom-right aligned).
 template <int N>
 __device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen, int rows_base, const int (&rows)[N],
