@@ -506,9 +506,7 @@ extern "C" __global__ void __launch_bounds__(kLaunchThreads, 1)
     flashmla_decode(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map,
                     const __grid_constant__ TensorMap q_map) {
   extern __shared__ uint8_t smem_raw[];
-  // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
-  const uint32_t misalignment = smem_addr(smem_raw) & 1023;
-  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw + ((1024 - misalignment) & 1023));
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw + storage_offset(smem_raw));
 
   prefetch_maps(p, &kv_map, &q_map);
   const PartPlan part = PartPlan::load(p, blockIdx.z);

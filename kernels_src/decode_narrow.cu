@@ -1377,8 +1377,7 @@ using namespace flashmla;
 extern "C" __global__ void __launch_bounds__(kNarrowThreads, 1)
     flashmla_decode_narrow(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t misalignment = smem_addr(smem_raw) & 1023;
-  NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + ((1024 - misalignment) & 1023));
+  NarrowStorage& smem = *reinterpret_cast<NarrowStorage*>(smem_raw + storage_offset(smem_raw));
 
   if (threadIdx.x == 0) tma_prefetch_map(&kv_map);
   if (PartPlan::load(p, blockIdx.z).empty(p)) return;

@@ -613,9 +613,7 @@ extern "C" __global__ void __launch_bounds__(kRingThreads, 1)
     flashmla_decode_ring(const __grid_constant__ DecodeParams p, const __grid_constant__ TensorMap kv_map,
                          const __grid_constant__ TensorMap q_map) {
   extern __shared__ uint8_t smem_raw[];
-  // Align by offsetting the shared array itself, so that the compiler keeps shared-space accesses.
-  const uint32_t misalignment = smem_addr(smem_raw) & 1023;
-  RingStorage& smem = *reinterpret_cast<RingStorage*>(smem_raw + ((1024 - misalignment) & 1023));
+  RingStorage& smem = *reinterpret_cast<RingStorage*>(smem_raw + storage_offset(smem_raw));
 
   prefetch_maps(p, &kv_map, &q_map);
   const PartPlan part = PartPlan::load(p, blockIdx.z);
