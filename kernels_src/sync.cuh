@@ -10,8 +10,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
 
 // How far past a kernel's dynamic shared memory its storage starts: at the next 1024-byte boundary (128-byte
 // swizzle patterns are anchored to 1024-byte boundaries; each kernel asks for 1024 bytes of slack at launch).
-// The kernel offsets the shared array itself, so that the compiler keeps every access in the shared space
-// (a helper returning the offset storage cost decode.cu its folded barrier offsets under NVRTC 13.0.88).
+// The kernel adds this offset to the shared array itself, so that the compiler keeps every access in the
+// shared space (a helper that returned the aligned storage itself made decode.cu lose the folded offsets
+// of its barrier addresses under NVRTC 13.0.88).
 __device__ __forceinline__ uint32_t storage_offset(const void* shared_array) {
   return (1024 - (smem_addr(shared_array) & 1023)) & 1023;
 }
