@@ -107,8 +107,14 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 // lanes: FP8 h32/8k -1.4 %, bf16 h16 -0.5 to -0.7 % (ab155-ab158; an earlier form that counted each lane
 // as a CTA was +12 % at h32, ab150). Pacing only while most CTAs still issue was no better (ab157; its
 // first form, with a CAS loop at every stop, +26 us, ab155). 0 switches it off.
+// With 16 rows slack 1 (ab269, H200, against 2): FP8 h16/4k -2.0 %, h16/16k -1.2 %, h16/1k -1.5 %, bf16
+// h16/4k -0.7 %, no 16-row cell slower. With 32 rows it stays 2: slack 1 there was +7.8 % (FP8 h32/8k, ab159).
 #ifndef FLASHMLA_NARROW_PACE
+#if FLASHMLA_NARROW_ROWS == 16
+#define FLASHMLA_NARROW_PACE 1
+#else
 #define FLASHMLA_NARROW_PACE 2
+#endif
 #endif
 #ifndef FLASHMLA_NARROW_PACE_SPINS
 #define FLASHMLA_NARROW_PACE_SPINS 2  // re-reads of the count a page at most (40: h16/16k +7.9 %, ab149)
