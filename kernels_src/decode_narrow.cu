@@ -109,6 +109,7 @@ constexpr bool kLinear = FLASHMLA_NARROW_LINEAR != 0;
 // first form, with a CAS loop at every stop, +26 us, ab155). 0 switches it off.
 // With 16 rows slack 1 (ab269, H200, against 2): FP8 h16/4k -2.0 %, h16/16k -1.2 %, h16/1k -1.5 %, bf16
 // h16/4k -0.7 %, no 16-row cell slower. With 32 rows it stays 2: slack 1 there was +7.8 % (FP8 h32/8k, ab159).
+// Half a page either side (ab270) was no better: 0.5 lost bf16 h16/16k 0.9 %, 1.5 lost FP8 h16/4k 2.2 %.
 #ifndef FLASHMLA_NARROW_PACE
 #if FLASHMLA_NARROW_ROWS == 16
 #define FLASHMLA_NARROW_PACE 1
